@@ -1,0 +1,66 @@
+# The front door. `make demo` and `make test` do all set-up themselves on a fresh machine:
+# Debian packages (PostgreSQL, Java, Maven), a virtualenv with the project, and the Java pieces
+# of the stack fetched from Maven Central into ~/.cache/cdc-projector (outside git).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: help setup system-deps venv jars demo test lint typecheck unit integration bench stack-up stack-down clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+system-deps:  ## apt-get install PostgreSQL, Java 17 and Maven when missing
+	@if ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && command -v java >/dev/null \
+	    && command -v mvn >/dev/null; then \
+	  echo "system packages: present"; \
+	else \
+	  echo "system packages: installing postgresql, openjdk-17-jre-headless, maven"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    postgresql openjdk-17-jre-headless maven >/dev/null; \
+	fi
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed  ## virtualenv with the project and its dev tools
+
+jars: venv  ## fetch Kafka, Connect, Debezium, Apicurio and the Avro converter into the cache
+	$(BIN)/projector stack fetch
+
+setup: system-deps venv jars  ## everything above
+
+demo: setup  ## the main job: stack up, connector applied, sample rows written, events shown
+	$(BIN)/projector demo
+
+lint: venv  ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv  ## mypy on the packages
+	$(BIN)/mypy
+
+unit: venv  ## the fast tests (no services)
+	$(BIN)/pytest tests/unit
+
+integration: setup  ## the real-stack tests (starts the stack itself)
+	$(BIN)/pytest tests/integration
+
+test: setup lint typecheck  ## set-up, lint, types, and the whole suite
+	$(BIN)/pytest
+
+stack-up: setup  ## start the local stack
+	$(BIN)/projector stack up
+
+stack-down: venv  ## stop the local stack
+	$(BIN)/projector stack down
+
+clean: stack-down  ## stop the stack and delete its state (data!) and the virtualenv
+	rm -rf .stack $(VENV)

@@ -1,0 +1,116 @@
+"""A small client for the Kafka Connect REST API (the calls `projector connectors` needs)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+from connectors.errors import ConnectRequestFailed, ConnectUnavailable
+
+
+class ConnectClient:
+    def __init__(self, url: str, timeout_s: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=timeout_s)
+
+    def _request(self, method: str, path: str, json: Any = None) -> Any:
+        try:
+            response = self._http.request(method, path, json=json)
+        except httpx.HTTPError as exc:
+            raise ConnectUnavailable(
+                f"Kafka Connect at {self.url} is not reachable ({type(exc).__name__}); "
+                "is the stack up? (projector stack up)"
+            ) from exc
+        if response.status_code >= 400:
+            raise ConnectRequestFailed(method, path, response.status_code, response.text)
+        if not response.content:
+            return None
+        return response.json()
+
+    def connectors(self) -> list[str]:
+        return list(self._request("GET", "/connectors"))
+
+    def config(self, name: str) -> dict[str, str] | None:
+        try:
+            return dict(self._request("GET", f"/connectors/{name}/config"))
+        except ConnectRequestFailed as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def put_config(self, name: str, config: dict[str, str]) -> bool:
+        """Create or update; returns True when something changed (PUT is idempotent)."""
+        current = self.config(name)
+        desired = {**config, "name": name}
+        if current == desired:
+            return False
+        self._request("PUT", f"/connectors/{name}/config", json=config)
+        return True
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(self._request("GET", f"/connectors/{name}/status"))
+
+    def pause(self, name: str) -> None:
+        self._request("PUT", f"/connectors/{name}/pause")
+
+    def resume(self, name: str) -> None:
+        self._request("PUT", f"/connectors/{name}/resume")
+
+    def restart(self, name: str) -> None:
+        self._request("POST", f"/connectors/{name}/restart?includeTasks=true&onlyFailed=false")
+
+    def stop(self, name: str) -> None:
+        """Stop connector and tasks (state STOPPED; `resume` starts them again)."""
+        self._request("PUT", f"/connectors/{name}/stop")
+
+    def wait_state(self, name: str, state: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.status(name)["connector"]["state"] == state:
+                return
+            time.sleep(0.3)
+        raise ConnectRequestFailed(
+            "GET",
+            f"/connectors/{name}/status",
+            200,
+            f"connector did not reach {state} in {timeout_s:.0f}s",
+        )
+
+    def bounce(self, name: str) -> None:
+        """Stop, wait for STOPPED, resume, wait for RUNNING: a restart without a race, because
+        the RUNNING we wait for cannot be the state from before the stop."""
+        self.stop(name)
+        self.wait_state(name, "STOPPED")
+        self.resume(name)
+        self.wait_running(name)
+
+    def delete(self, name: str) -> None:
+        self._request("DELETE", f"/connectors/{name}")
+
+    def wait_running(self, name: str, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Wait until the connector and all its tasks are RUNNING; raise with the trace if FAILED."""
+        deadline = time.monotonic() + timeout_s
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            try:
+                last = self.status(name)
+            except ConnectRequestFailed as exc:
+                if exc.status != 404:
+                    raise
+                time.sleep(0.5)
+                continue
+            states = [last["connector"]["state"]] + [t["state"] for t in last.get("tasks", [])]
+            if "FAILED" in states:
+                traces = [t.get("trace", "") for t in last.get("tasks", []) if t.get("trace")]
+                trace = (last["connector"].get("trace") or (traces[0] if traces else ""))[:2000]
+                raise ConnectRequestFailed(
+                    "GET", f"/connectors/{name}/status", 200, f"connector FAILED:\n{trace}"
+                )
+            if last.get("tasks") and all(s == "RUNNING" for s in states):
+                return last
+            time.sleep(0.5)
+        raise ConnectRequestFailed(
+            "GET", f"/connectors/{name}/status", 200, f"not RUNNING after {timeout_s:.0f}s: {last}"
+        )

@@ -1,0 +1,1 @@
+"""Consume Debezium change events from Kafka and project them into ClickHouse."""

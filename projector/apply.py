@@ -1,0 +1,304 @@
+"""Apply one batch (an offset range of one topic-partition) to its replica table: the slow path.
+
+Messages are decoded in Python (fastavro, writer schemas from the registry) and turned into rows:
+
+- c / r / u  → the `after` image, `_is_deleted = 0`
+- d          → the key columns, `_is_deleted = 1` (the row disappears under `FINAL`)
+- tombstone  → skipped (the delete before it already did the work)
+- t          → every live key gets a deletion marker at the truncate's version; the batch is cut
+               into chunks at truncates, inserted in order, so the markers see the rows before
+- a column holding Debezium's unchanged-TOAST placeholder takes the key's previous value (earlier
+  in the batch, else the stored one): a placeholder never reaches the table.
+
+A message that cannot be decoded or converted is a `PoisonMessage`: it goes to the dead-letter
+queue with its provenance and the rest of the batch is applied. Everything here is a pure
+function of the batch's messages and the table's state before the batch, so a replay produces
+the same inserts under the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from projector.checkpoint import BatchRange
+from projector.clickhouse import ClickHouse, ident, quote
+from projector.dlq import DeadLetter
+from projector.errors import PoisonMessage
+from projector.replica import (
+    ReplicaCatalog,
+    ReplicaTable,
+    SourceColumn,
+    commit_ts,
+    insert_rows,
+    is_toast_placeholder,
+    key_columns,
+    value_columns,
+)
+from schemas.errors import NotConfluentFramed, RegistryUnavailable, SchemaError, UnknownSchema
+from schemas.registry import SchemaCache, WriterSchema
+from schemas.type_map import UnconvertibleValue
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass
+class Event:
+    message: RawMessage
+    key: dict[str, Any] | None
+    value: dict[str, Any]
+    schema: WriterSchema
+    key_schema: WriterSchema | None
+
+
+@dataclass
+class BatchOutcome:
+    applied: int
+    dead: list[DeadLetter]
+
+
+def source_table_of(topic: str) -> tuple[str, str]:
+    """`<prefix>.<schema>.<table>` → (schema, table)."""
+    parts = topic.split(".")
+    return parts[-2], parts[-1]
+
+
+def decode(message: RawMessage, schemas: SchemaCache) -> Event | None:
+    """The decoded event, None for a tombstone; PoisonMessage when it cannot be read."""
+    if message.value is None:
+        return None
+    try:
+        key_schema, key = (None, None) if message.key is None else schemas.decode(message.key)
+        schema, value = schemas.decode(message.value)
+    except RegistryUnavailable:
+        raise  # transient: the caller retries the whole batch
+    except UnknownSchema as exc:
+        raise PoisonMessage("schema", str(exc)) from exc
+    except (NotConfluentFramed, SchemaError, EOFError, ValueError, TypeError, IndexError) as exc:
+        raise PoisonMessage("decode", f"undecodable Avro: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(value, dict) or "op" not in value:
+        raise PoisonMessage("decode", "not a Debezium envelope (no 'op' field)")
+    return Event(message, key, value, schema, key_schema)
+
+
+class BatchApplier:
+    def __init__(
+        self,
+        ch: ClickHouse,
+        schemas: SchemaCache,
+        catalog: ReplicaCatalog,
+        projection: str = "replica",
+    ) -> None:
+        self.ch = ch
+        self.schemas = schemas
+        self.catalog = catalog
+        self.projection = projection
+        self._columns_by_schema: dict[int, list[SourceColumn]] = {}
+
+    def apply(
+        self,
+        batch: BatchRange,
+        messages: Sequence[RawMessage],
+        dead_letter: Callable[[BatchRange, list[DeadLetter]], None],
+    ) -> BatchOutcome:
+        dead: list[DeadLetter] = []
+        events: list[Event] = []
+        for message in messages:
+            try:
+                event = decode(message, self.schemas)
+            except PoisonMessage as exc:
+                dead.append(DeadLetter.of(message, exc))
+                continue
+            if event is not None:
+                events.append(event)
+
+        schema_name, table_name = source_table_of(batch.topic)
+        replica: ReplicaTable | None = self.catalog.existing(schema_name, table_name)
+        good: list[Event] = []
+        for event in events:
+            if event.value["op"] == "t":
+                good.append(event)  # carries no row: needs no columns, and has no key schema
+                continue
+            try:
+                columns = self._columns(event.schema)
+                keys = key_columns(event.key_schema.raw if event.key_schema else None)
+                replica = self.catalog.ensure(schema_name, table_name, keys, columns)
+                good.append(event)
+            except PoisonMessage as exc:
+                dead.append(DeadLetter.of(event.message, exc))
+
+        applied = 0
+        if replica is not None:
+            applied, more_dead = self._write(batch, replica, good)
+            dead += more_dead
+        if dead:
+            dead_letter(batch, dead)
+        return BatchOutcome(applied, dead)
+
+    def _columns(self, schema: WriterSchema) -> list[SourceColumn]:
+        columns = self._columns_by_schema.get(schema.schema_id)
+        if columns is None:
+            columns = value_columns(schema.raw)
+            self._columns_by_schema[schema.schema_id] = columns
+        return columns
+
+    # ---- rows --------------------------------------------------------------------------------
+
+    def _write(
+        self, batch: BatchRange, replica: ReplicaTable, events: list[Event]
+    ) -> tuple[int, list[DeadLetter]]:
+        """Insert the batch's rows in chunks; a truncate ends a chunk, and its deletion markers
+        are computed only after the rows before it are stored, so they cover those rows too."""
+        dead: list[DeadLetter] = []
+        chunk: list[dict[str, Any]] = []
+        chunk_number = 0
+        latest: dict[tuple[str, ...], dict[str, Any]] = {}  # key → newest full row in this batch
+        stored = self._stored_rows_for_toast(replica, events)
+        applied = 0
+
+        def insert(rows: list[dict[str, Any]]) -> None:
+            nonlocal chunk_number
+            token = batch.token(self.projection, replica.qualified, chunk_number)
+            insert_rows(self.ch, replica, rows, token)
+            chunk_number += 1
+
+        for event in events:
+            op = event.value["op"]
+            if op == "t":
+                insert(chunk)
+                chunk = []
+                insert(self._truncate(replica, event))
+                latest.clear()
+                stored.clear()
+                applied += 1
+                continue
+            try:
+                row = self._row(replica, event)
+            except PoisonMessage as exc:
+                dead.append(DeadLetter.of(event.message, exc))
+                continue
+            key = _key(row, replica.key_columns)
+            if replica.key_columns and op != "d":
+                placeholders = [c for c, v in row.items() if is_toast_placeholder(v)]
+                if placeholders:
+                    previous = latest.get(key) or stored.get(key) or {}
+                    for column in placeholders:
+                        # Unchanged TOAST value: keep what the key had before this event.
+                        row[column] = previous.get(column)
+                latest[key] = row
+            elif op == "d":
+                latest.pop(key, None)
+                stored.pop(key, None)
+            chunk.append(row)
+            applied += 1
+        insert(chunk)
+        return applied, dead
+
+    def _row(self, replica: ReplicaTable, event: Event) -> dict[str, Any]:
+        value, message = event.value, event.message
+        op = value["op"]
+        source = value.get("source") or {}
+        deleted = op == "d"
+        image = value["before"] if deleted else value["after"]
+        if image is None:
+            image = event.key or {}
+        if deleted and replica.key_columns:
+            image = {k: image.get(k, (event.key or {}).get(k)) for k in replica.key_columns}
+        columns = {c.name: c for c in self._columns(event.schema)}
+        row: dict[str, Any] = {}
+        for name, raw in image.items():
+            column = columns.get(name)
+            if column is None:
+                continue
+            if raw is None or is_toast_placeholder(raw):
+                row[column.input_name] = raw
+                continue
+            try:
+                row[column.input_name] = column.ctype.to_clickhouse(raw)
+            except (UnconvertibleValue, ValueError, TypeError, OverflowError) as exc:
+                raise PoisonMessage("convert", f"column {name}: {exc}") from exc
+        row.update(
+            _version=message.offset,
+            _is_deleted=1 if deleted else 0,
+            _op=op,
+            _lsn=int(source.get("lsn") or 0),
+            _tx_id=int(source.get("txId") or 0),
+            _commit_ts=commit_ts(source),
+            _partition=message.partition,
+            _offset=message.offset,
+        )
+        return row
+
+    def _stored_rows_for_toast(
+        self, replica: ReplicaTable, events: list[Event]
+    ) -> dict[tuple[str, ...], dict[str, Any]]:
+        """Current stored rows of keys whose events carry a TOAST placeholder."""
+        if not replica.key_columns:
+            return {}
+        wanted: list[Event] = [
+            e for e in events
+            if e.value["op"] == "u" and e.value.get("after")
+            and any(is_toast_placeholder(v) for v in e.value["after"].values())
+        ]  # fmt: skip
+        if not wanted:
+            return {}
+        rows_wanted = [self._row(replica, e) for e in wanted]
+        keys = {tuple(r.get(k) for k in replica.key_columns) for r in rows_wanted}
+        key_expr = "(" + ", ".join(ident(k) for k in replica.key_columns) + ")"
+        literals = ", ".join("(" + ", ".join(_literal(v) for v in key) + ")" for key in keys)
+        rows = self.ch.rows(
+            f"SELECT * FROM {replica.qualified} FINAL WHERE {key_expr} IN ({literals})"
+        )
+        return {_key(r, replica.key_columns): r for r in rows}
+
+    def _truncate(self, replica: ReplicaTable, event: Event) -> list[dict[str, Any]]:
+        """Empty the replica as of the truncate. A keyed table gets a deletion marker for every
+        live key, versioned at the truncate's offset: rows written later (higher offsets) win over
+        the markers, on a replay too. An append-only table deletes the rows before the truncate.
+        (Offsets are comparable only inside one partition: exact with one partition per topic.)"""
+        message = event.message
+        if not replica.key_columns:
+            self.ch.execute(
+                f"DELETE FROM {replica.qualified} WHERE _partition = {message.partition} "
+                f"AND _offset < {message.offset}"
+            )
+            return []
+        keys = ", ".join(ident(k) for k in replica.key_columns)
+        live = self.ch.rows(f"SELECT {keys} FROM {replica.qualified} FINAL")
+        source = event.value.get("source") or {}
+        return [
+            {
+                **row,
+                "_version": message.offset,
+                "_is_deleted": 1,
+                "_op": "t",
+                "_lsn": int(source.get("lsn") or 0),
+                "_tx_id": int(source.get("txId") or 0),
+                "_commit_ts": commit_ts(source),
+                "_partition": message.partition,
+                "_offset": message.offset,
+            }
+            for row in live
+        ]
+
+
+def _key(row: dict[str, Any], key_columns: list[str]) -> tuple[str, ...]:
+    """A key comparable between converted rows and rows read back from ClickHouse's JSON (which
+    quotes 64-bit integers)."""
+    return tuple(str(row.get(k)) for k in key_columns)
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int | float):
+        return repr(value)
+    return quote(str(value))

@@ -1,0 +1,123 @@
+"""Two ClickHouse backends behind one small interface, running the very same SQL text.
+
+- `ChdbBackend`: the ClickHouse engine in-process (chDB) on a data directory. The default.
+- `ServerBackend`: a ClickHouse server over HTTP (clickhouse-connect).
+
+Inserts are `INSERT INTO t (cols) SETTINGS insert_deduplication_token = '...' FORMAT JSONEachRow`
+followed by the rows, as one statement text: chDB runs it as is, the server receives it as the
+HTTP body. So both paths parse values with the same ClickHouse input format.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+from projector.config import ProjectorConfig
+from projector.errors import ClickHouseUnavailable
+
+
+def quote(value: str) -> str:
+    """A ClickHouse string literal."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def ident(name: str) -> str:
+    """A ClickHouse identifier (backquoted)."""
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+def insert_statement(
+    table: str, columns: list[str], rows: Iterable[Mapping[str, Any]], token: str
+) -> str:
+    body = "\n".join(json.dumps(row, ensure_ascii=False, separators=(",", ":")) for row in rows)
+    cols = ", ".join(ident(c) for c in columns)
+    return (
+        f"INSERT INTO {table} ({cols}) SETTINGS insert_deduplication_token = {quote(token)}, "
+        "input_format_skip_unknown_fields = 0 FORMAT JSONEachRow\n" + body
+    )
+
+
+class ClickHouse(Protocol):
+    def execute(self, sql: str) -> None: ...
+
+    def rows(self, sql: str) -> list[dict[str, Any]]: ...
+
+    def text(self, sql: str, fmt: str) -> str: ...
+
+
+class ChdbBackend:
+    """chDB allows one session per process; the projector holds it for its lifetime."""
+
+    def __init__(self, path: str) -> None:
+        from chdb import session
+
+        self._session = session.Session(path)
+        self._lock = threading.Lock()
+
+    def _run(self, sql: str, fmt: str = "CSV") -> Any:
+        with self._lock:
+            return self._session.query(sql, fmt)
+
+    def execute(self, sql: str) -> None:
+        self._run(sql)
+
+    def rows(self, sql: str) -> list[dict[str, Any]]:
+        out = self._run(sql, "JSONEachRow")
+        text = out.bytes().decode() if hasattr(out, "bytes") else str(out)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def text(self, sql: str, fmt: str) -> str:
+        out = self._run(sql, fmt)
+        return out.bytes().decode() if hasattr(out, "bytes") else str(out)
+
+    def close(self) -> None:
+        self._session.close()
+
+
+class ServerBackend:
+    def __init__(self, url: str, user: str, password: str) -> None:
+        import clickhouse_connect
+
+        try:
+            self._client = clickhouse_connect.get_client(dsn=url, username=user, password=password)
+        except Exception as exc:
+            raise ClickHouseUnavailable(
+                f"ClickHouse server at {url} is unreachable: {exc}"
+            ) from exc
+        self.url = url
+
+    def execute(self, sql: str) -> None:
+        try:
+            self._client.command(sql)
+        except Exception as exc:
+            raise _classify(exc, self.url) from exc
+
+    def rows(self, sql: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.text(sql, "JSONEachRow").splitlines() if line]
+
+    def text(self, sql: str, fmt: str) -> str:
+        try:
+            return bytes(self._client.raw_query(sql, fmt=fmt)).decode()
+        except Exception as exc:
+            raise _classify(exc, self.url) from exc
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _classify(exc: Exception, url: str) -> Exception:
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    if isinstance(exc, OperationalError):
+        return ClickHouseUnavailable(f"ClickHouse server at {url}: {exc}")
+    return exc
+
+
+def open_backend(config: ProjectorConfig) -> ChdbBackend | ServerBackend:
+    if config.backend == "chdb":
+        config.chdb_path.mkdir(parents=True, exist_ok=True)
+        return ChdbBackend(str(config.chdb_path))
+    return ServerBackend(config.clickhouse_url, config.clickhouse_user, config.clickhouse_password)

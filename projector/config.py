@@ -1,0 +1,85 @@
+"""Projector settings: where events come from and where tables go.
+
+Sources, lowest priority first: defaults (which point at the local stack when it exists), a TOML
+file given with `--config`, environment variables `PROJECTOR_<FIELD>` (and the connector's
+`KAFKA_BOOTSTRAP` / `REGISTRY_URL`).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from projector.errors import ConfigError
+
+
+class ProjectorConfig(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    kafka_bootstrap: str = "127.0.0.1:19092"
+    registry_url: str = "http://127.0.0.1:18081/apis/ccompat/v7"
+    topic_prefix: str = "cdc"
+    # Schemas whose tables are projected (Debezium's own control schema never is).
+    schemas: list[str] = Field(default_factory=lambda: ["public"])
+    group_id: str = "projector"
+
+    backend: Literal["chdb", "server"] = "chdb"
+    chdb_path: Path = Field(default_factory=lambda: Path.cwd() / ".stack" / "chdb")
+    clickhouse_url: str = "http://127.0.0.1:8123"
+    clickhouse_user: str = "default"
+    clickhouse_password: str = ""
+    # Replica of source schema S lives in ClickHouse database `<replica_prefix>S`.
+    replica_prefix: str = "replica_"
+    control_database: str = "projector"
+
+    max_batch_messages: int = Field(default=5000, ge=1)
+    max_batch_wait_ms: int = Field(default=200, ge=1)
+    dlq_topic: str = "projector.dlq"
+
+    @field_validator("schemas")
+    @classmethod
+    def _no_control_schema(cls, value: list[str]) -> list[str]:
+        if "debezium" in value:
+            raise ValueError("schema 'debezium' holds Debezium's signal/heartbeat tables")
+        return value
+
+    def topic_pattern(self) -> str:
+        """librdkafka subscription regex for the captured tables' topics."""
+        schemas = "|".join(self.schemas)
+        return rf"^{self.topic_prefix}\.({schemas})\.[^.]+$"
+
+    @property
+    def transaction_topic(self) -> str:
+        return f"{self.topic_prefix}.transaction"
+
+
+_ENV_ALIASES = {"KAFKA_BOOTSTRAP": "kafka_bootstrap", "REGISTRY_URL": "registry_url"}
+
+
+def load_config(path: Path | None = None, env: dict[str, str] | None = None) -> ProjectorConfig:
+    env = dict(os.environ if env is None else env)
+    values: dict[str, object] = {}
+    if path is not None:
+        try:
+            values.update(tomllib.loads(path.read_text()))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    for name, field in _ENV_ALIASES.items():
+        if env.get(name):
+            values[field] = env[name]
+    for field in ProjectorConfig.model_fields:
+        key = f"PROJECTOR_{field.upper()}"
+        if env.get(key):
+            raw = env[key]
+            values[field] = raw.split(",") if field == "schemas" else raw
+    try:
+        return ProjectorConfig.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid projector config: {problems}") from exc

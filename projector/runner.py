@@ -1,0 +1,260 @@
+"""The consume → batch → apply loop behind `projector run`.
+
+One consumer-group member. On assignment, each partition is positioned from the checkpoint table
+(not from the group's committed offsets): at an open intent's first offset, after the last done
+batch, or at the beginning. Messages are buffered per partition; a partition's buffer becomes a
+batch when it holds `max_batch_messages`, or when polling found nothing newer, or (for an open
+intent) when it reaches exactly the intent's last offset. Each batch goes through
+`BatchCommitter.commit` (the protocol is in checkpoint.py).
+
+Transient failures (ClickHouse, registry) are retried with exponential back-off and jitter,
+logged once when they start and once when they clear; the batch is then applied as if nothing
+happened. SIGTERM/SIGINT: the batch in progress finishes, then the loop exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from projector.apply import BatchApplier, RawMessage
+from projector.checkpoint import BatchCommitter, BatchRange, CheckpointStore
+from projector.clickhouse import ClickHouse
+from projector.config import ProjectorConfig
+from projector.dlq import DeadLetter, DeadLetterStore
+from projector.errors import ClickHouseUnavailable
+from projector.replica import ReplicaCatalog
+from schemas.errors import RegistryUnavailable
+from schemas.registry import SchemaCache
+
+log = logging.getLogger("projector")
+T = TypeVar("T")
+TRANSIENT: tuple[type[Exception], ...] = (ClickHouseUnavailable, RegistryUnavailable)
+PROJECTION = "replica"
+
+
+def with_retries(
+    action: Callable[[], T], what: str, stop: Callable[[], bool] = lambda: False,
+    base_s: float = 0.2, cap_s: float = 30.0,
+) -> T:  # fmt: skip
+    """Run `action`, retrying transient failures with full-jitter exponential back-off."""
+    attempt = 0
+    while True:
+        try:
+            result = action()
+        except TRANSIENT as exc:
+            if attempt == 0:
+                log.warning("%s failed, retrying with back-off: %s", what, exc)
+            attempt += 1
+            if stop() and attempt > 3:
+                raise
+            time.sleep(random.uniform(0, min(cap_s, base_s * 2**attempt)))
+            continue
+        if attempt:
+            log.warning("%s recovered after %d retries", what, attempt)
+        return result
+
+
+@dataclass
+class PartitionState:
+    buffer: list[RawMessage] = field(default_factory=list)
+    replay: BatchRange | None = None  # an open intent to replay exactly
+    high_watermark: int = 0
+
+
+class Projector:
+    def __init__(self, config: ProjectorConfig, ch: ClickHouse) -> None:
+        self.config = config
+        self.ch = ch
+        self.schemas = SchemaCache(config.registry_url)
+        self.checkpoints = CheckpointStore(ch, config.control_database, PROJECTION)
+        self.dlq = DeadLetterStore(ch, config.control_database, PROJECTION)
+        with_retries(self.checkpoints.create, "creating the checkpoint table")
+        with_retries(self.dlq.create, "creating the DLQ table")
+        self.committer = BatchCommitter(self.checkpoints)
+        self.applier = BatchApplier(
+            ch, self.schemas, ReplicaCatalog(ch, config.replica_prefix), PROJECTION
+        )
+        self.partitions: dict[tuple[str, int], PartitionState] = defaultdict(PartitionState)
+        self.stopping = False
+        self.applied_events = 0
+        self.dead_letters = 0
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": config.kafka_bootstrap,
+                "group.id": config.group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "enable.partition.eof": True,
+                "topic.metadata.refresh.interval.ms": 2000,
+                "partition.assignment.strategy": "cooperative-sticky",
+            }
+        )
+        self.producer = Producer({"bootstrap.servers": config.kafka_bootstrap, "linger.ms": 50})
+
+    # ---- assignment --------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        positioned = []
+        for tp in partitions:
+            state = self.partitions[(tp.topic, tp.partition)]
+            state.buffer.clear()
+            state.replay = self.committer.pending_intent(tp.topic, tp.partition)
+            resume = self.committer.resume_offset(tp.topic, tp.partition)
+            positioned.append(
+                TopicPartition(tp.topic, tp.partition, resume if resume is not None else 0)
+            )
+            log.info("assigned %s[%d] from offset %s", tp.topic, tp.partition, resume or 0)
+        consumer.incremental_assign(positioned)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.partitions.pop((tp.topic, tp.partition), None)
+        consumer.incremental_unassign(partitions)
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def request_stop(self, *_: Any) -> None:
+        self.stopping = True
+
+    def run(self, until_caught_up: bool = False) -> int:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        self.consumer.subscribe(
+            [self.config.topic_pattern()], on_assign=self._on_assign, on_revoke=self._on_revoke
+        )
+        idle_polls = 0
+        try:
+            while not self.stopping:
+                messages = self.consumer.consume(
+                    self.config.max_batch_messages, self.config.max_batch_wait_ms / 1000
+                )
+                fresh = 0
+                for msg in messages:
+                    error = msg.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            continue
+                        if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                            continue
+                        raise KafkaException(error)
+                    fresh += 1
+                    raw = RawMessage(msg.topic() or "", msg.partition() or 0, msg.offset() or 0,
+                                     msg.key(), msg.value())  # fmt: skip
+                    self.partitions[(raw.topic, raw.partition)].buffer.append(raw)
+                self._flush(drain=fresh < self.config.max_batch_messages)
+                idle_polls = idle_polls + 1 if fresh == 0 else 0
+                if until_caught_up and idle_polls >= 2 and self._caught_up():
+                    break
+        finally:
+            self.producer.flush(10)
+            self.consumer.close()
+        log.info(
+            "stopped: %d events applied, %d dead letters", self.applied_events, self.dead_letters
+        )
+        return 0
+
+    def _flush(self, drain: bool) -> None:
+        """Cut and commit every batch that is ready."""
+        for (topic, partition), state in list(self.partitions.items()):
+            while state.buffer:
+                batch_msgs = self._cut(state, drain)
+                if not batch_msgs:
+                    break
+                batch = BatchRange(topic, partition, batch_msgs[0].offset, batch_msgs[-1].offset)
+                self._commit_with_retries(batch, batch_msgs)
+                state.replay = None
+                self.consumer.commit(
+                    offsets=[TopicPartition(topic, partition, batch.last + 1)], asynchronous=True
+                )
+                if self.stopping:
+                    return
+
+    def _commit_with_retries(self, batch: BatchRange, messages: list[RawMessage]) -> None:
+        def attempt() -> None:
+            self.committer.commit(batch, lambda rng: self._apply(rng, messages))
+
+        with_retries(
+            attempt,
+            f"applying {batch.topic}[{batch.partition}] {batch.first}-{batch.last}",
+            stop=lambda: self.stopping,
+        )
+
+    def _cut(self, state: PartitionState, drain: bool) -> list[RawMessage]:
+        if state.replay is not None:
+            # An open intent is replayed as exactly the same range (same tokens).
+            last = state.replay.last
+            if not state.buffer or state.buffer[-1].offset < last:
+                return []
+            cut = [m for m in state.buffer if m.offset <= last]
+            state.buffer = state.buffer[len(cut) :]
+            return cut
+        size = self.config.max_batch_messages
+        if len(state.buffer) >= size or drain:
+            cut, state.buffer = state.buffer[:size], state.buffer[size:]
+            return cut
+        return []
+
+    def _apply(self, batch: BatchRange, messages: list[RawMessage]) -> None:
+        outcome = self.applier.apply(batch, messages, self._dead_letter)
+        self.applied_events += outcome.applied
+        self.dead_letters += len(outcome.dead)
+
+    def _dead_letter(self, batch: BatchRange, letters: list[DeadLetter]) -> None:
+        self.dlq.add(batch, letters)
+        for letter in letters:
+            log.warning("dead letter %s[%d]@%d (%s): %s", letter.topic, letter.partition,
+                        letter.offset, letter.stage, letter.error)  # fmt: skip
+            self.producer.produce(
+                self.config.dlq_topic, key=letter.key, value=letter.value,
+                headers={"origin.topic": letter.topic, "origin.partition": str(letter.partition),
+                         "origin.offset": str(letter.offset), "stage": letter.stage,
+                         "error": letter.error[:1000]},
+            )  # fmt: skip
+        self.producer.poll(0)
+
+    def _caught_up(self) -> bool:
+        """Everything in Kafka right now is applied: every partition of every topic matching the
+        subscription (fresh metadata, so a topic created a moment ago counts) is either ours and
+        applied up to its end offset, or another member's with the group's offset at its end."""
+        pattern = re.compile(self.config.topic_pattern())
+        metadata = self.consumer.list_topics(timeout=10)
+        assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        theirs: list[TopicPartition] = []
+        for topic, topic_metadata in metadata.topics.items():
+            if not pattern.match(topic):
+                continue
+            for partition in topic_metadata.partitions:
+                tp = TopicPartition(topic, partition)
+                _, high = self.consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+                if high <= 0:
+                    continue
+                if (topic, partition) not in assigned:
+                    theirs.append(TopicPartition(topic, partition, high))
+                    continue
+                state = self.partitions.get((topic, partition))
+                if state is not None and state.buffer:
+                    return False
+                resume = self.committer.resume_offset(topic, partition)
+                if resume is None or resume < high:
+                    # Gaps at the end (transaction markers, compaction) are fine only if nothing
+                    # is left to read: the position says where we are.
+                    (position,) = self.consumer.position([tp])
+                    if position.offset < high:
+                        return False
+        if theirs:
+            committed = self.consumer.committed(
+                [TopicPartition(t.topic, t.partition) for t in theirs], timeout=10
+            )
+            ends = {(t.topic, t.partition): t.offset for t in theirs}
+            return all(c.offset >= ends[(c.topic, c.partition)] for c in committed)
+        return True

@@ -1,0 +1,268 @@
+"""Debezium Avro field types → ClickHouse column types, and the value conversion between them.
+
+`column_type(avro_type)` takes a field's Avro ``type`` (a union list, a dict, or a type name; as
+given by the registry JSON or after `fastavro.parse_schema`, which keeps the ``connect.*``
+properties) and returns a `ColumnType`: the ClickHouse type and a function turning the value
+fastavro decoded into a JSON value that ClickHouse's ``JSONEachRow`` input parses *exactly* into
+that type. Exactness is the rule: the value in ClickHouse equals the value in Postgres.
+
+A type is recognised by the first of its ``connect.name``, ``logicalType``, ``connect.type`` or
+Avro type (the full name for named types) and looked up in `RULES`; an unknown ``connect.name``
+never falls back to the Avro primitive beneath it. Unions with ``null`` and arrays are the only
+structural cases:
+
+- ``["null", T]`` → ``Nullable(T)``; ``LowCardinality(String)`` → ``LowCardinality(Nullable(String))``.
+- ``{"type": "array", "items": T}`` → ``Array(T)``. ClickHouse has no ``Nullable(Array(...))``:
+  a NULL array is stored as ``[]``.
+
+Decisions worth knowing:
+
+- **bytea** → ``String`` holding the exact bytes. ``JSONEachRow`` cannot carry arbitrary bytes:
+  JSON strings are Unicode and ClickHouse stores them as UTF-8 (``"\\u00ff"`` becomes ``C3 BF``).
+  So the JSON value is the *hex* text and `ColumnType.clickhouse_input_expr` is ``"unhex({})"``
+  (``arrayMap(x -> unhex(x), {})`` for arrays); ``{}`` is the column carrying the hex. Apply it
+  either as an input column ``c__input T EPHEMERAL, c T DEFAULT unhex(c__input)`` (insert with an
+  explicit column list naming ``c__input``) or as
+  ``INSERT INTO t (c) SELECT unhex(c) FROM input('c T') FORMAT JSONEachRow``. In both, ``T`` is
+  `ColumnType.clickhouse` unchanged: hex text is a ``String`` too.
+- **numeric(p,s)** → ``Decimal(p, s)`` (``Decimal(s, s)`` when Postgres 15+ has s > p); beyond
+  76 digits ClickHouse has no Decimal, so ``String`` with the exact text. **numeric** without
+  precision (``VariableScaleDecimal``) → ``String`` in Postgres' text form, trailing zeros kept.
+  **money** arrives as a decimal without ``connect.decimal.precision`` (Confluent then writes
+  precision 64) → ``Decimal(38, scale)``.
+- **timestamp** → ``DateTime64(6)`` with wall-clock text: ClickHouse reads and prints it in the
+  server/session time zone, so it is exact only where that zone has no DST gaps (UTC, the
+  clickhouse-server image default). **timestamptz** → ``DateTime64(6, 'UTC')``.
+- ``Date32``/``DateTime64`` hold 1900-01-01..2299-12-31 (ClickHouse 25.8); anything outside,
+  including Postgres ``infinity``, raises `UnconvertibleValue` so the event can be dead-lettered.
+- ``real``/``double precision`` NaN and ±Infinity are sent as ``"nan"``, ``"inf"``, ``"-inf"``.
+- Unmapped (`UnsupportedType`): ``bit``/``varbit`` (``io.debezium.data.Bits``), PostGIS
+  (``io.debezium.data.geometry.*``), anything else not in `RULES`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from schemas.errors import SchemaError
+
+
+class UnsupportedType(SchemaError):
+    """An Avro field type with no rule in the type map."""
+
+
+class UnconvertibleValue(SchemaError):
+    """A value the ClickHouse column type cannot hold exactly (e.g. a date outside Date32)."""
+
+
+@dataclass(frozen=True)
+class ColumnType:
+    clickhouse: str
+    to_clickhouse: Callable[[Any], Any]
+    clickhouse_input_expr: str | None = None  # wrap the input column, e.g. "unhex({})"
+
+
+# --- value conversions: fastavro value → JSON value for JSONEachRow ---------------------------
+
+EPOCH = datetime(1970, 1, 1)
+MIN_DATETIME, MAX_DATETIME = datetime(1900, 1, 1), datetime(2300, 1, 1)  # Date32 / DateTime64
+DECIMAL_MAX_DIGITS = 76
+MONEY_PRECISION = 38
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _float(value: float) -> float | str:
+    if math.isnan(value):
+        return "nan"
+    return ("inf" if value > 0 else "-inf") if math.isinf(value) else value
+
+
+def _hex(value: bytes) -> str:
+    return value.hex()
+
+
+def _decimal_text(value: Decimal) -> str:
+    if not value.is_finite():
+        raise UnconvertibleValue(f"numeric {value} has no ClickHouse Decimal/String equivalent")
+    return format(value, "f")
+
+
+def _variable_scale_decimal(value: dict[str, Any]) -> str:
+    unscaled = int.from_bytes(value["value"], "big", signed=True)
+    return _decimal_text(Decimal(f"{unscaled}e{-value['scale']}"))  # exact, no context rounding
+
+
+def _in_range(moment: datetime, raw: Any, what: str) -> datetime:
+    if not MIN_DATETIME <= moment < MAX_DATETIME:
+        raise UnconvertibleValue(
+            f"{what} {raw!r} ({moment.isoformat()}) is outside ClickHouse's range 1900-01-01..2299-12-31"
+        )
+    return moment
+
+
+def _from_epoch(raw: int, what: str, **unit: int) -> datetime:
+    try:
+        return _in_range(EPOCH + timedelta(**unit), raw, what)
+    except OverflowError:
+        raise UnconvertibleValue(
+            f"{what} {raw!r} is outside ClickHouse's range 1900-01-01..2299-12-31 (Postgres infinity?)"
+        ) from None
+
+
+def _date(days: int) -> str:
+    return _from_epoch(days, "date (days since epoch)", days=days).date().isoformat()
+
+
+def _micro_timestamp(micros: int) -> str:
+    return _from_epoch(micros, "timestamp (µs)", microseconds=micros).isoformat(" ", "microseconds")
+
+
+def _milli_timestamp(millis: int) -> str:
+    return _from_epoch(millis, "timestamp (ms)", milliseconds=millis).isoformat(" ", "microseconds")
+
+
+def _nano_timestamp(nanos: int) -> str:
+    seconds, fraction = divmod(nanos, 1_000_000_000)
+    moment = _from_epoch(nanos, "timestamp (ns)", seconds=seconds)
+    return f"{moment.isoformat(' ', 'seconds')}.{fraction:09d}"
+
+
+def _zoned_timestamp(text: str) -> str:
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise UnconvertibleValue(
+            f"timestamptz {text!r} is not a storable ISO-8601 instant"
+        ) from None
+    if parsed.tzinfo is None:
+        raise UnconvertibleValue(f"timestamptz {text!r} has no UTC offset")
+    moment = parsed.astimezone(UTC).replace(tzinfo=None)
+    return _in_range(moment, text, "timestamptz").isoformat(" ", "microseconds")
+
+
+def _time(micros: int) -> str:
+    """Postgres' text form: fractional seconds without trailing zeros, none when zero."""
+    seconds, fraction = divmod(micros, 1_000_000)
+    hours, rest = divmod(seconds, 3600)
+    text = f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+    return text + (f".{fraction:06d}".rstrip("0") if fraction else "")
+
+
+# --- the table -----------------------------------------------------------------------------
+
+
+def _decimal(avro: dict[str, Any]) -> ColumnType:
+    params = avro.get("connect.parameters") or {}
+    scale = int(params.get("scale", avro.get("scale", 0)))
+    # Confluent writes Avro precision 64 when Connect has none (money); trust only its parameter.
+    precision = params.get("connect.decimal.precision", None if params else avro.get("precision"))
+    if scale < 0:
+        raise UnsupportedType(f"decimal with negative scale {scale} ({avro!r})")
+    digits = max(MONEY_PRECISION if precision is None else int(precision), scale)
+    if digits > DECIMAL_MAX_DIGITS:
+        return ColumnType("String", _decimal_text)
+    return ColumnType(f"Decimal({digits}, {scale})", _decimal_text)
+
+
+def _type(clickhouse: str, to_clickhouse: Callable[[Any], Any] = _same) -> ColumnType:
+    return ColumnType(clickhouse, to_clickhouse)
+
+
+STRING = _type("String")
+
+# key (connect.name, logicalType, connect.type or Avro type) → ColumnType, or a factory taking the
+# Avro type dict when the ClickHouse type depends on its parameters.
+RULES: dict[str, ColumnType | Callable[[dict[str, Any]], ColumnType]] = {
+    "int8": _type("Int8"),
+    "int16": _type("Int16"),  # smallint
+    "int": _type("Int32"),
+    "long": _type("Int64"),
+    "float": _type("Float32", _float),
+    "double": _type("Float64", _float),
+    "boolean": _type("Bool"),
+    "string": STRING,  # text, varchar, char, inet, cidr, macaddr, ranges, ...
+    "bytes": ColumnType("String", _hex, "unhex({})"),  # bytea
+    "decimal": _decimal,
+    "org.apache.kafka.connect.data.Decimal": _decimal,  # numeric(p,s), money
+    "io.debezium.data.VariableScaleDecimal": _type("String", _variable_scale_decimal),
+    "io.debezium.time.Date": _type("Date32", _date),
+    "io.debezium.time.Timestamp": _type("DateTime64(6)", _milli_timestamp),
+    "io.debezium.time.MicroTimestamp": _type("DateTime64(6)", _micro_timestamp),
+    "io.debezium.time.NanoTimestamp": _type("DateTime64(9)", _nano_timestamp),
+    "io.debezium.time.ZonedTimestamp": _type("DateTime64(6, 'UTC')", _zoned_timestamp),
+    "io.debezium.time.MicroTime": _type("String", _time),
+    "io.debezium.time.ZonedTime": STRING,  # timetz, as Debezium sends it
+    "io.debezium.time.Interval": STRING,  # ISO-8601 duration, as sent
+    "io.debezium.data.Uuid": _type("UUID"),
+    "io.debezium.data.Json": STRING,  # json, jsonb, hstore
+    "io.debezium.data.Xml": STRING,
+    "io.debezium.data.Ltree": STRING,
+    "io.debezium.data.Enum": _type("LowCardinality(String)"),
+}
+
+
+# --- resolution ----------------------------------------------------------------------------
+
+
+def _nullable(inner: ColumnType) -> ColumnType:
+    convert = inner.to_clickhouse
+    if inner.clickhouse.startswith("Array("):
+        return ColumnType(
+            inner.clickhouse, lambda v: [] if v is None else convert(v), inner.clickhouse_input_expr
+        )
+    if inner.clickhouse.startswith("LowCardinality("):  # LowCardinality(Nullable(T)), not reverse
+        clickhouse = inner.clickhouse.replace("(", "(Nullable(", 1) + ")"
+    else:
+        clickhouse = f"Nullable({inner.clickhouse})"
+    return ColumnType(
+        clickhouse, lambda v: None if v is None else convert(v), inner.clickhouse_input_expr
+    )
+
+
+def _array(items: ColumnType) -> ColumnType:
+    convert, expr = items.to_clickhouse, items.clickhouse_input_expr
+    return ColumnType(
+        f"Array({items.clickhouse})",
+        lambda v: [convert(x) for x in v],
+        None if expr is None else f"arrayMap(x -> {expr.format('x')}, {{}})",
+    )
+
+
+def _rule_key(avro: dict[str, Any]) -> str:
+    for prop in ("connect.name", "logicalType", "connect.type"):
+        if prop in avro:
+            return str(avro[prop])
+    name, namespace = avro.get("name"), avro.get("namespace")
+    if avro["type"] in ("record", "enum", "fixed") and name:
+        return name if "." in name or not namespace else f"{namespace}.{name}"
+    return str(avro["type"])
+
+
+def column_type(avro_type: Any) -> ColumnType:
+    """The ClickHouse column type and value conversion for one Avro field type."""
+    if isinstance(avro_type, list):
+        branches = [t for t in avro_type if t != "null"]
+        if len(branches) != 1:
+            raise UnsupportedType(f"only [null, T] unions are supported, got {avro_type!r}")
+        inner = column_type(branches[0])
+        return _nullable(inner) if len(avro_type) == 2 else inner
+    if isinstance(avro_type, dict) and not isinstance(avro_type.get("type"), str):
+        return column_type(avro_type.get("type"))  # a field dict, or {"type": {...}}
+    if isinstance(avro_type, dict) and avro_type["type"] == "array":
+        return _array(column_type(avro_type["items"]))
+    key = _rule_key(avro_type) if isinstance(avro_type, dict) else str(avro_type)
+    rule = RULES.get(key)
+    if rule is None:
+        raise UnsupportedType(
+            f"no ClickHouse mapping for Debezium/Avro type {key!r} (field type {avro_type!r}); "
+            "add a rule to schemas/type_map.py RULES"
+        )
+    return rule if isinstance(rule, ColumnType) else rule(avro_type)

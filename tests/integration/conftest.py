@@ -1,0 +1,73 @@
+"""One real stack per test run, started by the project's own code and stopped if we started it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from connectors import ConnectClient, apply_connector
+from projector.stack import Stack, healthy
+from schemas import EventDecoder
+
+PROJECTOR = str(Path(sys.executable).parent / "projector")
+FENCE_TABLE = "it_fence"
+
+
+@dataclass(frozen=True)
+class StackHandle:
+    stack: Stack
+    env: dict[str, str]
+
+    @property
+    def admin_dsn(self) -> str:
+        return self.env["ADMIN_DSN"]
+
+    @property
+    def connect(self) -> ConnectClient:
+        return ConnectClient(self.env["CONNECT_URL"])
+
+    def sql(self, statement: str, params: object = None) -> list[tuple]:
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            cur = conn.execute(statement, params)  # type: ignore[arg-type]
+            return cur.fetchall() if cur.description else []
+
+    def apply(self) -> None:
+        apply_connector(self.connect, self.admin_dsn, self.env)
+
+    def fence(self) -> int:
+        """Commit a row to the fence table: once it is in ClickHouse, so is every change
+        committed before it (Debezium's one task emits in commit order)."""
+        ((fence_id,),) = self.sql(f"INSERT INTO {FENCE_TABLE} DEFAULT VALUES RETURNING id")
+        return int(fence_id)
+
+    def decoder(self) -> EventDecoder:
+        return EventDecoder(self.env["REGISTRY_URL"])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in str(item.path):
+            item.add_marker(pytest.mark.stack)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[StackHandle]:
+    the_stack = Stack()
+    was_running = healthy(the_stack.status())
+    # Through the command line, as a user would; the services then are not children of pytest.
+    up = subprocess.run([PROJECTOR, "stack", "up"], capture_output=True, text=True, timeout=600)
+    assert up.returncode == 0, f"projector stack up failed:\n{up.stderr}\n{up.stdout}"
+    assert healthy(the_stack.status())
+    handle = StackHandle(the_stack, {**the_stack.client_environment(), "CAPTURE": "public"})
+    handle.sql(f"CREATE TABLE IF NOT EXISTS {FENCE_TABLE} (id bigserial PRIMARY KEY)")
+    handle.apply()
+    yield handle
+    if not was_running and not os.environ.get("PROJECTOR_KEEP_STACK"):
+        subprocess.run([PROJECTOR, "stack", "down"], timeout=300)

@@ -1,0 +1,129 @@
+"""Run the projector as a user would (a separate process) and compare ClickHouse with Postgres.
+
+chDB allows one engine per process, and the projector owns its data directory while it runs, so
+tests never open chDB themselves: they read ClickHouse through `projector sql`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+import uuid
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from tests.integration.conftest import FENCE_TABLE, PROJECTOR, StackHandle
+
+
+class ProjectorProcess:
+    def __init__(self, stack: StackHandle, workdir: Path) -> None:
+        self.stack = stack
+        self.env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP": stack.env["KAFKA_BOOTSTRAP"],
+            "REGISTRY_URL": stack.env["REGISTRY_URL"],
+            "PROJECTOR_CHDB_PATH": str(workdir / "chdb"),
+            "PROJECTOR_GROUP_ID": f"test-{uuid.uuid4().hex[:8]}",
+            "PROJECTOR_MAX_BATCH_MESSAGES": "500",
+        }
+        self.log = workdir / "projector.log"
+
+    def start(self) -> subprocess.Popen[bytes]:
+        with self.log.open("ab") as out:
+            return subprocess.Popen(
+                [PROJECTOR, "run"], env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def catch_up(self, timeout_s: float = 240) -> None:
+        """Apply everything committed in Postgres so far: `run --until-caught-up` until a fence
+        row committed now is in ClickHouse (Kafka may not hold the latest changes yet)."""
+        fence = self.stack.fence()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self.log.open("ab") as out:
+                done = subprocess.run(
+                    [PROJECTOR, "run", "--until-caught-up"], env=self.env, stdout=out,
+                    stderr=subprocess.STDOUT, timeout=max(1.0, deadline - time.monotonic()),
+                )  # fmt: skip
+            assert done.returncode == 0, self.log.read_text()[-3000:]
+            if self.fence_applied(fence):
+                return
+            assert time.monotonic() < deadline, f"fence {fence} not applied in {timeout_s}s"
+            time.sleep(0.5)
+
+    def fence_applied(self, fence: int) -> bool:
+        exists = self.sql(
+            "SELECT count() AS n FROM system.tables "
+            f"WHERE database = 'replica_public' AND name = '{FENCE_TABLE}'"
+        )
+        if not int(exists[0]["n"]):
+            return False
+        found = self.sql(f"SELECT max(id) AS id FROM replica_public.{FENCE_TABLE} FINAL")
+        return int(found[0]["id"] or 0) >= fence
+
+    def sql(self, query: str) -> list[dict[str, Any]]:
+        result = subprocess.run(
+            [PROJECTOR, "sql", "--format", "json", query], env=self.env, capture_output=True,
+            text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def normalise(value: Any) -> Any:
+    """One comparable form for a value read from Postgres (psycopg) or ClickHouse (JSON text)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    if isinstance(value, int | float | Decimal):
+        return Decimal(str(value)).normalize()
+    if isinstance(value, str):
+        if value in ("true", "false"):
+            return value == "true"
+        if value.lower() in ("nan", "inf", "-inf", "infinity", "-infinity"):
+            return value.lower().replace("infinity", "inf")
+        try:
+            return Decimal(value).normalize()
+        except InvalidOperation:
+            return value
+    return str(value)
+
+
+def assert_replica_equals_source(
+    stack: StackHandle,
+    projector: ProjectorProcess,
+    table: str,
+    key: list[str],
+    append_only: bool = False,
+) -> int:
+    """Every row and column of `public.table` equals `replica_public.table FINAL` (a plain read
+    for an append-only table: there is no FINAL on MergeTree). Returns the row count."""
+    columns = [
+        r[0]
+        for r in stack.sql(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = 'public' "
+            "AND table_name = %s ORDER BY ordinal_position",
+            [table],
+        )
+    ]
+    order = ", ".join(key)
+    source = stack.sql(f"SELECT {', '.join(columns)} FROM public.{table} ORDER BY {order}")
+    replica = projector.sql(
+        f"SELECT {', '.join(columns)} FROM replica_public.{table}{'' if append_only else ' FINAL'} "
+        f"ORDER BY {order}"
+    )
+    source_rows = [tuple(normalise(v) for v in row) for row in source]
+    replica_rows = [tuple(normalise(row[c]) for c in columns) for row in replica]
+    assert len(replica_rows) == len(source_rows), (
+        f"{table}: {len(replica_rows)} rows in ClickHouse, {len(source_rows)} in Postgres"
+    )
+    for expected, actual in zip(source_rows, replica_rows, strict=True):
+        assert actual == expected, f"{table}: ClickHouse {actual} != Postgres {expected}"
+    return len(source_rows)
