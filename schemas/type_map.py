@@ -27,12 +27,13 @@ Decisions worth knowing:
   `ColumnType.clickhouse` unchanged: hex text is a ``String`` too.
 - **numeric(p,s)** → ``Decimal(p, s)`` (``Decimal(s, s)`` when Postgres 15+ has s > p); beyond
   76 digits ClickHouse has no Decimal, so ``String`` with the exact text. **numeric** without
-  precision (``VariableScaleDecimal``) → ``String`` in Postgres' text form, trailing zeros kept.
+  precision (``VariableScaleDecimal``) → ``String``, the exact decimal text Debezium sends (it
+  strips trailing zeros, so the display scale is lost, the value is not).
   **money** arrives as a decimal without ``connect.decimal.precision`` (Confluent then writes
   precision 64) → ``Decimal(38, scale)``.
-- **timestamp** → ``DateTime64(6)`` with wall-clock text: ClickHouse reads and prints it in the
-  server/session time zone, so it is exact only where that zone has no DST gaps (UTC, the
-  clickhouse-server image default). **timestamptz** → ``DateTime64(6, 'UTC')``.
+- **timestamp** → ``DateTime64(6, 'UTC')`` with wall-clock text: the column's own zone is UTC, so
+  the wall clock is stored and printed unchanged whatever the server's zone (a zone with DST gaps
+  would lose or shift wall-clock times). **timestamptz** → ``DateTime64(6, 'UTC')``, the instant.
 - ``Date32``/``DateTime64`` hold 1900-01-01..2299-12-31 (ClickHouse 25.8); anything outside,
   including Postgres ``infinity``, raises `UnconvertibleValue` so the event can be dead-lettered.
 - ``real``/``double precision`` NaN and ±Infinity are sent as ``"nan"``, ``"inf"``, ``"-inf"``.
@@ -194,9 +195,9 @@ RULES: dict[str, ColumnType | Callable[[dict[str, Any]], ColumnType]] = {
     "org.apache.kafka.connect.data.Decimal": _decimal,  # numeric(p,s), money
     "io.debezium.data.VariableScaleDecimal": _type("String", _variable_scale_decimal),
     "io.debezium.time.Date": _type("Date32", _date),
-    "io.debezium.time.Timestamp": _type("DateTime64(6)", _milli_timestamp),
-    "io.debezium.time.MicroTimestamp": _type("DateTime64(6)", _micro_timestamp),
-    "io.debezium.time.NanoTimestamp": _type("DateTime64(9)", _nano_timestamp),
+    "io.debezium.time.Timestamp": _type("DateTime64(6, 'UTC')", _milli_timestamp),
+    "io.debezium.time.MicroTimestamp": _type("DateTime64(6, 'UTC')", _micro_timestamp),
+    "io.debezium.time.NanoTimestamp": _type("DateTime64(9, 'UTC')", _nano_timestamp),
     "io.debezium.time.ZonedTimestamp": _type("DateTime64(6, 'UTC')", _zoned_timestamp),
     "io.debezium.time.MicroTime": _type("String", _time),
     "io.debezium.time.ZonedTime": STRING,  # timetz, as Debezium sends it

@@ -233,7 +233,7 @@ CASES = [
     Case(
         "timestamp(6)",
         nullable(semantic("long", "io.debezium.time.MicroTimestamp")),
-        "Nullable(DateTime64(6))",
+        "Nullable(DateTime64(6, 'UTC'))",
         [
             (1704164645123456, "2024-01-02 03:04:05.123456"),
             (-1, "1969-12-31 23:59:59.999999"),
@@ -244,13 +244,13 @@ CASES = [
     Case(
         "timestamp(3)",
         semantic("long", "io.debezium.time.Timestamp"),
-        "DateTime64(6)",
+        "DateTime64(6, 'UTC')",
         [(1704164645123, "2024-01-02 03:04:05.123000"), (-1, "1969-12-31 23:59:59.999000")],
     ),
     Case(
         "nano timestamp",
         semantic("long", "io.debezium.time.NanoTimestamp"),
-        "DateTime64(9)",
+        "DateTime64(9, 'UTC')",
         [
             (1704164645123456789, "2024-01-02 03:04:05.123456789"),
             (-1, "1969-12-31 23:59:59.999999999"),
