@@ -76,8 +76,8 @@ def decode(message: RawMessage, schemas: SchemaCache) -> Event | None:
     if message.value is None:
         return None
     try:
+        schema, value = schemas.decode(message.value)  # the value first: its error says more
         key_schema, key = (None, None) if message.key is None else schemas.decode(message.key)
-        schema, value = schemas.decode(message.value)
     except RegistryUnavailable:
         raise  # transient: the caller retries the whole batch
     except UnknownSchema as exc:

@@ -191,17 +191,24 @@ app.add_typer(dlq_app, name="dlq")
 @dlq_app.command("list")
 def dlq_list(
     limit: int = typer.Option(50, help="At most this many."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | json (one object per line)"),
     config_file: Path | None = ConfigOption,
 ) -> None:
     """Dead letters not yet replayed: where they came from and why they failed."""
     from projector.clickhouse import open_backend
     from projector.dlq import DeadLetterStore
 
+    if fmt not in ("table", "json"):
+        _fail("--format must be table or json", code=2)
     config = _config(config_file)
     store = DeadLetterStore(open_backend(config), config.control_database)
     store.create()
+    letters = store.list(limit)
+    if fmt == "json":
+        sys.stdout.writelines(json.dumps(letter) + "\n" for letter in letters)
+        return
     table = Table("topic", "partition", "offset", "stage", "error", "dead at")
-    for row in store.list(limit):
+    for row in letters:
         table.add_row(
             row["topic"],
             str(row["partition"]),

@@ -39,6 +39,9 @@ class ProjectorConfig(BaseModel):
     max_batch_messages: int = Field(default=5000, ge=1)
     max_batch_wait_ms: int = Field(default=200, ge=1)
     dlq_topic: str = "projector.dlq"
+    # How soon the group hands a crashed member's partitions to the others (Kafka's default is
+    # 45 s; positions come from ClickHouse checkpoints, so a quick hand-over is safe).
+    session_timeout_ms: int = Field(default=10_000, ge=6_000)
 
     @field_validator("schemas")
     @classmethod

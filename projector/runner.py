@@ -97,6 +97,7 @@ class Projector:
                 "enable.partition.eof": True,
                 "topic.metadata.refresh.interval.ms": 2000,
                 "partition.assignment.strategy": "cooperative-sticky",
+                "session.timeout.ms": config.session_timeout_ms,
             }
         )
         self.producer = Producer({"bootstrap.servers": config.kafka_bootstrap, "linger.ms": 50})
@@ -114,6 +115,9 @@ class Projector:
                 TopicPartition(tp.topic, tp.partition, resume if resume is not None else 0)
             )
             log.info("assigned %s[%d] from offset %s", tp.topic, tp.partition, resume or 0)
+            if state.replay is not None:
+                log.info("replaying the open intent %d-%d of %s[%d] (the last run stopped inside it)",
+                         state.replay.first, state.replay.last, tp.topic, tp.partition)  # fmt: skip
         consumer.incremental_assign(positioned)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

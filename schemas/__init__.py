@@ -1,6 +1,7 @@
-"""Shapes of change events: envelope decoding, registry access (and later the type map)."""
+"""Shapes of change events: the wire format and registry access, the envelope, the type map."""
 
-from schemas.envelope import ChangeEvent, EventDecoder, schema_id_of
+from schemas.envelope import ChangeEvent, EventDecoder
 from schemas.errors import NotConfluentFramed, SchemaError
+from schemas.registry import schema_id_of
 
 __all__ = ["ChangeEvent", "EventDecoder", "NotConfluentFramed", "SchemaError", "schema_id_of"]

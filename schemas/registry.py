@@ -1,9 +1,17 @@
-"""Schema ids → parsed Avro writer schemas, fetched once from a Confluent-API registry."""
+"""The Confluent wire format, and schema ids → parsed Avro writer schemas from the registry.
+
+A message is byte 0 = magic 0, bytes 1-4 = the schema id (big endian), then an Avro datum.
+Schemas are fetched by id with `confluent_kafka.schema_registry` (once each, then cached) and
+data are read with fastavro. Only `GET /schemas/ids/{id}` is used: the client's deserializer
+classes also query newer endpoints (subject associations) that a Confluent-compatible registry
+need not serve, and every request has a timeout so a stalled registry is an error, not a hang.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,8 +19,19 @@ import fastavro
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-from schemas.envelope import schema_id_of
-from schemas.errors import RegistryUnavailable, UnknownSchema
+from schemas.errors import NotConfluentFramed, RegistryUnavailable, UnknownSchema
+
+MAGIC_BYTE = 0
+REQUEST_TIMEOUT_S = 10
+
+
+def schema_id_of(payload: bytes) -> int:
+    """The registry id in a Confluent-framed message."""
+    if len(payload) < 5 or payload[0] != MAGIC_BYTE:
+        raise NotConfluentFramed(
+            f"not a Confluent-framed Avro message (first bytes {payload[:5]!r})"
+        )
+    return int(struct.unpack(">I", payload[1:5])[0])
 
 
 @dataclass(frozen=True)
@@ -24,7 +43,7 @@ class WriterSchema:
 
 class SchemaCache:
     def __init__(self, registry_url: str) -> None:
-        self.client = SchemaRegistryClient({"url": registry_url})
+        self.client = SchemaRegistryClient({"url": registry_url, "timeout": REQUEST_TIMEOUT_S})
         self._by_id: dict[int, WriterSchema] = {}
 
     def get(self, schema_id: int) -> WriterSchema:
@@ -35,7 +54,7 @@ class SchemaCache:
             schema = self.client.get_schema(schema_id)
         except SchemaRegistryError as exc:
             if exc.http_status_code == 404:
-                raise UnknownSchema(f"schema id {schema_id} is not in the registry") from exc
+                raise UnknownSchema(f"unknown schema id {schema_id}: not in the registry") from exc
             raise RegistryUnavailable(f"registry error for schema id {schema_id}: {exc}") from exc
         except Exception as exc:  # connection refused, timeouts
             raise RegistryUnavailable(

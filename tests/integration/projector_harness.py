@@ -22,6 +22,7 @@ from tests.integration.conftest import FENCE_TABLE, PROJECTOR, StackHandle
 class ProjectorProcess:
     def __init__(self, stack: StackHandle, workdir: Path) -> None:
         self.stack = stack
+        self.command = [PROJECTOR]
         self.env = {
             **os.environ,
             "KAFKA_BOOTSTRAP": stack.env["KAFKA_BOOTSTRAP"],
@@ -102,9 +103,14 @@ def assert_replica_equals_source(
     table: str,
     key: list[str],
     append_only: bool = False,
+    render: dict[str, tuple[str, str]] | None = None,
 ) -> int:
     """Every row and column of `public.table` equals `replica_public.table FINAL` (a plain read
-    for an append-only table: there is no FINAL on MergeTree). Returns the row count."""
+    for an append-only table: there is no FINAL on MergeTree). Returns the row count.
+
+    `render` maps a column to a (Postgres, ClickHouse) pair of expressions (`{}` = the column)
+    giving the same text on both sides, for types whose Python values differ in spelling."""
+    render = render or {}
     columns = [
         r[0]
         for r in stack.sql(
@@ -114,9 +120,11 @@ def assert_replica_equals_source(
         )
     ]
     order = ", ".join(key)
-    source = stack.sql(f"SELECT {', '.join(columns)} FROM public.{table} ORDER BY {order}")
+    pg_select = ", ".join(render[c][0].format(c) if c in render else c for c in columns)
+    ch_select = ", ".join(f"{render[c][1].format(c)} AS {c}" if c in render else c for c in columns)
+    source = stack.sql(f"SELECT {pg_select} FROM public.{table} ORDER BY {order}")
     replica = projector.sql(
-        f"SELECT {', '.join(columns)} FROM replica_public.{table}{'' if append_only else ' FINAL'} "
+        f"SELECT {ch_select} FROM replica_public.{table}{'' if append_only else ' FINAL'} "
         f"ORDER BY {order}"
     )
     source_rows = [tuple(normalise(v) for v in row) for row in source]
