@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from projector.checkpoint import BatchRange
@@ -34,11 +35,13 @@ from projector.replica import (
     insert_rows,
     is_toast_placeholder,
     key_columns,
+    upcast,
     value_columns,
 )
 from schemas.errors import NotConfluentFramed, RegistryUnavailable, SchemaError, UnknownSchema
 from schemas.registry import SchemaCache, WriterSchema
 from schemas.type_map import UnconvertibleValue
+from schemas.upcasters import Upcaster, Upcasters
 
 
 @dataclass(frozen=True)
@@ -96,11 +99,13 @@ class BatchApplier:
         schemas: SchemaCache,
         catalog: ReplicaCatalog,
         projection: str = "replica",
+        upcasters: Upcasters | None = None,
     ) -> None:
         self.ch = ch
         self.schemas = schemas
         self.catalog = catalog
         self.projection = projection
+        self.upcasters = upcasters or Upcasters()
         self._columns_by_schema: dict[int, list[SourceColumn]] = {}
 
     def apply(
@@ -122,15 +127,19 @@ class BatchApplier:
 
         schema_name, table_name = source_table_of(batch.topic)
         replica: ReplicaTable | None = self.catalog.existing(schema_name, table_name)
+        upcaster = self.upcasters.for_table(schema_name, table_name)
         good: list[Event] = []
         for event in events:
             if event.value["op"] == "t":
                 good.append(event)  # carries no row: needs no columns, and has no key schema
                 continue
             try:
-                columns = self._columns(event.schema)
+                columns = self._columns(event.schema, upcaster)
                 keys = key_columns(event.key_schema.raw if event.key_schema else None)
-                replica = self.catalog.ensure(schema_name, table_name, keys, columns)
+                replica = self.catalog.ensure(
+                    schema_name, table_name, keys, columns, upcaster,
+                    previous=partial(self._previous_version_columns, event),
+                )  # fmt: skip
                 good.append(event)
             except PoisonMessage as exc:
                 dead.append(DeadLetter.of(event.message, exc))
@@ -143,12 +152,18 @@ class BatchApplier:
             dead_letter(batch, dead)
         return BatchOutcome(applied, dead)
 
-    def _columns(self, schema: WriterSchema) -> list[SourceColumn]:
+    def _columns(self, schema: WriterSchema, upcaster: Upcaster) -> list[SourceColumn]:
+        """The replica columns of a writer schema, under the table's declared upcaster."""
         columns = self._columns_by_schema.get(schema.schema_id)
         if columns is None:
-            columns = value_columns(schema.raw)
+            columns = [upcast(c, upcaster) for c in value_columns(schema.raw)]
             self._columns_by_schema[schema.schema_id] = columns
         return columns
+
+    def _previous_version_columns(self, event: Event) -> list[str] | None:
+        """Column names of the table's schema version before this event's (None: first)."""
+        previous = self.schemas.previous_version(f"{event.message.topic}-value", event.schema)
+        return None if previous is None else [c.name for c in value_columns(previous.raw)]
 
     # ---- rows --------------------------------------------------------------------------------
 
@@ -212,10 +227,11 @@ class BatchApplier:
             image = event.key or {}
         if deleted and replica.key_columns:
             image = {k: image.get(k, (event.key or {}).get(k)) for k in replica.key_columns}
-        columns = {c.name: c for c in self._columns(event.schema)}
+        upcaster = self.upcasters.for_table(*source_table_of(message.topic))
+        columns = {c.name: c for c in self._columns(event.schema, upcaster)}
         row: dict[str, Any] = {}
         for name, raw in image.items():
-            column = columns.get(name)
+            column = columns.get(upcaster.current_name(name))
             if column is None:
                 continue
             if raw is None or is_toast_placeholder(raw):

@@ -239,14 +239,17 @@ def dlq_show(
 
 
 @dlq_app.command("replay")
-def dlq_replay(config_file: Path | None = ConfigOption) -> None:
-    """Try every waiting dead letter again (after a fix or an upcaster); the ones that apply now
-    leave the queue, the others stay with their new error."""
+def dlq_replay(
+    topic: str | None = typer.Option(None, help="Only the dead letters of this topic."),
+    config_file: Path | None = ConfigOption,
+) -> None:
+    """Try waiting dead letters again (after a fix or an upcaster); the ones that apply now
+    leave the queue, the others stay. Exits 1 while any stays."""
     from projector.clickhouse import open_backend
     from projector.dlq_replay import replay_dead_letters
 
     config = _config(config_file)
-    replayed, still_dead = replay_dead_letters(config, open_backend(config))
+    replayed, still_dead = replay_dead_letters(config, open_backend(config), topic)
     console.print(f"replayed {replayed}, still dead {still_dead}", highlight=False)
     if still_dead:
         raise typer.Exit(1)

@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from projector.errors import ConfigError
+from schemas.errors import SchemaError
+from schemas.upcasters import Upcasters
 
 
 class ProjectorConfig(BaseModel):
@@ -39,6 +41,9 @@ class ProjectorConfig(BaseModel):
     max_batch_messages: int = Field(default=5000, ge=1)
     max_batch_wait_ms: int = Field(default=200, ge=1)
     dlq_topic: str = "projector.dlq"
+    # Declared renames and type changes of source columns (schemas/upcasters.py); None: the
+    # file shipped in schemas/.
+    upcasters_file: Path | None = None
     # How soon the group hands a crashed member's partitions to the others (Kafka's default is
     # 45 s; positions come from ClickHouse checkpoints, so a quick hand-over is safe).
     session_timeout_ms: int = Field(default=10_000, ge=6_000)
@@ -82,7 +87,12 @@ def load_config(path: Path | None = None, env: dict[str, str] | None = None) -> 
             raw = env[key]
             values[field] = raw.split(",") if field == "schemas" else raw
     try:
-        return ProjectorConfig.model_validate(values)
+        config = ProjectorConfig.model_validate(values)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid projector config: {problems}") from exc
+    try:
+        Upcasters.load(config.upcasters_file)  # a broken file stops start-up, not a batch
+    except SchemaError as exc:
+        raise ConfigError(str(exc)) from exc
+    return config

@@ -14,17 +14,23 @@ from projector.config import ProjectorConfig
 from projector.dlq import DeadLetterStore
 from projector.replica import ReplicaCatalog
 from schemas.registry import SchemaCache
+from schemas.upcasters import Upcasters
 
 
-def replay_dead_letters(config: ProjectorConfig, ch: ClickHouse) -> tuple[int, int]:
+def replay_dead_letters(
+    config: ProjectorConfig, ch: ClickHouse, topic: str | None = None
+) -> tuple[int, int]:
+    """(replayed, still dead) over the waiting letters, of one topic or all."""
     store = DeadLetterStore(ch, config.control_database)
     store.create()
     applier = BatchApplier(
         ch, SchemaCache(config.registry_url), ReplicaCatalog(ch, config.replica_prefix),
-        projection="dlq-replay",
+        projection="dlq-replay", upcasters=Upcasters.load(config.upcasters_file),
     )  # fmt: skip
     replayed = still_dead = 0
     for summary in store.list(limit=1_000_000):
+        if topic is not None and summary["topic"] != topic:
+            continue
         letter = store.get(summary["topic"], int(summary["partition"]), int(summary["offset"]))
         if letter is None:
             continue

@@ -23,14 +23,15 @@ Version arithmetic (`_version`), the argument in four steps:
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from projector.clickhouse import ClickHouse, ident, insert_statement, quote
 from projector.errors import PoisonMessage
 from schemas.type_map import ColumnType, UnconvertibleValue, UnsupportedType, column_type
+from schemas.upcasters import NO_UPCASTER, Upcaster
 
 # Debezium's stand-in for an unchanged TOASTed value (`unavailable.value.placeholder`).
 TOAST_PLACEHOLDER = "__debezium_unavailable_value"
@@ -170,17 +171,27 @@ class ReplicaCatalog:
         return self.tables[cache_key]
 
     def ensure(
-        self, source_schema: str, table: str, keys: list[str], columns: list[SourceColumn]
+        self,
+        source_schema: str,
+        table: str,
+        keys: list[str],
+        columns: list[SourceColumn],
+        upcaster: Upcaster = NO_UPCASTER,
+        previous: Callable[[], list[str] | None] = lambda: None,
     ) -> ReplicaTable:
-        """The replica table for these columns: created if missing, new columns added."""
-        cache_key = (source_schema, table)
-        replica = self.tables.get(cache_key)
-        database = self.database_for(source_schema)
+        """The replica table for these columns: created if missing, new columns added, declared
+        renames and type changes carried out. `previous` gives the column names of the table's
+        previous schema version, asked for only when a column is new (rename detection)."""
+        replica = self.existing(source_schema, table)
         if replica is None:
-            replica = self._load(database, table)
-        if replica is None:
-            replica = self._create(database, table, keys, columns)
+            replica = self._create(self.database_for(source_schema), table, keys, columns)
+            self.tables[(source_schema, table)] = replica
+        for old, new in upcaster.renames.items():
+            if old in replica.columns and new not in replica.columns:
+                self._rename(replica, old, new)
         missing = [c for c in columns if c.name not in replica.columns]
+        if missing:
+            _refuse_undeclared_rename(f"{source_schema}.{table}", columns, previous())
         for column in missing:
             for definition in column.definitions():
                 self.ch.execute(
@@ -189,14 +200,33 @@ class ReplicaCatalog:
             replica.columns[column.name] = column.ctype.clickhouse
         for column in columns:
             existing = replica.columns[column.name]
-            if existing != column.ctype.clickhouse:
+            if existing == column.ctype.clickhouse:
+                continue
+            if column.name not in upcaster.retypes:
                 raise PoisonMessage(
                     "schema",
-                    f"column {source_schema}.{table}.{column.name} changed type from {existing} to "
-                    f"{column.ctype.clickhouse}; declare an upcaster in schemas/upcasters.toml",
+                    f"column {source_schema}.{table}.{column.name} changed type from {existing} "
+                    f"to {column.ctype.clickhouse}: declare the type it converts to under "
+                    f"`retypes` in {UPCASTERS_FILE_HINT}, then run `projector dlq replay`",
                 )
-        self.tables[cache_key] = replica
+            self.ch.execute(
+                f"ALTER TABLE {replica.qualified} MODIFY COLUMN {ident(column.name)} "
+                f"{column.ctype.clickhouse}"
+            )
+            replica.columns[column.name] = column.ctype.clickhouse
         return replica
+
+    def _rename(self, replica: ReplicaTable, old: str, new: str) -> None:
+        if old in replica.key_columns:
+            raise PoisonMessage(
+                "schema", f"key column {replica.name}.{old} was renamed: rebuild the replica"
+            )
+        for suffix in ("", INPUT_SUFFIX) if old + INPUT_SUFFIX in replica.columns else ("",):
+            self.ch.execute(
+                f"ALTER TABLE {replica.qualified} RENAME COLUMN "
+                f"{ident(old + suffix)} TO {ident(new + suffix)}"
+            )
+            replica.columns[new + suffix] = replica.columns.pop(old + suffix)
 
     def _create(
         self, database: str, table: str, keys: list[str], columns: list[SourceColumn]
@@ -217,6 +247,36 @@ class ReplicaCatalog:
         loaded = self._load(database, table)
         assert loaded is not None
         return loaded
+
+
+UPCASTERS_FILE_HINT = "schemas/upcasters.toml"
+
+
+def upcast(column: SourceColumn, upcaster: Upcaster) -> SourceColumn:
+    """The column under the table's upcaster: its current name, its declared ClickHouse type."""
+    name = upcaster.current_name(column.name)
+    declared = upcaster.retypes.get(name)
+    ctype = column.ctype if declared is None else replace(column.ctype, clickhouse=declared)
+    return SourceColumn(name, ctype, column.default)
+
+
+def _refuse_undeclared_rename(
+    table: str, columns: list[SourceColumn], previous: list[str] | None
+) -> None:
+    """Postgres keeps a renamed column's position, so a version whose field at position i has a
+    new name while the previous version's field i is gone is a rename, not a drop plus an add
+    (which would append the new field). Undeclared, it is refused rather than split in two."""
+    if previous is None:
+        return
+    names = [c.name for c in columns]
+    for position, (before, now) in enumerate(zip(previous, names, strict=False)):
+        if before != now and before not in names and now not in previous:
+            raise PoisonMessage(
+                "schema",
+                f"column {table}.{before} (position {position + 1}) looks renamed to {now}: "
+                f"declare it under `renames` in {UPCASTERS_FILE_HINT} "
+                f'({{ {before} = "{now}" }}), then run `projector dlq replay`',
+            )
 
 
 def _default_clause(column: SourceColumn) -> str:

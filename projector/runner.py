@@ -35,6 +35,7 @@ from projector.errors import ClickHouseUnavailable
 from projector.replica import ReplicaCatalog
 from schemas.errors import RegistryUnavailable
 from schemas.registry import SchemaCache
+from schemas.upcasters import Upcasters
 
 log = logging.getLogger("projector")
 T = TypeVar("T")
@@ -82,8 +83,9 @@ class Projector:
         with_retries(self.dlq.create, "creating the DLQ table")
         self.committer = BatchCommitter(self.checkpoints)
         self.applier = BatchApplier(
-            ch, self.schemas, ReplicaCatalog(ch, config.replica_prefix), PROJECTION
-        )
+            ch, self.schemas, ReplicaCatalog(ch, config.replica_prefix), PROJECTION,
+            upcasters=Upcasters.load(config.upcasters_file),
+        )  # fmt: skip
         self.partitions: dict[tuple[str, int], PartitionState] = defaultdict(PartitionState)
         self.stopping = False
         self.applied_events = 0

@@ -45,6 +45,7 @@ class SchemaCache:
     def __init__(self, registry_url: str) -> None:
         self.client = SchemaRegistryClient({"url": registry_url, "timeout": REQUEST_TIMEOUT_S})
         self._by_id: dict[int, WriterSchema] = {}
+        self._previous: dict[int, WriterSchema | None] = {}
 
     def get(self, schema_id: int) -> WriterSchema:
         cached = self._by_id.get(schema_id)
@@ -64,6 +65,26 @@ class SchemaCache:
         writer = WriterSchema(schema_id, raw, fastavro.parse_schema(raw, _write_hint=False))
         self._by_id[schema_id] = writer
         return writer
+
+    def previous_version(self, subject: str, writer: WriterSchema) -> WriterSchema | None:
+        """The schema registered under `subject` just before `writer` (None: it is the first)."""
+        if writer.schema_id in self._previous:
+            return self._previous[writer.schema_id]
+        try:
+            versions = sorted(self.client.get_versions(subject))
+            ids = {v: self.client.get_version(subject, v).schema_id for v in versions}
+        except SchemaRegistryError as exc:
+            if exc.http_status_code == 404:
+                return None
+            raise RegistryUnavailable(f"registry error listing {subject}: {exc}") from exc
+        except Exception as exc:
+            raise RegistryUnavailable(f"registry unreachable listing {subject}: {exc}") from exc
+        mine = [v for v, schema_id in ids.items() if schema_id == writer.schema_id]
+        earlier = [v for v in versions if mine and v < mine[0]]
+        previous_id = ids[earlier[-1]] if earlier else None
+        previous = None if previous_id is None else self.get(previous_id)
+        self._previous[writer.schema_id] = previous
+        return previous
 
     def decode(self, payload: bytes) -> tuple[WriterSchema, Any]:
         """(writer schema, decoded datum) of a Confluent-framed message."""
