@@ -56,6 +56,15 @@ class ProjectorProcess:
             assert time.monotonic() < deadline, f"fence {fence} not applied in {timeout_s}s"
             time.sleep(0.5)
 
+    def wait_for_log(self, text: str, timeout_s: float = 120) -> None:
+        """Wait until a running projector has logged `text`."""
+        deadline = time.monotonic() + timeout_s
+        while text not in self.log.read_text():
+            assert time.monotonic() < deadline, (
+                f"{text!r} not logged: {self.log.read_text()[-3000:]}"
+            )
+            time.sleep(0.5)
+
     def fence_applied(self, fence: int) -> bool:
         exists = self.sql(
             "SELECT count() AS n FROM system.tables "

@@ -14,13 +14,16 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from projector.topic_reader import read_topic_until
 from tests.integration.conftest import StackHandle
 from tests.integration.projector_harness import ProjectorProcess, assert_replica_equals_source
+from tests.integration.tcp_proxy import TcpProxy
 
 KILLS = 10
 TIMESTAMP_TEXT = ("to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')", "toString({})")
@@ -301,3 +304,36 @@ def test_dlq_commands_show_and_list_dead_letters(
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert missing.returncode == 2 and "no dead letter" in missing.stderr
+
+
+def test_registry_outage_is_retried_logged_once_and_loses_nothing(
+    stack: StackHandle, projector: ProjectorProcess
+) -> None:
+    table = f"cr_outage_{uuid.uuid4().hex[:8]}"
+    stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    stack.apply()
+    stack.sql(f"INSERT INTO {table} SELECT g, 'v' || g FROM generate_series(1, 300) g")
+    events = read_topic_until(
+        stack.env["KAFKA_BOOTSTRAP"], f"cdc.public.{table}", stack.decoder(),
+        done=lambda evs: len({e.key["id"] for e in evs if e.key}) >= 300,
+    )  # fmt: skip
+    assert len(events) >= 300, "Debezium did not deliver the rows"
+
+    registry = urlsplit(stack.env["REGISTRY_URL"])
+    proxy = TcpProxy(registry.hostname or "127.0.0.1", registry.port or 80)
+    proxy.cut()
+    projector.env["REGISTRY_URL"] = registry._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()
+    process = projector.start()
+    try:
+        time.sleep(8)  # several back-off rounds against the dead registry
+        assert process.poll() is None, projector.log.read_text()[-3000:]
+        proxy.restore()
+        projector.wait_for_log("recovered after")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, projector.log.read_text()[-3000:]
+    log = projector.log.read_text()
+    projector.catch_up()
+    assert log.count("retrying with back-off") == 1, log[-3000:]  # once per state change
+    assert log.count("recovered after") == 1, log[-3000:]
+    assert assert_replica_equals_source(stack, projector, table, ["id"]) == 300
