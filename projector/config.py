@@ -27,6 +27,8 @@ class ProjectorConfig(BaseModel):
     topic_prefix: str = "cdc"
     # Schemas whose tables are projected (Debezium's own control schema never is).
     schemas: list[str] = Field(default_factory=lambda: ["public"])
+    # Which tables of those schemas (a regular expression for the whole table name).
+    table_pattern: str = "[^.]+"
     group_id: str = "projector"
 
     backend: Literal["chdb", "server"] = "chdb"
@@ -58,7 +60,7 @@ class ProjectorConfig(BaseModel):
     def topic_pattern(self) -> str:
         """librdkafka subscription regex for the captured tables' topics."""
         schemas = "|".join(self.schemas)
-        return rf"^{self.topic_prefix}\.({schemas})\.[^.]+$"
+        return rf"^{self.topic_prefix}\.({schemas})\.({self.table_pattern})$"
 
     @property
     def transaction_topic(self) -> str:

@@ -71,3 +71,20 @@ def stack() -> Iterator[StackHandle]:
     yield handle
     if not was_running and not os.environ.get("PROJECTOR_KEEP_STACK"):
         subprocess.run([PROJECTOR, "stack", "down"], timeout=300)
+
+
+SERVER_URL_VARIABLE = "PROJECTOR_TEST_CLICKHOUSE_URL"
+
+
+@pytest.fixture(params=["chdb", "server"])
+def projector(request: pytest.FixtureRequest, stack: StackHandle, tmp_path: Path) -> object:
+    """The projector under test, once per ClickHouse backend: embedded chDB always; a ClickHouse
+    server when PROJECTOR_TEST_CLICKHOUSE_URL names one (none can be installed on this machine)."""
+    from tests.integration.projector_harness import ProjectorProcess
+
+    if request.param == "chdb":
+        return ProjectorProcess(stack, tmp_path)
+    url = os.environ.get(SERVER_URL_VARIABLE)
+    if not url:
+        pytest.skip(f"no ClickHouse server: set {SERVER_URL_VARIABLE} to run the server backend")
+    return ProjectorProcess(stack, tmp_path, server_url=url)

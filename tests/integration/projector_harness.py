@@ -20,18 +20,39 @@ from tests.integration.conftest import FENCE_TABLE, PROJECTOR, StackHandle
 
 
 class ProjectorProcess:
-    def __init__(self, stack: StackHandle, workdir: Path) -> None:
+    """One projector deployment of a test: its own consumer group and its own ClickHouse state
+    (a chDB directory, or uniquely prefixed databases on a ClickHouse server)."""
+
+    def __init__(self, stack: StackHandle, workdir: Path, server_url: str | None = None) -> None:
         self.stack = stack
         self.command = [PROJECTOR]
+        self.unique = unique = uuid.uuid4().hex[:8]
         self.env = {
             **os.environ,
             "KAFKA_BOOTSTRAP": stack.env["KAFKA_BOOTSTRAP"],
             "REGISTRY_URL": stack.env["REGISTRY_URL"],
-            "PROJECTOR_CHDB_PATH": str(workdir / "chdb"),
-            "PROJECTOR_GROUP_ID": f"test-{uuid.uuid4().hex[:8]}",
+            "PROJECTOR_GROUP_ID": f"test-{unique}",
             "PROJECTOR_MAX_BATCH_MESSAGES": "500",
+            # Only this test's tables (named by `table()`) and the fence: every test's projector
+            # would otherwise re-apply every earlier test's topics.
+            "PROJECTOR_TABLE_PATTERN": f"({FENCE_TABLE}|.*_{unique})",
         }
+        if server_url is None:  # the defaults: replica_<schema> and projector, in a chDB dir
+            self.env["PROJECTOR_CHDB_PATH"] = str(workdir / "chdb")
+            self.replica_db, self.control_db = "replica_public", "projector"
+        else:
+            self.env |= {
+                "PROJECTOR_BACKEND": "server",
+                "PROJECTOR_CLICKHOUSE_URL": server_url,
+                "PROJECTOR_REPLICA_PREFIX": f"t{unique}_replica_",
+                "PROJECTOR_CONTROL_DATABASE": f"t{unique}_projector",
+            }
+            self.replica_db, self.control_db = f"t{unique}_replica_public", f"t{unique}_projector"
         self.log = workdir / "projector.log"
+
+    def table(self, prefix: str) -> str:
+        """A table name this projector projects (and no other test's projector does)."""
+        return f"{prefix}_{self.unique}"
 
     def start(self) -> subprocess.Popen[bytes]:
         with self.log.open("ab") as out:
@@ -68,11 +89,11 @@ class ProjectorProcess:
     def fence_applied(self, fence: int) -> bool:
         exists = self.sql(
             "SELECT count() AS n FROM system.tables "
-            f"WHERE database = 'replica_public' AND name = '{FENCE_TABLE}'"
+            f"WHERE database = '{self.replica_db}' AND name = '{FENCE_TABLE}'"
         )
         if not int(exists[0]["n"]):
             return False
-        found = self.sql(f"SELECT max(id) AS id FROM replica_public.{FENCE_TABLE} FINAL")
+        found = self.sql(f"SELECT max(id) AS id FROM {self.replica_db}.{FENCE_TABLE} FINAL")
         return int(found[0]["id"] or 0) >= fence
 
     def sql(self, query: str) -> list[dict[str, Any]]:
@@ -114,7 +135,7 @@ def assert_replica_equals_source(
     append_only: bool = False,
     render: dict[str, tuple[str, str]] | None = None,
 ) -> int:
-    """Every row and column of `public.table` equals `replica_public.table FINAL` (a plain read
+    """Every row and column of `public.table` equals its replica table `FINAL` (a plain read
     for an append-only table: there is no FINAL on MergeTree). Returns the row count.
 
     `render` maps a column to a (Postgres, ClickHouse) pair of expressions (`{}` = the column)
@@ -133,7 +154,7 @@ def assert_replica_equals_source(
     ch_select = ", ".join(f"{render[c][1].format(c)} AS {c}" if c in render else c for c in columns)
     source = stack.sql(f"SELECT {pg_select} FROM public.{table} ORDER BY {order}")
     replica = projector.sql(
-        f"SELECT {ch_select} FROM replica_public.{table}{'' if append_only else ' FINAL'} "
+        f"SELECT {ch_select} FROM {projector.replica_db}.{table}{'' if append_only else ' FINAL'} "
         f"ORDER BY {order}"
     )
     source_rows = [tuple(normalise(v) for v in row) for row in source]

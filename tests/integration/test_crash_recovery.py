@@ -12,12 +12,10 @@ import subprocess
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import psycopg
-import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from projector.topic_reader import read_topic_until
@@ -29,14 +27,9 @@ KILLS = 10
 TIMESTAMP_TEXT = ("to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')", "toString({})")
 
 
-@pytest.fixture
-def projector(stack: StackHandle, tmp_path: Path) -> ProjectorProcess:
-    return ProjectorProcess(stack, tmp_path)
-
-
 @dataclass
 class Tables:
-    suffix: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    suffix: str
 
     @property
     def accounts(self) -> str:
@@ -201,7 +194,7 @@ def dlq_topic_offsets(bootstrap: str, topic: str, origin_topic: str) -> set[int]
 def test_sigkill_at_random_moments_under_load_ends_equal_to_postgres(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:
-    tables = Tables()
+    tables = Tables(projector.unique)
     tables.create(stack)
     stack.apply()
     seed = random.randrange(1_000_000)
@@ -242,7 +235,7 @@ def test_sigkill_at_random_moments_under_load_ends_equal_to_postgres(
     assert accounts and lines and notes, context
 
     dead = projector.sql(
-        "SELECT offset, stage FROM projector.dlq FINAL "
+        f"SELECT offset, stage FROM {projector.control_db}.dlq FINAL "
         f"WHERE topic = '{poison_topic}' ORDER BY offset"
     )
     assert [int(d["offset"]) for d in dead] == poison_offsets, context
@@ -254,7 +247,7 @@ def test_sigkill_at_random_moments_under_load_ends_equal_to_postgres(
 def test_sigterm_finishes_the_batch_and_exits_zero(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:
-    table = f"cr_term_{uuid.uuid4().hex[:8]}"
+    table = projector.table("cr_term")
     stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, v int)")
     stack.apply()
     stack.sql(f"INSERT INTO {table} SELECT g, g FROM generate_series(1, 2000) g")
@@ -271,7 +264,7 @@ def test_sigterm_finishes_the_batch_and_exits_zero(
 def test_dlq_commands_show_and_list_dead_letters(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:
-    table = f"cr_dlq_{uuid.uuid4().hex[:8]}"
+    table = projector.table("cr_dlq")
     stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY)")
     stack.apply()
     stack.sql(f"INSERT INTO {table} VALUES (1)")
@@ -309,7 +302,7 @@ def test_dlq_commands_show_and_list_dead_letters(
 def test_registry_outage_is_retried_logged_once_and_loses_nothing(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:
-    table = f"cr_outage_{uuid.uuid4().hex[:8]}"
+    table = projector.table("cr_outage")
     stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
     stack.apply()
     stack.sql(f"INSERT INTO {table} SELECT g, 'v' || g FROM generate_series(1, 300) g")

@@ -4,29 +4,18 @@ changes, unchanged TOAST values, compound keys and key re-use inside one batch."
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 
 import psycopg
-import pytest
 
 from projector.topic_reader import read_topic_until
 from tests.integration.conftest import StackHandle
 from tests.integration.projector_harness import ProjectorProcess, assert_replica_equals_source
 
 
-@pytest.fixture
-def projector(stack: StackHandle, tmp_path: Path) -> ProjectorProcess:
-    return ProjectorProcess(stack, tmp_path)
-
-
-def name(prefix: str) -> str:
-    return f"rs_{prefix}_{uuid.uuid4().hex[:8]}"
-
-
 def test_crud_compound_key_and_reinsert_in_one_batch(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:
-    table = name("crud")
+    table = projector.table("rs_crud")
     stack.sql(
         f"CREATE TABLE {table} (region text, id int, qty int NOT NULL, price numeric(12,2),"
         " note text, PRIMARY KEY (region, id))"
@@ -46,7 +35,7 @@ def test_crud_compound_key_and_reinsert_in_one_batch(
     rows = assert_replica_equals_source(stack, projector, table, ["region", "id"])
     assert rows == 50 - 8  # 0, 7, ..., 49 deleted; ('eu', 1) came back
     back = projector.sql(
-        f"SELECT qty, _op FROM replica_public.{table} FINAL WHERE region = 'eu' AND id = 1"
+        f"SELECT qty, _op FROM {projector.replica_db}.{table} FINAL WHERE region = 'eu' AND id = 1"
     )
     # Streamed ('c'), or read again by the table's first incremental snapshot ('r').
     assert len(back) == 1 and back[0]["qty"] == 999 and back[0]["_op"] in ("c", "r"), back
@@ -55,7 +44,7 @@ def test_crud_compound_key_and_reinsert_in_one_batch(
 def test_unchanged_toast_value_is_never_overwritten(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:
-    table = name("toast")
+    table = projector.table("rs_toast")
     stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, counter int, big text)")
     stack.sql(f"ALTER TABLE {table} ALTER COLUMN big SET STORAGE EXTERNAL")  # force out-of-line
     stack.apply()
@@ -69,13 +58,13 @@ def test_unchanged_toast_value_is_never_overwritten(
     projector.catch_up()
     assert_replica_equals_source(stack, projector, table, ["id"])
     lengths = projector.sql(
-        f"SELECT id, length(big) AS n FROM replica_public.{table} FINAL ORDER BY id"
+        f"SELECT id, length(big) AS n FROM {projector.replica_db}.{table} FINAL ORDER BY id"
     )
     assert [r["n"] for r in lengths] == [64000, 64000, 64000]
 
 
 def test_truncate_then_new_rows(stack: StackHandle, projector: ProjectorProcess) -> None:
-    table = name("trunc")
+    table = projector.table("rs_trunc")
     stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
     stack.apply()
     stack.sql(f"INSERT INTO {table} SELECT g, 'old' FROM generate_series(1, 20) g")
@@ -88,7 +77,7 @@ def test_truncate_then_new_rows(stack: StackHandle, projector: ProjectorProcess)
 def test_added_column_and_several_schema_versions_in_one_topic(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:
-    table = name("ddl")
+    table = projector.table("rs_ddl")
     stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, a text)")
     stack.sql(f"INSERT INTO {table} VALUES (1, 'v1')")
     stack.apply()
@@ -108,14 +97,14 @@ def test_added_column_and_several_schema_versions_in_one_topic(
     projector.catch_up()
     assert assert_replica_equals_source(stack, projector, table, ["id"]) == 4
     # The dropped column stays in ClickHouse, with defaults for rows written after the drop.
-    kept = projector.sql(f"SELECT id, a FROM replica_public.{table} FINAL ORDER BY id")
+    kept = projector.sql(f"SELECT id, a FROM {projector.replica_db}.{table} FINAL ORDER BY id")
     assert [r["a"] for r in kept] == ["v1", "v2", "v3", None]
 
 
 def test_table_without_primary_key_is_append_only(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:
-    table = name("nopk")
+    table = projector.table("rs_nopk")
     stack.sql(f"CREATE TABLE {table} (at int, msg text)")
     stack.apply()
     stack.sql(f"INSERT INTO {table} VALUES (1, 'a'), (2, 'b'), (2, 'b')")
@@ -123,26 +112,26 @@ def test_table_without_primary_key_is_append_only(
     rows = assert_replica_equals_source(stack, projector, table, ["at", "msg"], append_only=True)
     assert rows == 3
     engine = projector.sql(
-        f"SELECT engine FROM system.tables WHERE database = 'replica_public' AND name = '{table}'"
+        f"SELECT engine FROM system.tables WHERE database = '{projector.replica_db}' AND name = '{table}'"
     )
     assert engine == [{"engine": "MergeTree"}]
 
 
 def test_replica_table_shape(stack: StackHandle, projector: ProjectorProcess) -> None:
-    table = name("shape")
+    table = projector.table("rs_shape")
     stack.sql(f"CREATE TABLE {table} (b int, a text, v int, PRIMARY KEY (b, a))")
     stack.apply()
     stack.sql(f"INSERT INTO {table} VALUES (1, 'x', 1)")
     projector.catch_up()
     info = projector.sql(
         "SELECT engine_full, sorting_key FROM system.tables "
-        f"WHERE database = 'replica_public' AND name = '{table}'"
+        f"WHERE database = '{projector.replica_db}' AND name = '{table}'"
     )[0]
     assert info["sorting_key"] == "b, a"
     assert info["engine_full"].startswith("ReplacingMergeTree(_version, _is_deleted)")
     meta = projector.sql(
         f"SELECT _version, _is_deleted, _op, _lsn > 0 AS has_lsn, _tx_id > 0 AS has_tx "
-        f"FROM replica_public.{table}"
+        f"FROM {projector.replica_db}.{table}"
     )
     assert meta == [
         {"_version": meta[0]["_version"], "_is_deleted": 0, "_op": "r", "has_lsn": 0, "has_tx": 0}

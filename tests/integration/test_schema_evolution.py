@@ -4,23 +4,15 @@ declared, then replayed from the DLQ — nothing silently lost, the replica equa
 from __future__ import annotations
 
 import subprocess
-import uuid
 from pathlib import Path
-
-import pytest
 
 from tests.integration.conftest import StackHandle
 from tests.integration.projector_harness import ProjectorProcess, assert_replica_equals_source
 
 
-@pytest.fixture
-def projector(stack: StackHandle, tmp_path: Path) -> ProjectorProcess:
-    return ProjectorProcess(stack, tmp_path)
-
-
 def dead_letters(projector: ProjectorProcess, topic: str) -> list[dict[str, str]]:
     return projector.sql(
-        f"SELECT offset, stage, error FROM projector.dlq FINAL WHERE topic = '{topic}' "
+        f"SELECT offset, stage, error FROM {projector.control_db}.dlq FINAL WHERE topic = '{topic}' "
         "AND replayed = 0 ORDER BY offset"
     )
 
@@ -42,7 +34,7 @@ def declare_and_replay(
 def test_renamed_column_is_refused_then_applied_under_a_declared_rename(
     stack: StackHandle, projector: ProjectorProcess, tmp_path: Path
 ) -> None:
-    table = f"ev_rename_{uuid.uuid4().hex[:8]}"
+    table = projector.table("ev_rename")
     stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, note text, qty int)")
     stack.apply()
     stack.sql(f"INSERT INTO {table} VALUES (1, 'first', 1)")
@@ -67,7 +59,7 @@ def test_renamed_column_is_refused_then_applied_under_a_declared_rename(
     projector.catch_up()
     assert assert_replica_equals_source(stack, projector, table, ["id"]) == 3
     columns = projector.sql(
-        "SELECT name FROM system.columns WHERE database = 'replica_public' "
+        f"SELECT name FROM system.columns WHERE database = '{projector.replica_db}' "
         f"AND table = '{table}' AND name NOT LIKE '\\_%' ORDER BY position"
     )
     assert [c["name"] for c in columns] == ["id", "remark", "qty"]
@@ -76,7 +68,7 @@ def test_renamed_column_is_refused_then_applied_under_a_declared_rename(
 def test_retyped_column_is_refused_then_converted_under_a_declared_type(
     stack: StackHandle, projector: ProjectorProcess, tmp_path: Path
 ) -> None:
-    table = f"ev_retype_{uuid.uuid4().hex[:8]}"
+    table = projector.table("ev_retype")
     stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, qty int NOT NULL)")
     stack.apply()
     stack.sql(f"INSERT INTO {table} VALUES (1, 10)")

@@ -9,11 +9,7 @@ under test, so a wrong conversion anywhere in Debezium → Avro → projector �
 from __future__ import annotations
 
 import re
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
-
-import pytest
 
 from tests.integration.conftest import StackHandle
 from tests.integration.projector_harness import ProjectorProcess
@@ -134,15 +130,10 @@ CASES = (
 )
 
 
-@pytest.fixture
-def projector(stack: StackHandle, tmp_path: Path) -> ProjectorProcess:
-    return ProjectorProcess(stack, tmp_path)
-
-
 def test_every_type_round_trips_through_the_real_stack(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:
-    suffix = uuid.uuid4().hex[:8]
+    suffix = projector.unique
     table, enum = f"types_{suffix}", f"status_{suffix}"
     stack.sql(f"CREATE TYPE {enum} AS ENUM ('PENDING', 'SHIPPED')")
     columns = ", ".join(f"{c.column} {c.pg_type.format(enum=enum)}" for c in CASES)
@@ -161,7 +152,9 @@ def test_every_type_round_trips_through_the_real_stack(
     pg_select = ", ".join(c.pg_text.format(c.column) for c in CASES)
     ch_select = ", ".join(f"{c.ch_text.format(c.column)} AS {c.column}" for c in CASES)
     source = stack.sql(f"SELECT id, {pg_select} FROM {table} ORDER BY id")
-    replica = projector.sql(f"SELECT id, {ch_select} FROM replica_public.{table} FINAL ORDER BY id")
+    replica = projector.sql(
+        f"SELECT id, {ch_select} FROM {projector.replica_db}.{table} FINAL ORDER BY id"
+    )
     assert [r["id"] for r in replica] == [r[0] for r in source]
     mismatches = []
     for pg_row, ch_row in zip(source, replica, strict=True):
