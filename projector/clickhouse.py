@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterable, Mapping
+from decimal import Decimal
 from typing import Any, Protocol
 
 from projector.config import ProjectorConfig
@@ -32,12 +33,27 @@ def ident(name: str) -> str:
 def insert_statement(
     table: str, columns: list[str], rows: Iterable[Mapping[str, Any]], token: str
 ) -> str:
-    body = "\n".join(json.dumps(row, ensure_ascii=False, separators=(",", ":")) for row in rows)
+    body = "\n".join(
+        json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=_exact_text)
+        for row in rows
+    )
     cols = ", ".join(ident(c) for c in columns)
     return (
         f"INSERT INTO {table} ({cols}) SETTINGS insert_deduplication_token = {quote(token)}, "
         "input_format_skip_unknown_fields = 0 FORMAT JSONEachRow\n" + body
     )
+
+
+def _exact_text(value: Any) -> str:
+    """Decimals (as read back by `rows`) travel as text: ClickHouse parses them exactly."""
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError(f"cannot send {type(value).__name__} to ClickHouse")
+
+
+def parse_rows(text: str) -> list[dict[str, Any]]:
+    """JSONEachRow output, with every non-integer number as an exact Decimal (never a float)."""
+    return [json.loads(line, parse_float=Decimal) for line in text.splitlines() if line.strip()]
 
 
 class ClickHouse(Protocol):
@@ -67,7 +83,7 @@ class ChdbBackend:
     def rows(self, sql: str) -> list[dict[str, Any]]:
         out = self._run(sql, "JSONEachRow")
         text = out.bytes().decode() if hasattr(out, "bytes") else str(out)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return parse_rows(text)
 
     def text(self, sql: str, fmt: str) -> str:
         out = self._run(sql, fmt)
@@ -96,7 +112,7 @@ class ServerBackend:
             raise _classify(exc, self.url) from exc
 
     def rows(self, sql: str) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.text(sql, "JSONEachRow").splitlines() if line]
+        return parse_rows(self.text(sql, "JSONEachRow"))
 
     def text(self, sql: str, fmt: str) -> str:
         try:

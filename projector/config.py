@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from projector.errors import ConfigError
+from queries.read_models import ReadModelError, load_read_models
 from schemas.errors import SchemaError
 from schemas.upcasters import Upcasters
 
@@ -26,7 +27,7 @@ class ProjectorConfig(BaseModel):
     registry_url: str = "http://127.0.0.1:18081/apis/ccompat/v7"
     topic_prefix: str = "cdc"
     # Schemas whose tables are projected (Debezium's own control schema never is).
-    schemas: list[str] = Field(default_factory=lambda: ["public"])
+    schemas: list[str] = Field(default_factory=lambda: ["public", "shop"])
     # Which tables of those schemas (a regular expression for the whole table name).
     table_pattern: str = "[^.]+"
     group_id: str = "projector"
@@ -39,6 +40,11 @@ class ProjectorConfig(BaseModel):
     # Replica of source schema S lives in ClickHouse database `<replica_prefix>S`.
     replica_prefix: str = "replica_"
     control_database: str = "projector"
+
+    # Read models (queries/read_models.toml by default) over the replica of one source schema.
+    read_models_file: Path | None = None
+    read_model_schema: str = "shop"
+    read_model_database: str = "read_models"
 
     max_batch_messages: int = Field(default=5000, ge=1)
     max_batch_wait_ms: int = Field(default=200, ge=1)
@@ -93,8 +99,9 @@ def load_config(path: Path | None = None, env: dict[str, str] | None = None) -> 
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid projector config: {problems}") from exc
-    try:
-        Upcasters.load(config.upcasters_file)  # a broken file stops start-up, not a batch
-    except SchemaError as exc:
+    try:  # a broken definition file stops start-up, not a batch
+        Upcasters.load(config.upcasters_file)
+        load_read_models(config.read_models_file)
+    except (SchemaError, ReadModelError) as exc:
         raise ConfigError(str(exc)) from exc
     return config

@@ -33,6 +33,7 @@ from projector.config import ProjectorConfig
 from projector.dlq import DeadLetter, DeadLetterStore
 from projector.errors import ClickHouseUnavailable
 from projector.replica import ReplicaCatalog
+from queries.read_models import ReadModels, load_read_models
 from schemas.errors import RegistryUnavailable
 from schemas.registry import SchemaCache
 from schemas.upcasters import Upcasters
@@ -86,6 +87,12 @@ class Projector:
             ch, self.schemas, ReplicaCatalog(ch, config.replica_prefix), PROJECTION,
             upcasters=Upcasters.load(config.upcasters_file),
         )  # fmt: skip
+        self.read_models = ReadModels(
+            ch, load_read_models(config.read_models_file),
+            replica_database=self.applier.catalog.database_for(config.read_model_schema),
+            database=config.read_model_database,
+        )  # fmt: skip
+        self._next_read_model_check = 0.0
         self.partitions: dict[tuple[str, int], PartitionState] = defaultdict(PartitionState)
         self.stopping = False
         self.applied_events = 0
@@ -158,8 +165,11 @@ class Projector:
                                      msg.key(), msg.value())  # fmt: skip
                     self.partitions[(raw.topic, raw.partition)].buffer.append(raw)
                 self._flush(drain=fresh < self.config.max_batch_messages)
+                self._ensure_read_models()
                 idle_polls = idle_polls + 1 if fresh == 0 else 0
                 if until_caught_up and idle_polls >= 2 and self._caught_up():
+                    self._next_read_model_check = 0.0
+                    self._ensure_read_models()
                     break
         finally:
             self.producer.flush(10)
@@ -184,6 +194,14 @@ class Projector:
                 )
                 if self.stopping:
                     return
+
+    def _ensure_read_models(self) -> None:
+        """Create read models whose sources now exist (checked every few seconds, and cheaply)."""
+        if time.monotonic() < self._next_read_model_check:
+            return
+        self._next_read_model_check = time.monotonic() + 3
+        for name in with_retries(self.read_models.ensure, "creating read models"):
+            log.info("read model %s.%s created", self.read_models.database, name)
 
     def _commit_with_retries(self, batch: BatchRange, messages: list[RawMessage]) -> None:
         def attempt() -> None:

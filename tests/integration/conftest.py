@@ -38,8 +38,10 @@ class StackHandle:
             cur = conn.execute(statement, params)  # type: ignore[arg-type]
             return cur.fetchall() if cur.description else []
 
-    def apply(self) -> None:
-        apply_connector(self.connect, self.admin_dsn, self.env)
+    def apply(self, capture: str | None = None) -> None:
+        """Apply the connector, capturing `capture` (default: schema public) from now on."""
+        env = self.env if capture is None else {**self.env, "CAPTURE": capture}
+        apply_connector(self.connect, self.admin_dsn, env)
 
     def fence(self) -> int:
         """Commit a row to the fence table: once it is in ClickHouse, so is every change

@@ -6,7 +6,6 @@ tests never open chDB themselves: they read ClickHouse through `projector sql`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -16,6 +15,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from projector.clickhouse import parse_rows
 from tests.integration.conftest import FENCE_TABLE, PROJECTOR, StackHandle
 
 
@@ -102,7 +102,7 @@ class ProjectorProcess:
             text=True, timeout=120,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
-        return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+        return parse_rows(result.stdout)  # decimals stay exact
 
 
 def normalise(value: Any) -> Any:
