@@ -111,13 +111,19 @@ def stack_fetch() -> None:
 
 
 @app.command("demo")
-def demo() -> None:
-    """Stack up, connector applied, sample rows written, their change events shown."""
+def demo(
+    duration: float | None = typer.Option(
+        None, help="Stop after this many seconds (default: run until Ctrl-C)."
+    ),
+    rate: float = typer.Option(20.0, help="Shop transactions per second."),
+) -> None:
+    """The main job, live: stack up, the shop application writing, the projector applying on
+    embedded ClickHouse, and read models with the lag refreshing until Ctrl-C."""
     from projector.demo import run_demo
 
     try:
-        code = run_demo(console)
-    except (StackError, ConnectorError) as exc:
+        code = run_demo(console, duration_s=duration, rate=rate)
+    except (StackError, ConnectorError, ProjectorError) as exc:
         _fail(str(exc))
         return
     raise typer.Exit(code)

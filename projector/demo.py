@@ -1,100 +1,151 @@
-"""`projector demo`: the walking skeleton end to end, on the local stack.
+"""`projector demo`: the main job, live, on the local stack and the embedded ClickHouse engine.
 
-1. start the stack (idempotent) and apply the connector;
-2. create a small `demo_products` table if it is missing, and write, change and delete rows in it
-   like an ordinary application would;
-3. read the table's topic from the start and print every decoded change event.
+1. start the stack (idempotent), create the shop's tables, apply the connector (schemas `public`
+   and `shop`);
+2. run the shop writer (projector/shop.py) in a thread: an unchanged application writing SQL;
+3. run the projector in this process on chDB, and between rounds of batches redraw a terminal view
+   of a few read models and the lag, until Ctrl-C (or `--duration`);
+4. print a one-line summary.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import random
+import threading
 import time
-import uuid
+from datetime import UTC, datetime
+from typing import Any
 
-import psycopg
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from connectors import ConnectClient, apply_connector
+from projector.clickhouse import ClickHouse, open_backend
+from projector.config import load_config
+from projector.runner import Projector
+from projector.shop import ShopWriter, create_shop
 from projector.stack import Stack
-from projector.topic_reader import read_topic_until
-from schemas import ChangeEvent, EventDecoder
 
-DEMO_TABLE = "demo_products"
+REFRESH_S = 1.0
 
 
-def write_sample_rows(admin_dsn: str) -> int:
-    """One small burst of application-like writes; returns the id of the row it deleted."""
-    tag = uuid.uuid4().hex[:6]
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        ids = [
-            row[0]
-            for row in conn.execute(
-                f"INSERT INTO {DEMO_TABLE} (name, price) VALUES (%s, 9.99), (%s, 24.50), (%s, 3.20)"
-                " RETURNING id",
-                [f"lamp-{tag}", f"chair-{tag}", f"mug-{tag}"],
+class DemoView:
+    """A few read models and the lag, read from the projector's own ClickHouse session."""
+
+    def __init__(self, ch: ClickHouse, read_models: str, replica: str) -> None:
+        self.ch, self.read_models, self.replica = ch, read_models, replica
+        self.started = time.monotonic()
+
+    def _table(self, title: str, query: str) -> Table:
+        table = Table(title=title, title_justify="left")
+        try:
+            rows = self.ch.rows(query)
+        except Exception:  # the view appears with the first events of its sources
+            table.add_column("waiting for the first events ...")
+            return table
+        for column in rows[0] if rows else ["(no rows yet)"]:
+            table.add_column(column, justify="right")
+        for row in rows:
+            table.add_row(*(_cell(v) for v in row.values()))
+        return table
+
+    def lag_seconds(self) -> float | None:
+        try:
+            rows = self.ch.rows(
+                f"SELECT toUnixTimestamp64Milli(max(_commit_ts)) AS ms FROM `{self.replica}`.orders"
             )
-        ]
-        conn.execute(f"UPDATE {DEMO_TABLE} SET price = price * 1.10 WHERE id = %s", [ids[0]])
-        conn.execute(f"DELETE FROM {DEMO_TABLE} WHERE id = %s", [ids[2]])
-    return ids[2]
+        except Exception:
+            return None
+        newest = int(rows[0]["ms"]) if rows and rows[0]["ms"] else 0
+        return None if newest == 0 else max(0.0, time.time() - newest / 1000)
+
+    def render(self, projector: Projector, writer: ShopWriter) -> Group:
+        rm = self.read_models
+        lag = self.lag_seconds()
+        header = Text.assemble(
+            ("cdc-projector demo  ", "bold"),
+            f"{time.monotonic() - self.started:5.0f}s  writer: {writer.stats.transactions} tx  "
+            f"projector: {projector.applied_events} events applied, "
+            f"{projector.dead_letters} dead letters  lag: "
+            + ("-" if lag is None else f"{lag:.1f}s")
+            + "   (Ctrl-C to stop)",
+        )
+        return Group(
+            header,
+            self._table(
+                "orders by status", f"SELECT * FROM `{rm}`.orders_by_status ORDER BY status"
+            ),
+            self._table(
+                "daily sales (last 3 days)",
+                f"SELECT * FROM `{rm}`.daily_sales ORDER BY day DESC LIMIT 3",
+            ),
+            self._table(
+                "top products",
+                f"SELECT * FROM `{rm}`.product_popularity ORDER BY revenue DESC LIMIT 3",
+            ),
+            self._table(
+                "top customers",
+                f"SELECT * FROM `{rm}`.customer_lifetime_value ORDER BY revenue DESC LIMIT 3",
+            ),
+        )
 
 
-def run_demo(console: Console) -> int:
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def run_demo(console: Console, duration_s: float | None = None, rate: float = 20.0) -> int:
     stack = Stack()
     stack.up(log=lambda m: console.print(m, highlight=False))
-    env = {**stack.client_environment(), "CAPTURE": "public"}
-    with psycopg.connect(env["ADMIN_DSN"], autocommit=True) as conn:
-        conn.execute(
-            f"CREATE TABLE IF NOT EXISTS {DEMO_TABLE} (id serial PRIMARY KEY, name text NOT NULL,"
-            " price numeric(10,2) NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())"
-        )
+    env = {**stack.client_environment(), "CAPTURE": "public,shop"}
+    create_shop(env["ADMIN_DSN"])
     result = apply_connector(ConnectClient(env["CONNECT_URL"]), env["ADMIN_DSN"], env)
-    console.print(
-        f"connector {result.connector} is RUNNING, capturing {len(result.tables)} table(s)"
-    )
-    written_at = time.monotonic()
-    deleted_id = write_sample_rows(env["ADMIN_DSN"])
-    console.print(f"wrote 3 inserts, 1 update, 1 delete (id {deleted_id}) into {DEMO_TABLE}")
+    console.print(f"connector {result.connector} is RUNNING, capturing {len(result.tables)} tables")
 
-    def saw_our_delete(events: list[ChangeEvent]) -> bool:
-        # The tombstone that follows a delete is the last event of this burst.
-        return any(e.is_tombstone and e.key == {"id": deleted_id} for e in events)
+    log_file = stack.settings.logs_dir / "demo-projector.log"
+    logging.basicConfig(filename=log_file, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s")  # fmt: skip
+    console.print(f"projector log: {log_file}", highlight=False)
+    # The stack's addresses, under any PROJECTOR_* settings of the environment.
+    config = load_config(env={**os.environ, "KAFKA_BOOTSTRAP": env["KAFKA_BOOTSTRAP"],
+                              "REGISTRY_URL": env["REGISTRY_URL"]})  # fmt: skip
+    projector = Projector(config, open_backend(config))
+    writer = ShopWriter(env["ADMIN_DSN"], seed=random.randrange(1 << 30))
+    stop_writer = threading.Event()
+    thread = threading.Thread(
+        target=writer.run, kwargs={"rate_per_s": rate, "stop": stop_writer.is_set}, daemon=True
+    )
+    thread.start()
+    view = DemoView(
+        projector.ch, config.read_model_database,
+        projector.applier.catalog.database_for(config.read_model_schema),
+    )  # fmt: skip
+    next_draw = 0.0
+    with Live(console=console, auto_refresh=False) as live:
 
-    topic = f"cdc.public.{DEMO_TABLE}"
-    events = read_topic_until(
-        env["KAFKA_BOOTSTRAP"], topic, EventDecoder(env["REGISTRY_URL"]), saw_our_delete
-    )
-    elapsed = time.monotonic() - written_at
-    table = Table(
-        "offset",
-        "op",
-        "key",
-        "row (after, or before for deletes)",
-        "lsn",
-        "txId",
-        "schema id",
-        title=f"change events on {topic}",
-    )
-    for e in events[-12:]:
-        row = e.after if e.after is not None else e.before
-        table.add_row(
-            str(e.offset),
-            e.op or "tombstone",
-            str(e.key),
-            ""
-            if row is None
-            else ", ".join(f"{k}={v}" for k, v in row.items() if k != "updated_at"),
-            str(e.source.get("lsn", "")),
-            str(e.source.get("txId", "")),
-            str(e.value_schema_id or ""),
-        )
-    Console().print(table)
-    if not saw_our_delete(events):
-        console.print("[red]the demo's change events did not arrive within 30 s[/red]")
-        return 1
+        def redraw() -> None:
+            nonlocal next_draw
+            if time.monotonic() >= next_draw:
+                live.update(view.render(projector, writer), refresh=True)
+                next_draw = time.monotonic() + REFRESH_S
+
+        stop_at = None if duration_s is None else time.monotonic() + duration_s
+        code = projector.run(tick=redraw, stop_at=stop_at)
+    stop_writer.set()
+    thread.join(10)
+    console.print()
+    lag = view.lag_seconds()
     console.print(
-        f"[green]all of this run's events arrived[/green], {elapsed:.1f}s after the writes. "
-        "Stop the stack with `projector stack down`."
+        f"{datetime.now(tz=UTC):%H:%M:%S} demo stopped: the shop wrote "
+        f"{writer.stats.transactions} transactions, the projector applied "
+        f"{projector.applied_events} events ({projector.dead_letters} dead letters), "
+        f"last lag {'-' if lag is None else f'{lag:.1f}s'}. Query on: projector sql "
+        f'"SELECT * FROM {config.read_model_database}.order_summary LIMIT 10" '
+        "(the stack keeps running: projector stack down)",
+        highlight=False,
     )
-    return 0
+    return code

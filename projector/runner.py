@@ -139,7 +139,14 @@ class Projector:
     def request_stop(self, *_: Any) -> None:
         self.stopping = True
 
-    def run(self, until_caught_up: bool = False) -> int:
+    def run(
+        self,
+        until_caught_up: bool = False,
+        tick: Callable[[], None] | None = None,
+        stop_at: float | None = None,
+    ) -> int:
+        """Consume and apply until stopped (SIGTERM/SIGINT), caught up (`until_caught_up`) or
+        `stop_at` (a `time.monotonic()` instant); `tick` runs between rounds of batches."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         self.consumer.subscribe(
@@ -166,6 +173,10 @@ class Projector:
                     self.partitions[(raw.topic, raw.partition)].buffer.append(raw)
                 self._flush(drain=fresh < self.config.max_batch_messages)
                 self._ensure_read_models()
+                if tick is not None:
+                    tick()
+                if stop_at is not None and time.monotonic() >= stop_at:
+                    break
                 idle_polls = idle_polls + 1 if fresh == 0 else 0
                 if until_caught_up and idle_polls >= 2 and self._caught_up():
                     self._next_read_model_check = 0.0
