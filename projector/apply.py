@@ -19,7 +19,7 @@ the same inserts under the same tokens.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -66,6 +66,8 @@ class Event:
 class BatchOutcome:
     applied: int
     dead: list[DeadLetter]
+    # Applied events per (Debezium transaction id, schema.table): the watermark's input.
+    transactions: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 def source_table_of(topic: str) -> tuple[str, str]:
@@ -144,13 +146,20 @@ class BatchApplier:
             except PoisonMessage as exc:
                 dead.append(DeadLetter.of(event.message, exc))
 
-        applied = 0
+        outcome = BatchOutcome(0, dead)
         if replica is not None:
-            applied, more_dead = self._write(batch, replica, good)
+            written, more_dead = self._write(batch, replica, good)
             dead += more_dead
+            outcome.applied = len(written)
+            collection = f"{schema_name}.{table_name}"
+            for event in written:
+                tx_id = (event.value.get("transaction") or {}).get("id")
+                if tx_id:
+                    key = (tx_id, collection)
+                    outcome.transactions[key] = outcome.transactions.get(key, 0) + 1
         if dead:
             dead_letter(batch, dead)
-        return BatchOutcome(applied, dead)
+        return outcome
 
     def _columns(self, schema: WriterSchema, upcaster: Upcaster) -> list[SourceColumn]:
         """The replica columns of a writer schema, under the table's declared upcaster."""
@@ -169,15 +178,15 @@ class BatchApplier:
 
     def _write(
         self, batch: BatchRange, replica: ReplicaTable, events: list[Event]
-    ) -> tuple[int, list[DeadLetter]]:
-        """Insert the batch's rows in chunks; a truncate ends a chunk, and its deletion markers
+    ) -> tuple[list[Event], list[DeadLetter]]:
+        """Insert the batch's rows in chunks (returns the events written); a truncate ends a chunk, and its deletion markers
         are computed only after the rows before it are stored, so they cover those rows too."""
         dead: list[DeadLetter] = []
         chunk: list[dict[str, Any]] = []
         chunk_number = 0
         latest: dict[tuple[str, ...], dict[str, Any]] = {}  # key → newest full row in this batch
         stored = self._stored_rows_for_toast(replica, events)
-        applied = 0
+        written: list[Event] = []
 
         def insert(rows: list[dict[str, Any]]) -> None:
             nonlocal chunk_number
@@ -193,7 +202,7 @@ class BatchApplier:
                 insert(self._truncate(replica, event))
                 latest.clear()
                 stored.clear()
-                applied += 1
+                written.append(event)
                 continue
             try:
                 row = self._row(replica, event)
@@ -213,9 +222,9 @@ class BatchApplier:
                 latest.pop(key, None)
                 stored.pop(key, None)
             chunk.append(row)
-            applied += 1
+            written.append(event)
         insert(chunk)
-        return applied, dead
+        return written, dead
 
     def _row(self, replica: ReplicaTable, event: Event) -> dict[str, Any]:
         value, message = event.value, event.message

@@ -167,6 +167,39 @@ def run(
     raise typer.Exit(code)
 
 
+@app.command("status")
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    config_file: Path | None = ConfigOption,
+) -> None:
+    """Where the projector stands: per partition the offset applied and the lag behind Kafka,
+    per read model its consistency watermark (the transaction up to which it is complete), and
+    the dead letters waiting. With chDB, run it while `projector run` is stopped."""
+    from projector.projector_status import collect_status
+
+    config = _config(config_file)
+    try:
+        report = collect_status(config)
+    except ProjectorError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    partitions = Table("topic", "partition", "applied through", "end", "lag (messages)")
+    for row in report["partitions"]:
+        partitions.add_row(row["topic"], str(row["partition"]), str(row["applied_through"]),
+                           str(row["end"]), str(row["lag"]))  # fmt: skip
+    models = Table("read model", "watermark transaction", "watermark LSN")
+    for name, model in report["read_models"].items():
+        mark = model["watermark"]
+        models.add_row(name, mark["tx_id"] if mark else "-", mark["lsn"] if mark else "-")
+    out = Console()
+    out.print(partitions)
+    out.print(models)
+    out.print(f"{report['dead_letters']} dead letter(s) waiting", highlight=False)
+
+
 @app.command("sql")
 def sql(
     query: str = typer.Argument(

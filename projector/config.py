@@ -41,6 +41,8 @@ class ProjectorConfig(BaseModel):
     replica_prefix: str = "replica_"
     control_database: str = "projector"
 
+    # Consume Debezium's transaction topic to compute consistency watermarks.
+    transaction_metadata: bool = True
     # Read models (queries/read_models.toml by default) over the replica of one source schema.
     read_models_file: Path | None = None
     read_model_schema: str = "shop"

@@ -33,8 +33,9 @@ from projector.config import ProjectorConfig
 from projector.dlq import DeadLetter, DeadLetterStore
 from projector.errors import ClickHouseUnavailable
 from projector.replica import ReplicaCatalog
+from projector.transactions import TransactionLedger
 from queries.read_models import ReadModels, load_read_models
-from schemas.errors import RegistryUnavailable
+from schemas.errors import RegistryUnavailable, SchemaError, UnknownSchema
 from schemas.registry import SchemaCache
 from schemas.upcasters import Upcasters
 
@@ -82,6 +83,8 @@ class Projector:
         self.dlq = DeadLetterStore(ch, config.control_database, PROJECTION)
         with_retries(self.checkpoints.create, "creating the checkpoint table")
         with_retries(self.dlq.create, "creating the DLQ table")
+        self.ledger = TransactionLedger(ch, config.control_database, PROJECTION)
+        with_retries(self.ledger.create, "creating the transaction ledger")
         self.committer = BatchCommitter(self.checkpoints)
         self.applier = BatchApplier(
             ch, self.schemas, ReplicaCatalog(ch, config.replica_prefix), PROJECTION,
@@ -149,9 +152,13 @@ class Projector:
         `stop_at` (a `time.monotonic()` instant); `tick` runs between rounds of batches."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        topics = [self.config.topic_pattern()]
+        if self.config.transaction_metadata:
+            topics.append(self.config.transaction_topic)
         self.consumer.subscribe(
-            [self.config.topic_pattern()], on_assign=self._on_assign, on_revoke=self._on_revoke
-        )
+            topics,
+            on_assign=self._on_assign, on_revoke=self._on_revoke,
+        )  # fmt: skip
         idle_polls = 0
         try:
             while not self.stopping:
@@ -240,9 +247,25 @@ class Projector:
         return []
 
     def _apply(self, batch: BatchRange, messages: list[RawMessage]) -> None:
+        if batch.topic == self.config.transaction_topic:
+            self.ledger.record_ends(batch, self._transaction_events(messages))
+            return
         outcome = self.applier.apply(batch, messages, self._dead_letter)
+        self.ledger.record_progress(batch, outcome.transactions)
         self.applied_events += outcome.applied
         self.dead_letters += len(outcome.dead)
+
+    def _transaction_events(self, messages: list[RawMessage]) -> list[tuple[int, dict[str, Any]]]:
+        events = []
+        for message in messages:
+            if message.value is None:
+                continue
+            try:
+                events.append((message.offset, self.schemas.decode(message.value)[1]))
+            except (SchemaError, UnknownSchema, ValueError, EOFError) as exc:
+                # Not worth a dead letter: the watermark only waits for ENDs it can read.
+                log.warning("unreadable transaction event at offset %d: %s", message.offset, exc)
+        return events
 
     def _dead_letter(self, batch: BatchRange, letters: list[DeadLetter]) -> None:
         self.dlq.add(batch, letters)
@@ -266,7 +289,9 @@ class Projector:
         assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
         theirs: list[TopicPartition] = []
         for topic, topic_metadata in metadata.topics.items():
-            if not pattern.match(topic):
+            if not pattern.match(topic) and not (
+                self.config.transaction_metadata and topic == self.config.transaction_topic
+            ):
                 continue
             for partition in topic_metadata.partitions:
                 tp = TopicPartition(topic, partition)

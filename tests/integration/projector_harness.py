@@ -36,6 +36,9 @@ class ProjectorProcess:
             # Only this test's tables (named by `table()`) and the fence: every test's projector
             # would otherwise re-apply every earlier test's topics.
             "PROJECTOR_TABLE_PATTERN": f"({FENCE_TABLE}|.*_{unique})",
+            # The transaction topic holds every test's transactions; tests of watermarks
+            # switch it back on.
+            "PROJECTOR_TRANSACTION_METADATA": "false",
         }
         if server_url is None:  # the defaults: replica_<schema> and projector, in a chDB dir
             self.env["PROJECTOR_CHDB_PATH"] = str(workdir / "chdb")

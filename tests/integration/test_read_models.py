@@ -8,10 +8,16 @@ what each read model means, so a wrong definition fails here as surely as a wron
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
 import threading
 import time
+import uuid
 from decimal import Decimal
+from pathlib import Path
+
+from confluent_kafka import Consumer, TopicPartition
 
 from projector.shop import ShopWriter, create_shop
 from tests.integration.conftest import FENCE_TABLE, StackHandle
@@ -75,8 +81,40 @@ def comparable(value: object) -> object:
     return value
 
 
+def transaction_ends(stack: StackHandle, schema: str) -> list[tuple[int, str, set[str]]]:
+    """(offset, transaction id, tables) of every END on the transaction topic touching `schema`,
+    read straight from Kafka."""
+    topic = "cdc.transaction"
+    consumer = Consumer({"bootstrap.servers": stack.env["KAFKA_BOOTSTRAP"],
+                         "group.id": f"ends-{uuid.uuid4()}", "enable.auto.commit": False})  # fmt: skip
+    _, end = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    decoder, found = stack.decoder(), []
+    offset = -1
+    while offset < end - 1:
+        msg = consumer.poll(5)
+        assert msg is not None, f"{topic} ended before offset {end - 1}"
+        offset = msg.offset() or 0
+        value = decoder.decode(topic, 0, offset, msg.key(), msg.value()).value or {}
+        tables = {c["data_collection"] for c in value.get("data_collections") or []}
+        if value.get("status") == "END" and any(t.startswith(f"{schema}.") for t in tables):
+            found.append((offset, value["id"].partition(":")[0], tables))  # the Postgres xid
+    consumer.close()
+    return found
+
+
+def watermarks(projector: ProjectorProcess) -> dict[str, str | None]:
+    result = subprocess.run(
+        [*projector.command, "status", "--json"], env=projector.env, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    models = json.loads(result.stdout)["read_models"]
+    return {name: (m["watermark"] or {}).get("tx_id") for name, m in models.items()}
+
+
 def test_read_models_equal_postgres_after_a_shop_workload_with_crashes(
-    stack: StackHandle, projector: ProjectorProcess
+    stack: StackHandle, projector: ProjectorProcess, tmp_path: Path
 ) -> None:
     schema = f"shop_{projector.unique}"
     create_shop(stack.admin_dsn, schema)
@@ -85,6 +123,7 @@ def test_read_models_equal_postgres_after_a_shop_workload_with_crashes(
         "PROJECTOR_SCHEMAS": f"public,{schema}",
         "PROJECTOR_TABLE_PATTERN": f"({FENCE_TABLE}|customers|products|orders|order_items)",
         "PROJECTOR_READ_MODEL_SCHEMA": schema,
+        "PROJECTOR_TRANSACTION_METADATA": "true",
     }
     writer = ShopWriter(stack.admin_dsn, schema, seed=7)
     done = threading.Event()
@@ -111,3 +150,36 @@ def test_read_models_equal_postgres_after_a_shop_workload_with_crashes(
         actual = [tuple(comparable(v) for v in row.values()) for row in rows]
         assert expected, f"{name}: Postgres has no rows, the comparison would be empty"
         assert actual == expected, f"{name} differs from Postgres:\n{actual[:5]}\n{expected[:5]}"
+
+    # Every read model is complete up to the newest transaction on its tables.
+    ends = transaction_ends(stack, schema)
+    marks = watermarks(projector)
+    for name, sources in SOURCES.items():
+        newest = [tx for _, tx, tables in ends if tables & {f"{schema}.{t}" for t in sources}]
+        assert marks[name] == newest[-1], (name, marks[name], newest[-3:])
+
+    # A projector that does not apply order_items: models over orders alone stay complete, models
+    # that need order_items stop before the first transaction that wrote it.
+    partial = ProjectorProcess(stack, tmp_path / "partial")
+    partial.env |= {**projector.env, "PROJECTOR_CHDB_PATH": str(tmp_path / "partial" / "chdb"),
+                    "PROJECTOR_GROUP_ID": f"partial-{projector.unique}",
+                    "PROJECTOR_TABLE_PATTERN": f"({FENCE_TABLE}|customers|products|orders)"}  # fmt: skip
+    (tmp_path / "partial").mkdir()
+    partial.catch_up()
+    partial_marks = watermarks(partial)
+    assert partial_marks["orders_by_status"] == marks["orders_by_status"]
+    first_with_items = next(off for off, _, tables in ends if f"{schema}.order_items" in tables)
+    summary_tables = {f"{schema}.{t}" for t in SOURCES["order_summary"]}
+    before = [tx for off, tx, tables in ends
+              if off < first_with_items and tables & summary_tables]  # fmt: skip
+    assert partial_marks["order_summary"] == (before[-1] if before else None), partial_marks
+
+
+SOURCES = {
+    "order_summary": ["orders", "customers", "order_items"],
+    "daily_sales": ["orders", "order_items"],
+    "monthly_sales": ["orders", "order_items"],
+    "customer_lifetime_value": ["customers", "orders", "order_items"],
+    "product_popularity": ["products", "orders", "order_items"],
+    "orders_by_status": ["orders"],
+}
