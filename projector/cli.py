@@ -294,6 +294,56 @@ def dlq_replay(
         raise typer.Exit(1)
 
 
+# ---- shop (the demo application) ---------------------------------------------------------------
+
+shop_app = typer.Typer(
+    help="The demo shop: an application that writes plain SQL to Postgres.", no_args_is_help=True
+)
+app.add_typer(shop_app, name="shop")
+
+
+def _admin_dsn() -> str:
+    env = connector_environment()
+    if not env.get("ADMIN_DSN"):
+        _fail("no Postgres: start the local stack (projector stack up) or set ADMIN_DSN", code=2)
+    return env["ADMIN_DSN"]
+
+
+@shop_app.command("init")
+def shop_init(
+    schema: str = typer.Option("shop", help="Postgres schema of the shop's tables."),
+) -> None:
+    """Create the shop's tables (idempotent). Capture them with
+    `projector connectors apply --capture public,shop`."""
+    from projector.shop import create_shop
+
+    create_shop(_admin_dsn(), schema)
+    console.print(f"shop tables ready in schema {schema}", highlight=False)
+
+
+@shop_app.command("write")
+def shop_write(
+    rate: float = typer.Option(20.0, help="Transactions per second (0: as fast as possible)."),
+    duration: float | None = typer.Option(None, help="Stop after this many seconds."),
+    transactions: int | None = typer.Option(None, help="Stop after this many transactions."),
+    seed: int = typer.Option(1, help="Random seed: the same seed writes the same story."),
+    schema: str = typer.Option("shop", help="Postgres schema of the shop's tables."),
+) -> None:
+    """Write like the shop application: orders, status changes, cancellations, renames, price
+    changes, deletes. Runs until --duration, --transactions or Ctrl-C."""
+    from projector.shop import ShopWriter
+
+    if rate < 0:
+        _fail("--rate must be 0 or more", code=2)
+    writer = ShopWriter(_admin_dsn(), schema, seed)
+    try:
+        writer.run(rate_per_s=rate, duration_s=duration, transactions=transactions)
+    except KeyboardInterrupt:
+        pass
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(writer.stats.by_kind.items()))
+    console.print(f"{writer.stats.transactions} transactions: {kinds}", highlight=False)
+
+
 # ---- connectors ------------------------------------------------------------------------------
 
 connectors_app = typer.Typer(

@@ -109,7 +109,9 @@ def watermarks(projector: ProjectorProcess) -> dict[str, str | None]:
         text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    models = json.loads(result.stdout)["read_models"]
+    report = json.loads(result.stdout)
+    assert all(p["lag"] == 0 for p in report["partitions"]), report["partitions"]
+    models = report["read_models"]
     return {name: (m["watermark"] or {}).get("tx_id") for name, m in models.items()}
 
 
