@@ -56,6 +56,9 @@ integration: setup  ## the real-stack tests (starts the stack itself)
 test: setup lint typecheck  ## set-up, lint, types, and the whole suite
 	$(BIN)/pytest
 
+bench: setup  ## throughput: the projector vs a naive baseline vs ClickHouse's decoder (EVENTS=1000000)
+	$(BIN)/projector bench --events $(or $(EVENTS),1000000)
+
 stack-up: setup  ## start the local stack
 	$(BIN)/projector stack up
 

@@ -200,6 +200,24 @@ def status(
     out.print(f"{report['dead_letters']} dead letter(s) waiting", highlight=False)
 
 
+@app.command("bench")
+def bench(
+    events: int = typer.Option(1_000_000, min=1000, help="Change events to generate."),
+    seed: int = typer.Option(1, help="Random seed of the generated events."),
+    report: Path = typer.Option(Path("docs/benchmarks.md"), help="Append the results here."),
+    no_report: bool = typer.Option(False, "--no-report", help="Only print the results."),
+) -> None:
+    """Measure the projector against a naive baseline and ClickHouse's own decoder, on the same
+    generated events, in one run (starts the stack if needed)."""
+    from projector.bench import run_bench
+
+    log = lambda m: console.print(m, highlight=False)  # noqa: E731
+    try:
+        run_bench(events, seed, log, None if no_report else report)
+    except (StackError, ConnectorError, ProjectorError, RuntimeError) as exc:
+        _fail(str(exc))
+
+
 @app.command("sql")
 def sql(
     query: str = typer.Argument(

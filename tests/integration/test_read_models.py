@@ -110,7 +110,10 @@ def watermarks(projector: ProjectorProcess) -> dict[str, str | None]:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert all(p["lag"] == 0 for p in report["partitions"]), report["partitions"]
+    # Table topics are applied to their end; the transaction topic keeps growing with the
+    # heartbeats' transactions, so its lag is whatever arrived since.
+    tables = [p for p in report["partitions"] if p["topic"] != "cdc.transaction"]
+    assert tables and all(p["lag"] == 0 for p in tables), report["partitions"]
     models = report["read_models"]
     return {name: (m["watermark"] or {}).get("tx_id") for name, m in models.items()}
 
