@@ -39,7 +39,7 @@ from projector.replica import (
     value_columns,
 )
 from schemas.errors import NotConfluentFramed, RegistryUnavailable, SchemaError, UnknownSchema
-from schemas.registry import SchemaCache, WriterSchema
+from schemas.registry import SchemaCache, WriterSchema, schema_id_of
 from schemas.type_map import UnconvertibleValue
 from schemas.upcasters import Upcaster, Upcasters
 
@@ -56,7 +56,6 @@ class RawMessage:
 @dataclass
 class Event:
     message: RawMessage
-    key: dict[str, Any] | None
     value: dict[str, Any]
     schema: WriterSchema
     key_schema: WriterSchema | None
@@ -82,7 +81,9 @@ def decode(message: RawMessage, schemas: SchemaCache) -> Event | None:
         return None
     try:
         schema, value = schemas.decode(message.value)  # the value first: its error says more
-        key_schema, key = (None, None) if message.key is None else schemas.decode(message.key)
+        # The key's schema names the key columns; its datum is decoded only when the value lacks
+        # the key (`_key_image`): the before-image of a delete normally carries it.
+        key_schema = None if message.key is None else schemas.get(schema_id_of(message.key))
     except RegistryUnavailable:
         raise  # transient: the caller retries the whole batch
     except UnknownSchema as exc:
@@ -91,7 +92,7 @@ def decode(message: RawMessage, schemas: SchemaCache) -> Event | None:
         raise PoisonMessage("decode", f"undecodable Avro: {type(exc).__name__}: {exc}") from exc
     if not isinstance(value, dict) or "op" not in value:
         raise PoisonMessage("decode", "not a Debezium envelope (no 'op' field)")
-    return Event(message, key, value, schema, key_schema)
+    return Event(message, value, schema, key_schema)
 
 
 class BatchApplier:
@@ -232,10 +233,10 @@ class BatchApplier:
         source = value.get("source") or {}
         deleted = op == "d"
         image = value["before"] if deleted else value["after"]
-        if image is None:
-            image = event.key or {}
+        if image is None or (deleted and any(image.get(k) is None for k in replica.key_columns)):
+            image = {**(image or {}), **self._key_image(event)}
         if deleted and replica.key_columns:
-            image = {k: image.get(k, (event.key or {}).get(k)) for k in replica.key_columns}
+            image = {k: image.get(k) for k in replica.key_columns}
         upcaster = self.upcasters.for_table(*source_table_of(message.topic))
         columns = {c.name: c for c in self._columns(event.schema, upcaster)}
         row: dict[str, Any] = {}
@@ -261,6 +262,17 @@ class BatchApplier:
             _offset=message.offset,
         )
         return row
+
+    def _key_image(self, event: Event) -> dict[str, Any]:
+        """The message key's datum (a delete without a before-image, e.g. REPLICA IDENTITY
+        NOTHING)."""
+        if event.message.key is None:
+            return {}
+        try:
+            datum = self.schemas.decode(event.message.key)[1]
+        except (SchemaError, EOFError, ValueError, TypeError, IndexError) as exc:
+            raise PoisonMessage("decode", f"undecodable key: {type(exc).__name__}: {exc}") from exc
+        return datum if isinstance(datum, dict) else {}
 
     def _stored_rows_for_toast(
         self, replica: ReplicaTable, events: list[Event]

@@ -204,21 +204,28 @@ class Result:
 
 
 def timed_process(name: str, command: list[str], env: dict[str, str], events: int) -> Result:
+    """Run a contender; its peak RSS is sampled from /proc (VmHWM), because the rusage of a child
+    forked from this process would count this process's memory too."""
     started = time.monotonic()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
+    peak_kb = 0
+    status_file = Path(f"/proc/{process.pid}/status")
+    while process.poll() is None:
+        try:
+            for line in status_file.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak_kb = max(peak_kb, int(line.split()[1]))
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        time.sleep(0.05)
     seconds = time.monotonic() - started
-    stdout = process.stdout.read().decode() if process.stdout else ""
-    stderr = process.stderr.read().decode() if process.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{name} failed:\n{stderr[-3000:]}")
-    return Result(
-        name,
-        events,
-        seconds,
-        usage.ru_maxrss / 1024,
-        stdout.strip().splitlines()[-1] if stdout.strip() else "",
+    stdout, stderr = (
+        stream.read().decode() if stream else "" for stream in (process.stdout, process.stderr)
     )
+    if process.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{stderr[-3000:]}")
+    last_line = stdout.strip().splitlines()[-1] if stdout.strip() else ""
+    return Result(name, events, seconds, peak_kb / 1024, last_line)
 
 
 def baseline_main(bootstrap: str, topic: str, registry_url: str, chdb_dir: str) -> None:
@@ -299,7 +306,9 @@ def ceiling_main(path: str, registry_url: str) -> None:
 # ---- the run -----------------------------------------------------------------------------------
 
 
-def run_bench(events: int, seed: int, log: Any, report_path: Path | None) -> list[Result]:
+def run_bench(
+    events: int, seed: int, log: Any, report_path: Path | None, profile: Path | None = None
+) -> list[Result]:
     from projector.stack import Stack
 
     stack = Stack()
@@ -324,8 +333,11 @@ def run_bench(events: int, seed: int, log: Any, report_path: Path | None) -> lis
                     "PROJECTOR_TABLE_PATTERN": TABLE, "PROJECTOR_CHDB_PATH": str(work / "slow"),
                     "PROJECTOR_GROUP_ID": f"{prefix}-slow", "PROJECTOR_MAX_BATCH_MESSAGES": "20000",
                     "PROJECTOR_TRANSACTION_METADATA": "false"}  # fmt: skip
-        results.append(timed_process("(b) projector, per-message path",
-                                     [projector, "run", "--until-caught-up"], slow_env, events))  # fmt: skip
+        command = [projector, "run", "--until-caught-up"]
+        if profile is not None:  # sampled by py-spy: where the time goes (slows the run a bit)
+            command = [str(Path(python).parent / "py-spy"), "record", "--format", "raw",
+                       "--rate", "50", "-o", str(profile), "--", *command]  # fmt: skip
+        results.append(timed_process("(b) projector, per-message path", command, slow_env, events))
         check = subprocess.run(
             [projector, "sql", "--format", "csv",
              f"SELECT count() FROM replica_{SCHEMA}.{TABLE} FINAL"],

@@ -206,6 +206,9 @@ def bench(
     seed: int = typer.Option(1, help="Random seed of the generated events."),
     report: Path = typer.Option(Path("docs/benchmarks.md"), help="Append the results here."),
     no_report: bool = typer.Option(False, "--no-report", help="Only print the results."),
+    profile: Path | None = typer.Option(
+        None, help="Sample (b) with py-spy into this file (collapsed stacks)."
+    ),
 ) -> None:
     """Measure the projector against a naive baseline and ClickHouse's own decoder, on the same
     generated events, in one run (starts the stack if needed)."""
@@ -213,7 +216,7 @@ def bench(
 
     log = lambda m: console.print(m, highlight=False)  # noqa: E731
     try:
-        run_bench(events, seed, log, None if no_report else report)
+        run_bench(events, seed, log, None if no_report else report, profile)
     except (StackError, ConnectorError, ProjectorError, RuntimeError) as exc:
         _fail(str(exc))
 

@@ -26,6 +26,7 @@ import base64
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from projector.clickhouse import ClickHouse, ident, insert_statement, quote
@@ -298,7 +299,12 @@ def is_toast_placeholder(value: Any) -> bool:
 
 
 def commit_ts(source: dict[str, Any]) -> str:
-    millis = int(source.get("ts_ms") or 0)
+    return _millis_text(int(source.get("ts_ms") or 0))
+
+
+@lru_cache(maxsize=4096)
+def _millis_text(millis: int) -> str:
+    """Many events share a commit millisecond: format each one once."""
     return datetime.fromtimestamp(millis / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 

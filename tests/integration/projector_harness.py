@@ -32,6 +32,8 @@ class ProjectorProcess:
             "KAFKA_BOOTSTRAP": stack.env["KAFKA_BOOTSTRAP"],
             "REGISTRY_URL": stack.env["REGISTRY_URL"],
             "PROJECTOR_GROUP_ID": f"test-{unique}",
+            # Static membership: a restarted projector gets its partitions back at once.
+            "PROJECTOR_GROUP_INSTANCE_ID": f"test-{unique}-1",
             "PROJECTOR_MAX_BATCH_MESSAGES": "500",
             # Only this test's tables (named by `table()`) and the fence: every test's projector
             # would otherwise re-apply every earlier test's topics.

@@ -173,17 +173,18 @@ def produce_poison(bootstrap: str, topic: str) -> list[int]:
 
 
 def dlq_topic_offsets(bootstrap: str, topic: str, origin_topic: str) -> set[int]:
+    """Origin offsets of the dead letters of `origin_topic` on the DLQ topic, read to its end."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"dlq-{uuid.uuid4()}",
                          "enable.auto.commit": False})  # fmt: skip
+    _, end = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
     consumer.assign([TopicPartition(topic, 0, 0)])
     found: set[int] = set()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    offset, deadline = -1, time.monotonic() + 60
+    while offset < end - 1 and time.monotonic() < deadline:
         msg = consumer.poll(1)
-        if msg is None:
-            break
-        if msg.error():
+        if msg is None or msg.error():
             continue
+        offset = msg.offset() or 0
         headers = {k: v.decode() for k, v in (msg.headers() or [])}
         if headers.get("origin.topic") == origin_topic:
             found.add(int(headers["origin.offset"]))
