@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from confluent_kafka import Consumer, KafkaError
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from schemas import ChangeEvent, EventDecoder
 
@@ -21,7 +21,10 @@ def read_topic_until(
     decoder: EventDecoder,
     done: Callable[[list[ChangeEvent]], bool],
     timeout_s: float = 60.0,
+    from_offset: int | None = None,
 ) -> list[ChangeEvent]:
+    """From the first offset, or from `from_offset` of partition 0 (a busy topic need not be
+    replayed from its start)."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -31,7 +34,10 @@ def read_topic_until(
             "topic.metadata.refresh.interval.ms": 1000,
         }
     )
-    consumer.subscribe([topic])
+    if from_offset is None:
+        consumer.subscribe([topic])
+    else:
+        consumer.assign([TopicPartition(topic, 0, from_offset)])
     events: list[ChangeEvent] = []
     deadline = time.monotonic() + timeout_s
     try:

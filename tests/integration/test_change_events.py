@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import httpx
 import psycopg
+from confluent_kafka import Consumer, TopicPartition
 
 from projector.topic_reader import read_topic_until as read_until
 from schemas import ChangeEvent
@@ -62,10 +63,13 @@ def test_transaction_metadata_reports_begin_and_end_with_event_counts(stack: Sta
     table = new_table("tx")
     stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY)")
     stack.apply()
+    tx_topic = "cdc.transaction"
+    probe = Consumer({"bootstrap.servers": stack.env["KAFKA_BOOTSTRAP"], "group.id": "probe"})
+    _, end = probe.get_watermark_offsets(TopicPartition(tx_topic, 0), timeout=10)
+    probe.close()
     with psycopg.connect(stack.admin_dsn) as conn:
         conn.execute(f"INSERT INTO {table} SELECT generate_series(1, 3)")
         (txid,) = conn.execute("SELECT txid_current()").fetchone()
-    tx_topic = "cdc.transaction"
 
     def ended(evs: list[ChangeEvent]) -> bool:
         return any(
@@ -73,7 +77,9 @@ def test_transaction_metadata_reports_begin_and_end_with_event_counts(stack: Sta
             for e in evs
         )
 
-    events = read_until(stack.env["KAFKA_BOOTSTRAP"], tx_topic, stack.decoder(), done=ended)
+    events = read_until(
+        stack.env["KAFKA_BOOTSTRAP"], tx_topic, stack.decoder(), done=ended, from_offset=end
+    )
     mine = [e.value for e in events if e.value and e.value["id"].startswith(f"{txid}:")]
     assert [m["status"] for m in mine] == ["BEGIN", "END"]
     end = mine[1]
