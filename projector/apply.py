@@ -41,7 +41,7 @@ from projector.replica import (
 from schemas.errors import NotConfluentFramed, RegistryUnavailable, SchemaError, UnknownSchema
 from schemas.registry import SchemaCache, WriterSchema, schema_id_of
 from schemas.type_map import UnconvertibleValue
-from schemas.upcasters import Upcaster, Upcasters
+from schemas.upcasters import Upcasters
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class BatchApplier:
         self.catalog = catalog
         self.projection = projection
         self.upcasters = upcasters or Upcasters()
-        self._columns_by_schema: dict[int, list[SourceColumn]] = {}
+        self._columns_by_schema: dict[int, dict[str, SourceColumn]] = {}
 
     def apply(
         self,
@@ -131,21 +131,31 @@ class BatchApplier:
         schema_name, table_name = source_table_of(batch.topic)
         replica: ReplicaTable | None = self.catalog.existing(schema_name, table_name)
         upcaster = self.upcasters.for_table(schema_name, table_name)
+        # The replica table is ensured once per (value schema, key schema) seen in the batch.
+        ensured: dict[tuple[int, int | None], ReplicaTable | PoisonMessage] = {}
         good: list[Event] = []
         for event in events:
             if event.value["op"] == "t":
                 good.append(event)  # carries no row: needs no columns, and has no key schema
                 continue
-            try:
-                columns = self._columns(event.schema, upcaster)
-                keys = key_columns(event.key_schema.raw if event.key_schema else None)
-                replica = self.catalog.ensure(
-                    schema_name, table_name, keys, columns, upcaster,
-                    previous=partial(self._previous_version_columns, event),
-                )  # fmt: skip
-                good.append(event)
-            except PoisonMessage as exc:
-                dead.append(DeadLetter.of(event.message, exc))
+            key_id = event.key_schema.schema_id if event.key_schema else None
+            target = ensured.get((event.schema.schema_id, key_id))
+            if target is None:
+                try:
+                    target = self.catalog.ensure(
+                        schema_name, table_name,
+                        key_columns(event.key_schema.raw if event.key_schema else None),
+                        list(self._columns_by_source_name(event).values()), upcaster,
+                        previous=partial(self._previous_version_columns, event),
+                    )  # fmt: skip
+                except PoisonMessage as exc:
+                    target = exc
+                ensured[(event.schema.schema_id, key_id)] = target
+            if isinstance(target, PoisonMessage):
+                dead.append(DeadLetter.of(event.message, target))
+                continue
+            replica = target
+            good.append(event)
 
         outcome = BatchOutcome(0, dead)
         if replica is not None:
@@ -162,12 +172,14 @@ class BatchApplier:
             dead_letter(batch, dead)
         return outcome
 
-    def _columns(self, schema: WriterSchema, upcaster: Upcaster) -> list[SourceColumn]:
-        """The replica columns of a writer schema, under the table's declared upcaster."""
-        columns = self._columns_by_schema.get(schema.schema_id)
+    def _columns_by_source_name(self, event: Event) -> dict[str, SourceColumn]:
+        """The replica columns of the event's writer schema, under the table's declared upcaster,
+        by the name the field has in that schema (a renamed field maps to its new column)."""
+        columns = self._columns_by_schema.get(event.schema.schema_id)
         if columns is None:
-            columns = [upcast(c, upcaster) for c in value_columns(schema.raw)]
-            self._columns_by_schema[schema.schema_id] = columns
+            upcaster = self.upcasters.for_table(*source_table_of(event.message.topic))
+            columns = {c.name: upcast(c, upcaster) for c in value_columns(event.schema.raw)}
+            self._columns_by_schema[event.schema.schema_id] = columns
         return columns
 
     def _previous_version_columns(self, event: Event) -> list[str] | None:
@@ -180,8 +192,9 @@ class BatchApplier:
     def _write(
         self, batch: BatchRange, replica: ReplicaTable, events: list[Event]
     ) -> tuple[list[Event], list[DeadLetter]]:
-        """Insert the batch's rows in chunks (returns the events written); a truncate ends a chunk, and its deletion markers
-        are computed only after the rows before it are stored, so they cover those rows too."""
+        """Insert the batch's rows in chunks and return the events written. A truncate ends a
+        chunk, and its deletion markers are computed only after the rows before it are stored,
+        so they cover those rows too."""
         dead: list[DeadLetter] = []
         chunk: list[dict[str, Any]] = []
         chunk_number = 0
@@ -237,11 +250,10 @@ class BatchApplier:
             image = {**(image or {}), **self._key_image(event)}
         if deleted and replica.key_columns:
             image = {k: image.get(k) for k in replica.key_columns}
-        upcaster = self.upcasters.for_table(*source_table_of(message.topic))
-        columns = {c.name: c for c in self._columns(event.schema, upcaster)}
+        columns = self._columns_by_source_name(event)
         row: dict[str, Any] = {}
         for name, raw in image.items():
-            column = columns.get(upcaster.current_name(name))
+            column = columns.get(name)
             if column is None:
                 continue
             if raw is None or is_toast_placeholder(raw):

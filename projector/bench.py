@@ -174,7 +174,6 @@ def cents(amount: int) -> Decimal:
 
 
 def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes | None]]) -> None:
-    AdminClient({"bootstrap.servers": bootstrap})  # topic auto-created by the first produce
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 100,
                          "batch.size": 1_000_000, "compression.type": "lz4"})  # fmt: skip
     for key, value in messages:

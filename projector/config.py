@@ -8,6 +8,7 @@ file given with `--config`, environment variables `PROJECTOR_<FIELD>` (and the c
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -72,6 +73,19 @@ class ProjectorConfig(BaseModel):
         """librdkafka subscription regex for the captured tables' topics."""
         schemas = "|".join(self.schemas)
         return rf"^{self.topic_prefix}\.({schemas})\.({self.table_pattern})$"
+
+    def subscription(self) -> list[str]:
+        """What the consumer subscribes to: the table topics (a regex), and the transaction
+        topic when watermarks are on."""
+        topics = [self.topic_pattern()]
+        if self.transaction_metadata:
+            topics.append(self.transaction_topic)
+        return topics
+
+    def subscribes_to(self, topic: str) -> bool:
+        return bool(re.match(self.topic_pattern(), topic)) or (
+            self.transaction_metadata and topic == self.transaction_topic
+        )
 
     @property
     def transaction_topic(self) -> str:

@@ -35,9 +35,7 @@ def collect_status(config: ProjectorConfig) -> dict[str, Any]:
                 )
             except KafkaException as exc:
                 raise ProjectorError(f"Kafka at {config.kafka_bootstrap}: {exc}") from exc
-            applied_through = (
-                checkpoint.last if checkpoint.state == "done" else checkpoint.first - 1
-            )
+            applied_through = checkpoint.resume_offset - 1
             partitions.append({
                 "topic": topic, "partition": partition, "applied_through": applied_through,
                 "end": end, "lag": max(0, end - applied_through - 1),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import signal
 import time
 from collections import defaultdict
@@ -154,13 +153,9 @@ class Projector:
         `stop_at` (a `time.monotonic()` instant); `tick` runs between rounds of batches."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
-        topics = [self.config.topic_pattern()]
-        if self.config.transaction_metadata:
-            topics.append(self.config.transaction_topic)
         self.consumer.subscribe(
-            topics,
-            on_assign=self._on_assign, on_revoke=self._on_revoke,
-        )  # fmt: skip
+            self.config.subscription(), on_assign=self._on_assign, on_revoke=self._on_revoke
+        )
         idle_polls = 0
         try:
             while not self.stopping:
@@ -286,14 +281,11 @@ class Projector:
         """Everything in Kafka right now is applied: every partition of every topic matching the
         subscription (fresh metadata, so a topic created a moment ago counts) is either ours and
         applied up to its end offset, or another member's with the group's offset at its end."""
-        pattern = re.compile(self.config.topic_pattern())
         metadata = self.consumer.list_topics(timeout=10)
         assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
         theirs: list[TopicPartition] = []
         for topic, topic_metadata in metadata.topics.items():
-            if not pattern.match(topic) and not (
-                self.config.transaction_metadata and topic == self.config.transaction_topic
-            ):
+            if not self.config.subscribes_to(topic):
                 continue
             for partition in topic_metadata.partitions:
                 tp = TopicPartition(topic, partition)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from connectors import ConnectClient, apply_connector
 from projector.stack import Stack, healthy
@@ -48,6 +51,31 @@ class StackHandle:
         committed before it (Debezium's one task emits in commit order)."""
         ((fence_id,),) = self.sql(f"INSERT INTO {FENCE_TABLE} DEFAULT VALUES RETURNING id")
         return int(fence_id)
+
+    def end_offset(self, topic: str, partition: int = 0) -> int:
+        """The offset the next message of `topic[partition]` will get."""
+        consumer = Consumer({"bootstrap.servers": self.env["KAFKA_BOOTSTRAP"], "group.id": "probe"})
+        _, end = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+        consumer.close()
+        return int(end)
+
+    def messages_to_end(
+        self, topic: str, partition: int = 0, timeout_s: float = 60
+    ) -> list[Message]:
+        """Every message of `topic[partition]` from offset 0 up to its end offset now."""
+        end = self.end_offset(topic, partition)
+        consumer = Consumer({"bootstrap.servers": self.env["KAFKA_BOOTSTRAP"],
+                             "group.id": f"reader-{uuid.uuid4()}", "enable.auto.commit": False})  # fmt: skip
+        consumer.assign([TopicPartition(topic, partition, 0)])
+        messages: list[Message] = []
+        deadline = time.monotonic() + timeout_s
+        while (not messages or (messages[-1].offset() or 0) < end - 1) and end > 0:
+            assert time.monotonic() < deadline, f"{topic} not read to offset {end - 1} in time"
+            msg = consumer.poll(1)
+            if msg is not None and not msg.error():
+                messages.append(msg)
+        consumer.close()
+        return messages
 
     def decoder(self) -> EventDecoder:
         return EventDecoder(self.env["REGISTRY_URL"])

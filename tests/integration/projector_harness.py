@@ -25,7 +25,6 @@ class ProjectorProcess:
 
     def __init__(self, stack: StackHandle, workdir: Path, server_url: str | None = None) -> None:
         self.stack = stack
-        self.command = [PROJECTOR]
         self.unique = unique = uuid.uuid4().hex[:8]
         self.env = {
             **os.environ,
@@ -101,11 +100,17 @@ class ProjectorProcess:
         found = self.sql(f"SELECT max(id) AS id FROM {self.replica_db}.{FENCE_TABLE} FINAL")
         return int(found[0]["id"] or 0) >= fence
 
-    def sql(self, query: str) -> list[dict[str, Any]]:
-        result = subprocess.run(
-            [PROJECTOR, "sql", "--format", "json", query], env=self.env, capture_output=True,
-            text=True, timeout=120,
+    def cli(
+        self, *args: str, timeout_s: float = 120, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """`projector ARGS` as this deployment (its environment, overlaid by `env`)."""
+        return subprocess.run(
+            [PROJECTOR, *args], env={**self.env, **(env or {})}, capture_output=True, text=True,
+            timeout=timeout_s,
         )  # fmt: skip
+
+    def sql(self, query: str) -> list[dict[str, Any]]:
+        result = self.cli("sql", "--format", "json", query)
         assert result.returncode == 0, result.stderr
         return parse_rows(result.stdout)  # decimals stay exact
 

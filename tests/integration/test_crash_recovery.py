@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import random
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import psycopg
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from projector.topic_reader import read_topic_until
 from tests.integration.conftest import StackHandle
@@ -172,23 +171,13 @@ def produce_poison(bootstrap: str, topic: str) -> list[int]:
     return offsets
 
 
-def dlq_topic_offsets(bootstrap: str, topic: str, origin_topic: str) -> set[int]:
+def dlq_topic_offsets(stack: StackHandle, topic: str, origin_topic: str) -> set[int]:
     """Origin offsets of the dead letters of `origin_topic` on the DLQ topic, read to its end."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"dlq-{uuid.uuid4()}",
-                         "enable.auto.commit": False})  # fmt: skip
-    _, end = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
-    consumer.assign([TopicPartition(topic, 0, 0)])
     found: set[int] = set()
-    offset, deadline = -1, time.monotonic() + 60
-    while offset < end - 1 and time.monotonic() < deadline:
-        msg = consumer.poll(1)
-        if msg is None or msg.error():
-            continue
-        offset = msg.offset() or 0
+    for msg in stack.messages_to_end(topic):
         headers = {k: v.decode() for k, v in (msg.headers() or [])}
         if headers.get("origin.topic") == origin_topic:
             found.add(int(headers["origin.offset"]))
-    consumer.close()
     return found
 
 
@@ -241,7 +230,7 @@ def test_sigkill_at_random_moments_under_load_ends_equal_to_postgres(
     )
     assert [int(d["offset"]) for d in dead] == poison_offsets, context
     assert [d["stage"] for d in dead] == ["decode", "schema"], dead
-    kafka_dlq = dlq_topic_offsets(stack.env["KAFKA_BOOTSTRAP"], "projector.dlq", poison_topic)
+    kafka_dlq = dlq_topic_offsets(stack, "projector.dlq", poison_topic)
     assert kafka_dlq == set(poison_offsets), kafka_dlq
 
 
@@ -276,10 +265,7 @@ def test_dlq_commands_show_and_list_dead_letters(
     projector.catch_up()
     assert assert_replica_equals_source(stack, projector, table, ["id"]) == 2
 
-    listed = subprocess.run(
-        [*projector.command, "dlq", "list", "--limit", "1000", "--format", "json"],
-        env=projector.env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    listed = projector.cli("dlq", "list", "--limit", "1000", "--format", "json")
     assert listed.returncode == 0, listed.stderr
     ours = [json.loads(line) for line in listed.stdout.splitlines() if topic in line]
     assert [(int(d["offset"]), d["stage"]) for d in ours] == [
@@ -287,16 +273,10 @@ def test_dlq_commands_show_and_list_dead_letters(
         (offsets[1], "schema"),
     ], ours
     assert "unknown schema id 987654321" in ours[1]["error"], ours
-    shown = subprocess.run(
-        [*projector.command, "dlq", "show", topic, "0", str(offsets[1])], env=projector.env,
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    shown = projector.cli("dlq", "show", topic, "0", str(offsets[1]))
     assert shown.returncode == 0, shown.stderr
     assert '"stage": "schema"' in shown.stdout and "987654321" in shown.stdout, shown.stdout
-    missing = subprocess.run(
-        [*projector.command, "dlq", "show", topic, "0", "999999"], env=projector.env,
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    missing = projector.cli("dlq", "show", topic, "0", "999999")
     assert missing.returncode == 2 and "no dead letter" in missing.stderr
 
 

@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import threading
 import time
-import uuid
 from decimal import Decimal
 from pathlib import Path
-
-from confluent_kafka import Consumer, TopicPartition
 
 from projector.shop import ShopWriter, create_shop
 from tests.integration.conftest import FENCE_TABLE, StackHandle
@@ -84,30 +80,18 @@ def comparable(value: object) -> object:
 def transaction_ends(stack: StackHandle, schema: str) -> list[tuple[int, str, set[str]]]:
     """(offset, transaction id, tables) of every END on the transaction topic touching `schema`,
     read straight from Kafka."""
-    topic = "cdc.transaction"
-    consumer = Consumer({"bootstrap.servers": stack.env["KAFKA_BOOTSTRAP"],
-                         "group.id": f"ends-{uuid.uuid4()}", "enable.auto.commit": False})  # fmt: skip
-    _, end = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
-    consumer.assign([TopicPartition(topic, 0, 0)])
-    decoder, found = stack.decoder(), []
-    offset = -1
-    while offset < end - 1:
-        msg = consumer.poll(5)
-        assert msg is not None, f"{topic} ended before offset {end - 1}"
+    topic, decoder, found = "cdc.transaction", stack.decoder(), []
+    for msg in stack.messages_to_end(topic):
         offset = msg.offset() or 0
         value = decoder.decode(topic, 0, offset, msg.key(), msg.value()).value or {}
         tables = {c["data_collection"] for c in value.get("data_collections") or []}
         if value.get("status") == "END" and any(t.startswith(f"{schema}.") for t in tables):
             found.append((offset, value["id"].partition(":")[0], tables))  # the Postgres xid
-    consumer.close()
     return found
 
 
 def watermarks(projector: ProjectorProcess) -> dict[str, str | None]:
-    result = subprocess.run(
-        [*projector.command, "status", "--json"], env=projector.env, capture_output=True,
-        text=True, timeout=120,
-    )  # fmt: skip
+    result = projector.cli("status", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     # Table topics are applied to their end; the transaction topic keeps growing with the

@@ -3,7 +3,6 @@ declared, then replayed from the DLQ — nothing silently lost, the replica equa
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 from tests.integration.conftest import StackHandle
@@ -17,16 +16,31 @@ def dead_letters(projector: ProjectorProcess, topic: str) -> list[dict[str, str]
     )
 
 
+def project_then_change(
+    stack: StackHandle, projector: ProjectorProcess, table: str, columns: str,
+    first_row: str, change: str, *then: str,
+) -> list[dict[str, str]]:  # fmt: skip
+    """Create and project `table` with one row, apply the schema `change` and the statements
+    `then`, project again: the dead letters of the table that the change caused."""
+    stack.sql(f"CREATE TABLE {table} ({columns})")
+    stack.apply()
+    stack.sql(f"INSERT INTO {table} VALUES {first_row}")
+    projector.catch_up()
+    stack.sql(f"ALTER TABLE {table} {change}")
+    for statement in then:
+        stack.sql(statement.format(table=table))
+    projector.catch_up()
+    return dead_letters(projector, f"cdc.public.{table}")
+
+
 def declare_and_replay(
     projector: ProjectorProcess, tmp_path: Path, table: str, declaration: str
 ) -> str:
+    """Declare `declaration` (TOML keys) as the table's upcaster and replay its dead letters."""
     upcasters = tmp_path / "upcasters.toml"
-    upcasters.write_text(declaration)
+    upcasters.write_text(f'[[upcaster]]\ntable = "public.{table}"\n{declaration}\n')
     projector.env["PROJECTOR_UPCASTERS_FILE"] = str(upcasters)
-    replay = subprocess.run(
-        [*projector.command, "dlq", "replay", "--topic", f"cdc.public.{table}"],
-        env=projector.env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    replay = projector.cli("dlq", "replay", "--topic", f"cdc.public.{table}", timeout_s=300)
     assert replay.returncode == 0, replay.stdout + replay.stderr
     return replay.stdout + replay.stderr
 
@@ -35,25 +49,17 @@ def test_renamed_column_is_refused_then_applied_under_a_declared_rename(
     stack: StackHandle, projector: ProjectorProcess, tmp_path: Path
 ) -> None:
     table = projector.table("ev_rename")
-    stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, note text, qty int)")
-    stack.apply()
-    stack.sql(f"INSERT INTO {table} VALUES (1, 'first', 1)")
-    projector.catch_up()
-    stack.sql(f"ALTER TABLE {table} RENAME COLUMN note TO remark")
-    stack.sql(f"INSERT INTO {table} VALUES (2, 'second', 2)")
-    stack.sql(f"UPDATE {table} SET remark = 'first, edited' WHERE id = 1")
-    projector.catch_up()
-
-    refused = dead_letters(projector, f"cdc.public.{table}")
+    refused = project_then_change(
+        stack, projector, table, "id int PRIMARY KEY, note text, qty int", "(1, 'first', 1)",
+        "RENAME COLUMN note TO remark", "INSERT INTO {table} VALUES (2, 'second', 2)",
+        "UPDATE {table} SET remark = 'first, edited' WHERE id = 1",
+    )  # fmt: skip
     assert len(refused) == 2, refused
     assert all(
         d["stage"] == "schema" and "looks renamed to remark" in d["error"] for d in refused
     ), refused
 
-    out = declare_and_replay(
-        projector, tmp_path, table,
-        f'[[upcaster]]\ntable = "public.{table}"\nrenames = {{ note = "remark" }}\n',
-    )  # fmt: skip
+    out = declare_and_replay(projector, tmp_path, table, 'renames = { note = "remark" }')
     assert "replayed 2, still dead 0" in out, out
     stack.sql(f"INSERT INTO {table} VALUES (3, 'third', 3)")  # and new events flow again
     projector.catch_up()
@@ -69,24 +75,14 @@ def test_retyped_column_is_refused_then_converted_under_a_declared_type(
     stack: StackHandle, projector: ProjectorProcess, tmp_path: Path
 ) -> None:
     table = projector.table("ev_retype")
-    stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, qty int NOT NULL)")
-    stack.apply()
-    stack.sql(f"INSERT INTO {table} VALUES (1, 10)")
-    projector.catch_up()
-    stack.sql(f"ALTER TABLE {table} ALTER COLUMN qty TYPE bigint")
-    stack.sql(f"INSERT INTO {table} VALUES (2, 9000000000)")
-    projector.catch_up()
-
-    refused = dead_letters(projector, f"cdc.public.{table}")
+    refused = project_then_change(
+        stack, projector, table, "id int PRIMARY KEY, qty int NOT NULL", "(1, 10)",
+        "ALTER COLUMN qty TYPE bigint", "INSERT INTO {table} VALUES (2, 9000000000)",
+    )  # fmt: skip
     assert [d["stage"] for d in refused] == ["schema"], refused
     assert "changed type from Int32 to Int64" in refused[0]["error"], refused
 
-    out = declare_and_replay(
-        projector,
-        tmp_path,
-        table,
-        f'[[upcaster]]\ntable = "public.{table}"\nretypes = {{ qty = "Int64" }}\n',
-    )
+    out = declare_and_replay(projector, tmp_path, table, 'retypes = { qty = "Int64" }')
     assert "replayed 1, still dead 0" in out, out
     projector.catch_up()
     assert assert_replica_equals_source(stack, projector, table, ["id"]) == 2
@@ -97,10 +93,8 @@ def test_a_broken_upcasters_file_stops_start_up_with_a_clear_error(
 ) -> None:
     broken = tmp_path / "upcasters.toml"
     broken.write_text('[[upcaster]]\ntable = "no_schema_here"\n')
-    env = {**projector.env, "PROJECTOR_UPCASTERS_FILE": str(broken)}
-    result = subprocess.run(
-        [*projector.command, "run", "--until-caught-up"], env=env, capture_output=True,
-        text=True, timeout=120,
-    )  # fmt: skip
+    result = projector.cli(
+        "run", "--until-caught-up", env={"PROJECTOR_UPCASTERS_FILE": str(broken)}
+    )
     assert result.returncode == 2
     assert "upcasters file" in result.stderr and "table" in result.stderr, result.stderr
