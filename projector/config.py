@@ -55,9 +55,6 @@ class ProjectorConfig(BaseModel):
     # Declared renames and type changes of source columns (schemas/upcasters.py); None: the
     # file shipped in schemas/.
     upcasters_file: Path | None = None
-    # A stable id per projector process (static group membership): a restarted process takes its
-    # partitions back at once instead of waiting for the session timeout. Unique per process.
-    group_instance_id: str | None = None
     # How soon the group hands a crashed member's partitions to the others (Kafka's default is
     # 45 s; positions come from ClickHouse checkpoints, so a quick hand-over is safe).
     session_timeout_ms: int = Field(default=10_000, ge=6_000)

@@ -99,10 +99,8 @@ class Projector:
         self.stopping = False
         self.applied_events = 0
         self.dead_letters = 0
-        static = {"group.instance.id": config.group_instance_id} if config.group_instance_id else {}
         self.consumer = Consumer(
             {
-                **static,
                 "bootstrap.servers": config.kafka_bootstrap,
                 "group.id": config.group_id,
                 "enable.auto.commit": False,
