@@ -1,4 +1,8 @@
-"""Apply one batch (an offset range of one topic-partition) to its replica table: the slow path.
+"""Apply one batch (an offset range of one topic-partition) to its replica table.
+
+A batch goes through the fast path (projector/fast_path.py: ClickHouse decodes the raw bytes)
+when it can, else through the per-message path described here, which is also the reference the
+fast path must equal (tests/integration/test_fast_path.py).
 
 Messages are decoded in Python (fastavro, writer schemas from the registry) and turned into rows:
 
@@ -18,6 +22,7 @@ the same inserts under the same tokens.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,6 +32,13 @@ from projector.checkpoint import BatchRange
 from projector.clickhouse import ClickHouse, ident, quote
 from projector.dlq import DeadLetter
 from projector.errors import PoisonMessage
+from projector.fast_path import (
+    FastPath,
+    FastPathRejected,
+    FastPathUnsupported,
+    Segment,
+    plan_segments,
+)
 from projector.replica import (
     ReplicaCatalog,
     ReplicaTable,
@@ -42,6 +54,8 @@ from schemas.errors import NotConfluentFramed, RegistryUnavailable, SchemaError,
 from schemas.registry import SchemaCache, WriterSchema, schema_id_of
 from schemas.type_map import UnconvertibleValue
 from schemas.upcasters import Upcasters
+
+log = logging.getLogger("projector")
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,7 @@ class BatchOutcome:
     dead: list[DeadLetter]
     # Applied events per (Debezium transaction id, schema.table): the watermark's input.
     transactions: dict[tuple[str, str], int] = field(default_factory=dict)
+    fast: bool = False  # applied by the fast path
 
 
 def source_table_of(topic: str) -> tuple[str, str]:
@@ -103,8 +118,10 @@ class BatchApplier:
         catalog: ReplicaCatalog,
         projection: str = "replica",
         upcasters: Upcasters | None = None,
+        fast_path: FastPath | None = None,
     ) -> None:
         self.ch = ch
+        self.fast_path = fast_path
         self.schemas = schemas
         self.catalog = catalog
         self.projection = projection
@@ -112,6 +129,24 @@ class BatchApplier:
         self._columns_by_schema: dict[int, dict[str, SourceColumn]] = {}
 
     def apply(
+        self,
+        batch: BatchRange,
+        messages: Sequence[RawMessage],
+        dead_letter: Callable[[BatchRange, list[DeadLetter]], None],
+    ) -> BatchOutcome:
+        if self.fast_path is not None:
+            segments = plan_segments(messages)
+            if segments is not None:
+                try:
+                    return self._apply_fast(batch, segments)
+                except FastPathUnsupported as exc:
+                    log.debug("%s: per-message path (%s)", batch, exc)
+                except FastPathRejected as exc:
+                    log.info("%s: ClickHouse rejected the fast insert, finding the poison "
+                             "messages with the per-message path: %s", batch, exc)  # fmt: skip
+        return self._apply_per_message(batch, messages, dead_letter)
+
+    def _apply_per_message(
         self,
         batch: BatchRange,
         messages: Sequence[RawMessage],
@@ -130,7 +165,6 @@ class BatchApplier:
 
         schema_name, table_name = source_table_of(batch.topic)
         replica: ReplicaTable | None = self.catalog.existing(schema_name, table_name)
-        upcaster = self.upcasters.for_table(schema_name, table_name)
         # The replica table is ensured once per (value schema, key schema) seen in the batch.
         ensured: dict[tuple[int, int | None], ReplicaTable | PoisonMessage] = {}
         good: list[Event] = []
@@ -142,12 +176,7 @@ class BatchApplier:
             target = ensured.get((event.schema.schema_id, key_id))
             if target is None:
                 try:
-                    target = self.catalog.ensure(
-                        schema_name, table_name,
-                        key_columns(event.key_schema.raw if event.key_schema else None),
-                        list(self._columns_by_source_name(event).values()), upcaster,
-                        previous=partial(self._previous_version_columns, event),
-                    )  # fmt: skip
+                    target = self._ensure(batch.topic, event.schema, event.key_schema)
                 except PoisonMessage as exc:
                     target = exc
                 ensured[(event.schema.schema_id, key_id)] = target
@@ -172,20 +201,60 @@ class BatchApplier:
             dead_letter(batch, dead)
         return outcome
 
-    def _columns_by_source_name(self, event: Event) -> dict[str, SourceColumn]:
-        """The replica columns of the event's writer schema, under the table's declared upcaster,
-        by the name the field has in that schema (a renamed field maps to its new column)."""
-        columns = self._columns_by_schema.get(event.schema.schema_id)
+    def _ensure(
+        self, topic: str, schema: WriterSchema, key_schema: WriterSchema | None
+    ) -> ReplicaTable:
+        """The replica table, created or altered to hold events of this writer schema."""
+        schema_name, table_name = source_table_of(topic)
+        return self.catalog.ensure(
+            schema_name, table_name, key_columns(key_schema.raw if key_schema else None),
+            list(self._columns_by_source_name(topic, schema).values()),
+            self.upcasters.for_table(schema_name, table_name),
+            previous=partial(self._previous_version_columns, topic, schema),
+        )  # fmt: skip
+
+    def _columns_by_source_name(self, topic: str, schema: WriterSchema) -> dict[str, SourceColumn]:
+        """The replica columns of a writer schema, under the table's declared upcaster, by the
+        name the field has in that schema (a renamed field maps to its new column)."""
+        columns = self._columns_by_schema.get(schema.schema_id)
         if columns is None:
-            upcaster = self.upcasters.for_table(*source_table_of(event.message.topic))
-            columns = {c.name: upcast(c, upcaster) for c in value_columns(event.schema.raw)}
-            self._columns_by_schema[event.schema.schema_id] = columns
+            upcaster = self.upcasters.for_table(*source_table_of(topic))
+            columns = {c.name: upcast(c, upcaster) for c in value_columns(schema.raw)}
+            self._columns_by_schema[schema.schema_id] = columns
         return columns
 
-    def _previous_version_columns(self, event: Event) -> list[str] | None:
-        """Column names of the table's schema version before this event's (None: first)."""
-        previous = self.schemas.previous_version(f"{event.message.topic}-value", event.schema)
+    def _previous_version_columns(self, topic: str, schema: WriterSchema) -> list[str] | None:
+        """Column names of the table's schema version before this one (None: the first)."""
+        previous = self.schemas.previous_version(f"{topic}-value", schema)
         return None if previous is None else [c.name for c in value_columns(previous.raw)]
+
+    # ---- the fast path -------------------------------------------------------------------------
+
+    def _apply_fast(self, batch: BatchRange, segments: list[Segment]) -> BatchOutcome:
+        """Every segment inserted by ClickHouse decoding the bytes itself (projector/fast_path.py);
+        FastPathUnsupported / FastPathRejected when the batch needs the per-message path."""
+        assert self.fast_path is not None
+        schema_name, table_name = source_table_of(batch.topic)
+        upcaster = self.upcasters.for_table(schema_name, table_name)
+        outcome = BatchOutcome(0, [], fast=True)
+        for number, segment in enumerate(segments):
+            try:
+                schema = self.schemas.get(segment.value_schema_id)
+                key_schema = self.schemas.get(segment.key_schema_id)
+                replica = self._ensure(batch.topic, schema, key_schema)
+            except (UnknownSchema, SchemaError, PoisonMessage) as exc:
+                raise FastPathUnsupported(str(exc)) from exc
+            token = batch.token(self.projection, replica.qualified, f"fast{number}")
+            per_transaction = self.fast_path.insert(
+                replica, self._columns_by_source_name(batch.topic, schema), upcaster, segment,
+                batch.partition, token,
+                has_transaction_field=any(f["name"] == "transaction" for f in schema.raw["fields"]),
+            )  # fmt: skip
+            outcome.applied += len(segment.offsets)
+            for xid, count in per_transaction.items():
+                key = (xid, f"{schema_name}.{table_name}")
+                outcome.transactions[key] = outcome.transactions.get(key, 0) + count
+        return outcome
 
     # ---- rows --------------------------------------------------------------------------------
 
@@ -250,7 +319,7 @@ class BatchApplier:
             image = {**(image or {}), **self._key_image(event)}
         if deleted and replica.key_columns:
             image = {k: image.get(k) for k in replica.key_columns}
-        columns = self._columns_by_source_name(event)
+        columns = self._columns_by_source_name(event.message.topic, event.schema)
         row: dict[str, Any] = {}
         for name, raw in image.items():
             column = columns.get(name)

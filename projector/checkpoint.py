@@ -45,7 +45,7 @@ class BatchRange:
         if self.first < 0 or self.last < self.first:
             raise CheckpointError(f"offsets must grow inside a batch: {self}")
 
-    def token(self, projection: str, target: str, chunk: int = 0) -> str:
+    def token(self, projection: str, target: str, chunk: int | str = 0) -> str:
         """The deduplication token of one insert of this batch into `target`."""
         return (
             f"{projection}|{target}|{self.topic}|{self.partition}|{self.first}-{self.last}|{chunk}"

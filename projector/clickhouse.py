@@ -11,9 +11,12 @@ HTTP body. So both paths parse values with the same ClickHouse input format.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Protocol
 
 from projector.config import ProjectorConfig
@@ -56,6 +59,10 @@ def parse_rows(text: str) -> list[dict[str, Any]]:
     return [json.loads(line, parse_float=Decimal) for line in text.splitlines() if line.strip()]
 
 
+# In SQL given to `ChdbBackend.over_avro`, stands for a table reading the given message bytes.
+AVRO_SOURCE = "__projector_avro_source__"
+
+
 class ClickHouse(Protocol):
     def execute(self, sql: str) -> None: ...
 
@@ -72,6 +79,10 @@ class ChdbBackend:
 
         self._session = session.Session(path)
         self._lock = threading.Lock()
+        shm = Path("/dev/shm")  # message bytes for `over_avro` stay in memory where possible
+        self._scratch = Path(
+            tempfile.mkdtemp(prefix="projector-avro-", dir=shm if shm.is_dir() else None)
+        )
 
     def _run(self, sql: str, fmt: str = "CSV") -> Any:
         with self._lock:
@@ -89,8 +100,24 @@ class ChdbBackend:
         out = self._run(sql, fmt)
         return out.bytes().decode() if hasattr(out, "bytes") else str(out)
 
+    def over_avro(self, sql: str, data: bytes, registry_url: str, fmt: str = "CSV") -> str:
+        """Run `sql`, in which `AVRO_SOURCE` is a table of `data`: concatenated Confluent-framed
+        Avro messages, decoded by ClickHouse with writer schemas from the registry. One thread
+        reads them in order, so `rowNumberInAllBlocks()` is the message's position."""
+        path = self._scratch / "batch.avro"
+        path.write_bytes(data)
+        source = f"file({quote(str(path))}, 'AvroConfluent')"
+        settings = (
+            f" SETTINGS format_avro_schema_registry_url = {quote(registry_url)}, max_threads = 1"
+        )
+        try:
+            return self.text(sql.replace(AVRO_SOURCE, source) + settings, fmt)
+        finally:
+            path.unlink(missing_ok=True)
+
     def close(self) -> None:
         self._session.close()
+        shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 class ServerBackend:

@@ -49,6 +49,8 @@ class ProjectorConfig(BaseModel):
     read_model_schema: str = "shop"
     read_model_database: str = "read_models"
 
+    # Let ClickHouse decode batches itself where it can (projector/fast_path.py; chDB backend).
+    fast_path: bool = True
     max_batch_messages: int = Field(default=5000, ge=1)
     max_batch_wait_ms: int = Field(default=200, ge=1)
     dlq_topic: str = "projector.dlq"

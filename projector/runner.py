@@ -31,6 +31,7 @@ from projector.clickhouse import ClickHouse
 from projector.config import ProjectorConfig
 from projector.dlq import DeadLetter, DeadLetterStore
 from projector.errors import ClickHouseUnavailable
+from projector.fast_path import FastPath
 from projector.replica import ReplicaCatalog
 from projector.transactions import TransactionLedger
 from queries.read_models import ReadModels, load_read_models
@@ -85,9 +86,12 @@ class Projector:
         self.ledger = TransactionLedger(ch, config.control_database, PROJECTION)
         with_retries(self.ledger.create, "creating the transaction ledger")
         self.committer = BatchCommitter(self.checkpoints)
+        fast_path = None
+        if config.fast_path and hasattr(ch, "over_avro"):
+            fast_path = FastPath(ch, config.registry_url, config.transaction_metadata)  # type: ignore[arg-type]
         self.applier = BatchApplier(
             ch, self.schemas, ReplicaCatalog(ch, config.replica_prefix), PROJECTION,
-            upcasters=Upcasters.load(config.upcasters_file),
+            upcasters=Upcasters.load(config.upcasters_file), fast_path=fast_path,
         )  # fmt: skip
         self.read_models = ReadModels(
             ch, load_read_models(config.read_models_file),
@@ -98,6 +102,7 @@ class Projector:
         self.partitions: dict[tuple[str, int], PartitionState] = defaultdict(PartitionState)
         self.stopping = False
         self.applied_events = 0
+        self.fast_events = 0  # of which applied by the fast path
         self.dead_letters = 0
         self.consumer = Consumer(
             {
@@ -188,8 +193,9 @@ class Projector:
             self.producer.flush(10)
             self.consumer.close()
         log.info(
-            "stopped: %d events applied, %d dead letters", self.applied_events, self.dead_letters
-        )
+            "stopped: %d events applied (%d by the fast path), %d dead letters",
+            self.applied_events, self.fast_events, self.dead_letters,
+        )  # fmt: skip
         return 0
 
     def _flush(self, drain: bool) -> None:
@@ -248,6 +254,7 @@ class Projector:
         outcome = self.applier.apply(batch, messages, self._dead_letter)
         self.ledger.record_progress(batch, outcome.transactions)
         self.applied_events += outcome.applied
+        self.fast_events += outcome.applied if outcome.fast else 0
         self.dead_letters += len(outcome.dead)
 
     def _transaction_events(self, messages: list[RawMessage]) -> list[tuple[int, dict[str, Any]]]:

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -66,6 +66,13 @@ class ColumnType:
     clickhouse: str
     to_clickhouse: Callable[[Any], Any]
     clickhouse_input_expr: str | None = None  # wrap the input column, e.g. "unhex({})"
+    # The same conversion in ClickHouse SQL, for the fast path (projector/fast_path.py): `{}` is
+    # the value as ClickHouse's AvroConfluent format reads it (a Debezium date is an Int32 of
+    # days, say). None: no SQL form; such a column sends its batch down the per-message path.
+    avro_sql: str | None = "{}"
+    # A condition the value read from Avro must meet, else the fast path rejects the batch and
+    # the per-message path dead-letters the event (the same range checks as `to_clickhouse`).
+    avro_check: str | None = None
 
 
 # --- value conversions: fastavro value → JSON value for JSONEachRow ---------------------------
@@ -169,12 +176,29 @@ def _decimal(avro: dict[str, Any]) -> ColumnType:
         raise UnsupportedType(f"decimal with negative scale {scale} ({avro!r})")
     digits = max(MONEY_PRECISION if precision is None else int(precision), scale)
     if digits > DECIMAL_MAX_DIGITS:
-        return ColumnType("String", _decimal_text)
-    return ColumnType(f"Decimal({digits}, {scale})", _decimal_text)
+        return _type("String", _decimal_text, avro_sql=None)
+    return _type(f"Decimal({digits}, {scale})", _decimal_text)
 
 
-def _type(clickhouse: str, to_clickhouse: Callable[[Any], Any] = _same) -> ColumnType:
-    return ColumnType(clickhouse, to_clickhouse)
+def _type(
+    clickhouse: str,
+    to_clickhouse: Callable[[Any], Any] = _same,
+    avro_sql: str | None = "{}",
+    avro_check: str | None = None,
+) -> ColumnType:
+    return ColumnType(clickhouse, to_clickhouse, None, avro_sql, avro_check)
+
+
+def _epoch_range(unit_per_second: int) -> str:
+    """Avro check: an epoch count in this unit lies in ClickHouse's 1900..2299 range."""
+    low = int((MIN_DATETIME - EPOCH).total_seconds()) * unit_per_second
+    high = int((MAX_DATETIME - EPOCH).total_seconds()) * unit_per_second
+    return f"({{0}} >= {low} AND {{0}} < {high})"
+
+
+DATE_DAYS_RANGE = (
+    f"({{0}} BETWEEN {(MIN_DATETIME - EPOCH).days} AND {(MAX_DATETIME - EPOCH).days - 1})"
+)
 
 
 STRING = _type("String")
@@ -190,16 +214,45 @@ RULES: dict[str, ColumnType | Callable[[dict[str, Any]], ColumnType]] = {
     "double": _type("Float64", _float),
     "boolean": _type("Bool"),
     "string": STRING,  # text, varchar, char, inet, cidr, macaddr, ranges, ...
-    "bytes": ColumnType("String", _hex, "unhex({})"),  # bytea
+    # bytea; ClickHouse's Avro reader gives the raw bytes, stored as they are.
+    "bytes": ColumnType("String", _hex, "unhex({})"),
     "decimal": _decimal,
     "org.apache.kafka.connect.data.Decimal": _decimal,  # numeric(p,s), money
-    "io.debezium.data.VariableScaleDecimal": _type("String", _variable_scale_decimal),
-    "io.debezium.time.Date": _type("Date32", _date),
-    "io.debezium.time.Timestamp": _type("DateTime64(6, 'UTC')", _milli_timestamp),
-    "io.debezium.time.MicroTimestamp": _type("DateTime64(6, 'UTC')", _micro_timestamp),
-    "io.debezium.time.NanoTimestamp": _type("DateTime64(9, 'UTC')", _nano_timestamp),
-    "io.debezium.time.ZonedTimestamp": _type("DateTime64(6, 'UTC')", _zoned_timestamp),
-    "io.debezium.time.MicroTime": _type("String", _time),
+    "io.debezium.data.VariableScaleDecimal": _type(
+        "String", _variable_scale_decimal, avro_sql=None
+    ),
+    "io.debezium.time.Date": _type(
+        "Date32", _date, "addDays(toDate32('1970-01-01'), {})", DATE_DAYS_RANGE
+    ),
+    "io.debezium.time.Timestamp": _type(
+        "DateTime64(6, 'UTC')",
+        _milli_timestamp,
+        "fromUnixTimestamp64Milli({}, 'UTC')",
+        _epoch_range(1_000),
+    ),
+    "io.debezium.time.MicroTimestamp": _type(
+        "DateTime64(6, 'UTC')",
+        _micro_timestamp,
+        "fromUnixTimestamp64Micro({}, 'UTC')",
+        _epoch_range(1_000_000),
+    ),
+    "io.debezium.time.NanoTimestamp": _type(
+        "DateTime64(9, 'UTC')",
+        _nano_timestamp,
+        "fromUnixTimestamp64Nano({}, 'UTC')",
+        _epoch_range(1_000_000_000),
+    ),
+    # Debezium writes UTC instants as `YYYY-MM-DDTHH:MM:SS[.ffffff]Z`; anything else (another
+    # offset, a year outside 1900..2299) goes through the per-message path.
+    "io.debezium.time.ZonedTimestamp": _type(
+        "DateTime64(6, 'UTC')",
+        _zoned_timestamp,
+        # ...OrNull: ClickHouse runs a function on the placeholder '' beneath a NULL too.
+        "parseDateTime64BestEffortOrNull({}, 6, 'UTC')",
+        "(isNull({0}) OR (match({0}, '^(19|2[0-2])[0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9:.]+Z$')"
+        " AND isNotNull(parseDateTime64BestEffortOrNull({0}, 6, 'UTC'))))",
+    ),
+    "io.debezium.time.MicroTime": _type("String", _time, avro_sql=None),
     "io.debezium.time.ZonedTime": STRING,  # timetz, as Debezium sends it
     "io.debezium.time.Interval": STRING,  # ISO-8601 duration, as sent
     "io.debezium.data.Uuid": _type("UUID"),
@@ -216,15 +269,14 @@ RULES: dict[str, ColumnType | Callable[[dict[str, Any]], ColumnType]] = {
 def _nullable(inner: ColumnType) -> ColumnType:
     convert = inner.to_clickhouse
     if inner.clickhouse.startswith("Array("):
-        return ColumnType(
-            inner.clickhouse, lambda v: [] if v is None else convert(v), inner.clickhouse_input_expr
-        )
+        return replace(inner, to_clickhouse=lambda v: [] if v is None else convert(v))
     if inner.clickhouse.startswith("LowCardinality("):  # LowCardinality(Nullable(T)), not reverse
         clickhouse = inner.clickhouse.replace("(", "(Nullable(", 1) + ")"
     else:
         clickhouse = f"Nullable({inner.clickhouse})"
-    return ColumnType(
-        clickhouse, lambda v: None if v is None else convert(v), inner.clickhouse_input_expr
+    # The SQL forms need no change: ClickHouse functions pass NULL through.
+    return replace(
+        inner, clickhouse=clickhouse, to_clickhouse=lambda v: None if v is None else convert(v)
     )
 
 
@@ -234,6 +286,7 @@ def _array(items: ColumnType) -> ColumnType:
         f"Array({items.clickhouse})",
         lambda v: [convert(x) for x in v],
         None if expr is None else f"arrayMap(x -> {expr.format('x')}, {{}})",
+        avro_sql=None,  # NULL elements and conversions inside arrays: the per-message path
     )
 
 

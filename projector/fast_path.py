@@ -1,0 +1,225 @@
+"""The fast path: ClickHouse decodes a batch's Avro messages itself, and inserts them in one go.
+
+Decoding Debezium envelopes one by one in Python is the projector's largest cost (see
+docs/benchmarks.md); ClickHouse's `AvroConfluent` input format reads the same Confluent-framed
+bytes an order of magnitude faster, with the writer schemas from the same registry. So for a batch
+the fast path can take, the projector only concatenates the raw message values and generates one
+`INSERT INTO replica SELECT … FROM <those bytes>` per schema version in the batch, whose SELECT
+does in SQL what `BatchApplier._row` does in Python:
+
+- c / r / u → the `after` image; d → the key columns from `before`, every other column its table
+  default (as an insert that omits it would give), `_is_deleted = 1`;
+- each column converted by its type's `avro_sql` (schemas/type_map.py), then CAST to the column's
+  type; `_version` / `_offset` from the message offsets (an array literal indexed by the row's
+  position: one reading thread keeps the file order), `_lsn`, `_tx_id`, `_commit_ts` from `source`.
+
+Same exactly-once protocol: the inserts run inside the batch's intent, under deduplication tokens
+of the batch's range (chunk names `fast<n>`, never equal to the per-message path's chunk numbers).
+
+What the fast path leaves to the per-message path, decided before anything is inserted
+(`plan_segments`, `FastPath.insert` raising `FastPathUnsupported`):
+  a message without a key (a truncate, or a table without a primary key), a value containing
+  Debezium's unchanged-TOAST placeholder, a value or key not Confluent-framed, a column type
+  without an SQL form (arrays, time, variable-scale numeric) or with a declared retype.
+And when ClickHouse rejects the insert (a value out of range, an unknown schema, a malformed
+message: `FastPathRejected`), the batch goes through the per-message path, which decodes each
+message in Python, dead-letters exactly the poison ones and applies the rest. Such a rejection
+happens before any row of that insert is stored (one insert block per batch: the batch is far
+below `max_insert_block_size`); rows of an *earlier* schema segment of the same batch may already
+be stored and are then written again, identical, by the per-message path — the same key and
+`_version`, so `FINAL` shows one of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from projector.clickhouse import AVRO_SOURCE, ident, quote
+from projector.replica import (
+    INPUT_SUFFIX,
+    TOAST_PLACEHOLDER_BYTES,
+    ReplicaTable,
+    SourceColumn,
+)
+from schemas.upcasters import Upcaster
+
+CONFLUENT_MAGIC = 0
+
+
+class FastPathUnsupported(Exception):
+    """This batch needs the per-message path (decided before inserting anything)."""
+
+
+class FastPathRejected(Exception):
+    """ClickHouse refused the fast insert: the per-message path finds the poison messages."""
+
+
+class AvroQueryBackend(Protocol):
+    """A ClickHouse backend that can run SQL over raw message bytes (`ChdbBackend`)."""
+
+    def over_avro(self, sql: str, data: bytes, registry_url: str, fmt: str = "CSV") -> str: ...
+
+    def rows(self, sql: str) -> list[dict[str, Any]]: ...
+
+
+@dataclass
+class Segment:
+    """A run of consecutive messages of one batch with the same value and key schema ids."""
+
+    value_schema_id: int
+    key_schema_id: int
+    offsets: list[int] = field(default_factory=list)
+    values: list[bytes] = field(default_factory=list)
+
+
+def plan_segments(messages: Sequence[Any]) -> list[Segment] | None:
+    """The batch cut into schema segments, tombstones dropped; None when some message needs the
+    per-message path (see the module docstring)."""
+    segments: list[Segment] = []
+    current: Segment | None = None
+    for message in messages:
+        value = message.value
+        if value is None:
+            continue  # a tombstone: the delete before it did the work
+        key = message.key
+        if (
+            key is None
+            or len(value) < 5
+            or len(key) < 5
+            or value[0] != CONFLUENT_MAGIC
+            or key[0] != CONFLUENT_MAGIC
+            or TOAST_PLACEHOLDER_BYTES in value
+        ):
+            return None
+        value_id = int.from_bytes(value[1:5], "big")
+        key_id = int.from_bytes(key[1:5], "big")
+        if (
+            current is None
+            or current.value_schema_id != value_id
+            or current.key_schema_id != key_id
+        ):
+            current = Segment(value_id, key_id)
+            segments.append(current)
+        current.offsets.append(message.offset)
+        current.values.append(value)
+    return segments
+
+
+class FastPath:
+    def __init__(
+        self, ch: AvroQueryBackend, registry_url: str, count_transactions: bool = True
+    ) -> None:
+        self.ch = ch
+        self.registry_url = registry_url
+        self.count_transactions = count_transactions
+        self._defaults: dict[tuple[str, tuple[str, ...]], dict[str, str]] = {}
+
+    def insert(
+        self,
+        replica: ReplicaTable,
+        columns: dict[str, SourceColumn],
+        upcaster: Upcaster,
+        segment: Segment,
+        partition: int,
+        token: str,
+        has_transaction_field: bool,
+    ) -> dict[str, int]:
+        """Insert one segment; returns the applied events per Postgres transaction id (empty
+        unless transactions are counted)."""
+        select, checks = self._select_list(replica, columns, upcaster)
+        insert_columns = [c.name for c in columns.values()] + list(META_EXPRESSIONS)
+        offsets = "[" + ",".join(map(str, segment.offsets)) + "]"
+        meta = [
+            expr.format(offsets=offsets, partition=partition) for expr in META_EXPRESSIONS.values()
+        ]
+        sql = (
+            f"INSERT INTO {replica.qualified} ({', '.join(ident(c) for c in insert_columns)}) "
+            f"SETTINGS insert_deduplication_token = {quote(token)} "
+            f"SELECT {', '.join(select + meta)} FROM {AVRO_SOURCE} "
+            f"WHERE throwIf(NOT ({' AND '.join(checks)}), "
+            "'a value needs the per-message path') = 0"
+        )
+        data = b"".join(segment.values)
+        try:
+            self.ch.over_avro(sql, data, self.registry_url)
+        except RuntimeError as exc:  # chDB reports every query error so
+            raise FastPathRejected(str(exc).strip().splitlines()[0][:500]) from exc
+        if not (self.count_transactions and has_transaction_field):
+            return {}
+        counted = self.ch.over_avro(
+            "SELECT splitByChar(':', tupleElement(transaction, 'id'))[1] AS xid, count() "
+            f"FROM {AVRO_SOURCE} WHERE isNotNull(transaction) GROUP BY xid",
+            data, self.registry_url, "TSV",
+        )  # fmt: skip
+        return {
+            xid: int(n) for xid, n in (line.split("\t") for line in counted.splitlines() if line)
+        }
+
+    def _select_list(
+        self, replica: ReplicaTable, columns: dict[str, SourceColumn], upcaster: Upcaster
+    ) -> tuple[list[str], list[str]]:
+        """One SELECT expression per source column (in `columns` order) and the checks."""
+        defaults = self._deleted_row_defaults(replica)
+        select: list[str] = []
+        checks = [
+            "op IN ('c', 'r', 'u', 'd')",
+            "if(op = 'd', isNotNull(before), isNotNull(after))",
+        ]
+        for source_name, column in columns.items():
+            ctype = column.ctype
+            if ctype.avro_sql is None or column.name in upcaster.retypes:
+                raise FastPathUnsupported(f"column {column.name} ({ctype.clickhouse})")
+            target = quote(ctype.clickhouse)
+
+            def converted(image: str, ctype: Any = ctype, source_name: str = source_name) -> str:
+                return ctype.avro_sql.format(f"tupleElement({image}, {quote(source_name)})")
+
+            def check(image: str, ctype: Any = ctype, source_name: str = source_name) -> str:
+                value = f"tupleElement({image}, {quote(source_name)})"
+                return f"ifNull({ctype.avro_check.format(value)}, 1)"
+
+            after = f"CAST({converted('after')}, {target})"
+            if column.name in replica.key_columns:
+                deleted = f"CAST({converted('before')}, {target})"
+                if ctype.avro_check:
+                    checks.append(f"(op != 'd' OR {check('before')})")
+            else:
+                deleted = defaults.get(column.name) or f"defaultValueOfTypeName({target})"
+            if ctype.avro_check:
+                checks.append(f"(op = 'd' OR {check('after')})")
+            select.append(f"if(op = 'd', {deleted}, {after})")
+        return select, checks
+
+    def _deleted_row_defaults(self, replica: ReplicaTable) -> dict[str, str]:
+        """The DEFAULT expression of each column that has one (a Postgres default): what a
+        deletion marker, which names only the key, gets in the other columns. A default computed
+        from an ephemeral input column is left out: that input is empty in a deletion marker,
+        which `defaultValueOfTypeName` reproduces."""
+        cache_key = (replica.qualified, tuple(replica.columns))
+        if cache_key not in self._defaults:
+            rows = self.ch.rows(
+                "SELECT name, type, default_expression FROM system.columns "
+                f"WHERE database = {quote(replica.database)} AND table = {quote(replica.name)} "
+                "AND default_kind = 'DEFAULT'"
+            )
+            self._defaults[cache_key] = {
+                r["name"]: f"CAST({r['default_expression']}, {quote(r['type'])})"
+                for r in rows
+                if INPUT_SUFFIX not in r["default_expression"]
+            }
+        return self._defaults[cache_key]
+
+
+# Metadata columns of a replica row (replica.META_COLUMNS), as SQL over the decoded envelope.
+META_EXPRESSIONS: dict[str, str] = {
+    "_version": "toUInt64(arrayElement({offsets}, rowNumberInAllBlocks() + 1))",
+    "_is_deleted": "toUInt8(op = 'd')",
+    "_op": "op",
+    "_lsn": "ifNull(tupleElement(source, 'lsn'), 0)",
+    "_tx_id": "ifNull(tupleElement(source, 'txId'), 0)",
+    "_commit_ts": "fromUnixTimestamp64Milli(tupleElement(source, 'ts_ms'), 'UTC')",
+    "_partition": "{partition}",
+    "_offset": "toInt64(arrayElement({offsets}, rowNumberInAllBlocks() + 1))",
+}
