@@ -207,7 +207,10 @@ def bench(
     report: Path = typer.Option(Path("docs/benchmarks.md"), help="Append the results here."),
     no_report: bool = typer.Option(False, "--no-report", help="Only print the results."),
     profile: Path | None = typer.Option(
-        None, help="Sample (b) with py-spy into this file (collapsed stacks)."
+        None, help="Sample (a) and (b) with py-spy into PROFILE.a / PROFILE.b (collapsed stacks)."
+    ),
+    batch_messages: int = typer.Option(
+        50_000, min=1, help="The projector's batch size (PROJECTOR_MAX_BATCH_MESSAGES) in (a), (b)."
     ),
 ) -> None:
     """Measure the projector against a naive baseline and ClickHouse's own decoder, on the same
@@ -216,7 +219,7 @@ def bench(
 
     log = lambda m: console.print(m, highlight=False)  # noqa: E731
     try:
-        run_bench(events, seed, log, None if no_report else report, profile)
+        run_bench(events, seed, log, None if no_report else report, profile, batch_messages)
     except (StackError, ConnectorError, ProjectorError, RuntimeError) as exc:
         _fail(str(exc))
 

@@ -59,8 +59,9 @@ def parse_rows(text: str) -> list[dict[str, Any]]:
     return [json.loads(line, parse_float=Decimal) for line in text.splitlines() if line.strip()]
 
 
-# In SQL given to `ChdbBackend.over_avro`, stands for a table reading the given message bytes.
+# In SQL given to `ChdbBackend.over_avro`: the tables reading the given message bytes and offsets.
 AVRO_SOURCE = "__projector_avro_source__"
+OFFSETS_SOURCE = "__projector_offsets_source__"
 
 
 class ClickHouse(Protocol):
@@ -100,20 +101,27 @@ class ChdbBackend:
         out = self._run(sql, fmt)
         return out.bytes().decode() if hasattr(out, "bytes") else str(out)
 
-    def over_avro(self, sql: str, data: bytes, registry_url: str, fmt: str = "CSV") -> str:
-        """Run `sql`, in which `AVRO_SOURCE` is a table of `data`: concatenated Confluent-framed
-        Avro messages, decoded by ClickHouse with writer schemas from the registry. One thread
-        reads them in order, so `rowNumberInAllBlocks()` is the message's position."""
-        path = self._scratch / "batch.avro"
-        path.write_bytes(data)
-        source = f"file({quote(str(path))}, 'AvroConfluent')"
+    def over_avro(
+        self, sql: str, data: bytes, registry_url: str, offsets: bytes = b"", fmt: str = "CSV"
+    ) -> str:
+        """Run `sql`, in which `AVRO_SOURCE` is a table of `data` (concatenated Confluent-framed
+        Avro messages, decoded by ClickHouse with writer schemas from the registry) and
+        `OFFSETS_SOURCE` a table of `offsets` (little-endian UInt64s, column `kafka_offset`).
+        One thread reads each in order, so `rowNumberInAllBlocks()` pairs them up."""
+        sources = {AVRO_SOURCE: (data, "'AvroConfluent'"),
+                   OFFSETS_SOURCE: (offsets, "'RowBinary', 'kafka_offset UInt64'")}  # fmt: skip
+        for marker, (content, format_args) in sources.items():
+            path = self._scratch / marker
+            path.write_bytes(content)
+            sql = sql.replace(marker, f"file({quote(str(path))}, {format_args})")
         settings = (
             f" SETTINGS format_avro_schema_registry_url = {quote(registry_url)}, max_threads = 1"
         )
         try:
-            return self.text(sql.replace(AVRO_SOURCE, source) + settings, fmt)
+            return self.text(sql + settings, fmt)
         finally:
-            path.unlink(missing_ok=True)
+            for marker in sources:
+                (self._scratch / marker).unlink(missing_ok=True)
 
     def close(self) -> None:
         self._session.close()

@@ -10,8 +10,9 @@ does in SQL what `BatchApplier._row` does in Python:
 - c / r / u → the `after` image; d → the key columns from `before`, every other column its table
   default (as an insert that omits it would give), `_is_deleted = 1`;
 - each column converted by its type's `avro_sql` (schemas/type_map.py), then CAST to the column's
-  type; `_version` / `_offset` from the message offsets (an array literal indexed by the row's
-  position: one reading thread keeps the file order), `_lsn`, `_tx_id`, `_commit_ts` from `source`.
+  type; `_version` / `_offset` from the message offsets (a second file, paired with the messages
+  by position: one reading thread keeps the file order), `_lsn`, `_tx_id`, `_commit_ts` from
+  `source`.
 
 Same exactly-once protocol: the inserts run inside the batch's intent, under deduplication tokens
 of the batch's range (chunk names `fast<n>`, never equal to the per-message path's chunk numbers).
@@ -32,11 +33,13 @@ be stored and are then written again, identical, by the per-message path — the
 
 from __future__ import annotations
 
+import sys
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from projector.clickhouse import AVRO_SOURCE, ident, quote
+from projector.clickhouse import AVRO_SOURCE, OFFSETS_SOURCE, ident, quote
 from projector.replica import (
     INPUT_SUFFIX,
     TOAST_PLACEHOLDER_BYTES,
@@ -59,7 +62,9 @@ class FastPathRejected(Exception):
 class AvroQueryBackend(Protocol):
     """A ClickHouse backend that can run SQL over raw message bytes (`ChdbBackend`)."""
 
-    def over_avro(self, sql: str, data: bytes, registry_url: str, fmt: str = "CSV") -> str: ...
+    def over_avro(
+        self, sql: str, data: bytes, registry_url: str, offsets: bytes = b"", fmt: str = "CSV"
+    ) -> str: ...
 
     def rows(self, sql: str) -> list[dict[str, Any]]: ...
 
@@ -130,20 +135,25 @@ class FastPath:
         unless transactions are counted)."""
         select, checks = self._select_list(replica, columns, upcaster)
         insert_columns = [c.name for c in columns.values()] + list(META_EXPRESSIONS)
-        offsets = "[" + ",".join(map(str, segment.offsets)) + "]"
-        meta = [
-            expr.format(offsets=offsets, partition=partition) for expr in META_EXPRESSIONS.values()
-        ]
+        meta = [expr.format(partition=partition) for expr in META_EXPRESSIONS.values()]
+        # The offsets travel beside the bytes, paired with the messages by position (an array
+        # literal of 50,000 offsets would make the statement slow to parse).
         sql = (
             f"INSERT INTO {replica.qualified} ({', '.join(ident(c) for c in insert_columns)}) "
             f"SETTINGS insert_deduplication_token = {quote(token)} "
-            f"SELECT {', '.join(select + meta)} FROM {AVRO_SOURCE} "
+            f"SELECT {', '.join(select + meta)} "
+            f"FROM (SELECT *, rowNumberInAllBlocks() AS _position FROM {AVRO_SOURCE}) AS e "
+            "INNER JOIN (SELECT kafka_offset, rowNumberInAllBlocks() AS _position "
+            f"FROM {OFFSETS_SOURCE}) AS o ON e._position = o._position "
             f"WHERE throwIf(NOT ({' AND '.join(checks)}), "
             "'a value needs the per-message path') = 0"
         )
         data = b"".join(segment.values)
+        offsets = array("Q", segment.offsets)
+        if sys.byteorder != "little":
+            offsets.byteswap()
         try:
-            self.ch.over_avro(sql, data, self.registry_url)
+            self.ch.over_avro(sql, data, self.registry_url, offsets.tobytes())
         except RuntimeError as exc:  # chDB reports every query error so
             raise FastPathRejected(str(exc).strip().splitlines()[0][:500]) from exc
         if not (self.count_transactions and has_transaction_field):
@@ -151,7 +161,7 @@ class FastPath:
         counted = self.ch.over_avro(
             "SELECT splitByChar(':', tupleElement(transaction, 'id'))[1] AS xid, count() "
             f"FROM {AVRO_SOURCE} WHERE isNotNull(transaction) GROUP BY xid",
-            data, self.registry_url, "TSV",
+            data, self.registry_url, fmt="TSV",
         )  # fmt: skip
         return {
             xid: int(n) for xid, n in (line.split("\t") for line in counted.splitlines() if line)
@@ -214,12 +224,12 @@ class FastPath:
 
 # Metadata columns of a replica row (replica.META_COLUMNS), as SQL over the decoded envelope.
 META_EXPRESSIONS: dict[str, str] = {
-    "_version": "toUInt64(arrayElement({offsets}, rowNumberInAllBlocks() + 1))",
+    "_version": "kafka_offset",
     "_is_deleted": "toUInt8(op = 'd')",
     "_op": "op",
     "_lsn": "ifNull(tupleElement(source, 'lsn'), 0)",
     "_tx_id": "ifNull(tupleElement(source, 'txId'), 0)",
     "_commit_ts": "fromUnixTimestamp64Milli(tupleElement(source, 'ts_ms'), 'UTC')",
     "_partition": "{partition}",
-    "_offset": "toInt64(arrayElement({offsets}, rowNumberInAllBlocks() + 1))",
+    "_offset": "toInt64(kafka_offset)",
 }
