@@ -23,10 +23,10 @@ the same inserts under the same tokens.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple, overload
 
 from projector.checkpoint import BatchRange
 from projector.clickhouse import ClickHouse, ident, quote
@@ -58,13 +58,56 @@ from schemas.upcasters import Upcasters
 log = logging.getLogger("projector")
 
 
-@dataclass(frozen=True)
-class RawMessage:
+class RawMessage(NamedTuple):
+    """One Kafka message as the projector keeps it (a tuple: cheap to make a million of)."""
+
     topic: str
     partition: int
     offset: int
     key: bytes | None
     value: bytes | None
+    timestamp_ms: int = 0  # Kafka's timestamp: when Kafka Connect produced it
+
+
+class KafkaMessages(Sequence[RawMessage]):
+    """confluent-kafka messages seen as `RawMessage`s, each made only when asked for: the fast
+    path reads offsets, keys and values as columns and never needs one (a million tuples cost a
+    second)."""
+
+    def __init__(self, messages: list[Any]) -> None:
+        self._messages = messages
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    @overload
+    def __getitem__(self, index: int) -> RawMessage: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[RawMessage]: ...
+
+    def __getitem__(self, index: int | slice) -> RawMessage | Sequence[RawMessage]:
+        if isinstance(index, slice):
+            return KafkaMessages(self._messages[index])
+        m = self._messages[index]
+        return RawMessage(m.topic(), m.partition(), m.offset(), m.key(), m.value(),
+                          m.timestamp()[1])  # fmt: skip
+
+    def __iter__(self) -> Iterator[RawMessage]:
+        return (self[i] for i in range(len(self._messages)))
+
+    def columns(self) -> tuple[list[int], list[bytes | None], list[bytes | None]]:
+        ms = self._messages
+        return [m.offset() for m in ms], [m.key() for m in ms], [m.value() for m in ms]
+
+
+def message_columns(
+    messages: Sequence[RawMessage],
+) -> tuple[list[int], list[bytes | None], list[bytes | None]]:
+    """Offsets, keys and values of a batch, as three lists."""
+    if isinstance(messages, KafkaMessages):
+        return messages.columns()
+    return [m.offset for m in messages], [m.key for m in messages], [m.value for m in messages]
 
 
 @dataclass
@@ -135,7 +178,7 @@ class BatchApplier:
         dead_letter: Callable[[BatchRange, list[DeadLetter]], None],
     ) -> BatchOutcome:
         if self.fast_path is not None:
-            segments = plan_segments(messages)
+            segments = plan_segments(*message_columns(messages))
             if segments is not None:
                 try:
                     return self._apply_fast(batch, segments)

@@ -172,32 +172,56 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     config_file: Path | None = ConfigOption,
 ) -> None:
-    """Where the projector stands: per partition the offset applied and the lag behind Kafka,
-    per read model its consistency watermark (the transaction up to which it is complete), and
-    the dead letters waiting. With chDB, run it while `projector run` is stopped."""
-    from projector.projector_status import collect_status
+    """Where the projector stands: per partition the lag behind Kafka (offsets, and seconds while
+    running), per read model its consistency watermark, the dead letters. Read from the running
+    projector's metrics endpoint when it answers, else from ClickHouse (with chDB: while no
+    projector runs)."""
+    from projector.projector_status import collect_live_status, collect_status
 
     config = _config(config_file)
-    try:
-        report = collect_status(config)
-    except ProjectorError as exc:
-        _fail(str(exc))
-        return
+    report = collect_live_status(config.metrics_port) if config.metrics_port else None
+    if report is None:
+        try:
+            report = collect_status(config)
+        except ProjectorError as exc:
+            _fail(str(exc))
+            return
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
-    partitions = Table("topic", "partition", "applied through", "end", "lag (messages)")
-    for row in report["partitions"]:
-        partitions.add_row(row["topic"], str(row["partition"]), str(row["applied_through"]),
-                           str(row["end"]), str(row["lag"]))  # fmt: skip
+    out = Console()
+    live = report["source"] != "clickhouse"
+    out.print(
+        f"from {'the running projector at ' if live else ''}{report['source']}", highlight=False
+    )
+    if live:
+        tables = Table("table", "path", "events applied")
+        for row in report["tables"]:
+            tables.add_row(row["table"], row["path"], f"{row['events']:,}")
+        batches = Table("path", "batches", "mean batch seconds")
+        for path, b in report["batches"].items():
+            count = b.get("batches", 0)
+            batches.add_row(
+                path, f"{count:,.0f}", f"{b.get('seconds', 0) / count:.3f}" if count else "-"
+            )
+        out.print(tables)
+        out.print(batches)
+        partitions = Table("topic", "partition", "lag (messages)", "lag (seconds)")
+        for row in report["partitions"]:
+            partitions.add_row(row["topic"], str(row["partition"]), str(row["lag"]),
+                               f"{row.get('lag_seconds', 0):.1f}")  # fmt: skip
+    else:
+        partitions = Table("topic", "partition", "applied through", "end", "lag (messages)")
+        for row in report["partitions"]:
+            partitions.add_row(row["topic"], str(row["partition"]), str(row["applied_through"]),
+                               str(row["end"]), str(row["lag"]))  # fmt: skip
     models = Table("read model", "watermark transaction", "watermark LSN")
     for name, model in report["read_models"].items():
         mark = model["watermark"]
-        models.add_row(name, mark["tx_id"] if mark else "-", mark["lsn"] if mark else "-")
-    out = Console()
+        models.add_row(name, (mark["tx_id"] or "-") if mark else "-", mark["lsn"] if mark else "-")
     out.print(partitions)
     out.print(models)
-    out.print(f"{report['dead_letters']} dead letter(s) waiting", highlight=False)
+    out.print(f"{report['dead_letters']} dead letter(s)", highlight=False)
 
 
 @app.command("bench")
@@ -220,6 +244,32 @@ def bench(
     log = lambda m: console.print(m, highlight=False)  # noqa: E731
     try:
         run_bench(events, seed, log, None if no_report else report, profile, batch_messages)
+    except (StackError, ConnectorError, ProjectorError, RuntimeError) as exc:
+        _fail(str(exc))
+
+
+@app.command("freshness")
+def freshness(
+    rates: str = typer.Option("1000,5000", help="Write rates to measure, rows/s, comma-separated."),
+    duration: float = typer.Option(20.0, min=1, help="Seconds of writing per rate."),
+    burst: int = typer.Option(
+        50_000, min=100, help="Rows of the unpaced burst (Debezium ceiling)."
+    ),
+    report: Path = typer.Option(Path("docs/benchmarks.md"), help="Append the results here."),
+    no_report: bool = typer.Option(False, "--no-report", help="Only print the results."),
+) -> None:
+    """Commit-to-visible latency (p50/p95/p99) at fixed write rates into Postgres, through
+    Debezium, Kafka and the projector into ClickHouse; and Debezium's source rate ceiling."""
+    from projector.freshness import run_freshness
+
+    log = lambda m: console.print(m, highlight=False)  # noqa: E731
+    try:
+        wanted = [int(r) for r in rates.split(",") if r.strip()]
+    except ValueError:
+        _fail(f"--rates must be whole numbers separated by commas, got {rates!r}")
+        return
+    try:
+        run_freshness(wanted, duration, burst, log, None if no_report else report)
     except (StackError, ConnectorError, ProjectorError, RuntimeError) as exc:
         _fail(str(exc))
 

@@ -49,6 +49,8 @@ class ProjectorConfig(BaseModel):
     read_model_schema: str = "shop"
     read_model_database: str = "read_models"
 
+    # Prometheus metrics at http://127.0.0.1:<port>/metrics (projector/metrics.py); 0: none.
+    metrics_port: int = Field(default=19464, ge=0, le=65535)
     # Let ClickHouse decode batches itself where it can (projector/fast_path.py; chDB backend).
     fast_path: bool = True
     max_batch_messages: int = Field(default=5000, ge=1)

@@ -48,8 +48,6 @@ from projector.replica import (
 )
 from schemas.upcasters import Upcaster
 
-CONFLUENT_MAGIC = 0
-
 
 class FastPathUnsupported(Exception):
     """This batch needs the per-message path (decided before inserting anything)."""
@@ -77,38 +75,40 @@ class Segment:
     key_schema_id: int
     offsets: list[int] = field(default_factory=list)
     values: list[bytes] = field(default_factory=list)
+    data: bytes = b""  # the values, concatenated
 
 
-def plan_segments(messages: Sequence[Any]) -> list[Segment] | None:
-    """The batch cut into schema segments, tombstones dropped; None when some message needs the
-    per-message path (see the module docstring)."""
+def plan_segments(
+    offsets: Sequence[int], keys: Sequence[bytes | None], values: Sequence[bytes | None]
+) -> list[Segment] | None:
+    """The batch (its messages' offsets, keys and values) cut into schema segments, tombstones
+    dropped; None when some message needs the per-message path (see the module docstring).
+    Runs once per message: kept lean."""
     segments: list[Segment] = []
-    current: Segment | None = None
-    for message in messages:
-        value = message.value
+    value_header = key_header = b""
+    segment_offsets: list[int] = []
+    segment_values: list[bytes] = []
+    for offset, key, value in zip(offsets, keys, values, strict=True):
         if value is None:
             continue  # a tombstone: the delete before it did the work
-        key = message.key
-        if (
-            key is None
-            or len(value) < 5
-            or len(key) < 5
-            or value[0] != CONFLUENT_MAGIC
-            or key[0] != CONFLUENT_MAGIC
-            or TOAST_PLACEHOLDER_BYTES in value
-        ):
+        if key is None:
             return None
-        value_id = int.from_bytes(value[1:5], "big")
-        key_id = int.from_bytes(key[1:5], "big")
-        if (
-            current is None
-            or current.value_schema_id != value_id
-            or current.key_schema_id != key_id
-        ):
-            current = Segment(value_id, key_id)
-            segments.append(current)
-        current.offsets.append(message.offset)
-        current.values.append(value)
+        # The magic byte and schema id in front of the value and the key; a message whose header
+        # equals the segment's is framed like the segment's first message.
+        if value[:5] != value_header or key[:5] != key_header:
+            value_header, key_header = value[:5], key[:5]
+            if len(value_header) < 5 or len(key_header) < 5 or value[0] or key[0]:
+                return None  # not Confluent-framed
+            segment_offsets, segment_values = [], []
+            segments.append(Segment(int.from_bytes(value_header[1:], "big"),
+                                    int.from_bytes(key_header[1:], "big"),
+                                    segment_offsets, segment_values))  # fmt: skip
+        segment_offsets.append(offset)
+        segment_values.append(value)
+    for segment in segments:
+        segment.data = b"".join(segment.values)
+        if TOAST_PLACEHOLDER_BYTES in segment.data:
+            return None
     return segments
 
 
@@ -142,13 +142,14 @@ class FastPath:
             f"INSERT INTO {replica.qualified} ({', '.join(ident(c) for c in insert_columns)}) "
             f"SETTINGS insert_deduplication_token = {quote(token)} "
             f"SELECT {', '.join(select + meta)} "
-            f"FROM (SELECT *, rowNumberInAllBlocks() AS _position FROM {AVRO_SOURCE}) AS e "
+            "FROM (SELECT op, before, after, source, rowNumberInAllBlocks() AS _position "
+            f"FROM {AVRO_SOURCE}) AS e "
             "INNER JOIN (SELECT kafka_offset, rowNumberInAllBlocks() AS _position "
             f"FROM {OFFSETS_SOURCE}) AS o ON e._position = o._position "
             f"WHERE throwIf(NOT ({' AND '.join(checks)}), "
             "'a value needs the per-message path') = 0"
         )
-        data = b"".join(segment.values)
+        data = segment.data
         offsets = array("Q", segment.offsets)
         if sys.byteorder != "little":
             offsets.byteswap()

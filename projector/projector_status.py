@@ -1,4 +1,10 @@
-"""`projector status`: checkpoints against Kafka's end offsets, read-model watermarks, DLQ size."""
+"""`projector status`: where the projector stands.
+
+From a running projector's metrics endpoint when one answers (`collect_live_status`: events applied
+per table and path, batch latency, lag in offsets and seconds, dead letters, watermarks), else from
+ClickHouse itself (`collect_status`: checkpoints against Kafka's end offsets, read-model watermarks,
+DLQ size) — with chDB only while no projector holds the data directory.
+"""
 
 from __future__ import annotations
 
@@ -50,4 +56,57 @@ def collect_status(config: ProjectorConfig) -> dict[str, Any]:
             "sources": collections,
             "watermark": None if mark is None else {"tx_id": mark.tx_id, "lsn": mark.lsn_text},
         }
-    return {"partitions": partitions, "read_models": read_models, "dead_letters": dlq.count()}
+    return {
+        "source": "clickhouse",
+        "partitions": partitions,
+        "read_models": read_models,
+        "dead_letters": dlq.count(),
+    }
+
+
+def collect_live_status(port: int, timeout_s: float = 1.0) -> dict[str, Any] | None:
+    """The running projector's metrics as a status report; None when nothing answers."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        text = httpx.get(url, timeout=timeout_s).text
+    except httpx.HTTPError:
+        return None
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    partitions: dict[tuple[str, int], dict[str, Any]] = {}
+    tables: list[dict[str, Any]] = []
+    batches: dict[str, dict[str, float]] = {}
+    read_models: dict[str, Any] = {}
+    dead = 0
+    for sample in samples:
+        labels, value = sample.labels, sample.value
+        if sample.name.startswith("projector_consumer_lag_"):
+            row = partitions.setdefault(
+                (labels["topic"], int(labels["partition"])),
+                {"topic": labels["topic"], "partition": int(labels["partition"])},
+            )
+            row["lag" if sample.name.endswith("offsets") else "lag_seconds"] = value
+        elif sample.name == "projector_events_applied_total":
+            tables.append({"table": labels["table"], "path": labels["path"], "events": int(value)})
+        elif sample.name in ("projector_batch_seconds_count", "projector_batch_seconds_sum"):
+            kind = "batches" if sample.name.endswith("count") else "seconds"
+            batches.setdefault(labels["path"], {})[kind] = value
+        elif sample.name == "projector_dead_letters_total":
+            dead += int(value)
+        elif sample.name == "projector_watermark_lsn":
+            lsn = int(value)
+            read_models[labels["read_model"]] = {
+                "watermark": {"tx_id": None, "lsn": f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"}
+            }
+    for row in partitions.values():
+        row["lag"] = int(row.get("lag", 0))
+    return {
+        "source": url,
+        "partitions": [partitions[k] for k in sorted(partitions)],
+        "tables": tables,
+        "batches": batches,
+        "read_models": read_models,
+        "dead_letters": dead,
+    }

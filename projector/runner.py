@@ -19,19 +19,28 @@ import random
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)  # fmt: skip
 
-from projector.apply import BatchApplier, RawMessage
+from projector.apply import BatchApplier, KafkaMessages, RawMessage, source_table_of
 from projector.checkpoint import BatchCommitter, BatchRange, CheckpointStore
 from projector.clickhouse import ClickHouse
 from projector.config import ProjectorConfig
 from projector.dlq import DeadLetter, DeadLetterStore
 from projector.errors import ClickHouseUnavailable
 from projector.fast_path import FastPath
+from projector.metrics import ProjectorMetrics
 from projector.replica import ReplicaCatalog
 from projector.transactions import TransactionLedger
 from queries.read_models import ReadModels, load_read_models
@@ -67,9 +76,16 @@ def with_retries(
         return result
 
 
+def offset_of(message: Message) -> int:
+    """A consumed message's offset (only error events have none)."""
+    offset = message.offset()
+    assert offset is not None
+    return offset
+
+
 @dataclass
 class PartitionState:
-    buffer: list[RawMessage] = field(default_factory=list)
+    buffer: list[Message] = field(default_factory=list)  # consumed, not yet in a batch
     replay: BatchRange | None = None  # an open intent to replay exactly
     high_watermark: int = 0
 
@@ -100,6 +116,19 @@ class Projector:
         )  # fmt: skip
         self._next_read_model_check = 0.0
         self.partitions: dict[tuple[str, int], PartitionState] = defaultdict(PartitionState)
+        # The next offset to apply per assigned partition (after the last batch done).
+        self.next_offset: dict[tuple[str, int], int] = {}
+        self._apply_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apply")
+        self._in_flight: Future[BatchRange] | None = None
+        self.metrics = ProjectorMetrics()
+        self._next_progress_report = self._next_watermark_report = 0.0
+        if config.metrics_port:
+            try:
+                self.metrics.serve(config.metrics_port)
+                log.info("metrics at http://127.0.0.1:%d/metrics", config.metrics_port)
+            except OSError as exc:
+                log.warning("no metrics endpoint: port %d: %s (set PROJECTOR_METRICS_PORT)",
+                            config.metrics_port, exc)  # fmt: skip
         self.stopping = False
         self.applied_events = 0
         self.fast_events = 0  # of which applied by the fast path
@@ -114,6 +143,7 @@ class Projector:
                 "topic.metadata.refresh.interval.ms": 2000,
                 "partition.assignment.strategy": "cooperative-sticky",
                 "session.timeout.ms": config.session_timeout_ms,
+                "max.partition.fetch.bytes": 16 * 1024 * 1024,
             }
         )
         self.producer = Producer({"bootstrap.servers": config.kafka_bootstrap, "linger.ms": 50})
@@ -130,6 +160,7 @@ class Projector:
             positioned.append(
                 TopicPartition(tp.topic, tp.partition, resume if resume is not None else 0)
             )
+            self.next_offset[(tp.topic, tp.partition)] = resume or 0
             log.info("assigned %s[%d] from offset %s", tp.topic, tp.partition, resume or 0)
             if state.replay is not None:
                 log.info("replaying the open intent %d-%d of %s[%d] (the last run stopped inside it)",
@@ -137,7 +168,10 @@ class Projector:
         consumer.incremental_assign(positioned)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._wait_for_batch()  # the next owner starts after our last batch, never beside it
         for tp in partitions:
+            self.metrics.forget(tp.topic, tp.partition)
+            self.next_offset.pop((tp.topic, tp.partition), None)
             self.partitions.pop((tp.topic, tp.partition), None)
         consumer.incremental_unassign(partitions)
 
@@ -175,23 +209,30 @@ class Projector:
                             continue
                         raise KafkaException(error)
                     fresh += 1
-                    raw = RawMessage(msg.topic() or "", msg.partition() or 0, msg.offset() or 0,
-                                     msg.key(), msg.value())  # fmt: skip
-                    self.partitions[(raw.topic, raw.partition)].buffer.append(raw)
+                    self.partitions[(msg.topic(), msg.partition())].buffer.append(msg)  # type: ignore[index]
                 self._flush(drain=fresh < self.config.max_batch_messages)
+                if self._in_flight is not None and self._in_flight.done():
+                    self._wait_for_batch()  # an idle loop still records the last batch
+                self._report_progress()
                 self._ensure_read_models()
                 if tick is not None:
                     tick()
                 if stop_at is not None and time.monotonic() >= stop_at:
                     break
                 idle_polls = idle_polls + 1 if fresh == 0 else 0
-                if until_caught_up and idle_polls >= 2 and self._caught_up():
-                    self._next_read_model_check = 0.0
-                    self._ensure_read_models()
-                    break
+                if until_caught_up and idle_polls >= 2:
+                    self._wait_for_batch()
+                    if self._caught_up():
+                        self._next_read_model_check = 0.0
+                        self._ensure_read_models()
+                        break
         finally:
-            self.producer.flush(10)
-            self.consumer.close()
+            try:
+                self._wait_for_batch()
+            finally:
+                self._apply_thread.shutdown(wait=True)
+                self.producer.flush(10)
+                self.consumer.close()
         log.info(
             "stopped: %d events applied (%d by the fast path), %d dead letters",
             self.applied_events, self.fast_events, self.dead_letters,
@@ -199,20 +240,62 @@ class Projector:
         return 0
 
     def _flush(self, drain: bool) -> None:
-        """Cut and commit every batch that is ready."""
+        """Cut every batch that is ready and hand it to the apply thread, one at a time and in
+        order: while ClickHouse applies one batch (chDB releases the GIL), this thread consumes
+        and prepares the next."""
         for (topic, partition), state in list(self.partitions.items()):
             while state.buffer:
                 batch_msgs = self._cut(state, drain)
                 if not batch_msgs:
                     break
-                batch = BatchRange(topic, partition, batch_msgs[0].offset, batch_msgs[-1].offset)
-                self._commit_with_retries(batch, batch_msgs)
-                state.replay = None
-                self.consumer.commit(
-                    offsets=[TopicPartition(topic, partition, batch.last + 1)], asynchronous=True
+                batch = BatchRange(
+                    topic, partition, offset_of(batch_msgs[0]), offset_of(batch_msgs[-1])
                 )
+                self._wait_for_batch()  # at most one batch in flight
+                self._in_flight = self._apply_thread.submit(
+                    self._commit_with_retries, batch, batch_msgs
+                )
+                state.replay = None
                 if self.stopping:
                     return
+
+    def _wait_for_batch(self) -> None:
+        """Wait for the batch in flight (re-raising its failure), then tell Kafka."""
+        if self._in_flight is None:
+            return
+        future, self._in_flight = self._in_flight, None
+        batch = future.result()
+        self.next_offset[(batch.topic, batch.partition)] = batch.last + 1
+        if (batch.topic, batch.partition) in self.partitions:
+            self.consumer.commit(
+                offsets=[TopicPartition(batch.topic, batch.partition, batch.last + 1)],
+                asynchronous=True,
+            )
+
+    def _report_progress(self) -> None:
+        """Lag per assigned partition into the metrics (once a second), and the read models'
+        watermarks (every ten seconds, when transaction metadata is on)."""
+        now = time.monotonic()
+        if now < self._next_progress_report:
+            return
+        self._next_progress_report = now + 1
+        for (topic, partition), next_offset in list(self.next_offset.items()):
+            try:
+                _, end = self.consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), cached=True
+                )
+            except KafkaException:
+                continue
+            state = self.partitions.get((topic, partition))
+            waiting = state.buffer[0].timestamp()[1] if state and state.buffer else None
+            self.metrics.set_lag(topic, partition, end, next_offset, waiting)
+        if self.config.transaction_metadata and now >= self._next_watermark_report:
+            self._next_watermark_report = now + 10
+            for model in self.read_models.models:
+                collections = [f"{self.config.read_model_schema}.{s}" for s in model.sources]
+                mark = self.ledger.watermark(collections)
+                if mark is not None:
+                    self.metrics.watermark_lsn.labels(model.name).set(mark.lsn)
 
     def _ensure_read_models(self) -> None:
         """Create read models whose sources now exist (checked every few seconds, and cheaply)."""
@@ -222,7 +305,7 @@ class Projector:
         for name in with_retries(self.read_models.ensure, "creating read models"):
             log.info("read model %s.%s created", self.read_models.database, name)
 
-    def _commit_with_retries(self, batch: BatchRange, messages: list[RawMessage]) -> None:
+    def _commit_with_retries(self, batch: BatchRange, messages: list[Message]) -> BatchRange:
         def attempt() -> None:
             self.committer.commit(batch, lambda rng: self._apply(rng, messages))
 
@@ -231,14 +314,15 @@ class Projector:
             f"applying {batch.topic}[{batch.partition}] {batch.first}-{batch.last}",
             stop=lambda: self.stopping,
         )
+        return batch
 
-    def _cut(self, state: PartitionState, drain: bool) -> list[RawMessage]:
+    def _cut(self, state: PartitionState, drain: bool) -> list[Message]:
         if state.replay is not None:
             # An open intent is replayed as exactly the same range (same tokens).
             last = state.replay.last
-            if not state.buffer or state.buffer[-1].offset < last:
+            if not state.buffer or offset_of(state.buffer[-1]) < last:
                 return []
-            cut = [m for m in state.buffer if m.offset <= last]
+            cut = [m for m in state.buffer if offset_of(m) <= last]
             state.buffer = state.buffer[len(cut) :]
             return cut
         size = self.config.max_batch_messages
@@ -247,17 +331,27 @@ class Projector:
             return cut
         return []
 
-    def _apply(self, batch: BatchRange, messages: list[RawMessage]) -> None:
+    def _apply(self, batch: BatchRange, kafka_messages: list[Message]) -> None:
+        messages = KafkaMessages(kafka_messages)
         if batch.topic == self.config.transaction_topic:
             self.ledger.record_ends(batch, self._transaction_events(messages))
             return
+        started = time.monotonic()
         outcome = self.applier.apply(batch, messages, self._dead_letter)
         self.ledger.record_progress(batch, outcome.transactions)
         self.applied_events += outcome.applied
         self.fast_events += outcome.applied if outcome.fast else 0
+        path = "fast" if outcome.fast else "per_message"
+        self.metrics.batch_seconds.labels(path).observe(time.monotonic() - started)
+        table = ".".join(source_table_of(batch.topic))
+        self.metrics.events_applied.labels(table, path).inc(outcome.applied)
+        if outcome.dead:
+            self.metrics.dead_letters.labels(batch.topic).inc(len(outcome.dead))
         self.dead_letters += len(outcome.dead)
 
-    def _transaction_events(self, messages: list[RawMessage]) -> list[tuple[int, dict[str, Any]]]:
+    def _transaction_events(
+        self, messages: Sequence[RawMessage]
+    ) -> list[tuple[int, dict[str, Any]]]:
         events = []
         for message in messages:
             if message.value is None:

@@ -40,6 +40,7 @@ class ProjectorProcess:
             # The transaction topic holds every test's transactions; tests of watermarks
             # switch it back on.
             "PROJECTOR_TRANSACTION_METADATA": "false",
+            "PROJECTOR_METRICS_PORT": "0",  # many projectors at once; the metrics test sets one
         }
         if server_url is None:  # the defaults: replica_<schema> and projector, in a chDB dir
             self.env["PROJECTOR_CHDB_PATH"] = str(workdir / "chdb")

@@ -1,0 +1,262 @@
+"""`projector freshness` (`make bench-freshness`): how soon a committed row is visible in ClickHouse.
+
+1. A `bench.fresh` table is captured by the real connector; one projector process (`projector run`,
+   defaults, fast path) projects it.
+2. For each rate (default 1,000 and 5,000 writes/s) a writer commits single-row transactions at that
+   rate for `duration` seconds (psycopg pipeline mode, paced against the clock), every row tagged
+   with its run.
+3. Latency of a row = `_ingested_at - _commit_ts` in its replica row: ClickHouse's clock when the
+   projector's insert carrying the row started, minus Postgres' commit time as Debezium reports it
+   (both on this machine's clock, millisecond precision). The insert itself then takes the batch
+   time the projector's `projector_batch_seconds` histogram reports, printed beside the quantiles.
+4. The Debezium ceiling: a burst of single-row transactions written as fast as one pipelined
+   connection can; Debezium's rate is the burst's events over the span of their Kafka timestamps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from confluent_kafka import Consumer, TopicPartition
+
+from connectors import ConnectClient, apply_connector
+
+SCHEMA, TABLE = "bench", "fresh"
+DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+CREATE TABLE IF NOT EXISTS {SCHEMA}.{TABLE} (
+    id bigserial PRIMARY KEY, run text NOT NULL, payload text NOT NULL)
+"""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    name: str
+    target_rate: int
+    achieved_rate: float
+    rows: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+def write_paced(dsn: str, run: str, rate: int, duration_s: float) -> float:
+    """Commit `rate` single-row transactions per second for `duration_s`; the achieved rate."""
+    total = int(rate * duration_s)
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.pipeline() as pipeline:
+        started = time.monotonic()
+        for i in range(total):
+            ahead = started + i / rate - time.monotonic()
+            if ahead > 0.002:
+                pipeline.sync()  # send what is queued, then wait for the next slot
+                time.sleep(ahead)
+            conn.execute(
+                f"INSERT INTO {SCHEMA}.{TABLE} (run, payload) VALUES (%s, %s)", [run, f"row {i}"]
+            )
+        pipeline.sync()
+        return total / (time.monotonic() - started)
+
+
+def applied_events(port: int, table: str) -> int:
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return 0
+    total = 0
+    for line in text.splitlines():
+        if line.startswith("projector_events_applied_total{") and f'table="{table}"' in line:
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
+def batch_seconds(port: int) -> tuple[float, float]:
+    """(batches, mean seconds) over every path, from the projector's histogram."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    count = total = 0.0
+    for line in text.splitlines():
+        if line.startswith("projector_batch_seconds_count"):
+            count += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("projector_batch_seconds_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+    return count, (total / count if count else 0.0)
+
+
+def kafka_rate(bootstrap: str, topic: str, last_n: int) -> float:
+    """Events per second over the Kafka timestamps of the topic's last `last_n` messages."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"fresh-{uuid.uuid4()}",
+                         "enable.auto.commit": False})  # fmt: skip
+    try:
+        _, end = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+        consumer.assign([TopicPartition(topic, 0, max(0, end - last_n))])
+        stamps: list[int] = []
+        deadline = time.monotonic() + 60
+        while len(stamps) < last_n and time.monotonic() < deadline:
+            for msg in consumer.consume(10_000, 1.0):
+                if msg.error() is None and msg.value() is not None:
+                    stamps.append(msg.timestamp()[1])
+        return len(stamps) / max(0.001, (max(stamps) - min(stamps)) / 1000)
+    finally:
+        consumer.close()
+
+
+def run_freshness(
+    rates: list[int], duration_s: float, burst: int, log: Any, report_path: Path | None
+) -> list[RunResult]:
+    from projector.stack import Stack
+
+    stack = Stack()
+    stack.up(log=log)
+    env = {**os.environ, **stack.client_environment()}
+    dsn = env["ADMIN_DSN"]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in DDL.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    capture = ",".join(dict.fromkeys([*env.get("CAPTURE", "public").split(","), SCHEMA]))
+    apply_connector(ConnectClient(env["CONNECT_URL"]), dsn, {**env, "CAPTURE": capture})
+    work = Path(tempfile.mkdtemp(prefix="projector-freshness-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    tag = uuid.uuid4().hex[:6]
+    run_env = {**env, "PROJECTOR_SCHEMAS": SCHEMA, "PROJECTOR_TABLE_PATTERN": TABLE,
+               "PROJECTOR_CHDB_PATH": str(work / "chdb"), "PROJECTOR_GROUP_ID": f"fresh-{tag}",
+               "PROJECTOR_TRANSACTION_METADATA": "false",
+               "PROJECTOR_METRICS_PORT": str(port)}  # fmt: skip
+    projector = str(Path(sys.executable).parent / "projector")
+    log_file = (work / "projector.log").open("wb")
+    process = subprocess.Popen([projector, "run"], env=run_env, stdout=log_file, stderr=log_file)
+    table = f"{SCHEMA}.{TABLE}"
+    written = 0
+    runs: list[tuple[str, int, float]] = []
+    batches = (0.0, 0.0)
+    try:
+        log("warming up: the projector applies what the topic already holds ...")
+        write_paced(dsn, f"{tag}-warmup", 1, 1)
+        written = settled(port, table, process)  # the runs' events come on top of these
+        for rate in rates:
+            run = f"{tag}-{rate}"
+            log(f"writing {rate:,} rows/s for {duration_s:.0f} s ...")
+            achieved = write_paced(dsn, run, rate, duration_s)
+            written += int(rate * duration_s)
+            wait_applied(port, table, written, process)
+            runs.append((run, rate, achieved))
+        log(f"burst: {burst:,} single-row transactions as fast as one connection commits ...")
+        started = time.monotonic()
+        write_paced(dsn, f"{tag}-burst", 10**9, burst / 10**9)  # unpaced
+        writer_rate = burst / (time.monotonic() - started)
+        written += burst
+        wait_applied(port, table, written, process)
+        batches = batch_seconds(port)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+        log_file.close()
+    debezium_rate = kafka_rate(env["KAFKA_BOOTSTRAP"], f"cdc.{table}", burst)
+    results = [
+        quantiles(
+            projector, run_env, run, f"{rate:,} writes/s", rate, achieved, int(rate * duration_s)
+        )
+        for run, rate, achieved in runs
+    ]
+    results.append(quantiles(projector, run_env, f"{tag}-burst", "burst", 0, writer_rate, burst))
+    report = render(results, duration_s, debezium_rate, writer_rate, burst, batches)
+    log(report)
+    if report_path is not None:
+        with report_path.open("a") as out:
+            out.write("\n" + report + "\n")
+    return results
+
+
+def settled(port: int, table: str, process: subprocess.Popen[bytes]) -> int:
+    """Events applied once the count has not moved for three seconds (at least one)."""
+    wait_applied(port, table, 1, process)
+    count, since = applied_events(port, table), time.monotonic()
+    while time.monotonic() - since < 3:
+        time.sleep(0.2)
+        now = applied_events(port, table)
+        if now != count:
+            count, since = now, time.monotonic()
+    return count
+
+
+def wait_applied(port: int, table: str, rows: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 600
+    while applied_events(port, table) < rows:
+        if process.poll() is not None:
+            raise RuntimeError(f"the projector exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{rows} rows of {table} not applied in 10 minutes")
+        time.sleep(0.2)
+
+
+def quantiles(
+    projector: str,
+    env: dict[str, str],
+    run: str,
+    name: str,
+    rate: int,
+    achieved: float,
+    expected: int,
+) -> RunResult:
+    query = (
+        "SELECT count() AS n, "
+        "quantiles(0.5, 0.95, 0.99)(dateDiff('millisecond', _commit_ts, _ingested_at)) AS q, "
+        "max(dateDiff('millisecond', _commit_ts, _ingested_at)) AS worst "
+        f"FROM replica_{SCHEMA}.{TABLE} WHERE run = '{run}'"
+    )
+    done = subprocess.run([projector, "sql", "--format", "json", query], env=env,
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    if int(row["n"]) != expected:
+        raise RuntimeError(f"{name}: {row['n']} rows in ClickHouse, {expected} written")
+    p50, p95, p99 = (float(v) for v in row["q"])
+    return RunResult(name, rate, achieved, int(row["n"]), p50, p95, p99, float(row["worst"]))
+
+
+def render(
+    results: list[RunResult],
+    duration_s: float,
+    debezium_rate: float,
+    writer_rate: float,
+    burst: int,
+    batches: tuple[float, float],
+) -> str:
+    lines = [
+        f"### {datetime.now(tz=UTC):%Y-%m-%d %H:%M} UTC — freshness, {duration_s:.0f} s per rate",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}",
+        "",
+        "| writer | achieved writes/s | rows | p50 ms | p95 ms | p99 ms | max ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r.name} | {r.achieved_rate:,.0f} | {r.rows:,} | {r.p50_ms:,.0f} | {r.p95_ms:,.0f} "
+        f"| {r.p99_ms:,.0f} | {r.max_ms:,.0f} |"
+        for r in results
+    ]
+    lines += [
+        "",
+        f"Debezium source ceiling: {debezium_rate:,.0f} events/s (Kafka timestamps of the "
+        f"{burst:,}-row burst; the writer committed {writer_rate:,.0f}/s). Latency = ClickHouse "
+        f"insert start - Postgres commit; the inserts themselves took {batches[1] * 1000:.0f} ms "
+        f"on average over {batches[0]:,.0f} batches.",
+    ]
+    return "\n".join(lines)

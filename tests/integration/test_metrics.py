@@ -1,0 +1,97 @@
+"""The running projector's Prometheus endpoint and `projector status` report what happened."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import StackHandle
+from tests.integration.projector_harness import ProjectorProcess
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_count_events_lag_and_dead_letters(
+    stack: StackHandle, projector: ProjectorProcess
+) -> None:
+    port = free_port()
+    projector.env["PROJECTOR_METRICS_PORT"] = str(port)
+    table = projector.table("mx_orders")
+    topic = f"cdc.public.{table}"
+    stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, placed date, qty int)")
+    stack.apply()
+    for i in range(30):
+        stack.sql(f"INSERT INTO {table} VALUES (%s, '2024-01-01', %s)", [i, i])
+    stack.sql(f"UPDATE {table} SET qty = qty + 1 WHERE id < 5")  # 5 events
+    stack.sql(f"DELETE FROM {table} WHERE id >= 27")  # 3 events (+ 3 tombstones)
+    key = ("projector_events_applied_total", (("path", "fast"), ("table", f"public.{table}")))
+    dead_key = ("projector_dead_letters_total", (("topic", topic),))
+    lag_key = ("projector_consumer_lag_offsets", (("partition", "0"), ("topic", topic)))
+    process = projector.start()
+    try:
+        # 38 changes, plus snapshot reads of whichever rows the table's first (incremental)
+        # snapshot found: Kafka, read independently, says how many events there are.
+        wait_for(port, lambda m: m.get(key, 0) >= 30 + 5 + 3 and m.get(lag_key) == 0)
+        expected_events = sum(m.value() is not None for m in stack.messages_to_end(topic))
+        stack.sql(f"INSERT INTO {table} VALUES (99, 'infinity', 0)")  # a dead letter
+        wait_for(port, lambda m: m.get(dead_key, 0) >= 1)
+        time.sleep(3)  # idle for a while: lag must stay 0, not grow with the last event's age
+        metrics = scrape(port)
+        labels = (("partition", "0"), ("topic", topic))
+        assert metrics[key] == expected_events, metrics
+        assert metrics[dead_key] == 1
+        assert metrics[("projector_consumer_lag_offsets", labels)] == 0
+        assert metrics[("projector_consumer_lag_seconds", labels)] == 0
+        assert metrics[("projector_batch_seconds_count", (("path", "fast"),))] >= 1
+        # `projector status` reads the same endpoint while the projector runs.
+        status = projector.cli("status", "--json")
+        assert status.returncode == 0, status.stderr
+        report = json.loads(status.stdout)
+        assert report["source"].endswith(f":{port}/metrics")
+        applied = {(r["table"], r["path"]): r["events"] for r in report["tables"]}
+        assert applied[(f"public.{table}", "fast")] == expected_events
+        assert report["dead_letters"] >= 1
+        mine = [r for r in report["partitions"] if r["topic"] == topic]
+        assert mine == [{"topic": topic, "partition": 0, "lag": 0, "lag_seconds": 0.0}], mine
+        table_view = projector.cli("status")
+        assert "events applied" in table_view.stdout and table in table_view.stdout
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    # Stopped: nothing answers, and status falls back to ClickHouse's checkpoints.
+    report = json.loads(projector.cli("status", "--json").stdout)
+    assert report["source"] == "clickhouse"
+    checkpoint = [r for r in report["partitions"] if r["topic"] == topic]
+    assert checkpoint and checkpoint[0]["lag"] == 0, checkpoint
+
+
+def wait_for(port: int, condition: Callable[[dict], bool], timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            metrics = scrape(port)
+        except httpx.HTTPError:
+            metrics = {}
+        if condition(metrics):
+            return
+        assert time.monotonic() < deadline, f"not reached in {timeout_s}s: {metrics}"
+        time.sleep(0.5)
