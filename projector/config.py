@@ -54,7 +54,7 @@ class ProjectorConfig(BaseModel):
     # Let ClickHouse decode batches itself where it can (projector/fast_path.py; chDB backend).
     fast_path: bool = True
     max_batch_messages: int = Field(default=5000, ge=1)
-    max_batch_wait_ms: int = Field(default=200, ge=1)
+    max_batch_wait_ms: int = Field(default=50, ge=1)
     dlq_topic: str = "projector.dlq"
     # Declared renames and type changes of source columns (schemas/upcasters.py); None: the
     # file shipped in schemas/.

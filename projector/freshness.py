@@ -9,7 +9,9 @@
    projector's insert carrying the row started, minus Postgres' commit time as Debezium reports it
    (both on this machine's clock, millisecond precision). The insert itself then takes the batch
    time the projector's `projector_batch_seconds` histogram reports, printed beside the quantiles.
-4. The Debezium ceiling: a burst of single-row transactions written as fast as one pipelined
+4. Debezium's share: from the topic itself, Kafka timestamp - commit time of every event (when
+   Kafka Connect produced it); the rest is Kafka plus the projector.
+5. The Debezium ceiling: a burst of single-row transactions written as fast as one pipelined
    connection can; Debezium's rate is the burst's events over the span of their Kafka timestamps.
 """
 
@@ -25,7 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,8 @@ class RunResult:
     p95_ms: float
     p99_ms: float
     max_ms: float
+    debezium_p50_ms: float = 0.0  # Kafka timestamp - commit time: Debezium + Connect's share
+    debezium_p99_ms: float = 0.0
 
 
 def write_paced(dsn: str, run: str, rate: int, duration_s: float) -> float:
@@ -97,22 +101,43 @@ def batch_seconds(port: int) -> tuple[float, float]:
     return count, (total / count if count else 0.0)
 
 
-def kafka_rate(bootstrap: str, topic: str, last_n: int) -> float:
-    """Events per second over the Kafka timestamps of the topic's last `last_n` messages."""
+def debezium_latencies(
+    bootstrap: str, registry_url: str, topic: str, first_offset: int
+) -> tuple[dict[str, list[int]], dict[str, tuple[int, int]]]:
+    """From the topic, per run: Kafka timestamp - commit time (ms) of each event, i.e. Debezium's
+    and Kafka Connect's share of the latency; and the span of the run's Kafka timestamps."""
+    from schemas.registry import SchemaCache
+
+    schemas = SchemaCache(registry_url)
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"fresh-{uuid.uuid4()}",
                          "enable.auto.commit": False})  # fmt: skip
+    latencies: dict[str, list[int]] = {}
+    spans: dict[str, tuple[int, int]] = {}
     try:
         _, end = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
-        consumer.assign([TopicPartition(topic, 0, max(0, end - last_n))])
-        stamps: list[int] = []
-        deadline = time.monotonic() + 60
-        while len(stamps) < last_n and time.monotonic() < deadline:
+        consumer.assign([TopicPartition(topic, 0, first_offset)])
+        position, deadline = first_offset, time.monotonic() + 120
+        while position < end and time.monotonic() < deadline:
             for msg in consumer.consume(10_000, 1.0):
-                if msg.error() is None and msg.value() is not None:
-                    stamps.append(msg.timestamp()[1])
-        return len(stamps) / max(0.001, (max(stamps) - min(stamps)) / 1000)
+                if msg.error() is not None:
+                    continue
+                position = (msg.offset() or 0) + 1
+                value = msg.value()
+                if value is None:
+                    continue
+                event = schemas.decode(value)[1]
+                run, stamp = event["after"]["run"], msg.timestamp()[1]
+                latencies.setdefault(run, []).append(stamp - event["source"]["ts_ms"])
+                low, high = spans.get(run, (stamp, stamp))
+                spans[run] = (min(low, stamp), max(high, stamp))
     finally:
         consumer.close()
+    return latencies, spans
+
+
+def percentile(values: list[int], q: float) -> float:
+    ordered = sorted(values)
+    return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))]) if ordered else 0.0
 
 
 def run_freshness(
@@ -147,6 +172,7 @@ def run_freshness(
     runs: list[tuple[str, int, float]] = []
     batches = (0.0, 0.0)
     try:
+        first_offset = topic_end(env["KAFKA_BOOTSTRAP"], f"cdc.{table}")
         log("warming up: the projector applies what the topic already holds ...")
         write_paced(dsn, f"{tag}-warmup", 1, 1)
         written = settled(port, table, process)  # the runs' events come on top of these
@@ -168,7 +194,11 @@ def run_freshness(
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=120)
         log_file.close()
-    debezium_rate = kafka_rate(env["KAFKA_BOOTSTRAP"], f"cdc.{table}", burst)
+    latencies, spans = debezium_latencies(
+        env["KAFKA_BOOTSTRAP"], env["REGISTRY_URL"], f"cdc.{table}", first_offset
+    )
+    low, high = spans.get(f"{tag}-burst", (0, 0))
+    debezium_rate = burst / max(0.001, (high - low) / 1000)
     results = [
         quantiles(
             projector, run_env, run, f"{rate:,} writes/s", rate, achieved, int(rate * duration_s)
@@ -176,12 +206,27 @@ def run_freshness(
         for run, rate, achieved in runs
     ]
     results.append(quantiles(projector, run_env, f"{tag}-burst", "burst", 0, writer_rate, burst))
+    results = [
+        replace(r, debezium_p50_ms=percentile(latencies.get(run, []), 0.5),
+                debezium_p99_ms=percentile(latencies.get(run, []), 0.99))
+        for r, run in zip(results, [run for run, _, _ in runs] + [f"{tag}-burst"], strict=True)
+    ]  # fmt: skip
     report = render(results, duration_s, debezium_rate, writer_rate, burst, batches)
     log(report)
     if report_path is not None:
         with report_path.open("a") as out:
             out.write("\n" + report + "\n")
     return results
+
+
+def topic_end(bootstrap: str, topic: str) -> int:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"fresh-{uuid.uuid4()}"})
+    try:
+        return int(consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)[1])
+    except Exception:  # the topic does not exist yet: it will start at 0
+        return 0
+    finally:
+        consumer.close()
 
 
 def settled(port: int, table: str, process: subprocess.Popen[bytes]) -> int:
@@ -244,18 +289,25 @@ def render(
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{platform.system()} {platform.release()}",
         "",
-        "| writer | achieved writes/s | rows | p50 ms | p95 ms | p99 ms | max ms |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| writer | achieved writes/s | rows | p50 ms | p95 ms | p99 ms | max ms "
+        "| of which Debezium p50 / p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
         f"| {r.name} | {r.achieved_rate:,.0f} | {r.rows:,} | {r.p50_ms:,.0f} | {r.p95_ms:,.0f} "
-        f"| {r.p99_ms:,.0f} | {r.max_ms:,.0f} |"
+        f"| {r.p99_ms:,.0f} | {r.max_ms:,.0f} | {r.debezium_p50_ms:,.0f} / {r.debezium_p99_ms:,.0f} |"
         for r in results
     ]
+    if debezium_rate >= 0.95 * writer_rate:
+        ceiling = (f"Debezium kept up with the burst's writer ({writer_rate:,.0f} commits/s, "
+                   f"{debezium_rate:,.0f} events/s over the events' Kafka timestamps): its ceiling "
+                   "on this machine is above what one writer connection commits")  # fmt: skip
+    else:
+        ceiling = (f"Debezium source ceiling: {debezium_rate:,.0f} events/s (Kafka timestamps of "
+                   f"the {burst:,}-row burst; the writer committed {writer_rate:,.0f}/s)")  # fmt: skip
     lines += [
         "",
-        f"Debezium source ceiling: {debezium_rate:,.0f} events/s (Kafka timestamps of the "
-        f"{burst:,}-row burst; the writer committed {writer_rate:,.0f}/s). Latency = ClickHouse "
+        f"{ceiling}. Latency = ClickHouse "
         f"insert start - Postgres commit; the inserts themselves took {batches[1] * 1000:.0f} ms "
         f"on average over {batches[0]:,.0f} batches.",
     ]
