@@ -81,10 +81,17 @@ class CheckpointStore:
             ) ENGINE = ReplacingMergeTree(version) ORDER BY (`projection`, topic, `partition`)"""
         )
 
-    def load(self) -> dict[tuple[str, int], PartitionCheckpoint]:
+    def load(
+        self, partitions: list[tuple[str, int]] | None = None
+    ) -> dict[tuple[str, int], PartitionCheckpoint]:
+        """The newest record of every partition (or of the given ones)."""
+        only = ""
+        if partitions is not None:
+            wanted = ", ".join(f"({quote(t)}, {int(p)})" for t, p in partitions)
+            only = f" AND (topic, `partition`) IN ({wanted or '(NULL, NULL)'})"
         rows = self.ch.rows(
             f"SELECT topic, partition, first_offset, last_offset, state FROM {self.table} FINAL "
-            f"WHERE `projection` = {quote(self.projection)}"
+            f"WHERE `projection` = {quote(self.projection)}{only}"
         )
         return {
             (r["topic"], int(r["partition"])): PartitionCheckpoint(
@@ -114,6 +121,17 @@ class BatchCommitter:
     def __init__(self, store: CheckpointStore) -> None:
         self.store = store
         self.checkpoints = store.load()
+
+    def refresh(self, partitions: list[tuple[str, int]]) -> None:
+        """Read these partitions' checkpoints again: on assignment, since another member of the
+        group may have applied them since this one last looked (a stale checkpoint would make it
+        apply their batches a second time)."""
+        fresh = self.store.load(partitions)
+        for key in partitions:
+            if key in fresh:
+                self.checkpoints[key] = fresh[key]
+            else:
+                self.checkpoints.pop(key, None)
 
     def resume_offset(self, topic: str, partition: int) -> int | None:
         checkpoint = self.checkpoints.get((topic, partition))

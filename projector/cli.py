@@ -274,6 +274,25 @@ def freshness(
         _fail(str(exc))
 
 
+@app.command("chdb-server")
+def chdb_server(
+    port: int = typer.Option(18123, help="Port on 127.0.0.1."),
+    path: Path = typer.Option(Path(".stack/chdb-server"), help="chDB data directory."),
+) -> None:
+    """Serve one chDB directory over ClickHouse's HTTP interface, so that several projector
+    processes (PROJECTOR_BACKEND=server, PROJECTOR_CLICKHOUSE_URL=http://127.0.0.1:PORT) share
+    it; for machines without a ClickHouse server. Runs until SIGTERM / Ctrl-C."""
+    import logging
+
+    from projector.chdb_server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        serve(port, path)
+    except OSError as exc:
+        _fail(f"cannot serve on 127.0.0.1:{port}: {exc}")
+
+
 @app.command("sql")
 def sql(
     query: str = typer.Argument(
@@ -288,7 +307,11 @@ def sql(
     formats = {"table": "PrettyCompactMonoBlock", "csv": "CSVWithNames", "json": "JSONEachRow"}
     if fmt not in formats:
         _fail(f"--format must be one of {', '.join(formats)}", code=2)
-    backend = open_backend(_config(config_file))
+    try:
+        backend = open_backend(_config(config_file))
+    except ProjectorError as exc:
+        _fail(str(exc))
+        return
     try:
         out = backend.text(f"{query.rstrip().rstrip(';')} SETTINGS readonly = 1", formats[fmt])
     except Exception as exc:

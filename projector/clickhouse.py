@@ -133,7 +133,10 @@ class ServerBackend:
         import clickhouse_connect
 
         try:
-            self._client = clickhouse_connect.get_client(dsn=url, username=user, password=password)
+            # No session: the apply thread and the main thread may query at the same time.
+            self._client = clickhouse_connect.get_client(
+                dsn=url, username=user, password=password, autogenerate_session_id=False
+            )
         except Exception as exc:
             raise ClickHouseUnavailable(
                 f"ClickHouse server at {url} is unreachable: {exc}"

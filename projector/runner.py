@@ -151,6 +151,8 @@ class Projector:
     # ---- assignment --------------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        with_retries(lambda: self.committer.refresh(keys), "reading checkpoints")
         positioned = []
         for tp in partitions:
             state = self.partitions[(tp.topic, tp.partition)]
