@@ -171,14 +171,23 @@ class BatchApplier:
         self.upcasters = upcasters or Upcasters()
         self._columns_by_schema: dict[int, dict[str, SourceColumn]] = {}
 
+    def plan(self, messages: Sequence[RawMessage]) -> list[Segment] | None:
+        """The fast path's schema segments of a batch, None when it takes the per-message path.
+        Reads only the messages, so the runner computes it ahead, beside the batch in flight."""
+        if self.fast_path is None:
+            return None
+        return plan_segments(*message_columns(messages))
+
     def apply(
         self,
         batch: BatchRange,
         messages: Sequence[RawMessage],
         dead_letter: Callable[[BatchRange, list[DeadLetter]], None],
+        segments: list[Segment] | None = None,
     ) -> BatchOutcome:
+        """Apply the batch; `segments` is its `plan` when the caller made it already."""
         if self.fast_path is not None:
-            segments = plan_segments(*message_columns(messages))
+            segments = segments or self.plan(messages)
             if segments is not None:
                 try:
                     return self._apply_fast(batch, segments)

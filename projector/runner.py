@@ -39,7 +39,7 @@ from projector.clickhouse import ClickHouse
 from projector.config import ProjectorConfig
 from projector.dlq import DeadLetter, DeadLetterStore
 from projector.errors import ClickHouseUnavailable
-from projector.fast_path import FastPath
+from projector.fast_path import FastPath, Segment
 from projector.metrics import ProjectorMetrics
 from projector.replica import ReplicaCatalog
 from projector.transactions import TransactionLedger
@@ -253,9 +253,11 @@ class Projector:
                 batch = BatchRange(
                     topic, partition, offset_of(batch_msgs[0]), offset_of(batch_msgs[-1])
                 )
+                messages = KafkaMessages(batch_msgs)
+                segments = self.applier.plan(messages)  # while the batch in flight applies
                 self._wait_for_batch()  # at most one batch in flight
                 self._in_flight = self._apply_thread.submit(
-                    self._commit_with_retries, batch, batch_msgs
+                    self._commit_with_retries, batch, messages, segments
                 )
                 state.replay = None
                 if self.stopping:
@@ -307,9 +309,11 @@ class Projector:
         for name in with_retries(self.read_models.ensure, "creating read models"):
             log.info("read model %s.%s created", self.read_models.database, name)
 
-    def _commit_with_retries(self, batch: BatchRange, messages: list[Message]) -> BatchRange:
+    def _commit_with_retries(
+        self, batch: BatchRange, messages: KafkaMessages, segments: list[Segment] | None
+    ) -> BatchRange:
         def attempt() -> None:
-            self.committer.commit(batch, lambda rng: self._apply(rng, messages))
+            self.committer.commit(batch, lambda rng: self._apply(rng, messages, segments))
 
         with_retries(
             attempt,
@@ -333,13 +337,14 @@ class Projector:
             return cut
         return []
 
-    def _apply(self, batch: BatchRange, kafka_messages: list[Message]) -> None:
-        messages = KafkaMessages(kafka_messages)
+    def _apply(
+        self, batch: BatchRange, messages: KafkaMessages, segments: list[Segment] | None
+    ) -> None:
         if batch.topic == self.config.transaction_topic:
             self.ledger.record_ends(batch, self._transaction_events(messages))
             return
         started = time.monotonic()
-        outcome = self.applier.apply(batch, messages, self._dead_letter)
+        outcome = self.applier.apply(batch, messages, self._dead_letter, segments)
         self.ledger.record_progress(batch, outcome.transactions)
         self.applied_events += outcome.applied
         self.fast_events += outcome.applied if outcome.fast else 0
