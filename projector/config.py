@@ -55,7 +55,8 @@ class ProjectorConfig(BaseModel):
     fast_path: bool = True
     # Messages per batch (one partition): each batch costs two checkpoint inserts, so bigger
     # batches go faster through a backlog; a batch is cut sooner when nothing more is waiting.
-    max_batch_messages: int = Field(default=50_000, ge=1)
+    # At most 1,000,000: a fast-path batch must stay one ClickHouse insert block.
+    max_batch_messages: int = Field(default=50_000, ge=1, le=1_000_000)
     max_batch_wait_ms: int = Field(default=50, ge=1)
     dlq_topic: str = "projector.dlq"
     # Declared renames and type changes of source columns (schemas/upcasters.py); None: the
