@@ -184,10 +184,12 @@ class BatchApplier:
         messages: Sequence[RawMessage],
         dead_letter: Callable[[BatchRange, list[DeadLetter]], None],
         segments: list[Segment] | None = None,
+        planned: bool = False,
     ) -> BatchOutcome:
-        """Apply the batch; `segments` is its `plan` when the caller made it already."""
+        """Apply the batch; `planned`: `segments` is its `plan`, made by the caller already."""
         if self.fast_path is not None:
-            segments = segments or self.plan(messages)
+            if not planned:
+                segments = self.plan(messages)
             if segments is not None:
                 try:
                     return self._apply_fast(batch, segments)

@@ -68,14 +68,7 @@ class Schemas:
 
 def prepare(env: dict[str, str], log: Any) -> Schemas:
     """Let Debezium register the table's schemas, and keep one real event as a template."""
-    with psycopg.connect(env["ADMIN_DSN"], autocommit=True) as conn:
-        for statement in DDL.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-    capture = ",".join(dict.fromkeys([*env.get("CAPTURE", "public").split(","), SCHEMA]))
-    apply_connector(
-        ConnectClient(env["CONNECT_URL"]), env["ADMIN_DSN"], {**env, "CAPTURE": capture}
-    )
+    create_and_capture(env, DDL, SCHEMA)
     with psycopg.connect(env["ADMIN_DSN"], autocommit=True) as conn:
         conn.execute(
             f"INSERT INTO {SCHEMA}.{TABLE} VALUES (0, 1, 'PENDING', 1.00, now(), 'template') "
@@ -92,6 +85,18 @@ def prepare(env: dict[str, str], log: Any) -> Schemas:
     template = fastavro.schemaless_reader(io.BytesIO(message[1][5:]), value, None)
     assert isinstance(template, dict)
     return Schemas(key_id, key, value_id, value, template)
+
+
+def create_and_capture(env: dict[str, str], ddl: str, schema: str) -> None:
+    """Run the benchmark's DDL and add its schema to what the connector captures."""
+    with psycopg.connect(env["ADMIN_DSN"], autocommit=True) as conn:
+        for statement in ddl.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    capture = ",".join(dict.fromkeys([*env.get("CAPTURE", "public").split(","), schema]))
+    apply_connector(
+        ConnectClient(env["CONNECT_URL"]), env["ADMIN_DSN"], {**env, "CAPTURE": capture}
+    )
 
 
 def _first_message(bootstrap: str, topic: str, timeout_s: float = 120) -> tuple[bytes, bytes]:

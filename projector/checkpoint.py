@@ -87,8 +87,10 @@ class CheckpointStore:
         """The newest record of every partition (or of the given ones)."""
         only = ""
         if partitions is not None:
+            if not partitions:
+                return {}
             wanted = ", ".join(f"({quote(t)}, {int(p)})" for t, p in partitions)
-            only = f" AND (topic, `partition`) IN ({wanted or '(NULL, NULL)'})"
+            only = f" AND (topic, `partition`) IN ({wanted})"
         rows = self.ch.rows(
             f"SELECT topic, partition, first_offset, last_offset, state FROM {self.table} FINAL "
             f"WHERE `projection` = {quote(self.projection)}{only}"

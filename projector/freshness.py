@@ -1,4 +1,4 @@
-"""`projector freshness` (`make bench-freshness`): how soon a committed row is visible in ClickHouse.
+"""`projector freshness` (part of `make bench`): how soon a committed row is visible in ClickHouse.
 
 1. A `bench.fresh` table is captured by the real connector; one projector process (`projector run`,
    defaults, fast path) projects it.
@@ -32,11 +32,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psycopg
 from confluent_kafka import Consumer, TopicPartition
 
-from connectors import ConnectClient, apply_connector
+from projector.bench import create_and_capture
+from projector.projector_status import collect_live_status
 
 SCHEMA, TABLE = "bench", "fresh"
 DDL = f"""
@@ -78,26 +78,17 @@ def write_paced(dsn: str, run: str, rate: int, duration_s: float) -> float:
 
 
 def applied_events(port: int, table: str) -> int:
-    try:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
-    except httpx.HTTPError:
-        return 0
-    total = 0
-    for line in text.splitlines():
-        if line.startswith("projector_events_applied_total{") and f'table="{table}"' in line:
-            total += int(float(line.rsplit(" ", 1)[1]))
-    return total
+    """Events of `table` the running projector has applied, from its metrics (0: no answer)."""
+    report = collect_live_status(port, timeout_s=2)
+    return sum(r["events"] for r in report["tables"] if r["table"] == table) if report else 0
 
 
 def batch_seconds(port: int) -> tuple[float, float]:
     """(batches, mean seconds) over every path, from the projector's histogram."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
-    count = total = 0.0
-    for line in text.splitlines():
-        if line.startswith("projector_batch_seconds_count"):
-            count += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("projector_batch_seconds_sum"):
-            total += float(line.rsplit(" ", 1)[1])
+    report = collect_live_status(port, timeout_s=2)
+    batches = report["batches"].values() if report else []
+    count = sum(b.get("batches", 0) for b in batches)
+    total = sum(b.get("seconds", 0) for b in batches)
     return count, (total / count if count else 0.0)
 
 
@@ -149,12 +140,7 @@ def run_freshness(
     stack.up(log=log)
     env = {**os.environ, **stack.client_environment()}
     dsn = env["ADMIN_DSN"]
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for statement in DDL.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-    capture = ",".join(dict.fromkeys([*env.get("CAPTURE", "public").split(","), SCHEMA]))
-    apply_connector(ConnectClient(env["CONNECT_URL"]), dsn, {**env, "CAPTURE": capture})
+    create_and_capture(env, DDL, SCHEMA)
     work = Path(tempfile.mkdtemp(prefix="projector-freshness-"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

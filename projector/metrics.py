@@ -11,7 +11,7 @@
 
 Lag in seconds is measured from the Kafka timestamp of the waiting event, which Kafka Connect sets
 when Debezium hands the event over: it is the commit time plus Debezium's own delay (measured by
-`make bench-freshness`, docs/benchmarks.md). When a partition is applied to its end its lag is 0,
+`projector freshness`, part of `make bench`, docs/benchmarks.md). When a partition is applied to its end its lag is 0,
 not the age of its last event, so an idle projector shows no lag.
 """
 

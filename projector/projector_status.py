@@ -19,7 +19,7 @@ from projector.config import ProjectorConfig
 from projector.dlq import DeadLetterStore
 from projector.errors import ProjectorError
 from projector.runner import PROJECTION
-from projector.transactions import TransactionLedger
+from projector.transactions import TransactionLedger, lsn_text
 from queries.read_models import load_read_models
 
 
@@ -96,9 +96,8 @@ def collect_live_status(port: int, timeout_s: float = 1.0) -> dict[str, Any] | N
         elif sample.name == "projector_dead_letters_total":
             dead += int(value)
         elif sample.name == "projector_watermark_lsn":
-            lsn = int(value)
             read_models[labels["read_model"]] = {
-                "watermark": {"tx_id": None, "lsn": f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"}
+                "watermark": {"tx_id": None, "lsn": lsn_text(int(value))}
             }
     for row in partitions.values():
         row["lag"] = int(row.get("lag", 0))

@@ -344,7 +344,7 @@ class Projector:
             self.ledger.record_ends(batch, self._transaction_events(messages))
             return
         started = time.monotonic()
-        outcome = self.applier.apply(batch, messages, self._dead_letter, segments)
+        outcome = self.applier.apply(batch, messages, self._dead_letter, segments, planned=True)
         self.ledger.record_progress(batch, outcome.transactions)
         self.applied_events += outcome.applied
         self.fast_events += outcome.applied if outcome.fast else 0

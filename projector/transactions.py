@@ -33,8 +33,12 @@ class Watermark:
 
     @property
     def lsn_text(self) -> str:
-        """Postgres' spelling of the LSN, e.g. 0/1A2B3C4."""
-        return f"{self.lsn >> 32:X}/{self.lsn & 0xFFFFFFFF:X}"
+        return lsn_text(self.lsn)
+
+
+def lsn_text(lsn: int) -> str:
+    """Postgres' spelling of an LSN, e.g. 0/1A2B3C4."""
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 
 
 def lsn_of(tx_id: str) -> int:

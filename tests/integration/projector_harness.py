@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import subprocess
 import time
 import uuid
@@ -114,6 +115,13 @@ class ProjectorProcess:
         result = self.cli("sql", "--format", "json", query)
         assert result.returncode == 0, result.stderr
         return parse_rows(result.stdout)  # decimals stay exact
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def normalise(value: Any) -> Any:

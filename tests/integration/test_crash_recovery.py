@@ -56,6 +56,25 @@ class Tables:
         stack.sql(f"CREATE TABLE {self.notes} (id int PRIMARY KEY, body text, counter int)")
         stack.sql(f"ALTER TABLE {self.notes} ALTER COLUMN body SET STORAGE EXTERNAL")
 
+    def assert_replicas_equal_source(
+        self, stack: StackHandle, projector: ProjectorProcess
+    ) -> tuple[int, int, int]:
+        """Each table equals its replica row by row; their row counts."""
+        accounts = assert_replica_equals_source(
+            stack, projector, self.accounts, ["id"],
+            render={"seen_at": TIMESTAMP_TEXT, "blob": ("encode({}, 'hex')", "lower(hex({}))"),
+                    "score": ("lower({}::text)", "toString({})"), "doc": ("{}::text", "{}"),
+                    "balance": ("trim_scale({})::text", "toString({})"),
+                    "tags": ("to_json({})::text", "toJSONString({})")},
+        )  # fmt: skip
+        lines = assert_replica_equals_source(
+            stack, projector, self.lines, ["tenant", "seq"],
+            render={"at": ("to_char({}, 'YYYY-MM-DD HH24:MI:SS.US')", "toString({})"),
+                    "amount": ("trim_scale({})::text", "{}")},
+        )  # fmt: skip
+        notes = assert_replica_equals_source(stack, projector, self.notes, ["id"])
+        return accounts, lines, notes
+
 
 class Workload(threading.Thread):
     """Random transactions of inserts, updates and deletes, like an application would write them;
@@ -211,20 +230,7 @@ def test_sigkill_at_random_moments_under_load_ends_equal_to_postgres(
 
     projector.catch_up()
     context = f"seed {seed}, {workload.transactions} transactions"
-    accounts = assert_replica_equals_source(
-        stack, projector, tables.accounts, ["id"],
-        render={"seen_at": TIMESTAMP_TEXT, "blob": ("encode({}, 'hex')", "lower(hex({}))"),
-                "score": ("lower({}::text)", "toString({})"), "doc": ("{}::text", "{}"),
-                "balance": ("trim_scale({})::text", "toString({})"),
-                "tags": ("to_json({})::text", "toJSONString({})")},
-    )  # fmt: skip
-    lines = assert_replica_equals_source(
-        stack, projector, tables.lines, ["tenant", "seq"],
-        render={"at": ("to_char({}, 'YYYY-MM-DD HH24:MI:SS.US')", "toString({})"),
-                "amount": ("trim_scale({})::text", "{}")},
-    )  # fmt: skip
-    notes = assert_replica_equals_source(stack, projector, tables.notes, ["id"])
-    assert accounts and lines and notes, context
+    assert all(tables.assert_replicas_equal_source(stack, projector)), context
 
     dead = projector.sql(
         f"SELECT offset, stage FROM {projector.control_db}.dlq FINAL "

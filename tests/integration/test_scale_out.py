@@ -13,7 +13,6 @@ from __future__ import annotations
 import random
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -22,16 +21,10 @@ import httpx
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from tests.integration.conftest import PROJECTOR, StackHandle
-from tests.integration.projector_harness import ProjectorProcess, assert_replica_equals_source
-from tests.integration.test_crash_recovery import TIMESTAMP_TEXT, Tables, Workload
+from tests.integration.projector_harness import ProjectorProcess, free_port
+from tests.integration.test_crash_recovery import Tables, Workload
 
 PARTITIONS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_chdb_server(path: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -129,19 +122,7 @@ def test_three_members_share_partitions_through_leaves_crashes_and_joins(
                 f"SELECT uniqExact(_partition) AS n FROM {deployment.replica_db}.{name}"
             )
             assert int(partitions[0]["n"]) == PARTITIONS, f"{name}: {partitions}"
-        assert assert_replica_equals_source(
-            stack, deployment, tables.accounts, ["id"],
-            render={"seen_at": TIMESTAMP_TEXT, "blob": ("encode({}, 'hex')", "lower(hex({}))"),
-                    "score": ("lower({}::text)", "toString({})"), "doc": ("{}::text", "{}"),
-                    "balance": ("trim_scale({})::text", "toString({})"),
-                    "tags": ("to_json({})::text", "toJSONString({})")},
-        ), context  # fmt: skip
-        assert assert_replica_equals_source(
-            stack, deployment, tables.lines, ["tenant", "seq"],
-            render={"at": ("to_char({}, 'YYYY-MM-DD HH24:MI:SS.US')", "toString({})"),
-                    "amount": ("trim_scale({})::text", "{}")},
-        ), context  # fmt: skip
-        assert assert_replica_equals_source(stack, deployment, tables.notes, ["id"]), context
+        assert all(tables.assert_replicas_equal_source(stack, deployment)), context
     finally:
         for process, _ in members:
             if process.poll() is None:
