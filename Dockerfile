@@ -1,5 +1,5 @@
-# The projector image: `projector run`, `projector serve` and `projector connectors apply` (see
-# docker-compose.yml, which picks the command per service). No entrypoint: the command is explicit.
+# The projector image: `projector run` and `projector connectors apply` (docker-compose.yml picks
+# the command per service; tests/unit/test_compose.py checks each exists). No entrypoint.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -10,6 +10,7 @@ COPY projector/ projector/
 COPY connectors/ connectors/
 COPY schemas/ schemas/
 COPY queries/ queries/
+COPY devstack/ devstack/
 RUN pip install . && useradd --system --uid 10001 --create-home projector
 
 USER projector

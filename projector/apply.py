@@ -23,10 +23,10 @@ the same inserts under the same tokens.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, NamedTuple, overload
+from typing import Any
 
 from projector.checkpoint import BatchRange
 from projector.clickhouse import ClickHouse, ident, quote
@@ -39,14 +39,15 @@ from projector.fast_path import (
     Segment,
     plan_segments,
 )
+from projector.messages import RawMessage, message_columns, source_table_of
 from projector.replica import (
     ReplicaCatalog,
     ReplicaTable,
     SourceColumn,
-    commit_ts,
     insert_rows,
     is_toast_placeholder,
     key_columns,
+    metadata,
     upcast,
     value_columns,
 )
@@ -56,58 +57,6 @@ from schemas.type_map import UnconvertibleValue
 from schemas.upcasters import Upcasters
 
 log = logging.getLogger("projector")
-
-
-class RawMessage(NamedTuple):
-    """One Kafka message as the projector keeps it (a tuple: cheap to make a million of)."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp_ms: int = 0  # Kafka's timestamp: when Kafka Connect produced it
-
-
-class KafkaMessages(Sequence[RawMessage]):
-    """confluent-kafka messages seen as `RawMessage`s, each made only when asked for: the fast
-    path reads offsets, keys and values as columns and never needs one (a million tuples cost a
-    second)."""
-
-    def __init__(self, messages: list[Any]) -> None:
-        self._messages = messages
-
-    def __len__(self) -> int:
-        return len(self._messages)
-
-    @overload
-    def __getitem__(self, index: int) -> RawMessage: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[RawMessage]: ...
-
-    def __getitem__(self, index: int | slice) -> RawMessage | Sequence[RawMessage]:
-        if isinstance(index, slice):
-            return KafkaMessages(self._messages[index])
-        m = self._messages[index]
-        return RawMessage(m.topic(), m.partition(), m.offset(), m.key(), m.value(),
-                          m.timestamp()[1])  # fmt: skip
-
-    def __iter__(self) -> Iterator[RawMessage]:
-        return (self[i] for i in range(len(self._messages)))
-
-    def columns(self) -> tuple[list[int], list[bytes | None], list[bytes | None]]:
-        ms = self._messages
-        return [m.offset() for m in ms], [m.key() for m in ms], [m.value() for m in ms]
-
-
-def message_columns(
-    messages: Sequence[RawMessage],
-) -> tuple[list[int], list[bytes | None], list[bytes | None]]:
-    """Offsets, keys and values of a batch, as three lists."""
-    if isinstance(messages, KafkaMessages):
-        return messages.columns()
-    return [m.offset for m in messages], [m.key for m in messages], [m.value for m in messages]
 
 
 @dataclass
@@ -126,11 +75,10 @@ class BatchOutcome:
     transactions: dict[tuple[str, str], int] = field(default_factory=dict)
     fast: bool = False  # applied by the fast path
 
-
-def source_table_of(topic: str) -> tuple[str, str]:
-    """`<prefix>.<schema>.<table>` → (schema, table)."""
-    parts = topic.split(".")
-    return parts[-2], parts[-1]
+    def count_transaction(self, tx_id: str, collection: str, events: int = 1) -> None:
+        """`events` more applied events of Debezium transaction `tx_id` on `schema.table`."""
+        key = (tx_id, collection)
+        self.transactions[key] = self.transactions.get(key, 0) + events
 
 
 def decode(message: RawMessage, schemas: SchemaCache) -> Event | None:
@@ -249,8 +197,7 @@ class BatchApplier:
             for event in written:
                 tx_id = (event.value.get("transaction") or {}).get("id")
                 if tx_id:
-                    key = (tx_id, collection)
-                    outcome.transactions[key] = outcome.transactions.get(key, 0) + 1
+                    outcome.count_transaction(tx_id, collection)
         if dead:
             dead_letter(batch, dead)
         return outcome
@@ -306,8 +253,7 @@ class BatchApplier:
             )  # fmt: skip
             outcome.applied += len(segment.offsets)
             for xid, count in per_transaction.items():
-                key = (xid, f"{schema_name}.{table_name}")
-                outcome.transactions[key] = outcome.transactions.get(key, 0) + count
+                outcome.count_transaction(xid, f"{schema_name}.{table_name}", count)
         return outcome
 
     # ---- rows --------------------------------------------------------------------------------
@@ -386,16 +332,7 @@ class BatchApplier:
                 row[column.input_name] = column.ctype.to_clickhouse(raw)
             except (UnconvertibleValue, ValueError, TypeError, OverflowError) as exc:
                 raise PoisonMessage("convert", f"column {name}: {exc}") from exc
-        row.update(
-            _version=message.offset,
-            _is_deleted=1 if deleted else 0,
-            _op=op,
-            _lsn=int(source.get("lsn") or 0),
-            _tx_id=int(source.get("txId") or 0),
-            _commit_ts=commit_ts(source),
-            _partition=message.partition,
-            _offset=message.offset,
-        )
+        row.update(metadata(op, source, message.partition, message.offset))
         return row
 
     def _key_image(self, event: Event) -> dict[str, Any]:
@@ -446,20 +383,8 @@ class BatchApplier:
         keys = ", ".join(ident(k) for k in replica.key_columns)
         live = self.ch.rows(f"SELECT {keys} FROM {replica.qualified} FINAL")
         source = event.value.get("source") or {}
-        return [
-            {
-                **row,
-                "_version": message.offset,
-                "_is_deleted": 1,
-                "_op": "t",
-                "_lsn": int(source.get("lsn") or 0),
-                "_tx_id": int(source.get("txId") or 0),
-                "_commit_ts": commit_ts(source),
-                "_partition": message.partition,
-                "_offset": message.offset,
-            }
-            for row in live
-        ]
+        marker = metadata("t", source, message.partition, message.offset)
+        return [{**row, **marker} for row in live]
 
 
 def _key(row: dict[str, Any], key_columns: list[str]) -> tuple[str, ...]:

@@ -1,7 +1,19 @@
 """The commit protocol: how a batch becomes an exactly-once effect in ClickHouse.
 
-Kafka delivers at least once; this module makes the *effect* exactly once. For every batch of one
-topic-partition, `BatchCommitter.commit` will:
+Kafka delivers at least once; this module makes the *effect* exactly once. The whole protocol is
+here, in the order it runs.
+
+When partitions are assigned, `BatchCommitter.assign` will:
+
+  A. read their checkpoints afresh from ClickHouse (another member of the group may have applied
+     them since this one last looked; a cached checkpoint would apply its batches twice);
+  B. position each partition where the checkpoint says: at an open intent's first offset, after
+     the last done batch, or at the beginning — the checkpoint table, not the consumer group's
+     committed offsets, is the truth;
+  C. mark a partition whose last record is an intent for exact replay: `cut_batch` then cuts
+     exactly that range again, so the replay sends the same tokens.
+
+For every batch of one topic-partition, `BatchCommitter.commit` will:
 
   1. check the batch is the next one: it starts after the last applied offset (Kafka offsets may
      have gaps, never overlaps), or it is exactly the open intent being replayed;
@@ -12,9 +24,10 @@ topic-partition, `BatchCommitter.commit` will:
      sends the same tokens, and ClickHouse drops inserts it has already seen;
   4. record the batch as done.
 
-Kafka offsets are committed afterwards only as a convenience for lag tools: on start-up the
-checkpoint table, not the consumer group, says where each partition resumes, and a partition
-whose last record is an intent replays exactly that range first, with the same tokens.
+And afterwards, `acknowledge` will:
+
+  5. commit the Kafka offset after the batch, only as a convenience for lag tools (step B never
+     reads it).
 
 Checkpoint rows are versioned (`last_offset * 2 + done`) in a ReplacingMergeTree, so the newest
 record per (projection, topic, partition) wins and re-recording the same state is harmless.
@@ -22,11 +35,19 @@ record per (projection, topic, partition) wins and re-recording the same state i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+
+from confluent_kafka import Consumer, TopicPartition
 
 from projector.clickhouse import ClickHouse, ident, insert_statement, quote
 from projector.errors import CheckpointError
+
+# The projection whose checkpoints these are: the replica tables (and, in their batches, the read
+# models). Part of every checkpoint key and deduplication token.
+PROJECTION = "replica"
+M = TypeVar("M")
 
 INTENT = "intent"
 DONE = "done"
@@ -62,6 +83,37 @@ class PartitionCheckpoint:
     def resume_offset(self) -> int:
         """Where consumption continues: the intent's first offset, or after the done batch."""
         return self.first if self.state == INTENT else self.last + 1
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where an assigned partition continues, and the open intent to replay first (if any)."""
+
+    topic: str
+    partition: int
+    offset: int
+    replay: BatchRange | None
+
+
+def cut_batch(
+    buffer: Sequence[M],
+    offset_of: Callable[[M], int],
+    replay: BatchRange | None,
+    max_messages: int,
+    drain: bool,
+) -> tuple[Sequence[M], Sequence[M]]:
+    """(the next batch, what stays buffered) of one partition's consumed messages, in offset
+    order. C: while an open intent waits for replay, the batch is exactly its range — nothing
+    until the buffer reaches the intent's last offset. Otherwise a batch is `max_messages`
+    messages, or whatever is buffered when `drain` (nothing newer is waiting)."""
+    if replay is not None:
+        if not buffer or offset_of(buffer[-1]) < replay.last:
+            return [], buffer
+        size = sum(1 for m in buffer if offset_of(m) <= replay.last)
+        return buffer[:size], buffer[size:]
+    if len(buffer) >= max_messages or drain:
+        return buffer[:max_messages], buffer[max_messages:]
+    return [], buffer
 
 
 class CheckpointStore:
@@ -124,26 +176,30 @@ class BatchCommitter:
         self.store = store
         self.checkpoints = store.load()
 
-    def refresh(self, partitions: list[tuple[str, int]]) -> None:
-        """Read these partitions' checkpoints again: on assignment, since another member of the
-        group may have applied them since this one last looked (a stale checkpoint would make it
-        apply their batches a second time)."""
+    def assign(self, partitions: list[tuple[str, int]]) -> list[Resume]:
+        """Steps A to C for newly assigned partitions: where each one resumes."""
+        # A. afresh: another member may have applied these partitions since we last looked
         fresh = self.store.load(partitions)
-        for key in partitions:
-            if key in fresh:
-                self.checkpoints[key] = fresh[key]
-            else:
-                self.checkpoints.pop(key, None)
+        resumes = []
+        for topic, partition in partitions:
+            checkpoint = fresh.get((topic, partition))
+            if checkpoint is None:
+                self.checkpoints.pop((topic, partition), None)
+                resumes.append(Resume(topic, partition, 0, None))  # B. from the beginning
+                continue
+            self.checkpoints[(topic, partition)] = checkpoint
+            # B. at the intent's first offset, or after the done batch; C. replay the intent
+            replay = (
+                BatchRange(topic, partition, checkpoint.first, checkpoint.last)
+                if checkpoint.state == INTENT
+                else None
+            )
+            resumes.append(Resume(topic, partition, checkpoint.resume_offset, replay))
+        return resumes
 
     def resume_offset(self, topic: str, partition: int) -> int | None:
         checkpoint = self.checkpoints.get((topic, partition))
         return None if checkpoint is None else checkpoint.resume_offset
-
-    def pending_intent(self, topic: str, partition: int) -> BatchRange | None:
-        checkpoint = self.checkpoints.get((topic, partition))
-        if checkpoint is None or checkpoint.state != INTENT:
-            return None
-        return BatchRange(topic, partition, checkpoint.first, checkpoint.last)
 
     def commit(self, batch: BatchRange, apply: Callable[[BatchRange], None]) -> None:
         # 1. the batch must continue where the partition stopped (or replay the open intent)
@@ -174,3 +230,11 @@ class BatchCommitter:
         self.checkpoints[(batch.topic, batch.partition)] = PartitionCheckpoint(
             DONE, batch.first, batch.last
         )
+
+
+def acknowledge(consumer: Consumer, batch: BatchRange) -> None:
+    """5. Tell the consumer group the batch is applied (a convenience for lag tools: resuming
+    reads the checkpoint table, step B)."""
+    consumer.commit(
+        offsets=[TopicPartition(batch.topic, batch.partition, batch.last + 1)], asynchronous=True
+    )

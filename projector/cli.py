@@ -1,10 +1,13 @@
-"""The `projector` command line: one entry point, a sub-command per job, `--help` everywhere."""
+"""The engine's commands: `run`, `status`, `sql`, `dlq`, `connectors`.
+
+`devstack/cli.py` adds the development tools (the local stack, the demo, the shop, benchmarks) to
+this same `app` and is the `projector` entry point; the engine never imports them.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import typer
@@ -12,120 +15,20 @@ from rich.console import Console
 from rich.table import Table
 
 from connectors import ConnectClient, ConnectorError, apply_connector, render_connector
-from projector.config import ProjectorConfig, load_config
+from projector.config import ProjectorConfig, client_environment, load_config
 from projector.errors import ConfigError, ProjectorError
-from projector.stack import Stack, StackError, healthy
 
 app = typer.Typer(
     help="CDC projection engine: Postgres → Debezium → Kafka → ClickHouse.",
     no_args_is_help=True,
     add_completion=False,
 )
-stack_app = typer.Typer(
-    help="Run the local real stack (Postgres, Kafka, Connect, registry).", no_args_is_help=True
-)
-app.add_typer(stack_app, name="stack")
 
 console = Console(stderr=True)
 
 
-def _fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> None:
     console.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-@stack_app.command("up")
-def stack_up() -> None:
-    """Fetch what is missing, start every component, wait until all are healthy (idempotent)."""
-    stack = Stack()
-    try:
-        statuses = stack.up(log=lambda m: console.print(m, highlight=False))
-    except StackError as exc:
-        _fail(str(exc))
-        return
-    if not healthy(statuses):
-        bad = ", ".join(f"{s.name}: {s.detail}" for s in statuses if s.state != "healthy")
-        _fail(f"stack is not healthy: {bad}")
-    console.print("[green]stack is up[/green]; `projector stack status --json` prints addresses")
-
-
-@stack_app.command("down")
-def stack_down() -> None:
-    """Stop every component (data stays in the state dir; `up` resumes it)."""
-    Stack().down(log=lambda m: console.print(m, highlight=False))
-
-
-@stack_app.command("status")
-def stack_status(
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output with addresses."),
-) -> None:
-    """Show each component's state and the addresses a client needs. Exit 1 if any is unhealthy."""
-    statuses = Stack().status()
-    if as_json:
-        sys.stdout.write(json.dumps({s.name: asdict(s) for s in statuses}, indent=2) + "\n")
-    else:
-        table = Table("component", "state", "pid", "detail", "endpoint")
-        for s in statuses:
-            colour = {"healthy": "green", "unhealthy": "yellow"}.get(s.state, "red")
-            endpoint = (
-                s.endpoint.get("url")
-                or s.endpoint.get("bootstrap_servers")
-                or s.endpoint.get("dsn", "")
-            )
-            table.add_row(
-                s.name, f"[{colour}]{s.state}[/{colour}]", str(s.pid or ""), s.detail, endpoint
-            )
-        Console().print(table)
-    if not healthy(statuses):
-        raise typer.Exit(1)
-
-
-@stack_app.command("logs")
-def stack_logs(
-    name: str = typer.Argument(..., help="postgres | kafka | registry | connect"),
-    lines: int = typer.Option(50, "--lines", "-n", help="How many lines from the end."),
-) -> None:
-    """Print the tail of one component's log."""
-    stack = Stack()
-    try:
-        component = stack.component(name)
-    except KeyError as exc:
-        _fail(str(exc.args[0]), code=2)
-        return
-    sys.stdout.write(stack.tail(component, lines) + "\n")
-    console.print(f"(log file: {stack.log_file(component)})", highlight=False)
-
-
-@stack_app.command("fetch")
-def stack_fetch() -> None:
-    """Download the Java pieces (Kafka, Debezium, Apicurio, converter) into the cache."""
-    from projector.stack.artifacts import fetch_all
-    from projector.stack.settings import StackSettings
-
-    try:
-        paths = fetch_all(StackSettings(), log=lambda m: console.print(m, highlight=False))
-    except StackError as exc:
-        _fail(str(exc))
-        return
-    console.print(f"cached under {paths.kafka_classpath_dir.parent}", highlight=False)
-
-
-@app.command("demo")
-def demo(
-    duration: float | None = typer.Option(
-        None, help="Stop after this many seconds (default: run until Ctrl-C)."
-    ),
-    rate: float = typer.Option(20.0, help="Shop transactions per second."),
-) -> None:
-    """The main job, live: stack up, the shop application writing, the projector applying on
-    embedded ClickHouse, and read models with the lag refreshing until Ctrl-C."""
-    from projector.demo import run_demo
-
-    try:
-        code = run_demo(console, duration_s=duration, rate=rate)
-    except (StackError, ConnectorError, ProjectorError) as exc:
-        _fail(str(exc))
-        return
     raise typer.Exit(code)
 
 
@@ -138,7 +41,7 @@ def _config(path: Path | None) -> ProjectorConfig:
     try:
         return load_config(path)
     except ConfigError as exc:
-        _fail(str(exc), code=2)
+        fail(str(exc), code=2)
         raise
 
 
@@ -154,7 +57,7 @@ def run(
     """Consume the change topics and apply them to ClickHouse (exactly-once effect)."""
     import logging
 
-    from projector.clickhouse import open_backend
+    from projector.config import open_backend
     from projector.runner import Projector
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -162,7 +65,7 @@ def run(
     try:
         code = Projector(config, open_backend(config)).run(until_caught_up=until_caught_up)
     except ProjectorError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     raise typer.Exit(code)
 
@@ -176,7 +79,7 @@ def status(
     running), per read model its consistency watermark, the dead letters. Read from the running
     projector's metrics endpoint when it answers, else from ClickHouse (with chDB: while no
     projector runs)."""
-    from projector.projector_status import collect_live_status, collect_status
+    from projector.status import collect_live_status, collect_status
 
     config = _config(config_file)
     report = collect_live_status(config.metrics_port) if config.metrics_port else None
@@ -184,7 +87,7 @@ def status(
         try:
             report = collect_status(config)
         except ProjectorError as exc:
-            _fail(str(exc))
+            fail(str(exc))
             return
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
@@ -224,75 +127,6 @@ def status(
     out.print(f"{report['dead_letters']} dead letter(s)", highlight=False)
 
 
-@app.command("bench")
-def bench(
-    events: int = typer.Option(1_000_000, min=1000, help="Change events to generate."),
-    seed: int = typer.Option(1, help="Random seed of the generated events."),
-    report: Path = typer.Option(Path("docs/benchmarks.md"), help="Append the results here."),
-    no_report: bool = typer.Option(False, "--no-report", help="Only print the results."),
-    profile: Path | None = typer.Option(
-        None, help="Sample (a) and (b) with py-spy into PROFILE.a / PROFILE.b (collapsed stacks)."
-    ),
-    batch_messages: int = typer.Option(
-        50_000, min=1, help="The projector's batch size (PROJECTOR_MAX_BATCH_MESSAGES) in (a), (b)."
-    ),
-) -> None:
-    """Measure the projector against a naive baseline and ClickHouse's own decoder, on the same
-    generated events, in one run (starts the stack if needed)."""
-    from projector.bench import run_bench
-
-    log = lambda m: console.print(m, highlight=False)  # noqa: E731
-    try:
-        run_bench(events, seed, log, None if no_report else report, profile, batch_messages)
-    except (StackError, ConnectorError, ProjectorError, RuntimeError) as exc:
-        _fail(str(exc))
-
-
-@app.command("freshness")
-def freshness(
-    rates: str = typer.Option("1000,5000", help="Write rates to measure, rows/s, comma-separated."),
-    duration: float = typer.Option(20.0, min=1, help="Seconds of writing per rate."),
-    burst: int = typer.Option(
-        50_000, min=100, help="Rows of the unpaced burst (Debezium ceiling)."
-    ),
-    report: Path = typer.Option(Path("docs/benchmarks.md"), help="Append the results here."),
-    no_report: bool = typer.Option(False, "--no-report", help="Only print the results."),
-) -> None:
-    """Commit-to-visible latency (p50/p95/p99) at fixed write rates into Postgres, through
-    Debezium, Kafka and the projector into ClickHouse; and Debezium's source rate ceiling."""
-    from projector.freshness import run_freshness
-
-    log = lambda m: console.print(m, highlight=False)  # noqa: E731
-    try:
-        wanted = [int(r) for r in rates.split(",") if r.strip()]
-    except ValueError:
-        _fail(f"--rates must be whole numbers separated by commas, got {rates!r}")
-        return
-    try:
-        run_freshness(wanted, duration, burst, log, None if no_report else report)
-    except (StackError, ConnectorError, ProjectorError, RuntimeError) as exc:
-        _fail(str(exc))
-
-
-@app.command("chdb-server")
-def chdb_server(
-    port: int = typer.Option(18123, help="Port on 127.0.0.1."),
-    path: Path = typer.Option(Path(".stack/chdb-server"), help="chDB data directory."),
-) -> None:
-    """Serve one chDB directory over ClickHouse's HTTP interface, so that several projector
-    processes (PROJECTOR_BACKEND=server, PROJECTOR_CLICKHOUSE_URL=http://127.0.0.1:PORT) share
-    it; for machines without a ClickHouse server. Runs until SIGTERM / Ctrl-C."""
-    import logging
-
-    from projector.chdb_server import serve
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        serve(port, path)
-    except OSError as exc:
-        _fail(f"cannot serve on 127.0.0.1:{port}: {exc}")
-
-
 @app.command("sql")
 def sql(
     query: str = typer.Argument(
@@ -302,20 +136,20 @@ def sql(
     config_file: Path | None = ConfigOption,
 ) -> None:
     """Run a read-only query on the configured ClickHouse backend."""
-    from projector.clickhouse import open_backend
+    from projector.config import open_backend
 
     formats = {"table": "PrettyCompactMonoBlock", "csv": "CSVWithNames", "json": "JSONEachRow"}
     if fmt not in formats:
-        _fail(f"--format must be one of {', '.join(formats)}", code=2)
+        fail(f"--format must be one of {', '.join(formats)}", code=2)
     try:
         backend = open_backend(_config(config_file))
     except ProjectorError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     try:
         out = backend.text(f"{query.rstrip().rstrip(';')} SETTINGS readonly = 1", formats[fmt])
     except Exception as exc:
-        _fail(f"query failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}")
+        fail(f"query failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}")
         return
     sys.stdout.write(out)
 
@@ -331,11 +165,11 @@ def dlq_list(
     config_file: Path | None = ConfigOption,
 ) -> None:
     """Dead letters not yet replayed: where they came from and why they failed."""
-    from projector.clickhouse import open_backend
+    from projector.config import open_backend
     from projector.dlq import DeadLetterStore
 
     if fmt not in ("table", "json"):
-        _fail("--format must be table or json", code=2)
+        fail("--format must be table or json", code=2)
     config = _config(config_file)
     store = DeadLetterStore(open_backend(config), config.control_database)
     store.create()
@@ -362,7 +196,7 @@ def dlq_show(
     topic: str, partition: int, offset: int, config_file: Path | None = ConfigOption
 ) -> None:
     """One dead letter in full (bytes base64-encoded)."""
-    from projector.clickhouse import open_backend
+    from projector.config import open_backend
     from projector.dlq import DeadLetterStore
 
     config = _config(config_file)
@@ -370,7 +204,7 @@ def dlq_show(
     store.create()
     letter = store.get(topic, partition, offset)
     if letter is None:
-        _fail(f"no dead letter at {topic}[{partition}]@{offset}", code=2)
+        fail(f"no dead letter at {topic}[{partition}]@{offset}", code=2)
     sys.stdout.write(json.dumps(letter, indent=2) + "\n")
 
 
@@ -381,7 +215,7 @@ def dlq_replay(
 ) -> None:
     """Try waiting dead letters again (after a fix or an upcaster); the ones that apply now
     leave the queue, the others stay. Exits 1 while any stays."""
-    from projector.clickhouse import open_backend
+    from projector.config import open_backend
     from projector.dlq_replay import replay_dead_letters
 
     config = _config(config_file)
@@ -389,56 +223,6 @@ def dlq_replay(
     console.print(f"replayed {replayed}, still dead {still_dead}", highlight=False)
     if still_dead:
         raise typer.Exit(1)
-
-
-# ---- shop (the demo application) ---------------------------------------------------------------
-
-shop_app = typer.Typer(
-    help="The demo shop: an application that writes plain SQL to Postgres.", no_args_is_help=True
-)
-app.add_typer(shop_app, name="shop")
-
-
-def _admin_dsn() -> str:
-    env = connector_environment()
-    if not env.get("ADMIN_DSN"):
-        _fail("no Postgres: start the local stack (projector stack up) or set ADMIN_DSN", code=2)
-    return env["ADMIN_DSN"]
-
-
-@shop_app.command("init")
-def shop_init(
-    schema: str = typer.Option("shop", help="Postgres schema of the shop's tables."),
-) -> None:
-    """Create the shop's tables (idempotent). Capture them with
-    `projector connectors apply --capture public,shop`."""
-    from projector.shop import create_shop
-
-    create_shop(_admin_dsn(), schema)
-    console.print(f"shop tables ready in schema {schema}", highlight=False)
-
-
-@shop_app.command("write")
-def shop_write(
-    rate: float = typer.Option(20.0, help="Transactions per second (0: as fast as possible)."),
-    duration: float | None = typer.Option(None, help="Stop after this many seconds."),
-    transactions: int | None = typer.Option(None, help="Stop after this many transactions."),
-    seed: int = typer.Option(1, help="Random seed: the same seed writes the same story."),
-    schema: str = typer.Option("shop", help="Postgres schema of the shop's tables."),
-) -> None:
-    """Write like the shop application: orders, status changes, cancellations, renames, price
-    changes, deletes. Runs until --duration, --transactions or Ctrl-C."""
-    from projector.shop import ShopWriter
-
-    if rate < 0:
-        _fail("--rate must be 0 or more", code=2)
-    writer = ShopWriter(_admin_dsn(), schema, seed)
-    try:
-        writer.run(rate_per_s=rate, duration_s=duration, transactions=transactions)
-    except KeyboardInterrupt:
-        pass
-    kinds = ", ".join(f"{n} {k}" for k, n in sorted(writer.stats.by_kind.items()))
-    console.print(f"{writer.stats.transactions} transactions: {kinds}", highlight=False)
 
 
 # ---- connectors ------------------------------------------------------------------------------
@@ -450,22 +234,14 @@ app.add_typer(connectors_app, name="connectors")
 
 
 def connector_environment() -> dict[str, str]:
-    """Stack addresses (when the local stack has been set up) overlaid by the process environment."""
-    import os
-
-    env: dict[str, str] = {}
-    try:
-        env.update(Stack().client_environment())
-    except FileNotFoundError:
-        pass  # no local stack: everything must come from the environment
-    env.update(os.environ)
-    return env
+    """The addresses the connector needs, by the one rule of `client_environment`."""
+    return client_environment()
 
 
 def _connect_and_name() -> tuple[ConnectClient, str]:
     env = connector_environment()
     if "CONNECT_URL" not in env:
-        _fail("CONNECT_URL is not set and no local stack exists (projector stack up)")
+        fail("CONNECT_URL is not set and no local stack exists (projector stack up)")
     return ConnectClient(env["CONNECT_URL"]), render_connector(env)["name"]
 
 
@@ -474,7 +250,7 @@ def _connector_call(action: str) -> None:
         client, name = _connect_and_name()
         getattr(client, action)(name)
     except ConnectorError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     console.print(f"{action}: {name}", highlight=False)
 
@@ -494,11 +270,11 @@ def connectors_apply(
         env["CAPTURE"] = capture
     for needed in ("CONNECT_URL", "ADMIN_DSN"):
         if needed not in env:
-            _fail(f"{needed} is not set and no local stack exists (projector stack up)")
+            fail(f"{needed} is not set and no local stack exists (projector stack up)")
     try:
         result = apply_connector(ConnectClient(env["CONNECT_URL"]), env["ADMIN_DSN"], env)
     except ConnectorError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     console.print(
         f"connector {result.connector}: {'updated' if result.config_changed else 'unchanged'}; "
@@ -526,7 +302,7 @@ def connectors_status(
         client, name = _connect_and_name()
         status = client.status(name)
     except ConnectorError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     if as_json:
         sys.stdout.write(json.dumps(status, indent=2) + "\n")
@@ -563,7 +339,3 @@ def connectors_restart() -> None:
 def connectors_delete() -> None:
     """Delete the connector from Kafka Connect (the slot and publication stay in Postgres)."""
     _connector_call("delete")
-
-
-if __name__ == "__main__":
-    app()

@@ -19,7 +19,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
-from projector.config import ProjectorConfig
 from projector.errors import ClickHouseUnavailable
 
 
@@ -168,10 +167,3 @@ def _classify(exc: Exception, url: str) -> Exception:
     if isinstance(exc, OperationalError):
         return ClickHouseUnavailable(f"ClickHouse server at {url}: {exc}")
     return exc
-
-
-def open_backend(config: ProjectorConfig) -> ChdbBackend | ServerBackend:
-    if config.backend == "chdb":
-        config.chdb_path.mkdir(parents=True, exist_ok=True)
-        return ChdbBackend(str(config.chdb_path))
-    return ServerBackend(config.clickhouse_url, config.clickhouse_user, config.clickhouse_password)

@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from projector.clickhouse import ChdbBackend, ServerBackend
 from projector.errors import ConfigError
 from queries.read_models import ReadModelError, load_read_models
 from schemas.errors import SchemaError
@@ -96,11 +97,36 @@ class ProjectorConfig(BaseModel):
         return f"{self.topic_prefix}.transaction"
 
 
+# The local stack (`projector stack up`) writes its addresses here, under its state directory.
+STACK_ENV_FILE = "client.env"
+
+
+def client_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The one rule for where addresses and credentials come from, used by every command: the
+    process environment (or `env`) wins over the local stack's `client.env` (written by
+    `projector stack up` into `$PROJECTOR_STATE_DIR`, default `./.stack`), which wins over the
+    built-in defaults."""
+    env = dict(os.environ if env is None else env)
+    state_dir = Path(env.get("PROJECTOR_STATE_DIR") or Path.cwd() / ".stack")
+    merged: dict[str, str] = {}
+    try:
+        for line in (state_dir / STACK_ENV_FILE).read_text().splitlines():
+            name, sep, value = line.partition("=")
+            if sep and name.strip() and not name.lstrip().startswith("#"):
+                merged[name.strip()] = value
+    except FileNotFoundError:
+        pass  # no local stack here: everything comes from the environment or the defaults
+    merged.update(env)
+    return merged
+
+
 _ENV_ALIASES = {"KAFKA_BOOTSTRAP": "kafka_bootstrap", "REGISTRY_URL": "registry_url"}
 
 
 def load_config(path: Path | None = None, env: dict[str, str] | None = None) -> ProjectorConfig:
-    env = dict(os.environ if env is None else env)
+    """Defaults, then the TOML file at `path`, then the environment by `client_environment`'s
+    rule (`PROJECTOR_<FIELD>`, and `KAFKA_BOOTSTRAP` / `REGISTRY_URL`)."""
+    env = client_environment(env)
     values: dict[str, object] = {}
     if path is not None:
         try:
@@ -128,3 +154,11 @@ def load_config(path: Path | None = None, env: dict[str, str] | None = None) -> 
     except (SchemaError, ReadModelError) as exc:
         raise ConfigError(str(exc)) from exc
     return config
+
+
+def open_backend(config: ProjectorConfig) -> ChdbBackend | ServerBackend:
+    """The configured ClickHouse: the embedded engine on `chdb_path`, or a server."""
+    if config.backend == "chdb":
+        config.chdb_path.mkdir(parents=True, exist_ok=True)
+        return ChdbBackend(str(config.chdb_path))
+    return ServerBackend(config.clickhouse_url, config.clickhouse_user, config.clickhouse_password)

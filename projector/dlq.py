@@ -11,14 +11,12 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from projector.checkpoint import BatchRange
 from projector.clickhouse import ClickHouse, ident, insert_statement, quote
 from projector.errors import PoisonMessage
-
-if TYPE_CHECKING:
-    from projector.apply import RawMessage
+from projector.messages import RawMessage
 
 
 @dataclass(frozen=True)

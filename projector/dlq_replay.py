@@ -7,11 +7,12 @@ fails again stays, with the new reason logged.
 
 from __future__ import annotations
 
-from projector.apply import BatchApplier, RawMessage
+from projector.apply import BatchApplier
 from projector.checkpoint import BatchRange
 from projector.clickhouse import ClickHouse
 from projector.config import ProjectorConfig
 from projector.dlq import DeadLetterStore
+from projector.messages import RawMessage
 from projector.replica import ReplicaCatalog
 from schemas.registry import SchemaCache
 from schemas.upcasters import Upcasters

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 from projector.clickhouse import AVRO_SOURCE, OFFSETS_SOURCE, ident, quote
 from projector.replica import (
     INPUT_SUFFIX,
+    META_SQL,
     TOAST_PLACEHOLDER_BYTES,
     ReplicaTable,
     SourceColumn,
@@ -134,8 +135,8 @@ class FastPath:
         """Insert one segment; returns the applied events per Postgres transaction id (empty
         unless transactions are counted)."""
         select, checks = self._select_list(replica, columns, upcaster)
-        insert_columns = [c.name for c in columns.values()] + list(META_EXPRESSIONS)
-        meta = [expr.format(partition=partition) for expr in META_EXPRESSIONS.values()]
+        insert_columns = [c.name for c in columns.values()] + list(META_SQL)
+        meta = [expr.format(partition=partition) for expr in META_SQL.values()]
         # The offsets travel beside the bytes, paired with the messages by position (an array
         # literal of 50,000 offsets would make the statement slow to parse).
         sql = (
@@ -221,16 +222,3 @@ class FastPath:
                 if INPUT_SUFFIX not in r["default_expression"]
             }
         return self._defaults[cache_key]
-
-
-# Metadata columns of a replica row (replica.META_COLUMNS), as SQL over the decoded envelope.
-META_EXPRESSIONS: dict[str, str] = {
-    "_version": "kafka_offset",
-    "_is_deleted": "toUInt8(op = 'd')",
-    "_op": "op",
-    "_lsn": "ifNull(tupleElement(source, 'lsn'), 0)",
-    "_tx_id": "ifNull(tupleElement(source, 'txId'), 0)",
-    "_commit_ts": "fromUnixTimestamp64Milli(tupleElement(source, 'ts_ms'), 'UTC')",
-    "_partition": "{partition}",
-    "_offset": "toInt64(kafka_offset)",
-}

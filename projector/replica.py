@@ -38,6 +38,9 @@ from schemas.upcasters import NO_UPCASTER, Upcaster
 TOAST_PLACEHOLDER = "__debezium_unavailable_value"
 TOAST_PLACEHOLDER_BYTES = TOAST_PLACEHOLDER.encode()
 
+# The metadata columns of every replica row, owned here: their types, their values from a decoded
+# event (`metadata`, the per-message path) and the same values as SQL over the envelope ClickHouse
+# decodes (`META_SQL`, the fast path). `_ingested_at` is ClickHouse's own.
 META_COLUMNS: dict[str, str] = {
     "_version": "UInt64",
     "_is_deleted": "UInt8",
@@ -49,6 +52,31 @@ META_COLUMNS: dict[str, str] = {
     "_offset": "Int64",
     "_ingested_at": "DateTime64(3, 'UTC') DEFAULT now64(3)",
 }
+META_SQL: dict[str, str] = {
+    "_version": "kafka_offset",
+    "_is_deleted": "toUInt8(op = 'd')",
+    "_op": "op",
+    "_lsn": "ifNull(tupleElement(source, 'lsn'), 0)",
+    "_tx_id": "ifNull(tupleElement(source, 'txId'), 0)",
+    "_commit_ts": "fromUnixTimestamp64Milli(tupleElement(source, 'ts_ms'), 'UTC')",
+    "_partition": "{partition}",
+    "_offset": "toInt64(kafka_offset)",
+}
+
+
+def metadata(op: str, source: dict[str, Any], partition: int, offset: int) -> dict[str, Any]:
+    """The metadata columns of a row written for the event at `offset` (`_version` is the offset:
+    the argument at the top of this module). A delete and a truncate's markers are deletions."""
+    return {
+        "_version": offset,
+        "_is_deleted": 1 if op in ("d", "t") else 0,
+        "_op": op,
+        "_lsn": int(source.get("lsn") or 0),
+        "_tx_id": int(source.get("txId") or 0),
+        "_commit_ts": commit_ts(source),
+        "_partition": partition,
+        "_offset": offset,
+    }
 
 
 # Suffix of the EPHEMERAL input column of a column whose value ClickHouse must transform on the

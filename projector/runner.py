@@ -1,11 +1,9 @@
 """The consume → batch → apply loop behind `projector run`.
 
-One consumer-group member. On assignment, each partition is positioned from the checkpoint table
-(not from the group's committed offsets): at an open intent's first offset, after the last done
-batch, or at the beginning. Messages are buffered per partition; a partition's buffer becomes a
-batch when it holds `max_batch_messages`, or when polling found nothing newer, or (for an open
-intent) when it reaches exactly the intent's last offset. Each batch goes through
-`BatchCommitter.commit` (the protocol is in checkpoint.py).
+One consumer-group member: it consumes, buffers per partition, cuts batches, plans each on this
+thread while the previous one applies on the apply thread, and reports metrics. Where partitions
+resume, how batches are cut and replayed, and how a batch is committed are the commit protocol's
+(projector/checkpoint.py, steps A-C and 1-5); this loop calls it in that order.
 
 Transient failures (ClickHouse, registry) are retried with exponential back-off and jitter,
 logged once when they start and once when they clear; the batch is then applied as if nothing
@@ -33,13 +31,21 @@ from confluent_kafka import (
     TopicPartition,
 )  # fmt: skip
 
-from projector.apply import BatchApplier, KafkaMessages, RawMessage, source_table_of
-from projector.checkpoint import BatchCommitter, BatchRange, CheckpointStore
+from projector.apply import BatchApplier
+from projector.checkpoint import (
+    PROJECTION,
+    BatchCommitter,
+    BatchRange,
+    CheckpointStore,
+    acknowledge,
+    cut_batch,
+)
 from projector.clickhouse import ClickHouse
 from projector.config import ProjectorConfig
 from projector.dlq import DeadLetter, DeadLetterStore
 from projector.errors import ClickHouseUnavailable
 from projector.fast_path import FastPath, Segment
+from projector.messages import KafkaMessages, RawMessage, source_table_of
 from projector.metrics import ProjectorMetrics
 from projector.replica import ReplicaCatalog
 from projector.transactions import TransactionLedger
@@ -51,7 +57,6 @@ from schemas.upcasters import Upcasters
 log = logging.getLogger("projector")
 T = TypeVar("T")
 TRANSIENT: tuple[type[Exception], ...] = (ClickHouseUnavailable, RegistryUnavailable)
-PROJECTION = "replica"
 
 
 def with_retries(
@@ -152,22 +157,21 @@ class Projector:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
-        with_retries(lambda: self.committer.refresh(keys), "reading checkpoints")
-        positioned = []
-        for tp in partitions:
-            state = self.partitions[(tp.topic, tp.partition)]
+        resumes = with_retries(lambda: self.committer.assign(keys), "reading checkpoints")
+        for resume in resumes:
+            state = self.partitions[(resume.topic, resume.partition)]
             state.buffer.clear()
-            state.replay = self.committer.pending_intent(tp.topic, tp.partition)
-            resume = self.committer.resume_offset(tp.topic, tp.partition)
-            positioned.append(
-                TopicPartition(tp.topic, tp.partition, resume if resume is not None else 0)
+            state.replay = resume.replay
+            self.next_offset[(resume.topic, resume.partition)] = resume.offset
+            log.info(
+                "assigned %s[%d] from offset %d", resume.topic, resume.partition, resume.offset
             )
-            self.next_offset[(tp.topic, tp.partition)] = resume or 0
-            log.info("assigned %s[%d] from offset %s", tp.topic, tp.partition, resume or 0)
-            if state.replay is not None:
+            if resume.replay is not None:
                 log.info("replaying the open intent %d-%d of %s[%d] (the last run stopped inside it)",
-                         state.replay.first, state.replay.last, tp.topic, tp.partition)  # fmt: skip
-        consumer.incremental_assign(positioned)
+                         resume.replay.first, resume.replay.last, resume.topic, resume.partition)  # fmt: skip
+        consumer.incremental_assign(
+            [TopicPartition(r.topic, r.partition, r.offset) for r in resumes]
+        )
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._wait_for_batch()  # the next owner starts after our last batch, never beside it
@@ -247,7 +251,9 @@ class Projector:
         and prepares the next."""
         for (topic, partition), state in list(self.partitions.items()):
             while state.buffer:
-                batch_msgs = self._cut(state, drain)
+                batch_msgs, state.buffer = cut_batch(  # type: ignore[assignment]
+                    state.buffer, offset_of, state.replay, self.config.max_batch_messages, drain
+                )
                 if not batch_msgs:
                     break
                 batch = BatchRange(
@@ -271,10 +277,7 @@ class Projector:
         batch = future.result()
         self.next_offset[(batch.topic, batch.partition)] = batch.last + 1
         if (batch.topic, batch.partition) in self.partitions:
-            self.consumer.commit(
-                offsets=[TopicPartition(batch.topic, batch.partition, batch.last + 1)],
-                asynchronous=True,
-            )
+            acknowledge(self.consumer, batch)
 
     def _report_progress(self) -> None:
         """Lag per assigned partition into the metrics (once a second), and the read models'
@@ -321,21 +324,6 @@ class Projector:
             stop=lambda: self.stopping,
         )
         return batch
-
-    def _cut(self, state: PartitionState, drain: bool) -> list[Message]:
-        if state.replay is not None:
-            # An open intent is replayed as exactly the same range (same tokens).
-            last = state.replay.last
-            if not state.buffer or offset_of(state.buffer[-1]) < last:
-                return []
-            cut = [m for m in state.buffer if offset_of(m) <= last]
-            state.buffer = state.buffer[len(cut) :]
-            return cut
-        size = self.config.max_batch_messages
-        if len(state.buffer) >= size or drain:
-            cut, state.buffer = state.buffer[:size], state.buffer[size:]
-            return cut
-        return []
 
     def _apply(
         self, batch: BatchRange, messages: KafkaMessages, segments: list[Segment] | None

@@ -1,7 +1,15 @@
-"""Shapes of change events: the wire format and registry access, the envelope, the type map."""
+"""Shapes of change events: the Confluent wire format and registry access, the Avro → ClickHouse
+type map, and declared upcasters."""
 
-from schemas.envelope import ChangeEvent, EventDecoder
-from schemas.errors import NotConfluentFramed, SchemaError
-from schemas.registry import schema_id_of
+from schemas.errors import NotConfluentFramed, RegistryUnavailable, SchemaError, UnknownSchema
+from schemas.registry import SchemaCache, WriterSchema, schema_id_of
 
-__all__ = ["ChangeEvent", "EventDecoder", "NotConfluentFramed", "SchemaError", "schema_id_of"]
+__all__ = [
+    "NotConfluentFramed",
+    "RegistryUnavailable",
+    "SchemaCache",
+    "SchemaError",
+    "UnknownSchema",
+    "WriterSchema",
+    "schema_id_of",
+]

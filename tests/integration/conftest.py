@@ -16,8 +16,8 @@ import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from connectors import ConnectClient, apply_connector
-from projector.stack import Stack, healthy
-from schemas import EventDecoder
+from devstack import Stack, healthy
+from tests.integration.change_events import EventDecoder
 
 PROJECTOR = str(Path(sys.executable).parent / "projector")
 FENCE_TABLE = "it_fence"

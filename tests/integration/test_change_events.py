@@ -8,9 +8,9 @@ from decimal import Decimal
 import httpx
 import psycopg
 
-from projector.topic_reader import read_topic_until as read_until
-from schemas import ChangeEvent
+from tests.integration.change_events import ChangeEvent
 from tests.integration.conftest import StackHandle
+from tests.integration.topic_reader import read_topic_until as read_until
 
 
 def new_table(prefix: str) -> str:

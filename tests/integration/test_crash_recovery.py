@@ -17,10 +17,10 @@ from urllib.parse import urlsplit
 import psycopg
 from confluent_kafka import Producer
 
-from projector.topic_reader import read_topic_until
 from tests.integration.conftest import StackHandle
 from tests.integration.projector_harness import ProjectorProcess, assert_replica_equals_source
 from tests.integration.tcp_proxy import TcpProxy
+from tests.integration.topic_reader import read_topic_until
 
 KILLS = 10
 TIMESTAMP_TEXT = ("to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')", "toString({})")

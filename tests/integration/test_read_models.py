@@ -15,7 +15,7 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
-from projector.shop import ShopWriter, create_shop
+from devstack.shop import ShopWriter, create_shop
 from tests.integration.conftest import FENCE_TABLE, StackHandle
 from tests.integration.projector_harness import ProjectorProcess
 

@@ -7,9 +7,9 @@ import uuid
 
 import psycopg
 
-from projector.topic_reader import read_topic_until
 from tests.integration.conftest import StackHandle
 from tests.integration.projector_harness import ProjectorProcess, assert_replica_equals_source
+from tests.integration.topic_reader import read_topic_until
 
 
 def test_crud_compound_key_and_reinsert_in_one_batch(

@@ -9,10 +9,10 @@ import uuid
 
 import psycopg
 
-from projector.stack.components import port_open
-from projector.stack.supervisor import process_running
-from projector.topic_reader import read_topic_until
+from devstack.components import port_open
+from devstack.supervisor import process_running
 from tests.integration.conftest import PROJECTOR, StackHandle
+from tests.integration.topic_reader import read_topic_until
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -23,7 +23,6 @@ EXPECTED_IMAGES = {
 PROJECTOR_SERVICES = {
     "connector-init": ["projector", "connectors", "apply"],
     "projector": ["projector", "run"],
-    "query": ["projector", "serve"],
 }
 CCOMPAT_PATH = "/apis/ccompat/v7"
 
@@ -133,6 +132,67 @@ def test_projector_services_build_the_repository_image(
     assert len(images) == 1, f"projector services use different images: {images}"
 
 
+def _projector_commands() -> set[tuple[str, ...]]:
+    """Every command path the installed `projector` CLI accepts, from the CLI itself."""
+    import typer.main
+
+    from devstack.cli import app
+
+    found: set[tuple[str, ...]] = set()
+
+    def walk(command: Any, path: tuple[str, ...]) -> None:
+        found.add(path)
+        if hasattr(command, "commands"):  # a group of sub-commands
+            for name, sub in command.commands.items():
+                walk(sub, (*path, name))
+
+    walk(typer.main.get_command(app), ("projector",))
+    return found
+
+
+def _named_commands(words: list[str]) -> tuple[str, ...]:
+    """`projector a b --flag x` → ('projector', 'a', 'b'): the words before the first option."""
+    path = []
+    for word in words:
+        if word.startswith("-"):
+            break
+        path.append(word)
+    return tuple(path)
+
+
+def test_every_projector_command_in_compose_and_dockerfile_exists(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    named = [
+        command_of(service)
+        for service in services.values()
+        if command_of(service)[:1] == ["projector"]
+    ]
+    dockerfile = (COMPOSE_FILE.parent / "Dockerfile").read_text()
+    named += [
+        json_list
+        for json_list in (
+            [w.strip().strip('"') for w in m.split(",")]
+            for m in re.findall(r"^CMD \[(.*)\]", dockerfile, re.MULTILINE)
+        )
+    ]
+    named += [w.split() for w in re.findall(r"`(projector [a-z -]+)`", dockerfile)]
+    assert len(named) >= 3
+    commands = _projector_commands()
+    for words in named:
+        path = _named_commands(words)
+        assert path in commands, f"{' '.join(words)} names no command of the CLI"
+
+
+def test_the_command_check_knows_a_missing_command() -> None:
+    assert ("projector", "run") in _projector_commands()
+    assert ("projector", "serve-nothing") not in _projector_commands()
+
+
+def test_projector_runs_on_the_clickhouse_service(services: dict[str, dict[str, Any]]) -> None:
+    assert env_of(services["projector"]).get("PROJECTOR_BACKEND") == "server"
+
+
 def test_dockerfile_exists_for_the_build() -> None:
     dockerfile = COMPOSE_FILE.parent / "Dockerfile"
     text = dockerfile.read_text()
@@ -171,7 +231,6 @@ def test_expected_ports_are_published(services: dict[str, dict[str, Any]]) -> No
     assert targets("postgres").get("5432") == "5432"
     assert targets("clickhouse").get("8123") == "8123"
     assert targets("clickhouse").get("9000") == "9000"
-    assert targets("query").get("8000") == "8000"
 
 
 # ---- wiring --------------------------------------------------------------------------------

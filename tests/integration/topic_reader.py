@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from schemas import ChangeEvent, EventDecoder
+from tests.integration.change_events import ChangeEvent, EventDecoder
 
 
 def read_topic_until(

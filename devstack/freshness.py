@@ -35,8 +35,9 @@ from typing import Any
 import psycopg
 from confluent_kafka import Consumer, TopicPartition
 
-from projector.bench import create_and_capture
-from projector.projector_status import collect_live_status
+from devstack.capture import create_and_capture
+from projector.config import client_environment
+from projector.status import collect_live_status
 
 SCHEMA, TABLE = "bench", "fresh"
 DDL = f"""
@@ -134,11 +135,11 @@ def percentile(values: list[int], q: float) -> float:
 def run_freshness(
     rates: list[int], duration_s: float, burst: int, log: Any, report_path: Path | None
 ) -> list[RunResult]:
-    from projector.stack import Stack
+    from devstack import Stack
 
     stack = Stack()
     stack.up(log=log)
-    env = {**os.environ, **stack.client_environment()}
+    env = client_environment()  # the stack just written, under the process environment
     dsn = env["ADMIN_DSN"]
     create_and_capture(env, DDL, SCHEMA)
     work = Path(tempfile.mkdtemp(prefix="projector-freshness-"))

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
@@ -24,11 +23,11 @@ from rich.table import Table
 from rich.text import Text
 
 from connectors import ConnectClient, apply_connector
-from projector.clickhouse import ClickHouse, open_backend
-from projector.config import load_config
+from devstack import Stack
+from devstack.shop import ShopWriter, create_shop
+from projector.clickhouse import ClickHouse
+from projector.config import client_environment, load_config, open_backend
 from projector.runner import Projector
-from projector.shop import ShopWriter, create_shop
-from projector.stack import Stack
 
 REFRESH_S = 1.0
 
@@ -101,7 +100,7 @@ def _cell(value: Any) -> str:
 def run_demo(console: Console, duration_s: float | None = None, rate: float = 20.0) -> int:
     stack = Stack()
     stack.up(log=lambda m: console.print(m, highlight=False))
-    env = {**stack.client_environment(), "CAPTURE": "public,shop"}
+    env = {**client_environment(), "CAPTURE": "public,shop"}
     create_shop(env["ADMIN_DSN"])
     result = apply_connector(ConnectClient(env["CONNECT_URL"]), env["ADMIN_DSN"], env)
     console.print(f"connector {result.connector} is RUNNING, capturing {len(result.tables)} tables")
@@ -110,9 +109,7 @@ def run_demo(console: Console, duration_s: float | None = None, rate: float = 20
     logging.basicConfig(filename=log_file, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")  # fmt: skip
     console.print(f"projector log: {log_file}", highlight=False)
-    # The stack's addresses, under any PROJECTOR_* settings of the environment.
-    config = load_config(env={**os.environ, "KAFKA_BOOTSTRAP": env["KAFKA_BOOTSTRAP"],
-                              "REGISTRY_URL": env["REGISTRY_URL"]})  # fmt: skip
+    config = load_config()
     projector = Projector(config, open_backend(config))
     writer = ShopWriter(env["ADMIN_DSN"], seed=random.randrange(1 << 30))
     stop_writer = threading.Event()

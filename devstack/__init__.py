@@ -4,8 +4,8 @@ This is development infrastructure, not product logic: the projector itself only
 addresses (a Postgres DSN, a Kafka bootstrap, URLs), which `projector stack status --json` prints.
 """
 
-from projector.stack.errors import ComponentFailed, StackError
-from projector.stack.settings import StackSettings
-from projector.stack.supervisor import ComponentStatus, Stack, healthy
+from devstack.errors import ComponentFailed, StackError
+from devstack.settings import StackSettings
+from devstack.supervisor import ComponentStatus, Stack, healthy
 
 __all__ = ["ComponentFailed", "ComponentStatus", "Stack", "StackError", "StackSettings", "healthy"]

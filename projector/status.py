@@ -13,12 +13,10 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from projector.checkpoint import CheckpointStore
-from projector.clickhouse import open_backend
-from projector.config import ProjectorConfig
+from projector.checkpoint import PROJECTION, CheckpointStore
+from projector.config import ProjectorConfig, open_backend
 from projector.dlq import DeadLetterStore
 from projector.errors import ProjectorError
-from projector.runner import PROJECTION
 from projector.transactions import TransactionLedger, lsn_text
 from queries.read_models import load_read_models
 

@@ -43,7 +43,8 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from connectors import ConnectClient, apply_connector
+from devstack.capture import create_and_capture
+from projector.config import client_environment
 from schemas.registry import REQUEST_TIMEOUT_S
 
 SCHEMA, TABLE = "bench", "orders"
@@ -85,18 +86,6 @@ def prepare(env: dict[str, str], log: Any) -> Schemas:
     template = fastavro.schemaless_reader(io.BytesIO(message[1][5:]), value, None)
     assert isinstance(template, dict)
     return Schemas(key_id, key, value_id, value, template)
-
-
-def create_and_capture(env: dict[str, str], ddl: str, schema: str) -> None:
-    """Run the benchmark's DDL and add its schema to what the connector captures."""
-    with psycopg.connect(env["ADMIN_DSN"], autocommit=True) as conn:
-        for statement in ddl.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-    capture = ",".join(dict.fromkeys([*env.get("CAPTURE", "public").split(","), schema]))
-    apply_connector(
-        ConnectClient(env["CONNECT_URL"]), env["ADMIN_DSN"], {**env, "CAPTURE": capture}
-    )
 
 
 def _first_message(bootstrap: str, topic: str, timeout_s: float = 120) -> tuple[bytes, bytes]:
@@ -320,11 +309,11 @@ def run_bench(
     profile: Path | None = None,
     batch_messages: int = 50_000,
 ) -> list[Result]:
-    from projector.stack import Stack
+    from devstack import Stack
 
     stack = Stack()
     stack.up(log=log)
-    env = {**os.environ, **stack.client_environment()}
+    env = client_environment()  # the stack just written, under the process environment
     schemas = prepare(env, log)
     log(f"generating {events:,} change events ...")
     messages, live_keys = generate(schemas, events, seed)
@@ -377,12 +366,12 @@ def run_bench(
         log("(c) naive baseline ...")
         results.append(timed_process(
             "(c) naive: AvroDeserializer + batched inserts",
-            [python, "-m", "projector.bench", "baseline", env["KAFKA_BOOTSTRAP"], topic,
+            [python, "-m", "devstack.bench", "baseline", env["KAFKA_BOOTSTRAP"], topic,
              env["REGISTRY_URL"], str(work / "baseline")], env, events))  # fmt: skip
         log("(d) ClickHouse decoding the bytes itself ...")
         results.append(timed_process(
             "(d) C++ ceiling: chDB AvroConfluent from a file",
-            [python, "-m", "projector.bench", "ceiling", str(values), env["REGISTRY_URL"]],
+            [python, "-m", "devstack.bench", "ceiling", str(values), env["REGISTRY_URL"]],
             env, events))  # fmt: skip
     finally:
         AdminClient({"bootstrap.servers": env["KAFKA_BOOTSTRAP"]}).delete_topics([topic])

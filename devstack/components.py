@@ -25,9 +25,9 @@ from pathlib import Path
 
 import httpx
 
-from projector.stack.artifacts import JavaArtifacts
-from projector.stack.errors import StackError
-from projector.stack.settings import StackSettings
+from devstack.artifacts import JavaArtifacts
+from devstack.errors import StackError
+from devstack.settings import StackSettings
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:

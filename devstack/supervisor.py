@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from projector.stack.artifacts import fetch_all
-from projector.stack.components import (
+from devstack.artifacts import fetch_all
+from devstack.components import (
     Component,
     Kafka,
     KafkaConnect,
@@ -27,8 +27,9 @@ from projector.stack.components import (
     SchemaRegistry,
     port_open,
 )
-from projector.stack.errors import ComponentFailed
-from projector.stack.settings import StackSettings
+from devstack.errors import ComponentFailed
+from devstack.settings import StackSettings
+from projector.config import STACK_ENV_FILE
 
 Log = Callable[[str], None]
 
@@ -46,7 +47,7 @@ class Stack:
     """The local stack as a whole, in start order (stop order is the reverse)."""
 
     def __init__(self, settings: StackSettings | None = None) -> None:
-        from projector.stack.artifacts import artifact_paths
+        from devstack.artifacts import artifact_paths
 
         self.settings = settings or StackSettings()
         artifacts = artifact_paths(self.settings)
@@ -119,7 +120,19 @@ class Stack:
             with ThreadPoolExecutor(max_workers=len(wave)) as pool:
                 # list() re-raises the first failure of the wave.
                 list(pool.map(lambda c: self._ensure_running(c, log), wave))
+        self.write_client_environment()
         return self.status()
+
+    def write_client_environment(self) -> Path:
+        """`client.env` in the state dir: the addresses every `projector` command reads by the
+        rule of `projector.config.client_environment`. It holds passwords: created 0600."""
+        path = self.settings.state_dir / STACK_ENV_FILE
+        text = "".join(f"{name}={value}\n" for name, value in self.client_environment().items())
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        return path
 
     def _ensure_running(self, component: Component, log: Log) -> None:
         pid = self.pid_of(component)

@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("projector.chdb_server")
+log = logging.getLogger("devstack.chdb_server")
 
 
 class ChdbHttpServer(ThreadingHTTPServer):

@@ -1,0 +1,245 @@
+"""The `projector` command: the engine's commands (projector/cli.py) plus the development tools —
+the local real stack, the demo and its shop, benchmarks, and `chdb-server`. One entry point, a
+sub-command per job, `--help` everywhere.
+
+The tools live here, above the engine, so that the engine never depends on them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from connectors import ConnectorError
+from devstack import Stack, StackError, healthy
+from projector.cli import app, connector_environment, console, fail
+from projector.errors import ProjectorError
+
+stack_app = typer.Typer(
+    help="Run the local real stack (Postgres, Kafka, Connect, registry).", no_args_is_help=True
+)
+app.add_typer(stack_app, name="stack")
+
+
+@stack_app.command("up")
+def stack_up() -> None:
+    """Fetch what is missing, start every component, wait until all are healthy (idempotent)."""
+    stack = Stack()
+    try:
+        statuses = stack.up(log=lambda m: console.print(m, highlight=False))
+    except StackError as exc:
+        fail(str(exc))
+        return
+    if not healthy(statuses):
+        bad = ", ".join(f"{s.name}: {s.detail}" for s in statuses if s.state != "healthy")
+        fail(f"stack is not healthy: {bad}")
+    console.print("[green]stack is up[/green]; `projector stack status --json` prints addresses")
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop every component (data stays in the state dir; `up` resumes it)."""
+    Stack().down(log=lambda m: console.print(m, highlight=False))
+
+
+@stack_app.command("status")
+def stack_status(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output with addresses."),
+) -> None:
+    """Show each component's state and the addresses a client needs. Exit 1 if any is unhealthy."""
+    statuses = Stack().status()
+    if as_json:
+        sys.stdout.write(json.dumps({s.name: asdict(s) for s in statuses}, indent=2) + "\n")
+    else:
+        table = Table("component", "state", "pid", "detail", "endpoint")
+        for s in statuses:
+            colour = {"healthy": "green", "unhealthy": "yellow"}.get(s.state, "red")
+            endpoint = (
+                s.endpoint.get("url")
+                or s.endpoint.get("bootstrap_servers")
+                or s.endpoint.get("dsn", "")
+            )
+            table.add_row(
+                s.name, f"[{colour}]{s.state}[/{colour}]", str(s.pid or ""), s.detail, endpoint
+            )
+        Console().print(table)
+    if not healthy(statuses):
+        raise typer.Exit(1)
+
+
+@stack_app.command("logs")
+def stack_logs(
+    name: str = typer.Argument(..., help="postgres | kafka | registry | connect"),
+    lines: int = typer.Option(50, "--lines", "-n", help="How many lines from the end."),
+) -> None:
+    """Print the tail of one component's log."""
+    stack = Stack()
+    try:
+        component = stack.component(name)
+    except KeyError as exc:
+        fail(str(exc.args[0]), code=2)
+        return
+    sys.stdout.write(stack.tail(component, lines) + "\n")
+    console.print(f"(log file: {stack.log_file(component)})", highlight=False)
+
+
+@stack_app.command("fetch")
+def stack_fetch() -> None:
+    """Download the Java pieces (Kafka, Debezium, Apicurio, converter) into the cache."""
+    from devstack.artifacts import fetch_all
+    from devstack.settings import StackSettings
+
+    try:
+        paths = fetch_all(StackSettings(), log=lambda m: console.print(m, highlight=False))
+    except StackError as exc:
+        fail(str(exc))
+        return
+    console.print(f"cached under {paths.kafka_classpath_dir.parent}", highlight=False)
+
+
+@app.command("demo")
+def demo(
+    duration: float | None = typer.Option(
+        None, help="Stop after this many seconds (default: run until Ctrl-C)."
+    ),
+    rate: float = typer.Option(20.0, help="Shop transactions per second."),
+) -> None:
+    """The main job, live: stack up, the shop application writing, the projector applying on
+    embedded ClickHouse, and read models with the lag refreshing until Ctrl-C."""
+    from devstack.demo import run_demo
+
+    try:
+        code = run_demo(console, duration_s=duration, rate=rate)
+    except (StackError, ConnectorError, ProjectorError) as exc:
+        fail(str(exc))
+        return
+    raise typer.Exit(code)
+
+
+@app.command("bench")
+def bench(
+    events: int = typer.Option(1_000_000, min=1000, help="Change events to generate."),
+    seed: int = typer.Option(1, help="Random seed of the generated events."),
+    report: Path = typer.Option(Path("docs/benchmarks.md"), help="Append the results here."),
+    no_report: bool = typer.Option(False, "--no-report", help="Only print the results."),
+    profile: Path | None = typer.Option(
+        None, help="Sample (a) and (b) with py-spy into PROFILE.a / PROFILE.b (collapsed stacks)."
+    ),
+    batch_messages: int = typer.Option(
+        50_000, min=1, help="The projector's batch size (PROJECTOR_MAX_BATCH_MESSAGES) in (a), (b)."
+    ),
+) -> None:
+    """Measure the projector against a naive baseline and ClickHouse's own decoder, on the same
+    generated events, in one run (starts the stack if needed)."""
+    from devstack.bench import run_bench
+
+    log = lambda m: console.print(m, highlight=False)  # noqa: E731
+    try:
+        run_bench(events, seed, log, None if no_report else report, profile, batch_messages)
+    except (StackError, ConnectorError, ProjectorError, RuntimeError) as exc:
+        fail(str(exc))
+
+
+@app.command("freshness")
+def freshness(
+    rates: str = typer.Option("1000,5000", help="Write rates to measure, rows/s, comma-separated."),
+    duration: float = typer.Option(20.0, min=1, help="Seconds of writing per rate."),
+    burst: int = typer.Option(
+        50_000, min=100, help="Rows of the unpaced burst (Debezium ceiling)."
+    ),
+    report: Path = typer.Option(Path("docs/benchmarks.md"), help="Append the results here."),
+    no_report: bool = typer.Option(False, "--no-report", help="Only print the results."),
+) -> None:
+    """Commit-to-visible latency (p50/p95/p99) at fixed write rates into Postgres, through
+    Debezium, Kafka and the projector into ClickHouse; and Debezium's source rate ceiling."""
+    from devstack.freshness import run_freshness
+
+    log = lambda m: console.print(m, highlight=False)  # noqa: E731
+    try:
+        wanted = [int(r) for r in rates.split(",") if r.strip()]
+    except ValueError:
+        fail(f"--rates must be whole numbers separated by commas, got {rates!r}")
+        return
+    try:
+        run_freshness(wanted, duration, burst, log, None if no_report else report)
+    except (StackError, ConnectorError, ProjectorError, RuntimeError) as exc:
+        fail(str(exc))
+
+
+@app.command("chdb-server")
+def chdb_server(
+    port: int = typer.Option(18123, help="Port on 127.0.0.1."),
+    path: Path = typer.Option(Path(".stack/chdb-server"), help="chDB data directory."),
+) -> None:
+    """Serve one chDB directory over ClickHouse's HTTP interface, so that several projector
+    processes (PROJECTOR_BACKEND=server, PROJECTOR_CLICKHOUSE_URL=http://127.0.0.1:PORT) share
+    it; for machines without a ClickHouse server. Runs until SIGTERM / Ctrl-C."""
+    import logging
+
+    from devstack.chdb_server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        serve(port, path)
+    except OSError as exc:
+        fail(f"cannot serve on 127.0.0.1:{port}: {exc}")
+
+
+# ---- shop (the demo application) ---------------------------------------------------------------
+
+shop_app = typer.Typer(
+    help="The demo shop: an application that writes plain SQL to Postgres.", no_args_is_help=True
+)
+app.add_typer(shop_app, name="shop")
+
+
+def _admin_dsn() -> str:
+    env = connector_environment()
+    if not env.get("ADMIN_DSN"):
+        fail("no Postgres: start the local stack (projector stack up) or set ADMIN_DSN", code=2)
+    return env["ADMIN_DSN"]
+
+
+@shop_app.command("init")
+def shop_init(
+    schema: str = typer.Option("shop", help="Postgres schema of the shop's tables."),
+) -> None:
+    """Create the shop's tables (idempotent). Capture them with
+    `projector connectors apply --capture public,shop`."""
+    from devstack.shop import create_shop
+
+    create_shop(_admin_dsn(), schema)
+    console.print(f"shop tables ready in schema {schema}", highlight=False)
+
+
+@shop_app.command("write")
+def shop_write(
+    rate: float = typer.Option(20.0, help="Transactions per second (0: as fast as possible)."),
+    duration: float | None = typer.Option(None, help="Stop after this many seconds."),
+    transactions: int | None = typer.Option(None, help="Stop after this many transactions."),
+    seed: int = typer.Option(1, help="Random seed: the same seed writes the same story."),
+    schema: str = typer.Option("shop", help="Postgres schema of the shop's tables."),
+) -> None:
+    """Write like the shop application: orders, status changes, cancellations, renames, price
+    changes, deletes. Runs until --duration, --transactions or Ctrl-C."""
+    from devstack.shop import ShopWriter
+
+    if rate < 0:
+        fail("--rate must be 0 or more", code=2)
+    writer = ShopWriter(_admin_dsn(), schema, seed)
+    try:
+        writer.run(rate_per_s=rate, duration_s=duration, transactions=transactions)
+    except KeyboardInterrupt:
+        pass
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(writer.stats.by_kind.items()))
+    console.print(f"{writer.stats.transactions} transactions: {kinds}", highlight=False)
+
+
+if __name__ == "__main__":
+    app()
