@@ -124,14 +124,17 @@ class CheckpointStore:
         self.projection = projection
 
     def create(self) -> None:
-        self.ch.execute(f"CREATE DATABASE IF NOT EXISTS {ident(self.database)}")
+        topology = self.ch.topology
+        self.ch.execute(topology.create_database(self.database))
         self.ch.execute(
-            f"""CREATE TABLE IF NOT EXISTS {self.table} (
-                `projection` String, topic String, `partition` Int32,
-                first_offset Int64, last_offset Int64, state LowCardinality(String),
-                version UInt64, recorded_at DateTime64(3) DEFAULT now64(3)
-            ) ENGINE = ReplacingMergeTree(version) ORDER BY (`projection`, topic, `partition`)"""
-        )
+            topology.create_table(
+                self.table,
+                ["`projection` String", "topic String", "`partition` Int32",
+                 "first_offset Int64", "last_offset Int64", "state LowCardinality(String)",
+                 "version UInt64", "recorded_at DateTime64(3) DEFAULT now64(3)"],
+                "ReplacingMergeTree", "version", "(`projection`, topic, `partition`)",
+            )
+        )  # fmt: skip
 
     def load(
         self, partitions: list[tuple[str, int]] | None = None
@@ -143,6 +146,9 @@ class CheckpointStore:
                 return {}
             wanted = ", ".join(f"({quote(t)}, {int(p)})" for t, p in partitions)
             only = f" AND (topic, `partition`) IN ({wanted})"
+        sync = self.ch.topology.sync_replica(self.table)
+        if sync is not None:
+            self.ch.execute(sync)
         rows = self.ch.rows(
             f"SELECT topic, partition, first_offset, last_offset, state FROM {self.table} FINAL "
             f"WHERE `projection` = {quote(self.projection)}{only}"

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,12 +59,80 @@ def parse_rows(text: str) -> list[dict[str, Any]]:
     return [json.loads(line, parse_float=Decimal) for line in text.splitlines() if line.strip()]
 
 
+@dataclass(frozen=True)
+class Topology:
+    """Where the projector's tables live, and so how their DDL reads: one ClickHouse (chDB or a
+    server), or a cluster named in `remote_servers` (setting `clickhouse_cluster`). The one owner of
+    engines, `ON CLUSTER` and the insert-deduplication settings every table needs.
+
+    On a cluster (one shard, any number of replicas: every replica holds every table whole, so
+    `FINAL` and the checkpoint reads stay exact on whichever replica answers):
+      - DDL runs `ON CLUSTER`, so every replica gets the same table, column or view;
+      - engines are `Replicated*MergeTree` with the conventional Keeper path
+        `/clickhouse/tables/{shard}/{database}/{table}` and replica name `{replica}` (macros each
+        server defines in its config);
+      - insert deduplication is Keeper's: the block ids of token-ed inserts are kept per table in
+        Keeper, so a batch replayed by another projector process, through another replica, is
+        dropped exactly as on one server (`replicated_deduplication_window`).
+    On one ClickHouse, deduplication of plain MergeTree tables must be switched on per table
+    (`non_replicated_deduplication_window`)."""
+
+    cluster: str | None = None
+    # Token-ed inserts remembered per table. A replay only ever repeats the last open intent of a
+    # partition, but DLQ replays and rebuilds repeat older ranges: keep a generous window.
+    dedup_window: int = 100_000
+    replicated_dedup_window: int = 10_000  # each entry is a Keeper node: keep it smaller
+
+    def on_cluster(self) -> str:
+        return "" if self.cluster is None else f" ON CLUSTER {ident(self.cluster)}"
+
+    def create_database(self, database: str) -> str:
+        return f"CREATE DATABASE IF NOT EXISTS {ident(database)}{self.on_cluster()}"
+
+    def engine(self, family: str, args: str = "") -> str:
+        """`ReplacingMergeTree(_version)` or, on a cluster, its replicated form."""
+        if self.cluster is None:
+            return f"{family}({args})" if args else family
+        path = "'/clickhouse/tables/{shard}/{database}/{table}', '{replica}'"
+        return f"Replicated{family}({path}{', ' + args if args else ''})"
+
+    def dedup_setting(self) -> str:
+        if self.cluster is None:
+            return f"non_replicated_deduplication_window = {self.dedup_window}"
+        return f"replicated_deduplication_window = {self.replicated_dedup_window}"
+
+    def create_table(
+        self, qualified: str, columns: list[str], family: str, args: str, order_by: str
+    ) -> str:
+        """CREATE TABLE IF NOT EXISTS with the engine of `family` and deduplication enabled."""
+        return (
+            f"CREATE TABLE IF NOT EXISTS {qualified}{self.on_cluster()} ({', '.join(columns)}) "
+            f"ENGINE = {self.engine(family, args)} ORDER BY {order_by} "
+            f"SETTINGS {self.dedup_setting()}"
+        )
+
+    def alter_table(self, qualified: str, action: str) -> str:
+        return f"ALTER TABLE {qualified}{self.on_cluster()} {action}"
+
+    def create_or_replace_view(self, qualified: str, select: str) -> str:
+        return f"CREATE OR REPLACE VIEW {qualified}{self.on_cluster()} AS {select}"
+
+    def sync_replica(self, qualified: str) -> str | None:
+        """What to run before reading state another process wrote through another replica (the
+        checkpoints, on assignment): this replica first fetches every part Keeper knows of, so a
+        member never resumes from a checkpoint older than the one the previous owner recorded.
+        Nothing on one ClickHouse."""
+        return None if self.cluster is None else f"SYSTEM SYNC REPLICA {qualified}"
+
+
 # In SQL given to `ChdbBackend.over_avro`: the tables reading the given message bytes and offsets.
 AVRO_SOURCE = "__projector_avro_source__"
 OFFSETS_SOURCE = "__projector_offsets_source__"
 
 
 class ClickHouse(Protocol):
+    topology: Topology
+
     def execute(self, sql: str) -> None: ...
 
     def rows(self, sql: str) -> list[dict[str, Any]]: ...
@@ -77,6 +146,7 @@ class ChdbBackend:
     def __init__(self, path: str) -> None:
         from chdb import session
 
+        self.topology = Topology()  # one process, one engine: never a cluster
         self._session = session.Session(path)
         self._lock = threading.Lock()
         shm = Path("/dev/shm")  # message bytes for `over_avro` stay in memory where possible
@@ -128,9 +198,10 @@ class ChdbBackend:
 
 
 class ServerBackend:
-    def __init__(self, url: str, user: str, password: str) -> None:
+    def __init__(self, url: str, user: str, password: str, cluster: str | None = None) -> None:
         import clickhouse_connect
 
+        self.topology = Topology(cluster)
         try:
             # No session: the apply thread and the main thread may query at the same time.
             self._client = clickhouse_connect.get_client(

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from projector.clickhouse import ChdbBackend, ServerBackend
 from projector.errors import ConfigError
@@ -39,6 +39,10 @@ class ProjectorConfig(BaseModel):
     clickhouse_url: str = "http://127.0.0.1:8123"
     clickhouse_user: str = "default"
     clickhouse_password: str = ""
+    # A cluster named in the servers' `remote_servers` (one shard, N replicas): DDL then runs
+    # ON CLUSTER with Replicated* engines and Keeper-backed insert deduplication (see
+    # `projector.clickhouse.Topology`). Server backend only.
+    clickhouse_cluster: str | None = None
     # Replica of source schema S lives in ClickHouse database `<replica_prefix>S`.
     replica_prefix: str = "replica_"
     control_database: str = "projector"
@@ -73,6 +77,12 @@ class ProjectorConfig(BaseModel):
         if "debezium" in value:
             raise ValueError("schema 'debezium' holds Debezium's signal/heartbeat tables")
         return value
+
+    @model_validator(mode="after")
+    def _cluster_needs_a_server(self) -> ProjectorConfig:
+        if self.clickhouse_cluster and self.backend != "server":
+            raise ValueError("clickhouse_cluster needs backend = 'server' (chDB is one process)")
+        return self
 
     def topic_pattern(self) -> str:
         """librdkafka subscription regex for the captured tables' topics."""
@@ -161,4 +171,7 @@ def open_backend(config: ProjectorConfig) -> ChdbBackend | ServerBackend:
     if config.backend == "chdb":
         config.chdb_path.mkdir(parents=True, exist_ok=True)
         return ChdbBackend(str(config.chdb_path))
-    return ServerBackend(config.clickhouse_url, config.clickhouse_user, config.clickhouse_password)
+    return ServerBackend(
+        config.clickhouse_url, config.clickhouse_user, config.clickhouse_password,
+        config.clickhouse_cluster,
+    )  # fmt: skip

@@ -61,16 +61,18 @@ class DeadLetterStore:
         self.projection = projection
 
     def create(self) -> None:
-        self.ch.execute(f"CREATE DATABASE IF NOT EXISTS {ident(self.database)}")
+        topology = self.ch.topology
+        self.ch.execute(topology.create_database(self.database))
         self.ch.execute(
-            f"""CREATE TABLE IF NOT EXISTS {self.table} (
-                topic String, `partition` Int32, `offset` Int64,
-                key_b64 Nullable(String), value_b64 Nullable(String),
-                stage LowCardinality(String), error String,
-                dead_at DateTime64(3, 'UTC'), replayed UInt8, version UInt64
-            ) ENGINE = ReplacingMergeTree(version) ORDER BY (topic, partition, offset)
-            SETTINGS non_replicated_deduplication_window = 100000"""
-        )
+            topology.create_table(
+                self.table,
+                ["topic String", "`partition` Int32", "`offset` Int64",
+                 "key_b64 Nullable(String)", "value_b64 Nullable(String)",
+                 "stage LowCardinality(String)", "error String",
+                 "dead_at DateTime64(3, 'UTC')", "replayed UInt8", "version UInt64"],
+                "ReplacingMergeTree", "version", "(topic, partition, offset)",
+            )
+        )  # fmt: skip
 
     def add(self, batch: BatchRange, letters: list[DeadLetter]) -> None:
         rows = [letter.row() for letter in letters]

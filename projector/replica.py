@@ -224,7 +224,9 @@ class ReplicaCatalog:
         for column in missing:
             for definition in column.definitions():
                 self.ch.execute(
-                    f"ALTER TABLE {replica.qualified} ADD COLUMN IF NOT EXISTS {definition}"
+                    self.ch.topology.alter_table(
+                        replica.qualified, f"ADD COLUMN IF NOT EXISTS {definition}"
+                    )
                 )
             replica.columns[column.name] = column.ctype.clickhouse
         for column in columns:
@@ -239,8 +241,10 @@ class ReplicaCatalog:
                     f"`retypes` in {UPCASTERS_FILE_HINT}, then run `projector dlq replay`",
                 )
             self.ch.execute(
-                f"ALTER TABLE {replica.qualified} MODIFY COLUMN {ident(column.name)} "
-                f"{column.ctype.clickhouse}"
+                self.ch.topology.alter_table(
+                    replica.qualified,
+                    f"MODIFY COLUMN {ident(column.name)} {column.ctype.clickhouse}",
+                )
             )
             replica.columns[column.name] = column.ctype.clickhouse
         return replica
@@ -252,26 +256,27 @@ class ReplicaCatalog:
             )
         for suffix in ("", INPUT_SUFFIX) if old + INPUT_SUFFIX in replica.columns else ("",):
             self.ch.execute(
-                f"ALTER TABLE {replica.qualified} RENAME COLUMN "
-                f"{ident(old + suffix)} TO {ident(new + suffix)}"
+                self.ch.topology.alter_table(
+                    replica.qualified,
+                    f"RENAME COLUMN {ident(old + suffix)} TO {ident(new + suffix)}",
+                )
             )
             replica.columns[new + suffix] = replica.columns.pop(old + suffix)
 
     def _create(
         self, database: str, table: str, keys: list[str], columns: list[SourceColumn]
     ) -> ReplicaTable:
-        self.ch.execute(f"CREATE DATABASE IF NOT EXISTS {ident(database)}")
+        topology = self.ch.topology
+        self.ch.execute(topology.create_database(database))
         defs = [d for c in columns for d in c.definitions()]
         defs += [f"{ident(n)} {t}" for n, t in META_COLUMNS.items()]
         if keys:
-            engine = "ReplacingMergeTree(_version, _is_deleted)"
+            family, args = "ReplacingMergeTree", "_version, _is_deleted"
             order = "(" + ", ".join(ident(k) for k in keys) + ")"
         else:
-            engine, order = "MergeTree", "(_partition, _offset)"
+            family, args, order = "MergeTree", "", "(_partition, _offset)"
         self.ch.execute(
-            f"CREATE TABLE IF NOT EXISTS {ident(database)}.{ident(table)} ({', '.join(defs)}) "
-            f"ENGINE = {engine} ORDER BY {order} "
-            "SETTINGS non_replicated_deduplication_window = 100000"
+            topology.create_table(f"{ident(database)}.{ident(table)}", defs, family, args, order)
         )
         loaded = self._load(database, table)
         assert loaded is not None

@@ -61,19 +61,22 @@ class TransactionLedger:
         self.projection = projection
 
     def create(self) -> None:
+        topology = self.ch.topology
         self.ch.execute(
-            f"""CREATE TABLE IF NOT EXISTS {self.ends} (
-                tx_id String, lsn UInt64, `offset` Int64, data_collection String,
-                expected UInt64
-            ) ENGINE = ReplacingMergeTree ORDER BY (tx_id, data_collection)
-            SETTINGS non_replicated_deduplication_window = 100000"""
-        )
+            topology.create_table(
+                self.ends,
+                ["tx_id String", "lsn UInt64", "`offset` Int64", "data_collection String",
+                 "expected UInt64"],
+                "ReplacingMergeTree", "", "(tx_id, data_collection)",
+            )
+        )  # fmt: skip
         self.ch.execute(
-            f"""CREATE TABLE IF NOT EXISTS {self.progress} (
-                tx_id String, data_collection String, applied UInt64
-            ) ENGINE = SummingMergeTree ORDER BY (tx_id, data_collection)
-            SETTINGS non_replicated_deduplication_window = 100000"""
-        )
+            topology.create_table(
+                self.progress,
+                ["tx_id String", "data_collection String", "applied UInt64"],
+                "SummingMergeTree", "", "(tx_id, data_collection)",
+            )
+        )  # fmt: skip
 
     def record_ends(self, batch: BatchRange, events: list[tuple[int, dict[str, Any]]]) -> None:
         """END events of the transaction topic (offset, decoded value); BEGINs are skipped."""

@@ -116,10 +116,12 @@ class ReadModels:
             if model.name in views and not replace:
                 self.created.add(model.name)
                 continue
-            self.ch.execute(f"CREATE DATABASE IF NOT EXISTS `{self.database}`")
+            self.ch.execute(self.ch.topology.create_database(self.database))
             self.ch.execute(
-                f"CREATE OR REPLACE VIEW `{self.database}`.`{model.name}` AS "
-                f"{model.select(self.replica_database)} SETTINGS join_use_nulls = 1"
+                self.ch.topology.create_or_replace_view(
+                    f"`{self.database}`.`{model.name}`",
+                    f"{model.select(self.replica_database)} SETTINGS join_use_nulls = 1",
+                )
             )
             self.created.add(model.name)
             made.append(model.name)
