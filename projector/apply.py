@@ -282,7 +282,8 @@ class BatchApplier:
             if op == "t":
                 insert(chunk)
                 chunk = []
-                insert(self._truncate(replica, event))
+                self._truncate(replica, event)
+                chunk_number += 1  # the chunk numbers (tokens) after it stay those of a replay
                 latest.clear()
                 stored.clear()
                 written.append(event)
@@ -368,23 +369,43 @@ class BatchApplier:
         )
         return {_key(r, replica.key_columns): r for r in rows}
 
-    def _truncate(self, replica: ReplicaTable, event: Event) -> list[dict[str, Any]]:
-        """Empty the replica as of the truncate. A keyed table gets a deletion marker for every
-        live key, versioned at the truncate's offset: rows written later (higher offsets) win over
-        the markers, on a replay too. An append-only table deletes the rows before the truncate.
-        (Offsets are comparable only inside one partition: exact with one partition per topic.)"""
+    def _truncate(self, replica: ReplicaTable, event: Event) -> None:
+        """Empty the replica as of the truncate, inside ClickHouse (no key travels through Python:
+        a truncate of a big table must not cost the projector memory).
+
+        A keyed table gets a deletion marker, versioned at the truncate's offset, for every key
+        that has a row older than the truncate: rows written later (higher offsets) win over the
+        markers. The markers are inserted without a deduplication token on purpose: they are
+        idempotent (same key, same version, same content), and the set of keys they cover may
+        differ between a first attempt and a replay (merges may by then have folded a key's older
+        rows into its marker), so token-ed blocks of a replay could be dropped wrongly. An
+        append-only table deletes the rows before the truncate. (Offsets are comparable only
+        inside one partition: exact with one partition per topic.)"""
         message = event.message
         if not replica.key_columns:
             self.ch.execute(
                 f"DELETE FROM {replica.qualified} WHERE _partition = {message.partition} "
                 f"AND _offset < {message.offset}"
             )
-            return []
-        keys = ", ".join(ident(k) for k in replica.key_columns)
-        live = self.ch.rows(f"SELECT {keys} FROM {replica.qualified} FINAL")
-        source = event.value.get("source") or {}
-        marker = metadata("t", source, message.partition, message.offset)
-        return [{**row, **marker} for row in live]
+            return
+        keys = [ident(k) for k in replica.key_columns]
+        marker = metadata("t", event.value.get("source") or {}, message.partition, message.offset)
+        columns = ", ".join(keys + [ident(c) for c in marker])
+        # Positional, no aliases: an alias `… AS _version` would shadow the column in WHERE.
+        values = ", ".join(_literal(v) for v in marker.values())
+        # Streamed in small blocks, one thread, no DISTINCT (a key with several versions gets
+        # several identical markers, which merge into one): flat memory on the embedded engine too.
+        self.ch.execute(
+            f"INSERT INTO {replica.qualified} ({columns}) SETTINGS insert_deduplicate = 0 "
+            f"SELECT {', '.join(keys)}, {values} FROM {replica.qualified} "
+            f"WHERE _version < {message.offset} SETTINGS {TRUNCATE_STREAMING}"
+        )
+
+
+TRUNCATE_STREAMING = (
+    "max_block_size = 65536, max_insert_block_size = 65536, min_insert_block_size_rows = 65536, "
+    "min_insert_block_size_bytes = 0, max_threads = 1"
+)
 
 
 def _key(row: dict[str, Any], key_columns: list[str]) -> tuple[str, ...]:
