@@ -6,7 +6,7 @@
    encoded with those schemas in the Confluent wire format and produced to a fresh topic.
 3. Each contender runs as its own process on the same topic or bytes, timed wall-clock with its
    peak RSS:
-   (b) the projector's per-message path: `projector run --until-caught-up` (Kafka → chDB, with the
+   (b) the projector's per-message path: `projector run --until-kafka-end` (Kafka → chDB, with the
        commit protocol, replica semantics and all);
    (c) a naive baseline: confluent-kafka's `AvroDeserializer` per message, rows inserted into chDB
        in batches of 10,000 (no versions, no exactly-once);
@@ -340,7 +340,8 @@ def run_bench(
                        "PROJECTOR_MAX_BATCH_MESSAGES": str(batch_messages),
                        "PROJECTOR_FAST_PATH": str(fast).lower(),
                        "PROJECTOR_TRANSACTION_METADATA": "false"}  # fmt: skip
-            command = [projector, "run", "--until-caught-up"]
+            # The events were produced to Kafka directly: its end is the whole backlog.
+            command = [projector, "run", "--until-kafka-end"]
             if profile is not None:  # sampled by py-spy: where the time goes (slows the run a bit)
                 command = [str(Path(python).parent / "py-spy"), "record", "--format", "raw",
                            "--rate", "50", "-o", f"{profile}.{label.strip('()')}", "--",

@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,30 @@ def _http_problem(url: str) -> str | None:
     if response.status_code >= 400:
         return f"{url} answered HTTP {response.status_code}"
     return None
+
+
+# Ids Kafka keeps for itself (all zeros; the metadata topic's id): never a cluster's.
+_RESERVED_IDS = {bytes(16), bytes(15) + b"\x01"}
+
+
+def usable_cluster_id(cluster_id: str) -> bool:
+    """The rule Kafka's own `Uuid.randomUuid` keeps: 16 bytes in URL-safe base64 without padding,
+    not a reserved id, and not starting with '-' (`kafka-storage format -t -x...` would read the
+    id as an option and fail)."""
+    try:
+        raw = base64.urlsafe_b64decode(cluster_id + "==")
+    except ValueError:
+        return False
+    return len(raw) == 16 and raw not in _RESERVED_IDS and not cluster_id.startswith("-")
+
+
+def kraft_cluster_id(draw: Callable[[], bytes] = lambda: uuid.uuid4().bytes) -> str:
+    """A random KRaft cluster id, drawn again until `usable_cluster_id` holds (as Kafka does:
+    one draw in 64 starts with '-')."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(draw()).decode().rstrip("=")
+        if usable_cluster_id(cluster_id):
+            return cluster_id
 
 
 @dataclass
@@ -337,7 +362,7 @@ class Kafka(Component):
             )
         )
         if not (self.home / "data" / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = kraft_cluster_id()
             proc = subprocess.run(
                 [
                     *_java("256m"),

@@ -4,7 +4,9 @@
    and `shop`);
 2. run the shop writer (projector/shop.py) in a thread: an unchanged application writing SQL;
 3. run the projector in this process on chDB, and between rounds of batches redraw a terminal view
-   of a few read models and the lag, until Ctrl-C (or `--duration`);
+   of a few read models and the lag, until Ctrl-C (or `--duration`) — or, when standard output is
+   not a terminal (`make demo | tee demo.log`, CI logs), print a plain progress line every few
+   seconds instead: a live view draws nothing there;
 4. print a one-line summary.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -29,7 +32,16 @@ from projector.clickhouse import ClickHouse
 from projector.config import client_environment, load_config, open_backend
 from projector.runner import Projector
 
-REFRESH_S = 1.0
+REFRESH_S = 1.0  # the live view's redraw
+PROGRESS_S = 5.0  # a plain progress line, when standard output is not a terminal
+
+# The read models on show: (title, name, rows shown in the live view).
+PANELS = [
+    ("orders by status", "orders_by_status", "ORDER BY status"),
+    ("daily sales (last 3 days)", "daily_sales", "ORDER BY day DESC LIMIT 3"),
+    ("top products", "product_popularity", "ORDER BY revenue DESC LIMIT 3"),
+    ("top customers", "customer_lifetime_value", "ORDER BY revenue DESC LIMIT 3"),
+]
 
 
 class DemoView:
@@ -62,35 +74,40 @@ class DemoView:
         newest = int(rows[0]["ms"]) if rows and rows[0]["ms"] else 0
         return None if newest == 0 else max(0.0, time.time() - newest / 1000)
 
-    def render(self, projector: Projector, writer: ShopWriter) -> Group:
-        rm = self.read_models
+    def _status(self, projector: Projector, writer: ShopWriter) -> str:
         lag = self.lag_seconds()
-        header = Text.assemble(
-            ("cdc-projector demo  ", "bold"),
+        return (
             f"{time.monotonic() - self.started:5.0f}s  writer: {writer.stats.transactions} tx  "
             f"projector: {projector.applied_events} events applied, "
             f"{projector.dead_letters} dead letters  lag: "
             + ("-" if lag is None else f"{lag:.1f}s")
-            + "   (Ctrl-C to stop)",
+        )
+
+    def render(self, projector: Projector, writer: ShopWriter) -> Group:
+        header = Text.assemble(
+            ("cdc-projector demo  ", "bold"),
+            self._status(projector, writer) + "   (Ctrl-C to stop)",
         )
         return Group(
             header,
-            self._table(
-                "orders by status", f"SELECT * FROM `{rm}`.orders_by_status ORDER BY status"
-            ),
-            self._table(
-                "daily sales (last 3 days)",
-                f"SELECT * FROM `{rm}`.daily_sales ORDER BY day DESC LIMIT 3",
-            ),
-            self._table(
-                "top products",
-                f"SELECT * FROM `{rm}`.product_popularity ORDER BY revenue DESC LIMIT 3",
-            ),
-            self._table(
-                "top customers",
-                f"SELECT * FROM `{rm}`.customer_lifetime_value ORDER BY revenue DESC LIMIT 3",
+            *(
+                self._table(title, f"SELECT * FROM `{self.read_models}`.{name} {rows}")
+                for title, name, rows in PANELS
             ),
         )
+
+    def progress_line(self, projector: Projector, writer: ShopWriter) -> str:
+        """One plain line: the live view's header and the read models' row counts."""
+        counts = ", ".join(f"{name} {self._count(name)}" for _, name, _ in PANELS)
+        status = self._status(projector, writer)
+        return f"{datetime.now(tz=UTC):%H:%M:%S} {status}  read models (rows): {counts}"
+
+    def _count(self, name: str) -> str:
+        try:
+            rows = self.ch.rows(f"SELECT count() AS n FROM `{self.read_models}`.{name}")
+        except Exception:  # the view appears with the first events of its sources
+            return "-"
+        return str(rows[0]["n"]) if rows else "-"
 
 
 def _cell(value: Any) -> str:
@@ -121,17 +138,34 @@ def run_demo(console: Console, duration_s: float | None = None, rate: float = 20
         projector.ch, config.read_model_database,
         projector.applier.catalog.database_for(config.read_model_schema),
     )  # fmt: skip
+    stop_at = None if duration_s is None else time.monotonic() + duration_s
+    out = Console()  # standard output: the view
     next_draw = 0.0
-    with Live(console=console, auto_refresh=False) as live:
+    if out.is_terminal:
+        with Live(console=out, auto_refresh=False) as live:
 
-        def redraw() -> None:
+            def redraw() -> None:
+                nonlocal next_draw
+                if time.monotonic() >= next_draw:
+                    live.update(view.render(projector, writer), refresh=True)
+                    next_draw = time.monotonic() + REFRESH_S
+
+            code = projector.run(tick=redraw, stop_at=stop_at)
+    else:
+        # No terminal (a pipe, a CI log): a live view would draw nothing until the end.
+        console.print(
+            f"standard output is not a terminal: a progress line every {PROGRESS_S:.0f}s",
+            highlight=False,
+        )
+
+        def report() -> None:
             nonlocal next_draw
             if time.monotonic() >= next_draw:
-                live.update(view.render(projector, writer), refresh=True)
-                next_draw = time.monotonic() + REFRESH_S
+                sys.stdout.write(view.progress_line(projector, writer) + "\n")
+                sys.stdout.flush()
+                next_draw = time.monotonic() + PROGRESS_S
 
-        stop_at = None if duration_s is None else time.monotonic() + duration_s
-        code = projector.run(tick=redraw, stop_at=stop_at)
+        code = projector.run(tick=report, stop_at=stop_at)
     stop_writer.set()
     thread.join(10)
     console.print()

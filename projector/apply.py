@@ -73,12 +73,20 @@ class BatchOutcome:
     dead: list[DeadLetter]
     # Applied events per (Debezium transaction id, schema.table): the watermark's input.
     transactions: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Dead-lettered events whose transaction is known (they were decoded): settled for
+    # `--until-caught-up`, never applied for the watermark.
+    dead_transactions: dict[tuple[str, str], int] = field(default_factory=dict)
     fast: bool = False  # applied by the fast path
 
     def count_transaction(self, tx_id: str, collection: str, events: int = 1) -> None:
         """`events` more applied events of Debezium transaction `tx_id` on `schema.table`."""
         key = (tx_id, collection)
         self.transactions[key] = self.transactions.get(key, 0) + events
+
+    def count_dead_letter(self, tx_id: str, collection: str) -> None:
+        """One more dead-lettered event of Debezium transaction `tx_id` on `schema.table`."""
+        key = (tx_id, collection)
+        self.dead_transactions[key] = self.dead_transactions.get(key, 0) + 1
 
 
 def decode(message: RawMessage, schemas: SchemaCache) -> Event | None:
@@ -189,15 +197,26 @@ class BatchApplier:
             good.append(event)
 
         outcome = BatchOutcome(0, dead)
+        collection = f"{schema_name}.{table_name}"
+        written: list[Event] = []
         if replica is not None:
             written, more_dead = self._write(batch, replica, good)
             dead += more_dead
             outcome.applied = len(written)
-            collection = f"{schema_name}.{table_name}"
-            for event in written:
-                tx_id = (event.value.get("transaction") or {}).get("id")
-                if tx_id:
-                    outcome.count_transaction(tx_id, collection)
+        else:
+            # Only truncates (or nothing) can be left without a table: truncating a table that
+            # has no replica yet changes nothing, so they count as applied for their transaction.
+            written = [e for e in good if e.value["op"] == "t"]
+        for event in written:
+            tx_id = (event.value.get("transaction") or {}).get("id")
+            if tx_id:
+                outcome.count_transaction(tx_id, collection)
+        # Every other decoded event was dead-lettered; its transaction knows it is settled.
+        applied = {id(e) for e in written}
+        for event in events:
+            tx_id = (event.value.get("transaction") or {}).get("id")
+            if tx_id and id(event) not in applied:
+                outcome.count_dead_letter(tx_id, collection)
         if dead:
             dead_letter(batch, dead)
         return outcome

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -17,6 +18,9 @@ from rich.table import Table
 from connectors import ConnectClient, ConnectorError, apply_connector, render_connector
 from projector.config import ProjectorConfig, client_environment, load_config
 from projector.errors import ConfigError, ProjectorError
+
+if TYPE_CHECKING:
+    from projector.catch_up import Finish
 
 app = typer.Typer(
     help="CDC projection engine: Postgres → Debezium → Kafka → ClickHouse.",
@@ -50,11 +54,27 @@ def run(
     until_caught_up: bool = typer.Option(
         False,
         "--until-caught-up",
-        help="Exit 0 once every assigned partition is applied to its end.",
+        help="Exit 0 once every change committed in Postgres when the command starts is applied "
+        "(reads the source's WAL position: PROJECTOR_SOURCE_DSN, or the connector's PG_*/CDC_* "
+        "settings; needs the transaction topic).",
+    ),
+    until_lsn: str | None = typer.Option(
+        None,
+        "--until-lsn",
+        metavar="LSN",
+        help="Exit 0 once every change committed in Postgres up to LSN is applied, e.g. a "
+        "writer's SELECT pg_current_wal_lsn() after its commit (0/16B3748).",
+    ),
+    until_kafka_end: bool = typer.Option(
+        False,
+        "--until-kafka-end",
+        help="Exit 0 once everything in Kafka when the command starts is applied (changes "
+        "Debezium has not produced yet are not waited for).",
     ),
     config_file: Path | None = ConfigOption,
 ) -> None:
-    """Consume the change topics and apply them to ClickHouse (exactly-once effect)."""
+    """Consume the change topics and apply them to ClickHouse (exactly-once effect); until
+    stopped (Ctrl-C, SIGTERM), or until a finish line: docs/projector.md, "Finishing a run"."""
     import logging
 
     from projector.config import open_backend
@@ -63,11 +83,44 @@ def run(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = _config(config_file)
     try:
-        code = Projector(config, open_backend(config)).run(until_caught_up=until_caught_up)
+        # The moment the run is asked to finish is now: the finish is fixed before anything runs.
+        finish = _finish(config, until_caught_up, until_lsn, until_kafka_end)
+    except ConfigError as exc:
+        fail(str(exc), code=2)
+        return
+    except ProjectorError as exc:
+        fail(str(exc))
+        return
+    try:
+        code = Projector(config, open_backend(config)).run(finish)
     except ProjectorError as exc:
         fail(str(exc))
         return
     raise typer.Exit(code)
+
+
+def _finish(
+    config: ProjectorConfig, until_caught_up: bool, until_lsn: str | None, until_kafka_end: bool
+) -> Finish | None:
+    """The finish line the options ask for (projector/catch_up.py), None: run until stopped."""
+    from projector.catch_up import Finish, source_position
+    from projector.transactions import parse_lsn
+
+    chosen = [until_caught_up, until_lsn is not None, until_kafka_end]
+    if sum(chosen) > 1:
+        raise ConfigError("give at most one of --until-caught-up, --until-lsn, --until-kafka-end")
+    if until_kafka_end:
+        return Finish(kafka_end=True)
+    if not (until_caught_up or until_lsn is not None):
+        return None
+    if not config.transaction_metadata:
+        raise ConfigError(
+            f"--until-{'caught-up' if until_caught_up else 'lsn'} follows Debezium's transaction "
+            "topic, and PROJECTOR_TRANSACTION_METADATA is false: turn it on, or use "
+            "--until-kafka-end (everything in Kafka now)"
+        )
+    lsn = source_position(config.source_dsn) if until_lsn is None else parse_lsn(until_lsn)
+    return Finish(lsn=lsn)
 
 
 @app.command("status")

@@ -2,7 +2,8 @@
 
 Sources, lowest priority first: defaults (which point at the local stack when it exists), a TOML
 file given with `--config`, environment variables `PROJECTOR_<FIELD>` (and the connector's
-`KAFKA_BOOTSTRAP` / `REGISTRY_URL`).
+`KAFKA_BOOTSTRAP` / `REGISTRY_URL`; the source database for `--until-caught-up` from the
+connector's `PG_*` / `CDC_*` values or `ADMIN_DSN` when `source_dsn` is not set).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
@@ -26,6 +28,10 @@ class ProjectorConfig(BaseModel):
     model_config = {"extra": "forbid"}
 
     kafka_bootstrap: str = "127.0.0.1:19092"
+    # The source database, read only by `run --until-caught-up` (its WAL position when the run
+    # starts). Unset: the connector's own login (PG_HOST, PG_PORT, PG_DATABASE, CDC_USER,
+    # CDC_PASSWORD, as `projector connectors apply` reads them), else ADMIN_DSN.
+    source_dsn: str | None = None
     registry_url: str = "http://127.0.0.1:18081/apis/ccompat/v7"
     topic_prefix: str = "cdc"
     # Schemas whose tables are projected (Debezium's own control schema never is).
@@ -153,6 +159,8 @@ def load_config(path: Path | None = None, env: dict[str, str] | None = None) -> 
         if env.get(key):
             raw = env[key]
             values[field] = raw.split(",") if field == "schemas" else raw
+    if "source_dsn" not in values:
+        values["source_dsn"] = connector_source_dsn(env)
     try:
         config = ProjectorConfig.model_validate(values)
     except ValidationError as exc:
@@ -164,6 +172,18 @@ def load_config(path: Path | None = None, env: dict[str, str] | None = None) -> 
     except (SchemaError, ReadModelError) as exc:
         raise ConfigError(str(exc)) from exc
     return config
+
+
+def connector_source_dsn(env: dict[str, str]) -> str | None:
+    """The source database as the connector's environment names it: Debezium's own login (it
+    may read the WAL position and nothing more is needed), else the admin DSN; None when the
+    environment has neither."""
+    if all(env.get(name) for name in ("PG_HOST", "PG_DATABASE", "CDC_USER")):
+        user, database = quote(env["CDC_USER"], safe=""), quote(env["PG_DATABASE"], safe="")
+        password = quote(env.get("CDC_PASSWORD") or "", safe="")
+        login = f"{user}:{password}" if password else user
+        return f"postgresql://{login}@{env['PG_HOST']}:{env.get('PG_PORT') or 5432}/{database}"
+    return env.get("ADMIN_DSN") or None
 
 
 def open_backend(config: ProjectorConfig) -> ChdbBackend | ServerBackend:

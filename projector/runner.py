@@ -32,6 +32,7 @@ from confluent_kafka import (
 )  # fmt: skip
 
 from projector.apply import BatchApplier
+from projector.catch_up import Finish, FinishLine
 from projector.checkpoint import (
     PROJECTION,
     BatchCommitter,
@@ -48,7 +49,7 @@ from projector.fast_path import FastPath, Segment
 from projector.messages import KafkaMessages, RawMessage, source_table_of
 from projector.metrics import ProjectorMetrics
 from projector.replica import ReplicaCatalog
-from projector.transactions import TransactionLedger
+from projector.transactions import TransactionLedger, Unfinished
 from queries.read_models import ReadModels, load_read_models
 from schemas.errors import RegistryUnavailable, SchemaError, UnknownSchema
 from schemas.registry import SchemaCache
@@ -57,6 +58,8 @@ from schemas.upcasters import Upcasters
 log = logging.getLogger("projector")
 T = TypeVar("T")
 TRANSIENT: tuple[type[Exception], ...] = (ClickHouseUnavailable, RegistryUnavailable)
+FINISH_CHECK_S = 0.5  # how often a run asked to finish looks at its finish line, at most
+FIRST_WAITING_REPORT_S, WAITING_REPORT_S = 5.0, 30.0  # when it logs what it still waits for
 
 
 def with_retries(
@@ -188,18 +191,25 @@ class Projector:
 
     def run(
         self,
-        until_caught_up: bool = False,
+        finish: Finish | None = None,
         tick: Callable[[], None] | None = None,
         stop_at: float | None = None,
     ) -> int:
-        """Consume and apply until stopped (SIGTERM/SIGINT), caught up (`until_caught_up`) or
-        `stop_at` (a `time.monotonic()` instant); `tick` runs between rounds of batches."""
+        """Consume and apply until stopped (SIGTERM/SIGINT), past the finish line of `finish`
+        (projector/catch_up.py) or `stop_at` (a `time.monotonic()` instant); `tick` runs between
+        rounds of batches."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        # Fixed now, once: a line read afresh at every check moves on (heartbeats) and is never
+        # reached.
+        finish_line = None if finish is None else FinishLine(finish, _RunProgress(self))
+        if finish is not None:
+            log.info("running until %s is applied", finish.describe())
         self.consumer.subscribe(
             self.config.subscription(), on_assign=self._on_assign, on_revoke=self._on_revoke
         )
-        idle_polls = 0
+        next_finish_check = time.monotonic()
+        next_waiting_report = next_finish_check + FIRST_WAITING_REPORT_S
         try:
             while not self.stopping:
                 messages = self.consumer.consume(
@@ -223,15 +233,22 @@ class Projector:
                 self._ensure_read_models()
                 if tick is not None:
                     tick()
-                if stop_at is not None and time.monotonic() >= stop_at:
+                now = time.monotonic()
+                if stop_at is not None and now >= stop_at:
                     break
-                idle_polls = idle_polls + 1 if fresh == 0 else 0
-                if until_caught_up and idle_polls >= 2:
+                # Checked when the poll found the buffers drained (no full backlog waiting) and
+                # at most every FINISH_CHECK_S; with no batch in flight, positions are settled.
+                if (finish_line is not None and fresh < self.config.max_batch_messages
+                        and now >= next_finish_check):  # fmt: skip
                     self._wait_for_batch()
-                    if self._caught_up():
+                    if with_retries(finish_line.reached, "checking the finish line"):
                         self._next_read_model_check = 0.0
                         self._ensure_read_models()
                         break
+                    next_finish_check = time.monotonic() + FINISH_CHECK_S
+                    if next_finish_check >= next_waiting_report:
+                        log.info("not finished yet: waiting for %s", finish_line.waiting_for)
+                        next_waiting_report = next_finish_check + WAITING_REPORT_S
         finally:
             try:
                 self._wait_for_batch()
@@ -333,7 +350,7 @@ class Projector:
             return
         started = time.monotonic()
         outcome = self.applier.apply(batch, messages, self._dead_letter, segments, planned=True)
-        self.ledger.record_progress(batch, outcome.transactions)
+        self.ledger.record_progress(batch, outcome.transactions, outcome.dead_transactions)
         self.applied_events += outcome.applied
         self.fast_events += outcome.applied if outcome.fast else 0
         path = "fast" if outcome.fast else "per_message"
@@ -371,38 +388,60 @@ class Projector:
             )  # fmt: skip
         self.producer.poll(0)
 
-    def _caught_up(self) -> bool:
-        """Everything in Kafka right now is applied: every partition of every topic matching the
-        subscription (fresh metadata, so a topic created a moment ago counts) is either ours and
-        applied up to its end offset, or another member's with the group's offset at its end."""
-        metadata = self.consumer.list_topics(timeout=10)
-        assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
-        theirs: list[TopicPartition] = []
-        for topic, topic_metadata in metadata.topics.items():
-            if not self.config.subscribes_to(topic):
+    def applied_to(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int | None]:
+        """Per partition, the next offset to apply: everything before it is applied. Ours from
+        this process (call with no batch in flight), the others' from their checkpoints, read
+        afresh (the checkpoint table, not the group's offsets, is the truth: step B)."""
+        applied: dict[tuple[str, int], int | None] = {}
+        theirs = []
+        for topic, partition in partitions:
+            next_offset = self.next_offset.get((topic, partition))
+            if next_offset is None:
+                theirs.append((topic, partition))
+                continue
+            state = self.partitions.get((topic, partition))
+            if state is None or not state.buffer:
+                # Nothing consumed waits to be applied: the consumer's position is past what
+                # Kafka skipped (gaps at the end: transaction markers, compaction) too.
+                (position,) = self.consumer.position([TopicPartition(topic, partition)])
+                next_offset = max(next_offset, position.offset)
+            applied[(topic, partition)] = next_offset
+        checkpoints = self.checkpoints.load(theirs) if theirs else {}
+        for key in theirs:
+            checkpoint = checkpoints.get(key)
+            applied[key] = None if checkpoint is None else checkpoint.resume_offset
+        return applied
+
+
+class _RunProgress:
+    """The finish line's view of a running projector (projector/catch_up.py, `Progress`)."""
+
+    def __init__(self, projector: Projector) -> None:
+        self.projector = projector
+
+    def end_offsets(self) -> dict[tuple[str, int], int]:
+        """End offsets of every subscribed partition, from fresh metadata (a topic created a
+        moment ago counts)."""
+        consumer, config = self.projector.consumer, self.projector.config
+        ends = {}
+        for topic, topic_metadata in consumer.list_topics(timeout=10).topics.items():
+            if not config.subscribes_to(topic):
                 continue
             for partition in topic_metadata.partitions:
                 tp = TopicPartition(topic, partition)
-                _, high = self.consumer.get_watermark_offsets(tp, timeout=5, cached=False)
-                if high <= 0:
-                    continue
-                if (topic, partition) not in assigned:
-                    theirs.append(TopicPartition(topic, partition, high))
-                    continue
-                state = self.partitions.get((topic, partition))
-                if state is not None and state.buffer:
-                    return False
-                resume = self.committer.resume_offset(topic, partition)
-                if resume is None or resume < high:
-                    # Gaps at the end (transaction markers, compaction) are fine only if nothing
-                    # is left to read: the position says where we are.
-                    (position,) = self.consumer.position([tp])
-                    if position.offset < high:
-                        return False
-        if theirs:
-            committed = self.consumer.committed(
-                [TopicPartition(t.topic, t.partition) for t in theirs], timeout=10
-            )
-            ends = {(t.topic, t.partition): t.offset for t in theirs}
-            return all(c.offset >= ends[(c.topic, c.partition)] for c in committed)
-        return True
+                _, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+                if high > 0:
+                    ends[(topic, partition)] = high
+        return ends
+
+    def applied_to(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int | None]:
+        return self.projector.applied_to(partitions)
+
+    def fence_offset(self, lsn: int) -> int | None:
+        return self.projector.ledger.fence_offset(lsn)
+
+    def unfinished(self, fence_offset: int) -> Unfinished | None:
+        config = self.projector.config
+        return self.projector.ledger.unfinished(
+            fence_offset, config.topic_pattern(), config.topic_prefix
+        )

@@ -67,14 +67,16 @@ class ProjectorProcess:
             )
 
     def catch_up(self, timeout_s: float = 240) -> None:
-        """Apply everything committed in Postgres so far: `run --until-caught-up` until a fence
-        row committed now is in ClickHouse (Kafka may not hold the latest changes yet)."""
+        """Apply everything committed in Postgres so far: `run --until-kafka-end` until a fence
+        row committed now is in ClickHouse (Kafka may not hold the latest changes yet). Not
+        `--until-caught-up`, which does this in one run but follows the transaction topic: the
+        harness leaves that off (it holds every test's transactions)."""
         fence = self.stack.fence()
         deadline = time.monotonic() + timeout_s
         while True:
             with self.log.open("ab") as out:
                 done = subprocess.run(
-                    [PROJECTOR, "run", "--until-caught-up"], env=self.env, stdout=out,
+                    [PROJECTOR, "run", "--until-kafka-end"], env=self.env, stdout=out,
                     stderr=subprocess.STDOUT, timeout=max(1.0, deadline - time.monotonic()),
                 )  # fmt: skip
             assert done.returncode == 0, self.log.read_text()[-3000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import uuid
 from pathlib import Path
@@ -15,9 +16,18 @@ def test_demo_runs_the_shop_and_fills_the_read_models(stack: StackHandle, tmp_pa
     projector = ProjectorProcess(stack, tmp_path)  # its own chDB directory and group
     projector.env.pop("PROJECTOR_TABLE_PATTERN")
     projector.env["PROJECTOR_SCHEMAS"] = "shop"
+    # Standard output is a pipe here, as under `make demo | tee` or in CI: no live view can draw,
+    # so plain progress lines must come while it runs.
     demo = projector.cli("demo", "--duration", "25", timeout_s=600)
     assert demo.returncode == 0, demo.stderr[-3000:]
-    assert "demo stopped" in demo.stderr and "orders by status" in demo.stderr, demo.stderr[-3000:]
+    assert "demo stopped" in demo.stderr, demo.stderr[-3000:]
+    progress = [line for line in demo.stdout.splitlines() if "events applied" in line]
+    assert len(progress) >= 2, demo.stdout[-3000:]  # every few seconds, not once at the end
+    last = re.search(
+        r"projector: (\d+) events applied.*lag: .*read models \(rows\): (.*)", progress[-1]
+    )
+    assert last is not None, progress[-1]
+    assert int(last.group(1)) > 0 and "orders_by_status" in last.group(2), progress[-1]
     counts = projector.sql("SELECT sum(orders) AS n FROM read_models.orders_by_status")
     assert int(counts[0]["n"]) > 0, counts
 
