@@ -37,7 +37,7 @@ def catch_up_measured(stack: StackHandle, projector: ProjectorProcess) -> int:
     while True:
         with projector.log.open("ab") as log:
             done = subprocess.run(
-                [sys.executable, "-c", PEAK_RSS, PROJECTOR, "run", "--until-caught-up"],
+                [sys.executable, "-c", PEAK_RSS, PROJECTOR, "run", "--until-kafka-end"],
                 env=projector.env, stdout=subprocess.PIPE, stderr=log, text=True,
                 timeout=max(1.0, deadline - time.monotonic()),
             )  # fmt: skip
