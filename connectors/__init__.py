@@ -3,18 +3,32 @@
 `projector connectors ...` is the command line over this package.
 """
 
-from connectors.apply import ApplyResult, apply_connector
+from connectors.apply import (
+    ApplyPlan,
+    ApplyResult,
+    ConfigChange,
+    apply_connector,
+    dry_run,
+    plan_apply,
+)
 from connectors.client import ConnectClient
 from connectors.config import CaptureSpec, render_connector
 from connectors.errors import ConnectorConfigError, ConnectorError, ConnectUnavailable
+from connectors.source import IdentityGap, display_name
 
 __all__ = [
+    "ApplyPlan",
     "ApplyResult",
     "CaptureSpec",
+    "ConfigChange",
     "ConnectClient",
     "ConnectUnavailable",
     "ConnectorConfigError",
     "ConnectorError",
+    "IdentityGap",
     "apply_connector",
+    "display_name",
+    "dry_run",
+    "plan_apply",
     "render_connector",
 ]

@@ -1,11 +1,22 @@
 """`projector connectors apply`: bring Postgres and Kafka Connect to the state the files describe.
 
-Steps, in order (each is idempotent, so running apply twice changes nothing the second time):
-1. render the connector JSON from the environment (placeholders, CAPTURE → table.include.list);
-2. on Postgres: control tables (signal, heartbeat), SELECT grants for the CDC role, and the
-   filtered publication synced to exactly the captured tables;
-3. on Kafka Connect: PUT the config (a no-op when unchanged) and wait until every task RUNS;
-4. tables that joined an already existing publication get their existing rows through a Debezium
+First the plan (`plan_apply`, which only reads: it is what `--dry-run` prints):
+A. render the connector JSON from the environment (placeholders, CAPTURE → table.include.list);
+B. find the tables CAPTURE covers and, among them, those Postgres could not publish UPDATEs and
+   DELETEs of (no primary key and no other replica identity): in the publication, every UPDATE
+   and DELETE the application runs on such a table fails. They are left out (a warning names each
+   with its remedy), in the publication and in Debezium's include list alike — unless the operator
+   opts in (`--set-replica-identity-full`, or SET_REPLICA_IDENTITY_FULL=true), and then they get
+   REPLICA IDENTITY FULL before they join the publication;
+C. diff the publication and the connector config against what exists.
+
+Then the steps, in order (each is idempotent, so running apply twice changes nothing the second
+time):
+1. on Postgres: control tables (signal, heartbeat), REPLICA IDENTITY FULL where opted in, SELECT
+   grants for the CDC role, and the filtered publication synced to exactly the captured tables —
+   identity before publication, so no moment exists at which the application's statements fail;
+2. on Kafka Connect: PUT the config (a no-op when unchanged) and wait until every task RUNS;
+3. tables that joined an already existing publication get their existing rows through a Debezium
    incremental snapshot (a row in the signal table), so nobody restarts anything by hand. Debezium
    3.6 cannot snapshot a table whose schema it has not loaded yet (it fails building the schema
    change event for it), and it loads schemas when its task starts: so apply restarts the task
@@ -22,13 +33,69 @@ import psycopg
 from connectors.client import ConnectClient
 from connectors.config import CaptureSpec, render_connector
 from connectors.source import (
+    IdentityGap,
     PublicationChange,
     captured_tables,
     ensure_control_tables,
     grant_select,
+    identity_gaps,
+    plan_publication,
     request_incremental_snapshot,
+    set_replica_identity_full,
     sync_publication,
+    without_primary_key,
 )
+
+# The environment's opt-in, for deployments that run apply without flags (docker-compose).
+IDENTITY_OPT_IN = "SET_REPLICA_IDENTITY_FULL"
+SECRET_MASK = "***"
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    """How the connector config in Kafka Connect differs from the rendered one."""
+
+    created: bool  # no connector of that name yet
+    added: dict[str, str]
+    removed: dict[str, str]
+    changed: dict[str, tuple[str, str]]  # key → (now, after apply)
+
+    @classmethod
+    def between(cls, current: Mapping[str, str] | None, desired: Mapping[str, str]) -> ConfigChange:
+        now = dict(current or {})
+        return cls(
+            current is None,
+            {k: _shown(k, v) for k, v in desired.items() if k not in now},
+            {k: _shown(k, v) for k, v in now.items() if k not in desired},
+            {
+                k: (_shown(k, now[k]), _shown(k, v))
+                for k, v in desired.items()
+                if k in now and now[k] != v
+            },
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.created or self.added or self.removed or self.changed)
+
+
+def _shown(key: str, value: str) -> str:
+    """A config value as a diff may print it: secrets masked."""
+    return SECRET_MASK if "password" in key or "secret" in key else value
+
+
+@dataclass(frozen=True)
+class ApplyPlan:
+    connector: str
+    config: dict[str, str]
+    config_change: ConfigChange
+    tables: tuple[str, ...]  # captured: in the publication afterwards
+    publication: PublicationChange
+    left_out: tuple[IdentityGap, ...]  # covered by CAPTURE, not captured (no replica identity)
+    identity_full: tuple[IdentityGap, ...]  # get REPLICA IDENTITY FULL first (opted in)
+    snapshot: tuple[str, ...]  # tables whose existing rows an incremental snapshot will bring
+    # Tables joining a running capture whose existing rows will not arrive: Debezium's
+    # incremental snapshot needs a primary key (only their changes from now on are captured).
+    not_snapshotted: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -38,21 +105,80 @@ class ApplyResult:
     tables: tuple[str, ...]
     publication: PublicationChange
     snapshot_signal: str | None
+    left_out: tuple[IdentityGap, ...] = ()
+    identity_full: tuple[IdentityGap, ...] = ()
+    not_snapshotted: tuple[str, ...] = ()
 
 
-def apply_connector(client: ConnectClient, admin_dsn: str, env: Mapping[str, str]) -> ApplyResult:
-    definition = render_connector(env)
-    name, config = definition["name"], definition["config"]
+def opted_in(env: Mapping[str, str], flag: bool = False) -> bool:
+    """REPLICA IDENTITY FULL may be set on key-less tables: by the flag, or the environment."""
+    return flag or env.get(IDENTITY_OPT_IN, "").strip().lower() in ("1", "true", "yes")
+
+
+def plan_apply(
+    client: ConnectClient,
+    conn: psycopg.Connection,
+    env: Mapping[str, str],
+    set_identity_full: bool = False,
+) -> ApplyPlan:
+    """Steps A-C: what apply would do. Reads Postgres and Kafka Connect, changes nothing."""
     capture = CaptureSpec.parse(env.get("CAPTURE"))
+    covered = captured_tables(conn, capture)  # B.
+    gaps = tuple(identity_gaps(conn, covered))
+    identity_full = gaps if opted_in(env, set_identity_full) else ()
+    left_out = () if identity_full else gaps
+    skipped = {gap.table for gap in left_out}
+    tables = tuple(t for t in covered if t not in skipped)
+    definition = render_connector(env, left_out=skipped)  # A.
+    name, config = definition["name"], definition["config"]
+    publication = plan_publication(conn, config["publication.name"], list(tables))  # C.
+    config_change = ConfigChange.between(client.config(name), {**config, "name": name})
+    joining = () if publication.created else publication.added
+    keyless = without_primary_key(conn, list(joining))
+    return ApplyPlan(
+        name, config, config_change, tables, publication, left_out, identity_full,
+        snapshot=tuple(t for t in joining if t not in keyless),
+        not_snapshotted=tuple(t for t in joining if t in keyless),
+    )  # fmt: skip
+
+
+def apply_connector(
+    client: ConnectClient,
+    admin_dsn: str,
+    env: Mapping[str, str],
+    set_identity_full: bool = False,
+) -> ApplyResult:
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        ensure_control_tables(conn, config["database.user"])
-        tables = captured_tables(conn, capture)
-        grant_select(conn, capture, tables, config["database.user"])
-        change = sync_publication(conn, config["publication.name"], tables)
-        changed = client.put_config(name, config)
-        client.wait_running(name)
+        plan = plan_apply(client, conn, env, set_identity_full)
+        # 1. Postgres: an identity before the publication, or the application's UPDATEs fail
+        ensure_control_tables(conn, plan.config["database.user"])
+        set_replica_identity_full(conn, list(plan.identity_full))
+        grant_select(
+            conn, CaptureSpec.parse(env.get("CAPTURE")), list(plan.tables),
+            plan.config["database.user"],
+        )  # fmt: skip
+        change = sync_publication(conn, plan.config["publication.name"], list(plan.tables))
+        # 2. Kafka Connect
+        changed = client.put_config(plan.connector, plan.config)
+        client.wait_running(plan.connector)
+        # 3. existing rows of tables that joined a running capture (not `plan.snapshot`: the
+        # publication is what it is now, and a table without a key cannot be snapshotted)
         signal = None
         if change.added and not change.created:
-            client.bounce(name)
-            signal = request_incremental_snapshot(conn, list(change.added))
-    return ApplyResult(name, changed, tuple(tables), change, signal)
+            client.bounce(plan.connector)
+            keyed = [t for t in change.added if t not in plan.not_snapshotted]
+            signal = request_incremental_snapshot(conn, keyed) if keyed else None
+    return ApplyResult(
+        plan.connector, changed, plan.tables, change, signal, plan.left_out,
+        plan.identity_full, plan.not_snapshotted,
+    )  # fmt: skip
+
+
+def dry_run(
+    client: ConnectClient, admin_dsn: str, env: Mapping[str, str], set_identity_full: bool = False
+) -> ApplyPlan:
+    """Steps A-C only, in a read-only Postgres session: it cannot change anything there, and it
+    only reads Kafka Connect."""
+    options = "-c default_transaction_read_only=on"
+    with psycopg.connect(admin_dsn, autocommit=True, options=options) as conn:
+        return plan_apply(client, conn, env, set_identity_full)

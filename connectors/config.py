@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -55,10 +55,18 @@ class CaptureSpec:
                 )
         return cls(tuple(schemas), tuple(tables))
 
-    def include_list(self) -> str:
-        """Debezium's `table.include.list`: regexes anchored on the whole `schema.table` name."""
-        patterns = [rf"{re.escape(s)}\..*" for s in self.schemas]
-        patterns += [re.escape(t) for t in (*self.tables, SIGNAL_TABLE, HEARTBEAT_TABLE)]
+    def include_list(self, left_out: Collection[str] = ()) -> str:
+        """Debezium's `table.include.list`: regexes anchored on the whole `schema.table` name.
+        `left_out` tables (`schema.table`) are not captured although the spec covers them: a
+        schema's pattern skips them with a negative lookahead (Debezium refuses an exclude list
+        beside an include list), so tables created later in the schema are still captured."""
+        patterns = []
+        for schema in self.schemas:
+            skipped = sorted(t.split(".", 1)[1] for t in left_out if t.split(".", 1)[0] == schema)
+            lookahead = f"(?!(?:{'|'.join(map(re.escape, skipped))})$)" if skipped else ""
+            patterns.append(rf"{re.escape(schema)}\.{lookahead}.*")
+        tables = [t for t in self.tables if t not in left_out]
+        patterns += [re.escape(t) for t in (*tables, SIGNAL_TABLE, HEARTBEAT_TABLE)]
         return ",".join(patterns)
 
     def covers(self, schema: str, table: str) -> bool:
@@ -90,11 +98,14 @@ def substitute(text: str, env: Mapping[str, str]) -> str:
     return rendered
 
 
-def render_connector(env: Mapping[str, str], template: str = DEFAULT_TEMPLATE) -> dict[str, Any]:
-    """The connector definition `{"name": ..., "config": {...}}` with every placeholder filled."""
+def render_connector(
+    env: Mapping[str, str], template: str = DEFAULT_TEMPLATE, left_out: Collection[str] = ()
+) -> dict[str, Any]:
+    """The connector definition `{"name": ..., "config": {...}}` with every placeholder filled;
+    `left_out`: tables CAPTURE covers that are not captured (`CaptureSpec.include_list`)."""
     values = dict(env)
     capture = CaptureSpec.parse(values.get("CAPTURE"))
-    values.setdefault("TABLE_INCLUDE_LIST", capture.include_list())
+    values.setdefault("TABLE_INCLUDE_LIST", capture.include_list(left_out))
     text = (resources.files("connectors") / template).read_text()
     definition = json.loads(substitute(text, values))
     if set(definition) != {"name", "config"}:

@@ -9,6 +9,7 @@ created after the connector started can be brought in without a restart. It runs
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import psycopg
 from psycopg import sql
 
 from connectors.config import CONTROL_SCHEMA, HEARTBEAT_TABLE, SIGNAL_TABLE, CaptureSpec
+from connectors.errors import ConnectorError
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,127 @@ def captured_tables(conn: psycopg.Connection, capture: CaptureSpec) -> list[str]
     return [f"{s}.{t}" for s, t in rows if capture.covers(s, t)]
 
 
+# Why Postgres cannot publish a relation's UPDATEs and DELETEs, by `pg_class.relreplident` (and
+# whether the index that identity needs exists). A relation missing from this table is fine:
+# DEFAULT with a primary key, FULL, or USING INDEX with its index.
+IDENTITY_GAPS: dict[tuple[str, bool], str] = {
+    ("d", False): "no primary key and REPLICA IDENTITY DEFAULT",
+    ("n", False): "REPLICA IDENTITY NOTHING",
+    ("n", True): "REPLICA IDENTITY NOTHING",
+    ("i", False): "its REPLICA IDENTITY index no longer exists",
+}
+
+
+@dataclass(frozen=True)
+class IdentityGap:
+    """A captured table whose rows Postgres cannot identify in the WAL: once it is in the
+    publication, every UPDATE and DELETE on it fails ("cannot update table ... because it does
+    not have a replica identity and publishes updates"). For a partitioned table, `relations`
+    are the partitions lacking an identity (the statements run on them)."""
+
+    table: str  # schema.table
+    relations: tuple[str, ...]  # schema.table of each relation lacking an identity
+    reason: str
+
+    def remedy(self) -> str:
+        """The statements that make the table safe to capture."""
+        return "; ".join(
+            f"ALTER TABLE {display_name(r)} REPLICA IDENTITY FULL" for r in self.relations
+        )
+
+
+def display_name(qualified: str) -> str:
+    """`schema.table` as one writes it in SQL (quoted only where Postgres needs quotes)."""
+    return ".".join(
+        part if re.fullmatch(r"[a-z_][a-z0-9_$]*", part) else '"' + part.replace('"', '""') + '"'
+        for part in qualified.split(".", 1)
+    )
+
+
+def identity_gaps(conn: psycopg.Connection, tables: list[str]) -> list[IdentityGap]:
+    """The tables among `tables` (`schema.table`) that Postgres could not publish UPDATEs and
+    DELETEs of. A partitioned table is checked on its leaf partitions, where rows live (a
+    partition does not inherit its parent's REPLICA IDENTITY)."""
+    if not tables:
+        return []
+    schemas, names = zip(*(t.split(".", 1) for t in tables), strict=True)
+    rows = conn.execute(
+        """
+        SELECT n.nspname, c.relname, ln.nspname, l.relname, l.relreplident,
+               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = l.oid
+                       AND (i.indisprimary AND l.relreplident = 'd'
+                            OR i.indisreplident AND l.relreplident = 'i'))
+        FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        CROSS JOIN LATERAL (
+            SELECT relid FROM pg_partition_tree(c.oid) WHERE isleaf
+            UNION SELECT c.oid WHERE c.relkind = 'r'
+        ) AS leaf (oid)
+        JOIN pg_class l ON l.oid = leaf.oid
+        JOIN pg_namespace ln ON ln.oid = l.relnamespace
+        WHERE (n.nspname, c.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
+        ORDER BY 1, 2, 3, 4
+        """,
+        [list(schemas), list(names)],
+    ).fetchall()
+    gaps: dict[str, tuple[list[str], set[str]]] = {}
+    for schema, table, leaf_schema, leaf, identity, has_index in rows:
+        reason = IDENTITY_GAPS.get((identity, bool(has_index)))
+        if reason is not None:
+            relations, reasons = gaps.setdefault(f"{schema}.{table}", ([], set()))
+            relations.append(f"{leaf_schema}.{leaf}")
+            reasons.add(reason)
+    return [
+        IdentityGap(table, tuple(relations), "; ".join(sorted(reasons)))
+        for table, (relations, reasons) in sorted(gaps.items())
+    ]
+
+
+def without_primary_key(conn: psycopg.Connection, tables: list[str]) -> set[str]:
+    """The tables among `tables` that have no primary key. Debezium's incremental snapshot
+    chunks a table by its primary key and skips one without (it logs a warning), so such a
+    table's existing rows arrive only from the initial snapshot."""
+    if not tables:
+        return set()
+    schemas, names = zip(*(t.split(".", 1) for t in tables), strict=True)
+    rows = conn.execute(
+        """
+        SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE (n.nspname, c.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
+          AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+        """,
+        [list(schemas), list(names)],
+    ).fetchall()
+    return {f"{s}.{t}" for s, t in rows}
+
+
+# How long `set_replica_identity_full` waits for the table lock. ALTER TABLE queues behind open
+# transactions on the table and every later statement on it queues behind the ALTER: a short
+# wait bounds what the application can notice.
+IDENTITY_LOCK_TIMEOUT = "2s"
+
+
+def set_replica_identity_full(conn: psycopg.Connection, gaps: list[IdentityGap]) -> None:
+    """REPLICA IDENTITY FULL on every relation of `gaps` (the operator asked for it): the WAL
+    then carries the whole old row of an UPDATE or DELETE, so Postgres can publish them."""
+    for gap in gaps:
+        for relation in gap.relations:
+            try:
+                with conn.transaction():
+                    conn.execute(
+                        sql.SQL("SET LOCAL lock_timeout = {}").format(IDENTITY_LOCK_TIMEOUT)
+                    )
+                    conn.execute(
+                        sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(_ident(relation))
+                    )
+            except psycopg.errors.LockNotAvailable as exc:
+                raise ConnectorError(
+                    f"could not set REPLICA IDENTITY FULL on {display_name(relation)} within "
+                    f"{IDENTITY_LOCK_TIMEOUT}: a transaction holds a lock on it. Nothing was "
+                    "added to the publication; run apply again when it is quieter"
+                ) from exc
+
+
 def grant_select(
     conn: psycopg.Connection, capture: CaptureSpec, tables: list[str], cdc_user: str
 ) -> None:
@@ -89,21 +212,17 @@ def grant_select(
         conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(_ident(table), user))
 
 
-def sync_publication(
+def _publication_delta(
     conn: psycopg.Connection, publication: str, tables: list[str]
-) -> PublicationChange:
-    """Make the publication contain exactly `tables` plus the control tables."""
+) -> tuple[bool, list[str], list[str]]:
+    """(exists, tables to add, tables to drop) to make the publication contain exactly `tables`
+    plus the control tables. Reads only."""
     wanted = set(tables) | {SIGNAL_TABLE, HEARTBEAT_TABLE}
     exists = conn.execute(
         "SELECT 1 FROM pg_publication WHERE pubname = %s", [publication]
     ).fetchone()
     if not exists:
-        conn.execute(
-            sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                sql.Identifier(publication), sql.SQL(", ").join(_ident(t) for t in sorted(wanted))
-            )
-        )
-        return PublicationChange(True, tuple(sorted(tables)), ())
+        return False, sorted(wanted), []
     current = {
         f"{s}.{t}"
         for s, t in conn.execute(
@@ -111,25 +230,53 @@ def sync_publication(
             [publication],
         )
     }
-    added, removed = sorted(wanted - current), sorted(current - wanted)
+    return True, sorted(wanted - current), sorted(current - wanted)
+
+
+def _captured_only(exists: bool, added: list[str], removed: list[str]) -> PublicationChange:
+    control = {SIGNAL_TABLE, HEARTBEAT_TABLE}
+    return PublicationChange(
+        not exists,
+        tuple(t for t in added if t not in control),
+        tuple(t for t in removed if t not in control),
+    )
+
+
+def plan_publication(
+    conn: psycopg.Connection, publication: str, tables: list[str]
+) -> PublicationChange:
+    """What `sync_publication` would change, without changing it."""
+    return _captured_only(*_publication_delta(conn, publication, tables))
+
+
+def sync_publication(
+    conn: psycopg.Connection, publication: str, tables: list[str]
+) -> PublicationChange:
+    """Make the publication contain exactly `tables` plus the control tables. Every table must
+    have a replica identity (`identity_gaps` finds those that do not): the application's UPDATEs
+    and DELETEs on a published table without one fail."""
+    exists, added, removed = _publication_delta(conn, publication, tables)
+    name = sql.Identifier(publication)
+    if not exists:
+        conn.execute(
+            sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                name, sql.SQL(", ").join(_ident(t) for t in added)
+            )
+        )
+        return _captured_only(exists, added, removed)
     if added:
         conn.execute(
             sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
-                sql.Identifier(publication), sql.SQL(", ").join(_ident(t) for t in added)
+                name, sql.SQL(", ").join(_ident(t) for t in added)
             )
         )
     if removed:
         conn.execute(
             sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
-                sql.Identifier(publication), sql.SQL(", ").join(_ident(t) for t in removed)
+                name, sql.SQL(", ").join(_ident(t) for t in removed)
             )
         )
-    control = {SIGNAL_TABLE, HEARTBEAT_TABLE}
-    return PublicationChange(
-        False,
-        tuple(t for t in added if t not in control),
-        tuple(t for t in removed if t not in control),
-    )
+    return _captured_only(exists, added, removed)
 
 
 def request_incremental_snapshot(conn: psycopg.Connection, tables: list[str]) -> str:

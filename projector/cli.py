@@ -15,7 +15,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from connectors import ConnectClient, ConnectorError, apply_connector, render_connector
+from connectors import (
+    ApplyPlan,
+    ConnectClient,
+    ConnectorError,
+    IdentityGap,
+    apply_connector,
+    display_name,
+    render_connector,
+)
 from projector.config import ProjectorConfig, client_environment, load_config
 from projector.errors import ConfigError, ProjectorError
 
@@ -316,19 +324,52 @@ def connectors_apply(
         help="Schemas and/or schema.table names to capture, comma-separated (env CAPTURE; "
         "default: public).",
     ),
+    set_identity_full: bool = typer.Option(
+        False,
+        "--set-replica-identity-full",
+        help="Capture tables without a primary key too, after setting REPLICA IDENTITY FULL on "
+        "them (their UPDATEs and DELETEs then log the whole old row). Without it they are left "
+        "out with a warning. Env SET_REPLICA_IDENTITY_FULL=true does the same.",
+    ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Show what would change in the publication and the connector config, and change "
+        "nothing.",
+    ),
 ) -> None:
-    """Create or update the connector, sync the publication, snapshot newly captured tables."""
+    """Create or update the connector, sync the publication, snapshot newly captured tables.
+
+    A table Postgres could not publish UPDATEs and DELETEs of (no primary key, no replica
+    identity) is left out, with a warning: in the publication, the application's UPDATEs and
+    DELETEs on it would fail."""
+    from connectors import dry_run as plan_dry_run
+
     env = connector_environment()
     if capture:
         env["CAPTURE"] = capture
     for needed in ("CONNECT_URL", "ADMIN_DSN"):
         if needed not in env:
             fail(f"{needed} is not set and no local stack exists (projector stack up)")
+    client = ConnectClient(env["CONNECT_URL"])
     try:
-        result = apply_connector(ConnectClient(env["CONNECT_URL"]), env["ADMIN_DSN"], env)
+        if dry_run:
+            plan = plan_dry_run(client, env["ADMIN_DSN"], env, set_identity_full)
+            _warn_left_out(plan.left_out)
+            _warn_not_snapshotted(plan.not_snapshotted)
+            _print_plan(plan)
+            return
+        result = apply_connector(client, env["ADMIN_DSN"], env, set_identity_full)
     except ConnectorError as exc:
         fail(str(exc))
         return
+    _warn_left_out(result.left_out)
+    for gap in result.identity_full:
+        console.print(
+            f"REPLICA IDENTITY FULL set on {', '.join(map(display_name, gap.relations))} "
+            f"({gap.reason}): its UPDATEs and DELETEs now log the whole old row",
+            highlight=False,
+        )
     console.print(
         f"connector {result.connector}: {'updated' if result.config_changed else 'unchanged'}; "
         f"capturing {len(result.tables)} table(s)",
@@ -344,6 +385,73 @@ def connectors_apply(
         console.print(
             f"incremental snapshot requested (signal {result.snapshot_signal})", highlight=False
         )
+    _warn_not_snapshotted(result.not_snapshotted)
+
+
+def _warn_left_out(gaps: tuple[IdentityGap, ...]) -> None:
+    for gap in gaps:
+        console.print(
+            f"[yellow]warning:[/yellow] {display_name(gap.table)} is not captured: {gap.reason}. "
+            "In the publication, every UPDATE and DELETE on it would fail. To capture it: "
+            f"{gap.remedy()} (then apply again), or apply --set-replica-identity-full",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _warn_not_snapshotted(tables: tuple[str, ...]) -> None:
+    if tables:
+        console.print(
+            f"[yellow]warning:[/yellow] existing rows of {', '.join(tables)} are not copied: "
+            "Debezium's incremental snapshot needs a primary key. Their changes from now on "
+            "are captured.",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _print_plan(plan: ApplyPlan) -> None:
+    """What `connectors apply` would do, as a diff (secrets masked; lines never wrapped)."""
+    out = Console(soft_wrap=True)
+    change = plan.config_change
+    if change.created:
+        out.print(f"connector {plan.connector}: would be created", highlight=False)
+    elif change:
+        out.print(f"connector {plan.connector}: config would change", highlight=False)
+    else:
+        out.print(f"connector {plan.connector}: config unchanged", highlight=False)
+    if not change.created:
+        for key, value in change.added.items():
+            out.print(f"  + {key} = {value}", highlight=False, markup=False)
+        for key, value in change.removed.items():
+            out.print(f"  - {key} = {value}", highlight=False, markup=False)
+        for key, (now, after) in change.changed.items():
+            out.print(f"  ~ {key}: {now} -> {after}", highlight=False, markup=False)
+    publication = plan.config["publication.name"]
+    added, removed = plan.publication.added, plan.publication.removed
+    verb = (
+        "would be created"
+        if plan.publication.created
+        else "changes"
+        if added or removed
+        else "unchanged"
+    )
+    out.print(f"publication {publication}: {verb}", highlight=False)
+    for table in added:
+        out.print(f"  + {table}", highlight=False, markup=False)
+    for table in removed:
+        out.print(f"  - {table}", highlight=False, markup=False)
+    for gap in plan.identity_full:
+        out.print(
+            f"would set REPLICA IDENTITY FULL on {', '.join(map(display_name, gap.relations))} "
+            f"({gap.reason})",
+            highlight=False,
+        )
+    if plan.snapshot:
+        out.print(
+            f"would request an incremental snapshot of {', '.join(plan.snapshot)}", highlight=False
+        )
+    out.print("dry run: nothing was changed", highlight=False)
 
 
 @connectors_app.command("status")

@@ -106,6 +106,9 @@ def test_table_without_primary_key_is_append_only(
 ) -> None:
     table = projector.table("rs_nopk")
     stack.sql(f"CREATE TABLE {table} (at int, msg text)")
+    # Without a key Postgres needs this to publish updates; `apply` leaves the table out until
+    # it is set (tests/integration/test_capture_safety.py).
+    stack.sql(f"ALTER TABLE {table} REPLICA IDENTITY FULL")
     stack.apply()
     stack.sql(f"INSERT INTO {table} VALUES (1, 'a'), (2, 'b'), (2, 'b')")
     projector.catch_up()

@@ -103,3 +103,32 @@ def test_capture_changes_the_include_list_without_editing_json() -> None:
     config = render_connector({**FULL_ENV, "CAPTURE": "sales"})["config"]
     assert "sales" in config["table.include.list"]
     assert "public" not in config["table.include.list"]
+
+
+def test_left_out_tables_are_skipped_by_their_schema_pattern_and_dropped_from_tables() -> None:
+    spec = CaptureSpec.parse("public,sales.orders,sales.lines")
+    patterns = spec.include_list(left_out={"public.log", "public.a.b", "sales.lines"}).split(",")
+
+    def included(table: str) -> bool:
+        return any(re.fullmatch(p, table) for p in patterns)
+
+    assert not included("public.log") and not included("public.a.b")
+    assert included("public.logs") and included("public.lo") and included("public.later_table")
+    assert included("sales.orders") and not included("sales.lines")
+    assert included("debezium.signal") and included("debezium.heartbeat")
+    # Nothing left out: the list is exactly what it was before left-out tables existed.
+    assert spec.include_list() == spec.include_list(left_out=())
+    assert "?!" not in spec.include_list()
+
+
+def test_config_change_names_added_removed_and_changed_keys_with_secrets_masked() -> None:
+    from connectors.apply import ConfigChange
+
+    change = ConfigChange.between(
+        {"a": "1", "gone": "x", "database.password": "old"},
+        {"a": "2", "new": "y", "database.password": "new"},
+    )
+    assert change.added == {"new": "y"} and change.removed == {"gone": "x"}
+    assert change.changed == {"a": ("1", "2"), "database.password": ("***", "***")}
+    assert not ConfigChange.between({"a": "1"}, {"a": "1"})
+    assert ConfigChange.between(None, {"a": "1"}).created
