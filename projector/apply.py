@@ -11,17 +11,29 @@ Messages are decoded in Python (fastavro, writer schemas from the registry) and 
 - tombstone  → skipped (the delete before it already did the work)
 - t          → every live key gets a deletion marker at the truncate's version; the batch is cut
                into chunks at truncates, inserted in order, so the markers see the rows before
-- a column holding Debezium's unchanged-TOAST placeholder takes the key's previous value (earlier
-  in the batch, else the stored one): a placeholder never reaches the table.
+- a column holding Debezium's unchanged-TOAST placeholder takes the key's previous value: its
+  row earlier in the batch, else its newest stored version below the messages being written
+  (read back in the form an insert takes: bytea as hex), matched to the key by ClickHouse itself
+  (`numeric` 12.50 and 12.5 are one key); a placeholder never reaches the table.
 
 A message that cannot be decoded or converted is a `PoisonMessage`: it goes to the dead-letter
 queue with its provenance and the rest of the batch is applied. Everything here is a pure
-function of the batch's messages and the table's state before the batch, so a replay produces
-the same inserts under the same tokens.
+function of the messages and the table's versions below them, so a replay produces the same
+inserts under the same tokens.
+
+Data never stops the projector. Any other failure while applying is judged by
+`projector.errors.not_the_message`: an infrastructure failure (ClickHouse or the registry
+unavailable, a ClickHouse resource error) is raised and the runner retries the batch; anything
+else may be a message's fault, so `_apply_isolating` splits the messages in halves and applies
+each, down to the single message that still fails, which goes to the dead-letter queue with the
+error as its reason (stage `apply`). The halves are cut the same way on every attempt and their
+inserts carry tokens named after their offsets (`s<first>-<last>.<chunk>`), so a replay after a
+crash inserts nothing twice.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +43,7 @@ from typing import Any
 from projector.checkpoint import BatchRange
 from projector.clickhouse import ClickHouse, ident, quote
 from projector.dlq import DeadLetter
-from projector.errors import PoisonMessage
+from projector.errors import PoisonMessage, not_the_message
 from projector.fast_path import (
     FastPath,
     FastPathRejected,
@@ -53,7 +65,7 @@ from projector.replica import (
 )
 from schemas.errors import NotConfluentFramed, RegistryUnavailable, SchemaError, UnknownSchema
 from schemas.registry import SchemaCache, WriterSchema, schema_id_of
-from schemas.type_map import UnconvertibleValue
+from schemas.type_map import ColumnType, UnconvertibleValue
 from schemas.upcasters import Upcasters
 
 log = logging.getLogger("projector")
@@ -87,6 +99,16 @@ class BatchOutcome:
         """One more dead-lettered event of Debezium transaction `tx_id` on `schema.table`."""
         key = (tx_id, collection)
         self.dead_transactions[key] = self.dead_transactions.get(key, 0) + 1
+
+    def merge(self, other: BatchOutcome) -> None:
+        """Add the outcome of another part of the same batch."""
+        self.applied += other.applied
+        self.dead += other.dead
+        for (tx_id, collection), events in other.transactions.items():
+            self.count_transaction(tx_id, collection, events)
+        for (tx_id, collection), events in other.dead_transactions.items():
+            key = (tx_id, collection)
+            self.dead_transactions[key] = self.dead_transactions.get(key, 0) + events
 
 
 def decode(message: RawMessage, schemas: SchemaCache) -> Event | None:
@@ -142,7 +164,8 @@ class BatchApplier:
         segments: list[Segment] | None = None,
         planned: bool = False,
     ) -> BatchOutcome:
-        """Apply the batch; `planned`: `segments` is its `plan`, made by the caller already."""
+        """Apply the batch; `planned`: `segments` is its `plan`, made by the caller already.
+        Dead letters go to `dead_letter` once, after every row of the batch is inserted."""
         if self.fast_path is not None:
             if not planned:
                 segments = self.plan(messages)
@@ -154,13 +177,57 @@ class BatchApplier:
                 except FastPathRejected as exc:
                     log.info("%s: ClickHouse rejected the fast insert, finding the poison "
                              "messages with the per-message path: %s", batch, exc)  # fmt: skip
-        return self._apply_per_message(batch, messages, dead_letter)
+                except Exception as exc:
+                    _raise_unless_the_messages(exc)
+                    log.warning("%s: the fast path failed (%s: %s), the per-message path "
+                                "applies the batch", batch, type(exc).__name__, exc)  # fmt: skip
+        outcome = self._apply_isolating(batch, messages, "")
+        if outcome.dead:
+            dead_letter(batch, outcome.dead)
+        return outcome
+
+    def _apply_isolating(
+        self, batch: BatchRange, messages: Sequence[RawMessage], chunk: str
+    ) -> BatchOutcome:
+        """The per-message path over `messages`; if it fails and the failure may be a message's
+        (module docstring), each half of `messages` again, down to single messages: one that
+        still fails is dead-lettered with the error. `chunk` prefixes the tokens' chunk names."""
+        try:
+            return self._apply_per_message(batch, messages, chunk)
+        except Exception as exc:
+            _raise_unless_the_messages(exc)
+            if len(messages) == 1:
+                message = messages[0]
+                log.error("%s: offset %d could not be applied; dead-lettered", batch,
+                          message.offset, exc_info=exc)  # fmt: skip
+                reason = f"{type(exc).__name__}: {exc}"[:2000]
+                outcome = BatchOutcome(0, [DeadLetter.of(message, PoisonMessage("apply", reason))])
+                tx_id = self._transaction_of(message)
+                if tx_id:  # settled for its transaction, like every dead letter that decodes
+                    outcome.count_dead_letter(tx_id, ".".join(source_table_of(batch.topic)))
+                return outcome
+            if not chunk:
+                log.warning("%s: applying failed (%s: %s); isolating the message(s) at fault",
+                            batch, type(exc).__name__, exc)  # fmt: skip
+        middle = len(messages) // 2
+        outcome = BatchOutcome(0, [])
+        for part in (messages[:middle], messages[middle:]):
+            name = f"s{part[0].offset}-{part[-1].offset}."
+            outcome.merge(self._apply_isolating(batch, part, name))
+        return outcome
+
+    def _transaction_of(self, message: RawMessage) -> str | None:
+        """The Debezium transaction id of a message, None when it has none or does not decode."""
+        try:
+            event = decode(message, self.schemas)
+        except Exception as exc:  # whatever made it fail may be this, too
+            _raise_unless_the_messages(exc)
+            return None
+        tx_id = None if event is None else (event.value.get("transaction") or {}).get("id")
+        return str(tx_id) if tx_id else None
 
     def _apply_per_message(
-        self,
-        batch: BatchRange,
-        messages: Sequence[RawMessage],
-        dead_letter: Callable[[BatchRange, list[DeadLetter]], None],
+        self, batch: BatchRange, messages: Sequence[RawMessage], chunk: str = ""
     ) -> BatchOutcome:
         dead: list[DeadLetter] = []
         events: list[Event] = []
@@ -200,7 +267,7 @@ class BatchApplier:
         collection = f"{schema_name}.{table_name}"
         written: list[Event] = []
         if replica is not None:
-            written, more_dead = self._write(batch, replica, good)
+            written, more_dead = self._write(batch, replica, good, chunk)
             dead += more_dead
             outcome.applied = len(written)
         else:
@@ -217,8 +284,6 @@ class BatchApplier:
             tx_id = (event.value.get("transaction") or {}).get("id")
             if tx_id and id(event) not in applied:
                 outcome.count_dead_letter(tx_id, collection)
-        if dead:
-            dead_letter(batch, dead)
         return outcome
 
     def _ensure(
@@ -278,7 +343,7 @@ class BatchApplier:
     # ---- rows --------------------------------------------------------------------------------
 
     def _write(
-        self, batch: BatchRange, replica: ReplicaTable, events: list[Event]
+        self, batch: BatchRange, replica: ReplicaTable, events: list[Event], chunk_prefix: str = ""
     ) -> tuple[list[Event], list[DeadLetter]]:
         """Insert the batch's rows in chunks and return the events written. A truncate ends a
         chunk, and its deletion markers are computed only after the rows before it are stored,
@@ -286,13 +351,17 @@ class BatchApplier:
         dead: list[DeadLetter] = []
         chunk: list[dict[str, Any]] = []
         chunk_number = 0
+        columns = self._batch_columns(batch.topic, replica, events)
+        # Keys as the rows carry them: by the column an insert writes (bytea: its hex input).
+        key_inputs = [columns[k].input_name for k in replica.key_columns]
         latest: dict[tuple[str, ...], dict[str, Any]] = {}  # key → newest full row in this batch
-        stored = self._stored_rows_for_toast(replica, events)
+        below = events[0].message.offset if events else 0
+        stored = self._stored_rows_for_toast(replica, events, columns, key_inputs, below)
         written: list[Event] = []
 
         def insert(rows: list[dict[str, Any]]) -> None:
             nonlocal chunk_number
-            token = batch.token(self.projection, replica.qualified, chunk_number)
+            token = batch.token(self.projection, replica.qualified, f"{chunk_prefix}{chunk_number}")
             insert_rows(self.ch, replica, rows, token)
             chunk_number += 1
 
@@ -312,7 +381,7 @@ class BatchApplier:
             except PoisonMessage as exc:
                 dead.append(DeadLetter.of(event.message, exc))
                 continue
-            key = _key(row, replica.key_columns)
+            key = _key(row, key_inputs)
             if replica.key_columns and op != "d":
                 placeholders = [c for c, v in row.items() if is_toast_placeholder(v)]
                 if placeholders:
@@ -328,6 +397,23 @@ class BatchApplier:
             written.append(event)
         insert(chunk)
         return written, dead
+
+    def _batch_columns(
+        self, topic: str, replica: ReplicaTable, events: list[Event]
+    ) -> dict[str, SourceColumn]:
+        """The source columns of the events' writer schemas by replica column name (a later
+        schema's wins), and every key column (one missing from them read as its stored type)."""
+        columns: dict[str, SourceColumn] = {}
+        for schema in {e.schema.schema_id: e.schema for e in events}.values():
+            try:
+                found = self._columns_by_source_name(topic, schema)
+            except PoisonMessage:
+                continue  # the events of that schema are dead-lettered by `_ensure`
+            columns.update((c.name, c) for c in found.values())
+        for key in replica.key_columns:
+            if key not in columns:
+                columns[key] = SourceColumn(key, ColumnType(replica.columns[key], lambda v: v))
+        return columns
 
     def _row(self, replica: ReplicaTable, event: Event) -> dict[str, Any]:
         value, message = event.value, event.message
@@ -367,26 +453,69 @@ class BatchApplier:
         return datum if isinstance(datum, dict) else {}
 
     def _stored_rows_for_toast(
-        self, replica: ReplicaTable, events: list[Event]
+        self,
+        replica: ReplicaTable,
+        events: list[Event],
+        columns: dict[str, SourceColumn],
+        key_inputs: list[str],
+        below: int,
     ) -> dict[tuple[str, ...], dict[str, Any]]:
-        """Current stored rows of keys whose events carry a TOAST placeholder."""
+        """The stored values of the columns that events carry a TOAST placeholder in, per key:
+        the key's newest version below offset `below` (the first message being written, so a
+        replay, which may find this batch's own rows stored already, reads the same; when
+        merges left no version below, its newest), unless that is a deletion."""
         if not replica.key_columns:
             return {}
-        wanted: list[Event] = [
-            e for e in events
-            if e.value["op"] == "u" and e.value.get("after")
-            and any(is_toast_placeholder(v) for v in e.value["after"].values())
-        ]  # fmt: skip
-        if not wanted:
+        wanted: dict[tuple[str, ...], list[Any]] = {}  # key → its values, as inserts carry them
+        needed: set[str] = set()  # input names of the columns to read back
+        for event in events:
+            after = event.value.get("after")
+            if event.value["op"] != "u" or not after:
+                continue
+            if not any(is_toast_placeholder(v) for v in after.values()):
+                continue
+            try:
+                row = self._row(replica, event)
+            except PoisonMessage:
+                continue  # dead-lettered by `_write`
+            needed.update(c for c, v in row.items() if is_toast_placeholder(v))
+            wanted.setdefault(_key(row, key_inputs), [row.get(k) for k in key_inputs])
+        by_input = {c.input_name: c for c in columns.values()}
+        reads = [by_input[name].stored_value("s") for name in sorted(needed) if name in by_input]
+        if not wanted or not reads:
             return {}
-        rows_wanted = [self._row(replica, e) for e in wanted]
-        keys = {tuple(r.get(k) for k in replica.key_columns) for r in rows_wanted}
-        key_expr = "(" + ", ".join(ident(k) for k in replica.key_columns) + ")"
-        literals = ", ".join("(" + ", ".join(_literal(v) for v in key) + ")" for key in keys)
-        rows = self.ch.rows(
-            f"SELECT * FROM {replica.qualified} FINAL WHERE {key_expr} IN ({literals})"
+        # ClickHouse matches the stored keys to the wanted ones: their values go in as the
+        # inserts send them (JSONEachRow, the column types), so 12.50 is 12.5 and hex is bytes.
+        keys = [columns[k] for k in replica.key_columns]
+        structure = ", ".join(
+            ["__wanted UInt32", *(f"{ident(c.input_name)} {c.ctype.clickhouse}" for c in keys)]
         )
-        return {_key(r, replica.key_columns): r for r in rows}
+        data = "\n".join(
+            json.dumps({"__wanted": n, **dict(zip(key_inputs, values, strict=True))},
+                       ensure_ascii=False, separators=(",", ":"))
+            for n, values in enumerate(wanted.values())
+        )  # fmt: skip
+        matched = ", ".join(
+            f"{(c.ctype.clickhouse_input_expr or '{}').format(ident(c.input_name))} AS __k{n}"
+            for n, c in enumerate(keys)
+        )
+        on = " AND ".join(f"s.{ident(c.name)} = w.__k{n}" for n, c in enumerate(keys))
+        rows = self.ch.rows(
+            f"SELECT w.__wanted AS __wanted, s._is_deleted AS __deleted, {', '.join(reads)} "
+            f"FROM {replica.qualified} AS s INNER JOIN (SELECT __wanted, {matched} "
+            f"FROM format(JSONEachRow, {quote(structure)}, {quote(data)})) AS w ON {on} "
+            f"ORDER BY s._version < {int(below)} DESC, s._version DESC LIMIT 1 BY __wanted "
+            # read back as inserts take them: NaN as "nan", Decimals with their scale
+            "SETTINGS output_format_json_quote_denormals = 1, "
+            "output_format_decimal_trailing_zeros = 1"
+        )
+        keys_in_order = list(wanted)
+        stored: dict[tuple[str, ...], dict[str, Any]] = {}
+        for row in rows:
+            key = keys_in_order[int(row.pop("__wanted"))]
+            if not int(row.pop("__deleted")):
+                stored[key] = row
+        return stored
 
     def _truncate(self, replica: ReplicaTable, event: Event) -> None:
         """Empty the replica as of the truncate, inside ClickHouse (no key travels through Python:
@@ -427,10 +556,20 @@ TRUNCATE_STREAMING = (
 )
 
 
-def _key(row: dict[str, Any], key_columns: list[str]) -> tuple[str, ...]:
-    """A key comparable between converted rows and rows read back from ClickHouse's JSON (which
-    quotes 64-bit integers)."""
-    return tuple(str(row.get(k)) for k in key_columns)
+def _key(row: dict[str, Any], key_inputs: list[str]) -> tuple[str, ...]:
+    """A key comparable between rows converted in this batch (one conversion per type, so equal
+    values have equal text); rows read from ClickHouse are matched by ClickHouse itself."""
+    return tuple(str(row.get(k)) for k in key_inputs)
+
+
+def _raise_unless_the_messages(exc: Exception) -> None:
+    """Raise `exc`, or the infrastructure error it stands for, unless it may be a message's
+    fault (`projector.errors.not_the_message`)."""
+    failure = not_the_message(exc)
+    if failure is exc:
+        raise exc
+    if failure is not None:
+        raise failure from exc
 
 
 def _literal(value: Any) -> str:

@@ -1,4 +1,9 @@
-"""Errors of the projector, each naming what to do about it."""
+"""Errors of the projector, each naming what to do about it, and which failures are a message's
+fault (`not_the_message`)."""
+
+import re
+
+from schemas.errors import RegistryUnavailable
 
 
 class ProjectorError(RuntimeError):
@@ -27,3 +32,49 @@ class PoisonMessage(ProjectorError):
         self.stage = stage
         self.reason = reason
         super().__init__(f"{stage}: {reason}")
+
+
+# ClickHouse errors that say nothing about the data (by error code, as both chDB's and a server's
+# messages carry it: "Code: 243. DB::Exception: ..."): the engine cannot do the work right now.
+# Retried like an unreachable server, never blamed on a message.
+INFRASTRUCTURE_ERROR_CODES: dict[int, str] = {
+    24: "CANNOT_WRITE_TO_OSTREAM",
+    74: "CANNOT_READ_FROM_FILE_DESCRIPTOR",
+    75: "CANNOT_WRITE_TO_FILE_DESCRIPTOR",
+    76: "CANNOT_OPEN_FILE",
+    159: "TIMEOUT_EXCEEDED",
+    164: "READONLY",
+    173: "CANNOT_ALLOCATE_MEMORY",
+    202: "TOO_MANY_SIMULTANEOUS_QUERIES",
+    209: "SOCKET_TIMEOUT",
+    210: "NETWORK_ERROR",
+    236: "ABORTED",
+    241: "MEMORY_LIMIT_EXCEEDED",
+    242: "TABLE_IS_READ_ONLY",
+    243: "NOT_ENOUGH_SPACE",
+    252: "TOO_MANY_PARTS",
+    279: "ALL_CONNECTION_TRIES_FAILED",
+    394: "QUERY_WAS_CANCELLED",
+    425: "SYSTEM_ERROR",
+    999: "KEEPER_EXCEPTION",
+}
+CLICKHOUSE_ERROR_CODE = re.compile(r"Code: (\d+)\. DB::Exception")
+
+
+def not_the_message(exc: Exception) -> Exception | None:
+    """The exception to raise instead of blaming the message being applied, or None when `exc`
+    may well be the message's (then it goes to the dead-letter queue with `exc` as its reason).
+
+    Not the message's: the registry or ClickHouse unreachable (transient: the runner retries
+    the batch), a ClickHouse error of `INFRASTRUCTURE_ERROR_CODES` or an operating-system error
+    (made a `ClickHouseUnavailable`, retried the same way), and a broken invariant of the commit
+    protocol (`CheckpointError`) or memory exhaustion (both stop the projector)."""
+    if isinstance(exc, ClickHouseUnavailable | RegistryUnavailable | CheckpointError | MemoryError):
+        return exc
+    if isinstance(exc, OSError):
+        return ClickHouseUnavailable(f"{type(exc).__name__}: {exc}")
+    code = CLICKHOUSE_ERROR_CODE.search(str(exc))
+    if code is not None and int(code.group(1)) in INFRASTRUCTURE_ERROR_CODES:
+        first_line = str(exc).strip().splitlines()[0][:500]
+        return ClickHouseUnavailable(f"ClickHouse cannot work right now: {first_line}")
+    return None

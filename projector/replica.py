@@ -96,6 +96,14 @@ class SourceColumn:
         """The column an insert writes: the column itself, or its ephemeral input column."""
         return self.name + INPUT_SUFFIX if self.ctype.clickhouse_input_expr else self.name
 
+    def stored_value(self, table: str = "") -> str:
+        """SQL reading the stored column back in the form an insert takes, named like the
+        column an insert writes (`input_name`): bytea as hex text into `c__input`, say. JSON
+        carries no raw bytes, and a value read back must insert unchanged."""
+        column = f"{table}.{ident(self.name)}" if table else ident(self.name)
+        expr = self.ctype.clickhouse_output_expr
+        return f"{expr.format(column) if expr else column} AS {ident(self.input_name)}"
+
     def definitions(self) -> list[str]:
         """Column definitions for CREATE / ALTER ... ADD COLUMN."""
         expr = self.ctype.clickhouse_input_expr
@@ -147,9 +155,15 @@ def _named_records(
 def value_columns(value_schema: dict[str, Any]) -> list[SourceColumn]:
     """The source table's columns from a Debezium envelope schema (the `after` record)."""
     records = _named_records(value_schema)
-    after = next(f for f in value_schema["fields"] if f["name"] == "after")
-    branches = after["type"] if isinstance(after["type"], list) else [after["type"]]
-    record = next(records[b] if isinstance(b, str) else b for b in branches if b != "null")
+    after = [f for f in value_schema.get("fields", ()) if f.get("name") == "after"]
+    branches = (after[0]["type"] if after else None) or []
+    branches = branches if isinstance(branches, list) else [branches]
+    found = [records.get(b) if isinstance(b, str) else b for b in branches if b != "null"]
+    record = found[0] if found else None
+    if not isinstance(record, dict) or record.get("type") != "record":
+        raise PoisonMessage(
+            "schema", "not a Debezium envelope: the value schema has no `after` record"
+        )
     columns = []
     for f in record["fields"]:
         try:

@@ -24,7 +24,9 @@ Decisions worth knowing:
   either as an input column ``c__input T EPHEMERAL, c T DEFAULT unhex(c__input)`` (insert with an
   explicit column list naming ``c__input``) or as
   ``INSERT INTO t (c) SELECT unhex(c) FROM input('c T') FORMAT JSONEachRow``. In both, ``T`` is
-  `ColumnType.clickhouse` unchanged: hex text is a ``String`` too.
+  `ColumnType.clickhouse` unchanged: hex text is a ``String`` too. Reading a stored value back in
+  the form an insert takes (the unchanged-TOAST lookup) is `ColumnType.clickhouse_output_expr`,
+  ``hex({})``: the raw bytes are no JSON text either.
 - **numeric(p,s)** → ``Decimal(p, s)`` (``Decimal(s, s)`` when Postgres 15+ has s > p); beyond
   76 digits ClickHouse has no Decimal, so ``String`` with the exact text. **numeric** without
   precision (``VariableScaleDecimal``) → ``String``, the exact decimal text Debezium sends (it
@@ -73,6 +75,9 @@ class ColumnType:
     # A condition the value read from Avro must meet, else the fast path rejects the batch and
     # the per-message path dead-letters the event (the same range checks as `to_clickhouse`).
     avro_check: str | None = None
+    # The inverse of `clickhouse_input_expr`: a stored value back in the form an insert takes
+    # (the value of the input column), e.g. "hex({})". None with no input expression.
+    clickhouse_output_expr: str | None = None
 
 
 # --- value conversions: fastavro value → JSON value for JSONEachRow ---------------------------
@@ -215,7 +220,7 @@ RULES: dict[str, ColumnType | Callable[[dict[str, Any]], ColumnType]] = {
     "boolean": _type("Bool"),
     "string": STRING,  # text, varchar, char, inet, cidr, macaddr, ranges, ...
     # bytea; ClickHouse's Avro reader gives the raw bytes, stored as they are.
-    "bytes": ColumnType("String", _hex, "unhex({})"),
+    "bytes": ColumnType("String", _hex, "unhex({})", clickhouse_output_expr="hex({})"),
     "decimal": _decimal,
     "org.apache.kafka.connect.data.Decimal": _decimal,  # numeric(p,s), money
     "io.debezium.data.VariableScaleDecimal": _type(
@@ -282,11 +287,15 @@ def _nullable(inner: ColumnType) -> ColumnType:
 
 def _array(items: ColumnType) -> ColumnType:
     convert, expr = items.to_clickhouse, items.clickhouse_input_expr
+    output = items.clickhouse_output_expr
     return ColumnType(
         f"Array({items.clickhouse})",
         lambda v: [convert(x) for x in v],
         None if expr is None else f"arrayMap(x -> {expr.format('x')}, {{}})",
         avro_sql=None,  # NULL elements and conversions inside arrays: the per-message path
+        clickhouse_output_expr=None
+        if output is None
+        else f"arrayMap(x -> {output.format('x')}, {{}})",
     )
 
 

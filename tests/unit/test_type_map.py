@@ -416,6 +416,15 @@ def test_bytes_through_an_input_expression(chdb: Any) -> None:
     )
     got = query_rows(chdb, f"SELECT arrayMap(x -> hex(x), v) AS r FROM {DB}.bytes_input")
     assert got == [{"r": ["00FF", None, "275C"]}]
+    # Read back in the form an insert takes (the unchanged-TOAST lookup): the same bytes again.
+    back = query_rows(
+        chdb, f"SELECT {(ct.clickhouse_output_expr or '{}').format('v')} AS v FROM {DB}.bytes_input"
+    )
+    assert [None if x is None else bytes.fromhex(x) for x in back[0]["v"]] == [
+        b"\x00\xff",
+        None,
+        b"'\\",
+    ]
 
 
 def test_parsed_named_type_reference() -> None:
