@@ -36,8 +36,12 @@ Decisions worth knowing:
 - **timestamp** → ``DateTime64(6, 'UTC')`` with wall-clock text: the column's own zone is UTC, so
   the wall clock is stored and printed unchanged whatever the server's zone (a zone with DST gaps
   would lose or shift wall-clock times). **timestamptz** → ``DateTime64(6, 'UTC')``, the instant.
-- ``Date32``/``DateTime64`` hold 1900-01-01..2299-12-31 (ClickHouse 25.8); anything outside,
-  including Postgres ``infinity``, raises `UnconvertibleValue` so the event can be dead-lettered.
+- ``Date32``/``DateTime64`` hold 1900-01-01..2299-12-31 (ClickHouse 25.8). Postgres' ``infinity``
+  and ``-infinity`` (a common ``valid_to`` sentinel) become the last and first value the column
+  can hold, ``2299-12-31 [23:59:59.999999]`` and ``1900-01-01 [00:00:00]`` (`INFINITY`); any other
+  value outside the range raises `UnconvertibleValue` so the event can be dead-lettered.
+- ``numeric`` NaN and ±Infinity: with ``decimal.handling.mode=precise`` Debezium cannot write them
+  as an Avro decimal and sends NULL (so they are NULL here); in a NOT NULL column its task fails.
 - ``real``/``double precision`` NaN and ±Infinity are sent as ``"nan"``, ``"inf"``, ``"-inf"``.
 - Unmapped (`UnsupportedType`): ``bit``/``varbit`` (``io.debezium.data.Bits``), PostGIS
   (``io.debezium.data.geometry.*``), anything else not in `RULES`.
@@ -126,19 +130,59 @@ def _from_epoch(raw: int, what: str, **unit: int) -> datetime:
         return _in_range(EPOCH + timedelta(**unit), raw, what)
     except OverflowError:
         raise UnconvertibleValue(
-            f"{what} {raw!r} is outside ClickHouse's range 1900-01-01..2299-12-31 (Postgres infinity?)"
+            f"{what} {raw!r} is outside ClickHouse's range 1900-01-01..2299-12-31"
         ) from None
 
 
+# Postgres' `infinity` / `-infinity` as Debezium encodes them, per type, and what is stored for
+# them: the last / first value ClickHouse's column holds, so `valid_to > now()` stays true for an
+# open-ended row. Timestamps' infinities arrive as Postgres' JDBC driver gives them (in ms or µs
+# since the epoch), the same from the snapshot and from streaming. Dates arrive as day counts
+# that overflowed 32 bits, and differently by path: streaming (pgoutput) adds the 10,957 days
+# from 1970 to 2000 to Postgres' own extremes (+infinity -2147472692, -infinity -2147472691);
+# snapshot reads and array elements go through the JDBC driver (-622191234, -625821272). All
+# four were read off the real stack (tests/integration/test_fast_path.py and
+# test_type_roundtrip.py meet both paths); none is a date anyone stores.
+LAST_DATE, FIRST_DATE = "2299-12-31", "1900-01-01"
+LAST_INSTANT, FIRST_INSTANT = "2299-12-31 23:59:59.999999", "1900-01-01 00:00:00.000000"
+INFINITY: dict[str, dict[Any, str]] = {
+    "io.debezium.time.Date": {
+        -2147472692: LAST_DATE,  # streamed
+        -2147472691: FIRST_DATE,
+        -622191234: LAST_DATE,  # snapshot read, array element
+        -625821272: FIRST_DATE,
+    },
+    "io.debezium.time.Timestamp": {
+        9223372036825200: LAST_INSTANT,
+        -9223372036832400: FIRST_INSTANT,
+    },
+    "io.debezium.time.MicroTimestamp": {
+        9223372036825200000: LAST_INSTANT,
+        -9223372036832400000: FIRST_INSTANT,
+    },
+    "io.debezium.time.ZonedTimestamp": {"infinity": LAST_INSTANT, "-infinity": FIRST_INSTANT},
+}
+DATE_INFINITY = INFINITY["io.debezium.time.Date"]
+MILLI_INFINITY = INFINITY["io.debezium.time.Timestamp"]
+MICRO_INFINITY = INFINITY["io.debezium.time.MicroTimestamp"]
+ZONED_INFINITY = INFINITY["io.debezium.time.ZonedTimestamp"]
+
+
 def _date(days: int) -> str:
+    if days in DATE_INFINITY:
+        return DATE_INFINITY[days]
     return _from_epoch(days, "date (days since epoch)", days=days).date().isoformat()
 
 
 def _micro_timestamp(micros: int) -> str:
+    if micros in MICRO_INFINITY:
+        return MICRO_INFINITY[micros]
     return _from_epoch(micros, "timestamp (µs)", microseconds=micros).isoformat(" ", "microseconds")
 
 
 def _milli_timestamp(millis: int) -> str:
+    if millis in MILLI_INFINITY:
+        return MILLI_INFINITY[millis]
     return _from_epoch(millis, "timestamp (ms)", milliseconds=millis).isoformat(" ", "microseconds")
 
 
@@ -149,6 +193,8 @@ def _nano_timestamp(nanos: int) -> str:
 
 
 def _zoned_timestamp(text: str) -> str:
+    if text in ZONED_INFINITY:
+        return ZONED_INFINITY[text]
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
@@ -206,7 +252,42 @@ DATE_DAYS_RANGE = (
 )
 
 
+def _infinities_sql(
+    avro_sql: str, check: str, infinity: dict[Any, str], stored_sql: str
+) -> dict[str, str]:
+    """`avro_sql` and `avro_check` of a type with `INFINITY` values: the two encoded values map
+    to their stored values (`stored_sql` makes the literal of the column type, `{}` the text) and
+    pass the check; every other value goes through `avro_sql`, which sees a harmless finite
+    value in their place (ClickHouse may evaluate every branch of an `if`, and the encoded
+    infinities are out of its functions' range)."""
+    cases = ", ".join(
+        f"{{0}} = {_sql_literal(encoded)}, {stored_sql.format(_quote(stored))}"
+        for encoded, stored in infinity.items()
+    )
+    encoded = ", ".join(_sql_literal(e) for e in infinity)
+    finite = f"if({{0}} IN ({encoded}), {_sql_literal(_finite_stand_in(infinity))}, {{0}})"
+    return {
+        "avro_sql": f"multiIf({cases}, {avro_sql.format(finite)})",
+        "avro_check": f"({{0}} IN ({encoded}) OR {check})",
+    }
+
+
+def _finite_stand_in(infinity: dict[Any, str]) -> Any:
+    """A value of the same Avro type as the encoded infinities that every SQL form accepts."""
+    return "1970-01-01T00:00:00Z" if isinstance(next(iter(infinity)), str) else 0
+
+
+def _sql_literal(value: Any) -> str:
+    return _quote(value) if isinstance(value, str) else str(value)
+
+
+def _quote(text: str) -> str:
+    """A ClickHouse string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 STRING = _type("String")
+INSTANT_SQL = "toDateTime64({}, 6, 'UTC')"
 
 # key (connect.name, logicalType, connect.type or Avro type) → ColumnType, or a factory taking the
 # Avro type dict when the ClickHouse type depends on its parameters.
@@ -227,19 +308,28 @@ RULES: dict[str, ColumnType | Callable[[dict[str, Any]], ColumnType]] = {
         "String", _variable_scale_decimal, avro_sql=None
     ),
     "io.debezium.time.Date": _type(
-        "Date32", _date, "addDays(toDate32('1970-01-01'), {})", DATE_DAYS_RANGE
+        "Date32",
+        _date,
+        **_infinities_sql(
+            "addDays(toDate32('1970-01-01'), {})", DATE_DAYS_RANGE, DATE_INFINITY, "toDate32({})"
+        ),
     ),
     "io.debezium.time.Timestamp": _type(
         "DateTime64(6, 'UTC')",
         _milli_timestamp,
-        "fromUnixTimestamp64Milli({}, 'UTC')",
-        _epoch_range(1_000),
+        **_infinities_sql(
+            "fromUnixTimestamp64Milli({}, 'UTC')", _epoch_range(1_000), MILLI_INFINITY, INSTANT_SQL
+        ),
     ),
     "io.debezium.time.MicroTimestamp": _type(
         "DateTime64(6, 'UTC')",
         _micro_timestamp,
-        "fromUnixTimestamp64Micro({}, 'UTC')",
-        _epoch_range(1_000_000),
+        **_infinities_sql(
+            "fromUnixTimestamp64Micro({}, 'UTC')",
+            _epoch_range(1_000_000),
+            MICRO_INFINITY,
+            INSTANT_SQL,
+        ),
     ),
     "io.debezium.time.NanoTimestamp": _type(
         "DateTime64(9, 'UTC')",
@@ -252,10 +342,14 @@ RULES: dict[str, ColumnType | Callable[[dict[str, Any]], ColumnType]] = {
     "io.debezium.time.ZonedTimestamp": _type(
         "DateTime64(6, 'UTC')",
         _zoned_timestamp,
-        # ...OrNull: ClickHouse runs a function on the placeholder '' beneath a NULL too.
-        "parseDateTime64BestEffortOrNull({}, 6, 'UTC')",
-        "(isNull({0}) OR (match({0}, '^(19|2[0-2])[0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9:.]+Z$')"
-        " AND isNotNull(parseDateTime64BestEffortOrNull({0}, 6, 'UTC'))))",
+        **_infinities_sql(
+            # ...OrNull: ClickHouse runs a function on the placeholder '' beneath a NULL too.
+            "parseDateTime64BestEffortOrNull({}, 6, 'UTC')",
+            "(isNull({0}) OR (match({0}, '^(19|2[0-2])[0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9:.]+Z$')"
+            " AND isNotNull(parseDateTime64BestEffortOrNull({0}, 6, 'UTC'))))",
+            ZONED_INFINITY,
+            INSTANT_SQL,
+        ),
     ),
     "io.debezium.time.MicroTime": _type("String", _time, avro_sql=None),
     "io.debezium.time.ZonedTime": STRING,  # timetz, as Debezium sends it

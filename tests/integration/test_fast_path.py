@@ -34,6 +34,10 @@ def random_typed_row(rng: random.Random, key: int) -> list[Any]:
     def maybe(value: Any) -> Any:
         return None if rng.random() < 0.15 else value
 
+    def or_infinity(value: str) -> str:
+        """Sometimes Postgres' infinity instead (an open-ended `valid_to`)."""
+        return rng.choice(["infinity", "-infinity"]) if rng.random() < 0.1 else value
+
     return [
         key,
         maybe(rng.randint(-32768, 32767)),
@@ -46,10 +50,18 @@ def random_typed_row(rng: random.Random, key: int) -> list[Any]:
         rng.choice(["plain", "üñíçødé ✓ 'quoted' \\ back", "", "x" * 300]),
         maybe("v" * rng.randint(0, 20)),
         maybe(bytes(rng.randrange(256) for _ in range(rng.randint(0, 40)))),
-        maybe(f"{rng.randint(1900, 2299)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"),
-        maybe(f"{rng.randint(1900, 2299)}-01-02 03:04:05.{rng.randint(0, 999999):06d}"),
-        maybe(f"19{rng.randint(10, 99)}-06-30 12:00:00.{rng.randint(0, 999):03d}"),
-        maybe(f"20{rng.randint(10, 99)}-01-02 03:04:05.{rng.randint(0, 999999):06d}+02"),
+        maybe(
+            or_infinity(
+                f"{rng.randint(1900, 2299)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+            )
+        ),
+        maybe(
+            or_infinity(f"{rng.randint(1900, 2299)}-01-02 03:04:05.{rng.randint(0, 999999):06d}")
+        ),
+        maybe(or_infinity(f"19{rng.randint(10, 99)}-06-30 12:00:00.{rng.randint(0, 999):03d}")),
+        maybe(
+            or_infinity(f"20{rng.randint(10, 99)}-01-02 03:04:05.{rng.randint(0, 999999):06d}+02")
+        ),
         maybe(f"{rng.randint(0, 3)} years {rng.randint(-5, 5)} days 04:05:06.5"),
         maybe(str(uuid.UUID(int=rng.getrandbits(128)))),
         maybe('{"a": [1, 2.5, null], "b": "ü"}'),
@@ -112,16 +124,19 @@ def test_fast_path_equals_per_message_path(stack: StackHandle, tmp_path: Path) -
     # rejects the fast insert, the per-message path dead-letters exactly the poison message.
     with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
         conn.execute(f"INSERT INTO {typed} (id, c_date) VALUES (3001, '2024-01-01')")
-        conn.execute(f"INSERT INTO {typed} (id, c_date) VALUES (3002, 'infinity')")
+        conn.execute(f"INSERT INTO {typed} (id, c_date) VALUES (3002, '2400-01-01')")
         conn.execute(f"UPDATE {typed} SET c_int = -1 WHERE id = 3001")
     log_before = fast.log.read_text()
     phase_log = catch_up_both(fast, slow)
     assert "rejected the fast insert" in fast.log.read_text()[len(log_before) :]
     compare(fast, slow, keys)
     dead = [
-        p.sql(f"SELECT offset, stage FROM {p.control_db}.dlq ORDER BY offset") for p in (fast, slow)
+        p.sql(f"SELECT offset, stage, error FROM {p.control_db}.dlq ORDER BY offset")
+        for p in (fast, slow)
     ]
     assert dead[0] == dead[1] and len(dead[0]) == 1, dead
+    assert dead[0][0]["stage"] == "convert", dead
+    assert "c_date" in dead[0][0]["error"] and "outside ClickHouse's range" in dead[0][0]["error"]
     assert_replica_equals_source(stack, fast, toast, ["id"])
 
 
