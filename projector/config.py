@@ -56,6 +56,8 @@ class ProjectorConfig(BaseModel):
 
     # Prometheus metrics at http://127.0.0.1:<port>/metrics (projector/metrics.py); 0: none.
     metrics_port: int = Field(default=19464, ge=0, le=65535)
+    # Where it listens: this machine only, unless another container must read it (compose).
+    metrics_host: str = "127.0.0.1"
     # Let ClickHouse decode batches itself where it can (projector/fast_path.py; chDB backend).
     fast_path: bool = True
     # Messages per batch (one partition): each batch costs two checkpoint inserts, so bigger
