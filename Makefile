@@ -13,15 +13,15 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-system-deps:  ## apt-get install PostgreSQL, Java 17 and Maven when missing
+system-deps:  ## apt-get install PostgreSQL, Java 17, Maven and Chromium (ops-page test) when missing
 	@if ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && command -v java >/dev/null \
-	    && command -v mvn >/dev/null; then \
+	    && command -v mvn >/dev/null && command -v chromium >/dev/null; then \
 	  echo "system packages: present"; \
 	else \
-	  echo "system packages: installing postgresql, openjdk-17-jre-headless, maven"; \
+	  echo "system packages: installing postgresql, openjdk-17-jre-headless, maven, chromium"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    postgresql openjdk-17-jre-headless maven >/dev/null; \
+	    postgresql openjdk-17-jre-headless maven chromium >/dev/null; \
 	fi
 
 $(BIN)/.installed: pyproject.toml
