@@ -56,9 +56,10 @@ integration: setup  ## the real-stack tests (starts the stack itself)
 test: setup lint typecheck  ## set-up, lint, types, and the whole suite
 	$(BIN)/pytest
 
-bench: setup  ## throughput (EVENTS=1000000) and freshness (RATES=1000,5000) into docs/benchmarks.md
+bench: setup  ## throughput (EVENTS=1000000), freshness (RATES=1000,5000) and the query service into docs/benchmarks.md
 	$(BIN)/projector bench --events $(or $(EVENTS),1000000)
 	$(BIN)/projector freshness --rates $(or $(RATES),1000,5000)
+	$(BIN)/projector query-bench --transactions $(or $(SHOP_TRANSACTIONS),5000)
 
 stack-up: setup  ## start the local stack
 	$(BIN)/projector stack up

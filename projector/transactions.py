@@ -242,6 +242,8 @@ class ConsistencyTracker:
         newest = self.ledger.newest_end(after) or self._settled
         if newest is None:
             return self.current  # nothing recorded yet
+        if newest == self._settled:
+            return self.current  # nothing recorded since, and nothing was incomplete
         every = sorted({t for tables in self.groups.values() for t in tables})
         blocked = self.ledger.first_incomplete(every, after) if every else {}
         settled: RecordedEnd | None = newest

@@ -117,6 +117,18 @@ def test_a_refresh_reads_from_where_every_group_was_settled() -> None:
     assert positions["statuses"].watermark.tx_id == "49"  # type: ignore[union-attr]
 
 
+def test_a_refresh_with_nothing_new_costs_one_read() -> None:
+    ledger = MemoryLedger()
+    ledger.end("1", 100, {"shop.orders": 1})
+    track = tracker(ledger)
+    track.refresh()
+    ledger.reads = 0
+    assert track.refresh()["statuses"].lsn == 100
+    assert ledger.reads == 1
+    ledger.end("2", 200, {"shop.orders": 1})
+    assert track.refresh()["statuses"].lsn == 200
+
+
 def test_lsn_spelling_round_trips() -> None:
     assert parse_lsn("0/1E088A0") == 0x1E088A0
     assert parse_lsn("1/0") == 1 << 32
