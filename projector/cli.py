@@ -80,8 +80,10 @@ def run(
         try:
             code = Projector(config, backend).run(until_caught_up=until_caught_up)
         finally:
-            if api is not None:
-                api.stop()
+            if api is not None and api.stop():
+                # Close the engine while this thread still owns it: left to interpreter exit,
+                # chDB's shutdown raced the service's threads and crashed (SIGSEGV) at times.
+                backend.close()
     except ProjectorError as exc:
         fail(str(exc))
         return

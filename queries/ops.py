@@ -67,8 +67,9 @@ class OpsMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
-        if self._consumer is not None:
-            self._consumer.close()
+        if self._consumer is not None and (self._thread is None or not self._thread.is_alive()):
+            consumer, self._consumer = self._consumer, None
+            consumer.close()
 
     def _loop(self) -> None:
         while not self._stop.is_set():

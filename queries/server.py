@@ -115,6 +115,9 @@ class BackgroundServer:
         self._thread.start()
         log.info("query service at %s (ops page at /, API at /docs)", self.address)
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Stop serving; True once no thread of the service can reach ClickHouse any more."""
         self._uvicorn.should_exit = True
         self._thread.join(15)
+        self.server.monitor.stop()  # also when uvicorn's shutdown hooks did not run
+        return not self._thread.is_alive()

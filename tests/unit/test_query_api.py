@@ -93,6 +93,8 @@ def test_every_endpoint_but_health_needs_the_token(parts: Any) -> None:
     assert client.post("/sql", json={"sql": "SELECT 1"}).status_code == 401
     assert ch.calls == [], "nothing reached ClickHouse without the token"
     assert client.get("/queries", headers=AUTH).status_code == 200
+    metrics = client.get("/metrics", headers=AUTH).text
+    assert 'query_requests_total{route="unmatched",status="401"} 13.0' in metrics
 
 
 def test_a_named_query_answers_rows_with_its_watermark(parts: Any) -> None:
@@ -199,7 +201,8 @@ def test_the_cache_serves_a_watermark_once_and_recomputes_when_it_moves(parts: A
     metrics = client.get("/metrics", headers=AUTH).text
     assert 'query_cache_total{result="hit"} 2.0' in metrics
     assert 'query_cache_total{result="miss"} 2.0' in metrics
-    assert "query_request_seconds_bucket" in metrics
+    assert 'query_requests_total{route="/queries/order_by_id",status="200"} 4.0' in metrics
+    assert 'query_request_seconds_count{route="/queries/order_by_id"} 4.0' in metrics
 
 
 def test_pages_and_csv(parts: Any) -> None:
