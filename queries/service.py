@@ -22,7 +22,6 @@ import hmac
 import io
 import json
 import logging
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,10 +251,6 @@ def check_token(expected: str, authorization: str | None) -> None:
         raise Unauthorised("send the API token as 'Authorization: Bearer <PROJECTOR_API_TOKEN>'")
     if not hmac.compare_digest(given.strip().encode(), expected.encode()):
         raise Unauthorised("the API token is not valid")
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def lsn_or_none(lsn: int) -> str | None:
