@@ -234,7 +234,7 @@ def serve(
 
 @app.command("query")
 def query(
-    name: str = typer.Argument(..., help="A named query (projector query --list shows them)."),
+    name: str = typer.Argument(..., help="A named query, or `list` for all of them and their parameters."),
     param: list[str] = typer.Option([], "--param", "-p", help="A parameter as k=v (repeat)."),
     fmt: str = FormatOption,
     limit: int = typer.Option(100, min=1, help="Rows per page."),
