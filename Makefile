@@ -13,15 +13,15 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-system-deps:  ## apt-get install PostgreSQL, Java 17 and Maven when missing
+system-deps:  ## apt-get install PostgreSQL, Java 17, Maven and Chromium (ops-page test) when missing
 	@if ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && command -v java >/dev/null \
-	    && command -v mvn >/dev/null; then \
+	    && command -v mvn >/dev/null && command -v chromium >/dev/null; then \
 	  echo "system packages: present"; \
 	else \
-	  echo "system packages: installing postgresql, openjdk-17-jre-headless, maven"; \
+	  echo "system packages: installing postgresql, openjdk-17-jre-headless, maven, chromium"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    postgresql openjdk-17-jre-headless maven >/dev/null; \
+	    postgresql openjdk-17-jre-headless maven chromium >/dev/null; \
 	fi
 
 $(BIN)/.installed: pyproject.toml
@@ -56,9 +56,10 @@ integration: setup  ## the real-stack tests (starts the stack itself)
 test: setup lint typecheck  ## set-up, lint, types, and the whole suite
 	$(BIN)/pytest
 
-bench: setup  ## throughput (EVENTS=1000000) and freshness (RATES=1000,5000) into docs/benchmarks.md
+bench: setup  ## throughput (EVENTS=1000000), freshness (RATES=1000,5000) and the query service into docs/benchmarks.md
 	$(BIN)/projector bench --events $(or $(EVENTS),1000000)
 	$(BIN)/projector freshness --rates $(or $(RATES),1000,5000)
+	$(BIN)/projector query-bench --transactions $(or $(SHOP_TRANSACTIONS),5000)
 
 stack-up: setup  ## start the local stack
 	$(BIN)/projector stack up

@@ -7,7 +7,8 @@ development machines, this process plays its part: it owns the chDB directory an
 subset of ClickHouse's HTTP interface that clickhouse-connect (the projector's server backend)
 uses — `POST /` with the statement in the `query` parameter and/or the body, `GET /ping` — running
 each statement through the same engine, one at a time, with the output format the statement names
-(`FORMAT Native` from clickhouse-connect) or `default_format`. Errors come back as HTTP 500 with
+(`FORMAT Native` from clickhouse-connect) or `default_format`, with query parameters sent as
+`param_<name>` (already in ClickHouse's escaped text form) bound by chDB. Errors come back as HTTP 500 with
 ClickHouse's message, which clickhouse-connect raises as it would for a server.
 
 Not a ClickHouse server: settings sent as URL parameters are ignored (the projector puts the ones
@@ -39,9 +40,9 @@ class ChdbHttpServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", port), _Handler)
 
-    def run_statement(self, sql: str, fmt: str) -> bytes:
+    def run_statement(self, sql: str, fmt: str, params: dict[str, str] | None = None) -> bytes:
         with self.lock:
-            result = self.session.query(sql, fmt)
+            result = self.session.query(sql, fmt, params=params or None)
         return result.bytes() if hasattr(result, "bytes") else bytes(result)
 
 
@@ -68,7 +69,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, b"Code: 62. DB::Exception: Empty query. (SYNTAX_ERROR)")
             return
         try:
-            out = self.server.run_statement(sql, params.get("default_format", "TabSeparated"))
+            bound = {k[len("param_") :]: v for k, v in params.items() if k.startswith("param_")}
+            out = self.server.run_statement(
+                sql, params.get("default_format", "TabSeparated"), bound
+            )
         except Exception as exc:  # ClickHouse's own message, as a server would send it
             self._send(500, str(exc).encode(), {"X-ClickHouse-Exception-Code": "1"})
             return

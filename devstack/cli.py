@@ -172,6 +172,27 @@ def freshness(
         fail(str(exc))
 
 
+@app.command("query-bench")
+def query_bench(
+    transactions: int = typer.Option(5_000, min=100, help="Shop transactions to project first."),
+    requests: int = typer.Option(200, min=10, help="Sequential requests per query and mode."),
+    clients: int = typer.Option(8, min=1, help="Threads of the load generator."),
+    seconds: float = typer.Option(10.0, min=1, help="Seconds of load per mode."),
+    report: Path = typer.Option(Path("docs/benchmarks.md"), help="Append the results here."),
+    no_report: bool = typer.Option(False, "--no-report", help="Only print the results."),
+) -> None:
+    """The query service: named-query latency (p50/p99) through the HTTP API and requests/s
+    under a local load generator, cache on and off, against baselines of the same run."""
+    from devstack.query_bench import run_query_bench
+
+    log = lambda m: console.print(m, highlight=False)  # noqa: E731
+    try:
+        run_query_bench(transactions, requests, clients, seconds, log,
+                        None if no_report else report)  # fmt: skip
+    except (StackError, ConnectorError, ProjectorError, RuntimeError) as exc:
+        fail(str(exc))
+
+
 @app.command("chdb-server")
 def chdb_server(
     port: int = typer.Option(18123, help="Port on 127.0.0.1."),

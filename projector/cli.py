@@ -1,4 +1,4 @@
-"""The engine's commands: `run`, `status`, `sql`, `dlq`, `connectors`.
+"""The engine's commands: `run`, `status`, `sql`, `serve`, `query`, `dlq`, `connectors`.
 
 `devstack/cli.py` adds the development tools (the local stack, the demo, the shop, benchmarks) to
 this same `app` and is the `projector` entry point; the engine never imports them.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -24,11 +24,13 @@ from connectors import (
     display_name,
     render_connector,
 )
+from projector.clickhouse import ParameterisedClickHouse
 from projector.config import ProjectorConfig, client_environment, load_config
 from projector.errors import ConfigError, ProjectorError
 
 if TYPE_CHECKING:
     from projector.catch_up import Finish
+    from queries.server import BackgroundServer
 
 app = typer.Typer(
     help="CDC projection engine: Postgres → Debezium → Kafka → ClickHouse.",
@@ -79,6 +81,13 @@ def run(
         help="Exit 0 once everything in Kafka when the command starts is applied (changes "
         "Debezium has not produced yet are not waited for).",
     ),
+    serve_api: bool = typer.Option(
+        False,
+        "--serve",
+        help="Also serve the query API and ops page from this process, through the projector's "
+        "own ClickHouse (the way on chDB, which one process owns); at PROJECTOR_QUERY_HOST:"
+        "PROJECTOR_QUERY_PORT, token PROJECTOR_API_TOKEN.",
+    ),
     config_file: Path | None = ConfigOption,
 ) -> None:
     """Consume the change topics and apply them to ClickHouse (exactly-once effect); until
@@ -100,7 +109,15 @@ def run(
         fail(str(exc))
         return
     try:
-        code = Projector(config, open_backend(config)).run(finish)
+        backend = open_backend(config)
+        api = _start_api(config, backend) if serve_api else None
+        try:
+            code = Projector(config, backend).run(finish)
+        finally:
+            if api is not None and api.stop():
+                # Close the engine while this thread still owns it: left to interpreter exit,
+                # chDB's shutdown raced the service's threads and crashed (SIGSEGV) at times.
+                backend.close()
     except ProjectorError as exc:
         fail(str(exc))
         return
@@ -129,6 +146,15 @@ def _finish(
         )
     lsn = source_position(config.source_dsn) if until_lsn is None else parse_lsn(until_lsn)
     return Finish(lsn=lsn)
+
+
+def _start_api(config: ProjectorConfig, backend: ParameterisedClickHouse) -> BackgroundServer:
+    """`run --serve`: the query service on a thread, sharing the projector's backend object."""
+    from queries.server import BackgroundServer
+
+    api = BackgroundServer(config, backend, config.query_host, config.query_port)
+    api.start()
+    return api
 
 
 @app.command("status")
@@ -188,31 +214,189 @@ def status(
     out.print(f"{report['dead_letters']} dead letter(s)", highlight=False)
 
 
+def _write_rows(lines: list[str], fmt: str) -> None:
+    """JSONEachRow lines as `table`, `csv` or `json` (the lines themselves)."""
+    from queries.service import csv_body
+
+    if fmt == "json":
+        sys.stdout.writelines(line + "\n" for line in lines)
+    elif fmt == "csv":
+        sys.stdout.write(csv_body(lines).decode())
+    else:
+        rows = [json.loads(line) for line in lines]
+        table = Table(*(rows[0] if rows else []))
+        for row in rows:
+            table.add_row(*("NULL" if v is None else str(v) for v in row.values()))
+        Console().print(table)
+        console.print(f"{len(rows)} row(s)", highlight=False)
+
+
+FormatOption = typer.Option(
+    "table", "--format", "-f", help="table | csv | json (one object per line)"
+)
+
+
 @app.command("sql")
 def sql(
     query: str = typer.Argument(
-        ..., help='A read query, e.g. "SELECT * FROM replica_public.orders FINAL".'
+        ..., help='One read-only SELECT, e.g. "SELECT * FROM replica_public.orders FINAL".'
     ),
-    fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
+    fmt: str = FormatOption,
+    max_rows: int = typer.Option(1_000_000, min=1, help="Refuse results with more rows."),
+    max_seconds: float = typer.Option(300.0, min=0.1, help="Stop the query after this long."),
     config_file: Path | None = ConfigOption,
 ) -> None:
-    """Run a read-only query on the configured ClickHouse backend."""
+    """Run one read-only SELECT on the configured ClickHouse, checked the way the query
+    service's POST /sql checks it (queries/adhoc.py): ClickHouse's parser, readonly = 1, limits."""
     from projector.config import open_backend
+    from queries.adhoc import run_read_only
+    from queries.errors import QueryError
 
-    formats = {"table": "PrettyCompactMonoBlock", "csv": "CSVWithNames", "json": "JSONEachRow"}
-    if fmt not in formats:
-        fail(f"--format must be one of {', '.join(formats)}", code=2)
+    if fmt not in ("table", "csv", "json"):
+        fail("--format must be one of table, csv, json", code=2)
     try:
         backend = open_backend(_config(config_file))
     except ProjectorError as exc:
         fail(str(exc))
         return
     try:
-        out = backend.text(f"{query.rstrip().rstrip(';')} SETTINGS readonly = 1", formats[fmt])
-    except Exception as exc:
-        fail(f"query failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}")
+        lines = run_read_only(backend, query, max_rows, max_seconds)
+    except QueryError as exc:
+        fail(exc.message, code=2 if exc.status < 500 else 1)
         return
-    sys.stdout.write(out)
+    _write_rows(lines, fmt)
+
+
+@app.command("serve")
+def serve(
+    host: str | None = typer.Option(None, help="Address to listen on (PROJECTOR_QUERY_HOST)."),
+    port: int | None = typer.Option(None, help="Port (PROJECTOR_QUERY_PORT)."),
+    config_file: Path | None = ConfigOption,
+) -> None:
+    """Serve the read models over HTTP: named queries, read-your-writes, ad-hoc SQL, metrics, and
+    the ops page at /. Needs PROJECTOR_API_TOKEN. For a ClickHouse server
+    (PROJECTOR_BACKEND=server); on chDB use `projector run --serve` instead."""
+    import logging
+
+    from projector.config import open_backend
+    from queries.server import serve as run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config = _config(config_file)
+    try:
+        run_server(config, open_backend(config), host or config.query_host,
+                   port or config.query_port)  # fmt: skip
+    except ProjectorError as exc:
+        fail(str(exc))
+
+
+@app.command("query")
+def query(
+    name: str = typer.Argument(..., help="A named query, or `list` for all of them and their parameters."),
+    param: list[str] = typer.Option([], "--param", "-p", help="A parameter as k=v (repeat)."),
+    fmt: str = FormatOption,
+    limit: int = typer.Option(100, min=1, help="Rows per page."),
+    offset: int = typer.Option(0, min=0, help="Rows to skip."),
+    min_lsn: str | None = typer.Option(
+        None, help="Wait until the read model shows everything committed up to this LSN."
+    ),
+    url: str | None = typer.Option(
+        None, envvar="PROJECTOR_API_URL",
+        help="Ask a running query service (e.g. http://127.0.0.1:18000; token from "
+        "PROJECTOR_API_TOKEN) instead of opening ClickHouse here: the way while "
+        "`projector run --serve` holds a chDB directory.",
+    ),
+    config_file: Path | None = ConfigOption,
+) -> None:  # fmt: skip
+    """Run a named query (queries/sql/NAME.sql), as GET /queries/NAME does. `projector query
+    list` prints every query and its parameters."""
+    from queries.errors import QueryError
+
+    if fmt not in ("table", "csv", "json"):
+        fail("--format must be one of table, csv, json", code=2)
+    params = {}
+    for item in param:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--param takes k=v, got {item!r}", code=2)
+        params[key.strip()] = value
+    config = _config(config_file)
+    try:
+        if url:
+            lines, watermark = _query_over_http(url, config, name, params, limit, offset, min_lsn)
+        else:
+            lines, watermark = _query_here(config, name, params, limit, offset, min_lsn)
+    except QueryError as exc:
+        fail(exc.message, code=2 if exc.status < 500 else 1)
+        return
+    except ProjectorError as exc:
+        fail(str(exc))
+        return
+    if name != "list":
+        console.print(f"watermark: {watermark or 'none yet'}", highlight=False)
+    _write_rows(lines, fmt)
+
+
+def _query_here(
+    config: ProjectorConfig, name: str, params: dict[str, str], limit: int, offset: int,
+    min_lsn: str | None,
+) -> tuple[list[str], str | None]:  # fmt: skip
+    from projector.config import open_backend
+    from queries.server import build_service
+    from queries.service import Pending, parse_min_lsn
+
+    service = build_service(config, open_backend(config))
+    if name == "list":
+        return [json.dumps(q) for q in _query_list(service.describe())], None
+    if limit > service.limits.max_page:
+        fail(f"--limit is at most {service.limits.max_page}", code=2)
+    result = service.named(name, params, limit, offset, parse_min_lsn(min_lsn))
+    if isinstance(result, Pending):
+        fail(f"still processing: the read model is at {result.watermark.lsn_text}, not yet at "
+             f"{min_lsn}; try again", code=3)  # fmt: skip
+        raise AssertionError
+    return result.rows.lines, result.watermark.lsn_text if result.watermark.lsn else None
+
+
+def _query_list(described: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"query": q["name"], "description": q["description"],
+         "parameters": ", ".join(f"{p['name']} {p['type']}" + ("" if p["required"] else " (optional)")
+                                 for p in q["parameters"])}
+        for q in described
+    ]  # fmt: skip
+
+
+def _query_over_http(
+    url: str, config: ProjectorConfig, name: str, params: dict[str, str], limit: int,
+    offset: int, min_lsn: str | None,
+) -> tuple[list[str], str | None]:  # fmt: skip
+    import httpx
+
+    from queries.errors import QueryError
+
+    headers = {"Authorization": f"Bearer {config.api_token or ''}"}
+    try:
+        if name == "list":
+            found = httpx.get(f"{url.rstrip('/')}/queries", headers=headers, timeout=30)
+        else:
+            query_params = {**params, "limit": str(limit), "offset": str(offset)}
+            if min_lsn:
+                query_params["min_lsn"] = min_lsn
+            found = httpx.get(f"{url.rstrip('/')}/queries/{name}", params=query_params,
+                              headers=headers, timeout=90)  # fmt: skip
+    except httpx.HTTPError as exc:
+        raise ProjectorError(f"the query service at {url} does not answer: {exc}") from exc
+    body = found.json()
+    if found.status_code == 202:
+        fail(f"still processing: {body['message']} (watermark {body['watermark']['lsn']})", code=3)
+    if found.status_code >= 400:
+        error = QueryError(body.get("message", found.text))
+        error.status = found.status_code
+        raise error
+    if name == "list":
+        return [json.dumps(q) for q in _query_list(body["queries"])], None
+    return [json.dumps(row) for row in body["rows"]], body["watermark"]["lsn"]
 
 
 dlq_app = typer.Typer(help="Inspect and replay dead letters.", no_args_is_help=True)

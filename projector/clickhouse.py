@@ -54,6 +54,19 @@ def _exact_text(value: Any) -> str:
     raise TypeError(f"cannot send {type(value).__name__} to ClickHouse")
 
 
+def escape_param(text: str) -> str:
+    """A query parameter's value as ClickHouse reads it: in the escaped text form of its type
+    (the form of TSV fields), so a backslash, tab or newline inside a string survives whole.
+    The value is data, never SQL: ClickHouse parses it as the `{name:Type}` placeholder's type."""
+    return (
+        text.replace("\\", "\\\\")
+        .replace("\n", "\\n")
+        .replace("\t", "\\t")
+        .replace("\r", "\\r")
+        .replace("\0", "\\0")
+    )
+
+
 def parse_rows(text: str) -> list[dict[str, Any]]:
     """JSONEachRow output, with every non-integer number as an exact Decimal (never a float)."""
     return [json.loads(line, parse_float=Decimal) for line in text.splitlines() if line.strip()]
@@ -130,6 +143,11 @@ AVRO_SOURCE = "__projector_avro_source__"
 OFFSETS_SOURCE = "__projector_offsets_source__"
 
 
+# A query parameter's value as text in the form ClickHouse reads for its type (`2026-01-31`,
+# `42`, `O'Brien`), or None for NULL.
+ParamValue = str | None
+
+
 class ClickHouse(Protocol):
     topology: Topology
 
@@ -138,6 +156,14 @@ class ClickHouse(Protocol):
     def rows(self, sql: str) -> list[dict[str, Any]]: ...
 
     def text(self, sql: str, fmt: str) -> str: ...
+
+
+class ParameterisedClickHouse(ClickHouse, Protocol):
+    """A backend that binds query parameters: `{name:Type}` placeholders in `sql`, values given
+    apart from the SQL text and parsed by ClickHouse as that type. The one way user-supplied values
+    reach a query (the query service, `projector query`); never string interpolation."""
+
+    def query(self, sql: str, fmt: str, params: Mapping[str, ParamValue]) -> str: ...
 
 
 class ChdbBackend:
@@ -168,6 +194,13 @@ class ChdbBackend:
 
     def text(self, sql: str, fmt: str) -> str:
         out = self._run(sql, fmt)
+        return out.bytes().decode() if hasattr(out, "bytes") else str(out)
+
+    def query(self, sql: str, fmt: str, params: Mapping[str, ParamValue]) -> str:
+        """chDB's session binds `{name:Type}` placeholders itself; values go in escaped text form."""
+        bound = {k: "\\N" if v is None else escape_param(v) for k, v in params.items()}
+        with self._lock:
+            out = self._session.query(sql, fmt, params=bound)
         return out.bytes().decode() if hasattr(out, "bytes") else str(out)
 
     def over_avro(
@@ -225,6 +258,14 @@ class ServerBackend:
     def text(self, sql: str, fmt: str) -> str:
         try:
             return bytes(self._client.raw_query(sql, fmt=fmt)).decode()
+        except Exception as exc:
+            raise _classify(exc, self.url) from exc
+
+    def query(self, sql: str, fmt: str, params: Mapping[str, ParamValue]) -> str:
+        """clickhouse-connect sends the values as `param_<name>` (server-side binding; it escapes
+        text values itself)."""
+        try:
+            return bytes(self._client.raw_query(sql, parameters=dict(params), fmt=fmt)).decode()
         except Exception as exc:
             raise _classify(exc, self.url) from exc
 

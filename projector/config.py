@@ -62,6 +62,8 @@ class ProjectorConfig(BaseModel):
 
     # Prometheus metrics at http://127.0.0.1:<port>/metrics (projector/metrics.py); 0: none.
     metrics_port: int = Field(default=19464, ge=0, le=65535)
+    # Where it listens: this machine only, unless another container must read it (compose).
+    metrics_host: str = "127.0.0.1"
     # Let ClickHouse decode batches itself where it can (projector/fast_path.py; chDB backend).
     fast_path: bool = True
     # Messages per batch (one partition): each batch costs two checkpoint inserts, so bigger
@@ -76,6 +78,27 @@ class ProjectorConfig(BaseModel):
     # How soon the group hands a crashed member's partitions to the others (Kafka's default is
     # 45 s; positions come from ClickHouse checkpoints, so a quick hand-over is safe).
     session_timeout_ms: int = Field(default=10_000, ge=6_000)
+
+    # The query service (queries/service.py): `projector serve`, or `projector run --serve`.
+    # Bearer token every endpoint but /health requires (PROJECTOR_API_TOKEN); none: no service.
+    api_token: str | None = None
+    query_host: str = "127.0.0.1"
+    query_port: int = Field(default=18000, ge=1, le=65535)
+    # Named queries (*.sql); None: the ones shipped in queries/sql.
+    query_dir: Path | None = None
+    # Cached results (0: no cache), and how long one may be served at the same watermark.
+    query_cache_entries: int = Field(default=10_000, ge=0)
+    query_cache_ttl_s: float = Field(default=60.0, gt=0)
+    # The longest a request with `min_lsn` waits for the read model before answering 202.
+    query_wait_ms: int = Field(default=5_000, ge=0, le=60_000)
+    # Rows per page of a named query (`limit`), and of an ad-hoc SQL result; its time limit.
+    query_max_page: int = Field(default=10_000, ge=1)
+    sql_max_rows: int = Field(default=10_000, ge=1)
+    sql_max_seconds: float = Field(default=10.0, gt=0)
+    # Where the ops page reads the projector's metrics (lag in seconds); None: this machine's
+    # `metrics_port`. How often it samples lag, connector and slot health for its chart.
+    projector_metrics_url: str | None = None
+    ops_sample_s: float = Field(default=2.0, gt=0)
 
     @field_validator("schemas")
     @classmethod

@@ -14,6 +14,10 @@ class ConfigError(ProjectorError):
     """The projector's configuration is invalid or incomplete."""
 
 
+class NotAnLsn(ConfigError, ValueError):
+    """Text that is not a Postgres LSN (a command-line option, or an API's `min_lsn`)."""
+
+
 class ClickHouseUnavailable(ProjectorError):
     """ClickHouse cannot be reached right now (transient: retried with back-off)."""
 

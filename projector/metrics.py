@@ -54,8 +54,8 @@ class ProjectorMetrics:
             ["read_model"], registry=registry,
         )  # fmt: skip
 
-    def serve(self, port: int) -> None:
-        start_http_server(port, addr="127.0.0.1", registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=host, registry=self.registry)
 
     def set_lag(
         self, topic: str, partition: int, end: int, next_offset: int, oldest_waiting_ms: int | None

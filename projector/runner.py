@@ -132,7 +132,7 @@ class Projector:
         self._next_progress_report = self._next_watermark_report = 0.0
         if config.metrics_port:
             try:
-                self.metrics.serve(config.metrics_port)
+                self.metrics.serve(config.metrics_port, config.metrics_host)
                 log.info("metrics at http://127.0.0.1:%d/metrics", config.metrics_port)
             except OSError as exc:
                 log.warning("no metrics endpoint: port %d: %s (set PROJECTOR_METRICS_PORT)",

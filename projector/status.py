@@ -64,10 +64,14 @@ def collect_status(config: ProjectorConfig) -> dict[str, Any]:
 
 def collect_live_status(port: int, timeout_s: float = 1.0) -> dict[str, Any] | None:
     """The running projector's metrics as a status report; None when nothing answers."""
+    return collect_live_status_at(f"http://127.0.0.1:{port}/metrics", timeout_s)
+
+
+def collect_live_status_at(url: str, timeout_s: float = 1.0) -> dict[str, Any] | None:
+    """The same, from a projector's metrics at `url` (another host, another container)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    url = f"http://127.0.0.1:{port}/metrics"
     try:
         text = httpx.get(url, timeout=timeout_s).text
     except httpx.HTTPError:

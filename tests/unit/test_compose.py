@@ -23,6 +23,7 @@ EXPECTED_IMAGES = {
 PROJECTOR_SERVICES = {
     "connector-init": ["projector", "connectors", "apply"],
     "projector": ["projector", "run"],
+    "query": ["projector", "serve", "--host", "0.0.0.0", "--port", "8000"],
 }
 CCOMPAT_PATH = "/apis/ccompat/v7"
 
@@ -191,6 +192,31 @@ def test_the_command_check_knows_a_missing_command() -> None:
 
 def test_projector_runs_on_the_clickhouse_service(services: dict[str, dict[str, Any]]) -> None:
     assert env_of(services["projector"]).get("PROJECTOR_BACKEND") == "server"
+
+
+def test_query_service_serves_the_clickhouse_service_on_port_8000(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """`projector serve` runs beside the projector on the same ClickHouse service (a server lets
+    two processes share it), listens on all interfaces of its container, published on 8000."""
+    query = services["query"]
+    env = env_of(query)
+    assert env.get("PROJECTOR_BACKEND") == "server"
+    assert (
+        env["PROJECTOR_CLICKHOUSE_URL"] == env_of(services["projector"])["PROJECTOR_CLICKHOUSE_URL"]
+    )
+    command = command_of(query)
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    assert command[command.index("--port") + 1] == "8000"
+    assert ("127.0.0.1", "8000", "8000") in published_ports(query)
+    assert env["PROJECTOR_API_TOKEN"].startswith("${"), "the token comes from the environment"
+    assert depends_on_of(query).get("clickhouse") == "service_healthy"
+
+
+def test_the_ops_page_can_reach_the_projector_metrics(services: dict[str, dict[str, Any]]) -> None:
+    url = urlsplit(env_of(services["query"])["PROJECTOR_PROJECTOR_METRICS_URL"])
+    assert url.hostname == "projector"
+    assert env_of(services["projector"]).get("PROJECTOR_METRICS_HOST") == "0.0.0.0"
 
 
 def test_dockerfile_exists_for_the_build() -> None:

@@ -1,0 +1,265 @@
+"""`projector query-bench` (part of `make bench`): the query service's latency and throughput.
+
+1. The shop (devstack/shop.py) in schema `qbench` writes `transactions` transactions; one
+   `projector run --serve` on a fresh chDB directory projects them and serves the read models.
+2. Latency: every shipped named query, `requests` sequential requests each through the HTTP API
+   (keep-alive client), p50 and p99 — cache on (after the first request, hits while the watermark
+   stands) and cache off (`PROJECTOR_QUERY_CACHE_ENTRIES=0`: every request runs in ClickHouse).
+3. Throughput: a local load generator (`clients` threads, each its own keep-alive connection, for
+   `seconds` seconds, bounded) on one named query, cache on and off.
+4. Baselines of the same run: `GET /health` through the same server and client (the HTTP floor),
+   and each query's SQL run directly on the same chDB engine (the ClickHouse floor).
+Every figure is reported as a ratio against those baselines: never against another day's numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from devstack.shop import ShopWriter, create_shop
+from projector.config import client_environment
+
+SCHEMA = "qbench"
+TOKEN = "bench-token"
+PARAMS: dict[str, dict[str, str]] = {  # a typical request of each shipped query
+    "order_by_id": {"order_id": "1"},
+    "orders_of_customer": {"customer_id": "1"},
+    "orders_in_status": {"status": "PENDING"},
+    "order_counts_by_status": {},
+    "order_statistics": {"start_date": "2000-01-01", "end_date": "2100-01-01"},
+    "daily_sales": {"start_date": "2000-01-01", "end_date": "2100-01-01"},
+    "monthly_sales": {"start_date": "2000-01-01", "end_date": "2100-01-01"},
+    "top_products": {"top": "10"},
+    "top_customers": {"top": "10"},
+}
+LOAD_QUERY = "order_by_id"
+
+
+@dataclass(frozen=True)
+class Latency:
+    p50_ms: float
+    p99_ms: float
+
+
+def quantiles(samples: list[float]) -> Latency:
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return Latency(statistics.median(ordered) * 1000, p99 * 1000)
+
+
+def timed(call: Callable[[], Any], times: int) -> list[float]:
+    samples = []
+    for _ in range(times):
+        started = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def load(url: str, params: dict[str, str], clients: int, seconds: float) -> float:
+    """Requests/s answered 200 by `clients` keep-alive clients for `seconds` (then they stop)."""
+    done = [0] * clients
+    stop = time.monotonic() + seconds
+
+    def client(index: int) -> None:
+        with httpx.Client(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as http:
+            while time.monotonic() < stop:
+                if http.get(url, params=params).status_code == 200:
+                    done[index] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 60)
+    return sum(done) / (time.monotonic() - started)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_service(
+    env: dict[str, str], chdb: Path, cache: bool, log_file: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    run_env = {
+        **env,
+        "PROJECTOR_CHDB_PATH": str(chdb),
+        "PROJECTOR_SCHEMAS": f"public,{SCHEMA}",
+        "PROJECTOR_TABLE_PATTERN": "(customers|products|orders|order_items)",
+        "PROJECTOR_READ_MODEL_SCHEMA": SCHEMA,
+        "PROJECTOR_GROUP_ID": "query-bench",
+        "PROJECTOR_METRICS_PORT": "0",
+        "PROJECTOR_API_TOKEN": TOKEN,
+        "PROJECTOR_QUERY_PORT": str(port),
+        "PROJECTOR_QUERY_CACHE_ENTRIES": "10000" if cache else "0",
+    }
+    projector = str(Path(sys.executable).parent / "projector")
+    with log_file.open("ab") as out:
+        process = subprocess.Popen([projector, "run", "--serve"], env=run_env, stdout=out,
+                                   stderr=subprocess.STDOUT)  # fmt: skip
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_caught_up(
+    url: str, min_lsn: str, process: subprocess.Popen[bytes], log_file: Path
+) -> None:
+    deadline = time.monotonic() + 600
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    while True:
+        try:
+            answer = httpx.get(f"{url}/queries/order_counts_by_status",
+                               params={"min_lsn": min_lsn}, headers=headers, timeout=60)  # fmt: skip
+            if answer.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the service did not catch up: {log_file.read_text()[-2000:]}")
+        time.sleep(1)
+
+
+def measure(url: str, requests: int, clients: int, seconds: float) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    out: dict[str, Any] = {"queries": {}}
+    with httpx.Client(headers=headers, timeout=60) as http:
+        out["health"] = quantiles(timed(lambda: http.get(f"{url}/health"), requests))
+        for name, params in PARAMS.items():
+            http.get(f"{url}/queries/{name}", params=params).raise_for_status()
+            target = f"{url}/queries/{name}"
+
+            def ask(target: str = target, params: dict[str, str] = params) -> Any:
+                return http.get(target, params=params)
+
+            out["queries"][name] = quantiles(timed(ask, requests))
+    out["health_rps"] = load(f"{url}/health", {}, clients, seconds)
+    out["rps"] = load(f"{url}/queries/{LOAD_QUERY}", PARAMS[LOAD_QUERY], clients, seconds)
+    return out
+
+
+def direct(chdb: Path, requests: int) -> dict[str, Latency]:
+    """Each query's page SQL straight on the engine (the service's own statement), no HTTP."""
+    from projector.clickhouse import ChdbBackend
+    from queries.named import load_named_queries
+
+    backend = ChdbBackend(str(chdb))
+    queries = load_named_queries()
+    try:
+        result = {}
+        for name, params in PARAMS.items():
+            query = queries[name]
+            sql = f"SELECT * FROM ({query.sql}) LIMIT 101 OFFSET 0"
+            bound = query.bind(params)
+
+            def run(sql: str = sql, bound: dict[str, str | None] = bound) -> str:
+                return backend.query(sql, "JSONEachRow", bound)
+
+            result[name] = quantiles(timed(run, requests))
+        return result
+    finally:
+        backend.close()
+
+
+def run_query_bench(
+    transactions: int, requests: int, clients: int, seconds: float, log: Callable[[str], None],
+    report_path: Path | None,
+) -> str:  # fmt: skip
+    env = client_environment()
+    if "ADMIN_DSN" not in env:
+        raise RuntimeError("no local stack: run `projector stack up` first")
+    from devstack.capture import create_and_capture
+
+    create_shop(env["ADMIN_DSN"], SCHEMA)
+    create_and_capture(env, "", SCHEMA)  # the shop's tables into the publication
+    log(f"shop writing {transactions:,} transactions into {SCHEMA} ...")
+    ShopWriter(env["ADMIN_DSN"], SCHEMA, seed=42).run(rate_per_s=0, transactions=transactions)
+    import psycopg
+
+    with psycopg.connect(env["ADMIN_DSN"], autocommit=True) as conn:
+        ((lsn,),) = conn.execute("SELECT pg_current_wal_lsn()::text").fetchall()
+        ((orders,),) = conn.execute(f"SELECT count(*) FROM {SCHEMA}.orders").fetchall()
+    work = Path(tempfile.mkdtemp(prefix="query-bench-"))
+    chdb, log_file = work / "chdb", work / "service.log"
+    results: dict[str, dict[str, Any]] = {}
+    for cache in (True, False):
+        label = "cache on" if cache else "cache off"
+        process, url = start_service(env, chdb, cache, log_file)
+        try:
+            wait_caught_up(url, str(lsn), process, log_file)
+            log(f"measuring ({label}) ...")
+            results[label] = measure(url, requests, clients, seconds)
+        finally:
+            process.terminate()
+            process.wait(60)
+    results["direct"] = {"queries": direct(chdb, requests)}
+    report = render(results, transactions, int(orders), requests, clients, seconds)
+    log(report)
+    if report_path is not None:
+        with report_path.open("a") as out:
+            out.write("\n" + report + "\n")
+    return report
+
+
+def render(
+    results: dict[str, dict[str, Any]], transactions: int, orders: int, requests: int,
+    clients: int, seconds: float,
+) -> str:  # fmt: skip
+    on, off, floor = results["cache on"], results["cache off"], results["direct"]
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"### {now} — query service, {orders:,} orders ({transactions:,} shop transactions)",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"Linux {platform.release()}, load average {os.getloadavg()[0]:.1f} at the end (other "
+        f"work on the machine shares its cores). {requests} sequential requests per query; "
+        f"load generator: {clients} clients for {seconds:.0f} s.",
+        "",
+        "| query | p50 ms cache on | p99 ms cache on | p50 ms cache off | p99 ms cache off "
+        "| direct p50 ms | cache off p50 / direct |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in PARAMS:
+        a, b, d = on["queries"][name], off["queries"][name], floor["queries"][name]
+        lines.append(
+            f"| {name} | {a.p50_ms:.1f} | {a.p99_ms:.1f} | {b.p50_ms:.1f} | {b.p99_ms:.1f} "
+            f"| {d.p50_ms:.1f} | {b.p50_ms / max(d.p50_ms, 1e-3):.1f} |"
+        )
+    health = on["health"]
+    lines += [
+        f"| `GET /health` (HTTP floor) | {health.p50_ms:.1f} | {health.p99_ms:.1f} | | | | |",
+        "",
+        f"Throughput on `{LOAD_QUERY}`: cache on {on['rps']:,.0f} requests/s, cache off "
+        f"{off['rps']:,.0f} requests/s; `GET /health` with the same load generator "
+        f"{on['health_rps']:,.0f} requests/s. Ratios: cache-on / health = "
+        f"{on['rps'] / max(on['health_rps'], 1e-9):.2f}, cache-off / cache-on = "
+        f"{off['rps'] / max(on['rps'], 1e-9):.2f}.",
+        "",
+        "p99 target ≤ 50 ms for every query: "
+        + (
+            "met"
+            if all(q.p99_ms <= 50 for r in (on, off) for q in r["queries"].values())
+            else "NOT met (see the rows above 50)"
+        )
+        + f"; ≥ 1,000 requests/s on cache hits: {'met' if on['rps'] >= 1000 else 'NOT met'}.",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""Read-your-writes for the query service: where each read model stands, and waiting for a
+writer's LSN.
+
+The consistency LSN of a read model (the argument is in projector/transactions.py) is computed by
+`ConsistencyTracker` over the model's source tables. `ReadPositions` shares one tracker between
+all requests of a process: it refreshes it at most every `max_age_s` (one refresh at a time; the
+others read the result), and `wait_for` polls it until a read model has reached a writer's LSN or
+the time is up. A query over several read models stands where the least advanced of them stands.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+from projector.transactions import (
+    NOTHING_KNOWN,
+    Consistency,
+    ConsistencyTracker,
+    TransactionLedger,
+)
+
+log = logging.getLogger("queries")
+
+
+class ReadPositions:
+    def __init__(
+        self,
+        ledger: TransactionLedger,
+        sources: dict[str, list[str]],
+        max_age_s: float = 0.1,
+        poll_s: float = 0.05,
+    ) -> None:
+        """`sources`: per read model, its source tables as `schema.table`."""
+        self.tracker = ConsistencyTracker(ledger, sources)
+        self.max_age_s = max_age_s
+        self.poll_s = poll_s
+        self._refreshed = 0.0
+        self._lock = threading.Lock()
+        self._trouble: str | None = None
+
+    def current(self, fresh: bool = False) -> dict[str, Consistency]:
+        """Every read model's position, refreshed if older than `max_age_s` (or `fresh`)."""
+        if fresh or time.monotonic() - self._refreshed >= self.max_age_s:
+            with self._lock:  # one refresh at a time; who waited for it reads its result
+                if fresh or time.monotonic() - self._refreshed >= self.max_age_s:
+                    self._refresh()
+        return self.tracker.current
+
+    def _refresh(self) -> None:
+        try:
+            self.tracker.refresh()
+        except Exception as exc:  # no ledger yet, ClickHouse away: positions stay as they were
+            if self._trouble is None:
+                log.warning("read positions not refreshed (they stay where they were): %s", exc)
+            self._trouble = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        else:
+            if self._trouble is not None:
+                log.warning("read positions refreshed again")
+            self._trouble = None
+        self._refreshed = time.monotonic()
+
+    def of(self, read_models: Sequence[str], fresh: bool = False) -> Consistency:
+        """Where a query over `read_models` stands: the least advanced of them."""
+        positions = self.current(fresh)
+        found = [positions.get(name, NOTHING_KNOWN) for name in read_models]
+        return min(found, key=lambda c: c.lsn) if found else NOTHING_KNOWN
+
+    def wait_for(self, read_models: Sequence[str], lsn: int, timeout_s: float) -> Consistency:
+        """The position once it has reached `lsn`, or the last one seen when `timeout_s` is up."""
+        deadline = time.monotonic() + timeout_s
+        position = self.of(read_models)
+        while position.lsn < lsn and time.monotonic() < deadline:
+            time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
+            position = self.of(read_models)
+        return position
+
+    @property
+    def trouble(self) -> str | None:
+        """Why the last refresh failed, if it did."""
+        return self._trouble

@@ -1,0 +1,10 @@
+-- description = "Every order of one customer, newest first."
+-- read_models = ["order_summary"]
+--
+-- [params.customer_id]
+-- description = "The customer's id (shop.customers.id)."
+-- minimum = 1
+SELECT *
+FROM read_models.order_summary
+WHERE customer_id = {customer_id:Int64}
+ORDER BY created_at DESC, order_id DESC

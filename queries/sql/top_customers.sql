@@ -1,0 +1,12 @@
+-- description = "The customers with the highest lifetime value (revenue of their orders, cancelled ones excluded)."
+-- read_models = ["customer_lifetime_value"]
+--
+-- [params.top]
+-- description = "How many customers."
+-- default = 10
+-- minimum = 1
+-- maximum = 1000
+SELECT customer_id, name, orders, revenue
+FROM read_models.customer_lifetime_value
+ORDER BY revenue DESC, customer_id
+LIMIT {top:UInt32}

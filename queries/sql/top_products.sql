@@ -1,0 +1,12 @@
+-- description = "The best-selling products by revenue (cancelled orders excluded)."
+-- read_models = ["product_popularity"]
+--
+-- [params.top]
+-- description = "How many products."
+-- default = 10
+-- minimum = 1
+-- maximum = 1000
+SELECT product_id, name, units, revenue
+FROM read_models.product_popularity
+ORDER BY revenue DESC, product_id
+LIMIT {top:UInt32}

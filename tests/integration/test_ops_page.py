@@ -1,0 +1,131 @@
+"""The ops page in a real headless browser (Debian's chromium, driven by playwright) against the
+running service, deployed as on a ClickHouse server: `projector run` and `projector serve` as two
+processes on one ClickHouse (`projector chdb-server` stands in for the server). The page loads,
+shows the projections, and follows the lag: up while the projector is stopped and the shop writes,
+back to 0 once it runs again."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from devstack.shop import ShopWriter, create_shop
+from tests.integration.conftest import FENCE_TABLE, PROJECTOR, StackHandle
+from tests.integration.projector_harness import ProjectorProcess, free_port
+
+TOKEN = "ops-page-token"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+READ_MODELS = ["customer_lifetime_value", "daily_sales", "monthly_sales", "order_summary",
+               "orders_by_status", "product_popularity"]  # fmt: skip
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen([PROJECTOR, *args], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_until(what: str, check: object, timeout_s: float, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"{what} not within {timeout_s}s" + (
+            f":\n{log.read_text()[-3000:]}" if log else ""
+        )
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def deployment(stack: StackHandle, tmp_path: Path) -> Iterator[dict[str, object]]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is missing: `make system-deps` installs Debian's chromium package")
+    server_port = free_port()
+    chdb_server = start(
+        ["chdb-server", "--port", str(server_port), "--path", str(tmp_path / "chdb-server")],
+        {**ProjectorProcess(stack, tmp_path).env}, tmp_path / "chdb-server.log",
+    )  # fmt: skip
+    wait_until("chdb-server", lambda: _answers(f"http://127.0.0.1:{server_port}/ping"), 60)
+    projector = ProjectorProcess(stack, tmp_path, server_url=f"http://127.0.0.1:{server_port}")
+    schema = f"shop_{projector.unique}"
+    create_shop(stack.admin_dsn, schema)
+    stack.apply(capture=f"public,{schema}")
+    ShopWriter(stack.admin_dsn, schema, seed=5).run(rate_per_s=0, transactions=60)
+    metrics_port, api_port = free_port(), free_port()
+    projector.env |= {
+        "PROJECTOR_SCHEMAS": f"public,{schema}",
+        "PROJECTOR_TABLE_PATTERN": f"({FENCE_TABLE}|customers|products|orders|order_items)",
+        "PROJECTOR_READ_MODEL_SCHEMA": schema,
+        "PROJECTOR_TRANSACTION_METADATA": "true",
+        "PROJECTOR_METRICS_PORT": str(metrics_port),
+        "PROJECTOR_API_TOKEN": TOKEN,
+        "PROJECTOR_OPS_SAMPLE_S": "0.5",
+    }
+    processes = {"run": start(["run"], projector.env, projector.log)}
+    processes["serve"] = start(["serve", "--port", str(api_port)], projector.env,
+                               tmp_path / "serve.log")  # fmt: skip
+    url = f"http://127.0.0.1:{api_port}"
+    wait_until("the query service", lambda: _answers(url + "/health"), 60, tmp_path / "serve.log")
+    yield {"url": url, "projector": projector, "processes": processes, "schema": schema,
+           "stack": stack, "tmp": tmp_path}  # fmt: skip
+    for process in (*processes.values(), chdb_server):
+        process.send_signal(signal.SIGTERM)
+    for process in (*processes.values(), chdb_server):
+        process.wait(60)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_the_ops_page_shows_projections_and_follows_the_lag(
+    deployment: dict[str, object],
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    url, tmp = str(deployment["url"]), Path(str(deployment["tmp"]))
+    projector: ProjectorProcess = deployment["projector"]  # type: ignore[assignment]
+    processes: dict[str, subprocess.Popen[bytes]] = deployment["processes"]  # type: ignore[assignment]
+    stack: StackHandle = deployment["stack"]  # type: ignore[assignment]
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
+        )
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_selector("#login", state="visible")  # no token yet: it asks for one
+        page.fill("#token", TOKEN)
+        page.click("#save-token")
+        for name in READ_MODELS:
+            page.wait_for_selector(f'#projections tr[data-name="{name}"]', timeout=120_000)
+
+        def lag() -> int | None:
+            text = page.inner_text("#lag-events").replace(",", "").strip()
+            return int(text) if text.isdigit() else None
+
+        wait_until("lag 0 on the page (caught up)", lambda: lag() == 0, 240, projector.log)
+        state = page.inner_text('#projections tr[data-name="orders_by_status"] td:nth-child(2)')
+        assert state == "current", state
+        assert page.inner_text("#connector").startswith("RUNNING")
+
+        processes["run"].send_signal(signal.SIGTERM)  # the projector stops; the shop goes on
+        assert processes["run"].wait(60) == 0
+        ShopWriter(stack.admin_dsn, str(deployment["schema"]), seed=6).run(
+            rate_per_s=0, transactions=40
+        )
+        wait_until("lag > 0 on the page", lambda: (lag() or 0) > 0, 120)
+        page.screenshot(path=str(tmp / "ops-page-lagging.png"), full_page=True)
+        assert page.locator('#chart polyline[data-series="events"]').count() == 1
+
+        processes["run"] = start(["run"], projector.env, projector.log)  # and runs again
+        wait_until("lag back to 0 on the page", lambda: lag() == 0, 240, projector.log)
+        page.screenshot(path=str(tmp / "ops-page.png"), full_page=True)
+        browser.close()
