@@ -133,6 +133,7 @@ class CheckpointStore:
                  "first_offset Int64", "last_offset Int64", "state LowCardinality(String)",
                  "version UInt64", "recorded_at DateTime64(3) DEFAULT now64(3)"],
                 "ReplacingMergeTree", "version", "(`projection`, topic, `partition`)",
+                deduplicate=False,  # re-recording is idempotent by version, never dropped
             )
         )  # fmt: skip
 

@@ -109,19 +109,24 @@ class Topology:
         path = "'/clickhouse/tables/{shard}/{database}/{table}', '{replica}'"
         return f"Replicated{family}({path}{', ' + args if args else ''})"
 
-    def dedup_setting(self) -> str:
+    def dedup_setting(self, deduplicate: bool = True) -> str:
         if self.cluster is None:
-            return f"non_replicated_deduplication_window = {self.dedup_window}"
-        return f"replicated_deduplication_window = {self.replicated_dedup_window}"
+            return (
+                f"non_replicated_deduplication_window = {self.dedup_window if deduplicate else 0}"
+            )
+        window = self.replicated_dedup_window if deduplicate else 0
+        return f"replicated_deduplication_window = {window}"
 
     def create_table(
-        self, qualified: str, columns: list[str], family: str, args: str, order_by: str
-    ) -> str:
-        """CREATE TABLE IF NOT EXISTS with the engine of `family` and deduplication enabled."""
+        self, qualified: str, columns: list[str], family: str, args: str, order_by: str,
+        deduplicate: bool = True,
+    ) -> str:  # fmt: skip
+        """CREATE TABLE IF NOT EXISTS with the engine of `family`; insert deduplication on, or
+        explicitly off (a table whose re-inserted rows must always land)."""
         return (
             f"CREATE TABLE IF NOT EXISTS {qualified}{self.on_cluster()} ({', '.join(columns)}) "
             f"ENGINE = {self.engine(family, args)} ORDER BY {order_by} "
-            f"SETTINGS {self.dedup_setting()}"
+            f"SETTINGS {self.dedup_setting(deduplicate)}"
         )
 
     def alter_table(self, qualified: str, action: str) -> str:

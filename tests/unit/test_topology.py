@@ -101,7 +101,8 @@ def test_single_server_ddl_is_plain_and_deduplicates(single: list[str]) -> None:
         assert "ON CLUSTER" not in statement
         assert "Replicated" not in statement
     for statement in tables:
-        assert "non_replicated_deduplication_window = 100000" in statement
+        window = "0" if "checkpoints" in statement else "100000"
+        assert f"non_replicated_deduplication_window = {window}" in statement
     assert any("ENGINE = ReplacingMergeTree(_version, _is_deleted)" in s for s in tables)
     assert any("ENGINE = MergeTree ORDER BY (_partition, _offset)" in s for s in tables)
 
@@ -115,7 +116,8 @@ def test_cluster_ddl_runs_on_every_replica_with_replicated_engines(cluster: list
     path = "'/clickhouse/tables/{shard}/{database}/{table}', '{replica}'"
     for statement in tables:
         assert "ENGINE = Replicated" in statement and path in statement, statement
-        assert "replicated_deduplication_window = 10000" in statement
+        window = "0" if "checkpoints" in statement else "10000"
+        assert f"replicated_deduplication_window = {window}" in statement
         assert "non_replicated" not in statement
     keyed = next(s for s in tables if "`orders`" in s)
     assert f"ReplicatedReplacingMergeTree({path}, _version, _is_deleted)" in keyed
