@@ -56,7 +56,7 @@ class ProjectorConfig(BaseModel):
 
     # Prometheus metrics at http://127.0.0.1:<port>/metrics (projector/metrics.py); 0: none.
     metrics_port: int = Field(default=19464, ge=0, le=65535)
-    # Let ClickHouse decode batches itself where it can (projector/fast_path.py; chDB backend).
+    # Let ClickHouse decode batches itself where it can (projector/fast_path.py; either backend).
     fast_path: bool = True
     # Messages per batch (one partition): each batch costs two checkpoint inserts, so bigger
     # batches go faster through a backlog; a batch is cut sooner when nothing more is waiting.
