@@ -18,7 +18,9 @@ def test_demo_runs_the_shop_and_fills_the_read_models(stack: StackHandle, tmp_pa
     demo = projector.cli("demo", "--duration", "25", timeout_s=600)
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert "demo stopped" in demo.stderr and "orders by status" in demo.stderr, demo.stderr[-3000:]
-    counts = projector.sql("SELECT sum(orders) AS n FROM read_models.orders_by_status")
+    counts = projector.sql(
+        f"SELECT sum(orders) AS n FROM {projector.read_model_db}.orders_by_status"
+    )
     assert int(counts[0]["n"]) > 0, counts
 
 
