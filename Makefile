@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup system-deps venv jars demo test lint typecheck unit integration bench stack-up stack-down clean
+.PHONY: help setup system-deps venv jars demo test lint typecheck unit integration packaging bench stack-up stack-down clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ unit: venv  ## the fast tests (no services)
 
 integration: setup  ## the real-stack tests (starts the stack itself)
 	$(BIN)/pytest tests/integration
+
+packaging: venv  ## build the wheel, install it into a fresh virtualenv, run it outside the checkout
+	$(BIN)/pytest tests/packaging
 
 test: setup lint typecheck  ## set-up, lint, types, and the whole suite
 	$(BIN)/pytest

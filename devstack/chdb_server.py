@@ -5,28 +5,73 @@ N projector processes in one consumer group (scale-out) cannot each open it. A C
 is the production answer (`PROJECTOR_BACKEND=server`); where none can be installed, as on the
 development machines, this process plays its part: it owns the chDB directory and answers the
 subset of ClickHouse's HTTP interface that clickhouse-connect (the projector's server backend)
-uses — `POST /` with the statement in the `query` parameter and/or the body, `GET /ping` — running
-each statement through the same engine, one at a time, with the output format the statement names
-(`FORMAT Native` from clickhouse-connect) or `default_format`, with query parameters sent as
-`param_<name>` (already in ClickHouse's escaped text form) bound by chDB. Errors come back as HTTP 500 with
-ClickHouse's message, which clickhouse-connect raises as it would for a server.
+uses, the way a server answers it:
 
-Not a ClickHouse server: settings sent as URL parameters are ignored (the projector puts the ones
-it needs into its statements), there are no users, sessions or compression, and it binds only
-127.0.0.1.
+- `GET /ping`; `POST /` with the statement in the `query` parameter and/or the body (a server
+  joins them with a line break), run with the output format the statement names (`FORMAT Native`
+  from clickhouse-connect) or `default_format`;
+- every other URL parameter is a setting for this one statement (`format_avro_schema_registry_url`,
+  `max_threads`, `date_time_input_format`, ...), except the ones a server reserves for the HTTP
+  layer (`query_id`, `wait_end_of_query`, `compress`, ...);
+- external data (a `multipart/form-data` body): each file part becomes a temporary table named by
+  the part, read with the format `<name>_format` (default TabSeparated) and the columns
+  `<name>_structure` or `<name>_types` from the URL, with the statement's settings — so
+  `AvroConfluent` parts are decoded with the registry the settings name; the statement may also
+  come as a form field, and then the body carries no other data;
+- errors as HTTP 500 with ClickHouse's message, which clickhouse-connect raises as it would for a
+  server.
+
+Not a ClickHouse server: statements run one at a time; no users, sessions or compression; query
+parameters (`param_*`) are bound by chDB itself; an INSERT's inline data must be text (the body is
+decoded as UTF-8); it binds only 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import logging
+import re
+import shutil
 import signal
+import tempfile
 import threading
 import urllib.parse
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("devstack.chdb_server")
+
+# URL parameters a ClickHouse server reads for the HTTP layer, never as settings.
+RESERVED_PARAMETERS = frozenset(
+    {"query", "database", "default_format", "compress", "decompress", "user", "password",
+     "quota_key", "query_id", "stacktrace", "buffer_size", "wait_end_of_query", "session_id",
+     "session_timeout", "session_check", "client_protocol_version", "close_session"}
+)  # fmt: skip
+EXTERNAL_DATA_SUFFIXES = ("_format", "_types", "_structure")  # reserved with external data only
+SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class BadRequest(Exception):
+    """The request is not one a ClickHouse server would run (answered with HTTP 400)."""
+
+
+@dataclass
+class ExternalTable:
+    name: str
+    data: bytes
+    format: str
+    structure: str
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _ident(name: str) -> str:
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
 
 
 class ChdbHttpServer(ThreadingHTTPServer):
@@ -38,12 +83,77 @@ class ChdbHttpServer(ThreadingHTTPServer):
         path.mkdir(parents=True, exist_ok=True)
         self.session = session.Session(str(path))
         self.lock = threading.Lock()
+        self.scratch = Path(tempfile.mkdtemp(prefix="chdb-server-"))
+        # Settings this process has changed in the one chDB session, and their values before.
+        self._applied: dict[str, str] = {}
+        self._original: dict[str, str] = {}
         super().__init__(("127.0.0.1", port), _Handler)
 
-    def run_statement(self, sql: str, fmt: str, params: dict[str, str] | None = None) -> bytes:
+    def run_statement(
+        self,
+        sql: str,
+        fmt: str,
+        settings: dict[str, str] | None = None,
+        external: list[ExternalTable] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> bytes:
+        """Run one statement with `settings` and the `external` tables, as a server runs one
+        request: the settings and tables exist for this statement only; `params` are the
+        query parameters (`param_<name>`, in ClickHouse's escaped text form), bound by chDB."""
         with self.lock:
-            result = self.session.query(sql, fmt, params=params or None)
+            self._apply_settings(settings or {})
+            created: list[str] = []
+            try:
+                for table in external or []:
+                    self._create_external_table(table)
+                    created.append(table.name)
+                result = self.session.query(sql, fmt, params=params or None)
+            finally:
+                for name in created:
+                    self.session.query(f"DROP TEMPORARY TABLE IF EXISTS {_ident(name)}")
         return result.bytes() if hasattr(result, "bytes") else bytes(result)
+
+    def _apply_settings(self, settings: dict[str, str]) -> None:
+        """Make the session's settings those of this request: the ones an earlier request changed
+        and this one does not name go back to their values before (consecutive requests of one
+        client send the same settings, so this is mostly nothing)."""
+        for name in [n for n in self._applied if n not in settings]:
+            self.session.query(f"SET {name} = {_quote(self._original[name])}")
+            del self._applied[name]
+        for name, value in settings.items():
+            if self._applied.get(name) == value:
+                continue
+            if not SETTING_NAME.match(name):
+                raise BadRequest(f"Code: 115. DB::Exception: Unknown setting '{name}'.")
+            if name not in self._original:
+                found = self.session.query(
+                    f"SELECT value FROM system.settings WHERE name = {_quote(name)}", "TSVRaw"
+                ).bytes()
+                self._original[name] = found.decode().rstrip("\n")
+            self.session.query(f"SET {name} = {_quote(value)}")  # an unknown name fails here
+            self._applied[name] = value
+
+    def _create_external_table(self, table: ExternalTable) -> None:
+        """The temporary table a server makes of one part of external data: read in order by one
+        thread, as a server reads the request body."""
+        path = self.scratch / "external-data"
+        path.write_bytes(table.data)
+        try:
+            self.session.query(
+                f"CREATE TEMPORARY TABLE {_ident(table.name)} ({table.structure}) ENGINE = Memory"
+            )
+            self.session.query(
+                f"INSERT INTO {_ident(table.name)} SELECT * FROM file({_quote(str(path))}, "
+                f"{_quote(table.format)}, {_quote(table.structure)}) "
+                "SETTINGS max_threads = 1, max_insert_threads = 1"
+            )
+        finally:
+            path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.server_close()
+        self.session.close()
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -63,20 +173,74 @@ class _Handler(BaseHTTPRequestHandler):
             return
         params = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
         length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length).decode() if length else ""
-        sql = "\n".join(part for part in (params.get("query", ""), body) if part)
+        body = self.rfile.read(length) if length else b""
+        try:
+            sql, external = self._statement(params, body)
+        except (BadRequest, UnicodeDecodeError) as exc:
+            self._send(400, str(exc).encode())
+            return
+        reserved = RESERVED_PARAMETERS
+        settings = {
+            name: value
+            for name, value in params.items()
+            if name not in reserved
+            and not name.startswith("param_")
+            and not (external is not None and name.endswith(EXTERNAL_DATA_SUFFIXES))
+        }
         if not sql.strip():
             self._send(400, b"Code: 62. DB::Exception: Empty query. (SYNTAX_ERROR)")
             return
+        fmt = params.get("default_format", "TabSeparated")
         try:
             bound = {k[len("param_") :]: v for k, v in params.items() if k.startswith("param_")}
-            out = self.server.run_statement(
-                sql, params.get("default_format", "TabSeparated"), bound
-            )
+            out = self.server.run_statement(sql, fmt, settings, external, bound)
+        except BadRequest as exc:
+            self._send(400, str(exc).encode())
+            return
         except Exception as exc:  # ClickHouse's own message, as a server would send it
             self._send(500, str(exc).encode(), {"X-ClickHouse-Exception-Code": "1"})
             return
         self._send(200, out, {"Content-Type": "application/octet-stream"})
+
+    def _statement(
+        self, params: dict[str, str], body: bytes
+    ) -> tuple[str, list[ExternalTable] | None]:
+        """The statement text and, for a multipart body, its external tables."""
+        content_type = self.headers.get("Content-Type") or ""
+        if not content_type.startswith("multipart/form-data"):
+            return "\n".join(
+                part for part in (params.get("query", ""), body.decode()) if part
+            ), None
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            f"Content-Type: {content_type}\r\n\r\n".encode() + body
+        )
+        query = params.get("query", "")
+        external: list[ExternalTable] = []
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            payload = part.get_payload(decode=True)
+            if not isinstance(name, str) or not isinstance(payload, bytes):
+                continue
+            if part.get_filename() is None:  # a form field: the statement (parameters unused)
+                if name == "query":
+                    query += payload.decode()
+                continue
+            if f"{name}_structure" in params:
+                structure = params[f"{name}_structure"]
+            elif f"{name}_types" in params:
+                types = params[f"{name}_types"].split(",")
+                structure = ", ".join(f"_{i} {t.strip()}" for i, t in enumerate(types, 1))
+            else:
+                raise BadRequest(
+                    f"Code: 36. DB::Exception: Neither structure nor types have been provided "
+                    f"for external table {name}. Use fields {name}_structure or {name}_types."
+                )
+            external.append(
+                ExternalTable(
+                    name, payload, params.get(f"{name}_format", "TabSeparated"), structure
+                )
+            )
+        return query, external
 
     def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
@@ -100,5 +264,4 @@ def serve(port: int, path: Path) -> None:
     try:
         server.serve_forever()
     finally:
-        server.server_close()
-        server.session.close()
+        server.close()

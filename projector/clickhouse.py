@@ -6,6 +6,10 @@
 Inserts are `INSERT INTO t (cols) SETTINGS insert_deduplication_token = '...' FORMAT JSONEachRow`
 followed by the rows, as one statement text: chDB runs it as is, the server receives it as the
 HTTP body. So both paths parse values with the same ClickHouse input format.
+
+Both also run the fast path's SQL over raw message bytes (`over_avro`, the SQL is
+projector/fast_path.py's): chDB reads the bytes from files, a server receives them with the
+statement as external data (temporary tables that live for that one request).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
-from projector.errors import ClickHouseUnavailable
+from projector.errors import ClickHouseUnavailable, StatementRejected
 
 
 def quote(value: str) -> str:
@@ -143,9 +147,10 @@ class Topology:
         return None if self.cluster is None else f"SYSTEM SYNC REPLICA {qualified}"
 
 
-# In SQL given to `ChdbBackend.over_avro`: the tables reading the given message bytes and offsets.
+# In SQL given to `over_avro`: the tables of the given message bytes and of their offsets.
 AVRO_SOURCE = "__projector_avro_source__"
 OFFSETS_SOURCE = "__projector_offsets_source__"
+OFFSETS_STRUCTURE = "kafka_offset UInt64"
 
 
 # A query parameter's value as text in the form ClickHouse reads for its type (`2026-01-31`,
@@ -209,14 +214,23 @@ class ChdbBackend:
         return out.bytes().decode() if hasattr(out, "bytes") else str(out)
 
     def over_avro(
-        self, sql: str, data: bytes, registry_url: str, offsets: bytes = b"", fmt: str = "CSV"
+        self,
+        sql: str,
+        data: bytes,
+        registry_url: str,
+        *,
+        sample: bytes,
+        offsets: bytes = b"",
+        fmt: str = "CSV",
     ) -> str:
         """Run `sql`, in which `AVRO_SOURCE` is a table of `data` (concatenated Confluent-framed
-        Avro messages, decoded by ClickHouse with writer schemas from the registry) and
-        `OFFSETS_SOURCE` a table of `offsets` (little-endian UInt64s, column `kafka_offset`).
-        One thread reads each in order, so `rowNumberInAllBlocks()` pairs them up."""
+        Avro messages of one writer schema, decoded by ClickHouse with the schema from the
+        registry) and `OFFSETS_SOURCE` a table of `offsets` (little-endian UInt64s, column
+        `kafka_offset`). One thread reads each in order, so `rowNumberInAllBlocks()` pairs them
+        up. The engine infers the columns from the data itself (`sample`, one of the messages, is
+        for a server). A statement ClickHouse refuses raises `StatementRejected`."""
         sources = {AVRO_SOURCE: (data, "'AvroConfluent'"),
-                   OFFSETS_SOURCE: (offsets, "'RowBinary', 'kafka_offset UInt64'")}  # fmt: skip
+                   OFFSETS_SOURCE: (offsets, f"'RowBinary', {quote(OFFSETS_STRUCTURE)}")}  # fmt: skip
         for marker, (content, format_args) in sources.items():
             path = self._scratch / marker
             path.write_bytes(content)
@@ -226,6 +240,8 @@ class ChdbBackend:
         )
         try:
             return self.text(sql + settings, fmt)
+        except RuntimeError as exc:  # chDB reports every query error so
+            raise StatementRejected(str(exc).strip()) from exc
         finally:
             for marker in sources:
                 (self._scratch / marker).unlink(missing_ok=True)
@@ -250,6 +266,7 @@ class ServerBackend:
                 f"ClickHouse server at {url} is unreachable: {exc}"
             ) from exc
         self.url = url
+        self._structures: dict[tuple[bytes, str], str] = {}  # see _avro_structure
 
     def execute(self, sql: str) -> None:
         try:
@@ -273,6 +290,68 @@ class ServerBackend:
             return bytes(self._client.raw_query(sql, parameters=dict(params), fmt=fmt)).decode()
         except Exception as exc:
             raise _classify(exc, self.url) from exc
+
+    def over_avro(
+        self,
+        sql: str,
+        data: bytes,
+        registry_url: str,
+        *,
+        sample: bytes,
+        offsets: bytes = b"",
+        fmt: str = "CSV",
+    ) -> str:
+        """`ChdbBackend.over_avro` on a server: `data` and `offsets` travel with the statement as
+        external data (one request, `multipart/form-data`), so `AVRO_SOURCE` and `OFFSETS_SOURCE`
+        are temporary tables the server fills, each read in order by one thread, before it runs
+        the statement. The server fetches the writer schema from `registry_url` itself, so it
+        must reach the registry at that address. External data needs its columns spelled out:
+        they are what the server infers from `sample`, one message of `data` (asked once per
+        writer schema)."""
+        from clickhouse_connect.driver.external import ExternalData
+
+        settings = {"format_avro_schema_registry_url": registry_url, "max_threads": 1}
+        external = ExternalData(
+            file_name=AVRO_SOURCE, data=data, fmt="AvroConfluent",
+            structure=self._avro_structure(sample, registry_url),
+        )  # fmt: skip
+        if offsets:
+            external.add_file(
+                file_name=OFFSETS_SOURCE, data=offsets, fmt="RowBinary", structure=OFFSETS_STRUCTURE
+            )
+        return self._rejectable(sql, fmt, settings, external)
+
+    def _avro_structure(self, sample: bytes, registry_url: str) -> str:
+        """The columns the server reads a message of `sample`'s writer schema as (its own schema
+        inference, the same the embedded engine applies to a file), cached per schema id."""
+        cache_key = (sample[:5], registry_url)
+        if cache_key not in self._structures:
+            literal = "'" + "".join(f"\\x{byte:02X}" for byte in sample) + "'"
+            described = self._rejectable(
+                f"DESCRIBE format('AvroConfluent', {literal})", "JSONEachRow",
+                {"format_avro_schema_registry_url": registry_url,
+                 "max_query_size": len(literal) + 1000},
+            )  # fmt: skip
+            self._structures[cache_key] = ", ".join(
+                f"{ident(column['name'])} {column['type']}" for column in parse_rows(described)
+            )
+        return self._structures[cache_key]
+
+    def _rejectable(
+        self, sql: str, fmt: str, settings: dict[str, Any], external: Any = None
+    ) -> str:
+        """`text` for a statement that may be refused: StatementRejected then, unless the
+        server could not be reached (ClickHouseUnavailable)."""
+        from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+
+        try:
+            return bytes(
+                self._client.raw_query(sql, fmt=fmt, settings=settings, external_data=external)
+            ).decode()
+        except OperationalError as exc:
+            raise ClickHouseUnavailable(f"ClickHouse server at {self.url}: {exc}") from exc
+        except DatabaseError as exc:
+            raise StatementRejected(str(exc).strip()) from exc
 
     def close(self) -> None:
         self._client.close()

@@ -64,7 +64,7 @@ class ProjectorConfig(BaseModel):
     metrics_port: int = Field(default=19464, ge=0, le=65535)
     # Where it listens: this machine only, unless another container must read it (compose).
     metrics_host: str = "127.0.0.1"
-    # Let ClickHouse decode batches itself where it can (projector/fast_path.py; chDB backend).
+    # Let ClickHouse decode batches itself where it can (projector/fast_path.py; either backend).
     fast_path: bool = True
     # Messages per batch (one partition): each batch costs two checkpoint inserts, so bigger
     # batches go faster through a backlog; a batch is cut sooner when nothing more is waiting.

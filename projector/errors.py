@@ -22,6 +22,11 @@ class ClickHouseUnavailable(ProjectorError):
     """ClickHouse cannot be reached right now (transient: retried with back-off)."""
 
 
+class StatementRejected(ProjectorError):
+    """ClickHouse refused a statement over message bytes (a value out of range, an unknown
+    schema, malformed Avro): not retried; the fast path hands the batch to the per-message path."""
+
+
 class CheckpointError(ProjectorError):
     """The checkpoint table contradicts what the consumer sees (an invariant is broken)."""
 

@@ -10,9 +10,16 @@ does in SQL what `BatchApplier._row` does in Python:
 - c / r / u → the `after` image; d → the key columns from `before`, every other column its table
   default (as an insert that omits it would give), `_is_deleted = 1`;
 - each column converted by its type's `avro_sql` (schemas/type_map.py), then CAST to the column's
-  type; `_version` / `_offset` from the message offsets (a second file, paired with the messages
-  by position: one reading thread keeps the file order), `_lsn`, `_tx_id`, `_commit_ts` from
+  type; `_version` / `_offset` from the message offsets (a second table, paired with the messages
+  by position: one reading thread keeps their order), `_lsn`, `_tx_id`, `_commit_ts` from
   `source`.
+
+The SQL is generated here alone; a backend only runs it over the bytes (`AvroQueryBackend`): the
+embedded engine reads them from files, a ClickHouse server receives them with the statement as
+external data — one request whose temporary tables hold the messages and their offsets. (A
+server's `input()` would stream the messages as the request body, but then the offsets have no
+way in but URL parameters, which a server caps at 128 KiB each — 50,000 offsets do not fit — and
+the transaction count below is a SELECT, which `input()` cannot serve.)
 
 Same exactly-once protocol: the inserts run inside the batch's intent, under deduplication tokens
 of the batch's range (chunk names `fast<n>`, never equal to the per-message path's chunk numbers).
@@ -40,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from projector.clickhouse import AVRO_SOURCE, OFFSETS_SOURCE, ident, quote
+from projector.errors import StatementRejected
 from projector.replica import (
     INPUT_SUFFIX,
     META_SQL,
@@ -59,10 +67,20 @@ class FastPathRejected(Exception):
 
 
 class AvroQueryBackend(Protocol):
-    """A ClickHouse backend that can run SQL over raw message bytes (`ChdbBackend`)."""
+    """A ClickHouse backend that runs SQL over raw message bytes (`ChdbBackend`, `ServerBackend`):
+    in `sql`, `AVRO_SOURCE` is the table of the concatenated messages `data` (one writer schema;
+    `sample` is one of them) and `OFFSETS_SOURCE` the table of their `offsets`; a statement
+    ClickHouse refuses raises `StatementRejected`."""
 
     def over_avro(
-        self, sql: str, data: bytes, registry_url: str, offsets: bytes = b"", fmt: str = "CSV"
+        self,
+        sql: str,
+        data: bytes,
+        registry_url: str,
+        *,
+        sample: bytes,
+        offsets: bytes = b"",
+        fmt: str = "CSV",
     ) -> str: ...
 
     def rows(self, sql: str) -> list[dict[str, Any]]: ...
@@ -151,19 +169,22 @@ class FastPath:
             "'a value needs the per-message path') = 0"
         )
         data = segment.data
+        sample = min(segment.values, key=len)  # the columns' source for a server: small is quick
         offsets = array("Q", segment.offsets)
         if sys.byteorder != "little":
             offsets.byteswap()
         try:
-            self.ch.over_avro(sql, data, self.registry_url, offsets.tobytes())
-        except RuntimeError as exc:  # chDB reports every query error so
+            self.ch.over_avro(
+                sql, data, self.registry_url, sample=sample, offsets=offsets.tobytes()
+            )
+        except StatementRejected as exc:
             raise FastPathRejected(str(exc).strip().splitlines()[0][:500]) from exc
         if not (self.count_transactions and has_transaction_field):
             return {}
         counted = self.ch.over_avro(
             "SELECT splitByChar(':', tupleElement(transaction, 'id'))[1] AS xid, count() "
             f"FROM {AVRO_SOURCE} WHERE isNotNull(transaction) GROUP BY xid",
-            data, self.registry_url, fmt="TSV",
+            data, self.registry_url, sample=sample, fmt="TSV",
         )  # fmt: skip
         return {
             xid: int(n) for xid, n in (line.split("\t") for line in counted.splitlines() if line)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -106,15 +107,38 @@ def stack() -> Iterator[StackHandle]:
 SERVER_URL_VARIABLE = "PROJECTOR_TEST_CLICKHOUSE_URL"
 
 
+@pytest.fixture(scope="session")
+def clickhouse_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of the ClickHouse server the server-backend runs use: the one
+    PROJECTOR_TEST_CLICKHOUSE_URL names, else a `projector chdb-server` (chDB served over
+    ClickHouse's HTTP interface; no server can be installed here) started for this session, on a
+    free port, and stopped at its end. Each deployment gets databases of its own on it."""
+    url = os.environ.get(SERVER_URL_VARIABLE)
+    if url:
+        yield url
+        return
+    from tests.integration.projector_harness import start_chdb_server
+
+    process, url = start_chdb_server(tmp_path_factory.mktemp("clickhouse") / "chdb-server")
+    try:
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+
+
 @pytest.fixture(params=["chdb", "server"])
-def projector(request: pytest.FixtureRequest, stack: StackHandle, tmp_path: Path) -> object:
-    """The projector under test, once per ClickHouse backend: embedded chDB always; a ClickHouse
-    server when PROJECTOR_TEST_CLICKHOUSE_URL names one (none can be installed on this machine)."""
+def server_url(request: pytest.FixtureRequest) -> str | None:
+    """Once per ClickHouse backend: None for embedded chDB, the server's URL for the server
+    backend (the session's `clickhouse_server`, started only when a server run needs it)."""
+    if request.param == "chdb":
+        return None
+    return str(request.getfixturevalue("clickhouse_server"))
+
+
+@pytest.fixture
+def projector(stack: StackHandle, tmp_path: Path, server_url: str | None) -> object:
+    """The projector under test, once per ClickHouse backend."""
     from tests.integration.projector_harness import ProjectorProcess
 
-    if request.param == "chdb":
-        return ProjectorProcess(stack, tmp_path)
-    url = os.environ.get(SERVER_URL_VARIABLE)
-    if not url:
-        pytest.skip(f"no ClickHouse server: set {SERVER_URL_VARIABLE} to run the server backend")
-    return ProjectorProcess(stack, tmp_path, server_url=url)
+    return ProjectorProcess(stack, tmp_path, server_url=server_url)

@@ -16,6 +16,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from projector.clickhouse import parse_rows
 from tests.integration.conftest import FENCE_TABLE, PROJECTOR, StackHandle
 
@@ -43,17 +45,23 @@ class ProjectorProcess:
             "PROJECTOR_TRANSACTION_METADATA": "false",
             "PROJECTOR_METRICS_PORT": "0",  # many projectors at once; the metrics test sets one
         }
-        if server_url is None:  # the defaults: replica_<schema> and projector, in a chDB dir
+        self.server_url = server_url
+        if (
+            server_url is None
+        ):  # the defaults (replica_<schema>, projector, read_models) in a chDB dir
             self.env["PROJECTOR_CHDB_PATH"] = str(workdir / "chdb")
             self.replica_db, self.control_db = "replica_public", "projector"
-        else:
+            self.read_model_db = "read_models"
+        else:  # one server for many deployments: databases of their own
+            self.replica_db, self.control_db = f"t{unique}_replica_public", f"t{unique}_projector"
+            self.read_model_db = f"t{unique}_read_models"
             self.env |= {
                 "PROJECTOR_BACKEND": "server",
                 "PROJECTOR_CLICKHOUSE_URL": server_url,
                 "PROJECTOR_REPLICA_PREFIX": f"t{unique}_replica_",
-                "PROJECTOR_CONTROL_DATABASE": f"t{unique}_projector",
+                "PROJECTOR_CONTROL_DATABASE": self.control_db,
+                "PROJECTOR_READ_MODEL_DATABASE": self.read_model_db,
             }
-            self.replica_db, self.control_db = f"t{unique}_replica_public", f"t{unique}_projector"
         self.log = workdir / "projector.log"
 
     def table(self, prefix: str) -> str:
@@ -124,6 +132,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def start_chdb_server(path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`projector chdb-server` on a free port over the chDB directory `path` (its log beside
+    it), once it answers; the process and its URL."""
+    port = free_port()
+    log = (path.parent / f"{path.name}.log").open("wb")
+    process = subprocess.Popen(
+        [PROJECTOR, "chdb-server", "--port", str(port), "--path", str(path)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, "chdb-server did not start"
+        time.sleep(0.3)
 
 
 def normalise(value: Any) -> Any:

@@ -28,7 +28,9 @@ def test_demo_runs_the_shop_and_fills_the_read_models(stack: StackHandle, tmp_pa
     )
     assert last is not None, progress[-1]
     assert int(last.group(1)) > 0 and "orders_by_status" in last.group(2), progress[-1]
-    counts = projector.sql("SELECT sum(orders) AS n FROM read_models.orders_by_status")
+    counts = projector.sql(
+        f"SELECT sum(orders) AS n FROM {projector.read_model_db}.orders_by_status"
+    )
     assert int(counts[0]["n"]) > 0, counts
 
 

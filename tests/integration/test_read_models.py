@@ -108,12 +108,13 @@ def test_read_models_equal_postgres_after_a_shop_workload_with_crashes(
     schema = f"shop_{projector.unique}"
     create_shop(stack.admin_dsn, schema)
     stack.apply(capture=f"public,{schema}")
-    projector.env |= {
+    workload = {
         "PROJECTOR_SCHEMAS": f"public,{schema}",
         "PROJECTOR_TABLE_PATTERN": f"({FENCE_TABLE}|customers|products|orders|order_items)",
         "PROJECTOR_READ_MODEL_SCHEMA": schema,
         "PROJECTOR_TRANSACTION_METADATA": "true",
     }
+    projector.env |= workload
     writer = ShopWriter(stack.admin_dsn, schema, seed=7)
     done = threading.Event()
     thread = threading.Thread(
@@ -135,7 +136,9 @@ def test_read_models_equal_postgres_after_a_shop_workload_with_crashes(
     projector.catch_up()
     for name, query in POSTGRES.items():
         expected = [tuple(comparable(v) for v in row) for row in stack.sql(query.format(s=schema))]
-        rows = projector.sql(f"SELECT * FROM read_models.{name} ORDER BY {CLICKHOUSE_ORDER[name]}")
+        rows = projector.sql(
+            f"SELECT * FROM {projector.read_model_db}.{name} ORDER BY {CLICKHOUSE_ORDER[name]}"
+        )
         actual = [tuple(comparable(v) for v in row.values()) for row in rows]
         assert expected, f"{name}: Postgres has no rows, the comparison would be empty"
         assert actual == expected, f"{name} differs from Postgres:\n{actual[:5]}\n{expected[:5]}"
@@ -149,9 +152,9 @@ def test_read_models_equal_postgres_after_a_shop_workload_with_crashes(
 
     # A projector that does not apply order_items: models over orders alone stay complete, models
     # that need order_items stop before the first transaction that wrote it.
-    partial = ProjectorProcess(stack, tmp_path / "partial")
-    partial.env |= {**projector.env, "PROJECTOR_CHDB_PATH": str(tmp_path / "partial" / "chdb"),
-                    "PROJECTOR_GROUP_ID": f"partial-{projector.unique}",
+    # A deployment of its own (group, chDB directory or databases on the server).
+    partial = ProjectorProcess(stack, tmp_path / "partial", server_url=projector.server_url)
+    partial.env |= {**workload,
                     "PROJECTOR_TABLE_PATTERN": f"({FENCE_TABLE}|customers|products|orders)"}  # fmt: skip
     (tmp_path / "partial").mkdir()
     partial.catch_up()

@@ -21,29 +21,10 @@ import httpx
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from tests.integration.conftest import PROJECTOR, StackHandle
-from tests.integration.projector_harness import ProjectorProcess, free_port
+from tests.integration.projector_harness import ProjectorProcess, start_chdb_server
 from tests.integration.test_crash_recovery import Tables, Workload
 
 PARTITIONS = 3
-
-
-def start_chdb_server(path: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    log = (path.parent / "chdb-server.log").open("wb")
-    process = subprocess.Popen(
-        [PROJECTOR, "chdb-server", "--port", str(port), "--path", str(path)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, "chdb-server did not start"
-        time.sleep(0.3)
 
 
 def test_three_members_share_partitions_through_leaves_crashes_and_joins(
