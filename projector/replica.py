@@ -284,6 +284,9 @@ class ReplicaCatalog:
         self.ch.execute(topology.create_database(database))
         defs = [d for c in columns for d in c.definitions()]
         defs += [f"{ident(n)} {t}" for n, t in META_COLUMNS.items()]
+        # The rows one batch wrote are found by (_partition, _offset) range (read models do,
+        # projector/materialize.py): offsets only grow, so every older granule is skipped.
+        defs.append("INDEX _batch_rows (_partition, _offset) TYPE minmax GRANULARITY 1")
         if keys:
             family, args = "ReplacingMergeTree", "_version, _is_deleted"
             order = "(" + ", ".join(ident(k) for k in keys) + ")"
