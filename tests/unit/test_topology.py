@@ -121,8 +121,8 @@ def cluster() -> list[str]:
 def test_single_server_ddl_is_plain_and_deduplicates(single: list[str]) -> None:
     tables = [s for s in single if s.startswith("CREATE TABLE") and "ENGINE = Memory" not in s]
     # checkpoints (twice: replicas and backfills), dlq, two ledgers, a keyed and a key-less
-    # replica, the read-model versions, two entity tables and five aggregate tables
-    assert len(tables) == 15
+    # replica, the read-model versions, three entity tables and five aggregate tables
+    assert len(tables) == 16
     for statement in single:
         assert "ON CLUSTER" not in statement
         assert "Replicated" not in statement
@@ -137,7 +137,7 @@ def test_single_server_ddl_is_plain_and_deduplicates(single: list[str]) -> None:
 
 def test_cluster_ddl_runs_on_every_replica_with_replicated_engines(cluster: list[str]) -> None:
     tables = [s for s in cluster if s.startswith("CREATE TABLE") and "ENGINE = Memory" not in s]
-    assert len(tables) == 15
+    assert len(tables) == 16
     for statement in cluster:
         # a read model's stage is scratch of one recompute, local to the server we talk to
         if statement.startswith(("CREATE", "ALTER")) and "ENGINE = Memory" not in statement:
