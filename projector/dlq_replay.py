@@ -14,6 +14,7 @@ from projector.config import ProjectorConfig
 from projector.dlq import DeadLetterStore
 from projector.messages import RawMessage
 from projector.replica import ReplicaCatalog
+from projector.resnapshot import SignalTable
 from schemas.registry import SchemaCache
 from schemas.upcasters import Upcasters
 
@@ -25,7 +26,8 @@ def replay_dead_letters(
     store = DeadLetterStore(ch, config.control_database)
     store.create()
     applier = BatchApplier(
-        ch, SchemaCache(config.registry_url), ReplicaCatalog(ch, config.replica_prefix),
+        ch, SchemaCache(config.registry_url),
+        ReplicaCatalog(ch, config.replica_prefix, SignalTable(config.source_dsn).request),
         projection="dlq-replay", upcasters=Upcasters.load(config.upcasters_file),
     )  # fmt: skip
     replayed = still_dead = 0
