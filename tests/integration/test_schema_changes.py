@@ -101,3 +101,25 @@ def test_a_dropped_and_an_added_column_in_one_step_are_not_refused_as_a_rename(
     stack.sql(f"INSERT INTO {table} VALUES (3, 'c', 3)")
     assert catch_up_until_equal(stack, projector, table) == 3
     assert dead_letters(projector, table) == []
+
+
+def test_a_table_created_later_in_a_captured_schema_is_captured_without_apply(
+    stack: StackHandle, projector: ProjectorProcess
+) -> None:
+    """No `connectors apply` after the CREATE TABLEs: the keyed table's rows, from its first,
+    reach the replica; the key-less one stays out of the publication, so the application's
+    UPDATE and DELETE on it still work."""
+    stack.apply()  # the deployment as it stands (installs what follows new tables)
+    table, keyless = projector.table("sc_new"), projector.table("sc_new_keyless")
+    stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, note text)")
+    stack.sql(f"INSERT INTO {table} VALUES (1, 'a'), (2, 'b')")
+    stack.sql(f"UPDATE {table} SET note = 'b, edited' WHERE id = 2")
+    stack.sql(f"CREATE TABLE {keyless} (id int, note text)")
+    stack.sql(f"INSERT INTO {keyless} VALUES (1, 'a')")
+    stack.sql(f"UPDATE {keyless} SET note = 'edited'")  # fails if published without identity
+    stack.sql(f"DELETE FROM {keyless}")
+    assert catch_up_until_equal(stack, projector, table) == 2
+    published = stack.sql(
+        "SELECT tablename FROM pg_publication_tables WHERE tablename IN (%s, %s)", [table, keyless]
+    )
+    assert published == [(table,)]
