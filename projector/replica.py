@@ -321,11 +321,12 @@ class ReplicaCatalog:
             )
             replica.columns[input_column["name"]] = nullable(input_column["type"])
         else:
+            # Nullable last: it is what marks the step done, so a replay after a crash in
+            # between does the rest (the default is gone only once materialized).
             if remove_default and column["default_kind"] == "DEFAULT":
                 self._alter(replica, f"MATERIALIZE COLUMN {ident(name)}{sync}")
-            self._alter(replica, f"MODIFY COLUMN {ident(name)} {nullable(column['type'])}{sync}")
-            if remove_default and column["default_kind"] == "DEFAULT":
                 self._alter(replica, f"MODIFY COLUMN {ident(name)} REMOVE DEFAULT{sync}")
+            self._alter(replica, f"MODIFY COLUMN {ident(name)} {nullable(column['type'])}{sync}")
         replica.columns[name] = nullable(column["type"])
 
     def _rename(self, replica: ReplicaTable, old: str, new: str) -> None:
