@@ -634,6 +634,14 @@ def connectors_apply(
             f"incremental snapshot requested (signal {result.snapshot_signal})", highlight=False
         )
     _warn_not_snapshotted(result.not_snapshotted)
+    if not result.follows_new_tables:
+        console.print(
+            "[yellow]warning:[/yellow] the admin role may not create event triggers (only a "
+            "superuser may): a table created later in a captured schema is captured when "
+            "`projector connectors apply` runs again",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _warn_left_out(gaps: tuple[IdentityGap, ...]) -> None:

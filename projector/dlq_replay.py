@@ -15,6 +15,7 @@ from projector.dlq import DeadLetterStore
 from projector.materialize import maintainer_for
 from projector.messages import RawMessage, source_table_of
 from projector.replica import ReplicaCatalog
+from projector.resnapshot import SignalTable
 from schemas.registry import SchemaCache
 from schemas.upcasters import Upcasters
 
@@ -26,7 +27,8 @@ def replay_dead_letters(
     store = DeadLetterStore(ch, config.control_database)
     store.create()
     applier = BatchApplier(
-        ch, SchemaCache(config.registry_url), ReplicaCatalog(ch, config.replica_prefix),
+        ch, SchemaCache(config.registry_url),
+        ReplicaCatalog(ch, config.replica_prefix, SignalTable(config.source_dsn).request),
         projection="dlq-replay", upcasters=Upcasters.load(config.upcasters_file),
     )  # fmt: skip
     read_models = maintainer_for(config, ch)

@@ -44,12 +44,13 @@ from projector.checkpoint import (
 from projector.clickhouse import ClickHouse
 from projector.config import ProjectorConfig
 from projector.dlq import DeadLetter, DeadLetterStore
-from projector.errors import ClickHouseUnavailable
+from projector.errors import ClickHouseUnavailable, SourceUnavailable
 from projector.fast_path import FastPath, Segment
 from projector.materialize import ReadModelMaintainer, maintainer_for
 from projector.messages import KafkaMessages, RawMessage, source_table_of
 from projector.metrics import ProjectorMetrics
 from projector.replica import ReplicaCatalog
+from projector.resnapshot import SignalTable
 from projector.transactions import TransactionLedger, Unfinished
 from queries.read_models import load_read_models
 from schemas.errors import RegistryUnavailable, SchemaError, UnknownSchema
@@ -58,7 +59,9 @@ from schemas.upcasters import Upcasters
 
 log = logging.getLogger("projector")
 T = TypeVar("T")
-TRANSIENT: tuple[type[Exception], ...] = (ClickHouseUnavailable, RegistryUnavailable)
+TRANSIENT: tuple[type[Exception], ...] = (
+    ClickHouseUnavailable, RegistryUnavailable, SourceUnavailable,
+)  # fmt: skip
 FINISH_CHECK_S = 0.5  # how often a run asked to finish looks at its finish line, at most
 FIRST_WAITING_REPORT_S, WAITING_REPORT_S = 5.0, 30.0  # when it logs what it still waits for
 
@@ -115,7 +118,9 @@ class Projector:
         if config.fast_path and hasattr(ch, "over_avro"):
             fast_path = FastPath(ch, config.registry_url, config.transaction_metadata)  # type: ignore[arg-type]
         self.applier = BatchApplier(
-            ch, self.schemas, ReplicaCatalog(ch, config.replica_prefix), PROJECTION,
+            ch, self.schemas,
+            ReplicaCatalog(ch, config.replica_prefix, SignalTable(config.source_dsn).request),
+            PROJECTION,
             upcasters=Upcasters.load(config.upcasters_file), fast_path=fast_path,
         )  # fmt: skip
         # Read models are kept inside the batch commit (projector/materialize.py); None when this
