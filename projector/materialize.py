@@ -62,7 +62,6 @@ from queries.read_models import (
 log = logging.getLogger("projector.read_models")
 
 BACKFILL = "read_model_backfill"  # the checkpoint projection of backfill chunks
-BACKFILL_CHUNK_KEYS = 250_000  # keys recomputed per backfill chunk
 # Every maintenance insert is one block, so it is atomic and its token covers all of it.
 ONE_BLOCK = (
     "min_insert_block_size_rows = 1000000000000, min_insert_block_size_bytes = 1000000000000000, "
@@ -120,10 +119,12 @@ class ReadModelMaintainer:
     def __init__(
         self, ch: ClickHouse, definitions: ReadModelDefinitions, source_schema: str,
         replica_database: str, database: str, control_database: str,
+        chunk_keys: int = 250_000,
     ) -> None:  # fmt: skip
         self.ch = ch
         self.definitions = definitions
         self.source_schema = source_schema
+        self.chunk_keys = chunk_keys  # keys recomputed per backfill chunk
         self.replica_database = replica_database
         self.database = database
         self.state_table = f"{ident(control_database)}.read_model_versions"
@@ -229,7 +230,7 @@ class ReadModelMaintainer:
             if _bare(types[entity.by]) in INTEGER_TYPES
             else f"SELECT count() AS n, NULL AS lo, NULL AS hi FROM ({all_keys}) AS k"
         )[0]
-        version.chunks = max(1, math.ceil(int(stats["n"]) / BACKFILL_CHUNK_KEYS))
+        version.chunks = max(1, math.ceil(int(stats["n"]) / self.chunk_keys))
         if int(stats["n"]):
             version.key_min, version.key_max = _int(stats["lo"]), _int(stats["hi"])
         self._record(version, BUILDING)
@@ -531,4 +532,5 @@ def maintainer_for(config: ProjectorConfig, ch: ClickHouse) -> ReadModelMaintain
         ch, load_definitions(config.read_models_file), config.read_model_schema,
         replica_database=f"{config.replica_prefix}{config.read_model_schema}",
         database=config.read_model_database, control_database=config.control_database,
+        chunk_keys=config.read_model_backfill_chunk_keys,
     )  # fmt: skip

@@ -387,7 +387,10 @@ class Projector:
         started = time.monotonic()
         outcome = self.applier.apply(batch, messages, self._dead_letter, segments, planned=True)
         if self.read_models is not None:
-            self.read_models.apply_batch(batch, *source_table_of(batch.topic))
+            kept = time.monotonic()
+            schema, table = source_table_of(batch.topic)
+            self.read_models.apply_batch(batch, schema, table)
+            self.metrics.read_model_seconds.labels(table).observe(time.monotonic() - kept)
         self.ledger.record_progress(batch, outcome.transactions, outcome.dead_transactions)
         self.applied_events += outcome.applied
         self.fast_events += outcome.applied if outcome.fast else 0

@@ -76,9 +76,13 @@ def comparable(value: object) -> object:
     return value
 
 
-def assert_equal_to_postgres(stack: StackHandle, projector: ProjectorProcess, schema: str) -> None:
-    """Every read model, row by row and column by column, equals its Postgres query."""
+def assert_equal_to_postgres(
+    stack: StackHandle, projector: ProjectorProcess, schema: str, skip: frozenset[str] = frozenset()
+) -> None:
+    """Every read model (but `skip`), row by row and column by column, equals its Postgres query."""
     for name, query in POSTGRES.items():
+        if name in skip:
+            continue
         expected = [tuple(comparable(v) for v in row) for row in stack.sql(query.format(s=schema))]
         rows = projector.sql(
             f"SELECT * FROM {projector.read_model_db}.{name} ORDER BY {CLICKHOUSE_ORDER[name]}"
