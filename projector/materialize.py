@@ -97,6 +97,11 @@ class FamilyVersion:
         return self.table(f"{self.family.entity.name}__stage")
 
     @property
+    def key_stage(self) -> str:
+        """The keys of one recompute, computed once (its definition reads them several times)."""
+        return self.table(f"{self.family.entity.name}__keys")
+
+    @property
     def topic(self) -> str:
         """The backfill's name in the checkpoint table."""
         return f"{self.family.name}@{self.version}@{self.build}"
@@ -260,11 +265,19 @@ class ReadModelMaintainer:
         return [(r["name"], r["type"]) for r in rows]
 
     def _entity_columns(self, version: FamilyVersion) -> list[str]:
+        """The entity table's columns; also makes sure the version's key stage exists."""
         table = version.entity_table.replace("`", "").split(".", 1)[1]
         rows = self.ch.rows(
-            f"SELECT name FROM system.columns WHERE database = {quote(self.database)} "
+            f"SELECT name, type FROM system.columns WHERE database = {quote(self.database)} "
             f"AND table = {quote(table)} ORDER BY position"
         )
+        types = {r["name"]: r["type"] for r in rows}
+        by = version.family.entity.by
+        if by in types:  # scratch like the stage: local to the server we talk to
+            self.ch.execute(
+                f"CREATE TABLE IF NOT EXISTS {version.key_stage} ({ident(by)} {types[by]}) "
+                "ENGINE = Memory"
+            )
         return [r["name"] for r in rows if r["name"] not in ("_version", "_is_deleted")]
 
     def _record(self, version: FamilyVersion, state: str, error: str = "") -> None:
@@ -312,17 +325,19 @@ class ReadModelMaintainer:
         """Steps 2-4 for the keys `keys` selects, under the tokens of `batch`."""
         entity = version.family.entity
         columns = ", ".join(ident(c) for c in version.columns)
-        stage = version.stage
+        stage, by = version.stage, ident(entity.by)
+        self.ch.execute(f"TRUNCATE TABLE {version.key_stage}")
+        self.ch.execute(f"INSERT INTO {version.key_stage} SELECT DISTINCT * FROM ({keys})")
+        staged_keys = f"SELECT {by} FROM {version.key_stage}"
         self.ch.execute(f"TRUNCATE TABLE {stage}")
-        # 2. the stored rows (-1), then their new state (+1)
-        self.ch.execute(
-            f"INSERT INTO {stage} ({columns}, _version, _sign) SELECT {columns}, _version, -1 "
-            f"FROM {version.entity_table} FINAL WHERE {ident(entity.by)} IN ({keys})"
-        )
+        # 2. the stored rows (-1) and their new state (+1)
         new_version = self._next_version()
         self.ch.execute(
-            f"INSERT INTO {stage} ({columns}, _version, _sign) SELECT {columns}, {new_version}, 1 "
-            f"FROM ({entity.select(self.replica_database, keys)}) SETTINGS join_use_nulls = 1"
+            f"INSERT INTO {stage} ({columns}, _version, _sign) SELECT {columns}, _version, -1 "
+            f"FROM {version.entity_table} FINAL WHERE {by} IN ({staged_keys}) UNION ALL "
+            f"SELECT {columns}, {new_version}, 1 "
+            f"FROM ({entity.select(self.replica_database, staged_keys)}) "
+            "SETTINGS join_use_nulls = 1"
         )
         # 3. each aggregate's deltas, one block under its token
         for aggregate in version.family.aggregates:
