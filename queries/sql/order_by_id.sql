@@ -1,4 +1,4 @@
--- description = "One order: its customer, lines, units, total, status and timestamps."
+-- description = "One order: its customer, lines, units, total, status, timestamps and product names."
 -- read_models = ["order_summary"]
 --
 -- [params.order_id]

@@ -100,10 +100,12 @@ def service(stack: StackHandle, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 def test_a_written_row_is_read_back_with_its_lsn(service: Service, stack: StackHandle) -> None:
     s = service.schema
-    (customer, order, _), lsn = write(stack, [
+    (customer, order, *_), lsn = write(stack, [
         (f"INSERT INTO {s}.customers (name, email) VALUES ('Ada', 'ada@example.com') RETURNING id", []),
         (f"INSERT INTO {s}.orders (customer_id, created_at) VALUES (currval('{s}.customers_id_seq'), now()) RETURNING id", []),
-        (f"INSERT INTO {s}.order_items VALUES (currval('{s}.orders_id_seq'), 1, (SELECT min(id) FROM {s}.products), 3, 19.99)", []),
+        # three lines in the order's transaction: read at its LSN, never one or two of them
+        *((f"INSERT INTO {s}.order_items VALUES (currval('{s}.orders_id_seq'), {n}, (SELECT min(id) FROM {s}.products), 1, 19.99)", [])
+          for n in (1, 2, 3)),
     ])  # fmt: skip
     answer = service.read_your_write("/queries/order_by_id", {"order_id": str(order)}, lsn)
     assert answer.status_code == 200, answer.text
@@ -116,6 +118,7 @@ def test_a_written_row_is_read_back_with_its_lsn(service: Service, stack: StackH
         "Ada",
     )
     assert Decimal(str(row["total"])) == Decimal("59.97")
+    assert (int(row["item_count"]), len(row["product_names"])) == (3, 3), row
     reached = body["watermark"]["lsn"]
     assert answer.headers["x-watermark-lsn"] == reached
     assert _lsn(reached) >= _lsn(lsn), (reached, lsn)
