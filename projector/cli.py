@@ -27,6 +27,7 @@ from connectors import (
 from projector.clickhouse import ParameterisedClickHouse
 from projector.config import ProjectorConfig, client_environment, load_config
 from projector.errors import ConfigError, ProjectorError
+from projector.redaction import configure_logging, redact
 
 if TYPE_CHECKING:
     from projector.catch_up import Finish
@@ -42,7 +43,7 @@ console = Console(stderr=True)
 
 
 def fail(message: str, code: int = 1) -> None:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    console.print(f"[red]error:[/red] {redact(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -92,12 +93,10 @@ def run(
 ) -> None:
     """Consume the change topics and apply them to ClickHouse (exactly-once effect); until
     stopped (Ctrl-C, SIGTERM), or until a finish line: docs/projector.md, "Finishing a run"."""
-    import logging
-
     from projector.config import open_backend
     from projector.runner import Projector
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     config = _config(config_file)
     try:
         # The moment the run is asked to finish is now: the finish is fixed before anything runs.
@@ -276,12 +275,10 @@ def serve(
     """Serve the read models over HTTP: named queries, read-your-writes, ad-hoc SQL, metrics, and
     the ops page at /. Needs PROJECTOR_API_TOKEN. For a ClickHouse server
     (PROJECTOR_BACKEND=server); on chDB use `projector run --serve` instead."""
-    import logging
-
     from projector.config import open_backend
     from queries.server import serve as run_server
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     config = _config(config_file)
     try:
         run_server(config, open_backend(config), host or config.query_host,
@@ -463,6 +460,7 @@ def dlq_replay(
     from projector.config import open_backend
     from projector.dlq_replay import replay_dead_letters
 
+    configure_logging()
     config = _config(config_file)
     replayed, still_dead = replay_dead_letters(config, open_backend(config), topic)
     console.print(f"replayed {replayed}, still dead {still_dead}", highlight=False)
