@@ -7,6 +7,7 @@ this same `app` and is the `projector` entry point; the engine never imports the
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -460,7 +461,7 @@ def dlq_replay(
     from projector.config import open_backend
     from projector.dlq_replay import replay_dead_letters
 
-    configure_logging()
+    configure_logging(logging.WARNING)  # a letter that fails again says why
     config = _config(config_file)
     replayed, still_dead = replay_dead_letters(config, open_backend(config), topic)
     console.print(f"replayed {replayed}, still dead {still_dead}", highlight=False)
