@@ -8,9 +8,11 @@ ClickHouse in tests/unit/test_ledger.py."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import psycopg
+from confluent_kafka import KafkaException, Message, Producer
 
 from tests.integration.conftest import StackHandle
 from tests.integration.projector_harness import ProjectorProcess
@@ -67,3 +69,73 @@ def test_a_replayed_dead_letter_releases_the_watermark(stack: StackHandle, tmp_p
     assert replay.returncode == 0 and "replayed 1, still dead 0" in said, said
     # The replayed event completes its transaction: the watermark reaches it.
     assert watermark(projector, model) == second
+
+
+def test_an_unreadable_end_holds_the_watermark(stack: StackHandle, tmp_path: Path) -> None:
+    """Three transactions on a table; the second's change event never arrives and its END cannot
+    be decoded. A projector that skipped the END would find the third complete and show it as
+    the watermark, past an incomplete transaction; it must stop at the first.
+
+    The projector reads topics of its own prefix, filled with Debezium's real messages (copied
+    from `cdc.*`, bytes unchanged) and one message that is not Confluent-framed in place of the
+    second END: the shared `cdc.transaction` stays clean for every other test."""
+    projector = ProjectorProcess(stack, tmp_path)
+    table, model = projector.table("wm_unreadable"), projector.table("wm_model")
+    prefix = f"wm{projector.unique}"
+    models = tmp_path / "read_models.toml"
+    models.write_text(
+        f'[[read_model]]\nname = "{model}"\ndescription = "the rows"\nsources = ["{table}"]\n'
+        f'key = ["id"]\nsql = "SELECT id FROM {{{table}}}"\n'
+    )
+    projector.env |= {"PROJECTOR_TRANSACTION_METADATA": "true",
+                      "PROJECTOR_READ_MODEL_SCHEMA": "public",
+                      "PROJECTOR_READ_MODELS_FILE": str(models),
+                      "PROJECTOR_TOPIC_PREFIX": prefix}  # fmt: skip
+    stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, note text)")
+    stack.apply()
+    xids = [commit(stack, f"INSERT INTO {table} VALUES ({n}, 'row {n}')") for n in (1, 2, 3)]
+    topic = f"cdc.public.{table}"
+    changes = wait_for_messages(stack, topic, 3)
+    decoder = stack.decoder()
+
+    def tx_of(msg: Message) -> str:
+        value = decoder.decode(topic, 0, msg.offset() or 0, msg.key(), msg.value()).value or {}
+        return str((value.get("transaction") or {})["id"]).partition(":")[0]
+
+    ends = {}  # xid -> (BEGIN, END) messages of the transaction topic
+    for msg in stack.messages_to_end("cdc.transaction"):
+        value = decoder.decode("cdc.transaction", 0, msg.offset() or 0, msg.key(), msg.value())
+        xid = str((value.value or {}).get("id", "")).partition(":")[0]
+        if xid in xids:
+            ends.setdefault(xid, []).append(msg)
+    assert all(len(ends.get(x, [])) == 2 for x in xids), ends
+
+    producer = Producer({"bootstrap.servers": stack.env["KAFKA_BOOTSTRAP"]})
+    for msg in changes:
+        if tx_of(msg) != xids[1]:  # the second transaction's event never arrives
+            producer.produce(f"{prefix}.public.{table}", key=msg.key(), value=msg.value())
+    for xid in xids:
+        begin, end = ends[xid]
+        producer.produce(f"{prefix}.transaction", key=begin.key(), value=begin.value())
+        value = b"not an Avro message" if xid == xids[1] else end.value()
+        producer.produce(f"{prefix}.transaction", key=end.key(), value=value)
+    producer.flush(30)
+
+    run = projector.cli("run", "--until-kafka-end", timeout_s=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert watermark(projector, model) == xids[0]
+    letters = projector.cli("dlq", "list", "--format", "json")
+    assert f'"topic": "{prefix}.transaction"' in letters.stdout, letters.stdout
+
+
+def wait_for_messages(stack: StackHandle, topic: str, count: int) -> list[Message]:
+    """The first `count` messages of `topic`, once Debezium has written them."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if stack.end_offset(topic) >= count:
+                return stack.messages_to_end(topic)[:count]
+        except KafkaException:
+            pass  # the topic appears with its first event
+        assert time.monotonic() < deadline, f"{topic} has fewer than {count} messages"
+        time.sleep(0.5)
