@@ -64,8 +64,6 @@ TRANSIENT: tuple[type[Exception], ...] = (
 )  # fmt: skip
 FINISH_CHECK_S = 0.5  # how often a run asked to finish looks at its finish line, at most
 FIRST_WAITING_REPORT_S, WAITING_REPORT_S = 5.0, 30.0  # when it logs what it still waits for
-# How often the transaction ledger drops what no watermark needs (projector/transactions.py).
-LEDGER_PRUNE_INTERVAL_S = float(300)
 
 
 def with_retries(
@@ -139,7 +137,7 @@ class Projector:
         self._next_progress_report = self._next_watermark_report = 0.0
         # Each read model's watermark as last found: the next search starts there.
         self._watermarks: dict[str, Watermark] = {}
-        self._next_prune = time.monotonic() + LEDGER_PRUNE_INTERVAL_S
+        self._next_prune = time.monotonic() + config.ledger_prune_interval_s
         if config.metrics_port:
             try:
                 self.metrics.serve(config.metrics_port, config.metrics_host)
@@ -344,12 +342,11 @@ class Projector:
                     self._watermarks[model.name] = mark
                     self.metrics.watermark_lsn.labels(model.name).set(mark.lsn)
         if self.config.transaction_metadata and now >= self._next_prune:
-            self._next_prune = now + LEDGER_PRUNE_INTERVAL_S
+            self._next_prune = now + self.config.ledger_prune_interval_s
             try:
                 pruned = self.ledger.prune()
             except TRANSIENT as exc:
-                log.warning("pruning the transaction ledger failed (next try in %d s): %s",
-                            LEDGER_PRUNE_INTERVAL_S, exc)  # fmt: skip
+                log.warning("pruning the transaction ledger failed (tried again later): %s", exc)
             else:
                 if pruned:
                     log.info("transaction ledger: %d settled transaction(s) pruned", pruned)

@@ -8,6 +8,7 @@ ClickHouse in tests/unit/test_ledger.py."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -139,3 +140,43 @@ def wait_for_messages(stack: StackHandle, topic: str, count: int) -> list[Messag
             pass  # the topic appears with its first event
         assert time.monotonic() < deadline, f"{topic} has fewer than {count} messages"
         time.sleep(0.5)
+
+
+def test_the_running_projector_prunes_its_ledger_and_keeps_the_watermark(
+    stack: StackHandle, tmp_path: Path
+) -> None:
+    projector = ProjectorProcess(stack, tmp_path)
+    table, model = projector.table("wm_prune"), projector.table("wm_model")
+    models = tmp_path / "read_models.toml"
+    models.write_text(
+        f'[[read_model]]\nname = "{model}"\ndescription = "the rows"\nsources = ["{table}"]\n'
+        f'key = ["id"]\nsql = "SELECT id FROM {{{table}}}"\n'
+    )
+    projector.env |= {"PROJECTOR_TRANSACTION_METADATA": "true",
+                      "PROJECTOR_READ_MODEL_SCHEMA": "public",
+                      "PROJECTOR_READ_MODELS_FILE": str(models),
+                      "PROJECTOR_LEDGER_PRUNE_INTERVAL_S": "1"}  # fmt: skip
+    stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, note text)")
+    stack.apply()
+    xids = [commit(stack, f"INSERT INTO {table} VALUES ({n}, 'row {n}')") for n in range(20)]
+    run = projector.cli("run", "--until-caught-up", timeout_s=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    collection = f"public.{table}"
+
+    def ends_on_table() -> int:
+        rows = projector.sql(
+            f"SELECT count() AS n FROM {projector.control_db}.transaction_ends "
+            f"WHERE data_collection = '{collection}'"
+        )
+        return int(rows[0]["n"])
+
+    assert ends_on_table() == 20
+    process = projector.start()  # runs on, and prunes every second
+    try:
+        projector.wait_for_log("settled transaction(s) pruned")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+    # Every transaction on the table is complete: only the newest of them is still needed.
+    assert ends_on_table() == 1
+    assert watermark(projector, model) == xids[-1]
