@@ -28,7 +28,8 @@ from connectors import (
 from projector.clickhouse import ParameterisedClickHouse
 from projector.config import ProjectorConfig, client_environment, load_config
 from projector.errors import ConfigError, ProjectorError
-from projector.redaction import configure_logging, redact
+from projector.redaction import configure_logging, redact, redacting_excepthook
+from schemas.errors import RegistryUnavailable
 
 if TYPE_CHECKING:
     from projector.catch_up import Finish
@@ -38,7 +39,11 @@ app = typer.Typer(
     help="CDC projection engine: Postgres → Debezium → Kafka → ClickHouse.",
     no_args_is_help=True,
     add_completion=False,
+    # A crash prints a plain traceback through `redacting_excepthook`: typer's own would show
+    # local variables (a configuration holds passwords) and bypass the redaction.
+    pretty_exceptions_enable=False,
 )
+sys.excepthook = redacting_excepthook
 
 console = Console(stderr=True)
 
@@ -463,7 +468,11 @@ def dlq_replay(
 
     configure_logging(logging.WARNING)  # a letter that fails again says why
     config = _config(config_file)
-    replayed, still_dead = replay_dead_letters(config, open_backend(config), topic)
+    try:
+        replayed, still_dead = replay_dead_letters(config, open_backend(config), topic)
+    except (ProjectorError, RegistryUnavailable) as exc:  # nothing replayed is lost: run again
+        fail(f"{exc} (the letters not replayed yet stay in the DLQ; run it again)")
+        return
     console.print(f"replayed {replayed}, still dead {still_dead}", highlight=False)
     if still_dead:
         raise typer.Exit(1)

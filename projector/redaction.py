@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import traceback
 from types import TracebackType
 
 HIDDEN = "***"
@@ -44,15 +45,17 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    """The projector commands' logging: every line, and an uncaught exception's traceback,
-    redacted."""
+    """The projector commands' logging: every line redacted, and an uncaught exception's
+    traceback too."""
     logging.basicConfig(level=level, format=LOG_FORMAT)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(RedactingFormatter(LOG_FORMAT))
-    sys.excepthook = _redacting_excepthook
+    sys.excepthook = redacting_excepthook
 
 
-def _redacting_excepthook(
+def redacting_excepthook(
     kind: type[BaseException], exc: BaseException, tb: TracebackType | None
 ) -> None:
-    logging.getLogger("projector").critical("uncaught exception", exc_info=(kind, exc, tb))
+    """`sys.excepthook` that prints the traceback as Python would, redacted (no local variables:
+    a configuration's repr holds passwords)."""
+    sys.stderr.write(redact("".join(traceback.format_exception(kind, exc, tb))))

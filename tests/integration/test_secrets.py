@@ -63,6 +63,7 @@ def test_a_registry_password_never_shows(stack: StackHandle, tmp_path: Path) -> 
         process.send_signal(signal.SIGKILL)
         process.wait(30)
     replay = projector.cli("dlq", "replay", env={"REGISTRY_URL": down.env["REGISTRY_URL"]})
+    assert replay.returncode == 1 and "probe:***@127.0.0.1" in replay.stderr, replay.stderr
     # The address is named (redacted), so the error can be acted on.
     assert "probe:***@127.0.0.1" in down.log.read_text(), down.log.read_text()[-3000:]
     for text in (down.log.read_text(), replay.stdout, replay.stderr):

@@ -41,3 +41,24 @@ def test_a_log_line_and_its_traceback_are_redacted() -> None:
     assert "s3cret" not in line
     assert line.startswith("fetching http://probe:***@reg:1/x failed")
     assert "ConnectionError: http://probe:***@reg:1/x refused" in line
+
+
+def test_a_crash_prints_a_redacted_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    from projector.redaction import redacting_excepthook
+
+    try:
+        raise RuntimeError("registry http://probe:s3cret@reg:1/x refused")
+    except RuntimeError as exc:
+        redacting_excepthook(RuntimeError, exc, exc.__traceback__)
+    printed = capsys.readouterr().err
+    assert "Traceback" in printed and "s3cret" not in printed
+    assert "http://probe:***@reg:1/x" in printed
+
+
+def test_the_command_line_never_prints_typers_tracebacks_with_locals() -> None:
+    import sys
+
+    from projector import cli
+
+    assert cli.app.pretty_exceptions_enable is False
+    assert sys.excepthook.__name__ == "redacting_excepthook"
