@@ -286,14 +286,15 @@ class TransactionLedger:
         `projection` names who applied them in the deduplication token (default: the ledger's
         own; a DLQ replay is another applier of the same batch range)."""
         dead_lettered = dead_lettered or {}
-        none = EventSpan(0, 0, 0)
         rows = []
         for key in sorted({*applied, *dead_lettered}):
-            done, dead = applied.get(key, none), dead_lettered.get(key, none)
-            span = done + dead if done.events and dead.events else (done if done.events else dead)
+            done, dead = applied.get(key), dead_lettered.get(key)
+            span = done + dead if done and dead else done or dead
+            assert span is not None  # the key is in one of the two
             rows.append({"tx_id": key[0], "data_collection": key[1],
                          "first_lsn": span.first_lsn, "last_lsn": span.last_lsn,
-                         "applied": done.events, "dead_lettered": dead.events})  # fmt: skip
+                         "applied": done.events if done else 0,
+                         "dead_lettered": dead.events if dead else 0})  # fmt: skip
         if rows:
             token = batch.token(projection or self.projection, "transaction_events")
             self.ch.execute(insert_statement(self.progress, list(rows[0]), rows, token))
