@@ -472,13 +472,14 @@ def rows_to_keep(rows: Sequence[tuple[int, str, bool]]) -> set[int]:
         if not complete:
             keep.add(offset)
             first_incomplete.setdefault(collection, offset)
-    for cut in {*first_incomplete.values(), None}:
-        newest: dict[str | None, int] = {}
-        for offset, collection, _ in rows:
-            if cut is not None and offset >= cut:
-                break
-            newest[collection] = newest[None] = offset
-        keep.update(newest.values())
+    cuts = sorted(set(first_incomplete.values()), reverse=True)  # the next cut is last
+    newest: dict[str | None, int] = {}  # per collection, and of any (None), so far
+    for offset, collection, _ in rows:
+        while cuts and offset >= cuts[-1]:
+            keep.update(newest.values())  # the newest ENDs before this cut
+            cuts.pop()
+        newest[collection] = newest[None] = offset
+    keep.update(newest.values())  # before the end of the ledger
     return keep
 
 

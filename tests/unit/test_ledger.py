@@ -215,3 +215,33 @@ def test_a_ledger_of_the_earlier_layout_is_carried_over(engine: ChdbBackend) -> 
     applied(ledger, A, "6:590")  # the second event of xid 6 arrives after the upgrade
     mark = ledger.watermark([A])
     assert mark is not None and mark.offset == 3
+
+
+def test_rows_to_keep_answers_every_watermark_as_the_whole_ledger_does() -> None:
+    """Random ledgers: the kept rows give every set of tables the same watermark (the newest END
+    on the set before its first incomplete one), and the same newest END of any table before
+    it, as all rows do."""
+    import random
+
+    def watermark(rows: list[tuple[int, str, bool]], tables: set[str]) -> tuple[int | None, ...]:
+        on = [r for r in rows if r[1] in tables]
+        first = min((o for o, _, done in on if not done), default=None)
+        before = [o for o, _, _ in on if first is None or o < first]
+        anything = [o for o, _, _ in rows if first is None or o < first]
+        return (max(before, default=None), max(anything, default=None), first)
+
+    generator = random.Random(7)
+    names = ["a", "b", "c", "d"]
+    for _ in range(300):
+        rows = []
+        for offset in range(1, generator.randint(1, 40) * 2, 2):
+            for name in generator.sample(names, generator.randint(1, 3)):
+                rows.append((offset, name, generator.random() > 0.15))
+        kept = rows_to_keep(rows)
+        pruned = [r for r in rows if r[0] in kept]
+        for size in (1, 2, 3, 4):
+            for tables in itertools.combinations(names, size):
+                assert watermark(pruned, set(tables)) == watermark(rows, set(tables)), (
+                    rows,
+                    tables,
+                )
