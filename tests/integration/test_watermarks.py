@@ -27,6 +27,18 @@ def commit(stack: StackHandle, statement: str) -> str:
     return str(xid)
 
 
+def read_model_over(directory: Path, model: str, table: str) -> Path:
+    """A read-model file with one read model, `model`: the ids of `table`."""
+    path = directory / "read_models.toml"
+    path.write_text(
+        f'[[entity]]\nname = "{model}"\ndescription = "the rows"\nsources = ["{table}"]\n'
+        f'key = ["id"]\nkeys = "SELECT id FROM {{{table}}}"\n'
+        f'sql = "SELECT id FROM {{{table}}} WHERE id IN {{keys}}"\n'
+        f'[entity.affects]\n{table} = "SELECT id FROM {{changed}}"\n'
+    )
+    return path
+
+
 def watermark(projector: ProjectorProcess, model: str) -> str | None:
     result = projector.cli("status", "--json")
     assert result.returncode == 0, result.stderr
@@ -37,17 +49,14 @@ def watermark(projector: ProjectorProcess, model: str) -> str | None:
 def test_a_replayed_dead_letter_releases_the_watermark(stack: StackHandle, tmp_path: Path) -> None:
     projector = ProjectorProcess(stack, tmp_path)
     table, model = projector.table("wm_replay"), projector.table("wm_model")
-    models = tmp_path / "read_models.toml"
-    models.write_text(
-        f'[[read_model]]\nname = "{model}"\ndescription = "the rows"\nsources = ["{table}"]\n'
-        f'key = ["id"]\nsql = "SELECT id FROM {{{table}}}"\n'
-    )
+    models = read_model_over(tmp_path, model, table)
     projector.env |= {"PROJECTOR_TRANSACTION_METADATA": "true",
                       "PROJECTOR_READ_MODEL_SCHEMA": "public",
                       "PROJECTOR_READ_MODELS_FILE": str(models)}  # fmt: skip
-    stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, note text)")
+    # Two value columns: a rename of the only one would be read as a drop and an add.
+    stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, note text, qty int)")
     stack.apply()
-    first = commit(stack, f"INSERT INTO {table} VALUES (1, 'first')")
+    first = commit(stack, f"INSERT INTO {table} VALUES (1, 'first', 1)")
     run = projector.cli("run", "--until-caught-up", timeout_s=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert watermark(projector, model) == first
@@ -55,7 +64,7 @@ def test_a_replayed_dead_letter_releases_the_watermark(stack: StackHandle, tmp_p
     # A renamed column: the next transaction's event is refused into the DLQ until an upcaster
     # declares the rename. The watermark stays before it, as it must.
     stack.sql(f"ALTER TABLE {table} RENAME COLUMN note TO remark")
-    second = commit(stack, f"INSERT INTO {table} VALUES (2, 'second')")
+    second = commit(stack, f"INSERT INTO {table} VALUES (2, 'second', 2)")
     run = projector.cli("run", "--until-caught-up", timeout_s=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert watermark(projector, model) == first
@@ -83,11 +92,7 @@ def test_an_unreadable_end_holds_the_watermark(stack: StackHandle, tmp_path: Pat
     projector = ProjectorProcess(stack, tmp_path)
     table, model = projector.table("wm_unreadable"), projector.table("wm_model")
     prefix = f"wm{projector.unique}"
-    models = tmp_path / "read_models.toml"
-    models.write_text(
-        f'[[read_model]]\nname = "{model}"\ndescription = "the rows"\nsources = ["{table}"]\n'
-        f'key = ["id"]\nsql = "SELECT id FROM {{{table}}}"\n'
-    )
+    models = read_model_over(tmp_path, model, table)
     projector.env |= {"PROJECTOR_TRANSACTION_METADATA": "true",
                       "PROJECTOR_READ_MODEL_SCHEMA": "public",
                       "PROJECTOR_READ_MODELS_FILE": str(models),
@@ -147,11 +152,7 @@ def test_the_running_projector_prunes_its_ledger_and_keeps_the_watermark(
 ) -> None:
     projector = ProjectorProcess(stack, tmp_path)
     table, model = projector.table("wm_prune"), projector.table("wm_model")
-    models = tmp_path / "read_models.toml"
-    models.write_text(
-        f'[[read_model]]\nname = "{model}"\ndescription = "the rows"\nsources = ["{table}"]\n'
-        f'key = ["id"]\nsql = "SELECT id FROM {{{table}}}"\n'
-    )
+    models = read_model_over(tmp_path, model, table)
     projector.env |= {"PROJECTOR_TRANSACTION_METADATA": "true",
                       "PROJECTOR_READ_MODEL_SCHEMA": "public",
                       "PROJECTOR_READ_MODELS_FILE": str(models)}  # fmt: skip
