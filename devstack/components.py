@@ -28,6 +28,7 @@ import httpx
 
 from devstack.artifacts import JavaArtifacts
 from devstack.errors import StackError
+from devstack.secret_files import write_secret_file
 from devstack.settings import StackSettings
 
 
@@ -216,12 +217,11 @@ class Postgres(Component):
         for secret_file in (self.admin_password_file, self.cdc_password_file):
             if not secret_file.exists():
                 # Local-only credentials, generated per machine, never committed.
-                secret_file.write_text(secrets.token_urlsafe(18))
-                secret_file.chmod(0o600)
+                write_secret_file(secret_file, secrets.token_urlsafe(18))
         if (self.data_dir / "PG_VERSION").exists():
             return
         pwfile = self.home / "initdb-pw"
-        pwfile.write_text(self.admin_password_file.read_text())
+        write_secret_file(pwfile, self.admin_password_file.read_text())
         self._chown(pwfile)
         try:
             subprocess.run(

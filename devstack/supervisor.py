@@ -28,6 +28,7 @@ from devstack.components import (
     port_open,
 )
 from devstack.errors import ComponentFailed
+from devstack.secret_files import write_secret_file
 from devstack.settings import StackSettings
 from projector.config import STACK_ENV_FILE
 
@@ -128,10 +129,7 @@ class Stack:
         rule of `projector.config.client_environment`. It holds passwords: created 0600."""
         path = self.settings.state_dir / STACK_ENV_FILE
         text = "".join(f"{name}={value}\n" for name, value in self.client_environment().items())
-        path.unlink(missing_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
+        write_secret_file(path, text)
         return path
 
     def _ensure_running(self, component: Component, log: Log) -> None:

@@ -63,6 +63,7 @@ from projector.replica import (
     upcast,
     value_columns,
 )
+from projector.transactions import EventSpan
 from schemas.errors import NotConfluentFramed, RegistryUnavailable, SchemaError, UnknownSchema
 from schemas.registry import SchemaCache, WriterSchema, schema_id_of
 from schemas.type_map import ColumnType, UnconvertibleValue
@@ -83,32 +84,38 @@ class Event:
 class BatchOutcome:
     applied: int
     dead: list[DeadLetter]
-    # Applied events per (Debezium transaction id, schema.table): the watermark's input.
-    transactions: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Applied events per (Postgres xid, schema.table), with their LSNs: the watermark's input.
+    transactions: dict[tuple[str, str], EventSpan] = field(default_factory=dict)
     # Dead-lettered events whose transaction is known (they were decoded): settled for
     # `--until-caught-up`, never applied for the watermark.
-    dead_transactions: dict[tuple[str, str], int] = field(default_factory=dict)
+    dead_transactions: dict[tuple[str, str], EventSpan] = field(default_factory=dict)
     fast: bool = False  # applied by the fast path
 
-    def count_transaction(self, tx_id: str, collection: str, events: int = 1) -> None:
-        """`events` more applied events of Debezium transaction `tx_id` on `schema.table`."""
-        key = (tx_id, collection)
-        self.transactions[key] = self.transactions.get(key, 0) + events
+    def count_transaction(self, tx_id: str, collection: str) -> None:
+        """One more applied event of Debezium transaction `tx_id` (`<xid>:<lsn>`) on
+        `schema.table`."""
+        xid, span = EventSpan.of(tx_id)
+        self.count_span(self.transactions, (xid, collection), span)
 
     def count_dead_letter(self, tx_id: str, collection: str) -> None:
         """One more dead-lettered event of Debezium transaction `tx_id` on `schema.table`."""
-        key = (tx_id, collection)
-        self.dead_transactions[key] = self.dead_transactions.get(key, 0) + 1
+        xid, span = EventSpan.of(tx_id)
+        self.count_span(self.dead_transactions, (xid, collection), span)
+
+    @staticmethod
+    def count_span(
+        counts: dict[tuple[str, str], EventSpan], key: tuple[str, str], span: EventSpan
+    ) -> None:
+        counts[key] = counts[key] + span if key in counts else span
 
     def merge(self, other: BatchOutcome) -> None:
         """Add the outcome of another part of the same batch."""
         self.applied += other.applied
         self.dead += other.dead
-        for (tx_id, collection), events in other.transactions.items():
-            self.count_transaction(tx_id, collection, events)
-        for (tx_id, collection), events in other.dead_transactions.items():
-            key = (tx_id, collection)
-            self.dead_transactions[key] = self.dead_transactions.get(key, 0) + events
+        for key, span in other.transactions.items():
+            self.count_span(self.transactions, key, span)
+        for key, span in other.dead_transactions.items():
+            self.count_span(self.dead_transactions, key, span)
 
 
 def decode(message: RawMessage, schemas: SchemaCache) -> Event | None:
@@ -342,8 +349,9 @@ class BatchApplier:
                 has_transaction_field=any(f["name"] == "transaction" for f in schema.raw["fields"]),
             )  # fmt: skip
             outcome.applied += len(segment.offsets)
-            for xid, count in per_transaction.items():
-                outcome.count_transaction(xid, f"{schema_name}.{table_name}", count)
+            for xid, span in per_transaction.items():
+                key = (xid, f"{schema_name}.{table_name}")
+                outcome.count_span(outcome.transactions, key, span)
         return outcome
 
     # ---- rows --------------------------------------------------------------------------------

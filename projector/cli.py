@@ -7,6 +7,7 @@ this same `app` and is the `projector` entry point; the engine never imports the
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,8 @@ from connectors import (
 from projector.clickhouse import ParameterisedClickHouse
 from projector.config import ProjectorConfig, client_environment, load_config
 from projector.errors import ConfigError, ProjectorError
+from projector.redaction import configure_logging, redact, redacting_excepthook
+from schemas.errors import RegistryUnavailable
 
 if TYPE_CHECKING:
     from projector.catch_up import Finish
@@ -36,13 +39,17 @@ app = typer.Typer(
     help="CDC projection engine: Postgres → Debezium → Kafka → ClickHouse.",
     no_args_is_help=True,
     add_completion=False,
+    # A crash prints a plain traceback through `redacting_excepthook`: typer's own would show
+    # local variables (a configuration holds passwords) and bypass the redaction.
+    pretty_exceptions_enable=False,
 )
+sys.excepthook = redacting_excepthook
 
 console = Console(stderr=True)
 
 
 def fail(message: str, code: int = 1) -> None:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    console.print(f"[red]error:[/red] {redact(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -92,12 +99,10 @@ def run(
 ) -> None:
     """Consume the change topics and apply them to ClickHouse (exactly-once effect); until
     stopped (Ctrl-C, SIGTERM), or until a finish line: docs/projector.md, "Finishing a run"."""
-    import logging
-
     from projector.config import open_backend
     from projector.runner import Projector
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     config = _config(config_file)
     try:
         # The moment the run is asked to finish is now: the finish is fixed before anything runs.
@@ -276,12 +281,10 @@ def serve(
     """Serve the read models over HTTP: named queries, read-your-writes, ad-hoc SQL, metrics, and
     the ops page at /. Needs PROJECTOR_API_TOKEN. For a ClickHouse server
     (PROJECTOR_BACKEND=server); on chDB use `projector run --serve` instead."""
-    import logging
-
     from projector.config import open_backend
     from queries.server import serve as run_server
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     config = _config(config_file)
     try:
         run_server(config, open_backend(config), host or config.query_host,
@@ -463,8 +466,13 @@ def dlq_replay(
     from projector.config import open_backend
     from projector.dlq_replay import replay_dead_letters
 
+    configure_logging(logging.WARNING)  # a letter that fails again says why
     config = _config(config_file)
-    replayed, still_dead = replay_dead_letters(config, open_backend(config), topic)
+    try:
+        replayed, still_dead = replay_dead_letters(config, open_backend(config), topic)
+    except (ProjectorError, RegistryUnavailable) as exc:  # nothing replayed is lost: run again
+        fail(f"{exc} (the letters not replayed yet stay in the DLQ; run it again)")
+        return
     console.print(f"replayed {replayed}, still dead {still_dead}", highlight=False)
     if still_dead:
         raise typer.Exit(1)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from projector.errors import ClickHouseUnavailable, StatementRejected
+from projector.redaction import redact
 
 
 def quote(value: str) -> str:
@@ -185,6 +186,7 @@ class ChdbBackend:
         self.topology = Topology()  # one process, one engine: never a cluster
         self._session = session.Session(path)
         self._lock = threading.Lock()
+        self._registry_url: str | None = None  # the session's format_avro_schema_registry_url
         shm = Path("/dev/shm")  # message bytes for `over_avro` stay in memory where possible
         self._scratch = Path(
             tempfile.mkdtemp(prefix="projector-avro-", dir=shm if shm.is_dir() else None)
@@ -235,16 +237,21 @@ class ChdbBackend:
             path = self._scratch / marker
             path.write_bytes(content)
             sql = sql.replace(marker, f"file({quote(str(path))}, {format_args})")
-        settings = (
-            f" SETTINGS format_avro_schema_registry_url = {quote(registry_url)}, max_threads = 1"
-        )
         try:
-            return self.text(sql + settings, fmt)
+            self._use_registry(registry_url)
+            return self.text(sql + " SETTINGS max_threads = 1", fmt)
         except RuntimeError as exc:  # chDB reports every query error so
-            raise StatementRejected(str(exc).strip()) from exc
+            raise StatementRejected(redact(str(exc).strip())) from exc
         finally:
             for marker in sources:
                 (self._scratch / marker).unlink(missing_ok=True)
+
+    def _use_registry(self, registry_url: str) -> None:
+        """The registry as a setting of the session, set once: a URL with a password then appears
+        in no statement the fast path runs (nor in the errors that quote one)."""
+        if registry_url != self._registry_url:
+            self.execute(f"SET format_avro_schema_registry_url = {quote(registry_url)}")
+            self._registry_url = registry_url
 
     def close(self) -> None:
         self._session.close()
@@ -263,7 +270,7 @@ class ServerBackend:
             )
         except Exception as exc:
             raise ClickHouseUnavailable(
-                f"ClickHouse server at {url} is unreachable: {exc}"
+                redact(f"ClickHouse server at {url} is unreachable: {exc}")
             ) from exc
         self.url = url
         self._structures: dict[tuple[bytes, str], str] = {}  # see _avro_structure
@@ -349,9 +356,9 @@ class ServerBackend:
                 self._client.raw_query(sql, fmt=fmt, settings=settings, external_data=external)
             ).decode()
         except OperationalError as exc:
-            raise ClickHouseUnavailable(f"ClickHouse server at {self.url}: {exc}") from exc
+            raise ClickHouseUnavailable(redact(f"ClickHouse server at {self.url}: {exc}")) from exc
         except DatabaseError as exc:
-            raise StatementRejected(str(exc).strip()) from exc
+            raise StatementRejected(redact(str(exc).strip())) from exc
 
     def close(self) -> None:
         self._client.close()
@@ -361,5 +368,5 @@ def _classify(exc: Exception, url: str) -> Exception:
     from clickhouse_connect.driver.exceptions import OperationalError
 
     if isinstance(exc, OperationalError):
-        return ClickHouseUnavailable(f"ClickHouse server at {url}: {exc}")
+        return ClickHouseUnavailable(redact(f"ClickHouse server at {url}: {exc}"))
     return exc

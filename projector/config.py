@@ -55,6 +55,9 @@ class ProjectorConfig(BaseModel):
 
     # Consume Debezium's transaction topic to compute consistency watermarks.
     transaction_metadata: bool = True
+    # How often a running projector drops the ledger rows no watermark needs any more
+    # (projector/transactions.py, "Pruning").
+    ledger_prune_interval_s: float = Field(default=300.0, gt=0)
     # Read models (queries/read_models.toml by default) over the replica of one source schema.
     read_models_file: Path | None = None
     read_model_schema: str = "shop"

@@ -17,6 +17,7 @@ from projector.checkpoint import BatchRange
 from projector.clickhouse import ClickHouse, ident, insert_statement, quote
 from projector.errors import PoisonMessage
 from projector.messages import RawMessage
+from projector.redaction import redact
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class DeadLetter:
     @classmethod
     def of(cls, message: RawMessage, exc: PoisonMessage) -> DeadLetter:
         return cls(message.topic, message.partition, message.offset, message.key, message.value,
-                   exc.stage, exc.reason)  # fmt: skip
+                   exc.stage, redact(exc.reason))  # fmt: skip
 
     def row(self) -> dict[str, Any]:
         return {

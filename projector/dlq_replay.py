@@ -3,12 +3,17 @@
 A dead letter keeps its original offset, so its `_version` is what it would have been: if its key
 changed later, the later event still wins. A letter that applies now is marked replayed; one that
 fails again stays, with the new reason logged.
+
+A replayed letter also counts for its transaction in the ledger (projector/transactions.py): the
+dead letter held every watermark over its table, and applied now, it releases them. A dead letter
+of the transaction topic (an END the projector could not decode) is recorded as the END it is,
+which releases the watermarks its unreadable row held.
 """
 
 from __future__ import annotations
 
 from projector.apply import BatchApplier
-from projector.checkpoint import BatchRange
+from projector.checkpoint import PROJECTION, BatchRange
 from projector.clickhouse import ClickHouse
 from projector.config import ProjectorConfig
 from projector.dlq import DeadLetterStore
@@ -16,8 +21,12 @@ from projector.materialize import maintainer_for
 from projector.messages import RawMessage, source_table_of
 from projector.replica import ReplicaCatalog
 from projector.resnapshot import SignalTable
+from projector.transactions import TransactionLedger
+from schemas.errors import SchemaError, UnknownSchema
 from schemas.registry import SchemaCache
 from schemas.upcasters import Upcasters
+
+REPLAY = "dlq-replay"  # the applier named in the deduplication tokens of replayed letters
 
 
 def replay_dead_letters(
@@ -26,10 +35,13 @@ def replay_dead_letters(
     """(replayed, still dead) over the waiting letters, of one topic or all."""
     store = DeadLetterStore(ch, config.control_database)
     store.create()
+    ledger = TransactionLedger(ch, config.control_database, PROJECTION)
+    ledger.create()
+    schemas = SchemaCache(config.registry_url)
     applier = BatchApplier(
-        ch, SchemaCache(config.registry_url),
+        ch, schemas,
         ReplicaCatalog(ch, config.replica_prefix, SignalTable(config.source_dsn).request),
-        projection="dlq-replay", upcasters=Upcasters.load(config.upcasters_file),
+        projection=REPLAY, upcasters=Upcasters.load(config.upcasters_file),
     )  # fmt: skip
     read_models = maintainer_for(config, ch)
     if read_models is not None:
@@ -46,12 +58,34 @@ def replay_dead_letters(
             store.decode_bytes(letter["key_b64"]), store.decode_bytes(letter["value_b64"]),
         )  # fmt: skip
         batch = BatchRange(message.topic, message.partition, message.offset, message.offset)
-        outcome = applier.apply(batch, [message], lambda _batch, _dead: None)
-        if read_models is not None and not outcome.dead:
-            read_models.apply_batch(batch, *source_table_of(message.topic))
-        if outcome.dead:
-            still_dead += 1
+        if message.topic == config.transaction_topic:
+            if not _record_transaction_event(ledger, schemas, batch, message):
+                still_dead += 1
+                continue
         else:
-            store.mark_replayed(letter)
-            replayed += 1
+            outcome = applier.apply(batch, [message], lambda _batch, _dead: None)
+            if outcome.dead:
+                still_dead += 1
+                continue
+            if read_models is not None:
+                read_models.apply_batch(batch, *source_table_of(message.topic))
+            # Under the replay's own token: the original batch's progress insert was another.
+            ledger.record_progress(batch, outcome.transactions, projection=REPLAY)
+        store.mark_replayed(letter)
+        replayed += 1
     return replayed, still_dead
+
+
+def _record_transaction_event(
+    ledger: TransactionLedger, schemas: SchemaCache, batch: BatchRange, message: RawMessage
+) -> bool:
+    """Record a transaction-topic letter that reads now; False while it still does not."""
+    if message.value is None:
+        return False
+    try:
+        _, value = schemas.decode(message.value)
+    except (SchemaError, UnknownSchema, ValueError, EOFError, TypeError, IndexError):
+        return False
+    ledger.record_ends(batch, [(message.offset, value)])
+    ledger.forget_unreadable(message.offset)
+    return True

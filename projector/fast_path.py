@@ -55,6 +55,7 @@ from projector.replica import (
     ReplicaTable,
     SourceColumn,
 )
+from projector.transactions import EventSpan
 from schemas.upcasters import Upcaster
 
 
@@ -149,9 +150,9 @@ class FastPath:
         partition: int,
         token: str,
         has_transaction_field: bool,
-    ) -> dict[str, int]:
-        """Insert one segment; returns the applied events per Postgres transaction id (empty
-        unless transactions are counted)."""
+    ) -> dict[str, EventSpan]:
+        """Insert one segment; returns the applied events per Postgres transaction id, with
+        their LSNs (empty unless transactions are counted)."""
         select, checks = self._select_list(replica, columns, upcaster)
         insert_columns = [c.name for c in columns.values()] + list(META_SQL)
         meta = [expr.format(partition=partition) for expr in META_SQL.values()]
@@ -182,13 +183,18 @@ class FastPath:
         if not (self.count_transactions and has_transaction_field):
             return {}
         counted = self.ch.over_avro(
-            "SELECT splitByChar(':', tupleElement(transaction, 'id'))[1] AS xid, count() "
-            f"FROM {AVRO_SOURCE} WHERE isNotNull(transaction) GROUP BY xid",
+            "SELECT xid, count(), min(lsn), max(lsn) FROM (SELECT "
+            "splitByChar(':', tupleElement(transaction, 'id'))[1] AS xid, "
+            "toUInt64OrZero(splitByChar(':', tupleElement(transaction, 'id'))[2]) AS lsn "
+            f"FROM {AVRO_SOURCE} WHERE isNotNull(transaction)) GROUP BY xid",
             data, self.registry_url, sample=sample, fmt="TSV",
         )  # fmt: skip
-        return {
-            xid: int(n) for xid, n in (line.split("\t") for line in counted.splitlines() if line)
-        }
+        spans = {}
+        for line in counted.splitlines():
+            if line:
+                xid, events, first_lsn, last_lsn = line.split("\t")
+                spans[xid] = EventSpan(int(events), int(first_lsn), int(last_lsn))
+        return spans
 
     def _select_list(
         self, replica: ReplicaTable, columns: dict[str, SourceColumn], upcaster: Upcaster

@@ -44,16 +44,16 @@ from projector.checkpoint import (
 from projector.clickhouse import ClickHouse
 from projector.config import ProjectorConfig
 from projector.dlq import DeadLetter, DeadLetterStore
-from projector.errors import ClickHouseUnavailable, SourceUnavailable
+from projector.errors import ClickHouseUnavailable, PoisonMessage, SourceUnavailable
 from projector.fast_path import FastPath, Segment
 from projector.materialize import ReadModelMaintainer, maintainer_for
 from projector.messages import KafkaMessages, RawMessage, source_table_of
 from projector.metrics import ProjectorMetrics
 from projector.replica import ReplicaCatalog
 from projector.resnapshot import SignalTable
-from projector.transactions import TransactionLedger, Unfinished
+from projector.transactions import TransactionLedger, Unfinished, Watermark
 from queries.read_models import load_read_models
-from schemas.errors import RegistryUnavailable, SchemaError, UnknownSchema
+from schemas.errors import NotConfluentFramed, RegistryUnavailable, SchemaError, UnknownSchema
 from schemas.registry import SchemaCache
 from schemas.upcasters import Upcasters
 
@@ -135,6 +135,9 @@ class Projector:
         self._in_flight: Future[BatchRange] | None = None
         self.metrics = ProjectorMetrics()
         self._next_progress_report = self._next_watermark_report = 0.0
+        # Each read model's watermark as last found: the next search starts there.
+        self._watermarks: dict[str, Watermark] = {}
+        self._next_prune = time.monotonic() + config.ledger_prune_interval_s
         if config.metrics_port:
             try:
                 self.metrics.serve(config.metrics_port, config.metrics_host)
@@ -334,9 +337,19 @@ class Projector:
             self._next_watermark_report = now + 10
             for model in self.read_model_list:
                 collections = [f"{self.config.read_model_schema}.{s}" for s in model.sources]
-                mark = self.ledger.watermark(collections)
+                mark = self.ledger.watermark(collections, self._watermarks.get(model.name))
                 if mark is not None:
+                    self._watermarks[model.name] = mark
                     self.metrics.watermark_lsn.labels(model.name).set(mark.lsn)
+        if self.config.transaction_metadata and now >= self._next_prune:
+            self._next_prune = now + self.config.ledger_prune_interval_s
+            try:
+                pruned = self.ledger.prune()
+            except TRANSIENT as exc:
+                log.warning("pruning the transaction ledger failed (tried again later): %s", exc)
+            else:
+                if pruned:
+                    log.info("transaction ledger: %d settled transaction(s) pruned", pruned)
 
     def _ensure_read_models(self) -> None:
         """Start read-model families whose sources now exist (checked every few seconds), and
@@ -382,7 +395,7 @@ class Projector:
         self, batch: BatchRange, messages: KafkaMessages, segments: list[Segment] | None
     ) -> None:
         if batch.topic == self.config.transaction_topic:
-            self.ledger.record_ends(batch, self._transaction_events(messages))
+            self.ledger.record_ends(batch, self._transaction_events(batch, messages))
             return
         started = time.monotonic()
         outcome = self.applier.apply(batch, messages, self._dead_letter, segments, planned=True)
@@ -403,17 +416,27 @@ class Projector:
         self.dead_letters += len(outcome.dead)
 
     def _transaction_events(
-        self, messages: Sequence[RawMessage]
-    ) -> list[tuple[int, dict[str, Any]]]:
-        events = []
+        self, batch: BatchRange, messages: Sequence[RawMessage]
+    ) -> list[tuple[int, dict[str, Any] | None]]:
+        """The decoded events of a transaction-topic batch; None for one that cannot be decoded
+        (it may be an END: the ledger holds every watermark there, and it is dead-lettered so
+        that `projector dlq replay` can record it once it reads)."""
+        events: list[tuple[int, dict[str, Any] | None]] = []
+        letters = []
         for message in messages:
             if message.value is None:
                 continue
             try:
                 events.append((message.offset, self.schemas.decode(message.value)[1]))
-            except (SchemaError, UnknownSchema, ValueError, EOFError) as exc:
-                # Not worth a dead letter: the watermark only waits for ENDs it can read.
-                log.warning("unreadable transaction event at offset %d: %s", message.offset, exc)
+            except (SchemaError, UnknownSchema, NotConfluentFramed, ValueError, EOFError,
+                    TypeError, IndexError) as exc:  # fmt: skip
+                log.error("unreadable event at offset %d of the transaction topic: read models' "
+                          "watermarks stop there until it is replayed: %s", message.offset, exc)  # fmt: skip
+                events.append((message.offset, None))
+                reason = f"undecodable transaction event: {type(exc).__name__}: {exc}"
+                letters.append(DeadLetter.of(message, PoisonMessage("decode", reason)))
+        if letters:
+            self._dead_letter(batch, letters)
         return events
 
     def _dead_letter(self, batch: BatchRange, letters: list[DeadLetter]) -> None:

@@ -2,14 +2,36 @@
 
 With `provide.transaction.metadata`, Debezium writes a BEGIN and an END event per transaction to
 `<prefix>.transaction` (one partition, commit order); the END event counts the transaction's events
-per table (`data_collections`), and every change event names its transaction (`transaction.id`,
-`"<txId>:<lsn>"`, of which only the txId identifies the transaction). Two ledgers in the control database, both written under the commit protocol's
-deduplication tokens, so they are exact across replays:
+per table (`data_collections`), and every change event names its transaction (`transaction.id`).
+Both ids read `"<xid>:<lsn>"`, and the LSN differs (measured on the stack: a change event's is its
+own WAL position, the END's the end of the commit record, the BEGIN's the first change's). Two
+ledgers in the control database, both written under the commit protocol's deduplication tokens, so
+they are exact across replays:
 
-- `transactions`: per ended transaction and table, the number of events Debezium emitted, with the
-  END event's LSN (the end of the commit record) and its offset on the transaction topic;
-- `transaction_progress` (SummingMergeTree): per transaction and table, the events applied, and
-  the events dead-lettered (never applied: they hold the watermark, not `--until-caught-up`).
+- `transaction_ends` (keyed by the END's offset on the transaction topic and the table): per ended
+  transaction and table, the number of events Debezium emitted, with the xid and the END's LSN;
+- `transaction_events` (SummingMergeTree): per batch, transaction (xid) and table, the events
+  applied and the events dead-lettered (never applied: they hold the watermark, not
+  `--until-caught-up`), with the smallest and largest LSN among them (their *span*).
+
+**Which END a change event belongs to.** The xid alone does not say: Postgres' transaction ids are
+32 bits and wrap around, so after 2^32 transactions one xid names another transaction. The rule: an
+event of xid X at LSN l belongs to the END of xid X with the smallest LSN >= l. Why:
+  1. A transaction's changes precede its commit in the WAL: l <= its END's LSN.
+  2. Postgres reuses xid X only once the earlier X has long ended (wraparound protection freezes
+     it first), so the earlier X's END LSN is below every LSN of the later X.
+  Hence the earlier X's END is below l for every event of the later X, and the later X's END is
+  above the earlier X's events: the smallest END >= l is the event's own. A span counts for the
+  END that is smallest >= its first LSN (an ASOF join) when that END is >= its last LSN too; a span
+  that straddles two transactions with one xid (one batch holding both) counts for neither, which
+  holds the watermark rather than claim a transaction complete.
+
+**An END that cannot be read** (not Confluent-framed, an unknown or broken schema) may have ended
+a transaction on any table: skipping it would let a watermark pass a transaction that is not
+complete. It is recorded as a row of table `*` that touches every table and that nothing
+completes, and it is dead-lettered; `projector dlq replay` records the END once it decodes and
+drops that row. Its LSN is one past the END before it (its transaction committed later), which
+keeps the consistency LSN and the fence below sound.
 
 The **watermark** of a set of source tables is the newest transaction T such that every transaction
 up to T (in commit order, i.e. transaction-topic offset) that touched those tables has all its events
@@ -41,6 +63,25 @@ at or before P is applied completely. The argument, step by step:
 5. A read model shows the writer's transaction when P >= L. P only grows (applied counts only
    grow), and P >= the watermark's LSN.
 Rows of the initial snapshot belong to no transaction: the consistency LSN says nothing about them.
+
+**Cheap to ask.** A running projector looks for each read model's watermark from the one it found
+last (the watermark only moves forward: applied counts only grow), so it reads the ENDs recorded
+since, not the history (`TransactionLedger.watermark(after=...)`; every read goes through chDB's one
+session, the lock ingestion holds too). The query service's `ConsistencyTracker` reads the same way.
+
+**Pruning** (`TransactionLedger.prune`, every few minutes from the running projector). A row of a
+complete END (all its events applied) answers no question any more, except as "the newest END
+before" some point. Every question the ledger answers — a watermark, a consistency LSN, the first
+incomplete transaction, the unfinished ones — asks for incomplete rows, or for the newest END (on
+some tables, or on any) before a *cut*: the first incomplete END of some table, or the end of the
+ledger. So the ledger keeps every END with an incomplete row and, for each cut, the newest END
+before it on each table and of any table (`rows_to_keep`), and deletes the rest with their spans;
+every answer stays the same, and the ledger's size follows the incomplete transactions and the
+tables, not the history. Rows of Debezium's heartbeat and signal tables (`debezium.*`), which no
+read model reads and nothing applies, count as complete here. The fence of `--until-caught-up` may
+move to a later END when its own was pruned: the run then waits for a little more, never less.
+The ENDs go before their spans: a crash in between leaves spans no END claims, never a complete
+END without its counts.
 """
 
 from __future__ import annotations
@@ -50,6 +91,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from connectors.config import CONTROL_SCHEMA
 from projector.checkpoint import BatchRange
 from projector.clickhouse import ClickHouse, ident, insert_statement, quote
 from projector.errors import NotAnLsn
@@ -108,88 +150,194 @@ def xid_of(tx_id: str) -> str:
     return tx_id.partition(":")[0]
 
 
+@dataclass(frozen=True)
+class EventSpan:
+    """Events of one transaction on one table within one batch: how many, and the smallest and
+    largest of their LSNs (what ties them to their END: module docstring, "Which END")."""
+
+    events: int
+    first_lsn: int
+    last_lsn: int
+
+    @classmethod
+    def of(cls, tx_id: str, events: int = 1) -> tuple[str, EventSpan]:
+        """The transaction (xid) and span of one change event's Debezium transaction id."""
+        lsn = lsn_of(tx_id)
+        return xid_of(tx_id), cls(events, lsn, lsn)
+
+    def __add__(self, other: EventSpan) -> EventSpan:
+        return EventSpan(self.events + other.events, min(self.first_lsn, other.first_lsn),
+                         max(self.last_lsn, other.last_lsn))  # fmt: skip
+
+
+# Per (xid, schema.table): the events a batch applied, or dead-lettered.
+EventCounts = Mapping[tuple[str, str], EventSpan]
+
+# The data collection of an END the projector could not decode: it touches every table, and
+# nothing ever completes it (module docstring, "An END that cannot be read").
+UNREADABLE = "*"
+# Tables no read model reads and nothing applies: Debezium's heartbeat and signal tables. Their
+# rows count as settled when the ledger is pruned.
+NEVER_WAITED_FOR = f"{CONTROL_SCHEMA}."
+
+
 class TransactionLedger:
     def __init__(self, ch: ClickHouse, database: str, projection: str) -> None:
         self.ch = ch
-        self.ends = f"{ident(database)}.transactions"
-        self.progress = f"{ident(database)}.transaction_progress"
+        self.database = database
+        self.ends = f"{ident(database)}.transaction_ends"
+        self.progress = f"{ident(database)}.transaction_events"
         self.projection = projection
 
     def create(self) -> None:
         topology = self.ch.topology
+        # One row per END and table, keyed by the END's place on the transaction topic.
         self.ch.execute(
             topology.create_table(
                 self.ends,
                 ["tx_id String", "lsn UInt64", "`offset` Int64", "data_collection String",
                  "expected UInt64", "commit_ms Int64 DEFAULT 0"],
-                "ReplacingMergeTree", "", "(tx_id, data_collection)",
+                "ReplacingMergeTree", "", "(`offset`, data_collection)",
             )
         )  # fmt: skip
-        # Ledgers created before the commit time was kept (0 = unknown for their rows).
-        self.ch.execute(
-            topology.alter_table(self.ends, "ADD COLUMN IF NOT EXISTS commit_ms Int64 DEFAULT 0")
-        )
+        # Summed per transaction, table and span: rows of two transactions that share an xid
+        # (after wraparound) have different spans and stay apart.
         self.ch.execute(
             topology.create_table(
                 self.progress,
-                ["tx_id String", "data_collection String", "applied UInt64",
-                 "dead_lettered UInt64"],
-                "SummingMergeTree", "", "(tx_id, data_collection)",
+                ["tx_id String", "data_collection String", "first_lsn UInt64", "last_lsn UInt64",
+                 "applied UInt64", "dead_lettered UInt64"],
+                "SummingMergeTree", "", "(tx_id, data_collection, first_lsn, last_lsn)",
             )
         )  # fmt: skip
-        # Ledgers made before dead letters were counted (SummingMergeTree sums the new column).
-        self.ch.execute(
-            topology.alter_table(
-                self.progress, "ADD COLUMN IF NOT EXISTS dead_lettered UInt64 DEFAULT 0"
-            )
-        )
+        self._copy_earlier_ledger()
 
-    def record_ends(self, batch: BatchRange, events: list[tuple[int, dict[str, Any]]]) -> None:
-        """END events of the transaction topic (offset, decoded value); BEGINs are skipped."""
-        rows = [
-            {"tx_id": xid_of(value["id"]), "lsn": lsn_of(value["id"]), "offset": offset,
-             "data_collection": c["data_collection"], "expected": int(c["event_count"]),
-             "commit_ms": int(value.get("ts_ms") or 0)}
-            for offset, value in events if value.get("status") == "END"
-            for c in value.get("data_collections") or []
+    def _copy_earlier_ledger(self) -> None:
+        """Ledgers written before the spans were kept (`transactions`, `transaction_progress`,
+        keyed by xid alone) are copied once into the new ones, so that transactions in flight
+        across the upgrade still complete: each old count becomes a span from LSN 0, which
+        counts for the oldest END of its xid (what the old ledger matched too). Each table is
+        copied only while its new one is empty, the counts first: a copy cut short by a crash
+        is redone, or was done."""
+        found = {row["name"] for row in self.ch.rows(
+            f"SELECT name FROM system.tables WHERE database = {quote(self.database)} "
+            "AND name IN ('transactions', 'transaction_progress')"
+        )}  # fmt: skip
+        if found != {"transactions", "transaction_progress"}:
+            return
+        old = ident(self.database)
+        copies = [
+            (self.progress, f"SELECT tx_id, data_collection, 0, 0, applied, dead_lettered "
+                            f"FROM {old}.transaction_progress"),
+            (self.ends, f"SELECT tx_id, lsn, `offset`, data_collection, expected, commit_ms "
+                        f"FROM {old}.transactions FINAL"),
         ]  # fmt: skip
+        for table, select in copies:
+            if int(self.ch.rows(f"SELECT count() AS n FROM {table}")[0]["n"]) == 0:
+                self.ch.execute(f"INSERT INTO {table} {select}")
+
+    def record_ends(
+        self, batch: BatchRange, events: list[tuple[int, dict[str, Any] | None]]
+    ) -> None:
+        """Events of the transaction topic (offset, decoded value; None for one that could not
+        be decoded): a row per END and table, and a row that holds every watermark for an END
+        that could not be read. BEGINs are skipped."""
+        rows: list[dict[str, Any]] = []
+        previous_lsn: int | None = None
+        for offset, value in events:
+            if value is None:
+                if previous_lsn is None:
+                    before = self.newest_end(before=offset)
+                    previous_lsn = before.lsn if before is not None else 0
+                # Committed after the previous END: its LSN is at least one past that one's.
+                rows.append({"tx_id": f"unreadable@{offset}", "lsn": previous_lsn + 1,
+                             "offset": offset, "data_collection": UNREADABLE, "expected": 1,
+                             "commit_ms": 0})  # fmt: skip
+                previous_lsn += 1
+                continue
+            if value.get("status") != "END":
+                continue
+            previous_lsn = lsn_of(value["id"])
+            rows += [
+                {"tx_id": xid_of(value["id"]), "lsn": previous_lsn, "offset": offset,
+                 "data_collection": c["data_collection"], "expected": int(c["event_count"]),
+                 "commit_ms": int(value.get("ts_ms") or 0)}
+                for c in value.get("data_collections") or []
+            ]  # fmt: skip
         if rows:
-            token = batch.token(self.projection, "transactions")
+            token = batch.token(self.projection, "transaction_ends")
             self.ch.execute(insert_statement(self.ends, list(rows[0]), rows, token))
+
+    def forget_unreadable(self, offset: int) -> None:
+        """Drop the row an unreadable END at `offset` left (its END has been recorded since)."""
+        self.ch.execute(
+            f"DELETE FROM {self.ends}{self.ch.topology.on_cluster()} "
+            f"WHERE `offset` = {int(offset)} AND data_collection = {quote(UNREADABLE)}"
+        )
 
     def record_progress(
         self,
         batch: BatchRange,
-        applied: Mapping[tuple[str, str], int],
-        dead_lettered: Mapping[tuple[str, str], int] | None = None,
+        applied: EventCounts,
+        dead_lettered: EventCounts | None = None,
+        projection: str | None = None,
     ) -> None:
-        """Events applied and events dead-lettered by one batch, per (transaction id,
-        schema.table)."""
+        """Events applied and events dead-lettered by one batch, per (xid, schema.table).
+        `projection` names who applied them in the deduplication token (default: the ledger's
+        own; a DLQ replay is another applier of the same batch range)."""
         dead_lettered = dead_lettered or {}
-        rows = [
-            {"tx_id": xid_of(tx), "data_collection": collection,
-             "applied": applied.get((tx, collection), 0),
-             "dead_lettered": dead_lettered.get((tx, collection), 0)}
-            for tx, collection in sorted({*applied, *dead_lettered})
-        ]  # fmt: skip
+        rows = []
+        for key in sorted({*applied, *dead_lettered}):
+            done, dead = applied.get(key), dead_lettered.get(key)
+            span = done + dead if done and dead else done or dead
+            assert span is not None  # the key is in one of the two
+            rows.append({"tx_id": key[0], "data_collection": key[1],
+                         "first_lsn": span.first_lsn, "last_lsn": span.last_lsn,
+                         "applied": done.events if done else 0,
+                         "dead_lettered": dead.events if dead else 0})  # fmt: skip
         if rows:
-            token = batch.token(self.projection, "transaction_progress")
+            token = batch.token(projection or self.projection, "transaction_events")
             self.ch.execute(insert_statement(self.progress, list(rows[0]), rows, token))
 
-    def watermark(self, collections: list[str]) -> Watermark | None:
-        """The newest transaction up to which every transaction on `collections` is complete."""
-        wanted = ", ".join(quote(c) for c in collections)
+    def _settled(self, where: str) -> str:
+        """A subquery: the END rows matching `where` (on `transaction_ends`' columns) with the
+        events `applied` and `dead_lettered` that belong to them (module docstring, "Which
+        END"): a span counts for the END of its xid and table with the smallest LSN at or after
+        its first event, when that END is at or after its last event too."""
+        xids = f"SELECT tx_id FROM {self.ends} WHERE {where}"
+        return f"""(SELECT e.`offset` AS `offset`, e.tx_id AS tx_id, e.lsn AS lsn,
+                    e.data_collection AS data_collection, e.expected AS expected,
+                    e.commit_ms AS commit_ms, coalesce(m.applied, 0) AS applied,
+                    coalesce(m.dead_lettered, 0) AS dead_lettered
+            FROM (SELECT * FROM {self.ends} FINAL WHERE {where}) AS e
+            LEFT JOIN (
+                SELECT o.`offset` AS `offset`, p.data_collection AS data_collection,
+                       sum(p.applied) AS applied, sum(p.dead_lettered) AS dead_lettered
+                FROM (SELECT tx_id, data_collection, first_lsn, last_lsn,
+                             sum(applied) AS applied, sum(dead_lettered) AS dead_lettered
+                      FROM {self.progress} WHERE tx_id IN ({xids})
+                      GROUP BY tx_id, data_collection, first_lsn, last_lsn) AS p
+                ASOF INNER JOIN (SELECT tx_id, data_collection, lsn, `offset`
+                                 FROM {self.ends} FINAL WHERE tx_id IN ({xids})) AS o
+                  ON p.tx_id = o.tx_id AND p.data_collection = o.data_collection
+                 AND p.first_lsn <= o.lsn
+                WHERE p.last_lsn <= o.lsn
+                GROUP BY o.`offset`, p.data_collection
+            ) AS m ON m.`offset` = e.`offset` AND m.data_collection = e.data_collection)"""
+
+    def watermark(self, collections: list[str], after: Watermark | None = None) -> Watermark | None:
+        """The newest transaction up to which every transaction on `collections` is complete.
+        `after`: a watermark of the same collections found before; the ledger is read from it on
+        (the watermark only moves forward: applied counts only grow)."""
+        wanted = ", ".join(quote(c) for c in [*collections, UNREADABLE])
+        since = -1 if after is None else after.offset
         rows = self.ch.rows(
-            f"""SELECT e.tx_id AS tx_id, min(e.`offset`) AS off, any(e.lsn) AS lsn,
-                       min(coalesce(p.applied, 0) >= e.expected) AS complete
-                FROM (SELECT * FROM {self.ends} FINAL WHERE data_collection IN ({wanted})) AS e
-                LEFT JOIN (SELECT tx_id, data_collection, sum(applied) AS applied
-                           FROM {self.progress} WHERE data_collection IN ({wanted})
-                           GROUP BY tx_id, data_collection) AS p
-                  ON p.tx_id = e.tx_id AND p.data_collection = e.data_collection
-                GROUP BY e.tx_id ORDER BY off"""
+            f"""SELECT `offset` AS off, any(tx_id) AS tx_id, any(lsn) AS lsn,
+                       min(applied >= expected) AS complete
+                FROM {self._settled(f"`offset` > {since} AND data_collection IN ({wanted})")}
+                GROUP BY `offset` ORDER BY `offset`"""
         )
-        newest: Watermark | None = None
+        newest = after
         for row in rows:
             if not int(row["complete"]):
                 break
@@ -214,45 +362,37 @@ class TransactionLedger:
         wanted = (
             f"match(concat({quote(prefix + '.')}, data_collection), {quote(collection_topics)})"
         )
-        first = "(e.`offset`, e.data_collection)"  # the earliest gap, named in the log
+        first = "(`offset`, data_collection)"  # the earliest gap, named in the log
         rows = self.ch.rows(
-            f"""SELECT uniqExact(e.tx_id) AS transactions, argMin(e.tx_id, {first}) AS tx_id,
-                       argMin(e.data_collection, {first}) AS data_collection,
-                       argMin(e.expected, {first}) AS expected,
-                       argMin(coalesce(p.settled, 0), {first}) AS settled
-                FROM (SELECT tx_id, data_collection, expected, `offset` FROM {self.ends} FINAL
-                      WHERE `offset` <= {int(fence_offset)} AND {wanted}) AS e
-                LEFT JOIN (SELECT tx_id, data_collection,
-                                  sum(applied) + sum(dead_lettered) AS settled
-                           FROM {self.progress} WHERE {wanted}
-                           GROUP BY tx_id, data_collection) AS p
-                  ON p.tx_id = e.tx_id AND p.data_collection = e.data_collection
-                WHERE coalesce(p.settled, 0) < e.expected"""
+            f"""SELECT uniqExact(`offset`) AS gaps, argMin(tx_id, {first}) AS gap_tx,
+                       argMin(data_collection, {first}) AS gap_collection,
+                       argMin(expected, {first}) AS gap_expected,
+                       argMin(applied + dead_lettered, {first}) AS gap_settled
+                FROM {self._settled(f"`offset` <= {int(fence_offset)} AND {wanted}")}
+                WHERE applied + dead_lettered < expected"""
         )
-        if not rows or not int(rows[0]["transactions"]):
+        if not rows or not int(rows[0]["gaps"]):
             return None
         row = rows[0]
-        return Unfinished(int(row["transactions"]), row["tx_id"], row["data_collection"],
-                          int(row["expected"]), int(row["settled"]))  # fmt: skip
+        return Unfinished(int(row["gaps"]), row["gap_tx"], row["gap_collection"],
+                          int(row["gap_expected"]), int(row["gap_settled"]))  # fmt: skip
 
     def first_incomplete(self, collections: Sequence[str], after: int) -> dict[str, int]:
         """Per collection, the transaction-topic offset of its first incomplete transaction
-        recorded after offset `after`; collections with none are absent."""
-        wanted = ", ".join(quote(c) for c in collections)
+        recorded after offset `after` (an unreadable END is incomplete on every collection);
+        collections with none are absent."""
+        wanted = ", ".join(quote(c) for c in [*collections, UNREADABLE])
         rows = self.ch.rows(
-            f"""SELECT e.data_collection AS collection, min(e.`offset`) AS off
-                FROM (SELECT tx_id, data_collection, `offset`, expected FROM {self.ends} FINAL
-                      WHERE `offset` > {int(after)} AND data_collection IN ({wanted})) AS e
-                LEFT JOIN (SELECT tx_id, data_collection, sum(applied) AS applied
-                           FROM {self.progress} WHERE data_collection IN ({wanted})
-                             AND tx_id IN (SELECT tx_id FROM {self.ends}
-                                           WHERE `offset` > {int(after)})
-                           GROUP BY tx_id, data_collection) AS p
-                  ON p.tx_id = e.tx_id AND p.data_collection = e.data_collection
-                WHERE coalesce(p.applied, 0) < e.expected
-                GROUP BY e.data_collection"""
+            f"""SELECT data_collection AS collection, min(`offset`) AS off
+                FROM {self._settled(f"`offset` > {int(after)} AND data_collection IN ({wanted})")}
+                WHERE applied < expected GROUP BY data_collection"""
         )
-        return {row["collection"]: int(row["off"]) for row in rows}
+        found = {row["collection"]: int(row["off"]) for row in rows}
+        unreadable = found.pop(UNREADABLE, None)
+        if unreadable is not None:
+            for collection in collections:
+                found[collection] = min(found.get(collection, unreadable), unreadable)
+        return found
 
     def newest_end(
         self, after: int = -1, before: int | None = None, collections: Sequence[str] | None = None
@@ -272,6 +412,75 @@ class TransactionLedger:
             return None
         row = rows[0]
         return RecordedEnd(int(row["off"]), row["tx_id"], int(row["lsn"]), int(row["commit_ms"]))
+
+    def prune(self) -> int:
+        """Delete the rows no question to the ledger needs any more; returns the ENDs deleted
+        (module docstring, "Pruning")."""
+        rows = self.ch.rows(
+            f"""SELECT `offset` AS off, data_collection AS collection,
+                       applied >= expected OR startsWith(data_collection, {quote(NEVER_WAITED_FOR)})
+                         AS complete
+                FROM {self._settled("1")} ORDER BY `offset`"""
+        )
+        keep = rows_to_keep(
+            [(int(r["off"]), r["collection"], bool(int(r["complete"]))) for r in rows]
+        )
+        doomed = sorted({int(r["off"]) for r in rows} - keep)
+        if not doomed:
+            return 0
+        for chunk in range(0, len(doomed), 10_000):
+            offsets = ", ".join(str(o) for o in doomed[chunk : chunk + 10_000])
+            spans = self.ch.rows(
+                f"""SELECT p.tx_id AS tx_id, p.data_collection AS collection,
+                           p.first_lsn AS first_lsn, p.last_lsn AS last_lsn
+                    FROM (SELECT DISTINCT tx_id, data_collection, first_lsn, last_lsn
+                          FROM {self.progress} WHERE tx_id IN
+                            (SELECT tx_id FROM {self.ends} WHERE `offset` IN ({offsets}))) AS p
+                    ASOF INNER JOIN (SELECT tx_id, data_collection, lsn, `offset`
+                                     FROM {self.ends} FINAL) AS o
+                      ON p.tx_id = o.tx_id AND p.data_collection = o.data_collection
+                     AND p.first_lsn <= o.lsn
+                    WHERE o.`offset` IN ({offsets})"""
+            )
+            # The ENDs first: a crash before their spans go leaves spans no END claims, never
+            # a complete END that lost its counts.
+            self.ch.execute(
+                f"DELETE FROM {self.ends}{self.ch.topology.on_cluster()} "
+                f"WHERE `offset` IN ({offsets})"
+            )
+            if spans:
+                keys = ", ".join(
+                    f"({quote(s['tx_id'])}, {quote(s['collection'])}, {int(s['first_lsn'])}, "
+                    f"{int(s['last_lsn'])})"
+                    for s in spans
+                )
+                self.ch.execute(
+                    f"DELETE FROM {self.progress}{self.ch.topology.on_cluster()} "
+                    f"WHERE (tx_id, data_collection, first_lsn, last_lsn) IN ({keys})"
+                )
+        return len(doomed)
+
+
+def rows_to_keep(rows: Sequence[tuple[int, str, bool]]) -> set[int]:
+    """Of the ledger's END rows (offset, collection, complete), in offset order, the offsets to
+    keep: every END with an incomplete row, and for every cut X (each collection's first
+    incomplete offset, and the end of the ledger) the newest END before X on each collection
+    and the newest END before X of any collection (module docstring, "Pruning")."""
+    first_incomplete: dict[str, int] = {}
+    keep: set[int] = set()
+    for offset, collection, complete in rows:
+        if not complete:
+            keep.add(offset)
+            first_incomplete.setdefault(collection, offset)
+    cuts = sorted(set(first_incomplete.values()), reverse=True)  # the next cut is last
+    newest: dict[str | None, int] = {}  # per collection, and of any (None), so far
+    for offset, collection, _ in rows:
+        while cuts and offset >= cuts[-1]:
+            keep.update(newest.values())  # the newest ENDs before this cut
+            cuts.pop()
+        newest[collection] = newest[None] = offset
+    keep.update(newest.values())  # before the end of the ledger
+    return keep
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import fastavro
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
+from projector.redaction import redact
 from schemas.errors import NotConfluentFramed, RegistryUnavailable, UnknownSchema
 
 MAGIC_BYTE = 0
@@ -44,6 +45,7 @@ class WriterSchema:
 class SchemaCache:
     def __init__(self, registry_url: str) -> None:
         self.client = SchemaRegistryClient({"url": registry_url, "timeout": REQUEST_TIMEOUT_S})
+        self.where = redact(registry_url)  # for errors: the address, never its password
         self._by_id: dict[int, WriterSchema] = {}
         self._previous: dict[int, WriterSchema | None] = {}
 
@@ -56,10 +58,12 @@ class SchemaCache:
         except SchemaRegistryError as exc:
             if exc.http_status_code == 404:
                 raise UnknownSchema(f"unknown schema id {schema_id}: not in the registry") from exc
-            raise RegistryUnavailable(f"registry error for schema id {schema_id}: {exc}") from exc
+            raise RegistryUnavailable(
+                f"registry {self.where}: error for schema id {schema_id}: {exc}"
+            ) from exc
         except Exception as exc:  # connection refused, timeouts
             raise RegistryUnavailable(
-                f"registry unreachable fetching schema id {schema_id}: {exc}"
+                f"registry {self.where} unreachable fetching schema id {schema_id}: {exc}"
             ) from exc
         raw = json.loads(schema.schema_str or "null")
         writer = WriterSchema(schema_id, raw, fastavro.parse_schema(raw, _write_hint=False))
@@ -76,9 +80,13 @@ class SchemaCache:
         except SchemaRegistryError as exc:
             if exc.http_status_code == 404:
                 return None
-            raise RegistryUnavailable(f"registry error listing {subject}: {exc}") from exc
+            raise RegistryUnavailable(
+                f"registry {self.where}: error listing {subject}: {exc}"
+            ) from exc
         except Exception as exc:
-            raise RegistryUnavailable(f"registry unreachable listing {subject}: {exc}") from exc
+            raise RegistryUnavailable(
+                f"registry {self.where} unreachable listing {subject}: {exc}"
+            ) from exc
         mine = [v for v, schema_id in ids.items() if schema_id == writer.schema_id]
         earlier = [v for v in versions if mine and v < mine[0]]
         previous_id = ids[earlier[-1]] if earlier else None

@@ -1,0 +1,247 @@
+"""The transaction ledger on a real (embedded) ClickHouse: which END events count for, an END
+that cannot be read, the incremental watermark and pruning (projector/transactions.py).
+
+Postgres' xids wrap around after 2^32 transactions, so the same xid names two transactions far
+apart; no test stack runs that long, so the ledger gets the END events and event spans Debezium
+would have produced (ids `<xid>:<lsn>`, ENDs in commit order)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import pytest
+
+from projector.checkpoint import BatchRange
+from projector.clickhouse import ChdbBackend
+from projector.transactions import EventSpan, TransactionLedger, rows_to_keep
+
+A, B, HEARTBEAT = "public.a", "public.b", "debezium.heartbeat"
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChdbBackend]:
+    # chDB holds one engine per process: one for the module, a database per test.
+    backend = ChdbBackend(str(tmp_path_factory.mktemp("chdb")))
+    yield backend
+    backend.close()
+
+
+_databases = itertools.count()
+_batches = itertools.count()
+
+
+def batch(topic: str = "cdc.public.a") -> BatchRange:
+    """A batch range of its own, so that its inserts have tokens of their own."""
+    n = next(_batches)
+    return BatchRange(topic, 0, n, n)
+
+
+@pytest.fixture
+def ledger(engine: ChdbBackend) -> TransactionLedger:
+    database = f"ledger_test_{next(_databases)}"
+    engine.execute(f"CREATE DATABASE {database}")
+    ledger = TransactionLedger(engine, database, "replica")
+    ledger.create()
+    return ledger
+
+
+def end(offset: int, xid: int, lsn: int, **events: int) -> tuple[int, dict]:
+    collections = [{"data_collection": c.replace("__", "."), "event_count": n}
+                   for c, n in events.items()]  # fmt: skip
+    return offset, {"status": "END", "id": f"{xid}:{lsn}", "data_collections": collections}
+
+
+def applied(ledger: TransactionLedger, collection: str, *tx_ids: str) -> None:
+    """One batch applying the change events with these Debezium ids on `collection`."""
+    counts: dict[tuple[str, str], EventSpan] = {}
+    for tx_id in tx_ids:
+        xid, span = EventSpan.of(tx_id)
+        key = (xid, collection)
+        counts[key] = counts[key] + span if key in counts else span
+    ledger.record_progress(batch(), counts)
+
+
+def test_two_transactions_with_one_xid_stay_apart(ledger: TransactionLedger) -> None:
+    """xid 7 commits at LSN 1000 (complete); 2^32 transactions later xid 7 again, at LSN
+    9,000,000, with one of its two events applied: it is not complete, and the first one's
+    events do not make it so."""
+    ledger.record_ends(batch("cdc.transaction"), [
+        end(1, 7, 1000, public__a=2), end(3, 8, 2000, public__a=1),
+        end(5, 7, 9_000_000, public__a=2),
+    ])  # fmt: skip
+    applied(ledger, A, "7:900", "7:950")
+    applied(ledger, A, "8:1900")
+    applied(ledger, A, "7:8999000")
+    mark = ledger.watermark([A])
+    assert mark is not None and (mark.offset, mark.tx_id) == (3, "8")
+    assert ledger.first_incomplete([A], -1) == {A: 5}
+    # The second event of the second xid 7 arrives: now it is complete.
+    applied(ledger, A, "7:8999500")
+    mark = ledger.watermark([A])
+    assert mark is not None and (mark.offset, mark.lsn) == (5, 9_000_000)
+
+
+def test_a_span_across_two_transactions_with_one_xid_counts_for_neither(
+    ledger: TransactionLedger,
+) -> None:
+    ledger.record_ends(batch("cdc.transaction"), [
+        end(1, 7, 1000, public__a=1), end(5, 7, 9_000_000, public__a=1),
+    ])  # fmt: skip
+    applied(ledger, A, "7:900", "7:8999000")  # one batch, both: the span cannot tell them apart
+    assert ledger.watermark([A]) is None  # held (truthful), never claimed
+
+
+def test_an_unreadable_end_holds_every_watermark_until_it_is_recorded(
+    ledger: TransactionLedger,
+) -> None:
+    ledger.record_ends(batch("cdc.transaction"), [
+        end(1, 10, 1000, public__a=1), (3, None), end(5, 12, 3000, public__b=1),
+    ])  # fmt: skip
+    applied(ledger, A, "10:900")
+    applied(ledger, B, "12:2900")
+    for tables in ([A], [B], [A, B]):
+        mark = ledger.watermark(tables)
+        assert mark is None or mark.offset < 3, (tables, mark)
+    assert ledger.first_incomplete([A, B], -1) == {A: 3, B: 3}
+    assert ledger.unfinished(5, r"cdc\.public\..*", "cdc") is None  # not counted: unknown
+    # `projector dlq replay` records the END once it reads (here: it touched public.a).
+    ledger.record_ends(batch("cdc.transaction"), [end(3, 11, 2000, public__a=1)])
+    ledger.forget_unreadable(3)
+    assert ledger.first_incomplete([A, B], -1) == {A: 3}
+    applied(ledger, A, "11:1900")
+    mark = ledger.watermark([A, B])
+    assert mark is not None and mark.offset == 5
+
+
+def test_the_watermark_from_the_last_one_equals_the_watermark_from_scratch(
+    ledger: TransactionLedger,
+) -> None:
+    ledger.record_ends(batch("cdc.transaction"), [
+        end(1, 1, 100, public__a=1), end(3, 2, 200, public__a=1), end(5, 3, 300, public__a=1),
+    ])  # fmt: skip
+    applied(ledger, A, "1:90", "2:190")
+    first = ledger.watermark([A])
+    assert first is not None and first.offset == 3
+    assert ledger.watermark([A], first) == first  # nothing new: the same
+    applied(ledger, A, "3:290")
+    assert ledger.watermark([A], first) == ledger.watermark([A])
+
+
+def test_pruning_changes_no_answer(ledger: TransactionLedger) -> None:
+    """A ledger with complete transactions, a dead letter (incomplete on b), a table nothing
+    applies (c) and heartbeats: pruning deletes rows, and every watermark, the first incomplete
+    transactions and the unfinished ones stay what they were. A fence may move later (its END
+    may be gone), never earlier: `--until-caught-up` then waits for a little more."""
+    ends = []
+    for n in range(1, 41):
+        offset, lsn = 2 * n + 1, 1000 * n
+        if n % 10 == 0:
+            ends.append(end(offset, n, lsn, debezium__heartbeat=1))
+        elif n in (12, 30):
+            ends.append(end(offset, n, lsn, public__c=1))  # nothing applies public.c
+        elif n % 3 == 0:
+            ends.append(end(offset, n, lsn, public__a=1, public__b=1))
+        else:
+            ends.append(end(offset, n, lsn, public__a=1))
+    ledger.record_ends(batch("cdc.transaction"), ends)
+    for _offset, value in ends:
+        xid, lsn = value["id"].split(":")
+        for c in value["data_collections"]:
+            name = c["data_collection"]
+            if name == B and xid == "21":
+                ledger.record_progress(
+                    batch(), {}, {(xid, B): EventSpan(1, int(lsn) - 5, int(lsn) - 5)}
+                )
+            elif name in (A, B):
+                applied(ledger, name, f"{xid}:{int(lsn) - 5}")
+    sets = [[A], [B], [A, B], [A, "public.c"], ["public.c"], [B, "public.c"]]
+
+    def answers() -> list[object]:
+        return [
+            *(ledger.watermark(tables) for tables in sets),
+            ledger.first_incomplete([A, B, "public.c"], -1),
+            ledger.unfinished(81, r"cdc\.public\.(a|b)", "cdc"),
+            ledger.fence_offset(40_000),
+            ledger.newest_end(),
+        ]
+
+    before, fence = answers(), ledger.fence_offset(25_500)
+    pruned = ledger.prune()
+    assert pruned > 10
+    assert answers() == before
+    later = ledger.fence_offset(25_500)
+    assert fence is not None and later is not None and later >= fence
+    assert ledger.prune() == 0  # nothing more to drop
+    # Progress rows of pruned ENDs went with them.
+    rows = ledger.ch.rows(f"SELECT count() AS n FROM {ledger.progress}")
+    assert int(rows[0]["n"]) < 30
+
+
+def test_rows_to_keep() -> None:
+    rows = [(1, A, True), (1, B, True), (3, A, True), (5, B, False), (7, A, True),
+            (9, A, True), (11, "c", False), (13, A, True)]  # fmt: skip
+    # incomplete: 5, 11; newest before 5: 3 (a), 1 (b); before 11: 9 (a), 1 (b);
+    # newest of all: 13 (a), 1 (b), 11 (c)
+    assert rows_to_keep(rows) == {1, 3, 5, 9, 11, 13}
+
+
+def test_a_ledger_of_the_earlier_layout_is_carried_over(engine: ChdbBackend) -> None:
+    """Before the spans, the ledger was `transactions` and `transaction_progress`, keyed by xid:
+    its ENDs and counts still count after the upgrade (a transaction in flight completes)."""
+    database = f"ledger_test_{next(_databases)}"
+    engine.execute(f"CREATE DATABASE {database}")
+    engine.execute(
+        f"CREATE TABLE {database}.transactions (tx_id String, lsn UInt64, `offset` Int64, "
+        "data_collection String, expected UInt64, commit_ms Int64 DEFAULT 0) "
+        "ENGINE = ReplacingMergeTree ORDER BY (tx_id, data_collection)"
+    )
+    engine.execute(
+        f"CREATE TABLE {database}.transaction_progress (tx_id String, data_collection String, "
+        "applied UInt64, dead_lettered UInt64) ENGINE = SummingMergeTree "
+        "ORDER BY (tx_id, data_collection)"
+    )
+    engine.execute(
+        f"INSERT INTO {database}.transactions VALUES ('5', 500, 1, 'public.a', 1, 0), "
+        "('6', 600, 3, 'public.a', 2, 0)"
+    )
+    engine.execute(f"INSERT INTO {database}.transaction_progress VALUES ('5', 'public.a', 1, 0), "
+                   "('6', 'public.a', 1, 0)")  # fmt: skip
+    ledger = TransactionLedger(engine, database, "replica")
+    ledger.create()
+    ledger.create()  # again: copied once
+    mark = ledger.watermark([A])
+    assert mark is not None and mark.offset == 1
+    applied(ledger, A, "6:590")  # the second event of xid 6 arrives after the upgrade
+    mark = ledger.watermark([A])
+    assert mark is not None and mark.offset == 3
+
+
+def test_rows_to_keep_answers_every_watermark_as_the_whole_ledger_does() -> None:
+    """Random ledgers: the kept rows give every set of tables the same watermark (the newest END
+    on the set before its first incomplete one), and the same newest END of any table before
+    it, as all rows do."""
+    import random
+
+    def watermark(rows: list[tuple[int, str, bool]], tables: set[str]) -> tuple[int | None, ...]:
+        on = [r for r in rows if r[1] in tables]
+        first = min((o for o, _, done in on if not done), default=None)
+        before = [o for o, _, _ in on if first is None or o < first]
+        anything = [o for o, _, _ in rows if first is None or o < first]
+        return (max(before, default=None), max(anything, default=None), first)
+
+    generator = random.Random(7)
+    names = ["a", "b", "c", "d"]
+    for _ in range(300):
+        rows = []
+        for offset in range(1, generator.randint(1, 40) * 2, 2):
+            for name in generator.sample(names, generator.randint(1, 3)):
+                rows.append((offset, name, generator.random() > 0.15))
+        kept = rows_to_keep(rows)
+        pruned = [r for r in rows if r[0] in kept]
+        for size in (1, 2, 3, 4):
+            for tables in itertools.combinations(names, size):
+                assert watermark(pruned, set(tables)) == watermark(rows, set(tables)), (
+                    rows,
+                    tables,
+                )
