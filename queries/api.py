@@ -10,9 +10,10 @@
 | `GET /ops/status` | what the ops page shows (queries/ops.py) |
 | `GET /` | the ops page: one static HTML file, no build step |
 
-Every endpoint that answers with data needs `Authorization: Bearer <PROJECTOR_API_TOKEN>`. Open
-are `/health`, and the static page and API description (`/`, `/docs`, `/openapi.json`), which hold
-no data: the page asks for the token and sends it with each request it makes.
+Every endpoint but `/health` needs the token: `Authorization: Bearer <PROJECTOR_API_TOKEN>` from
+programs, or HTTP Basic credentials with the token as the password from a browser — the pages
+(`/`, `/docs`, `/openapi.json`) answer a missing token with a Basic challenge, so the browser asks
+once and sends the credentials with every request the page makes.
 
 Bad input of any kind answers 4xx with `{"error": code, "message": ...}`; an unexpected failure
 answers 500 with a JSON message and is logged, never a traceback to the client.
@@ -59,7 +60,10 @@ from queries.service import (
 
 log = logging.getLogger("queries")
 RESERVED = ("limit", "offset", "min_lsn", "wait_ms", "format")
-OPEN_PATHS = frozenset({"/health", "/", "/docs", "/openapi.json", "/docs/oauth2-redirect"})
+OPEN_PATHS = frozenset({"/health"})
+# Pages a person opens in a browser: a refused request asks the browser for credentials (HTTP
+# Basic, the API token as the password), which it then sends with every request of the page.
+PAGE_PATHS = frozenset({"/", "/docs", "/openapi.json", "/docs/oauth2-redirect"})
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -123,7 +127,12 @@ class AuthAndMeasure:
                 authorization = headers.get(b"authorization", b"").decode("latin-1")
                 check_token(self.token, authorization or None)
         except QueryError as exc:
-            await error_response(exc)(scope, receive, remember_status)
+            response = error_response(exc)
+            if scope["path"] in PAGE_PATHS:
+                response.headers["WWW-Authenticate"] = (
+                    'Basic realm="cdc-projector (password: the API token)", charset="UTF-8"'
+                )
+            await response(scope, receive, remember_status)
         else:
             await self.app(scope, receive, remember_status)
         finally:

@@ -17,6 +17,7 @@ FastAPI in front of it. A named query's way through `QueryService.named`:
 
 from __future__ import annotations
 
+import base64
 import csv
 import hmac
 import io
@@ -246,8 +247,17 @@ def choose_format(accept: str | None, explicit: str | None) -> str:
 
 
 def check_token(expected: str, authorization: str | None) -> None:
+    """The API token, as `Bearer <token>` (programs) or as the password of HTTP Basic
+    credentials, any user name (browsers: they ask for it and send it with every request)."""
     scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not given:
+    if scheme.lower() == "basic" and given:
+        try:
+            given = base64.b64decode(given.strip(), validate=True).decode().partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            given = ""
+    elif scheme.lower() != "bearer":
+        given = ""
+    if not given:
         raise Unauthorised("send the API token as 'Authorization: Bearer <PROJECTOR_API_TOKEN>'")
     if not hmac.compare_digest(given.strip().encode(), expected.encode()):
         raise Unauthorised("the API token is not valid")

@@ -99,11 +99,14 @@ def test_the_ops_page_shows_projections_and_follows_the_lag(
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
         )
-        page = browser.new_page()
+        refused = httpx.get(url + "/")  # the page itself needs the token
+        assert refused.status_code == 401 and "Basic" in refused.headers["www-authenticate"]
+        # a browser asks for credentials once (the token as the password) and sends them with
+        # every request of the page
+        page = browser.new_context(
+            http_credentials={"username": "ops", "password": TOKEN}
+        ).new_page()
         page.goto(url + "/")
-        page.wait_for_selector("#login", state="visible")  # no token yet: it asks for one
-        page.fill("#token", TOKEN)
-        page.click("#save-token")
         for name in READ_MODELS:
             page.wait_for_selector(f'#projections tr[data-name="{name}"]', timeout=120_000)
 

@@ -4,6 +4,7 @@ important paths is tests/integration/test_query_service.py."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -95,6 +96,21 @@ def test_every_endpoint_but_health_needs_the_token(parts: Any) -> None:
     assert client.get("/queries", headers=AUTH).status_code == 200
     metrics = client.get("/metrics", headers=AUTH).text
     assert 'query_requests_total{route="unmatched",status="401"} 13.0' in metrics
+
+
+def test_the_pages_need_the_token_too_and_ask_browsers_for_it(parts: Any) -> None:
+    client, _, _, _ = parts
+    basic = {"Authorization": "Basic " + base64.b64encode(f"ops:{TOKEN}".encode()).decode()}
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"ops:wrong").decode()}
+    for path in ("/", "/docs", "/openapi.json"):
+        for headers in ({}, wrong, {"Authorization": "Basic not-base64!"}):
+            refused = client.get(path, headers=headers)
+            assert refused.status_code == 401, (path, headers)
+            assert refused.headers["www-authenticate"].startswith("Basic realm="), path
+        assert client.get(path, headers=basic).status_code == 200, path
+        assert client.get(path, headers=AUTH).status_code == 200, path
+    # Basic credentials carry the token to the API as well (the page's own requests)
+    assert client.get("/queries", headers=basic).status_code == 200
 
 
 def test_a_named_query_answers_rows_with_its_watermark(parts: Any) -> None:
@@ -229,6 +245,6 @@ def test_the_list_documents_every_parameter(parts: Any) -> None:
     queries = {q["name"]: q for q in client.get("/queries", headers=AUTH).json()["queries"]}
     assert queries["order_by_id"]["parameters"][0]["type"] == "Int64"
     assert queries["orders_in_status"]["parameters"][0]["choices"][0] == "PENDING"
-    schema = client.get("/openapi.json").json()
+    schema = client.get("/openapi.json", headers=AUTH).json()
     params = schema["paths"]["/queries/order_by_id"]["get"]["parameters"]
     assert {"order_id", "limit", "offset", "min_lsn"} <= {p["name"] for p in params}
