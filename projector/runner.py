@@ -18,7 +18,7 @@ import signal
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -38,13 +38,14 @@ from projector.checkpoint import (
     BatchCommitter,
     BatchRange,
     CheckpointStore,
+    Resume,
     acknowledge,
     cut_batch,
 )
 from projector.clickhouse import ClickHouse
 from projector.config import ProjectorConfig
 from projector.dlq import DeadLetter, DeadLetterStore
-from projector.errors import ClickHouseUnavailable
+from projector.errors import ClickHouseUnavailable, PartitionLost
 from projector.fast_path import FastPath, Segment
 from projector.messages import KafkaMessages, RawMessage, source_table_of
 from projector.metrics import ProjectorMetrics
@@ -58,6 +59,7 @@ from schemas.upcasters import Upcasters
 log = logging.getLogger("projector")
 T = TypeVar("T")
 TRANSIENT: tuple[type[Exception], ...] = (ClickHouseUnavailable, RegistryUnavailable)
+KEEP_POLLING_S = 1.0  # how often a member waiting for its batch polls (stays in the group)
 FINISH_CHECK_S = 0.5  # how often a run asked to finish looks at its finish line, at most
 FIRST_WAITING_REPORT_S, WAITING_REPORT_S = 5.0, 30.0  # when it logs what it still waits for
 
@@ -95,24 +97,27 @@ def offset_of(message: Message) -> int:
 class PartitionState:
     buffer: list[Message] = field(default_factory=list)  # consumed, not yet in a batch
     replay: BatchRange | None = None  # an open intent to replay exactly
+    positioned: int = 0  # times steps A-C placed it: a batch cut before the last one is stale
     high_watermark: int = 0
 
 
 class Projector:
     def __init__(self, config: ProjectorConfig, ch: ClickHouse) -> None:
         self.config = config
-        self.ch = ch
         self.schemas = SchemaCache(config.registry_url)
         self.checkpoints = CheckpointStore(ch, config.control_database, PROJECTION)
-        self.dlq = DeadLetterStore(ch, config.control_database, PROJECTION)
         with_retries(self.checkpoints.create, "creating the checkpoint table")
+        self.committer = BatchCommitter(self.checkpoints)
+        has_fast_path = hasattr(ch, "over_avro")
+        # Everything a batch writes goes through the fence (checkpoint.py, step 3).
+        self.ch = ch = self.committer.fenced(ch)
+        self.dlq = DeadLetterStore(ch, config.control_database, PROJECTION)
         with_retries(self.dlq.create, "creating the DLQ table")
         self.ledger = TransactionLedger(ch, config.control_database, PROJECTION)
         with_retries(self.ledger.create, "creating the transaction ledger")
-        self.committer = BatchCommitter(self.checkpoints)
         fast_path = None
-        if config.fast_path and hasattr(ch, "over_avro"):
-            fast_path = FastPath(ch, config.registry_url, config.transaction_metadata)  # type: ignore[arg-type]
+        if config.fast_path and has_fast_path:
+            fast_path = FastPath(ch, config.registry_url, config.transaction_metadata)
         self.applier = BatchApplier(
             ch, self.schemas, ReplicaCatalog(ch, config.replica_prefix), PROJECTION,
             upcasters=Upcasters.load(config.upcasters_file), fast_path=fast_path,
@@ -128,6 +133,7 @@ class Projector:
         self.next_offset: dict[tuple[str, int], int] = {}
         self._apply_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apply")
         self._in_flight: Future[BatchRange] | None = None
+        self._waiting = False  # partitions paused while the batch in flight waits
         self.metrics = ProjectorMetrics()
         self._next_progress_report = self._next_watermark_report = 0.0
         if config.metrics_port:
@@ -151,6 +157,7 @@ class Projector:
                 "topic.metadata.refresh.interval.ms": 2000,
                 "partition.assignment.strategy": "cooperative-sticky",
                 "session.timeout.ms": config.session_timeout_ms,
+                "max.poll.interval.ms": config.max_poll_interval_ms,
                 "max.partition.fetch.bytes": 16 * 1024 * 1024,
             }
         )
@@ -160,11 +167,21 @@ class Projector:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
+        resumes = self._position(keys)
+        consumer.incremental_assign(
+            [TopicPartition(r.topic, r.partition, r.offset) for r in resumes]
+        )
+        if self._waiting:  # assigned while a batch waits for ClickHouse: fetch nothing yet
+            consumer.pause(consumer.assignment())
+
+    def _position(self, keys: list[tuple[str, int]]) -> list[Resume]:
+        """Steps A-C for `keys`: claim them, and start each from its checkpoint."""
         resumes = with_retries(lambda: self.committer.assign(keys), "reading checkpoints")
         for resume in resumes:
             state = self.partitions[(resume.topic, resume.partition)]
             state.buffer.clear()
             state.replay = resume.replay
+            state.positioned += 1
             self.next_offset[(resume.topic, resume.partition)] = resume.offset
             log.info(
                 "assigned %s[%d] from offset %d", resume.topic, resume.partition, resume.offset
@@ -172,17 +189,30 @@ class Projector:
             if resume.replay is not None:
                 log.info("replaying the open intent %d-%d of %s[%d] (the last run stopped inside it)",
                          resume.replay.first, resume.replay.last, resume.topic, resume.partition)  # fmt: skip
-        consumer.incremental_assign(
-            [TopicPartition(r.topic, r.partition, r.offset) for r in resumes]
-        )
+        return resumes
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._wait_for_batch()  # the next owner starts after our last batch, never beside it
+        # The next owner starts after our last batch, not beside it — if the batch finishes in
+        # time (a rebalance waits for us at most max.poll.interval.ms). If ClickHouse holds it
+        # longer, we hand over anyway: the fence keeps whatever it writes later out.
+        self._settle_batch(wait_s=self.config.max_poll_interval_ms / 1000 / 3, reclaim=False)
+        self._forget(partitions)
+        consumer.incremental_unassign(partitions)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """The group already gave these partitions to others (we missed its deadline): nothing
+        to wait for; a batch of theirs still in flight fails at the fence."""
+        log.warning("lost %s to the group (no poll or heartbeat in time)",
+                    ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))  # fmt: skip
+        self._forget(partitions)
+        consumer.incremental_unassign(partitions)
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self.metrics.forget(tp.topic, tp.partition)
             self.next_offset.pop((tp.topic, tp.partition), None)
             self.partitions.pop((tp.topic, tp.partition), None)
-        consumer.incremental_unassign(partitions)
+        self.committer.release([(tp.topic, tp.partition) for tp in partitions])
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -206,26 +236,14 @@ class Projector:
         if finish is not None:
             log.info("running until %s is applied", finish.describe())
         self.consumer.subscribe(
-            self.config.subscription(), on_assign=self._on_assign, on_revoke=self._on_revoke
-        )
+            self.config.subscription(), on_assign=self._on_assign, on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )  # fmt: skip
         next_finish_check = time.monotonic()
         next_waiting_report = next_finish_check + FIRST_WAITING_REPORT_S
         try:
             while not self.stopping:
-                messages = self.consumer.consume(
-                    self.config.max_batch_messages, self.config.max_batch_wait_ms / 1000
-                )
-                fresh = 0
-                for msg in messages:
-                    error = msg.error()
-                    if error is not None:
-                        if error.code() == KafkaError._PARTITION_EOF:
-                            continue
-                        if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                            continue
-                        raise KafkaException(error)
-                    fresh += 1
-                    self.partitions[(msg.topic(), msg.partition())].buffer.append(msg)  # type: ignore[index]
+                fresh = self._consume(self.config.max_batch_wait_ms / 1000)
                 self._flush(drain=fresh < self.config.max_batch_messages)
                 if self._in_flight is not None and self._in_flight.done():
                     self._wait_for_batch()  # an idle loop still records the last batch
@@ -262,6 +280,26 @@ class Projector:
         )  # fmt: skip
         return 0
 
+    def _consume(self, timeout_s: float) -> int:
+        """Poll the consumer (which also keeps this member in the group and runs rebalance
+        callbacks), buffer what came; how many messages came."""
+        messages = self.consumer.consume(self.config.max_batch_messages, timeout_s)
+        fresh = 0
+        for msg in messages:
+            error = msg.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    continue
+                raise KafkaException(error)
+            key = (msg.topic(), msg.partition())
+            if key not in self.next_offset:
+                continue  # revoked since it was fetched: the next owner reads it
+            fresh += 1
+            self.partitions[key].buffer.append(msg)
+        return fresh
+
     def _flush(self, drain: bool) -> None:
         """Cut every batch that is ready and hand it to the apply thread, one at a time and in
         order: while ClickHouse applies one batch (chDB releases the GIL), this thread consumes
@@ -278,7 +316,12 @@ class Projector:
                 )
                 messages = KafkaMessages(batch_msgs)
                 segments = self.applier.plan(messages)  # while the batch in flight applies
+                positioned = state.positioned
                 self._wait_for_batch()  # at most one batch in flight
+                if self.partitions.get((topic, partition)) is not state or (
+                    state.positioned != positioned
+                ):
+                    break  # revoked or re-positioned meanwhile: this batch is not ours to apply
                 self._in_flight = self._apply_thread.submit(
                     self._commit_with_retries, batch, messages, segments
                 )
@@ -287,13 +330,50 @@ class Projector:
                     return
 
     def _wait_for_batch(self) -> None:
-        """Wait for the batch in flight (re-raising its failure), then tell Kafka."""
+        """Wait for the batch in flight (re-raising its failure), then tell Kafka. While it
+        waits (ClickHouse may be down for minutes), the member keeps polling with every partition
+        paused: it stays in the group and follows rebalances instead of being thrown out after
+        max.poll.interval.ms with a batch still to write."""
+        try:
+            # A batch that takes longer than KEEP_POLLING_S: poll, paused, until it is done
+            while (
+                self._in_flight is not None
+                and not wait([self._in_flight], timeout=KEEP_POLLING_S).done
+            ):
+                if not self._waiting:
+                    self._waiting = True
+                    self.consumer.pause(self.consumer.assignment())
+                self._consume(0)
+        finally:
+            if self._waiting:
+                self._waiting = False
+                self.consumer.resume(self.consumer.assignment())
+        self._settle_batch()
+
+    def _settle_batch(self, wait_s: float | None = None, reclaim: bool = True) -> None:
+        """Take the batch in flight's outcome (waiting up to `wait_s`; None: until it is done).
+        A batch the fence refused is dropped: if Kafka still gives us its partition (and we may
+        `reclaim`: not inside a revoke), we claim it anew and resume from its checkpoint (steps
+        A-C); if not, its new owner applies it."""
         if self._in_flight is None:
             return
+        if wait_s is not None and not wait([self._in_flight], timeout=wait_s).done:
+            log.warning("handing over while a batch is still in flight (ClickHouse unavailable?); "
+                        "the fence keeps it out if it finishes later")  # fmt: skip
+            return
         future, self._in_flight = self._in_flight, None
-        batch = future.result()
-        self.next_offset[(batch.topic, batch.partition)] = batch.last + 1
-        if (batch.topic, batch.partition) in self.partitions:
+        try:
+            batch = future.result()
+        except PartitionLost as lost:
+            key = (lost.topic, lost.partition)
+            log.warning("dropped a batch of %s[%d]: %s", lost.topic, lost.partition, lost)
+            if reclaim and key in self.next_offset:  # Kafka still says ours: claim it again
+                (resume,) = self._position([key])
+                self.consumer.seek(TopicPartition(resume.topic, resume.partition, resume.offset))
+            return
+        key = (batch.topic, batch.partition)
+        if key in self.next_offset:
+            self.next_offset[key] = batch.last + 1
             acknowledge(self.consumer, batch)
 
     def _report_progress(self) -> None:

@@ -96,12 +96,13 @@ def cluster() -> list[str]:
 
 def test_single_server_ddl_is_plain_and_deduplicates(single: list[str]) -> None:
     tables = [s for s in single if s.startswith("CREATE TABLE")]
-    assert len(tables) == 6  # checkpoints, dlq, two ledgers, a keyed and a key-less replica
+    # checkpoints, partition owners, dlq, two ledgers, a keyed and a key-less replica
+    assert len(tables) == 7
     for statement in single:
         assert "ON CLUSTER" not in statement
         assert "Replicated" not in statement
     for statement in tables:
-        window = "0" if "checkpoints" in statement else "100000"
+        window = "0" if "checkpoints" in statement or "partition_owners" in statement else "100000"
         assert f"non_replicated_deduplication_window = {window}" in statement
     assert any("ENGINE = ReplacingMergeTree(_version, _is_deleted)" in s for s in tables)
     assert any("ENGINE = MergeTree ORDER BY (_partition, _offset)" in s for s in tables)
@@ -109,14 +110,14 @@ def test_single_server_ddl_is_plain_and_deduplicates(single: list[str]) -> None:
 
 def test_cluster_ddl_runs_on_every_replica_with_replicated_engines(cluster: list[str]) -> None:
     tables = [s for s in cluster if s.startswith("CREATE TABLE")]
-    assert len(tables) == 6
+    assert len(tables) == 7
     for statement in cluster:
         if statement.startswith(("CREATE", "ALTER")):
             assert " ON CLUSTER `analytics`" in statement, statement
     path = "'/clickhouse/tables/{shard}/{database}/{table}', '{replica}'"
     for statement in tables:
         assert "ENGINE = Replicated" in statement and path in statement, statement
-        window = "0" if "checkpoints" in statement else "10000"
+        window = "0" if "checkpoints" in statement or "partition_owners" in statement else "10000"
         assert f"replicated_deduplication_window = {window}" in statement
         assert "non_replicated" not in statement
     keyed = next(s for s in tables if "`orders`" in s)
