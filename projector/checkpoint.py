@@ -243,6 +243,19 @@ class CheckpointStore:
             )
         )
 
+    def restart_at(self, topic: str, ends: dict[int, int], member: str) -> None:
+        """Every partition of `topic` resumes at its offset in `ends` (a table's rebuild: nothing
+        before those offsets is applied again). The topic's records go, then a claim above every
+        member's and a done record before each end: a member that claims next reads them."""
+        self.ch.execute(
+            f"DELETE FROM {self.table} WHERE {self._where(None)} AND topic = {quote(topic)}"
+        )
+        claimed = self.claim([(topic, partition) for partition in ends], member)
+        for partition, end in ends.items():
+            if end > 0:
+                batch = BatchRange(topic, partition, end - 1, end - 1)
+                self.record(batch, DONE, claimed[(topic, partition)].generation)
+
     def claims(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], Claim]:
         """The newest claim of each of these partitions (the owner, as far as the fence goes)."""
         if not partitions:
@@ -317,6 +330,12 @@ class BatchCommitter:
         """Forget our claims on partitions Kafka took away (a newer claim supersedes them)."""
         for key in partitions:
             self.claims.pop(key, None)
+
+    def forget_checkpoint(self, topic: str, partition: int) -> None:
+        """Step 1 judges the next batch against nothing: the partition's topic was re-created,
+        and the checkpoint describes offsets of the old one (our records, at this claim's newer
+        generation, win over its records from now on)."""
+        self.checkpoints.pop((topic, partition), None)
 
     def resume_offset(self, topic: str, partition: int) -> int | None:
         checkpoint = self.checkpoints.get((topic, partition))

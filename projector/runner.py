@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 from confluent_kafka import (
@@ -28,10 +29,12 @@ from confluent_kafka import (
     KafkaException,
     Message,
     Producer,
+    TopicCollection,
     TopicPartition,
 )  # fmt: skip
+from confluent_kafka.admin import AdminClient
 
-from projector.apply import BatchApplier
+from projector.apply import BatchApplier, BatchOutcome, decode
 from projector.catch_up import Finish, FinishLine
 from projector.checkpoint import (
     PROJECTION,
@@ -45,11 +48,12 @@ from projector.checkpoint import (
 from projector.clickhouse import ClickHouse
 from projector.config import ProjectorConfig
 from projector.dlq import DeadLetter, DeadLetterStore
-from projector.errors import ClickHouseUnavailable, PartitionLost
+from projector.errors import ClickHouseUnavailable, PartitionLost, PoisonMessage
 from projector.fast_path import FastPath, Segment
 from projector.messages import KafkaMessages, RawMessage, source_table_of
 from projector.metrics import ProjectorMetrics
 from projector.replica import ReplicaCatalog
+from projector.topic_guard import TopicGuard, TopicShape
 from projector.transactions import TransactionLedger, Unfinished
 from queries.read_models import ReadModels, load_read_models
 from schemas.errors import RegistryUnavailable, SchemaError, UnknownSchema
@@ -115,6 +119,9 @@ class Projector:
         with_retries(self.dlq.create, "creating the DLQ table")
         self.ledger = TransactionLedger(ch, config.control_database, PROJECTION)
         with_retries(self.ledger.create, "creating the transaction ledger")
+        self.admin = AdminClient({"bootstrap.servers": config.kafka_bootstrap})
+        self.guard = TopicGuard(ch, config.control_database, PROJECTION, self._describe_topic)
+        with_retries(self.guard.create, "creating the topic identities")
         fast_path = None
         if config.fast_path and has_fast_path:
             fast_path = FastPath(ch, config.registry_url, config.transaction_metadata)
@@ -175,9 +182,21 @@ class Projector:
             consumer.pause(consumer.assignment())
 
     def _position(self, keys: list[tuple[str, int]]) -> list[Resume]:
-        """Steps A-C for `keys`: claim them, and start each from its checkpoint."""
+        """Steps A-C for `keys`: claim them, and start each from its checkpoint — unless its
+        topic was re-created: the old topic's checkpoints say nothing of the new one's offsets,
+        which are read from 0 (into the DLQ: the table is stopped, projector/topic_guard.py)."""
         resumes = with_retries(lambda: self.committer.assign(keys), "reading checkpoints")
-        for resume in resumes:
+        topics = {topic for topic, _ in keys if topic != self.config.transaction_topic}
+        recreated = set()
+        for topic in topics:
+            if with_retries(partial(self.guard.recreated, topic), "reading topic identities"):
+                recreated.add(topic)
+        for index, resume in enumerate(resumes):
+            if resume.topic in recreated:
+                log.error("%s was re-created: its table stops (see `projector dlq list`)",
+                          resume.topic)  # fmt: skip
+                self.committer.forget_checkpoint(resume.topic, resume.partition)
+                resume = resumes[index] = Resume(resume.topic, resume.partition, 0, None)
             state = self.partitions[(resume.topic, resume.partition)]
             state.buffer.clear()
             state.replay = resume.replay
@@ -314,6 +333,16 @@ class Projector:
                 batch = BatchRange(
                     topic, partition, offset_of(batch_msgs[0]), offset_of(batch_msgs[-1])
                 )
+                expected = self.next_offset.get((topic, partition), 0)
+                if batch.first < expected and state.replay is None:
+                    # Kafka went back (offsets out of range, reset to the earliest): the topic
+                    # was re-created under us. Position it afresh (and so detect that).
+                    log.warning("%s[%d] went back from offset %d to %d; positioning it afresh",
+                                topic, partition, expected, batch.first)  # fmt: skip
+                    self._wait_for_batch()
+                    (resume,) = self._position([(topic, partition)])
+                    self.consumer.seek(TopicPartition(topic, partition, resume.offset))
+                    break
                 messages = KafkaMessages(batch_msgs)
                 segments = self.applier.plan(messages)  # while the batch in flight applies
                 positioned = state.positioned
@@ -428,6 +457,10 @@ class Projector:
         if batch.topic == self.config.transaction_topic:
             self.ledger.record_ends(batch, self._transaction_events(messages))
             return
+        stopped = self.guard.stopped_reason(batch.topic, _key_schema_ids(messages))
+        if stopped is not None:
+            self._refuse(batch, messages, stopped)
+            return
         started = time.monotonic()
         outcome = self.applier.apply(batch, messages, self._dead_letter, segments, planned=True)
         self.ledger.record_progress(batch, outcome.transactions, outcome.dead_transactions)
@@ -440,6 +473,38 @@ class Projector:
         if outcome.dead:
             self.metrics.dead_letters.labels(batch.topic).inc(len(outcome.dead))
         self.dead_letters += len(outcome.dead)
+
+    def _refuse(self, batch: BatchRange, messages: KafkaMessages, reason: str) -> None:
+        """A stopped table's batch: every message into the DLQ with the reason (a tombstone
+        carries nothing), each settled for its transaction."""
+        letters, dead = [], BatchOutcome(0, [])
+        collection = ".".join(source_table_of(batch.topic))
+        for message in messages:
+            if message.value is None:
+                continue
+            letters.append(DeadLetter.of(message, PoisonMessage("topic", reason)))
+            try:
+                event = decode(message, self.schemas)
+            except PoisonMessage:
+                continue
+            tx_id = None if event is None else (event.value.get("transaction") or {}).get("id")
+            if tx_id:
+                dead.count_dead_letter(str(tx_id), collection)
+        if letters:
+            self._dead_letter(batch, letters)
+            self.metrics.dead_letters.labels(batch.topic).inc(len(letters))
+            self.dead_letters += len(letters)
+        self.ledger.record_progress(batch, {}, dead.dead_transactions)
+
+    def _describe_topic(self, topic: str) -> TopicShape | None:
+        """Kafka's id and partition count of `topic` now (None: Kafka cannot say right now)."""
+        try:
+            futures = self.admin.describe_topics(TopicCollection([topic]), request_timeout=10)
+            description = futures[topic].result(timeout=15)
+        except KafkaException as exc:
+            log.warning("cannot describe topic %s: %s", topic, exc)
+            return None
+        return TopicShape(str(description.topic_id), len(description.partitions))
 
     def _transaction_events(
         self, messages: Sequence[RawMessage]
@@ -491,6 +556,12 @@ class Projector:
             checkpoint = checkpoints.get(key)
             applied[key] = None if checkpoint is None else checkpoint.resume_offset
         return applied
+
+
+def _key_schema_ids(messages: KafkaMessages) -> set[int]:
+    """The registry ids of the batch's Confluent-framed keys."""
+    _, keys, _ = messages.columns()
+    return {int.from_bytes(k[1:5], "big") for k in keys if k and len(k) >= 5 and k[0] == 0}
 
 
 class _RunProgress:
