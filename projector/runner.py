@@ -491,7 +491,9 @@ class Projector:
             if tx_id:
                 dead.count_dead_letter(str(tx_id), collection)
         if letters:
-            self._dead_letter(batch, letters)
+            log.warning("%d dead letters %s[%d]@%d-%d (topic): %s", len(letters), batch.topic,
+                        batch.partition, batch.first, batch.last, reason)  # fmt: skip
+            self._dead_letter(batch, letters, log_each=False)
             self.metrics.dead_letters.labels(batch.topic).inc(len(letters))
             self.dead_letters += len(letters)
         self.ledger.record_progress(batch, {}, dead.dead_transactions)
@@ -520,11 +522,14 @@ class Projector:
                 log.warning("unreadable transaction event at offset %d: %s", message.offset, exc)
         return events
 
-    def _dead_letter(self, batch: BatchRange, letters: list[DeadLetter]) -> None:
+    def _dead_letter(
+        self, batch: BatchRange, letters: list[DeadLetter], log_each: bool = True
+    ) -> None:
         self.dlq.add(batch, letters)
         for letter in letters:
-            log.warning("dead letter %s[%d]@%d (%s): %s", letter.topic, letter.partition,
-                        letter.offset, letter.stage, letter.error)  # fmt: skip
+            if log_each:
+                log.warning("dead letter %s[%d]@%d (%s): %s", letter.topic, letter.partition,
+                            letter.offset, letter.stage, letter.error)  # fmt: skip
             self.producer.produce(
                 self.config.dlq_topic, key=letter.key, value=letter.value,
                 headers={"origin.topic": letter.topic, "origin.partition": str(letter.partition),

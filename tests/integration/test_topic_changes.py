@@ -103,3 +103,36 @@ def test_a_changed_key_schema_on_a_partitioned_topic_stops_its_table(
     assert {letter["stage"] for letter in letters} == {"topic"}, reasons
     assert "key schema of topic" in letters[0]["error"], letters[0]["error"]
     assert_replica_equals_source(stack, projector, other, ["id"])
+
+
+def test_a_re_created_topic_stops_its_table_and_not_the_projector(
+    stack: StackHandle, tmp_path: Path
+) -> None:
+    projector = ProjectorProcess(stack, tmp_path)
+    recreated, other = projector.table("tg_recreated"), projector.table("tg_bystander")
+    for table in (recreated, other):
+        stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    stack.apply()
+    for table in (recreated, other):
+        write(stack, table, range(1, 51), "first")
+    projector.catch_up()
+
+    topic = f"cdc.public.{recreated}"
+    admin = AdminClient({"bootstrap.servers": stack.env["KAFKA_BOOTSTRAP"]})
+    for future in admin.delete_topics([topic]).values():
+        future.result(30)
+    deadline = time.monotonic() + 60
+    while topic in admin.list_topics(timeout=10).topics:
+        assert time.monotonic() < deadline, f"{topic} was not deleted"
+        time.sleep(0.5)
+    # Debezium's next event re-creates the topic (the broker creates topics on demand): its
+    # offsets start at 0 again, below every version stored
+    for table in (recreated, other):
+        write(stack, table, range(1, 11), "second")
+    projector.catch_up()
+
+    letters = topic_letters(projector, topic)
+    assert letters, "the table was not stopped"
+    assert {letter["stage"] for letter in letters} == {"topic"}, letters[:3]
+    assert "was deleted and re-created" in letters[0]["error"], letters[0]["error"]
+    assert_replica_equals_source(stack, projector, other, ["id"])
