@@ -63,7 +63,7 @@ from schemas.upcasters import Upcasters
 log = logging.getLogger("projector")
 T = TypeVar("T")
 TRANSIENT: tuple[type[Exception], ...] = (ClickHouseUnavailable, RegistryUnavailable)
-KEEP_POLLING_S = 1.0  # how often a member waiting for its batch polls (stays in the group)
+KEEP_POLLING_S = 1.0  # how often a member waiting long for its batch polls (stays in the group)
 FINISH_CHECK_S = 0.5  # how often a run asked to finish looks at its finish line, at most
 FIRST_WAITING_REPORT_S, WAITING_REPORT_S = 5.0, 30.0  # when it logs what it still waits for
 
@@ -363,8 +363,12 @@ class Projector:
         waits (ClickHouse may be down for minutes), the member keeps polling with every partition
         paused: it stays in the group and follows rebalances instead of being thrown out after
         max.poll.interval.ms with a batch still to write."""
+        # A batch that takes longer than a tenth of the poll interval (never an ordinary one:
+        # pausing drops what librdkafka fetched ahead) is waited for polling, paused.
+        patience_s = self.config.max_poll_interval_ms / 1000 / 10
+        if self._in_flight is not None:
+            wait([self._in_flight], timeout=patience_s)
         try:
-            # A batch that takes longer than KEEP_POLLING_S: poll, paused, until it is done
             while (
                 self._in_flight is not None
                 and not wait([self._in_flight], timeout=KEEP_POLLING_S).done
