@@ -107,6 +107,11 @@ class PartitionState:
 
 class Projector:
     def __init__(self, config: ProjectorConfig, ch: ClickHouse) -> None:
+        # A SIGTERM while starting (tables created, claims, Kafka clients) stops the run before
+        # its first batch, cleanly, like one later.
+        self.stopping = False
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
         self.config = config
         self.schemas = SchemaCache(config.registry_url)
         self.checkpoints = CheckpointStore(ch, config.control_database, PROJECTION)
@@ -150,7 +155,6 @@ class Projector:
             except OSError as exc:
                 log.warning("no metrics endpoint: port %d: %s (set PROJECTOR_METRICS_PORT)",
                             config.metrics_port, exc)  # fmt: skip
-        self.stopping = False
         self.applied_events = 0
         self.fast_events = 0  # of which applied by the fast path
         self.dead_letters = 0
