@@ -20,7 +20,6 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, TypeVar
 
 from confluent_kafka import (
@@ -70,9 +69,10 @@ FIRST_WAITING_REPORT_S, WAITING_REPORT_S = 5.0, 30.0  # when it logs what it sti
 
 def with_retries(
     action: Callable[[], T], what: str, stop: Callable[[], bool] = lambda: False,
-    base_s: float = 0.2, cap_s: float = 30.0,
+    base_s: float = 0.2, cap_s: float = 30.0, sleep: Callable[[float], None] = time.sleep,
 ) -> T:  # fmt: skip
-    """Run `action`, retrying transient failures with full-jitter exponential back-off."""
+    """Run `action`, retrying transient failures with full-jitter exponential back-off (`sleep`
+    waits: the main thread's keeps polling Kafka)."""
     attempt = 0
     while True:
         try:
@@ -83,7 +83,7 @@ def with_retries(
             attempt += 1
             if stop() and attempt > 3:
                 raise
-            time.sleep(random.uniform(0, min(cap_s, base_s * 2**attempt)))
+            sleep(random.uniform(0, min(cap_s, base_s * 2**attempt)))
             continue
         if attempt:
             log.warning("%s recovered after %d retries", what, attempt)
@@ -145,7 +145,8 @@ class Projector:
         self.next_offset: dict[tuple[str, int], int] = {}
         self._apply_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apply")
         self._in_flight: Future[BatchRange] | None = None
-        self._waiting = False  # partitions paused while the batch in flight waits
+        self._waiting = False  # partitions paused while the main thread waits for ClickHouse
+        self._unpositioned: set[tuple[str, int]] = set()  # assigned, paused: steps A-C failed
         self.metrics = ProjectorMetrics()
         self._next_progress_report = self._next_watermark_report = 0.0
         if config.metrics_port:
@@ -178,23 +179,48 @@ class Projector:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
-        resumes = self._position(keys)
+        try:
+            resumes = self._position(keys)
+        except TRANSIENT as exc:
+            # Never wait for ClickHouse inside a rebalance: the whole group would wait for us.
+            # The partitions wait, paused, until the main loop can position them.
+            log.warning("cannot position %d assigned partition(s) yet, they wait: %s",
+                        len(keys), exc)  # fmt: skip
+            consumer.incremental_assign(partitions)
+            consumer.pause(partitions)
+            self._unpositioned.update(keys)
+            return
         consumer.incremental_assign(
             [TopicPartition(r.topic, r.partition, r.offset) for r in resumes]
         )
         if self._waiting:  # assigned while a batch waits for ClickHouse: fetch nothing yet
             consumer.pause(consumer.assignment())
 
+    def _position_waiting(self) -> None:
+        """Position the partitions an assignment could not (ClickHouse was unavailable): one
+        attempt a round, the loop polling in between."""
+        if not self._unpositioned:
+            return
+        keys = sorted(self._unpositioned)
+        try:
+            resumes = self._position(keys)
+        except TRANSIENT:
+            return
+        self._unpositioned.clear()
+        waiting = [TopicPartition(topic, partition) for topic, partition in keys]
+        self.consumer.incremental_unassign(waiting)
+        self.consumer.incremental_assign(
+            [TopicPartition(r.topic, r.partition, r.offset) for r in resumes]
+        )
+
     def _position(self, keys: list[tuple[str, int]]) -> list[Resume]:
         """Steps A-C for `keys`: claim them, and start each from its checkpoint — unless its
         topic was re-created: the old topic's checkpoints say nothing of the new one's offsets,
-        which are read from 0 (into the DLQ: the table is stopped, projector/topic_guard.py)."""
-        resumes = with_retries(lambda: self.committer.assign(keys), "reading checkpoints")
+        which are read from 0 (into the DLQ: the table is stopped, projector/topic_guard.py).
+        One attempt: a transient failure is the caller's to retry."""
+        resumes = self.committer.assign(keys)
         topics = {topic for topic, _ in keys if topic != self.config.transaction_topic}
-        recreated = set()
-        for topic in topics:
-            if with_retries(partial(self.guard.recreated, topic), "reading topic identities"):
-                recreated.add(topic)
+        recreated = {topic for topic in topics if self.guard.recreated(topic)}
         for index, resume in enumerate(resumes):
             if resume.topic in recreated:
                 log.error("%s was re-created: its table stops (see `projector dlq list`)",
@@ -232,6 +258,7 @@ class Projector:
 
     def _forget(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
+            self._unpositioned.discard((tp.topic, tp.partition))
             self.metrics.forget(tp.topic, tp.partition)
             self.next_offset.pop((tp.topic, tp.partition), None)
             self.partitions.pop((tp.topic, tp.partition), None)
@@ -270,6 +297,7 @@ class Projector:
                 self._flush(drain=fresh < self.config.max_batch_messages)
                 if self._in_flight is not None and self._in_flight.done():
                     self._wait_for_batch()  # an idle loop still records the last batch
+                self._position_waiting()
                 self._report_progress()
                 self._ensure_read_models()
                 if tick is not None:
@@ -282,7 +310,7 @@ class Projector:
                 if (finish_line is not None and fresh < self.config.max_batch_messages
                         and now >= next_finish_check):  # fmt: skip
                     self._wait_for_batch()
-                    if with_retries(finish_line.reached, "checking the finish line"):
+                    if self._main_retries(finish_line.reached, "checking the finish line"):
                         self._next_read_model_check = 0.0
                         self._ensure_read_models()
                         break
@@ -344,8 +372,7 @@ class Projector:
                     log.warning("%s[%d] went back from offset %d to %d; positioning it afresh",
                                 topic, partition, expected, batch.first)  # fmt: skip
                     self._wait_for_batch()
-                    (resume,) = self._position([(topic, partition)])
-                    self.consumer.seek(TopicPartition(topic, partition, resume.offset))
+                    self._reposition(topic, partition)
                     break
                 messages = KafkaMessages(batch_msgs)
                 segments = self.applier.plan(messages)  # while the batch in flight applies
@@ -377,15 +404,51 @@ class Projector:
                 self._in_flight is not None
                 and not wait([self._in_flight], timeout=KEEP_POLLING_S).done
             ):
-                if not self._waiting:
-                    self._waiting = True
-                    self.consumer.pause(self.consumer.assignment())
-                self._consume(0)
+                self._poll_paused()
         finally:
-            if self._waiting:
-                self._waiting = False
-                self.consumer.resume(self.consumer.assignment())
+            self._resume_paused()
         self._settle_batch()
+
+    def _poll_paused(self) -> None:
+        """Poll Kafka with every partition paused: the member stays in the group and follows
+        rebalances while the main thread waits for ClickHouse (may run rebalance callbacks)."""
+        if not self._waiting:
+            self._waiting = True
+            self.consumer.pause(self.consumer.assignment())
+        self._consume(0)
+
+    def _resume_paused(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            waiting = self._unpositioned
+            self.consumer.resume(
+                [tp for tp in self.consumer.assignment() if (tp.topic, tp.partition) not in waiting]
+            )
+
+    def _sleep_polling(self, seconds: float) -> None:
+        """The main thread's back-off: it keeps polling while it sleeps."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self._poll_paused()
+            time.sleep(min(left, KEEP_POLLING_S))
+
+    def _main_retries(self, action: Callable[[], T], what: str) -> T:
+        """`with_retries` on the main thread: never so long that Kafka drops the member."""
+        try:
+            return with_retries(action, what, sleep=self._sleep_polling)
+        finally:
+            self._resume_paused()
+
+    def _reposition(self, topic: str, partition: int) -> None:
+        """Steps A-C again for one partition we hold (its batch was refused, or Kafka went
+        back), then continue it from there."""
+        (resume,) = self._main_retries(lambda: self._position([(topic, partition)]),
+                                       "reading checkpoints")  # fmt: skip
+        held = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        if (topic, partition) not in held:  # revoked while we retried: not ours to continue
+            self._forget([TopicPartition(topic, partition)])
+            return
+        self.consumer.seek(TopicPartition(topic, partition, resume.offset))
 
     def _settle_batch(self, wait_s: float | None = None, reclaim: bool = True) -> None:
         """Take the batch in flight's outcome (waiting up to `wait_s`; None: until it is done).
@@ -405,8 +468,7 @@ class Projector:
             key = (lost.topic, lost.partition)
             log.warning("dropped a batch of %s[%d]: %s", lost.topic, lost.partition, lost)
             if reclaim and key in self.next_offset:  # Kafka still says ours: claim it again
-                (resume,) = self._position([key])
-                self.consumer.seek(TopicPartition(resume.topic, resume.partition, resume.offset))
+                self._reposition(lost.topic, lost.partition)
             return
         key = (batch.topic, batch.partition)
         if key in self.next_offset:
@@ -434,7 +496,10 @@ class Projector:
             self._next_watermark_report = now + 10
             for model in self.read_models.models:
                 collections = [f"{self.config.read_model_schema}.{s}" for s in model.sources]
-                mark = self.ledger.watermark(collections)
+                try:
+                    mark = self.ledger.watermark(collections)
+                except TRANSIENT:
+                    return  # reported on a later round
                 if mark is not None:
                     self.metrics.watermark_lsn.labels(model.name).set(mark.lsn)
 
@@ -443,7 +508,7 @@ class Projector:
         if time.monotonic() < self._next_read_model_check:
             return
         self._next_read_model_check = time.monotonic() + 3
-        for name in with_retries(self.read_models.ensure, "creating read models"):
+        for name in self._main_retries(self.read_models.ensure, "creating read models"):
             log.info("read model %s.%s created", self.read_models.database, name)
 
     def _commit_with_retries(
