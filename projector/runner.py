@@ -147,6 +147,7 @@ class Projector:
         self._in_flight: Future[BatchRange] | None = None
         self._waiting = False  # partitions paused while the main thread waits for ClickHouse
         self._unpositioned: set[tuple[str, int]] = set()  # assigned, paused: steps A-C failed
+        self._last_poll = time.monotonic()
         self.metrics = ProjectorMetrics()
         self._next_progress_report = self._next_watermark_report = 0.0
         if config.metrics_port:
@@ -335,6 +336,7 @@ class Projector:
         """Poll the consumer (which also keeps this member in the group and runs rebalance
         callbacks), buffer what came; how many messages came."""
         messages = self.consumer.consume(self.config.max_batch_messages, timeout_s)
+        self._last_poll = time.monotonic()
         fresh = 0
         for msg in messages:
             error = msg.error()
@@ -342,6 +344,11 @@ class Projector:
                 if error.code() == KafkaError._PARTITION_EOF:
                     continue
                 if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    continue
+                if error.code() == KafkaError._MAX_POLL_EXCEEDED:
+                    # The group dropped us (on_lost follows); we rejoin with this poll. Our
+                    # batches of the lost partitions fail at the fence.
+                    log.warning("missed the group's poll deadline: %s", error.str())
                     continue
                 raise KafkaException(error)
             key = (msg.topic(), msg.partition())
@@ -394,11 +401,13 @@ class Projector:
         waits (ClickHouse may be down for minutes), the member keeps polling with every partition
         paused: it stays in the group and follows rebalances instead of being thrown out after
         max.poll.interval.ms with a batch still to write."""
-        # A batch that takes longer than a tenth of the poll interval (never an ordinary one:
-        # pausing drops what librdkafka fetched ahead) is waited for polling, paused.
+        # Waiting a tenth of the poll interval after the last poll (an ordinary batch is done
+        # by then, and pausing drops what librdkafka fetched ahead), it polls, paused.
         patience_s = self.config.max_poll_interval_ms / 1000 / 10
         if self._in_flight is not None:
-            wait([self._in_flight], timeout=patience_s)
+            wait(
+                [self._in_flight], timeout=max(0.0, self._last_poll + patience_s - time.monotonic())
+            )
         try:
             while (
                 self._in_flight is not None
