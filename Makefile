@@ -59,10 +59,18 @@ packaging: venv  ## build the wheel, install it into a fresh virtualenv, run it 
 test: setup lint typecheck  ## set-up, lint, types, and the whole suite
 	$(BIN)/pytest
 
-bench: setup  ## throughput (EVENTS=1000000), freshness (RATES=1000,5000) and the query service into docs/benchmarks.md
-	$(BIN)/projector bench --events $(or $(EVENTS),1000000)
-	$(BIN)/projector freshness --rates $(or $(RATES),1000,5000)
-	$(BIN)/projector query-bench --transactions $(or $(SHOP_TRANSACTIONS),5000)
+# Benchmark sizes (override on the command line: `make bench RATES=1000 ORDERS=1000000`). Not
+# `$(or $(RATES),1000,5000)`: `or` splits its arguments at commas and would keep `1000` alone.
+EVENTS ?= 1000000
+RATES ?= 1000,5000
+SHOP_TRANSACTIONS ?= 5000
+ORDERS ?= 10000000
+
+bench: setup  ## throughput, freshness, the query service and the read models into docs/benchmarks.md
+	$(BIN)/projector bench --events $(EVENTS)
+	$(BIN)/projector freshness --rates $(RATES)
+	$(BIN)/projector query-bench --transactions $(SHOP_TRANSACTIONS)
+	$(BIN)/projector read-model-bench --orders $(ORDERS) --write-events $(EVENTS)
 
 stack-up: setup  ## start the local stack
 	$(BIN)/projector stack up

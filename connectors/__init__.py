@@ -14,7 +14,7 @@ from connectors.apply import (
 from connectors.client import ConnectClient
 from connectors.config import CaptureSpec, render_connector
 from connectors.errors import ConnectorConfigError, ConnectorError, ConnectUnavailable
-from connectors.source import IdentityGap, display_name
+from connectors.source import IdentityGap, display_name, request_incremental_snapshot
 
 __all__ = [
     "ApplyPlan",
@@ -31,4 +31,5 @@ __all__ = [
     "dry_run",
     "plan_apply",
     "render_connector",
+    "request_incremental_snapshot",
 ]

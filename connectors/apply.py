@@ -15,6 +15,8 @@ time):
 1. on Postgres: control tables (signal, heartbeat), REPLICA IDENTITY FULL where opted in, SELECT
    grants for the CDC role, and the filtered publication synced to exactly the captured tables —
    identity before publication, so no moment exists at which the application's statements fail;
+   and the event trigger that adds tables created later in a captured schema (those with a key)
+   to the publication in the transaction that creates them, so nobody runs apply for them;
 2. on Kafka Connect: PUT the config (a no-op when unchanged) and wait until every task RUNS;
 3. tables that joined an already existing publication get their existing rows through a Debezium
    incremental snapshot (a row in the signal table), so nobody restarts anything by hand. Debezium
@@ -39,6 +41,7 @@ from connectors.source import (
     ensure_control_tables,
     grant_select,
     identity_gaps,
+    install_capture_trigger,
     plan_publication,
     request_incremental_snapshot,
     set_replica_identity_full,
@@ -108,6 +111,9 @@ class ApplyResult:
     left_out: tuple[IdentityGap, ...] = ()
     identity_full: tuple[IdentityGap, ...] = ()
     not_snapshotted: tuple[str, ...] = ()
+    # Tables created later in a captured schema join the publication by themselves (the event
+    # trigger of `install_capture_trigger`); False: the admin role may not create it.
+    follows_new_tables: bool = True
 
 
 def opted_in(env: Mapping[str, str], flag: bool = False) -> bool:
@@ -158,6 +164,10 @@ def apply_connector(
             plan.config["database.user"],
         )  # fmt: skip
         change = sync_publication(conn, plan.config["publication.name"], list(plan.tables))
+        follows_new_tables = install_capture_trigger(
+            conn, plan.config["publication.name"], CaptureSpec.parse(env.get("CAPTURE")),
+            [gap.table for gap in plan.left_out], plan.config["database.user"],
+        )  # fmt: skip
         # 2. Kafka Connect
         changed = client.put_config(plan.connector, plan.config)
         client.wait_running(plan.connector)
@@ -170,7 +180,7 @@ def apply_connector(
             signal = request_incremental_snapshot(conn, keyed) if keyed else None
     return ApplyResult(
         plan.connector, changed, plan.tables, change, signal, plan.left_out,
-        plan.identity_full, plan.not_snapshotted,
+        plan.identity_full, plan.not_snapshotted, follows_new_tables,
     )  # fmt: skip
 
 

@@ -290,3 +290,98 @@ def request_incremental_snapshot(conn: psycopg.Connection, tables: list[str]) ->
         [signal_id, payload],
     )
     return signal_id
+
+
+# Tables created later in a captured schema join the publication by themselves: an event trigger
+# adds each new table that Postgres can publish UPDATEs and DELETEs of (the rule of
+# `identity_gaps`), in the transaction that creates it, so its first row is already published and
+# no snapshot is needed (a table is empty when CREATE TABLE ends; CREATE TABLE AS makes no key).
+# A key-less table is not added — the application's UPDATEs and DELETEs on it would fail — and
+# the server log names it; `apply` warns about it and, once it has a key, adds it and snapshots
+# its rows. Nothing in the trigger may fail the application's DDL: every error is a WARNING.
+CAPTURE_TRIGGER = "projector_capture_new_tables"
+CAPTURE_FUNCTION = f"{CONTROL_SCHEMA}.capture_new_tables"
+CAPTURE_FUNCTION_BODY = """
+DECLARE
+  created record;
+BEGIN
+  FOR created IN
+    SELECT DISTINCT c.oid, n.nspname, c.relname
+    FROM pg_event_trigger_ddl_commands() AS d
+    JOIN pg_class c ON c.oid = d.objid AND d.classid = 'pg_class'::regclass
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+      AND n.nspname = ANY ({schemas}::text[])
+      AND format('%s.%s', n.nspname, c.relname) <> ALL ({left_out}::text[])
+  LOOP
+    BEGIN
+      IF EXISTS (  -- a relation holding rows that Postgres could not identify in the WAL
+        SELECT 1 FROM (SELECT relid FROM pg_partition_tree(created.oid) WHERE isleaf
+                       UNION SELECT created.oid) AS leaf (oid)
+        JOIN pg_class l ON l.oid = leaf.oid AND l.relkind = 'r'
+        WHERE NOT (l.relreplident = 'f'
+                   OR EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = l.oid
+                              AND (i.indisprimary AND l.relreplident = 'd'
+                                   OR i.indisreplident AND l.relreplident = 'i')))
+      ) THEN
+        RAISE LOG 'projector: %.% is not captured: no primary key and no replica identity '
+                  '(add a key, or ALTER TABLE ... REPLICA IDENTITY FULL; then projector '
+                  'connectors apply)', created.nspname, created.relname;
+        CONTINUE;
+      END IF;
+      EXECUTE format('GRANT SELECT ON %I.%I TO %I', created.nspname, created.relname,
+                     {cdc_user});
+      EXECUTE format('ALTER PUBLICATION %I ADD TABLE %I.%I', {publication},
+                     created.nspname, created.relname);
+    EXCEPTION WHEN OTHERS THEN
+      RAISE WARNING 'projector: %.% could not join publication %: % (run projector '
+                    'connectors apply)', created.nspname, created.relname, {publication},
+                    SQLERRM;
+    END;
+  END LOOP;
+EXCEPTION WHEN OTHERS THEN
+  RAISE WARNING 'projector: capturing new tables failed: % (run projector connectors apply)',
+                SQLERRM;
+END
+"""
+
+
+def install_capture_trigger(
+    conn: psycopg.Connection,
+    publication: str,
+    capture: CaptureSpec,
+    left_out: list[str],
+    cdc_user: str,
+) -> bool:
+    """The event trigger that adds tables created later in the captured schemas to the
+    publication (CAPTURE_FUNCTION_BODY); replaced on every apply, so it follows CAPTURE. False
+    when the admin role may not create event triggers (only a superuser may): then a table
+    created later is captured by the next `apply`."""
+    body = sql.SQL(CAPTURE_FUNCTION_BODY).format(
+        schemas=sql.Literal(list(capture.schemas)),
+        left_out=sql.Literal(sorted(left_out)),
+        publication=sql.Literal(publication),
+        cdc_user=sql.Literal(cdc_user),
+    )
+    trigger = sql.Identifier(CAPTURE_TRIGGER)
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(trigger))
+            if not capture.schemas:
+                return True
+            conn.execute(
+                sql.SQL(
+                    "CREATE OR REPLACE FUNCTION {}() RETURNS event_trigger LANGUAGE plpgsql "
+                    "SECURITY DEFINER SET search_path = pg_catalog AS {}"
+                ).format(_ident(CAPTURE_FUNCTION), sql.Literal(body.as_string(conn)))
+            )
+            conn.execute(
+                sql.SQL(
+                    "CREATE EVENT TRIGGER {} ON ddl_command_end "
+                    "WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO') "
+                    "EXECUTE FUNCTION {}()"
+                ).format(trigger, _ident(CAPTURE_FUNCTION))
+            )
+    except psycopg.errors.InsufficientPrivilege:
+        return False
+    return True

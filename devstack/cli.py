@@ -146,6 +146,36 @@ def bench(
         fail(str(exc))
 
 
+@app.command("read-model-bench")
+def read_model_bench(
+    orders: int = typer.Option(10_000_000, min=1000, help="Orders in the generated replicas."),
+    write_events: int = typer.Option(
+        1_000_000, min=1000, help="Change events of the maintenance on/off comparison."
+    ),
+    rate: int = typer.Option(1000, min=1, help="Orders/s written during the freshness probe."),
+    parts: str = typer.Option("read,write,freshness", help="Which parts to run."),
+    report: Path = typer.Option(Path("docs/benchmarks.md"), help="Append the results here."),
+    no_report: bool = typer.Option(False, "--no-report", help="Only print the results."),
+) -> None:
+    """Materialized read models against the views over the replicas they replaced: latency at
+    10M orders, projector throughput with maintenance on and off, and freshness into
+    daily_sales (starts the stack for the last two)."""
+    from devstack.read_model_bench import run_read_model_bench
+
+    log = lambda m: console.print(m, highlight=False)  # noqa: E731
+    wanted = {p.strip() for p in parts.split(",") if p.strip()}
+    unknown = wanted - {"read", "write", "freshness"}
+    if unknown:
+        fail(f"--parts: unknown {', '.join(sorted(unknown))} (read, write, freshness)")
+    command = (f"projector read-model-bench --orders {orders} --write-events {write_events} "
+               f"--rate {rate} --parts {','.join(sorted(wanted))}")  # fmt: skip
+    try:
+        run_read_model_bench(orders, write_events, rate, log, None if no_report else report,
+                             command, wanted)  # fmt: skip
+    except (StackError, ConnectorError, ProjectorError, RuntimeError) as exc:
+        fail(str(exc))
+
+
 @app.command("freshness")
 def freshness(
     rates: str = typer.Option("1000,5000", help="Write rates to measure, rows/s, comma-separated."),

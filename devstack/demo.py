@@ -3,10 +3,12 @@
 1. start the stack (idempotent), create the shop's tables, apply the connector (schemas `public`
    and `shop`);
 2. run the shop writer (projector/shop.py) in a thread: an unchanged application writing SQL;
-3. run the projector in this process on chDB, and between rounds of batches redraw a terminal view
-   of a few read models and the lag, until Ctrl-C (or `--duration`) — or, when standard output is
-   not a terminal (`make demo | tee demo.log`, CI logs), print a plain progress line every few
-   seconds instead: a live view draws nothing there;
+3. run the projector in this process on chDB; a reader thread of its own reads a few read models
+   (precomputed tables: milliseconds) and the lag every second, and the projector's loop only
+   hands the newest snapshot to the terminal between rounds of batches — it never waits for a
+   query — until Ctrl-C (or `--duration`). When standard output is not a terminal
+   (`make demo | tee demo.log`, CI logs) a plain progress line every few seconds instead: a live
+   view draws nothing there;
 4. print a one-line summary.
 """
 
@@ -17,6 +19,7 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -110,6 +113,42 @@ class DemoView:
         return str(rows[0]["n"]) if rows else "-"
 
 
+class ViewReader:
+    """Reads the view on a thread of its own and keeps the newest snapshot: the projector's loop
+    only takes what is there (`latest`), so a query never holds up consuming or applying."""
+
+    def __init__(self, produce: Callable[[], Any], every_s: float) -> None:
+        self._produce, self._every_s = produce, every_s
+        self._latest: Any = None
+        self._fresh = False
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="demo-view", daemon=True)
+
+    def __enter__(self) -> ViewReader:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            snapshot = self._produce()
+            with self._lock:
+                self._latest, self._fresh = snapshot, True
+            self._stop.wait(self._every_s)
+
+    def latest(self) -> Any:
+        """The newest snapshot not handed out yet, or None."""
+        with self._lock:
+            if not self._fresh:
+                return None
+            self._fresh = False
+            return self._latest
+
+
 def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
@@ -140,15 +179,16 @@ def run_demo(console: Console, duration_s: float | None = None, rate: float = 20
     )  # fmt: skip
     stop_at = None if duration_s is None else time.monotonic() + duration_s
     out = Console()  # standard output: the view
-    next_draw = 0.0
     if out.is_terminal:
-        with Live(console=out, auto_refresh=False) as live:
+        with (
+            ViewReader(lambda: view.render(projector, writer), REFRESH_S) as reader,
+            Live(console=out, auto_refresh=False) as live,
+        ):
 
             def redraw() -> None:
-                nonlocal next_draw
-                if time.monotonic() >= next_draw:
-                    live.update(view.render(projector, writer), refresh=True)
-                    next_draw = time.monotonic() + REFRESH_S
+                snapshot = reader.latest()
+                if snapshot is not None:
+                    live.update(snapshot, refresh=True)
 
             code = projector.run(tick=redraw, stop_at=stop_at)
     else:
@@ -157,15 +197,15 @@ def run_demo(console: Console, duration_s: float | None = None, rate: float = 20
             f"standard output is not a terminal: a progress line every {PROGRESS_S:.0f}s",
             highlight=False,
         )
+        with ViewReader(lambda: view.progress_line(projector, writer), PROGRESS_S) as reader:
 
-        def report() -> None:
-            nonlocal next_draw
-            if time.monotonic() >= next_draw:
-                sys.stdout.write(view.progress_line(projector, writer) + "\n")
-                sys.stdout.flush()
-                next_draw = time.monotonic() + PROGRESS_S
+            def report() -> None:
+                line = reader.latest()
+                if line is not None:
+                    sys.stdout.write(line + "\n")
+                    sys.stdout.flush()
 
-        code = projector.run(tick=report, stop_at=stop_at)
+            code = projector.run(tick=report, stop_at=stop_at)
     stop_writer.set()
     thread.join(10)
     console.print()

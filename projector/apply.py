@@ -308,10 +308,16 @@ class BatchApplier:
             self._columns_by_schema[schema.schema_id] = columns
         return columns
 
-    def _previous_version_columns(self, topic: str, schema: WriterSchema) -> list[str] | None:
-        """Column names of the table's schema version before this one (None: the first)."""
+    def _previous_version_columns(
+        self, topic: str, schema: WriterSchema
+    ) -> list[SourceColumn] | None:
+        """The replica columns of the table's schema version before this one (None: the first),
+        under the table's declared upcaster."""
         previous = self.schemas.previous_version(f"{topic}-value", schema)
-        return None if previous is None else [c.name for c in value_columns(previous.raw)]
+        if previous is None:
+            return None
+        upcaster = self.upcasters.for_table(*source_table_of(topic))
+        return [upcast(c, upcaster) for c in value_columns(previous.raw)]
 
     # ---- the fast path -------------------------------------------------------------------------
 

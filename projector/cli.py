@@ -528,6 +528,70 @@ def table_reset(
     console.print(f"incremental snapshot of {table} requested (signal {signal})", highlight=False)
 
 
+# ---- read models -----------------------------------------------------------------------------
+
+read_models_app = typer.Typer(
+    help="The materialized read models: their versions and a check against their definitions.",
+    no_args_is_help=True,
+)
+app.add_typer(read_models_app, name="read-models")
+
+
+def _maintainer(config_file: Path | None) -> Any:
+    from projector.config import open_backend
+    from projector.materialize import maintainer_for
+
+    config = _config(config_file)
+    try:
+        maintainer = maintainer_for(config, open_backend(config))
+    except ProjectorError as exc:
+        fail(str(exc))
+    if maintainer is None:
+        fail("this configuration does not keep read models (maintain_read_models = false)")
+        raise typer.Exit(1)
+    maintainer.ensure_known()
+    return maintainer
+
+
+@read_models_app.command("list")
+def read_models_list(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    config_file: Path | None = ConfigOption,
+) -> None:
+    """Each read-model family: the version serving, the version building (with its backfill
+    progress), or the error that stopped it."""
+    rows = _maintainer(config_file).versions()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("family", "version", "state", "backfill", "models", "error")
+    for row in rows:
+        table.add_row(row["family"], row["version"], row["state"], row["backfill"],
+                      ", ".join(row["models"]), row["error"][:80])  # fmt: skip
+    console.print(table)
+
+
+@read_models_app.command("reconcile")
+def read_models_reconcile(
+    limit: int = typer.Option(10, min=1, help="Differing rows shown per read model."),
+    config_file: Path | None = ConfigOption,
+) -> None:
+    """Compare every serving read model with its definition evaluated over the replicas now
+    (run it while the projector is stopped, or they may differ by the batch in flight). Exits 1
+    with the differing rows when any read model drifted."""
+    found = _maintainer(config_file).reconcile(limit)
+    drifted = {name: rows for name, rows in found.items() if rows}
+    for name in sorted(found):
+        mark = "DRIFT" if name in drifted else "equal"
+        console.print(f"{mark:5}  {name}", highlight=False)
+        for row in drifted.get(name, []):
+            console.print(f"       {json.dumps(row, default=str)}", highlight=False)
+    if not found:
+        fail("no read model is serving yet")
+    if drifted:
+        raise typer.Exit(1)
+
+
 # ---- connectors ------------------------------------------------------------------------------
 
 connectors_app = typer.Typer(
@@ -628,6 +692,14 @@ def connectors_apply(
             f"incremental snapshot requested (signal {result.snapshot_signal})", highlight=False
         )
     _warn_not_snapshotted(result.not_snapshotted)
+    if not result.follows_new_tables:
+        console.print(
+            "[yellow]warning:[/yellow] the admin role may not create event triggers (only a "
+            "superuser may): a table created later in a captured schema is captured when "
+            "`projector connectors apply` runs again",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _warn_left_out(gaps: tuple[IdentityGap, ...]) -> None:

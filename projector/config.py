@@ -59,6 +59,12 @@ class ProjectorConfig(BaseModel):
     read_models_file: Path | None = None
     read_model_schema: str = "shop"
     read_model_database: str = "read_models"
+    # Keep the read models inside this process's batch commits. One process at a time may keep
+    # them (docs/read-models.md, "Scale-out"): the other members of a group set this false.
+    maintain_read_models: bool = True
+    # Keys recomputed per backfill chunk of a new read-model version (one chunk runs between two
+    # batches: smaller chunks keep ingestion going, larger ones finish sooner).
+    read_model_backfill_chunk_keys: int = Field(default=250_000, ge=1)
 
     # Prometheus metrics at http://127.0.0.1:<port>/metrics (projector/metrics.py); 0: none.
     metrics_port: int = Field(default=19464, ge=0, le=65535)

@@ -12,8 +12,10 @@ from projector.checkpoint import BatchRange
 from projector.clickhouse import ClickHouse
 from projector.config import ProjectorConfig
 from projector.dlq import DeadLetterStore
-from projector.messages import RawMessage
+from projector.materialize import maintainer_for
+from projector.messages import RawMessage, source_table_of
 from projector.replica import ReplicaCatalog
+from projector.resnapshot import SignalTable
 from schemas.registry import SchemaCache
 from schemas.upcasters import Upcasters
 
@@ -25,9 +27,13 @@ def replay_dead_letters(
     store = DeadLetterStore(ch, config.control_database)
     store.create()
     applier = BatchApplier(
-        ch, SchemaCache(config.registry_url), ReplicaCatalog(ch, config.replica_prefix),
+        ch, SchemaCache(config.registry_url),
+        ReplicaCatalog(ch, config.replica_prefix, SignalTable(config.source_dsn).request),
         projection="dlq-replay", upcasters=Upcasters.load(config.upcasters_file),
     )  # fmt: skip
+    read_models = maintainer_for(config, ch)
+    if read_models is not None:
+        read_models.ensure()
     replayed = still_dead = 0
     for summary in store.list(limit=1_000_000):
         if topic is not None and summary["topic"] != topic:
@@ -41,6 +47,8 @@ def replay_dead_letters(
         )  # fmt: skip
         batch = BatchRange(message.topic, message.partition, message.offset, message.offset)
         outcome = applier.apply(batch, [message], lambda _batch, _dead: None)
+        if read_models is not None and not outcome.dead:
+            read_models.apply_batch(batch, *source_table_of(message.topic))
         if outcome.dead:
             still_dead += 1
         else:

@@ -22,6 +22,10 @@ class ClickHouseUnavailable(ProjectorError):
     """ClickHouse cannot be reached right now (transient: retried with back-off)."""
 
 
+class SourceUnavailable(ProjectorError):
+    """Postgres cannot be reached to request a re-read of a table (transient: retried)."""
+
+
 class StatementRejected(ProjectorError):
     """ClickHouse refused a statement over message bytes (a value out of range, an unknown
     schema, malformed Avro): not retried; the fast path hands the batch to the per-message path."""
@@ -89,14 +93,19 @@ def not_the_message(exc: Exception) -> Exception | None:
     """The exception to raise instead of blaming the message being applied, or None when `exc`
     may well be the message's (then it goes to the dead-letter queue with `exc` as its reason).
 
-    Not the message's: the registry or ClickHouse unreachable (transient: the runner retries
+    Not the message's: the registry, ClickHouse or Postgres (a re-read request) unreachable (transient: the runner retries
     the batch), a ClickHouse error of `INFRASTRUCTURE_ERROR_CODES` or an operating-system error
     (made a `ClickHouseUnavailable`, retried the same way), a broken invariant of the commit
     protocol (`CheckpointError`) or memory exhaustion (both stop the projector), and a partition
     lost to another member (`PartitionLost`: the batch is dropped)."""
     if isinstance(
         exc,
-        ClickHouseUnavailable | RegistryUnavailable | CheckpointError | PartitionLost | MemoryError,
+        ClickHouseUnavailable
+        | RegistryUnavailable
+        | SourceUnavailable
+        | CheckpointError
+        | PartitionLost
+        | MemoryError,
     ):
         return exc
     if isinstance(exc, OSError):

@@ -4,6 +4,7 @@
 |---|---|---|
 | `projector_events_applied_total` | table, path | change events applied (`path`: fast or per_message) |
 | `projector_batch_seconds` | path | time to apply one batch, intent to done record |
+| `projector_read_model_seconds` | table | time to keep the read models for one batch of a source table (part of the batch) |
 | `projector_consumer_lag_offsets` | topic, partition | end offset - next offset to apply |
 | `projector_consumer_lag_seconds` | topic, partition | now - Kafka timestamp of the oldest event read but not applied; 0 when the partition is applied to its end |
 | `projector_dead_letters_total` | topic | messages sent to the dead-letter queue |
@@ -34,6 +35,11 @@ class ProjectorMetrics:
         self.batch_seconds = Histogram(
             "projector_batch_seconds", "Time to apply one batch, intent to done record.",
             ["path"], buckets=BATCH_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.read_model_seconds = Histogram(
+            "projector_read_model_seconds",
+            "Time to keep the read models for one batch of a source table.",
+            ["table"], buckets=BATCH_BUCKETS, registry=registry,
         )  # fmt: skip
         self.lag_offsets = Gauge(
             "projector_consumer_lag_offsets", "End offset minus the next offset to apply.",

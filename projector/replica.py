@@ -183,9 +183,17 @@ def key_columns(key_schema: dict[str, Any] | None) -> list[str]:
 class ReplicaCatalog:
     """Knows which replica tables exist with which columns, and creates/extends them."""
 
-    def __init__(self, ch: ClickHouse, database_prefix: str) -> None:
+    def __init__(
+        self,
+        ch: ClickHouse,
+        database_prefix: str,
+        reread: Callable[[str, str], None] = lambda table, reason: None,
+    ) -> None:
+        """`reread(table, reason)` asks for the source table (`schema.table`) to be read again
+        from Postgres (projector/resnapshot.py)."""
         self.ch = ch
         self.prefix = database_prefix
+        self.reread = reread
         self.tables: dict[tuple[str, str], ReplicaTable] = {}
 
     def database_for(self, source_schema: str) -> str:
@@ -221,48 +229,106 @@ class ReplicaCatalog:
         keys: list[str],
         columns: list[SourceColumn],
         upcaster: Upcaster = NO_UPCASTER,
-        previous: Callable[[], list[str] | None] = lambda: None,
+        previous: Callable[[], list[SourceColumn] | None] = lambda: None,
     ) -> ReplicaTable:
-        """The replica table for these columns: created if missing, new columns added, declared
-        renames and type changes carried out. `previous` gives the column names of the table's
-        previous schema version, asked for only when a column is new (rename detection)."""
+        """The replica table for these columns (one writer schema's): created if missing, then
+        brought to the schema step by step (docs/projector.md, "Schema versions and upcasters"):
+
+        1. declared renames carried out;
+        2. the plan, from the replica and the table's previous schema version (`previous`, the
+           columns of the version registered before this one; asked for only when the replica
+           and this schema differ): columns to add, columns this version dropped, nullability
+           widened, declared type conversions, and columns this version retyped;
+        3. a re-read of the table requested from Postgres (`reread`), *before* any ALTER: once
+           the replica has the new shape, a replay of this batch no longer sees a change, so a
+           request that came after the ALTERs could be lost to a crash between them;
+        4. the ALTERs.
+        """
+        qualified_name = f"{source_schema}.{table}"
         replica = self.existing(source_schema, table)
         if replica is None:
             replica = self._create(self.database_for(source_schema), table, keys, columns)
             self.tables[(source_schema, table)] = replica
+        # 1.
         for old, new in upcaster.renames.items():
             if old in replica.columns and new not in replica.columns:
                 self._rename(replica, old, new)
-        missing = [c for c in columns if c.name not in replica.columns]
-        if missing:
-            _refuse_undeclared_rename(f"{source_schema}.{table}", columns, previous())
-        for column in missing:
+        # 2.
+        step = SchemaStep.plan(qualified_name, replica, columns, upcaster, previous)
+        # 3.
+        if step.reread_reason and not replica.append_only:  # Debezium re-reads by the key
+            self.reread(qualified_name, step.reread_reason)
+        # 4.
+        for column in step.added:
             for definition in column.definitions():
-                self.ch.execute(
-                    self.ch.topology.alter_table(
-                        replica.qualified, f"ADD COLUMN IF NOT EXISTS {definition}"
-                    )
-                )
+                self._alter(replica, f"ADD COLUMN IF NOT EXISTS {definition}")
             replica.columns[column.name] = column.ctype.clickhouse
-        for column in columns:
-            existing = replica.columns[column.name]
-            if existing == column.ctype.clickhouse:
-                continue
-            if column.name not in upcaster.retypes:
-                raise PoisonMessage(
-                    "schema",
-                    f"column {source_schema}.{table}.{column.name} changed type from {existing} "
-                    f"to {column.ctype.clickhouse}: declare the type it converts to under "
-                    f"`retypes` in {UPCASTERS_FILE_HINT}, then run `projector dlq replay`",
-                )
-            self.ch.execute(
-                self.ch.topology.alter_table(
-                    replica.qualified,
-                    f"MODIFY COLUMN {ident(column.name)} {column.ctype.clickhouse}",
-                )
-            )
+        for column in step.retyped:
+            self._replace(replica, column)
+        for name in step.dropped:
+            self._make_nullable(replica, name, remove_default=True)
+        for name in step.widened:
+            self._make_nullable(replica, name, remove_default=False)
+        for column in step.converted:
+            self._alter(replica, f"MODIFY COLUMN {ident(column.name)} {column.ctype.clickhouse}")
             replica.columns[column.name] = column.ctype.clickhouse
         return replica
+
+    def _alter(self, replica: ReplicaTable, action: str) -> None:
+        self.ch.execute(self.ch.topology.alter_table(replica.qualified, action))
+
+    def _replace(self, replica: ReplicaTable, column: SourceColumn) -> None:
+        """Drop the column's stored values and add it again with its new type, nullable and
+        without a default: a row shows NULL there until the re-read (or a change) writes it.
+        One ALTER, so no moment exists at which the column is missing."""
+        fresh = SourceColumn(
+            column.name, replace(column.ctype, clickhouse=nullable(column.ctype.clickhouse))
+        )
+        drops = [
+            f"DROP COLUMN IF EXISTS {ident(name)}"
+            for name in (column.name, column.name + INPUT_SUFFIX)
+            if name in replica.columns
+        ]
+        adds = [f"ADD COLUMN {definition}" for definition in fresh.definitions()]
+        self._alter(replica, ", ".join(drops + adds))
+        replica.columns.pop(column.name + INPUT_SUFFIX, None)
+        replica.columns[column.name] = fresh.ctype.clickhouse
+        if fresh.ctype.clickhouse_input_expr:
+            replica.columns[fresh.input_name] = fresh.ctype.clickhouse
+
+    def _make_nullable(self, replica: ReplicaTable, name: str, remove_default: bool) -> None:
+        """The column holds NULL from now on where a row carries none. `remove_default` (the
+        source dropped it): rows written later get NULL, not the default it was added with;
+        stored rows keep theirs, materialized first (ClickHouse computes a default of a part
+        written before the column existed when it reads it, so removing the default would
+        otherwise change them)."""
+        definition = self.ch.rows(
+            "SELECT name, type, default_kind, default_expression FROM system.columns "
+            f"WHERE database = {quote(replica.database)} AND table = {quote(replica.name)} "
+            f"AND name IN ({quote(name)}, {quote(name + INPUT_SUFFIX)})"
+        )
+        by_name = {r["name"]: r for r in definition}
+        if name not in by_name:
+            return
+        column = by_name[name]
+        input_column = by_name.get(name + INPUT_SUFFIX)
+        sync = " SETTINGS mutations_sync = 2"
+        if input_column is not None:  # bytea & co: the input goes NULL, and so does the column
+            self._alter(
+                replica,
+                f"MODIFY COLUMN {ident(input_column['name'])} {nullable(input_column['type'])} "
+                f"EPHEMERAL, MODIFY COLUMN {ident(name)} {nullable(column['type'])} "
+                f"DEFAULT {column['default_expression']}{sync}",
+            )
+            replica.columns[input_column["name"]] = nullable(input_column["type"])
+        else:
+            # Nullable last: it is what marks the step done, so a replay after a crash in
+            # between does the rest (the default is gone only once materialized).
+            if remove_default and column["default_kind"] == "DEFAULT":
+                self._alter(replica, f"MATERIALIZE COLUMN {ident(name)}{sync}")
+                self._alter(replica, f"MODIFY COLUMN {ident(name)} REMOVE DEFAULT{sync}")
+            self._alter(replica, f"MODIFY COLUMN {ident(name)} {nullable(column['type'])}{sync}")
+        replica.columns[name] = nullable(column["type"])
 
     def _rename(self, replica: ReplicaTable, old: str, new: str) -> None:
         if old in replica.key_columns:
@@ -285,6 +351,9 @@ class ReplicaCatalog:
         self.ch.execute(topology.create_database(database))
         defs = [d for c in columns for d in c.definitions()]
         defs += [f"{ident(n)} {t}" for n, t in META_COLUMNS.items()]
+        # The rows one batch wrote are found by (_partition, _offset) range (read models do,
+        # projector/materialize.py): offsets only grow, so every older granule is skipped.
+        defs.append("INDEX _batch_rows (_partition, _offset) TYPE minmax GRANULARITY 1")
         if keys:
             family, args = "ReplacingMergeTree", "_version, _is_deleted"
             order = "(" + ", ".join(ident(k) for k in keys) + ")"
@@ -309,23 +378,144 @@ def upcast(column: SourceColumn, upcaster: Upcaster) -> SourceColumn:
     return SourceColumn(name, ctype, column.default)
 
 
-def _refuse_undeclared_rename(
-    table: str, columns: list[SourceColumn], previous: list[str] | None
-) -> None:
+def nullable(clickhouse: str) -> str:
+    """The type that can also hold NULL (ClickHouse has no Nullable array, map or tuple: those
+    stay, and show empty instead)."""
+    if clickhouse.startswith(("Nullable(", "LowCardinality(Nullable(", "Array(", "Map(", "Tuple(")):
+        return clickhouse
+    if clickhouse.startswith("LowCardinality("):
+        return clickhouse.replace("(", "(Nullable(", 1) + ")"
+    return f"Nullable({clickhouse})"
+
+
+def base_type(clickhouse: str) -> str:
+    """The type without its nullability: a column that became nullable (or NOT NULL) holds the
+    same values, so it is not a type change."""
+    if clickhouse.startswith("LowCardinality(Nullable("):
+        return "LowCardinality(" + clickhouse[len("LowCardinality(Nullable(") : -2] + ")"
+    if clickhouse.startswith("Nullable("):
+        return clickhouse[len("Nullable(") : -1]
+    return clickhouse
+
+
+@dataclass
+class SchemaStep:
+    """What a writer schema changes in its replica table (`ReplicaCatalog.ensure`, step 2)."""
+
+    added: list[SourceColumn] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # dropped by this version: NULL from now on
+    widened: list[str] = field(default_factory=list)  # now nullable in the source
+    converted: list[SourceColumn] = field(default_factory=list)  # declared `retypes`
+    retyped: list[SourceColumn] = field(default_factory=list)  # replaced, then re-read
+    reread_reason: str = ""
+
+    @classmethod
+    def plan(
+        cls,
+        table: str,
+        replica: ReplicaTable,
+        columns: list[SourceColumn],
+        upcaster: Upcaster,
+        previous_version: Callable[[], list[SourceColumn] | None],
+    ) -> SchemaStep:
+        step = cls()
+        asked: list[list[SourceColumn] | None] = []
+
+        def previous() -> list[SourceColumn] | None:
+            if not asked:
+                asked.append(previous_version())
+            return asked[0]
+
+        step.added = [c for c in columns if c.name not in replica.columns]
+        if step.added and _undeclared_rename(table, columns, previous()):
+            # The last column's name changed: a rename of it, or a drop of it plus an added
+            # column, look the same (a new column is appended where the dropped one was). Either
+            # way the replica gets the new column, and the stored rows their values from Postgres.
+            step.reread_reason = "its last column was renamed, or dropped and another added"
+        names = {c.name for c in columns}
+        stored = set(replica.columns) - set(META_COLUMNS)
+        if stored - names - {n for n in stored if n.endswith(INPUT_SUFFIX)}:
+            step.dropped = [
+                c.name
+                for c in previous() or []
+                if c.name not in names
+                and c.name in replica.columns
+                and c.name not in replica.key_columns
+                and nullable(replica.columns[c.name]) != replica.columns[c.name]
+            ]
+        before = {c.name: c for c in previous() or []} if _types_differ(replica, columns) else {}
+        for column in columns:
+            now = replica.columns.get(column.name)
+            if now is None or now == column.ctype.clickhouse:
+                continue
+            if base_type(now) == base_type(column.ctype.clickhouse):
+                if (
+                    nullable(now) != now
+                    and nullable(column.ctype.clickhouse) == column.ctype.clickhouse
+                ):
+                    step.widened.append(column.name)
+                continue
+            if column.name in upcaster.retypes:
+                step.converted.append(column)
+                continue
+            if column.name in replica.key_columns or replica.append_only:
+                raise PoisonMessage(
+                    "schema",
+                    f"column {table}.{column.name} changed type from {now} to "
+                    f"{column.ctype.clickhouse}: "
+                    + (
+                        "it is part of the key: rebuild the replica of the table"
+                        if column.name in replica.key_columns
+                        else f"declare the type it converts to under `retypes` in "
+                        f"{UPCASTERS_FILE_HINT}, then run `projector dlq replay`"
+                    ),
+                )
+            was = before.get(column.name)
+            if was is not None and base_type(was.ctype.clickhouse) != base_type(
+                column.ctype.clickhouse
+            ):
+                # This version made the change: Postgres rewrote the stored rows outside the
+                # WAL, so they are read again rather than cast here.
+                step.retyped.append(column)
+                step.reread_reason = (
+                    f"column {column.name} changed type from {now} to {column.ctype.clickhouse}"
+                )
+            # Otherwise an older version's event (a replay, a backlog): its value goes into the
+            # column as it is now; the re-read after the change carries the current values.
+        return step
+
+
+def _types_differ(replica: ReplicaTable, columns: list[SourceColumn]) -> bool:
+    return any(
+        c.name in replica.columns
+        and base_type(replica.columns[c.name]) != base_type(c.ctype.clickhouse)
+        for c in columns
+    )
+
+
+def _undeclared_rename(
+    table: str, columns: list[SourceColumn], previous: list[SourceColumn] | None
+) -> bool:
     """Postgres keeps a renamed column's position, so a version whose field at position i has a
     new name while the previous version's field i is gone is a rename, not a drop plus an add
-    (which would append the new field). Undeclared, it is refused rather than split in two."""
+    (which would append the new field). Undeclared, it is refused rather than split in two —
+    unless i is the last position: there a dropped column plus an added one look the same, and
+    True says so (the caller has the table re-read)."""
     if previous is None:
-        return
+        return False
+    before_names = [c.name for c in previous]
     names = [c.name for c in columns]
-    for position, (before, now) in enumerate(zip(previous, names, strict=False)):
-        if before != now and before not in names and now not in previous:
+    for position, (before, now) in enumerate(zip(before_names, names, strict=False)):
+        if before != now and before not in names and now not in before_names:
+            if position == len(before_names) - 1:
+                return True
             raise PoisonMessage(
                 "schema",
                 f"column {table}.{before} (position {position + 1}) looks renamed to {now}: "
                 f"declare it under `renames` in {UPCASTERS_FILE_HINT} "
                 f'({{ {before} = "{now}" }}), then run `projector dlq replay`',
             )
+    return False
 
 
 def _default_clause(column: SourceColumn) -> str:

@@ -47,21 +47,25 @@ from projector.checkpoint import (
 from projector.clickhouse import ClickHouse
 from projector.config import ProjectorConfig
 from projector.dlq import DeadLetter, DeadLetterStore
-from projector.errors import ClickHouseUnavailable, PartitionLost, PoisonMessage
+from projector.errors import ClickHouseUnavailable, PartitionLost, PoisonMessage, SourceUnavailable
 from projector.fast_path import FastPath, Segment
+from projector.materialize import ReadModelMaintainer, maintainer_for
 from projector.messages import KafkaMessages, RawMessage, source_table_of
 from projector.metrics import ProjectorMetrics
 from projector.replica import ReplicaCatalog
+from projector.resnapshot import SignalTable
 from projector.topic_guard import TopicGuard, TopicShape
 from projector.transactions import TransactionLedger, Unfinished
-from queries.read_models import ReadModels, load_read_models
+from queries.read_models import load_read_models
 from schemas.errors import RegistryUnavailable, SchemaError, UnknownSchema
 from schemas.registry import SchemaCache
 from schemas.upcasters import Upcasters
 
 log = logging.getLogger("projector")
 T = TypeVar("T")
-TRANSIENT: tuple[type[Exception], ...] = (ClickHouseUnavailable, RegistryUnavailable)
+TRANSIENT: tuple[type[Exception], ...] = (
+    ClickHouseUnavailable, RegistryUnavailable, SourceUnavailable,
+)  # fmt: skip
 KEEP_POLLING_S = 1.0  # how often a member waiting long for its batch polls (stays in the group)
 FINISH_CHECK_S = 0.5  # how often a run asked to finish looks at its finish line, at most
 FIRST_WAITING_REPORT_S, WAITING_REPORT_S = 5.0, 30.0  # when it logs what it still waits for
@@ -131,14 +135,15 @@ class Projector:
         if config.fast_path and has_fast_path:
             fast_path = FastPath(ch, config.registry_url, config.transaction_metadata)
         self.applier = BatchApplier(
-            ch, self.schemas, ReplicaCatalog(ch, config.replica_prefix), PROJECTION,
+            ch, self.schemas,
+            ReplicaCatalog(ch, config.replica_prefix, SignalTable(config.source_dsn).request),
+            PROJECTION,
             upcasters=Upcasters.load(config.upcasters_file), fast_path=fast_path,
         )  # fmt: skip
-        self.read_models = ReadModels(
-            ch, load_read_models(config.read_models_file),
-            replica_database=self.applier.catalog.database_for(config.read_model_schema),
-            database=config.read_model_database,
-        )  # fmt: skip
+        # Read models are kept inside the batch commit (projector/materialize.py); None when this
+        # member does not keep them (config `maintain_read_models`).
+        self.read_models: ReadModelMaintainer | None = maintainer_for(config, ch)
+        self.read_model_list = load_read_models(config.read_models_file)
         self._next_read_model_check = 0.0
         self.partitions: dict[tuple[str, int], PartitionState] = defaultdict(PartitionState)
         # The next offset to apply per assigned partition (after the last batch done).
@@ -286,6 +291,12 @@ class Projector:
         finish_line = None if finish is None else FinishLine(finish, _RunProgress(self))
         if finish is not None:
             log.info("running until %s is applied", finish.describe())
+        # Before any batch: a serving read model must see every batch, and a backfill chunk left
+        # open by a crash is finished before anything else changes what it read (replay first).
+        self._ensure_read_models()
+        if self.read_models is not None:
+            for line in with_retries(self.read_models.finish_open_backfill, "finishing a backfill"):
+                log.info("read models: %s", line)
         self.consumer.subscribe(
             self.config.subscription(), on_assign=self._on_assign, on_revoke=self._on_revoke,
             on_lost=self._on_lost,
@@ -312,8 +323,7 @@ class Projector:
                         and now >= next_finish_check):  # fmt: skip
                     self._wait_for_batch()
                     if self._main_retries(finish_line.reached, "checking the finish line"):
-                        self._next_read_model_check = 0.0
-                        self._ensure_read_models()
+                        self._finish_read_models()
                         break
                     next_finish_check = time.monotonic() + FINISH_CHECK_S
                     if next_finish_check >= next_waiting_report:
@@ -361,8 +371,15 @@ class Projector:
     def _flush(self, drain: bool) -> None:
         """Cut every batch that is ready and hand it to the apply thread, one at a time and in
         order: while ClickHouse applies one batch (chDB releases the GIL), this thread consumes
-        and prepares the next."""
+        and prepares the next.
+
+        Replay first: while an open intent waits for its replay, no other batch is applied (the
+        read models' deltas of a half-applied batch are exact only against the state it saw:
+        projector/materialize.py)."""
+        replaying = [key for key, state in self.partitions.items() if state.replay is not None]
         for (topic, partition), state in list(self.partitions.items()):
+            if replaying and (topic, partition) not in replaying:
+                continue
             while state.buffer:
                 batch_msgs, state.buffer = cut_batch(  # type: ignore[assignment]
                     state.buffer, offset_of, state.replay, self.config.max_batch_messages, drain
@@ -503,7 +520,7 @@ class Projector:
             self.metrics.set_lag(topic, partition, end, next_offset, waiting)
         if self.config.transaction_metadata and now >= self._next_watermark_report:
             self._next_watermark_report = now + 10
-            for model in self.read_models.models:
+            for model in self.read_model_list:
                 collections = [f"{self.config.read_model_schema}.{s}" for s in model.sources]
                 try:
                     mark = self.ledger.watermark(collections)
@@ -513,12 +530,31 @@ class Projector:
                     self.metrics.watermark_lsn.labels(model.name).set(mark.lsn)
 
     def _ensure_read_models(self) -> None:
-        """Create read models whose sources now exist (checked every few seconds, and cheaply)."""
-        if time.monotonic() < self._next_read_model_check:
+        """Start read-model families whose sources now exist (checked every few seconds), and
+        build new versions a chunk at a time. Both run with no batch in flight, so they are
+        serialized with the batches' maintenance."""
+        if self.read_models is None or time.monotonic() < self._next_read_model_check:
             return
+        if any(state.replay is not None for state in self.partitions.values()):
+            return  # replay first
+        self._wait_for_batch()
+        maintainer = self.read_models
+        for line in self._main_retries(maintainer.ensure, "starting read models"):
+            log.info("read models: %s", line)
+        if maintainer.building:
+            progress = self._main_retries(maintainer.backfill_step, "backfilling read models")
+            if progress is not None:
+                log.info("read models: %s", progress)
+            return  # the next chunk on the next round, between batches
         self._next_read_model_check = time.monotonic() + 3
-        for name in self._main_retries(self.read_models.ensure, "creating read models"):
-            log.info("read model %s.%s created", self.read_models.database, name)
+
+    def _finish_read_models(self) -> None:
+        """At the finish line: every read model whose sources exist is started and built."""
+        while True:
+            self._next_read_model_check = 0.0
+            self._ensure_read_models()
+            if self.read_models is None or not self.read_models.building:
+                return
 
     def _commit_with_retries(
         self, batch: BatchRange, messages: KafkaMessages, segments: list[Segment] | None
@@ -545,6 +581,11 @@ class Projector:
             return
         started = time.monotonic()
         outcome = self.applier.apply(batch, messages, self._dead_letter, segments, planned=True)
+        if self.read_models is not None:
+            kept = time.monotonic()
+            schema, table = source_table_of(batch.topic)
+            self.read_models.apply_batch(batch, schema, table)
+            self.metrics.read_model_seconds.labels(table).observe(time.monotonic() - kept)
         self.ledger.record_progress(batch, outcome.transactions, outcome.dead_transactions)
         self.applied_events += outcome.applied
         self.fast_events += outcome.applied if outcome.fast else 0

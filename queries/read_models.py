@@ -1,69 +1,310 @@
-"""Declarative read models: a name, its source tables and a ClickHouse SELECT over them.
+"""Declarative read models: what each one is, as SQL the projector runs to keep it.
 
-Definitions live in `queries/read_models.toml` (validated here with pydantic). Each becomes a
-ClickHouse view in the read-model database whose source placeholders (`{orders}`) are rendered as
-`<replica database>.<table> FINAL`. Why views over the replicas rather than incrementally
-maintained tables: a replica equals its Postgres table after every applied batch (the projector's
-exactness argument, docs/projector.md), so a query over replicas read with FINAL is exact under
-updates, deletes, re-inserts and crashes by construction — there is no second state to keep
-right, and no row version is ever counted twice. The cost is paid at query time; docs/read-models.md
-says when to materialise instead.
+Definitions live in `queries/read_models.toml` (validated here with pydantic; the file's header
+explains every field). Two kinds:
 
-A read model is created once all its sources have replica tables (`ReadModels.ensure`, called by
-the projector after each round of batches); `replace` re-creates it after a definition changed.
+- `EntityModel`: one row per key, recomputed from the replicas for the keys a batch touches.
+- `AggregateModel`: one row per group, fed signed deltas of one entity's rows.
+
+An entity and the aggregates fed by it form a `Family`: they are kept together, in the same batch
+commit, and a change to any of their definitions builds the whole family anew (new tables, named
+by the family's definition hash) while the previous version keeps serving. How the projector keeps
+them, and why that is exact, is projector/materialize.py and docs/read-models.md; this module only
+turns definitions into SQL text.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 DEFINITIONS_FILE = Path(__file__).with_name("read_models.toml")
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
+PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
 class ReadModelError(ValueError):
     """A definition is invalid; the message names the file and the read model."""
 
 
-class ReadModel(BaseModel):
+def _placeholders(sql: str) -> set[str]:
+    return set(PLACEHOLDER.findall(sql))
+
+
+def render(sql: str, tables: dict[str, str]) -> str:
+    """`sql` with every `{name}` replaced by `tables[name]` (SQL text is not a format string:
+    ClickHouse's own braces, e.g. in a map literal, would not survive `str.format`)."""
+    return PLACEHOLDER.sub(lambda m: tables[m.group(1)], sql.strip())
+
+
+class EntityModel(BaseModel):
     model_config = {"extra": "forbid"}
 
     name: str = Field(pattern=IDENTIFIER)
     description: str
     sources: list[str] = Field(min_length=1)
-    key: list[str] = Field(min_length=1)  # what makes a row unique (tests order and compare by it)
+    key: list[str] = Field(min_length=1)
+    recompute_by: str | None = None
+    keys: str
     sql: str
+    affects: dict[str, str]
 
     @model_validator(mode="after")
-    def _placeholders_match_sources(self) -> ReadModel:
-        used = set(re.findall(r"\{(\w+)\}", self.sql))
-        if used != set(self.sources):
-            raise ValueError(
-                f"placeholders {sorted(used)} in sql must be exactly the sources {sorted(self.sources)}"
-            )
+    def _consistent(self) -> EntityModel:
         for source in self.sources:
             if not re.match(IDENTIFIER, source):
                 raise ValueError(f"source {source!r} is not a table name")
+        known = set(self.sources)
+        if "keys" not in _placeholders(self.sql):
+            raise ValueError("sql must narrow its sources to {keys}")
+        if not _placeholders(self.sql) - {"keys"} <= known:
+            raise ValueError(
+                f"sql reads {sorted(_placeholders(self.sql) - {'keys'} - known)}, not in sources"
+            )
+        if not _placeholders(self.keys) <= known:
+            raise ValueError("keys reads a table that is not a source")
+        if set(self.affects) != known:
+            raise ValueError(
+                f"affects must say, for every source {sorted(known)}, which keys its changes touch"
+                f" (it covers {sorted(self.affects)})"
+            )
+        for source, sql in self.affects.items():
+            if "changed" not in _placeholders(sql) or not _placeholders(sql) - {"changed"} <= known:
+                raise ValueError(f"affects.{source} must read {{changed}} and sources only")
+        if self.recompute_by is None:
+            self.recompute_by = self.key[0]
+        if self.recompute_by not in self.key:
+            raise ValueError(f"recompute_by {self.recompute_by!r} must be one of the key columns")
         return self
 
-    def select(self, replica_database: str) -> str:
-        """The SELECT with every source rendered as its replica table, read with FINAL."""
+    @property
+    def by(self) -> str:
+        assert self.recompute_by is not None  # set by the validator
+        return self.recompute_by
+
+    def select(self, replica_database: str, keys_sql: str) -> str:
+        """The rows of the keys `keys_sql` selects, each source read with FINAL."""
         tables = {s: f"(SELECT * FROM `{replica_database}`.`{s}` FINAL)" for s in self.sources}
-        return self.sql.strip().format(**tables)
+        return render(self.sql, tables | {"keys": f"({keys_sql})"})
+
+    def all_keys(self, replica_database: str) -> str:
+        tables = {s: f"(SELECT * FROM `{replica_database}`.`{s}` FINAL)" for s in self.sources}
+        return render(self.keys, tables)
+
+    def affected_keys(self, source: str, replica_database: str, changed_sql: str) -> str:
+        """The keys a batch's rows of `source` (selected by `changed_sql`) touch."""
+        tables = {s: f"`{replica_database}`.`{s}`" for s in self.sources}
+        return render(self.affects[source], tables | {"changed": f"({changed_sql})"})
+
+
+class AggregateColumn(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(pattern=IDENTIFIER)
+    group_by: str | None = None
+    sum: str | None = None
+    latest: str | None = None
+    derived: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> AggregateColumn:
+        kinds = [k for k in ("group_by", "sum", "latest", "derived") if getattr(self, k)]
+        if len(kinds) != 1:
+            raise ValueError(
+                f"column {self.name!r} needs exactly one of group_by, sum, latest, derived"
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("group_by", "sum", "latest", "derived") if getattr(self, k))
+
+    @property
+    def expression(self) -> str:
+        return str(getattr(self, self.kind))
+
+    @property
+    def stored(self) -> str:
+        """The column's name in the aggregate's table (never the served name: `sum(orders) AS
+        orders` would make ClickHouse see an aggregate inside an aggregate)."""
+        return self.name if self.kind == "group_by" else f"_{self.kind}_{self.name}"
+
+
+class AggregateModel(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(pattern=IDENTIFIER)
+    description: str
+    entity: str
+    where: str = "1"
+    columns: list[AggregateColumn] = Field(min_length=2)
+    visible_when: str | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> AggregateModel:
+        if not self.group_by:
+            raise ValueError("an aggregate needs at least one group_by column")
+        sums = [c for c in self.columns if c.kind == "sum"]
+        if not sums:
+            raise ValueError("an aggregate needs at least one sum column")
+        if self.visible_when is None:
+            self.visible_when = f"{sums[0].name} != 0"
+        return self
+
+    @property
+    def group_by(self) -> list[AggregateColumn]:
+        return [c for c in self.columns if c.kind == "group_by"]
+
+    @property
+    def key(self) -> list[str]:
+        return [c.name for c in self.group_by]
+
+    def deltas(self, stage: str) -> str:
+        """Signed deltas of this aggregate from a stage of entity rows (`_sign` -1: the stored
+        row replaced, +1: its new state; `_version` orders `latest`)."""
+        parts = []
+        for column in self.columns:
+            if column.kind == "group_by":
+                parts.append(f"{column.expression} AS {column.stored}")
+            elif column.kind == "sum":
+                parts.append(f"sum(_sign * ({column.expression})) AS {column.stored}")
+            elif column.kind == "latest":
+                parts.append(
+                    f"argMaxStateIf({column.expression}, _version, _sign > 0) AS {column.stored}"
+                )
+        keys = ", ".join(c.stored for c in self.group_by)
+        return (
+            f"SELECT {', '.join(parts)} FROM {stage} WHERE {self.where} "
+            f"GROUP BY {keys} ORDER BY {keys}"
+        )
+
+    def served(self, table: str) -> str:
+        """The read model as readers see it: the final merge of the deltas over its key."""
+        parts = []
+        for column in self.columns:
+            if column.kind == "group_by":
+                parts.append(column.name)
+            elif column.kind == "sum":
+                parts.append(f"sum({column.stored}) AS {column.name}")
+            elif column.kind == "latest":
+                parts.append(f"argMaxMerge({column.stored}) AS {column.name}")
+            else:
+                parts.append(f"{column.expression} AS {column.name}")
+        keys = ", ".join(self.key)
+        return f"SELECT {', '.join(parts)} FROM {table} GROUP BY {keys} HAVING {self.visible_when}"
+
+    def evaluated(self, entity_rows: str) -> str:
+        """The aggregate computed straight from entity rows (the reconcile check's side): no
+        signs, no versions; `latest` is any row's value (the entity rows of one group agree on
+        it when they are current)."""
+        parts = []
+        for column in self.columns:
+            expression = column.expression
+            if column.kind == "group_by":
+                parts.append(f"{expression} AS {column.name}")
+            elif column.kind == "sum":
+                parts.append(f"sum(toInt8(1) * ({expression})) AS {column.stored}")
+            elif column.kind == "latest":
+                parts.append(f"any({expression}) AS {column.stored}")
+        served = []
+        for column in self.columns:
+            if column.kind in ("sum", "latest"):
+                served.append(f"{column.stored} AS {column.name}")
+            elif column.kind == "derived":
+                served.append(f"{column.expression} AS {column.name}")
+            else:
+                served.append(column.name)
+        keys = ", ".join(self.key)
+        return (
+            f"SELECT {', '.join(served)} FROM (SELECT {', '.join(parts)} FROM {entity_rows} "
+            f"WHERE {self.where} GROUP BY {keys}) WHERE {self.visible_when}"
+        )
+
+
+@dataclass(frozen=True)
+class Family:
+    """An entity and the aggregates fed by it: kept, versioned and rebuilt together."""
+
+    entity: EntityModel
+    aggregates: tuple[AggregateModel, ...]
+
+    @property
+    def name(self) -> str:
+        return self.entity.name
+
+    @property
+    def version(self) -> str:
+        """A short hash of the family's definitions: a changed definition is a new version."""
+        text = json.dumps(
+            [self.entity.model_dump(), [a.model_dump() for a in self.aggregates]], sort_keys=True
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+    @property
+    def models(self) -> list[EntityModel | AggregateModel]:
+        return [self.entity, *self.aggregates]
+
+
+def family_to_json(family: Family) -> str:
+    """A family's definitions as text, kept with each built version (so the version serving
+    while its successor builds is maintained by the definition it was built from)."""
+    return json.dumps(
+        {"entity": family.entity.model_dump(),
+         "aggregates": [a.model_dump() for a in family.aggregates]}, sort_keys=True,
+    )  # fmt: skip
+
+
+def family_from_json(text: str) -> Family:
+    data = json.loads(text)
+    return Family(
+        EntityModel.model_validate(data["entity"]),
+        tuple(AggregateModel.model_validate(a) for a in data["aggregates"]),
+    )
+
+
+class ReadModel(BaseModel):
+    """What every read model offers readers and watermarks: a name, a description, the replica
+    tables it follows and the key its rows are unique by."""
+
+    name: str
+    description: str
+    sources: list[str]
+    key: list[str]
+    kind: str
+
+
+@dataclass(frozen=True)
+class ReadModelDefinitions:
+    families: tuple[Family, ...]
+
+    @property
+    def models(self) -> list[ReadModel]:
+        found = []
+        for family in self.families:
+            entity = family.entity
+            found.append(ReadModel(name=entity.name, description=entity.description,
+                                   sources=entity.sources, key=entity.key, kind="entity"))  # fmt: skip
+            for aggregate in family.aggregates:
+                found.append(ReadModel(name=aggregate.name, description=aggregate.description,
+                                       sources=entity.sources, key=aggregate.key,
+                                       kind="aggregate"))  # fmt: skip
+        return found
 
 
 class _File(BaseModel):
     model_config = {"extra": "forbid"}
 
-    read_model: list[ReadModel]
+    entity: list[EntityModel] = Field(default_factory=list)
+    aggregate: list[AggregateModel] = Field(default_factory=list)
 
 
-def load_read_models(path: Path | None = None) -> list[ReadModel]:
+def load_definitions(path: Path | None = None) -> ReadModelDefinitions:
     path = DEFINITIONS_FILE if path is None else path
     try:
         parsed = _File.model_validate(tomllib.loads(path.read_text()))
@@ -73,56 +314,23 @@ def load_read_models(path: Path | None = None) -> list[ReadModel]:
         raise ReadModelError(f"read-model file {path} is not valid TOML: {exc}") from exc
     except ValidationError as exc:
         raise ReadModelError(f"read-model file {path}: {exc}") from exc
-    names = [m.name for m in parsed.read_model]
+    names = [e.name for e in parsed.entity] + [a.name for a in parsed.aggregate]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ReadModelError(f"read-model file {path}: {', '.join(duplicates)} defined twice")
-    return parsed.read_model
-
-
-class ReadModels:
-    """Creates the read-model views once their sources exist."""
-
-    def __init__(
-        self, ch: Any, models: list[ReadModel], replica_database: str, database: str
-    ) -> None:
-        self.ch = ch
-        self.models = models
-        self.replica_database = replica_database
-        self.database = database
-        self.created: set[str] = set()
-
-    def ensure(self, replace: bool = False) -> list[str]:
-        """Create every read model whose sources all exist; returns the names created now."""
-        pending = [m for m in self.models if replace or m.name not in self.created]
-        if not pending:
-            return []
-        existing = {
-            r["name"]
-            for r in self.ch.rows(
-                f"SELECT name FROM system.tables WHERE database = '{self.replica_database}'"
+    entities = {e.name for e in parsed.entity}
+    for aggregate in parsed.aggregate:
+        if aggregate.entity not in entities:
+            raise ReadModelError(
+                f"read-model file {path}: aggregate {aggregate.name} is fed by {aggregate.entity!r},"
+                f" which is not an [[entity]] (known: {', '.join(sorted(entities)) or 'none'})"
             )
-        }
-        views = {
-            r["name"]
-            for r in self.ch.rows(
-                f"SELECT name FROM system.tables WHERE database = '{self.database}'"
-            )
-        }
-        made = []
-        for model in pending:
-            if not set(model.sources) <= existing:
-                continue
-            if model.name in views and not replace:
-                self.created.add(model.name)
-                continue
-            self.ch.execute(self.ch.topology.create_database(self.database))
-            self.ch.execute(
-                self.ch.topology.create_or_replace_view(
-                    f"`{self.database}`.`{model.name}`",
-                    f"{model.select(self.replica_database)} SETTINGS join_use_nulls = 1",
-                )
-            )
-            self.created.add(model.name)
-            made.append(model.name)
-        return made
+    families = tuple(
+        Family(e, tuple(a for a in parsed.aggregate if a.entity == e.name)) for e in parsed.entity
+    )
+    return ReadModelDefinitions(families)
+
+
+def load_read_models(path: Path | None = None) -> list[ReadModel]:
+    """Every read model, entity or aggregate, as readers and watermarks see it."""
+    return load_definitions(path).models

@@ -1,17 +1,20 @@
 """Declared upcasters: how a renamed or re-typed source column maps onto its replica column.
 
 Schema changes that lose nothing need no declaration: an added column becomes `ALTER TABLE ... ADD
-COLUMN`, a dropped one stays with defaults after. Two changes cannot be inferred from the Avro
-schemas alone, because they look like something else:
+COLUMN`, a dropped one stays with its values and is NULL for rows written after, and a changed
+type has the table re-read from Postgres (projector/replica.py, `SchemaStep`). One change cannot
+be inferred from the Avro schemas alone, because it looks like something else:
 
 - a **rename** looks like a dropped column plus an added one (the values would move to a new
-  replica column while the old one keeps only history);
-- a **type change** would need the replica column converted, which may fail or lose precision.
+  replica column while the old one keeps only history).
 
-Without a declaration the projector refuses both: the event goes to the dead-letter queue with a
-reason that names the table, the column and this file. With one, it renames or converts the
-replica column (`ALTER TABLE ... RENAME COLUMN` / `MODIFY COLUMN`) and maps every event, old
-and new versions alike, onto it; then `projector dlq replay` applies what was refused before.
+Without a declaration the projector refuses it: the event goes to the dead-letter queue with a
+reason that names the table, the column and this file. With one, it renames the replica column
+(`ALTER TABLE ... RENAME COLUMN`) and maps every event, old and new versions alike, onto it; then
+`projector dlq replay` applies what was refused before.
+
+A declared **type** (`retypes`) converts the replica column in place (`MODIFY COLUMN`) instead of
+re-reading the table: for a change whose cast is known to equal what Postgres stored.
 
 The file is TOML (`schemas/upcasters.toml` by default, `PROJECTOR_UPCASTERS_FILE` to use another):
 

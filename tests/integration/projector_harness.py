@@ -21,6 +21,9 @@ import httpx
 from projector.clickhouse import parse_rows
 from tests.integration.conftest import FENCE_TABLE, PROJECTOR, StackHandle
 
+# The connector's login variables: the projector derives its `source_dsn` from them.
+CONNECTOR_LOGIN = ("PG_HOST", "PG_PORT", "PG_DATABASE", "CDC_USER", "CDC_PASSWORD")
+
 
 class ProjectorProcess:
     """One projector deployment of a test: its own consumer group and its own ClickHouse state
@@ -44,6 +47,9 @@ class ProjectorProcess:
             # switch it back on.
             "PROJECTOR_TRANSACTION_METADATA": "false",
             "PROJECTOR_METRICS_PORT": "0",  # many projectors at once; the metrics test sets one
+            # The connector's login, as a deployment has it: the projector's `source_dsn` (the
+            # WAL position, and re-reads of a table through the signal table).
+            **{v: stack.env[v] for v in CONNECTOR_LOGIN},
         }
         self.server_url = server_url
         if (

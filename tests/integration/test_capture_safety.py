@@ -121,7 +121,10 @@ def test_replica_identity_full_on_request_captures_the_table_append_only(
 def test_dry_run_shows_the_changes_and_touches_nothing(stack: StackHandle) -> None:
     keyed = f"cs_dry_{uuid.uuid4().hex[:8]}"
     keyless = f"cs_dry_keyless_{uuid.uuid4().hex[:8]}"
-    stack.sql(f"CREATE TABLE {keyed} (id int PRIMARY KEY)")
+    # Keyed only after CREATE TABLE: a table created with a key joins the publication by
+    # itself (test_schema_changes.py), and this one is to wait for apply.
+    stack.sql(f"CREATE TABLE {keyed} (id int NOT NULL)")
+    stack.sql(f"ALTER TABLE {keyed} ADD PRIMARY KEY (id)")
     stack.sql(f"CREATE TABLE {keyless} (at int, msg text)")
     publication_before = published(stack)
     config_before = stack.connect.config("pg-source")

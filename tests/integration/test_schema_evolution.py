@@ -1,5 +1,6 @@
-"""Renamed and re-typed source columns: refused into the DLQ with a reason until an upcaster is
-declared, then replayed from the DLQ — nothing silently lost, the replica equal to Postgres."""
+"""Renamed source columns: refused into the DLQ with a reason until an upcaster is declared, then
+replayed from the DLQ — nothing silently lost, the replica equal to Postgres. Declared type
+conversions."""
 
 from __future__ import annotations
 
@@ -71,21 +72,22 @@ def test_renamed_column_is_refused_then_applied_under_a_declared_rename(
     assert [c["name"] for c in columns] == ["id", "remark", "qty"]
 
 
-def test_retyped_column_is_refused_then_converted_under_a_declared_type(
+def test_a_declared_retype_converts_the_stored_values_in_place(
     stack: StackHandle, projector: ProjectorProcess, tmp_path: Path
 ) -> None:
+    """An undeclared retype re-reads the table (test_schema_changes.py); a declared one casts
+    the replica column instead (`MODIFY COLUMN`), for a change whose cast is exact."""
     table = projector.table("ev_retype")
+    upcasters = tmp_path / "upcasters.toml"
+    upcasters.write_text(f'[[upcaster]]\ntable = "public.{table}"\nretypes = {{ qty = "Int64" }}\n')
+    projector.env["PROJECTOR_UPCASTERS_FILE"] = str(upcasters)
     refused = project_then_change(
         stack, projector, table, "id int PRIMARY KEY, qty int NOT NULL", "(1, 10)",
         "ALTER COLUMN qty TYPE bigint", "INSERT INTO {table} VALUES (2, 9000000000)",
     )  # fmt: skip
-    assert [d["stage"] for d in refused] == ["schema"], refused
-    assert "changed type from Int32 to Int64" in refused[0]["error"], refused
-
-    out = declare_and_replay(projector, tmp_path, table, 'retypes = { qty = "Int64" }')
-    assert "replayed 1, still dead 0" in out, out
-    projector.catch_up()
+    assert refused == []
     assert assert_replica_equals_source(stack, projector, table, ["id"]) == 2
+    assert "requested an incremental snapshot" not in projector.log.read_text()
 
 
 def test_a_broken_upcasters_file_stops_start_up_with_a_clear_error(

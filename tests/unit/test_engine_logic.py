@@ -12,7 +12,7 @@ from projector import runner
 from projector.checkpoint import BatchRange, cut_batch
 from projector.config import client_environment, load_config
 from projector.errors import ClickHouseUnavailable, ConfigError
-from queries.read_models import ReadModelError, load_read_models
+from queries.read_models import ReadModelError, load_definitions, load_read_models
 from schemas.errors import RegistryUnavailable
 
 # ---- retries -----------------------------------------------------------------------------------
@@ -148,12 +148,20 @@ def test_bad_settings_are_refused_with_the_reason(
 # ---- read-model validation ---------------------------------------------------------------------
 
 VALID = """
-[[read_model]]
+[[entity]]
 name = "m"
 description = "d"
 sources = ["orders"]
 key = ["id"]
-sql = "SELECT id FROM {orders} AS o"
+keys = "SELECT id FROM {orders}"
+sql = "SELECT id, status FROM {orders} WHERE id IN {keys}"
+affects = { orders = "SELECT id FROM {changed}" }
+
+[[aggregate]]
+name = "a"
+description = "d"
+entity = "m"
+columns = [{ name = "status", group_by = "status" }, { name = "n", sum = "1" }]
 """
 
 
@@ -166,11 +174,15 @@ def test_the_shipped_definitions_load() -> None:
     ("text", "message"),
     [
         (VALID + VALID, "defined twice"),
-        (VALID.replace('sources = ["orders"]', 'sources = ["orders", "items"]'), "placeholders"),
+        (VALID.replace('sources = ["orders"]', 'sources = ["orders", "items"]'), "affects"),
         (VALID.replace('name = "m"', 'name = "m; DROP"'), "name"),
         (VALID.replace('key = ["id"]\n', ""), "key"),
-        (VALID.replace("{orders}", "{order s}"), "placeholders"),
-        ("[[read_model]\n", "not valid TOML"),
+        (VALID.replace("WHERE id IN {keys}", ""), "keys"),
+        (VALID.replace("FROM {orders} WHERE", "FROM {items} WHERE"), "not in sources"),
+        (VALID.replace('entity = "m"', 'entity = "x"'), "not an \\[\\[entity\\]\\]"),
+        (VALID.replace('sum = "1"', 'sum = "1", latest = "1"'), "exactly one of"),
+        (VALID.replace('{ name = "n", sum = "1" }', '{ name = "n", latest = "1" }'), "sum column"),
+        ("[[entity]\n", "not valid TOML"),
     ],
 )
 def test_bad_definitions_are_refused_naming_the_problem(
@@ -180,7 +192,14 @@ def test_bad_definitions_are_refused_naming_the_problem(
     path.write_text(text)
     with pytest.raises(ReadModelError, match=message):
         load_read_models(path)
-    assert load_read_models(_write(tmp_path, VALID))[0].name == "m"
+    assert [m.name for m in load_read_models(_write(tmp_path, VALID))] == ["m", "a"]
+
+
+def test_a_changed_definition_is_a_new_family_version(tmp_path: Path) -> None:
+    before = load_definitions(_write(tmp_path, VALID)).families[0].version
+    changed = VALID.replace('sum = "1"', 'sum = "2"')
+    assert load_definitions(_write(tmp_path, changed)).families[0].version != before
+    assert load_definitions(_write(tmp_path, VALID)).families[0].version == before
 
 
 def _write(tmp_path: Path, text: str) -> Path:

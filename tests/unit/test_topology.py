@@ -8,6 +8,7 @@ with other tests' sessions): a typo in generated DDL fails here, not on a produc
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from typing import Any
@@ -17,9 +18,10 @@ import pytest
 from projector.checkpoint import CheckpointStore
 from projector.clickhouse import Topology
 from projector.dlq import DeadLetterStore
+from projector.materialize import ReadModelMaintainer
 from projector.replica import ReplicaCatalog, ReplicaTable, SourceColumn
 from projector.transactions import TransactionLedger
-from queries.read_models import ReadModels, load_read_models
+from queries.read_models import load_definitions
 from schemas.type_map import column_type
 
 
@@ -59,9 +61,31 @@ def all_ddl(topology: Topology) -> list[str]:
     ch.statements.append(
         topology.alter_table("`replica_public`.`orders`", "ADD COLUMN IF NOT EXISTS `x` Int32")
     )
-    models = ReadModels(ch, load_read_models(None), "replica_shop", "read_models")
-    ch.rows = lambda sql: [{"name": s} for m in models.models for s in m.sources]  # type: ignore[method-assign]
-    models.ensure()
+    definitions = load_definitions(None)
+    sources = {s for family in definitions.families for s in family.entity.sources}
+
+    def answers(sql: str) -> list[dict[str, Any]]:
+        """What a fresh deployment's ClickHouse says: the shop's replicas exist, nothing else."""
+        ch.statements.append(sql)
+        if sql.startswith("DESCRIBE"):  # every alias a column (its type does not matter here)
+            return [
+                {"name": n, "type": "Int64"} for n in dict.fromkeys(re.findall(r"AS (\w+)", sql))
+            ]
+        if "system.columns" in sql:
+            return [{"name": "order_id"}, {"name": "status"}]
+        if "count() AS n" in sql:
+            return [{"n": 0, "lo": None, "hi": None}]
+        if "system.tables" in sql and "endsWith" not in sql:
+            return [{"name": s} for s in sources]
+        return []
+
+    ch.rows = answers  # type: ignore[method-assign]
+    maintainer = ReadModelMaintainer(
+        ch, definitions, "shop", "replica_shop", "read_models", "projector"
+    )
+    maintainer.ensure()
+    while maintainer.building:  # an empty backfill, then the views switch to the new tables
+        maintainer.backfill_step()
     return [s for s in ch.statements if s.startswith(("CREATE", "ALTER", "SYSTEM"))]
 
 
@@ -95,29 +119,44 @@ def cluster() -> list[str]:
 
 
 def test_single_server_ddl_is_plain_and_deduplicates(single: list[str]) -> None:
-    tables = [s for s in single if s.startswith("CREATE TABLE")]
-    # checkpoints, partition owners, dlq, two ledgers, a keyed and a key-less replica
-    assert len(tables) == 7
+    tables = [s for s in single if s.startswith("CREATE TABLE") and "ENGINE = Memory" not in s]
+    # checkpoints and partition owners (twice each: replicas and backfills), dlq, two ledgers, a
+    # keyed and a key-less replica, the read-model versions, three entity tables and five
+    # aggregate tables
+    assert len(tables) == 18
     for statement in single:
         assert "ON CLUSTER" not in statement
         assert "Replicated" not in statement
     for statement in tables:
-        window = "0" if "checkpoints" in statement or "partition_owners" in statement else "100000"
+        window = (
+            "0"
+            if any(
+                t in statement for t in ("checkpoints", "partition_owners", "read_model_versions")
+            )
+            else "100000"
+        )
         assert f"non_replicated_deduplication_window = {window}" in statement
     assert any("ENGINE = ReplacingMergeTree(_version, _is_deleted)" in s for s in tables)
     assert any("ENGINE = MergeTree ORDER BY (_partition, _offset)" in s for s in tables)
 
 
 def test_cluster_ddl_runs_on_every_replica_with_replicated_engines(cluster: list[str]) -> None:
-    tables = [s for s in cluster if s.startswith("CREATE TABLE")]
-    assert len(tables) == 7
+    tables = [s for s in cluster if s.startswith("CREATE TABLE") and "ENGINE = Memory" not in s]
+    assert len(tables) == 18
     for statement in cluster:
-        if statement.startswith(("CREATE", "ALTER")):
+        # a read model's stage is scratch of one recompute, local to the server we talk to
+        if statement.startswith(("CREATE", "ALTER")) and "ENGINE = Memory" not in statement:
             assert " ON CLUSTER `analytics`" in statement, statement
     path = "'/clickhouse/tables/{shard}/{database}/{table}', '{replica}'"
     for statement in tables:
         assert "ENGINE = Replicated" in statement and path in statement, statement
-        window = "0" if "checkpoints" in statement or "partition_owners" in statement else "10000"
+        window = (
+            "0"
+            if any(
+                t in statement for t in ("checkpoints", "partition_owners", "read_model_versions")
+            )
+            else "10000"
+        )
         assert f"replicated_deduplication_window = {window}" in statement
         assert "non_replicated" not in statement
     keyed = next(s for s in tables if "`orders`" in s)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from projector.errors import PoisonMessage
-from projector.replica import SourceColumn, _refuse_undeclared_rename, upcast
+from projector.replica import SourceColumn, _undeclared_rename, upcast
 from schemas.errors import SchemaError
 from schemas.type_map import column_type
 from schemas.upcasters import DEFAULT_FILE, Upcaster, Upcasters
@@ -60,7 +60,7 @@ def test_a_missing_file_given_explicitly_is_an_error(tmp_path: Path) -> None:
 
 def test_a_new_name_at_a_gone_name_s_position_is_a_rename() -> None:
     with pytest.raises(PoisonMessage, match=r"t\.note \(position 2\) looks renamed to remark"):
-        _refuse_undeclared_rename("public.t", columns("id", "remark", "qty"), ["id", "note", "qty"])
+        _undeclared_rename("public.t", columns("id", "remark", "qty"), columns("id", "note", "qty"))
 
 
 @pytest.mark.parametrize(
@@ -73,4 +73,10 @@ def test_a_new_name_at_a_gone_name_s_position_is_a_rename() -> None:
     ],
 )
 def test_adds_and_drops_are_not_renames(previous: list[str] | None, now: list[str]) -> None:
-    _refuse_undeclared_rename("public.t", columns(*now), previous)
+    before = None if previous is None else columns(*previous)
+    assert _undeclared_rename("public.t", columns(*now), before) is False
+
+
+def test_a_new_last_column_where_the_last_one_was_is_ambiguous_not_refused() -> None:
+    """Renamed, or dropped with another added: the two look the same at the last position."""
+    assert _undeclared_rename("public.t", columns("id", "a", "c"), columns("id", "a", "b"))

@@ -1,0 +1,514 @@
+"""`projector read-model-bench` (part of `make bench`): materialized read models against the views
+over the replicas they replaced, side by side in one run.
+
+1. Read side, on one chDB engine in this process: replicas of `orders` orders (default 10M),
+   three lines each, `customers` customers and `products` products are generated straight into
+   replica tables shaped like the projector's (every metadata column), then ~10% of the orders
+   get a newer version (another status) and ~3% are deleted with their lines. The read models are
+   built from them by the projector's own backfill (projector/materialize.py), timed.
+2. Per read model, a point lookup and a full scan (top-100 for the customer and product rankings),
+   p50 and p99 over repeated runs: on the materialized model (`read_models.<name>`) and on the
+   same definition evaluated over the replicas read with FINAL (what the views did).
+3. Write side, on the real stack: a bulk shop workload in Postgres (inserts, status updates,
+   renames, price changes, deleted lines: ~`events` change events) projected by
+   `projector run --until-kafka-end` twice on the same topics: read-model maintenance on and off.
+4. Freshness: `projector run --serve` while a writer commits orders at `rate` rows/s; every
+   `probe_every_s` one order lands on a day of its own, and the time from its commit until
+   `daily_sales` shows that day through the query service is one sample.
+Figures are ratios against baselines of the same run, appended to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+from projector.clickhouse import ChdbBackend, ident
+from projector.materialize import ReadModelMaintainer
+from projector.replica import META_COLUMNS
+from queries.read_models import load_definitions
+
+REPLICA, READ_MODELS, CONTROL = "replica_shop", "read_models", "projector"
+STATUSES = "['PENDING', 'CONFIRMED', 'SHIPPED', 'DELIVERED', 'CANCELLED']"
+SOURCE_COLUMNS = {
+    "customers": (["id"], "id Int64, name String, email String, created_at DateTime64(6, 'UTC')"),
+    "products": (["id"], "id Int64, name String, price Decimal(10, 2)"),
+    "orders": (["id"], "id Int64, customer_id Int64, status String, "
+                       "created_at DateTime64(6, 'UTC'), updated_at DateTime64(6, 'UTC')"),
+    "order_items": (["order_id", "line_no"], "order_id Int64, line_no Int32, product_id Int64, "
+                                             "quantity Int32, unit_price Decimal(10, 2)"),
+}  # fmt: skip
+TARGETS_MS = {"point": 10.0, "daily_sales": 50.0, "monthly_sales": 50.0,
+              "customer_lifetime_value": 100.0, "product_popularity": 100.0}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Latency:
+    p50_ms: float
+    p99_ms: float
+
+
+def quantiles(samples: list[float]) -> Latency:
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return Latency(statistics.median(ordered) * 1000, p99 * 1000)
+
+
+def timed(call: Callable[[], Any], times: int) -> list[float]:
+    samples = []
+    for _ in range(times):
+        started = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+# ---- 1. the read side -------------------------------------------------------------------------
+
+
+def generate_replicas(ch: ChdbBackend, orders: int, customers: int, products: int) -> None:
+    """Replica tables as the projector would hold them after a long history."""
+    ch.execute(f"CREATE DATABASE IF NOT EXISTS {REPLICA}")
+    meta = ", ".join(f"{ident(n)} {t}" for n, t in META_COLUMNS.items())
+    for table, (key, columns) in SOURCE_COLUMNS.items():
+        ch.execute(
+            f"CREATE TABLE {REPLICA}.{table} ({columns}, {meta}, INDEX _batch_rows "
+            "(_partition, _offset) TYPE minmax GRANULARITY 1) ENGINE = "
+            f"ReplacingMergeTree(_version, _is_deleted) ORDER BY ({', '.join(key)})"
+        )
+
+    def insert(table: str, columns: str, select: str, rows: int, version_base: int,
+               deleted: int = 0) -> None:  # fmt: skip
+        op = "'d'" if deleted else "'r'"
+        ch.execute(
+            f"INSERT INTO {REPLICA}.{table} ({columns}, _version, _is_deleted, _op, _partition, "
+            f"_offset) SELECT *, {version_base} + rowNumberInAllBlocks(), {deleted}, "
+            f"{op}, 0, {version_base} + rowNumberInAllBlocks() "
+            f"FROM ({select}) SETTINGS max_insert_threads = 2"
+        )
+
+    day0 = "toDateTime64('2023-01-01 00:00:00', 6, 'UTC')"
+    insert("customers", "id, name, email, created_at",
+           f"SELECT number + 1, concat('Customer ', toString(number + 1)), "
+           f"concat('c', toString(number + 1), '@example.com'), {day0} FROM numbers({customers})",
+           customers, 0)  # fmt: skip
+    insert("products", "id, name, price",
+           f"SELECT number + 1, concat('Product ', toString(number + 1)), "
+           f"toDecimal64(1 + number % 19999 / 100, 2) FROM numbers({products})",
+           products, 0)  # fmt: skip
+    order_row = (
+        "SELECT number + 1, 1 + cityHash64(number, 1) % {customers}, "
+        "{statuses}[1 + cityHash64(number, {salt}) % 5], "
+        "{day0} + toIntervalSecond(cityHash64(number, 3) % (3 * 365 * 86400)), {day0} "
+        "FROM numbers({orders}) {where}"
+    )
+    fill = {"customers": customers, "statuses": STATUSES, "day0": day0, "orders": orders}
+    insert("orders", "id, customer_id, status, created_at, updated_at",
+           order_row.format(**fill, salt=2, where=""), orders, 0)  # fmt: skip
+    insert("order_items", "order_id, line_no, product_id, quantity, unit_price",
+           f"SELECT intDiv(number, 3) + 1, toInt32(number % 3 + 1), "
+           f"1 + cityHash64(number, 5) % {products}, toInt32(1 + cityHash64(number, 6) % 5), "
+           f"toDecimal64(1 + cityHash64(number, 7) % 19999 / 100, 2) FROM numbers({orders * 3})",
+           orders * 3, 0)  # fmt: skip
+    # ~10% updated (a newer version with another status), ~3% deleted with their lines
+    insert("orders", "id, customer_id, status, created_at, updated_at",
+           order_row.format(**fill, salt=8, where="WHERE cityHash64(number, 4) % 10 = 0"),
+           0, 10 * orders)  # fmt: skip
+    insert("orders", "id, customer_id, status, created_at, updated_at",
+           order_row.format(**fill, salt=2, where="WHERE cityHash64(number, 9) % 33 = 0"),
+           0, 20 * orders, deleted=1)  # fmt: skip
+    insert("order_items", "order_id, line_no, product_id, quantity, unit_price",
+           f"SELECT intDiv(number, 3) + 1, toInt32(number % 3 + 1), 0, 0, 0 "
+           f"FROM numbers({orders * 3}) WHERE cityHash64(intDiv(number, 3), 9) % 33 = 0",
+           0, 20 * orders, deleted=1)  # fmt: skip
+
+
+def definition_over_replicas(name: str) -> str:
+    """What the old view of `name` was: its definition evaluated over the replicas (FINAL)."""
+    for family in load_definitions().families:
+        entity = family.entity
+        rows = entity.select(REPLICA, entity.all_keys(REPLICA))
+        if entity.name == name:
+            return f"SELECT * FROM ({rows}) SETTINGS join_use_nulls = 1"
+        for aggregate in family.aggregates:
+            if aggregate.name == name:
+                return f"{aggregate.evaluated(f'({rows})')} SETTINGS join_use_nulls = 1"
+    raise KeyError(name)
+
+
+def read_side_queries(ch: ChdbBackend) -> dict[str, tuple[str, str]]:
+    """Per read model: (point lookup, full scan) with `{m}` for the model's rows."""
+    order = ch.rows(f"SELECT id FROM {REPLICA}.orders FINAL WHERE id % 1000 = 7 LIMIT 1")[0]["id"]
+    day = "2024-06-01"
+    return {
+        "order_summary": (f"SELECT * FROM {{m}} WHERE order_id = {order}",
+                          "SELECT count(), sum(total) FROM {m}"),
+        "order_lines": (f"SELECT * FROM {{m}} WHERE order_id = {order}",
+                        "SELECT count(), sum(quantity) FROM {m}"),
+        "order_status": (f"SELECT * FROM {{m}} WHERE order_id = {order}",
+                         "SELECT count() FROM {m}"),
+        "daily_sales": (f"SELECT * FROM {{m}} WHERE day = '{day}'", "SELECT * FROM {m}"),
+        "monthly_sales": (f"SELECT * FROM {{m}} WHERE month = '{day}'", "SELECT * FROM {m}"),
+        "customer_lifetime_value": ("SELECT * FROM {m} WHERE customer_id = 4242",
+                                    "SELECT * FROM {m} ORDER BY revenue DESC LIMIT 100"),
+        "product_popularity": ("SELECT * FROM {m} WHERE product_id = 4242",
+                               "SELECT * FROM {m} ORDER BY revenue DESC LIMIT 100"),
+        "orders_by_status": ("SELECT * FROM {m} WHERE status = 'PENDING'", "SELECT * FROM {m}"),
+    }  # fmt: skip
+
+
+@dataclass
+class ReadSide:
+    orders: int
+    build_s: float
+    rows: dict[str, int]
+    materialized: dict[str, tuple[Latency, Latency]]
+    views: dict[str, tuple[Latency, Latency]]
+    floor: Latency  # `SELECT 1` on the same engine: what any query costs here
+
+
+def run_read_side(
+    orders: int, customers: int, products: int, fast_runs: int, view_runs: int, log: Any
+) -> ReadSide:
+    work = Path(tempfile.mkdtemp(prefix="projector-rm-bench-"))
+    ch = ChdbBackend(str(work / "chdb"))
+    try:
+        log(f"generating replicas: {orders:,} orders, {orders * 3:,} lines, {customers:,} "
+            f"customers, {products:,} products ...")  # fmt: skip
+        generate_replicas(ch, orders, customers, products)
+        maintainer = ReadModelMaintainer(ch, load_definitions(), "shop", REPLICA, READ_MODELS,
+                                         CONTROL)  # fmt: skip
+        log("building the read models with the projector's backfill ...")
+        started = time.perf_counter()
+        maintainer.ensure()
+        while maintainer.building:
+            progress = maintainer.backfill_step()
+            log(f"  {progress}")
+        build_s = time.perf_counter() - started
+        floor = quantiles(timed(partial(ch.rows, "SELECT 1"), fast_runs))
+        rows = {}
+        materialized, views = {}, {}
+        for name, (point, scan) in read_side_queries(ch).items():
+            table = f"{READ_MODELS}.{name}"
+            rows[name] = int(ch.rows(f"SELECT count() AS n FROM {table}")[0]["n"])
+            log(f"{name}: {rows[name]:,} rows; timing ...")
+            over = f"({definition_over_replicas(name)})"
+            materialized[name] = (
+                quantiles(timed(partial(ch.rows, point.format(m=table)), fast_runs)),
+                quantiles(timed(partial(ch.rows, scan.format(m=table)), fast_runs)),
+            )
+            views[name] = (
+                quantiles(timed(partial(ch.rows, point.format(m=over)), view_runs)),
+                quantiles(timed(partial(ch.rows, scan.format(m=over)), view_runs)),
+            )
+        return ReadSide(orders, build_s, rows, materialized, views, floor)
+    finally:
+        ch.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---- 3. the write side: maintenance on and off ------------------------------------------------
+
+
+BULK_WORKLOAD = """
+INSERT INTO {s}.customers (name, email)
+  SELECT 'Customer ' || n, 'c' || n || '@example.com' FROM generate_series(1, {customers}) n;
+INSERT INTO {s}.products (name, price)
+  SELECT 'Product ' || n, 1 + (n % 500) FROM generate_series(1, {products}) n;
+INSERT INTO {s}.orders (customer_id, status, created_at)
+  SELECT 1 + (n * 7919) % {customers}, 'PENDING', now() - make_interval(days => n % 400)
+  FROM generate_series(1, {orders}) n;
+INSERT INTO {s}.order_items (order_id, line_no, product_id, quantity, unit_price)
+  SELECT o.id, l, 1 + (o.id * 31 + l) % {products}, 1 + l, 9.99
+  FROM {s}.orders o, generate_series(1, 3) l;
+UPDATE {s}.orders SET status = 'CONFIRMED', updated_at = now() WHERE id % 4 = 0;
+UPDATE {s}.orders SET status = 'CANCELLED', updated_at = now() WHERE id % 25 = 0;
+UPDATE {s}.customers SET name = name || ' Jr.' WHERE id % 50 = 0;
+UPDATE {s}.products SET name = name || ' v2', price = price + 1 WHERE id % 20 = 0;
+DELETE FROM {s}.order_items WHERE line_no = 3 AND order_id % 10 = 0
+"""
+
+
+def bulk_events(orders: int) -> dict[str, int]:
+    customers, products = max(100, orders // 10), max(50, orders // 100)
+    return {"customers": customers, "products": products, "orders": orders}
+
+
+def run_write_side(events: int, log: Any) -> dict[str, float]:
+    """events/s of `projector run --until-kafka-end` over the same shop topics, read-model
+    maintenance on and off."""
+    from devstack import Stack
+    from devstack.capture import create_and_capture
+    from devstack.shop import DDL as SHOP_DDL
+    from projector.config import client_environment
+
+    Stack().up(log=log)
+    env = client_environment()
+    schema = f"rmbench{uuid.uuid4().hex[:6]}"
+    # ~4.6 events per order: the order, 3 lines, a share of updates, renames and deletes
+    sizes = bulk_events(max(1000, int(events / 4.6)))
+    create_and_capture(env, SHOP_DDL.format(schema=schema), schema)
+    log(f"writing the bulk shop workload into Postgres schema {schema} ({sizes}) ...")
+    with psycopg.connect(env["ADMIN_DSN"], autocommit=True) as conn:
+        for statement in BULK_WORKLOAD.format(s=schema, **sizes).split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        (lsn,) = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone() or ("",)
+    projector = str(Path(sys.executable).parent / "projector")
+    work = Path(tempfile.mkdtemp(prefix="projector-rm-write-"))
+    rates: dict[str, float] = {}
+    try:
+        # Wait until Debezium has streamed everything: one throw-away run to the commit LSN.
+        base = {**env, "PROJECTOR_SCHEMAS": schema,
+                "PROJECTOR_TABLE_PATTERN": "(customers|products|orders|order_items)",
+                "PROJECTOR_READ_MODEL_SCHEMA": schema, "PROJECTOR_METRICS_PORT": "0",
+                "PROJECTOR_MAX_BATCH_MESSAGES": "50000",
+                "PROJECTOR_TRANSACTION_METADATA": "false"}  # fmt: skip
+        log("waiting for Debezium to stream the workload (a first run to the commit's LSN) ...")
+        warm = {**base, "PROJECTOR_CHDB_PATH": str(work / "warm"),
+                "PROJECTOR_GROUP_ID": f"{schema}-warm", "PROJECTOR_MAINTAIN_READ_MODELS": "false",
+                "PROJECTOR_TRANSACTION_METADATA": "true"}  # fmt: skip
+        subprocess.run([projector, "run", "--until-lsn", lsn], env=warm, check=True,
+                       capture_output=True, timeout=3600)  # fmt: skip
+        applied = _applied_events(projector, warm)
+        for label, maintain in (("off", False), ("on", True)):
+            log(f"projecting {applied:,} events with read-model maintenance {label} ...")
+            run_env = {**base, "PROJECTOR_CHDB_PATH": str(work / label),
+                       "PROJECTOR_GROUP_ID": f"{schema}-{label}",
+                       "PROJECTOR_MAINTAIN_READ_MODELS": str(maintain).lower()}  # fmt: skip
+            started = time.perf_counter()
+            subprocess.run([projector, "run", "--until-kafka-end"], env=run_env, check=True,
+                           capture_output=True, timeout=3600)  # fmt: skip
+            rates[label] = applied / (time.perf_counter() - started)
+        rates["events"] = applied
+        return rates
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _applied_events(projector: str, env: dict[str, str]) -> int:
+    total = 0
+    for table in ("customers", "products", "orders", "order_items"):
+        done = subprocess.run(
+            [projector, "sql", "--format", "csv",
+             f"SELECT count() FROM replica_{env['PROJECTOR_SCHEMAS']}.{table}"],
+            env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        total += int(done.stdout.strip().splitlines()[-1])
+    return total
+
+
+# ---- 4. freshness into daily_sales ------------------------------------------------------------
+
+
+def run_freshness(rate: int, duration_s: float, probe_every_s: float, log: Any) -> Latency:
+    from devstack.capture import create_and_capture
+    from devstack.shop import DDL as SHOP_DDL
+    from projector.config import client_environment
+
+    env = client_environment()
+    schema = f"rmfresh{uuid.uuid4().hex[:6]}"
+    create_and_capture(env, SHOP_DDL.format(schema=schema), schema)
+    with psycopg.connect(env["ADMIN_DSN"], autocommit=True) as conn:
+        conn.execute(f"INSERT INTO {schema}.customers (name, email) VALUES ('c', 'c@x')")
+        conn.execute(f"INSERT INTO {schema}.products (name, price) VALUES ('p', 1)")
+        # every source has rows, so every replica table (and the read models over them) exists
+        _probe(conn, schema, date(2119, 12, 31))
+    port = _free_port()
+    work = Path(tempfile.mkdtemp(prefix="projector-rm-fresh-"))
+    run_env = {**env, "PROJECTOR_SCHEMAS": schema, "PROJECTOR_CHDB_PATH": str(work / "chdb"),
+               "PROJECTOR_TABLE_PATTERN": "(customers|products|orders|order_items)",
+               "PROJECTOR_READ_MODEL_SCHEMA": schema, "PROJECTOR_GROUP_ID": f"{schema}-fresh",
+               "PROJECTOR_METRICS_PORT": "0", "PROJECTOR_API_TOKEN": "bench",
+               "PROJECTOR_QUERY_PORT": str(port), "PROJECTOR_QUERY_CACHE_ENTRIES": "0",
+               "PROJECTOR_TRANSACTION_METADATA": "false"}  # fmt: skip
+    projector = str(Path(sys.executable).parent / "projector")
+    log_file = work / "projector.log"
+    with log_file.open("ab") as out:
+        process = subprocess.Popen([projector, "run", "--serve"], env=run_env, stdout=out,
+                                   stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}/sql"
+    headers = {"Authorization": "Bearer bench"}
+    samples: list[float] = []
+    stop = threading.Event()
+    try:
+        with httpx.Client(headers=headers, timeout=30) as http:
+            _wait_serving(http, url, process, log_file)
+            writer = threading.Thread(target=_paced_orders, args=(env["ADMIN_DSN"], schema, rate,
+                                                                  stop), daemon=True)  # fmt: skip
+            writer.start()
+            log(f"freshness at {rate} orders/s for {duration_s:.0f}s ...")
+            # days of their own, inside ClickHouse Date's range (up to 2149)
+            day, deadline = date(2120, 1, 1), time.monotonic() + duration_s
+            with psycopg.connect(env["ADMIN_DSN"], autocommit=True) as conn:
+                while time.monotonic() < deadline:
+                    day += timedelta(days=1)
+                    committed = _probe(conn, schema, day)
+                    query = f"SELECT count() AS n FROM read_models.daily_sales WHERE day = '{day}'"
+                    while time.time() - committed < 30:
+                        answer = http.post(url, json={"sql": query, "format": "csv"})
+                        if answer.status_code == 200 and answer.text.split()[-1:] == ["1"]:
+                            samples.append(time.time() - committed)
+                            break
+                        time.sleep(0.01)
+                    time.sleep(probe_every_s)
+    finally:
+        stop.set()
+        process.terminate()
+        process.wait(60)
+        shutil.rmtree(work, ignore_errors=True)
+    if not samples:
+        raise RuntimeError("no probe order became visible in daily_sales")
+    return quantiles(samples)
+
+
+def _probe(conn: psycopg.Connection, schema: str, day: date) -> float:
+    with conn.transaction():
+        (order,) = conn.execute(
+            f"INSERT INTO {schema}.orders (customer_id, created_at) SELECT min(id), %s "
+            f"FROM {schema}.customers RETURNING id",
+            [datetime(day.year, day.month, day.day, 12, tzinfo=UTC)],
+        ).fetchone() or (0,)
+        conn.execute(
+            f"INSERT INTO {schema}.order_items VALUES (%s, 1, "
+            f"(SELECT min(id) FROM {schema}.products), 1, 5)",
+            [order],
+        )
+    return time.time()
+
+
+def _paced_orders(dsn: str, schema: str, rate: int, stop: threading.Event) -> None:
+    """Background orders at `rate` rows/s, committed in 10 ms slices."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        started, written = time.monotonic(), 0
+        while not stop.is_set():
+            due = int((time.monotonic() - started) * rate) - written
+            if due > 0:
+                conn.execute(
+                    f"INSERT INTO {schema}.orders (customer_id, created_at) SELECT "
+                    f"(SELECT min(id) FROM {schema}.customers), now() FROM generate_series(1, %s)",
+                    [due],
+                )
+                written += due
+            time.sleep(0.01)
+
+
+def _wait_serving(
+    http: httpx.Client, url: str, process: subprocess.Popen[bytes], log_file: Path
+) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the projector stopped: {log_file.read_text()[-2000:]}")
+        try:
+            answer = http.post(url, json={"sql": "SELECT count() FROM read_models.daily_sales"})
+            if answer.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"daily_sales was not served in time: {log_file.read_text()[-2000:]}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+
+def render(
+    read: ReadSide | None, write: dict[str, float] | None, fresh: tuple[int, Latency] | None,
+    command: str,
+) -> str:  # fmt: skip
+    lines = [
+        f"### {datetime.now(tz=UTC):%Y-%m-%d %H:%M} UTC — read models: materialized vs views",
+        "",
+        f"Command: `{command}`. Machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}.",
+    ]
+    if read is not None:
+        lines += [
+            "",
+            f"Read side: {read.orders:,} orders ({read.orders * 3:,} lines) in replicas; the "
+            f"read models built from them by the backfill in {read.build_s:.0f} s. Latency in ms "
+            "(p50 / p99); 'view' = the same definition over the replicas read with FINAL. "
+            f"Floor: `SELECT 1` on the same engine takes {_l(read.floor)} ms.",
+            "",
+            "| read model | rows | point: materialized | point: view | point speed-up "
+            "| full: materialized | full: view | full speed-up | target |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for name, (m_point, m_full) in read.materialized.items():
+            v_point, v_full = read.views[name]
+            target = TARGETS_MS.get(name)
+            verdict = [f"point p99 ≤ {TARGETS_MS['point']:.0f}: "
+                       f"{'met' if m_point.p99_ms <= TARGETS_MS['point'] else 'MISSED'}"]  # fmt: skip
+            if target is not None:
+                verdict.append(
+                    f"full p99 ≤ {target:.0f}: {'met' if m_full.p99_ms <= target else 'MISSED'}"
+                )
+            lines.append(
+                f"| {name} | {read.rows[name]:,} | {_l(m_point)} | {_l(v_point)} | "
+                f"{v_point.p50_ms / max(m_point.p50_ms, 0.001):,.0f}x | {_l(m_full)} | "
+                f"{_l(v_full)} | {v_full.p50_ms / max(m_full.p50_ms, 0.001):,.0f}x | "
+                f"{'; '.join(verdict)} |"
+            )
+    if write is not None:
+        share = write["on"] / write["off"]
+        lines += [
+            "",
+            f"Write side: {int(write['events']):,} shop change events, `run --until-kafka-end`: "
+            f"maintenance off {write['off']:,.0f} events/s, on {write['on']:,.0f} events/s: "
+            f"on/off = {share:.2f} (target ≥ 0.70: {'met' if share >= 0.7 else 'MISSED'}).",
+        ]
+    if fresh is not None:
+        rate, latency = fresh
+        lines += [
+            "",
+            f"Freshness at {rate} orders/s: commit → visible in `daily_sales` through the query "
+            f"service: p50 {latency.p50_ms:.0f} ms, p99 {latency.p99_ms:.0f} ms (target p99 ≤ "
+            f"1000 ms: {'met' if latency.p99_ms <= 1000 else 'MISSED'}).",
+        ]
+    return "\n".join(lines)
+
+
+def _l(latency: Latency) -> str:
+    return f"{latency.p50_ms:,.1f} / {latency.p99_ms:,.1f}"
+
+
+def run_read_model_bench(
+    orders: int, write_events: int, rate: int, log: Any, report: Path | None, command: str,
+    parts: set[str],
+) -> str:  # fmt: skip
+    read = (run_read_side(orders, max(1000, orders // 10), max(100, orders // 100), 50, 3, log)
+            if "read" in parts else None)  # fmt: skip
+    write = run_write_side(write_events, log) if "write" in parts else None
+    fresh = (rate, run_freshness(rate, 30, 0.2, log)) if "freshness" in parts else None
+    text = render(read, write, fresh, command)
+    log(text)
+    if report is not None:
+        with report.open("a") as out:
+            out.write("\n" + text + "\n")
+    return text

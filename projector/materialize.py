@@ -1,0 +1,536 @@
+"""Materialized read models: kept inside the replicas' batch commit, exact under every change.
+
+Definitions are queries/read_models.py's (entities recomputed per key, aggregates fed signed
+deltas of an entity's rows, both versioned together as a `Family`). This module keeps them.
+
+For every batch of a source table, after its replica rows are written (same intent, same
+tokens: the commit protocol of projector/checkpoint.py, step 3), `ReadModelMaintainer.apply_batch`
+will, for each family whose entity that table affects:
+
+  1. find the affected keys: the entity's `affects` query over the replica rows the batch wrote
+     (`_partition` and `_offset` in the batch's range; on a replay they are the very same rows,
+     since the replica insert was deduplicated by its token);
+  2. stage the entity rows of those keys: the stored ones with sign -1 (read with FINAL from the
+     entity's own table), then their new state recomputed from the replicas with sign +1;
+  3. insert each aggregate's signed deltas from the stage, one block per aggregate, under the
+     batch's token for that table;
+  4. insert the new entity rows (and deletion markers for stored keys that are gone), one block,
+     under the batch's token for the entity's table, with a version greater than any before.
+
+Why that is exact (the argument in full is docs/read-models.md):
+  - An aggregate always equals the sum of the contributions of the entity rows stored right now:
+    it starts empty with an empty entity table, and every change of a stored entity row is
+    preceded by a delta of exactly (new contribution - stored contribution).
+  - Each insert is one block (`ONE_BLOCK`), so it lands whole or not at all, and a replay's insert
+    with the same token is dropped. A crash between steps 3 and 4 leaves deltas whose entity rows
+    are not written yet; the replay recomputes from the same stored rows and the same replicas
+    (nothing else is applied in between: the runner replays an open intent before any other
+    batch, `replay first`), so it drops the same deltas and writes the same rows.
+  - Recomputing a key from the replicas is exact for any key, so a superset of affected keys is
+    harmless, and `affects` only has to be complete.
+
+A new or changed family version is built beside the serving one: its tables are maintained by
+every batch from the moment they exist, and `backfill_step` recomputes all keys chunk by chunk
+(each chunk an intent of its own, projection `read_model_backfill`), between batches on the same
+thread. When the last chunk is done, the views `read_models.<name>` switch to the new tables in
+one statement each and the old version's tables are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from projector.checkpoint import DONE, INTENT, BatchRange, CheckpointStore
+from projector.clickhouse import ClickHouse, ident, quote
+from projector.config import ProjectorConfig
+from projector.errors import StatementRejected
+from queries.read_models import (
+    AggregateModel,
+    Family,
+    ReadModelDefinitions,
+    family_from_json,
+    family_to_json,
+    load_definitions,
+)
+
+log = logging.getLogger("projector.read_models")
+
+BACKFILL = "read_model_backfill"  # the checkpoint projection of backfill chunks
+# Every maintenance insert is one block, so it is atomic and its token covers all of it.
+ONE_BLOCK = (
+    "min_insert_block_size_rows = 1000000000000, min_insert_block_size_bytes = 1000000000000000, "
+    "max_insert_block_size = 1000000000000, max_insert_threads = 1"
+)
+BUILDING, SERVING, RETIRED, FAILED = "building", "serving", "retired", "failed"
+INTEGER_TYPES = ("Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64")
+
+
+@dataclass
+class FamilyVersion:
+    """One version of a family: its tables, its state and, while building, its chunk plan."""
+
+    family: Family
+    version: str
+    database: str
+    state: str
+    chunks: int = 1
+    key_min: int | None = None  # integer keys are backfilled in ranges, others by hash
+    key_max: int | None = None
+    build: int = 0  # when this build started: names its backfill progress
+    columns: list[str] = field(default_factory=list)  # the entity's columns
+
+    def table(self, name: str) -> str:
+        return f"{ident(self.database)}.{ident(f'{name}__{self.version}')}"
+
+    @property
+    def entity_table(self) -> str:
+        return self.table(self.family.entity.name)
+
+    @property
+    def stage(self) -> str:
+        return self.table(f"{self.family.entity.name}__stage")
+
+    @property
+    def topic(self) -> str:
+        """The backfill's name in the checkpoint table."""
+        return f"{self.family.name}@{self.version}@{self.build}"
+
+    def chunk_keys(self, all_keys: str, chunk: int) -> str:
+        by = ident(self.family.entity.by)
+        if self.key_min is not None and self.key_max is not None:
+            width = max(1, math.ceil((self.key_max - self.key_min + 1) / self.chunks))
+            low = self.key_min + chunk * width
+            high = self.key_max if chunk == self.chunks - 1 else low + width - 1
+            return f"SELECT {by} FROM ({all_keys}) AS k WHERE {by} BETWEEN {low} AND {high}"
+        return (
+            f"SELECT {by} FROM ({all_keys}) AS k WHERE cityHash64({by}) % {self.chunks} = {chunk}"
+        )
+
+
+class ReadModelMaintainer:
+    """Keeps every read-model family current, batch by batch, and builds new versions."""
+
+    def __init__(
+        self, ch: ClickHouse, definitions: ReadModelDefinitions, source_schema: str,
+        replica_database: str, database: str, control_database: str,
+        chunk_keys: int = 250_000,
+    ) -> None:  # fmt: skip
+        self.ch = ch
+        self.definitions = definitions
+        self.source_schema = source_schema
+        self.chunk_keys = chunk_keys  # keys recomputed per backfill chunk
+        self.replica_database = replica_database
+        self.database = database
+        self.state_table = f"{ident(control_database)}.read_model_versions"
+        self.backfills = CheckpointStore(ch, control_database, BACKFILL)
+        self.active: dict[str, list[FamilyVersion]] = {}  # family -> serving and/or building
+        self._last_version = 0
+        self._created = False
+
+    # ---- set-up ------------------------------------------------------------------------------
+
+    def create(self) -> None:
+        topology = self.ch.topology
+        self.ch.execute(topology.create_database(self.database))
+        self.backfills.create()  # and the control database
+        self.ch.execute(
+            topology.create_table(
+                self.state_table,
+                ["family String", "version String", "state LowCardinality(String)",
+                 "chunks UInt32", "key_min Nullable(Int64)", "key_max Nullable(Int64)",
+                 "build UInt64", "definition String", "error String", "seq UInt64", "recorded_at DateTime64(3) DEFAULT now64(3)"],
+                "ReplacingMergeTree", "seq", "(family, version)", deduplicate=False,
+            )
+        )  # fmt: skip
+        self._created = True
+
+    def ensure(self) -> list[str]:
+        """Start every family whose sources all have replica tables; returns what it did."""
+        if not self._created:
+            self.create()
+        pending = [f for f in self.definitions.families if f.name not in self.active]
+        if not pending:
+            return []
+        existing = {
+            r["name"]
+            for r in self.ch.rows(
+                f"SELECT name FROM system.tables WHERE database = {quote(self.replica_database)}"
+            )
+        }
+        recorded = self._recorded_versions()
+        done = []
+        for family in pending:
+            if not set(family.entity.sources) <= existing:
+                continue
+            mine = recorded.get(family.name, [])
+            current = next(
+                (v for v in mine if v.version == family.version and v.state != RETIRED), None
+            )
+            if current is None:
+                current = self._start_version(family)
+                done.append(f"building {family.name} version {family.version} (backfilling)")
+            # The previous version serves, and is kept current, until the new one is built.
+            previous = [v for v in mine if v.state == SERVING and v.version != family.version]
+            active = [v for v in [*previous, current] if v.state in (SERVING, BUILDING)]
+            for version in active:
+                version.columns = self._entity_columns(version)
+            self.active[family.name] = active
+        return done
+
+    def _recorded_versions(self) -> dict[str, list[FamilyVersion]]:
+        """Every recorded version, each with the definition it was built from."""
+        found: dict[str, list[FamilyVersion]] = {}
+        for row in self.ch.rows(
+            f"SELECT family, version, state, chunks, key_min, key_max, build, definition "
+            f"FROM {self.state_table} FINAL ORDER BY build"
+        ):
+            family = family_from_json(row["definition"])
+            found.setdefault(row["family"], []).append(
+                FamilyVersion(family, row["version"], self.database, row["state"],
+                              int(row["chunks"]), _int(row["key_min"]), _int(row["key_max"]),
+                              int(row["build"]))
+            )  # fmt: skip
+        return found
+
+    def _start_version(self, family: Family) -> FamilyVersion:
+        """Create a version's tables (empty) and plan its backfill."""
+        version = FamilyVersion(family, family.version, self.database, BUILDING,
+                                build=time.time_ns())  # fmt: skip
+        self._drop(version)  # a retired version built again starts from empty tables
+        entity = family.entity
+        topology = self.ch.topology
+        described = self._describe(entity.select(self.replica_database, "SELECT 0 WHERE 0"))
+        columns = [f"{ident(n)} {t}" for n, t in described]
+        key = ", ".join(ident(k) for k in entity.key)
+        self.ch.execute(
+            topology.create_table(
+                version.entity_table, [*columns, "_version UInt64", "_is_deleted UInt8"],
+                "ReplacingMergeTree", "_version, _is_deleted", f"({key})",
+            )
+        )  # fmt: skip
+        # The stage is scratch for one recompute at a time: local to the server we talk to.
+        self.ch.execute(
+            f"CREATE TABLE IF NOT EXISTS {version.stage} "
+            f"({', '.join([*columns, '_version UInt64', '_sign Int8'])}) ENGINE = Memory"
+        )
+        for aggregate in family.aggregates:
+            self._create_aggregate_table(version, aggregate)
+        types = dict(described)
+        all_keys = entity.all_keys(self.replica_database)
+        by = ident(entity.by)
+        stats = self.ch.rows(
+            f"SELECT count() AS n, toInt64(min({by})) AS lo, toInt64(max({by})) AS hi "
+            f"FROM ({all_keys}) AS k"
+            if _bare(types[entity.by]) in INTEGER_TYPES
+            else f"SELECT count() AS n, NULL AS lo, NULL AS hi FROM ({all_keys}) AS k"
+        )[0]
+        version.chunks = max(1, math.ceil(int(stats["n"]) / self.chunk_keys))
+        if int(stats["n"]):
+            version.key_min, version.key_max = _int(stats["lo"]), _int(stats["hi"])
+        self._record(version, BUILDING)
+        log.info("read-model family %s version %s: %d keys to backfill in %d chunks",
+                 family.name, version.version, int(stats["n"]), version.chunks)  # fmt: skip
+        return version
+
+    def _create_aggregate_table(self, version: FamilyVersion, aggregate: AggregateModel) -> None:
+        described = dict(self._describe(aggregate.deltas(version.stage)))
+        columns = []
+        for column in aggregate.columns:
+            if column.kind == "derived":
+                continue
+            kind = described[column.stored]
+            if column.kind == "sum":
+                kind = f"SimpleAggregateFunction(sum, {kind})"
+            columns.append(f"{ident(column.stored)} {kind}")
+        key = ", ".join(ident(c.stored) for c in aggregate.group_by)
+        self.ch.execute(
+            self.ch.topology.create_table(
+                version.table(aggregate.name), columns, "AggregatingMergeTree", "", f"({key})"
+            )
+        )
+
+    def _describe(self, select: str) -> list[tuple[str, str]]:
+        rows = self.ch.rows(f"DESCRIBE ({select}) SETTINGS join_use_nulls = 1")
+        return [(r["name"], r["type"]) for r in rows]
+
+    def _entity_columns(self, version: FamilyVersion) -> list[str]:
+        table = version.entity_table.replace("`", "").split(".", 1)[1]
+        rows = self.ch.rows(
+            f"SELECT name FROM system.columns WHERE database = {quote(self.database)} "
+            f"AND table = {quote(table)} ORDER BY position"
+        )
+        return [r["name"] for r in rows if r["name"] not in ("_version", "_is_deleted")]
+
+    def _record(self, version: FamilyVersion, state: str, error: str = "") -> None:
+        version.state = state
+        self.ch.execute(
+            f"INSERT INTO {self.state_table} (family, version, state, chunks, key_min, key_max, "
+            f"build, definition, error, seq) VALUES ({quote(version.family.name)}, "
+            f"{quote(version.version)}, {quote(state)}, {version.chunks}, "
+            f"{_sql_int(version.key_min)}, {_sql_int(version.key_max)}, {version.build}, "
+            f"{quote(family_to_json(version.family))}, {quote(error[:2000])}, {time.time_ns()})"
+        )
+
+    # ---- per batch ---------------------------------------------------------------------------
+
+    def apply_batch(self, batch: BatchRange, schema: str, table: str) -> None:
+        """Steps 1-4 above for the rows of source `schema`.`table` the batch wrote."""
+        if schema != self.source_schema or not self.active:
+            return
+        changed = (
+            f"SELECT * FROM {ident(self.replica_database)}.{ident(table)} "
+            f"WHERE _partition = {batch.partition} AND _offset BETWEEN {batch.first} AND {batch.last}"
+        )
+        for versions in self.active.values():
+            for version in versions:
+                entity = version.family.entity
+                if version.state == FAILED or table not in entity.affects:
+                    continue
+                keys = entity.affected_keys(table, self.replica_database, changed)  # 1.
+                self._guarded(version, partial(self._recompute, version, keys, batch, "read_model"))
+
+    def _guarded(self, version: FamilyVersion, work: Callable[[], None]) -> None:
+        """A statement ClickHouse rejects (a value a definition cannot take) fails that family
+        version, never the pipeline: it stops being maintained, status shows the error, and a
+        rebuild brings it back. Unavailability is the caller's to retry."""
+        try:
+            work()
+        except StatementRejected as exc:
+            log.error("read model family %s version %s failed and is no longer maintained: %s",
+                      version.family.name, version.version, exc)  # fmt: skip
+            self._record(version, FAILED, str(exc))
+
+    def _recompute(
+        self, version: FamilyVersion, keys: str, batch: BatchRange, projection: str
+    ) -> None:
+        """Steps 2-4 for the keys `keys` selects, under the tokens of `batch`."""
+        entity = version.family.entity
+        columns = ", ".join(ident(c) for c in version.columns)
+        stage = version.stage
+        self.ch.execute(f"TRUNCATE TABLE {stage}")
+        # 2. the stored rows (-1), then their new state (+1)
+        self.ch.execute(
+            f"INSERT INTO {stage} ({columns}, _version, _sign) SELECT {columns}, _version, -1 "
+            f"FROM {version.entity_table} FINAL WHERE {ident(entity.by)} IN ({keys})"
+        )
+        new_version = self._next_version()
+        self.ch.execute(
+            f"INSERT INTO {stage} ({columns}, _version, _sign) SELECT {columns}, {new_version}, 1 "
+            f"FROM ({entity.select(self.replica_database, keys)}) SETTINGS join_use_nulls = 1"
+        )
+        # 3. each aggregate's deltas, one block under its token
+        for aggregate in version.family.aggregates:
+            target = version.table(aggregate.name)
+            self.ch.execute(
+                f"INSERT INTO {target} SETTINGS insert_deduplication_token = "
+                f"{quote(batch.token(projection, target))}, {ONE_BLOCK} {aggregate.deltas(stage)}"
+            )
+        # 4. the new rows, and deletion markers for the stored keys that are gone
+        key = ", ".join(ident(k) for k in entity.key)
+        self.ch.execute(
+            f"INSERT INTO {version.entity_table} ({columns}, _version, _is_deleted) "
+            f"SETTINGS insert_deduplication_token = {quote(batch.token(projection, version.entity_table))}, "
+            f"{ONE_BLOCK} "
+            f"SELECT {columns}, _version, 0 FROM {stage} WHERE _sign = 1 UNION ALL "
+            f"SELECT {columns}, {new_version}, 1 FROM {stage} WHERE _sign = -1 "
+            f"AND ({key}) NOT IN (SELECT {key} FROM {stage} WHERE _sign = 1)"
+        )
+
+    def _next_version(self) -> int:
+        """Entity row versions only grow (a clock step back must not make an old row win)."""
+        if not self._last_version:
+            found = 0
+            for versions in self.active.values():
+                for version in versions:
+                    for row in self.ch.rows(
+                        f"SELECT max(_version) AS v FROM {version.entity_table}"
+                    ):
+                        found = max(found, int(row["v"] or 0))
+            self._last_version = found
+        self._last_version = max(time.time_ns(), self._last_version + 1)
+        return self._last_version
+
+    def finish_open_backfill(self) -> list[str]:
+        """A backfill chunk a crash left open is done again before any batch (replay first)."""
+        lines = []
+        for versions in self.active.values():
+            for version in versions:
+                if version.state != BUILDING:
+                    continue
+                checkpoint = self.backfills.load([(version.topic, 0)]).get((version.topic, 0))
+                if checkpoint is not None and checkpoint.state == INTENT:
+                    lines.append(self._backfill_chunk(version))
+        return lines
+
+    # ---- building a new version --------------------------------------------------------------
+
+    @property
+    def building(self) -> bool:
+        return any(v.state == BUILDING for vs in self.active.values() for v in vs)
+
+    def backfill_step(self) -> str | None:
+        """Recompute the next chunk of one building version (its own intent, then done); swap
+        it in when it was the last. Returns a line of progress, or None when nothing builds."""
+        for versions in self.active.values():
+            for version in versions:
+                if version.state == BUILDING:
+                    return self._backfill_chunk(version)
+        return None
+
+    def _backfill_chunk(self, version: FamilyVersion) -> str:
+        checkpoint = self.backfills.load([(version.topic, 0)]).get((version.topic, 0))
+        if checkpoint is None:
+            chunk = 0
+        else:
+            chunk = checkpoint.last if checkpoint.state == INTENT else checkpoint.last + 1
+        if chunk < version.chunks:
+            batch = BatchRange(version.topic, 0, chunk, chunk)
+            self.backfills.record(batch, INTENT)
+            keys = version.chunk_keys(version.family.entity.all_keys(self.replica_database), chunk)
+            self._guarded(version, partial(self._recompute, version, keys, batch, BACKFILL))
+            if version.state == FAILED:
+                return f"{version.family.name}: backfill failed"
+            self.backfills.record(batch, DONE)
+            chunk += 1
+        if chunk >= version.chunks:
+            self._swap(version)
+            return f"{version.family.name} version {version.version}: built, now serving"
+        return f"{version.family.name} version {version.version}: {chunk}/{version.chunks} chunks"
+
+    def _swap(self, version: FamilyVersion) -> None:
+        """Point every read model of the family at the new version, then retire the old one."""
+        family = version.family
+        topology = self.ch.topology
+        self.ch.execute(
+            topology.create_or_replace_view(
+                f"{ident(self.database)}.{ident(family.entity.name)}",
+                f"SELECT {', '.join(ident(c) for c in version.columns)} "
+                f"FROM {version.entity_table} FINAL",
+            )
+        )
+        for aggregate in family.aggregates:
+            self.ch.execute(
+                topology.create_or_replace_view(
+                    f"{ident(self.database)}.{ident(aggregate.name)}",
+                    aggregate.served(version.table(aggregate.name)),
+                )
+            )
+        old = [v for v in self._recorded_versions().get(family.name, [])
+               if v.version != version.version and v.state in (SERVING, BUILDING, FAILED)]  # fmt: skip
+        self._record(version, SERVING)
+        for previous in old:
+            self._record(previous, RETIRED)
+            self._drop(previous)
+        self.active[family.name] = [version]
+
+    def _drop(self, version: FamilyVersion) -> None:
+        """Drop every table of a version (found by its suffix: its aggregates may not be the
+        current definition's)."""
+        on_cluster = self.ch.topology.on_cluster()
+        for row in self.ch.rows(
+            f"SELECT name, engine FROM system.tables WHERE database = {quote(self.database)} "
+            f"AND endsWith(name, {quote('__' + version.version)})"
+        ):
+            local = "" if row["engine"] == "Memory" else on_cluster
+            self.ch.execute(
+                f"DROP TABLE IF EXISTS {ident(self.database)}.{ident(row['name'])}{local}"
+            )
+
+    # ---- what ops and tests read ----
+
+    def ensure_known(self) -> None:
+        """Load the recorded versions to report on, creating nothing new."""
+        if not self._created:
+            self.create()
+        for name, versions in self._recorded_versions().items():
+            self.active[name] = [v for v in versions if v.state in (SERVING, BUILDING)]
+            for version in self.active[name]:
+                version.columns = self._entity_columns(version)
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Every recorded version but the retired ones: state, backfill progress, error."""
+        found = []
+        for row in self.ch.rows(
+            f"SELECT family, version, state, chunks, build, definition, error "
+            f"FROM {self.state_table} FINAL WHERE state != {quote(RETIRED)} ORDER BY family, build"
+        ):
+            family = family_from_json(row["definition"])
+            topic = f"{row['family']}@{row['version']}@{row['build']}"
+            checkpoint = self.backfills.load([(topic, 0)]).get((topic, 0))
+            done = 0 if checkpoint is None else checkpoint.last + (checkpoint.state == DONE)
+            found.append({
+                "family": row["family"], "version": row["version"], "state": row["state"],
+                "backfill": f"{min(done, int(row['chunks']))}/{row['chunks']} chunks",
+                "models": [m.name for m in family.models], "error": row["error"],
+            })  # fmt: skip
+        return found
+
+    def reconcile(self, limit: int = 10) -> dict[str, list[dict[str, Any]]]:
+        """Each serving read model against its definition evaluated over the replicas now:
+        per model, up to `limit` rows found on one side only (`_side` says which). Exact only
+        while nothing is applied (the projector stopped, or called between batches)."""
+        found: dict[str, list[dict[str, Any]]] = {}
+        for versions in self.active.values():
+            for version in versions:
+                if version.state != SERVING:
+                    continue
+                for name, stored, defined in self._reconcile_pairs(version):
+                    diff = self.ch.rows(
+                        f"SELECT 'read model only' AS _side, * FROM (({stored}) EXCEPT ({defined})) "
+                        f"UNION ALL SELECT 'definition only' AS _side, * FROM "
+                        f"(({defined}) EXCEPT ({stored})) LIMIT {int(limit)} "
+                        "SETTINGS join_use_nulls = 1"
+                    )
+                    found[name] = diff
+        return found
+
+    def _reconcile_pairs(self, version: FamilyVersion) -> list[tuple[str, str, str]]:
+        entity = version.family.entity
+        columns = ", ".join(ident(c) for c in version.columns)
+        defined_rows = entity.select(self.replica_database, entity.all_keys(self.replica_database))
+        pairs = [(entity.name, f"SELECT {columns} FROM {version.entity_table} FINAL",
+                  f"SELECT {columns} FROM ({defined_rows})")]  # fmt: skip
+        for aggregate in version.family.aggregates:
+            pairs.append((aggregate.name, aggregate.served(version.table(aggregate.name)),
+                          aggregate.evaluated(f"({defined_rows})")))  # fmt: skip
+        return pairs
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            name: [{"version": v.version, "state": v.state, "chunks": v.chunks} for v in versions]
+            for name, versions in self.active.items()
+        }
+
+
+def _bare(kind: str) -> str:
+    for wrapper in ("Nullable(", "LowCardinality("):
+        if kind.startswith(wrapper):
+            kind = kind[len(wrapper) : -1]
+    return kind
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _sql_int(value: int | None) -> str:
+    return "NULL" if value is None else str(int(value))
+
+
+def maintainer_for(config: ProjectorConfig, ch: ClickHouse) -> ReadModelMaintainer | None:
+    """The read-model maintainer a projector (or a DLQ replay) runs with, or None when this
+    process does not keep read models (`maintain_read_models = false`)."""
+    if not config.maintain_read_models:
+        return None
+    return ReadModelMaintainer(
+        ch, load_definitions(config.read_models_file), config.read_model_schema,
+        replica_database=f"{config.replica_prefix}{config.read_model_schema}",
+        database=config.read_model_database, control_database=config.control_database,
+        chunk_keys=config.read_model_backfill_chunk_keys,
+    )  # fmt: skip
