@@ -5,8 +5,10 @@ here, in the order it runs.
 
 When partitions are assigned, `BatchCommitter.assign` will:
 
-  A. read their checkpoints afresh from ClickHouse (another member of the group may have applied
-     them since this one last looked; a cached checkpoint would apply its batches twice);
+  A. claim them: record, per partition, a new ownership generation (one more than the newest)
+     under this member's id in the owners table, *then* read their checkpoints afresh from
+     ClickHouse (another member of the group may have applied them since this one last looked; a
+     cached checkpoint would apply its batches twice);
   B. position each partition where the checkpoint says: at an open intent's first offset, after
      the last done batch, or at the beginning — the checkpoint table, not the consumer group's
      committed offsets, is the truth;
@@ -17,32 +19,53 @@ For every batch of one topic-partition, `BatchCommitter.commit` will:
 
   1. check the batch is the next one: it starts after the last applied offset (Kafka offsets may
      have gaps, never overlaps), or it is exactly the open intent being replayed;
-  2. record the intent (projection, topic, partition, first and last offset) in the checkpoint
-     table, *before* touching any target table;
+  2. check the partition is still ours (the fence, below), then record the intent (projection,
+     topic, partition, first and last offset, our generation) in the checkpoint table, *before*
+     touching any target table;
   3. run the apply function, which inserts with deduplication tokens derived from
      (projection, target table, topic, partition, first, last, chunk): a replay of the same range
-     sends the same tokens, and ClickHouse drops inserts it has already seen;
-  4. record the batch as done.
+     sends the same tokens, and ClickHouse drops inserts it has already seen. Every statement it
+     runs through the fenced ClickHouse (`fenced`) first checks the partition is still ours;
+  4. check the partition is still ours, then record the batch as done.
 
 And afterwards, `acknowledge` will:
 
   5. commit the Kafka offset after the batch, only as a convenience for lag tools (step B never
      reads it).
 
-Checkpoint rows are versioned (`last_offset * 2 + done`) in a ReplacingMergeTree, so the newest
-record per (projection, topic, partition) wins and re-recording the same state is harmless.
+The fence: a member's own view of its assignment can be stale (ClickHouse stalled past
+`max.poll.interval.ms`, and the group gave its partitions to another member meanwhile), so the
+owners table in ClickHouse decides. "Still ours" = the partition's newest claim is the one this
+member made at A. Why that is enough (docs/projector.md, "Scale-out", has the long form):
+  - every write of a batch (step 3) happens after a check that passed, which ran after the batch's
+    intent was recorded (step 2). So if a write lands at all, the intent landed before any newer
+    claim, and the newer owner — who claims (A) before reading checkpoints — reads that intent
+    and replays exactly its range under the same tokens: the stale write is a duplicate ClickHouse
+    drops (or an identical row);
+  - a stale member's records that land after a newer claim (an intent checked just before it)
+    never count: checkpoint rows are ordered by (generation, offsets), so the newer owner's
+    records win over them, whatever their offsets.
+
+Checkpoint rows are versioned (`generation`, then `last_offset * 2 + done`) in a
+ReplacingMergeTree, so the newest record per (projection, topic, partition) wins and re-recording
+the same state is harmless.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, TopicPartition
 
-from projector.clickhouse import ClickHouse, ident, insert_statement, quote
-from projector.errors import CheckpointError
+from projector.clickhouse import ClickHouse, Topology, ident, insert_statement, quote
+from projector.errors import CheckpointError, PartitionLost
 
 # The projection whose checkpoints these are: the replica tables (and, in their batches, the read
 # models). Part of every checkpoint key and deduplication token.
@@ -71,6 +94,14 @@ class BatchRange:
         return (
             f"{projection}|{target}|{self.topic}|{self.partition}|{self.first}-{self.last}|{chunk}"
         )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A member's claim on a partition (step A): the newest claim owns it."""
+
+    generation: int
+    member: str
 
 
 @dataclass(frozen=True)
@@ -120,39 +151,76 @@ class CheckpointStore:
     def __init__(self, clickhouse: ClickHouse, database: str, projection: str) -> None:
         self.ch = clickhouse
         self.table = f"{ident(database)}.checkpoints"
+        self.owners = f"{ident(database)}.partition_owners"
         self.database = database
         self.projection = projection
 
     def create(self) -> None:
         topology = self.ch.topology
         self.ch.execute(topology.create_database(self.database))
+        unfenced = f"{ident(self.database)}.checkpoints_unfenced"
+        columns = self._columns("checkpoints")
+        if columns and "generation" not in columns:  # written before the fence: migrate below
+            self.ch.execute(f"RENAME TABLE {self.table} TO {unfenced}{topology.on_cluster()}")
         self.ch.execute(
             topology.create_table(
                 self.table,
                 ["`projection` String", "topic String", "`partition` Int32",
                  "first_offset Int64", "last_offset Int64", "state LowCardinality(String)",
-                 "version UInt64", "recorded_at DateTime64(3) DEFAULT now64(3)"],
-                "ReplacingMergeTree", "version", "(`projection`, topic, `partition`)",
+                 "version UInt64", "generation UInt64 DEFAULT 0",
+                 # The newest record wins: a newer owner's (generation) over a stale member's,
+                 # then the later state of one owner (version).
+                 "ordering UInt128 MATERIALIZED bitShiftLeft(toUInt128(generation), 64) + version",
+                 "recorded_at DateTime64(3) DEFAULT now64(3)"],
+                "ReplacingMergeTree", "ordering", "(`projection`, topic, `partition`)",
                 deduplicate=False,  # re-recording is idempotent by version, never dropped
             )
         )  # fmt: skip
+        if self._columns("checkpoints_unfenced"):  # idempotent: re-run after a crash mid-way
+            kept = "`projection`, topic, `partition`, first_offset, last_offset, state, version"
+            self.ch.execute(f"INSERT INTO {self.table} ({kept}) SELECT {kept} FROM {unfenced}")
+            self.ch.execute(f"DROP TABLE {unfenced}{topology.on_cluster()}")
+        self.ch.execute(
+            topology.create_table(
+                self.owners,
+                ["`projection` String", "topic String", "`partition` Int32",
+                 "generation UInt64", "member String",
+                 "claimed_at DateTime64(3) DEFAULT now64(3)"],
+                "ReplacingMergeTree", "generation", "(`projection`, topic, `partition`)",
+                deduplicate=False,  # every claim must land
+            )
+        )  # fmt: skip
+
+    def _columns(self, table: str) -> set[str]:
+        rows = self.ch.rows(
+            f"SELECT name FROM system.columns WHERE database = {quote(self.database)} "
+            f"AND table = {quote(table)}"
+        )
+        return {r["name"] for r in rows}
+
+    def _where(self, partitions: list[tuple[str, int]] | None) -> str:
+        where = f"`projection` = {quote(self.projection)}"
+        if partitions is not None:
+            wanted = ", ".join(f"({quote(t)}, {int(p)})" for t, p in partitions)
+            where += f" AND (topic, `partition`) IN ({wanted})"
+        return where
+
+    def _sync(self, table: str) -> None:
+        """Another member wrote `table` through another replica, maybe: fetch its parts first."""
+        sync = self.ch.topology.sync_replica(table)
+        if sync is not None:
+            self.ch.execute(sync)
 
     def load(
         self, partitions: list[tuple[str, int]] | None = None
     ) -> dict[tuple[str, int], PartitionCheckpoint]:
         """The newest record of every partition (or of the given ones)."""
-        only = ""
-        if partitions is not None:
-            if not partitions:
-                return {}
-            wanted = ", ".join(f"({quote(t)}, {int(p)})" for t, p in partitions)
-            only = f" AND (topic, `partition`) IN ({wanted})"
-        sync = self.ch.topology.sync_replica(self.table)
-        if sync is not None:
-            self.ch.execute(sync)
+        if partitions is not None and not partitions:
+            return {}
+        self._sync(self.table)
         rows = self.ch.rows(
             f"SELECT topic, partition, first_offset, last_offset, state FROM {self.table} FINAL "
-            f"WHERE `projection` = {quote(self.projection)}{only}"
+            f"WHERE {self._where(partitions)}"
         )
         return {
             (r["topic"], int(r["partition"])): PartitionCheckpoint(
@@ -161,12 +229,12 @@ class CheckpointStore:
             for r in rows
         }
 
-    def record(self, batch: BatchRange, state: str) -> None:
+    def record(self, batch: BatchRange, state: str, generation: int = 0) -> None:
         version = batch.last * 2 + (1 if state == DONE else 0)
         row = {
             "projection": self.projection, "topic": batch.topic, "partition": batch.partition,
             "first_offset": batch.first, "last_offset": batch.last, "state": state,
-            "version": version,
+            "version": version, "generation": generation,
         }  # fmt: skip
         # No dedup token: re-recording is idempotent by version, and must not be dropped.
         self.ch.execute(
@@ -175,17 +243,71 @@ class CheckpointStore:
             )
         )
 
+    def restart_at(self, topic: str, ends: dict[int, int], member: str) -> None:
+        """Every partition of `topic` resumes at its offset in `ends` (a table's rebuild: nothing
+        before those offsets is applied again). The topic's records go, then a claim above every
+        member's and a done record before each end: a member that claims next reads them."""
+        self.ch.execute(
+            f"DELETE FROM {self.table} WHERE {self._where(None)} AND topic = {quote(topic)}"
+        )
+        claimed = self.claim([(topic, partition) for partition in ends], member)
+        for partition, end in ends.items():
+            if end > 0:
+                batch = BatchRange(topic, partition, end - 1, end - 1)
+                self.record(batch, DONE, claimed[(topic, partition)].generation)
+
+    def claims(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], Claim]:
+        """The newest claim of each of these partitions (the owner, as far as the fence goes)."""
+        if not partitions:
+            return {}
+        self._sync(self.owners)
+        rows = self.ch.rows(
+            f"SELECT topic, partition, generation, member FROM {self.owners} FINAL "
+            f"WHERE {self._where(partitions)}"
+        )
+        return {
+            (r["topic"], int(r["partition"])): Claim(int(r["generation"]), r["member"])
+            for r in rows
+        }
+
+    def claim(self, partitions: list[tuple[str, int]], member: str) -> dict[tuple[str, int], Claim]:
+        """A. A new claim on each partition: one generation above its newest claim."""
+        if not partitions:
+            return {}
+        newest = self.claims(partitions)
+        claimed = {
+            (t, p): Claim((newest[(t, p)].generation if (t, p) in newest else 0) + 1, member)
+            for t, p in partitions
+        }
+        rows = [
+            {"projection": self.projection, "topic": t, "partition": p,
+             "generation": c.generation, "member": c.member}
+            for (t, p), c in claimed.items()
+        ]  # fmt: skip
+        self.ch.execute(insert_statement(self.owners, list(rows[0]), rows, token=f"claim|{member}"))
+        return claimed
+
+
+def member_id() -> str:
+    """This process, as its claims name it (host, pid and a random part: unique per run)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
 
 class BatchCommitter:
     """Applies batches under the protocol above and tracks each partition's resume offset."""
 
-    def __init__(self, store: CheckpointStore) -> None:
+    def __init__(self, store: CheckpointStore, member: str | None = None) -> None:
         self.store = store
+        self.member = member or member_id()
         self.checkpoints = store.load()
+        self.claims: dict[tuple[str, int], Claim] = {}  # ours, from step A
+        self._committing = threading.local()  # the batch `commit` runs on this thread, if any
 
     def assign(self, partitions: list[tuple[str, int]]) -> list[Resume]:
         """Steps A to C for newly assigned partitions: where each one resumes."""
-        # A. afresh: another member may have applied these partitions since we last looked
+        # A. claim first, then read afresh: a stale member's intent that landed before our claim
+        # is seen here (and replayed exactly); its writes after our claim fail their checks
+        self.claims.update(self.store.claim(partitions, self.member))
         fresh = self.store.load(partitions)
         resumes = []
         for topic, partition in partitions:
@@ -204,9 +326,27 @@ class BatchCommitter:
             resumes.append(Resume(topic, partition, checkpoint.resume_offset, replay))
         return resumes
 
+    def release(self, partitions: list[tuple[str, int]]) -> None:
+        """Forget our claims on partitions Kafka took away (a newer claim supersedes them)."""
+        for key in partitions:
+            self.claims.pop(key, None)
+
+    def forget_checkpoint(self, topic: str, partition: int) -> None:
+        """Step 1 judges the next batch against nothing: the partition's topic was re-created,
+        and the checkpoint describes offsets of the old one (our records, at this claim's newer
+        generation, win over its records from now on)."""
+        self.checkpoints.pop((topic, partition), None)
+
     def resume_offset(self, topic: str, partition: int) -> int | None:
         checkpoint = self.checkpoints.get((topic, partition))
         return None if checkpoint is None else checkpoint.resume_offset
+
+    def check_ownership(self, topic: str, partition: int) -> None:
+        """The fence: the partition's newest claim must be ours, else `PartitionLost`."""
+        ours = self.claims.get((topic, partition))
+        newest = self.store.claims([(topic, partition)]).get((topic, partition))
+        if ours is None or newest != ours:
+            raise PartitionLost(topic, partition, ours, newest)
 
     def commit(self, batch: BatchRange, apply: Callable[[BatchRange], None]) -> None:
         # 1. the batch must continue where the partition stopped (or replay the open intent)
@@ -225,18 +365,69 @@ class BatchCommitter:
                     f"batch {batch.first}-{batch.last} on {batch.topic}[{batch.partition}] overlaps "
                     f"the last applied offset {previous.last}"
                 )
-        # 2. intent before any effect
-        self.store.record(batch, INTENT)
+        # 2. still ours? then the intent, before any effect
+        self.check_ownership(batch.topic, batch.partition)
+        generation = self.claims[(batch.topic, batch.partition)].generation
+        self.store.record(batch, INTENT, generation)
         self.checkpoints[(batch.topic, batch.partition)] = PartitionCheckpoint(
             INTENT, batch.first, batch.last
         )
-        # 3. effects, deduplicated by tokens derived from the batch
-        apply(batch)
-        # 4. done
-        self.store.record(batch, DONE)
+        # 3. effects, deduplicated by tokens derived from the batch; every statement through
+        # `fenced` checks the partition is still ours first (the invariant in the docstring)
+        with self._fencing(batch):
+            apply(batch)
+        # 4. still ours? then done
+        self.check_ownership(batch.topic, batch.partition)
+        self.store.record(batch, DONE, generation)
         self.checkpoints[(batch.topic, batch.partition)] = PartitionCheckpoint(
             DONE, batch.first, batch.last
         )
+
+    @contextmanager
+    def _fencing(self, batch: BatchRange) -> Iterator[None]:
+        self._committing.batch = batch
+        try:
+            yield
+        finally:
+            self._committing.batch = None
+
+    def check_fence(self) -> None:
+        """Step 3's check, before a statement of the batch this thread is committing (none: no
+        check — the main thread's own statements are not a batch's)."""
+        batch: BatchRange | None = getattr(self._committing, "batch", None)
+        if batch is not None:
+            self.check_ownership(batch.topic, batch.partition)
+
+    def fenced(self, clickhouse: ClickHouse) -> FencedClickHouse:
+        """`clickhouse` for everything a batch's apply function writes with (step 3)."""
+        return FencedClickHouse(clickhouse, self.check_fence)
+
+
+class FencedClickHouse:
+    """A ClickHouse whose statements, while a batch is committed on the calling thread, each run
+    after the fence check (`BatchCommitter.check_fence`); reads and everything else pass through."""
+
+    def __init__(self, clickhouse: ClickHouse, check: Callable[[], None]) -> None:
+        self._clickhouse = clickhouse
+        self._check = check
+        self.topology: Topology = clickhouse.topology
+
+    def execute(self, sql: str) -> None:
+        self._check()
+        self._clickhouse.execute(sql)
+
+    def rows(self, sql: str) -> list[dict[str, Any]]:
+        return self._clickhouse.rows(sql)
+
+    def text(self, sql: str, fmt: str) -> str:
+        return self._clickhouse.text(sql, fmt)
+
+    def over_avro(self, sql: str, *args: Any, **kwargs: Any) -> str:
+        self._check()
+        return self._clickhouse.over_avro(sql, *args, **kwargs)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._clickhouse, name)
 
 
 def acknowledge(consumer: Consumer, batch: BatchRange) -> None:

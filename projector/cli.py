@@ -478,6 +478,64 @@ def dlq_replay(
         raise typer.Exit(1)
 
 
+table_app = typer.Typer(help="One replica table at a time.", no_args_is_help=True)
+app.add_typer(table_app, name="table")
+
+
+@table_app.command("reset")
+def table_reset(
+    table: str = typer.Argument(..., help="The source table, SCHEMA.TABLE."),
+    snapshot: bool = typer.Option(True, help="Ask Debezium for a snapshot of it (ADMIN_DSN)."),
+    config_file: Path | None = ConfigOption,
+) -> None:
+    """Rebuild a stopped table (its topic was re-created or re-partitioned, or its key schema
+    changed): drop its replica, resume its topic at the end, and re-snapshot it through Debezium.
+    Stop every `projector run` first."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from connectors.source import request_incremental_snapshot
+    from projector.checkpoint import PROJECTION, CheckpointStore
+    from projector.clickhouse import ident
+    from projector.config import open_backend
+    from projector.topic_guard import TopicGuard, reset_table
+
+    config = _config(config_file)
+    schema, _, name = table.partition(".")
+    if not schema or not name:
+        fail(f"{table!r}: give the source table as SCHEMA.TABLE", code=2)
+    topic = f"{config.topic_prefix}.{schema}.{name}"
+    consumer = Consumer({"bootstrap.servers": config.kafka_bootstrap, "group.id": config.group_id})
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error is not None or not metadata.partitions:
+            fail(f"Kafka has no topic {topic}", code=2)
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in metadata.partitions
+        }
+    finally:
+        consumer.close()
+    ch = open_backend(config)
+    checkpoints = CheckpointStore(ch, config.control_database, PROJECTION)
+    checkpoints.create()
+    guard = TopicGuard(ch, config.control_database, PROJECTION, lambda _: None)
+    guard.create()
+    replica = f"{ident(config.replica_prefix + schema)}.{ident(name)}"
+    reset_table(ch, guard, checkpoints, replica, topic, ends)
+    console.print(f"{replica} dropped; {topic} resumes at {ends}", highlight=False)
+    if not snapshot:
+        return
+    dsn = client_environment().get("ADMIN_DSN") or ""
+    if not dsn:
+        fail("no ADMIN_DSN: ask Debezium for an incremental snapshot of the table yourself "
+             "(a row in its signal table, docs/troubleshooting.md)")  # fmt: skip
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        signal = request_incremental_snapshot(conn, [f"{schema}.{name}"])
+    console.print(f"incremental snapshot of {table} requested (signal {signal})", highlight=False)
+
+
 # ---- read models -----------------------------------------------------------------------------
 
 read_models_app = typer.Typer(

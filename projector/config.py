@@ -87,6 +87,11 @@ class ProjectorConfig(BaseModel):
     # How soon the group hands a crashed member's partitions to the others (Kafka's default is
     # 45 s; positions come from ClickHouse checkpoints, so a quick hand-over is safe).
     session_timeout_ms: int = Field(default=10_000, ge=6_000)
+    # How long the group waits for a member's next poll before it moves the member's partitions
+    # (Kafka's `max.poll.interval.ms`). The projector keeps polling while a batch waits for
+    # ClickHouse, so an outage does not cost it its partitions; a hand-over waits for the batch in
+    # flight a third of this at most (the fence keeps a batch that finishes later out).
+    max_poll_interval_ms: int = Field(default=300_000, ge=6_000)
 
     # The query service (queries/service.py): `projector serve`, or `projector run --serve`.
     # Bearer token every endpoint but /health requires (PROJECTOR_API_TOKEN); none: no service.
@@ -115,6 +120,14 @@ class ProjectorConfig(BaseModel):
         if "debezium" in value:
             raise ValueError("schema 'debezium' holds Debezium's signal/heartbeat tables")
         return value
+
+    @model_validator(mode="after")
+    def _poll_interval_covers_the_session(self) -> ProjectorConfig:
+        if self.max_poll_interval_ms < self.session_timeout_ms:
+            raise ValueError(
+                "max_poll_interval_ms must be at least session_timeout_ms (Kafka's rule)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _cluster_needs_a_server(self) -> ProjectorConfig:

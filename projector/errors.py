@@ -35,6 +35,21 @@ class CheckpointError(ProjectorError):
     """The checkpoint table contradicts what the consumer sees (an invariant is broken)."""
 
 
+class PartitionLost(ProjectorError):
+    """Another member claimed the partition after this one did (the commit protocol's fence,
+    projector/checkpoint.py): this member's view of its assignment is stale — ClickHouse stalled
+    past `max.poll.interval.ms`, say, and the group moved the partition meanwhile. The batch is
+    dropped unwritten; the partition's new owner applies it (a member Kafka still gives the
+    partition to claims it anew and resumes from its checkpoint)."""
+
+    def __init__(self, topic: str, partition: int, ours: object, newest: object) -> None:
+        super().__init__(
+            f"{topic}[{partition}] is no longer ours: our claim {ours}, the newest {newest}"
+        )
+        self.topic = topic
+        self.partition = partition
+
+
 class PoisonMessage(ProjectorError):
     """One message cannot be applied (undecodable, unknown schema, unconvertible value).
 
@@ -80,14 +95,16 @@ def not_the_message(exc: Exception) -> Exception | None:
 
     Not the message's: the registry, ClickHouse or Postgres (a re-read request) unreachable (transient: the runner retries
     the batch), a ClickHouse error of `INFRASTRUCTURE_ERROR_CODES` or an operating-system error
-    (made a `ClickHouseUnavailable`, retried the same way), and a broken invariant of the commit
-    protocol (`CheckpointError`) or memory exhaustion (both stop the projector)."""
+    (made a `ClickHouseUnavailable`, retried the same way), a broken invariant of the commit
+    protocol (`CheckpointError`) or memory exhaustion (both stop the projector), and a partition
+    lost to another member (`PartitionLost`: the batch is dropped)."""
     if isinstance(
         exc,
         ClickHouseUnavailable
         | RegistryUnavailable
         | SourceUnavailable
         | CheckpointError
+        | PartitionLost
         | MemoryError,
     ):
         return exc

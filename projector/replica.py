@@ -17,7 +17,8 @@ Version arithmetic (`_version`), the argument in four steps:
   4. A replay re-reads the same offsets and so writes the same versions: idempotent. (Source LSNs
      would not do: an incremental snapshot read has none, and a row changed by a transaction that
      was open during a snapshot carries an LSN *older* than the snapshot point.)
-  Consequence: changing a topic's partition count or recreating topics needs a rebuild.
+  Consequence: a re-created topic, a changed partition count or a changed key schema breaks
+  step 1; projector/topic_guard.py detects each and stops the table until it is rebuilt.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import signal
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -28,29 +28,33 @@ from confluent_kafka import (
     KafkaException,
     Message,
     Producer,
+    TopicCollection,
     TopicPartition,
 )  # fmt: skip
+from confluent_kafka.admin import AdminClient
 
-from projector.apply import BatchApplier
+from projector.apply import BatchApplier, BatchOutcome, decode
 from projector.catch_up import Finish, FinishLine
 from projector.checkpoint import (
     PROJECTION,
     BatchCommitter,
     BatchRange,
     CheckpointStore,
+    Resume,
     acknowledge,
     cut_batch,
 )
 from projector.clickhouse import ClickHouse
 from projector.config import ProjectorConfig
 from projector.dlq import DeadLetter, DeadLetterStore
-from projector.errors import ClickHouseUnavailable, PoisonMessage, SourceUnavailable
+from projector.errors import ClickHouseUnavailable, PartitionLost, PoisonMessage, SourceUnavailable
 from projector.fast_path import FastPath, Segment
 from projector.materialize import ReadModelMaintainer, maintainer_for
 from projector.messages import KafkaMessages, RawMessage, source_table_of
 from projector.metrics import ProjectorMetrics
 from projector.replica import ReplicaCatalog
 from projector.resnapshot import SignalTable
+from projector.topic_guard import TopicGuard, TopicShape
 from projector.transactions import TransactionLedger, Unfinished, Watermark
 from queries.read_models import load_read_models
 from schemas.errors import NotConfluentFramed, RegistryUnavailable, SchemaError, UnknownSchema
@@ -62,15 +66,17 @@ T = TypeVar("T")
 TRANSIENT: tuple[type[Exception], ...] = (
     ClickHouseUnavailable, RegistryUnavailable, SourceUnavailable,
 )  # fmt: skip
+KEEP_POLLING_S = 1.0  # how often a member waiting long for its batch polls (stays in the group)
 FINISH_CHECK_S = 0.5  # how often a run asked to finish looks at its finish line, at most
 FIRST_WAITING_REPORT_S, WAITING_REPORT_S = 5.0, 30.0  # when it logs what it still waits for
 
 
 def with_retries(
     action: Callable[[], T], what: str, stop: Callable[[], bool] = lambda: False,
-    base_s: float = 0.2, cap_s: float = 30.0,
+    base_s: float = 0.2, cap_s: float = 30.0, sleep: Callable[[float], None] = time.sleep,
 ) -> T:  # fmt: skip
-    """Run `action`, retrying transient failures with full-jitter exponential back-off."""
+    """Run `action`, retrying transient failures with full-jitter exponential back-off (`sleep`
+    waits: the main thread's keeps polling Kafka)."""
     attempt = 0
     while True:
         try:
@@ -81,7 +87,7 @@ def with_retries(
             attempt += 1
             if stop() and attempt > 3:
                 raise
-            time.sleep(random.uniform(0, min(cap_s, base_s * 2**attempt)))
+            sleep(random.uniform(0, min(cap_s, base_s * 2**attempt)))
             continue
         if attempt:
             log.warning("%s recovered after %d retries", what, attempt)
@@ -99,24 +105,35 @@ def offset_of(message: Message) -> int:
 class PartitionState:
     buffer: list[Message] = field(default_factory=list)  # consumed, not yet in a batch
     replay: BatchRange | None = None  # an open intent to replay exactly
+    positioned: int = 0  # times steps A-C placed it: a batch cut before the last one is stale
     high_watermark: int = 0
 
 
 class Projector:
     def __init__(self, config: ProjectorConfig, ch: ClickHouse) -> None:
+        # A SIGTERM while starting (tables created, claims, Kafka clients) stops the run before
+        # its first batch, cleanly, like one later.
+        self.stopping = False
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
         self.config = config
-        self.ch = ch
         self.schemas = SchemaCache(config.registry_url)
         self.checkpoints = CheckpointStore(ch, config.control_database, PROJECTION)
-        self.dlq = DeadLetterStore(ch, config.control_database, PROJECTION)
         with_retries(self.checkpoints.create, "creating the checkpoint table")
+        self.committer = BatchCommitter(self.checkpoints)
+        has_fast_path = hasattr(ch, "over_avro")
+        # Everything a batch writes goes through the fence (checkpoint.py, step 3).
+        self.ch = ch = self.committer.fenced(ch)
+        self.dlq = DeadLetterStore(ch, config.control_database, PROJECTION)
         with_retries(self.dlq.create, "creating the DLQ table")
         self.ledger = TransactionLedger(ch, config.control_database, PROJECTION)
         with_retries(self.ledger.create, "creating the transaction ledger")
-        self.committer = BatchCommitter(self.checkpoints)
+        self.admin = AdminClient({"bootstrap.servers": config.kafka_bootstrap})
+        self.guard = TopicGuard(ch, config.control_database, PROJECTION, self._describe_topic)
+        with_retries(self.guard.create, "creating the topic identities")
         fast_path = None
-        if config.fast_path and hasattr(ch, "over_avro"):
-            fast_path = FastPath(ch, config.registry_url, config.transaction_metadata)  # type: ignore[arg-type]
+        if config.fast_path and has_fast_path:
+            fast_path = FastPath(ch, config.registry_url, config.transaction_metadata)
         self.applier = BatchApplier(
             ch, self.schemas,
             ReplicaCatalog(ch, config.replica_prefix, SignalTable(config.source_dsn).request),
@@ -133,6 +150,9 @@ class Projector:
         self.next_offset: dict[tuple[str, int], int] = {}
         self._apply_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apply")
         self._in_flight: Future[BatchRange] | None = None
+        self._waiting = False  # partitions paused while the main thread waits for ClickHouse
+        self._unpositioned: set[tuple[str, int]] = set()  # assigned, paused: steps A-C failed
+        self._last_poll = time.monotonic()
         self.metrics = ProjectorMetrics()
         self._next_progress_report = self._next_watermark_report = 0.0
         # Each read model's watermark as last found: the next search starts there.
@@ -145,7 +165,6 @@ class Projector:
             except OSError as exc:
                 log.warning("no metrics endpoint: port %d: %s (set PROJECTOR_METRICS_PORT)",
                             config.metrics_port, exc)  # fmt: skip
-        self.stopping = False
         self.applied_events = 0
         self.fast_events = 0  # of which applied by the fast path
         self.dead_letters = 0
@@ -159,6 +178,7 @@ class Projector:
                 "topic.metadata.refresh.interval.ms": 2000,
                 "partition.assignment.strategy": "cooperative-sticky",
                 "session.timeout.ms": config.session_timeout_ms,
+                "max.poll.interval.ms": config.max_poll_interval_ms,
                 "max.partition.fetch.bytes": 16 * 1024 * 1024,
             }
         )
@@ -168,11 +188,58 @@ class Projector:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
-        resumes = with_retries(lambda: self.committer.assign(keys), "reading checkpoints")
-        for resume in resumes:
+        try:
+            resumes = self._position(keys)
+        except TRANSIENT as exc:
+            # Never wait for ClickHouse inside a rebalance: the whole group would wait for us.
+            # The partitions wait, paused, until the main loop can position them.
+            log.warning("cannot position %d assigned partition(s) yet, they wait: %s",
+                        len(keys), exc)  # fmt: skip
+            consumer.incremental_assign(partitions)
+            consumer.pause(partitions)
+            self._unpositioned.update(keys)
+            return
+        consumer.incremental_assign(
+            [TopicPartition(r.topic, r.partition, r.offset) for r in resumes]
+        )
+        if self._waiting:  # assigned while a batch waits for ClickHouse: fetch nothing yet
+            consumer.pause(consumer.assignment())
+
+    def _position_waiting(self) -> None:
+        """Position the partitions an assignment could not (ClickHouse was unavailable): one
+        attempt a round, the loop polling in between."""
+        if not self._unpositioned:
+            return
+        keys = sorted(self._unpositioned)
+        try:
+            resumes = self._position(keys)
+        except TRANSIENT:
+            return
+        self._unpositioned.clear()
+        waiting = [TopicPartition(topic, partition) for topic, partition in keys]
+        self.consumer.incremental_unassign(waiting)
+        self.consumer.incremental_assign(
+            [TopicPartition(r.topic, r.partition, r.offset) for r in resumes]
+        )
+
+    def _position(self, keys: list[tuple[str, int]]) -> list[Resume]:
+        """Steps A-C for `keys`: claim them, and start each from its checkpoint — unless its
+        topic was re-created: the old topic's checkpoints say nothing of the new one's offsets,
+        which are read from 0 (into the DLQ: the table is stopped, projector/topic_guard.py).
+        One attempt: a transient failure is the caller's to retry."""
+        resumes = self.committer.assign(keys)
+        topics = {topic for topic, _ in keys if topic != self.config.transaction_topic}
+        recreated = {topic for topic in topics if self.guard.recreated(topic)}
+        for index, resume in enumerate(resumes):
+            if resume.topic in recreated:
+                log.error("%s was re-created: its table stops (see `projector dlq list`)",
+                          resume.topic)  # fmt: skip
+                self.committer.forget_checkpoint(resume.topic, resume.partition)
+                resume = resumes[index] = Resume(resume.topic, resume.partition, 0, None)
             state = self.partitions[(resume.topic, resume.partition)]
             state.buffer.clear()
             state.replay = resume.replay
+            state.positioned += 1
             self.next_offset[(resume.topic, resume.partition)] = resume.offset
             log.info(
                 "assigned %s[%d] from offset %d", resume.topic, resume.partition, resume.offset
@@ -180,17 +247,31 @@ class Projector:
             if resume.replay is not None:
                 log.info("replaying the open intent %d-%d of %s[%d] (the last run stopped inside it)",
                          resume.replay.first, resume.replay.last, resume.topic, resume.partition)  # fmt: skip
-        consumer.incremental_assign(
-            [TopicPartition(r.topic, r.partition, r.offset) for r in resumes]
-        )
+        return resumes
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._wait_for_batch()  # the next owner starts after our last batch, never beside it
+        # The next owner starts after our last batch, not beside it — if the batch finishes in
+        # time (a rebalance waits for us at most max.poll.interval.ms). If ClickHouse holds it
+        # longer, we hand over anyway: the fence keeps whatever it writes later out.
+        self._settle_batch(wait_s=self.config.max_poll_interval_ms / 1000 / 3, reclaim=False)
+        self._forget(partitions)
+        consumer.incremental_unassign(partitions)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """The group already gave these partitions to others (we missed its deadline): nothing
+        to wait for; a batch of theirs still in flight fails at the fence."""
+        log.warning("lost %s to the group (no poll or heartbeat in time)",
+                    ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))  # fmt: skip
+        self._forget(partitions)
+        consumer.incremental_unassign(partitions)
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
+            self._unpositioned.discard((tp.topic, tp.partition))
             self.metrics.forget(tp.topic, tp.partition)
             self.next_offset.pop((tp.topic, tp.partition), None)
             self.partitions.pop((tp.topic, tp.partition), None)
-        consumer.incremental_unassign(partitions)
+        self.committer.release([(tp.topic, tp.partition) for tp in partitions])
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -220,29 +301,18 @@ class Projector:
             for line in with_retries(self.read_models.finish_open_backfill, "finishing a backfill"):
                 log.info("read models: %s", line)
         self.consumer.subscribe(
-            self.config.subscription(), on_assign=self._on_assign, on_revoke=self._on_revoke
-        )
+            self.config.subscription(), on_assign=self._on_assign, on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )  # fmt: skip
         next_finish_check = time.monotonic()
         next_waiting_report = next_finish_check + FIRST_WAITING_REPORT_S
         try:
             while not self.stopping:
-                messages = self.consumer.consume(
-                    self.config.max_batch_messages, self.config.max_batch_wait_ms / 1000
-                )
-                fresh = 0
-                for msg in messages:
-                    error = msg.error()
-                    if error is not None:
-                        if error.code() == KafkaError._PARTITION_EOF:
-                            continue
-                        if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                            continue
-                        raise KafkaException(error)
-                    fresh += 1
-                    self.partitions[(msg.topic(), msg.partition())].buffer.append(msg)  # type: ignore[index]
+                fresh = self._consume(self.config.max_batch_wait_ms / 1000)
                 self._flush(drain=fresh < self.config.max_batch_messages)
                 if self._in_flight is not None and self._in_flight.done():
                     self._wait_for_batch()  # an idle loop still records the last batch
+                self._position_waiting()
                 self._report_progress()
                 self._ensure_read_models()
                 if tick is not None:
@@ -255,7 +325,7 @@ class Projector:
                 if (finish_line is not None and fresh < self.config.max_batch_messages
                         and now >= next_finish_check):  # fmt: skip
                     self._wait_for_batch()
-                    if with_retries(finish_line.reached, "checking the finish line"):
+                    if self._main_retries(finish_line.reached, "checking the finish line"):
                         self._finish_read_models()
                         break
                     next_finish_check = time.monotonic() + FINISH_CHECK_S
@@ -274,6 +344,32 @@ class Projector:
             self.applied_events, self.fast_events, self.dead_letters,
         )  # fmt: skip
         return 0
+
+    def _consume(self, timeout_s: float) -> int:
+        """Poll the consumer (which also keeps this member in the group and runs rebalance
+        callbacks), buffer what came; how many messages came."""
+        messages = self.consumer.consume(self.config.max_batch_messages, timeout_s)
+        self._last_poll = time.monotonic()
+        fresh = 0
+        for msg in messages:
+            error = msg.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    continue
+                if error.code() == KafkaError._MAX_POLL_EXCEEDED:
+                    # The group dropped us (on_lost follows); we rejoin with this poll. Our
+                    # batches of the lost partitions fail at the fence.
+                    log.warning("missed the group's poll deadline: %s", error.str())
+                    continue
+                raise KafkaException(error)
+            key = (msg.topic(), msg.partition())
+            if key not in self.next_offset:
+                continue  # revoked since it was fetched: the next owner reads it
+            fresh += 1
+            self.partitions[key].buffer.append(msg)
+        return fresh
 
     def _flush(self, drain: bool) -> None:
         """Cut every batch that is ready and hand it to the apply thread, one at a time and in
@@ -296,9 +392,23 @@ class Projector:
                 batch = BatchRange(
                     topic, partition, offset_of(batch_msgs[0]), offset_of(batch_msgs[-1])
                 )
+                expected = self.next_offset.get((topic, partition), 0)
+                if batch.first < expected and state.replay is None:
+                    # Kafka went back (offsets out of range, reset to the earliest): the topic
+                    # was re-created under us. Position it afresh (and so detect that).
+                    log.warning("%s[%d] went back from offset %d to %d; positioning it afresh",
+                                topic, partition, expected, batch.first)  # fmt: skip
+                    self._wait_for_batch()
+                    self._reposition(topic, partition)
+                    break
                 messages = KafkaMessages(batch_msgs)
                 segments = self.applier.plan(messages)  # while the batch in flight applies
+                positioned = state.positioned
                 self._wait_for_batch()  # at most one batch in flight
+                if self.partitions.get((topic, partition)) is not state or (
+                    state.positioned != positioned
+                ):
+                    break  # revoked or re-positioned meanwhile: this batch is not ours to apply
                 self._in_flight = self._apply_thread.submit(
                     self._commit_with_retries, batch, messages, segments
                 )
@@ -307,13 +417,91 @@ class Projector:
                     return
 
     def _wait_for_batch(self) -> None:
-        """Wait for the batch in flight (re-raising its failure), then tell Kafka."""
+        """Wait for the batch in flight (re-raising its failure), then tell Kafka. While it
+        waits (ClickHouse may be down for minutes), the member keeps polling with every partition
+        paused: it stays in the group and follows rebalances instead of being thrown out after
+        max.poll.interval.ms with a batch still to write."""
+        # Waiting a tenth of the poll interval after the last poll (an ordinary batch is done
+        # by then, and pausing drops what librdkafka fetched ahead), it polls, paused.
+        patience_s = self.config.max_poll_interval_ms / 1000 / 10
+        if self._in_flight is not None:
+            wait(
+                [self._in_flight], timeout=max(0.0, self._last_poll + patience_s - time.monotonic())
+            )
+        try:
+            while (
+                self._in_flight is not None
+                and not wait([self._in_flight], timeout=KEEP_POLLING_S).done
+            ):
+                self._poll_paused()
+        finally:
+            self._resume_paused()
+        self._settle_batch()
+
+    def _poll_paused(self) -> None:
+        """Poll Kafka with every partition paused: the member stays in the group and follows
+        rebalances while the main thread waits for ClickHouse (may run rebalance callbacks)."""
+        if not self._waiting:
+            self._waiting = True
+            self.consumer.pause(self.consumer.assignment())
+        self._consume(0)
+
+    def _resume_paused(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            waiting = self._unpositioned
+            self.consumer.resume(
+                [tp for tp in self.consumer.assignment() if (tp.topic, tp.partition) not in waiting]
+            )
+
+    def _sleep_polling(self, seconds: float) -> None:
+        """The main thread's back-off: it keeps polling while it sleeps."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self._poll_paused()
+            time.sleep(min(left, KEEP_POLLING_S))
+
+    def _main_retries(self, action: Callable[[], T], what: str) -> T:
+        """`with_retries` on the main thread: never so long that Kafka drops the member."""
+        try:
+            return with_retries(action, what, sleep=self._sleep_polling)
+        finally:
+            self._resume_paused()
+
+    def _reposition(self, topic: str, partition: int) -> None:
+        """Steps A-C again for one partition we hold (its batch was refused, or Kafka went
+        back), then continue it from there."""
+        (resume,) = self._main_retries(lambda: self._position([(topic, partition)]),
+                                       "reading checkpoints")  # fmt: skip
+        held = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        if (topic, partition) not in held:  # revoked while we retried: not ours to continue
+            self._forget([TopicPartition(topic, partition)])
+            return
+        self.consumer.seek(TopicPartition(topic, partition, resume.offset))
+
+    def _settle_batch(self, wait_s: float | None = None, reclaim: bool = True) -> None:
+        """Take the batch in flight's outcome (waiting up to `wait_s`; None: until it is done).
+        A batch the fence refused is dropped: if Kafka still gives us its partition (and we may
+        `reclaim`: not inside a revoke), we claim it anew and resume from its checkpoint (steps
+        A-C); if not, its new owner applies it."""
         if self._in_flight is None:
             return
+        if wait_s is not None and not wait([self._in_flight], timeout=wait_s).done:
+            log.warning("handing over while a batch is still in flight (ClickHouse unavailable?); "
+                        "the fence keeps it out if it finishes later")  # fmt: skip
+            return
         future, self._in_flight = self._in_flight, None
-        batch = future.result()
-        self.next_offset[(batch.topic, batch.partition)] = batch.last + 1
-        if (batch.topic, batch.partition) in self.partitions:
+        try:
+            batch = future.result()
+        except PartitionLost as lost:
+            key = (lost.topic, lost.partition)
+            log.warning("dropped a batch of %s[%d]: %s", lost.topic, lost.partition, lost)
+            if reclaim and key in self.next_offset:  # Kafka still says ours: claim it again
+                self._reposition(lost.topic, lost.partition)
+            return
+        key = (batch.topic, batch.partition)
+        if key in self.next_offset:
+            self.next_offset[key] = batch.last + 1
             acknowledge(self.consumer, batch)
 
     def _report_progress(self) -> None:
@@ -337,7 +525,10 @@ class Projector:
             self._next_watermark_report = now + 10
             for model in self.read_model_list:
                 collections = [f"{self.config.read_model_schema}.{s}" for s in model.sources]
-                mark = self.ledger.watermark(collections, self._watermarks.get(model.name))
+                try:
+                    mark = self.ledger.watermark(collections, self._watermarks.get(model.name))
+                except TRANSIENT:
+                    return  # reported on a later round
                 if mark is not None:
                     self._watermarks[model.name] = mark
                     self.metrics.watermark_lsn.labels(model.name).set(mark.lsn)
@@ -361,10 +552,10 @@ class Projector:
             return  # replay first
         self._wait_for_batch()
         maintainer = self.read_models
-        for line in with_retries(maintainer.ensure, "starting read models"):
+        for line in self._main_retries(maintainer.ensure, "starting read models"):
             log.info("read models: %s", line)
         if maintainer.building:
-            progress = with_retries(maintainer.backfill_step, "backfilling read models")
+            progress = self._main_retries(maintainer.backfill_step, "backfilling read models")
             if progress is not None:
                 log.info("read models: %s", progress)
             return  # the next chunk on the next round, between batches
@@ -397,6 +588,10 @@ class Projector:
         if batch.topic == self.config.transaction_topic:
             self.ledger.record_ends(batch, self._transaction_events(batch, messages))
             return
+        stopped = self.guard.stopped_reason(batch.topic, _key_schema_ids(messages))
+        if stopped is not None:
+            self._refuse(batch, messages, stopped)
+            return
         started = time.monotonic()
         outcome = self.applier.apply(batch, messages, self._dead_letter, segments, planned=True)
         if self.read_models is not None:
@@ -414,6 +609,40 @@ class Projector:
         if outcome.dead:
             self.metrics.dead_letters.labels(batch.topic).inc(len(outcome.dead))
         self.dead_letters += len(outcome.dead)
+
+    def _refuse(self, batch: BatchRange, messages: KafkaMessages, reason: str) -> None:
+        """A stopped table's batch: every message into the DLQ with the reason (a tombstone
+        carries nothing), each settled for its transaction."""
+        letters, dead = [], BatchOutcome(0, [])
+        collection = ".".join(source_table_of(batch.topic))
+        for message in messages:
+            if message.value is None:
+                continue
+            letters.append(DeadLetter.of(message, PoisonMessage("topic", reason)))
+            try:
+                event = decode(message, self.schemas)
+            except PoisonMessage:
+                continue
+            tx_id = None if event is None else (event.value.get("transaction") or {}).get("id")
+            if tx_id:
+                dead.count_dead_letter(str(tx_id), collection)
+        if letters:
+            log.warning("%d dead letters %s[%d]@%d-%d (topic): %s", len(letters), batch.topic,
+                        batch.partition, batch.first, batch.last, reason)  # fmt: skip
+            self._dead_letter(batch, letters, log_each=False)
+            self.metrics.dead_letters.labels(batch.topic).inc(len(letters))
+            self.dead_letters += len(letters)
+        self.ledger.record_progress(batch, {}, dead.dead_transactions)
+
+    def _describe_topic(self, topic: str) -> TopicShape | None:
+        """Kafka's id and partition count of `topic` now (None: Kafka cannot say right now)."""
+        try:
+            futures = self.admin.describe_topics(TopicCollection([topic]), request_timeout=10)
+            description = futures[topic].result(timeout=15)
+        except KafkaException as exc:
+            log.warning("cannot describe topic %s: %s", topic, exc)
+            return None
+        return TopicShape(str(description.topic_id), len(description.partitions))
 
     def _transaction_events(
         self, batch: BatchRange, messages: Sequence[RawMessage]
@@ -439,11 +668,14 @@ class Projector:
             self._dead_letter(batch, letters)
         return events
 
-    def _dead_letter(self, batch: BatchRange, letters: list[DeadLetter]) -> None:
+    def _dead_letter(
+        self, batch: BatchRange, letters: list[DeadLetter], log_each: bool = True
+    ) -> None:
         self.dlq.add(batch, letters)
         for letter in letters:
-            log.warning("dead letter %s[%d]@%d (%s): %s", letter.topic, letter.partition,
-                        letter.offset, letter.stage, letter.error)  # fmt: skip
+            if log_each:
+                log.warning("dead letter %s[%d]@%d (%s): %s", letter.topic, letter.partition,
+                            letter.offset, letter.stage, letter.error)  # fmt: skip
             self.producer.produce(
                 self.config.dlq_topic, key=letter.key, value=letter.value,
                 headers={"origin.topic": letter.topic, "origin.partition": str(letter.partition),
@@ -475,6 +707,12 @@ class Projector:
             checkpoint = checkpoints.get(key)
             applied[key] = None if checkpoint is None else checkpoint.resume_offset
         return applied
+
+
+def _key_schema_ids(messages: KafkaMessages) -> set[int]:
+    """The registry ids of the batch's Confluent-framed keys."""
+    _, keys, _ = messages.columns()
+    return {int.from_bytes(k[1:5], "big") for k in keys if k and len(k) >= 5 and k[0] == 0}
 
 
 class _RunProgress:

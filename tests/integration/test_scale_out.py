@@ -112,14 +112,16 @@ def test_three_members_share_partitions_through_leaves_crashes_and_joins(
         server.wait(60)
 
 
-def stop_merges_once_created(url: str, database: str, tables: list[str]) -> None:
+def stop_merges_once_created(
+    url: str, database: str, tables: list[str], timeout_s: float = 120
+) -> None:
     """Stop background merges of the replica tables as soon as the members have created them
     (merges would fold two copies of one event into one and hide a double application)."""
     wanted = ", ".join(f"'{t}'" for t in tables)
     query = (
         f"SELECT count() FROM system.tables WHERE database = '{database}' AND name IN ({wanted})"
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout_s
     while httpx.post(url, content=query, timeout=30).text.strip() != str(len(tables)):
         assert time.monotonic() < deadline, "the members never created the replica tables"
         time.sleep(0.1)

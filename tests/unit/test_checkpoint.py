@@ -17,7 +17,7 @@ the interrupted batch again.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -36,7 +36,7 @@ from projector.checkpoint import (
     cut_batch,
 )
 from projector.clickhouse import ChdbBackend, ident, insert_statement
-from projector.errors import CheckpointError
+from projector.errors import CheckpointError, PartitionLost
 
 TOPIC = "cdc.shop.orders"
 TARGET = "effects"
@@ -100,28 +100,33 @@ class Run:
         self.committer = BatchCommitter(self.store)
         record = self.store.record
 
-        def record_with_crash(batch: BatchRange, state: str) -> None:
+        def record_with_crash(batch: BatchRange, state: str, generation: int = 0) -> None:
             if state == DONE and self._crashing("before-done"):
                 raise Crash("after apply, before done")
-            record(batch, state)
+            record(batch, state, generation)
 
         self.store.record = record_with_crash  # type: ignore[method-assign]
 
     def _crashing(self, point: str) -> bool:
         return self.crash == point and len(self.batches) - 1 == self.crash_batch
 
-    def apply(self, batch: BatchRange) -> None:
+    def apply(self, batch: BatchRange, between_chunks: Callable[[], None] = lambda: None) -> None:
+        """Two token-ed inserts through the fenced engine (step 3); `between_chunks` runs
+        between them."""
         if self._crashing("intent"):
             raise Crash("after the intent, before any effect")
         offsets = [o for o in LOG if batch.first <= o <= batch.last]
         half = len(offsets) // 2
+        fenced = self.committer.fenced(self.engine)
         for chunk, part in enumerate([offsets[:half], offsets[half:]]):
-            if chunk == 1 and self._crashing("mid-apply"):
-                raise Crash("between two inserts of the batch")
+            if chunk == 1:
+                between_chunks()
+                if self._crashing("mid-apply"):
+                    raise Crash("between two inserts of the batch")
             token = batch.token(PROJECTION, TARGET, chunk)
             self.tokens.setdefault(batch, []).append(token)
             rows = [{"offset": o, "token": token} for o in part]
-            self.engine.execute(
+            fenced.execute(
                 insert_statement(f"{ident(self.database)}.{TARGET}", ["offset", "token"], rows,
                                  token=token)
             )  # fmt: skip
@@ -278,6 +283,7 @@ def test_the_next_batch_after_a_gap_or_the_exact_replay_is_accepted(
 
 def test_the_intent_is_recorded_before_apply_runs(engine: ChdbBackend, database: str) -> None:
     run = Run(engine, database)
+    run.committer.assign([(TOPIC, 0)])
     seen: list[dict[tuple[str, int], PartitionCheckpoint]] = []
     run.committer.commit(BatchRange(TOPIC, 0, 0, 4), lambda _: seen.append(run.store.load()))
     assert seen == [{(TOPIC, 0): PartitionCheckpoint(INTENT, 0, 4)}]
@@ -294,6 +300,7 @@ def test_offsets_must_grow_inside_a_batch(first: int, last: int) -> None:
 
 def test_assign_reads_what_another_member_applied_since(engine: ChdbBackend, database: str) -> None:
     ours = Run(engine, database)
+    ours.committer.assign([(TOPIC, 0)])
     ours.committer.commit(BatchRange(TOPIC, 0, 0, 9), ours.apply)
     # the partition moves to another member, which applies two more batches
     theirs = Run(engine, database)
@@ -313,6 +320,7 @@ def test_assign_forgets_a_cached_checkpoint_the_table_no_longer_has(
     engine: ChdbBackend, database: str
 ) -> None:
     run = Run(engine, database)
+    run.committer.assign([(TOPIC, 0)])
     run.committer.commit(BatchRange(TOPIC, 0, 0, 9), run.apply)
     engine.execute(f"TRUNCATE TABLE {ident(database)}.checkpoints")  # e.g. a reset projection
     assert run.committer.assign([(TOPIC, 0)]) == [Resume(TOPIC, 0, 0, None)]
@@ -389,3 +397,84 @@ def test_tokens_name_the_projection_target_partition_range_and_chunk() -> None:
     assert batch.token(PROJECTION, TARGET, 0) == BatchRange(TOPIC, 3, 10, 19).token(
         PROJECTION, TARGET, 0
     )
+
+
+# --- the fence: a member whose partition another member claimed writes nothing more --------
+
+
+def test_a_batch_of_a_partition_claimed_since_is_refused_before_its_intent(
+    engine: ChdbBackend, database: str
+) -> None:
+    stale = Run(engine, database)
+    stale.committer.assign([(TOPIC, 0)])
+    stale.committer.commit(BatchRange(TOPIC, 0, 0, 9), stale.apply)
+    # the group moved the partition while the stale member waited for ClickHouse
+    owner = Run(engine, database)
+    owner.committer.assign([(TOPIC, 0)])
+    owner.committer.commit(BatchRange(TOPIC, 0, 12, 26), owner.apply)
+
+    applied: list[BatchRange] = []
+    with pytest.raises(PartitionLost, match=r"cdc\.shop\.orders\[0\] is no longer ours"):
+        stale.committer.commit(BatchRange(TOPIC, 0, 12, 19), applied.append)
+    assert applied == []
+    assert stale.store.load() == {(TOPIC, 0): PartitionCheckpoint(DONE, 12, 26)}
+
+
+def test_a_claim_between_two_chunks_stops_the_stale_member_and_the_owner_replays_its_intent(
+    engine: ChdbBackend, database: str
+) -> None:
+    stale = Run(engine, database)
+    stale.committer.assign([(TOPIC, 0)])
+    owner = Run(engine, database)
+    resumes: list[Resume] = []
+    batch = BatchRange(TOPIC, 0, 0, 9)
+    with pytest.raises(PartitionLost):
+        stale.committer.commit(
+            batch,
+            lambda b: stale.apply(b, lambda: resumes.extend(owner.committer.assign([(TOPIC, 0)]))),
+        )
+    # the new owner claimed after the stale intent landed: it replays exactly that range
+    assert resumes == [Resume(TOPIC, 0, 0, batch)]
+    assert target_counts(engine, database) == dict.fromkeys(range(5), 1)  # chunk 1 never landed
+    owner.committer.commit(batch, owner.apply)
+    owner.committer.commit(BatchRange(TOPIC, 0, 12, 39), owner.apply)
+    assert target_counts(engine, database) == dict.fromkeys(LOG, 1)
+
+
+def test_a_stale_members_late_records_never_become_the_checkpoint(
+    engine: ChdbBackend, database: str
+) -> None:
+    """Records are ordered by the writer's generation first: an intent the stale member checked
+    just before the newer claim, landing after it with far higher offsets, loses to the owner's."""
+    stale = Run(engine, database)
+    stale.committer.assign([(TOPIC, 0)])
+    owner = Run(engine, database)
+    owner.committer.assign([(TOPIC, 0)])
+    owner.committer.commit(BatchRange(TOPIC, 0, 0, 9), owner.apply)
+    stale_generation = stale.committer.claims[(TOPIC, 0)].generation
+    stale.store.record(BatchRange(TOPIC, 0, 0, 39), INTENT, stale_generation)  # late
+    assert owner.store.load() == {(TOPIC, 0): PartitionCheckpoint(DONE, 0, 9)}
+    engine.execute(f"OPTIMIZE TABLE {ident(database)}.checkpoints FINAL")  # merges agree
+    assert owner.store.load() == {(TOPIC, 0): PartitionCheckpoint(DONE, 0, 9)}
+
+
+def test_a_checkpoint_table_from_before_the_fence_is_migrated(engine: ChdbBackend) -> None:
+    name = f"checkpoint_test_{next(_databases)}"
+    engine.execute(f"CREATE DATABASE {ident(name)}")
+    engine.execute(
+        f"CREATE TABLE {ident(name)}.checkpoints (`projection` String, topic String, "
+        "`partition` Int32, first_offset Int64, last_offset Int64, state LowCardinality(String), "
+        "version UInt64, recorded_at DateTime64(3) DEFAULT now64(3)) "
+        "ENGINE = ReplacingMergeTree(version) ORDER BY (`projection`, topic, `partition`)"
+    )
+    old = CheckpointStore(engine, name, PROJECTION)
+    old.ch.execute(
+        f"INSERT INTO {ident(name)}.checkpoints (`projection`, topic, `partition`, first_offset, "
+        f"last_offset, state, version) VALUES ('{PROJECTION}', '{TOPIC}', 0, 10, 19, 'done', 39)"
+    )
+    store = CheckpointStore(engine, name, PROJECTION)
+    store.create()
+    store.create()  # idempotent
+    assert store.load() == {(TOPIC, 0): PartitionCheckpoint(DONE, 10, 19)}
+    run = Run(engine, name)
+    assert run.committer.assign([(TOPIC, 0)]) == [Resume(TOPIC, 0, 20, None)]

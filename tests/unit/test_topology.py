@@ -120,15 +120,20 @@ def cluster() -> list[str]:
 
 def test_single_server_ddl_is_plain_and_deduplicates(single: list[str]) -> None:
     tables = [s for s in single if s.startswith("CREATE TABLE") and "ENGINE = Memory" not in s]
-    # checkpoints (twice: replicas and backfills), dlq, two ledgers, a keyed and a key-less
-    # replica, the read-model versions, three entity tables and five aggregate tables
-    assert len(tables) == 16
+    # checkpoints and partition owners (twice each: replicas and backfills), dlq, two ledgers, a
+    # keyed and a key-less replica, the read-model versions, three entity tables and five
+    # aggregate tables
+    assert len(tables) == 18
     for statement in single:
         assert "ON CLUSTER" not in statement
         assert "Replicated" not in statement
     for statement in tables:
         window = (
-            "0" if "checkpoints" in statement or "read_model_versions" in statement else "100000"
+            "0"
+            if any(
+                t in statement for t in ("checkpoints", "partition_owners", "read_model_versions")
+            )
+            else "100000"
         )
         assert f"non_replicated_deduplication_window = {window}" in statement
     assert any("ENGINE = ReplacingMergeTree(_version, _is_deleted)" in s for s in tables)
@@ -137,7 +142,7 @@ def test_single_server_ddl_is_plain_and_deduplicates(single: list[str]) -> None:
 
 def test_cluster_ddl_runs_on_every_replica_with_replicated_engines(cluster: list[str]) -> None:
     tables = [s for s in cluster if s.startswith("CREATE TABLE") and "ENGINE = Memory" not in s]
-    assert len(tables) == 16
+    assert len(tables) == 18
     for statement in cluster:
         # a read model's stage is scratch of one recompute, local to the server we talk to
         if statement.startswith(("CREATE", "ALTER")) and "ENGINE = Memory" not in statement:
@@ -146,7 +151,11 @@ def test_cluster_ddl_runs_on_every_replica_with_replicated_engines(cluster: list
     for statement in tables:
         assert "ENGINE = Replicated" in statement and path in statement, statement
         window = (
-            "0" if "checkpoints" in statement or "read_model_versions" in statement else "10000"
+            "0"
+            if any(
+                t in statement for t in ("checkpoints", "partition_owners", "read_model_versions")
+            )
+            else "10000"
         )
         assert f"replicated_deduplication_window = {window}" in statement
         assert "non_replicated" not in statement
