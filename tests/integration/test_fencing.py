@@ -141,13 +141,16 @@ def test_a_member_cut_off_from_clickhouse_past_its_poll_interval_applies_nothing
             )
             assert twice == [], f"{table}: events applied twice {twice} ({context})"
         collections = f"'public.{items}', 'public.{log}'"
+        # Per transaction and table, the events the ledger counts as applied (every span of
+        # the xid: no wraparound here) against the number its END announced.
         miscounted = deployment.sql(
             "SELECT p.tx_id AS tx_id, p.data_collection AS data_collection, p.applied AS applied, "
             "t.expected AS expected FROM (SELECT tx_id, data_collection, sum(applied) AS applied "
-            f"FROM {deployment.control_db}.transaction_progress WHERE data_collection IN "
+            f"FROM {deployment.control_db}.transaction_events WHERE data_collection IN "
             f"({collections}) GROUP BY tx_id, data_collection) AS p INNER JOIN (SELECT tx_id, "
-            f"data_collection, any(expected) AS expected FROM {deployment.control_db}.transactions "
-            f"WHERE data_collection IN ({collections}) GROUP BY tx_id, data_collection) AS t "
+            f"data_collection, any(expected) AS expected FROM {deployment.control_db}."
+            f"transaction_ends WHERE data_collection IN ({collections}) "
+            "GROUP BY tx_id, data_collection) AS t "
             "ON p.tx_id = t.tx_id AND p.data_collection = t.data_collection "
             "WHERE p.applied != t.expected LIMIT 5"
         )
