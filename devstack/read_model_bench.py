@@ -23,14 +23,12 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
@@ -40,6 +38,7 @@ from typing import Any
 import httpx
 import psycopg
 
+from devstack.query_bench import Latency, quantiles, timed
 from projector.clickhouse import ChdbBackend, ident
 from projector.materialize import ReadModelMaintainer
 from projector.replica import META_COLUMNS
@@ -57,27 +56,6 @@ SOURCE_COLUMNS = {
 }  # fmt: skip
 TARGETS_MS = {"point": 10.0, "daily_sales": 50.0, "monthly_sales": 50.0,
               "customer_lifetime_value": 100.0, "product_popularity": 100.0}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Latency:
-    p50_ms: float
-    p99_ms: float
-
-
-def quantiles(samples: list[float]) -> Latency:
-    ordered = sorted(samples)
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return Latency(statistics.median(ordered) * 1000, p99 * 1000)
-
-
-def timed(call: Callable[[], Any], times: int) -> list[float]:
-    samples = []
-    for _ in range(times):
-        started = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - started)
-    return samples
 
 
 # ---- 1. the read side -------------------------------------------------------------------------
