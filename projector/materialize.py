@@ -516,12 +516,6 @@ class ReadModelMaintainer:
                           aggregate.evaluated(f"({defined_rows})")))  # fmt: skip
         return pairs
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            name: [{"version": v.version, "state": v.state, "chunks": v.chunks} for v in versions]
-            for name, versions in self.active.items()
-        }
-
 
 def _bare(kind: str) -> str:
     for wrapper in ("Nullable(", "LowCardinality("):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from tests.integration.conftest import StackHandle
+from devstack.shop import create_shop
+from tests.integration.conftest import FENCE_TABLE, StackHandle
 from tests.integration.projector_harness import ProjectorProcess
 
 UTC_TEXT = "to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')"
@@ -102,3 +103,17 @@ def assert_reconciled(projector: ProjectorProcess) -> None:
     report = reconcile.stdout + reconcile.stderr
     assert reconcile.returncode == 0, report
     assert report.count("equal") == len(POSTGRES), report
+
+
+def shop_projection(stack: StackHandle, projector: ProjectorProcess) -> str:
+    """A shop schema of this test's own, captured, and `projector` set to project it (its
+    read models included); returns the schema."""
+    schema = f"shop_{projector.unique}"
+    create_shop(stack.admin_dsn, schema)
+    stack.apply(capture=f"public,{schema}")
+    projector.env |= {
+        "PROJECTOR_SCHEMAS": f"public,{schema}",
+        "PROJECTOR_TABLE_PATTERN": f"({FENCE_TABLE}|customers|products|orders|order_items)",
+        "PROJECTOR_READ_MODEL_SCHEMA": schema,
+    }
+    return schema

@@ -20,10 +20,14 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from devstack.shop import ShopWriter, create_shop
-from tests.integration.conftest import FENCE_TABLE, StackHandle
+from devstack.shop import ShopWriter
+from tests.integration.conftest import StackHandle
 from tests.integration.projector_harness import ProjectorProcess
-from tests.integration.read_model_checks import assert_equal_to_postgres, assert_reconciled
+from tests.integration.read_model_checks import (
+    assert_equal_to_postgres,
+    assert_reconciled,
+    shop_projection,
+)
 
 STATUSES = ["PENDING", "CONFIRMED", "SHIPPED", "DELIVERED", "CANCELLED"]
 
@@ -113,13 +117,8 @@ def test_read_models_stay_exact_under_every_change_with_kills(
     # On the embedded engine only: the server backend runs the very same SQL, and the read-model
     # tests of test_read_models.py and test_read_model_versions.py run on both.
     projector = ProjectorProcess(stack, tmp_path)
-    schema = f"shop_{projector.unique}"
-    create_shop(stack.admin_dsn, schema)
-    stack.apply(capture=f"public,{schema}")
+    schema = shop_projection(stack, projector)
     projector.env |= {
-        "PROJECTOR_SCHEMAS": f"public,{schema}",
-        "PROJECTOR_TABLE_PATTERN": f"({FENCE_TABLE}|customers|products|orders|order_items)",
-        "PROJECTOR_READ_MODEL_SCHEMA": schema,
         "PROJECTOR_MAX_BATCH_MESSAGES": "40",  # many batches: many instants to be killed in
     }
     kill_rng = random.Random(5)

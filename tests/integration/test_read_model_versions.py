@@ -11,11 +11,15 @@ import signal
 import time
 from pathlib import Path
 
-from devstack.shop import ShopWriter, create_shop
+from devstack.shop import ShopWriter
 from queries.read_models import DEFINITIONS_FILE
-from tests.integration.conftest import FENCE_TABLE, StackHandle
+from tests.integration.conftest import StackHandle
 from tests.integration.projector_harness import ProjectorProcess
-from tests.integration.read_model_checks import assert_equal_to_postgres, comparable
+from tests.integration.read_model_checks import (
+    assert_equal_to_postgres,
+    comparable,
+    shop_projection,
+)
 
 DAILY_UNITS = """
     SELECT (o.created_at AT TIME ZONE 'UTC')::date::text, sum(i.quantity)
@@ -35,13 +39,8 @@ def versions(projector: ProjectorProcess) -> dict[str, list[dict[str, object]]]:
 def test_a_changed_definition_builds_beside_the_serving_one_and_resumes_after_a_crash(
     stack: StackHandle, projector: ProjectorProcess, tmp_path: Path
 ) -> None:
-    schema = f"shop_{projector.unique}"
-    create_shop(stack.admin_dsn, schema)
-    stack.apply(capture=f"public,{schema}")
+    schema = shop_projection(stack, projector)
     projector.env |= {
-        "PROJECTOR_SCHEMAS": f"public,{schema}",
-        "PROJECTOR_TABLE_PATTERN": f"({FENCE_TABLE}|customers|products|orders|order_items)",
-        "PROJECTOR_READ_MODEL_SCHEMA": schema,
         "PROJECTOR_READ_MODEL_BACKFILL_CHUNK_KEYS": "5",  # many chunks: a crash lands inside
     }
     writer = ShopWriter(stack.admin_dsn, schema, seed=3)
