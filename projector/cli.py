@@ -191,7 +191,7 @@ def status(
     if as_json:
         sys.stdout.write(json.dumps(report(), indent=2, default=str) + "\n")
         return
-    out = Console()
+    out = Console() if sys.stdout.isatty() else Console(width=140)  # a pipe or a log: wide
     if not watch:
         out.print(_status_view(report()))
         return
@@ -214,17 +214,17 @@ def _status_view(report: dict[str, Any]) -> Any:
     live = report["source"] != "clickhouse"
     head = Text(f"from {'the running projector at ' if live else ''}{report['source']}")
     projections = Table(title="projections", title_justify="left")
-    projections.add_column("projection", overflow="fold", min_width=20)  # folds, never cuts
+    projections.add_column("projection", overflow="fold", min_width=16)  # folds, never cuts
     for name in ("kind", "state", "watermark", "age"):
         projections.add_column(name, overflow="fold")
     for name in ("lag", "lag s", "DLQ"):
         projections.add_column(name, justify="right")
-    projections.add_column("last error", overflow="fold", min_width=12)
+    projections.add_column("last error", overflow="fold")
     for row in report.get("projections", []):
         age = row.get("watermark_age_s")
         seconds = row.get("lag_seconds")
         projections.add_row(
-            row["name"], row["kind"], row["state"], row.get("watermark_lsn") or "-",
+            row["name"], row["kind"].replace("read model", "model"), row["state"], row.get("watermark_lsn") or "-",
             "-" if age is None else f"{age:.1f}s", f"{row['lag_events']:,}",
             "-" if seconds is None else f"{seconds:.1f}", str(row["dead_letters"]),
             row.get("last_error") or "",

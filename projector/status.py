@@ -208,7 +208,10 @@ def projection_rows(
     rows = [by_table[t] for t in sorted(by_table)]
     for name, sources in _read_model_sources(config).items():
         feeding = [by_table[s] for s in sources if s in by_table]
-        state, error = (model_states or {}).get(name, ("live", ""))
+        # Unknown here (views, or a running projector's metrics): live; known but never
+        # recorded: the projector has not created it yet.
+        unknown = ("live", "") if model_states is None else ("not built", "")
+        state, error = (model_states or {}).get(name, unknown)
         seconds = [r["lag_seconds"] for r in feeding if r["lag_seconds"] is not None]
         rows.append({
             "name": name, "kind": "read model", "state": state,
