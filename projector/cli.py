@@ -100,10 +100,18 @@ def run(
 ) -> None:
     """Consume the change topics and apply them to ClickHouse (exactly-once effect); until
     stopped (Ctrl-C, SIGTERM), or until a finish line: docs/projector.md, "Finishing a run"."""
+    import signal
+
     from projector.config import open_backend
     from projector.runner import Projector
 
+    # A stop asked for while the run starts up (opening ClickHouse takes seconds) is honoured
+    # once the projector exists, instead of killing the process half-way.
+    stop_asked: list[int] = []
+    for asked in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(asked, lambda *_: stop_asked.append(1))
     configure_logging()
+    logging.getLogger("projector").info("projector run starting (SIGTERM or Ctrl-C stops it)")
     config = _config(config_file)
     try:
         # The moment the run is asked to finish is now: the finish is fixed before anything runs.
@@ -118,7 +126,10 @@ def run(
         backend = open_backend(config)
         api = _start_api(config, backend) if serve_api else None
         try:
-            code = Projector(config, backend).run(finish)
+            projector = Projector(config, backend)
+            if stop_asked:
+                projector.request_stop()
+            code = projector.run(finish)
         finally:
             if api is not None and api.stop():
                 # Close the engine while this thread still owns it: left to interpreter exit,

@@ -253,7 +253,11 @@ def test_sigterm_finishes_the_batch_and_exits_zero(
     stack.apply()
     stack.sql(f"INSERT INTO {table} SELECT g, g FROM generate_series(1, 2000) g")
     process = projector.start()
-    time.sleep(4)
+    deadline = time.monotonic() + 120
+    while "projector run starting" not in projector.log.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, projector.log.read_text()
+        time.sleep(0.1)
+    time.sleep(2)  # into start-up or a batch: either way the stop waits for it
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 0, projector.log.read_text()[-3000:]
     assert "stopped:" in projector.log.read_text()
