@@ -314,7 +314,8 @@ def test_registry_outage_is_retried_logged_once_and_loses_nothing(
     projector.env["REGISTRY_URL"] = registry._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()
     process = projector.start()
     try:
-        time.sleep(8)  # several back-off rounds against the dead registry
+        projector.wait_for_log("retrying with back-off")  # it met the dead registry
+        time.sleep(3)  # several back-off rounds against it (start-up may take longer than that)
         assert process.poll() is None, projector.log.read_text()[-3000:]
         proxy.restore()
         projector.wait_for_log("recovered after")
