@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import psycopg
 from confluent_kafka import Producer
 
-from tests.integration.conftest import StackHandle
+from tests.integration.conftest import StackHandle, one_backend
 from tests.integration.projector_harness import ProjectorProcess, assert_replica_equals_source
 from tests.integration.tcp_proxy import TcpProxy
 from tests.integration.topic_reader import read_topic_until
@@ -245,6 +245,7 @@ def test_sigkill_at_random_moments_under_load_ends_equal_to_postgres(
     assert kafka_dlq == set(poison_offsets), kafka_dlq
 
 
+@one_backend("chdb")
 def test_sigterm_finishes_the_batch_and_exits_zero(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:
@@ -266,6 +267,7 @@ def test_sigterm_finishes_the_batch_and_exits_zero(
     assert assert_replica_equals_source(stack, projector, table, ["id"]) == 2000
 
 
+@one_backend("server")
 def test_dlq_commands_show_and_list_dead_letters(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:
@@ -295,6 +297,7 @@ def test_dlq_commands_show_and_list_dead_letters(
     assert missing.returncode == 2 and "no dead letter" in missing.stderr
 
 
+@one_backend("chdb")
 def test_registry_outage_is_retried_logged_once_and_loses_nothing(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:

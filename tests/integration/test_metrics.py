@@ -10,7 +10,7 @@ from collections.abc import Callable
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import StackHandle
+from tests.integration.conftest import StackHandle, one_backend
 from tests.integration.projector_harness import ProjectorProcess, free_port
 
 
@@ -23,6 +23,7 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
+@one_backend("chdb")
 def test_metrics_count_events_lag_and_dead_letters(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:
