@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -99,10 +100,18 @@ def run(
 ) -> None:
     """Consume the change topics and apply them to ClickHouse (exactly-once effect); until
     stopped (Ctrl-C, SIGTERM), or until a finish line: docs/projector.md, "Finishing a run"."""
+    import signal
+
     from projector.config import open_backend
     from projector.runner import Projector
 
+    # A stop asked for while the run starts up (opening ClickHouse takes seconds) is honoured
+    # once the projector exists, instead of killing the process half-way.
+    stop_asked: list[int] = []
+    for asked in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(asked, lambda *_: stop_asked.append(1))
     configure_logging()
+    logging.getLogger("projector").info("projector run starting (SIGTERM or Ctrl-C stops it)")
     config = _config(config_file)
     try:
         # The moment the run is asked to finish is now: the finish is fixed before anything runs.
@@ -117,7 +126,10 @@ def run(
         backend = open_backend(config)
         api = _start_api(config, backend) if serve_api else None
         try:
-            code = Projector(config, backend).run(finish)
+            projector = Projector(config, backend)
+            if stop_asked:
+                projector.request_stop()
+            code = projector.run(finish)
         finally:
             if api is not None and api.stop():
                 # Close the engine while this thread still owns it: left to interpreter exit,
@@ -165,58 +177,104 @@ def _start_api(config: ProjectorConfig, backend: ParameterisedClickHouse) -> Bac
 @app.command("status")
 def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    watch: bool = typer.Option(
+        False, "--watch", help="Redraw every --interval seconds (Ctrl-C ends)."
+    ),
+    interval: float = typer.Option(2.0, min=0.2, help="Seconds between redraws with --watch."),
     config_file: Path | None = ConfigOption,
 ) -> None:
-    """Where the projector stands: per partition the lag behind Kafka (offsets, and seconds while
-    running), per read model its consistency watermark, the dead letters. Read from the running
-    projector's metrics endpoint when it answers, else from ClickHouse (with chDB: while no
-    projector runs)."""
-    from projector.status import collect_live_status, collect_status
+    """Every projection on one line — replica tables and read models: state (live, stopped,
+    building or rebuilding n%, failed), watermark and its age, lag in events and seconds, dead
+    letters, last error — then the replication slot (active, WAL it retains) and the connector
+    with its tasks. Read from the running projector's metrics endpoint when it answers, and from
+    ClickHouse (with chDB: while no projector runs)."""
+    from projector.status import status_report
 
     config = _config(config_file)
-    report = collect_live_status(config.metrics_port) if config.metrics_port else None
-    if report is None:
+
+    def report() -> dict[str, Any]:
         try:
-            report = collect_status(config)
+            return status_report(config)
         except ProjectorError as exc:
             fail(str(exc))
-            return
+            raise
+
     if as_json:
-        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        sys.stdout.write(json.dumps(report(), indent=2, default=str) + "\n")
         return
-    out = Console()
+    out = Console() if sys.stdout.isatty() else Console(width=140)  # a pipe or a log: wide
+    if not watch:
+        out.print(_status_view(report()))
+        return
+    from rich.live import Live
+
+    try:
+        with Live(_status_view(report()), console=out, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(_status_view(report()), refresh=True)
+    except KeyboardInterrupt:
+        pass
+
+
+def _status_view(report: dict[str, Any]) -> Any:
+    """`projector status` as rich renderables: the projections, the source side, the totals."""
+    from rich.console import Group
+    from rich.text import Text
+
     live = report["source"] != "clickhouse"
-    out.print(
-        f"from {'the running projector at ' if live else ''}{report['source']}", highlight=False
-    )
-    if live:
-        tables = Table("table", "path", "events applied")
+    head = Text(f"from {'the running projector at ' if live else ''}{report['source']}")
+    projections = Table(title="projections", title_justify="left")
+    projections.add_column("projection", overflow="fold", min_width=16)  # folds, never cuts
+    for name in ("kind", "state", "watermark", "age"):
+        projections.add_column(name, overflow="fold")
+    for name in ("lag", "lag s", "DLQ"):
+        projections.add_column(name, justify="right")
+    projections.add_column("last error", overflow="fold")
+    for row in report.get("projections", []):
+        age = row.get("watermark_age_s")
+        seconds = row.get("lag_seconds")
+        projections.add_row(
+            row["name"], row["kind"].replace("read model", "model"), row["state"], row.get("watermark_lsn") or "-",
+            "-" if age is None else f"{age:.1f}s", f"{row['lag_events']:,}",
+            "-" if seconds is None else f"{seconds:.1f}", str(row["dead_letters"]),
+            row.get("last_error") or "",
+        )  # fmt: skip
+    side = report.get("source_side", {})
+    slot, connector = side.get("replication_slot", {}), side.get("connector", {})
+    source = Table(title="source", title_justify="left", show_header=False)
+    source.add_column(overflow="fold")
+    source.add_column(overflow="fold")
+    if "retained_wal_bytes" in slot:
+        from projector.status import format_bytes
+
+        text = (f"{slot['name']}: {slot['state']}, retains "
+                f"{format_bytes(slot['retained_wal_bytes'] or 0)} of WAL")  # fmt: skip
+        source.add_row(
+            "replication slot",
+            text + (f"\nWARNING: {slot['warning']}" if slot.get("warning") else ""),
+        )
+    else:
+        source.add_row("replication slot", _unreadable(slot))
+    if "tasks" in connector:
+        tasks = ", ".join(connector["tasks"]) or "no task"
+        source.add_row("connector", f"{connector['name']}: {connector['state']} (tasks: {tasks})")
+    else:
+        source.add_row("connector", _unreadable(connector))
+    extra: list[Any] = []
+    if live and report.get("tables"):
+        tables = Table(
+            "table", "path", "events applied", title="this process", title_justify="left"
+        )
         for row in report["tables"]:
             tables.add_row(row["table"], row["path"], f"{row['events']:,}")
-        batches = Table("path", "batches", "mean batch seconds")
-        for path, b in report["batches"].items():
-            count = b.get("batches", 0)
-            batches.add_row(
-                path, f"{count:,.0f}", f"{b.get('seconds', 0) / count:.3f}" if count else "-"
-            )
-        out.print(tables)
-        out.print(batches)
-        partitions = Table("topic", "partition", "lag (messages)", "lag (seconds)")
-        for row in report["partitions"]:
-            partitions.add_row(row["topic"], str(row["partition"]), str(row["lag"]),
-                               f"{row.get('lag_seconds', 0):.1f}")  # fmt: skip
-    else:
-        partitions = Table("topic", "partition", "applied through", "end", "lag (messages)")
-        for row in report["partitions"]:
-            partitions.add_row(row["topic"], str(row["partition"]), str(row["applied_through"]),
-                               str(row["end"]), str(row["lag"]))  # fmt: skip
-    models = Table("read model", "watermark transaction", "watermark LSN")
-    for name, model in report["read_models"].items():
-        mark = model["watermark"]
-        models.add_row(name, (mark["tx_id"] or "-") if mark else "-", mark["lsn"] if mark else "-")
-    out.print(partitions)
-    out.print(models)
-    out.print(f"{report['dead_letters']} dead letter(s)", highlight=False)
+        extra.append(tables)
+    dead = Text(f"{report['dead_letters']} dead letter(s)")
+    return Group(head, projections, *extra, source, dead)
+
+
+def _unreadable(answer: dict[str, Any]) -> str:
+    return " ".join(str(answer.get(k)) for k in ("state", "note", "error", "name") if answer.get(k))
 
 
 def _write_rows(lines: list[str], fmt: str) -> None:

@@ -113,6 +113,8 @@ class ProjectorConfig(BaseModel):
     # `metrics_port`. How often it samples lag, connector and slot health for its chart.
     projector_metrics_url: str | None = None
     ops_sample_s: float = Field(default=2.0, gt=0)
+    # `projector status` and the ops page warn when the replication slot keeps more WAL than this.
+    wal_retained_warning_bytes: int = Field(default=1 << 30, ge=0)
 
     @field_validator("schemas")
     @classmethod

@@ -85,6 +85,14 @@ class DeadLetterStore:
         where = "" if include_replayed else "WHERE replayed = 0"
         return int(self.ch.rows(f"SELECT count() AS n FROM {self.table} FINAL {where}")[0]["n"])
 
+    def by_topic(self) -> dict[str, tuple[int, str]]:
+        """Per topic: its dead letters not replayed, and the newest one's error."""
+        rows = self.ch.rows(
+            f"SELECT topic, count() AS n, argMax(error, dead_at) AS newest FROM {self.table} "
+            f"FINAL WHERE replayed = 0 GROUP BY topic"
+        )
+        return {row["topic"]: (int(row["n"]), row["newest"]) for row in rows}
+
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
         return self.ch.rows(
             f"SELECT topic, partition, offset, stage, error, dead_at FROM {self.table} FINAL "

@@ -73,10 +73,10 @@ FIRST_WAITING_REPORT_S, WAITING_REPORT_S = 5.0, 30.0  # when it logs what it sti
 
 def with_retries(
     action: Callable[[], T], what: str, stop: Callable[[], bool] = lambda: False,
-    base_s: float = 0.2, cap_s: float = 30.0, sleep: Callable[[float], None] = time.sleep,
+    base_s: float = 0.2, cap_s: float = 30.0, sleep: Callable[[float], None] | None = None,
 ) -> T:  # fmt: skip
     """Run `action`, retrying transient failures with full-jitter exponential back-off (`sleep`
-    waits: the main thread's keeps polling Kafka)."""
+    waits, `time.sleep` looked up when called; the main thread's keeps polling Kafka)."""
     attempt = 0
     while True:
         try:
@@ -87,7 +87,7 @@ def with_retries(
             attempt += 1
             if stop() and attempt > 3:
                 raise
-            sleep(random.uniform(0, min(cap_s, base_s * 2**attempt)))
+            (sleep or time.sleep)(random.uniform(0, min(cap_s, base_s * 2**attempt)))
             continue
         if attempt:
             log.warning("%s recovered after %d retries", what, attempt)

@@ -134,6 +134,14 @@ class TopicGuard:
             self._record(topic, TopicIdentity(recorded.topic_id, recorded.partitions, min(keys)))
         return None
 
+    def stopped_topics(self) -> dict[str, str]:
+        """Every stopped table's topic with the reason (for `projector status`)."""
+        rows = self.ch.rows(
+            f"SELECT topic, stopped FROM {self.table} FINAL "
+            f"WHERE `projection` = {quote(self.projection)} AND stopped != ''"
+        )
+        return {row["topic"]: row["stopped"] for row in rows}
+
     def recreated(self, topic: str) -> bool:
         """Kafka's topic id differs from the recorded one (checked at assignment: the
         checkpoints of the old topic mean nothing for the new one)."""

@@ -26,6 +26,7 @@ from typing import Any
 from projector.checkpoint import PROJECTION, CheckpointStore
 from projector.clickhouse import ClickHouse
 from projector.dlq import DeadLetterStore
+from projector.status import connector_state, replication_slot
 from queries.consistency import ReadPositions
 
 log = logging.getLogger("queries")
@@ -42,6 +43,7 @@ class OpsMonitor:
         env: Mapping[str, str],
         interval_s: float = 2.0,
         history_s: float = 600.0,
+        wal_warning_bytes: int = 1 << 30,
     ) -> None:
         self.ch = ch
         self.positions = positions
@@ -50,6 +52,7 @@ class OpsMonitor:
         self.kafka_bootstrap = kafka_bootstrap
         self.metrics_url = metrics_url
         self.env = dict(env)
+        self.wal_warning_bytes = wal_warning_bytes
         self.interval_s = interval_s
         self.history: deque[dict[str, Any]] = deque(maxlen=max(2, int(history_s / interval_s)))
         self.latest: dict[str, Any] = {"sampled_at_ms": None}
@@ -156,39 +159,10 @@ class OpsMonitor:
         return self.dlq.count()
 
     def _connector(self) -> dict[str, Any]:
-        from connectors import ConnectClient
-
-        url = self.env.get("CONNECT_URL")
-        if not url:
-            return {"state": "unknown", "note": "CONNECT_URL is not set"}
-        name = self.env.get("CONNECTOR_NAME") or "pg-source"
-        client = ConnectClient(url, timeout_s=3)
-        status = client.status(name)
-        tasks = [t["state"] for t in status.get("tasks", [])]
-        state = status["connector"]["state"]
-        healthy = state == "RUNNING" and tasks and all(t == "RUNNING" for t in tasks)
-        return {"name": name, "state": state, "tasks": tasks, "healthy": bool(healthy)}
+        return connector_state(self.env)
 
     def _slot(self) -> dict[str, Any]:
-        import psycopg
-
-        dsn = self.env.get("ADMIN_DSN")
-        if not dsn:
-            return {"state": "unknown", "note": "ADMIN_DSN is not set"}
-        name = self.env.get("SLOT_NAME") or "projector_slot"
-        with psycopg.connect(dsn, connect_timeout=3, autocommit=True) as conn:
-            row = conn.execute(
-                "SELECT active, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
-                "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
-                "FROM pg_replication_slots WHERE slot_name = %s",
-                [name],
-            ).fetchone()
-        if row is None:
-            return {"name": name, "state": "missing", "healthy": False}
-        active, retained, unconfirmed = row
-        return {"name": name, "state": "active" if active else "inactive",
-                "retained_wal_bytes": retained, "unconfirmed_bytes": unconfirmed,
-                "healthy": bool(active)}  # fmt: skip
+        return replication_slot(self.env, self.wal_warning_bytes)
 
 
 def _guard(read: Callable[[], Any]) -> Any:

@@ -78,6 +78,7 @@ def build_server(config: ProjectorConfig, ch: ParameterisedClickHouse) -> QueryS
     monitor = OpsMonitor(
         ch, service.positions, config.control_database, config.kafka_bootstrap, metrics_url,
         client_environment(), interval_s=config.ops_sample_s,
+        wal_warning_bytes=config.wal_retained_warning_bytes,
     )  # fmt: skip
     app = create_app(service, config.api_token, monitor.status)
     app.router.on_startup.append(monitor.start)

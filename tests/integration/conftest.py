@@ -136,6 +136,14 @@ def server_url(request: pytest.FixtureRequest) -> str | None:
     return str(request.getfixturevalue("clickhouse_server"))
 
 
+def one_backend(name: str) -> pytest.MarkDecorator:
+    """Run a `projector` test on one ClickHouse backend ("chdb" or "server") only: for tests whose
+    subject does not depend on the backend (the same statements either way), where a second run
+    would cost suite time and find nothing new. Backend-specific paths (the fast path's files vs
+    external data, the crash and replica semantics, type conversion) keep running on both."""
+    return pytest.mark.parametrize("server_url", [name], indirect=True)
+
+
 @pytest.fixture
 def projector(stack: StackHandle, tmp_path: Path, server_url: str | None) -> object:
     """The projector under test, once per ClickHouse backend."""

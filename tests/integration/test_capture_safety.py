@@ -12,7 +12,7 @@ import uuid
 
 import psycopg
 
-from tests.integration.conftest import PROJECTOR, StackHandle
+from tests.integration.conftest import PROJECTOR, StackHandle, one_backend
 from tests.integration.projector_harness import ProjectorProcess
 
 
@@ -77,6 +77,7 @@ def test_keyless_table_is_left_out_and_the_application_keeps_working(stack: Stac
     assert included(include, f"public.{keyed}"), include
 
 
+@one_backend("server")
 def test_replica_identity_full_on_request_captures_the_table_append_only(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:

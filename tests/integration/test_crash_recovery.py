@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import psycopg
 from confluent_kafka import Producer
 
-from tests.integration.conftest import StackHandle
+from tests.integration.conftest import StackHandle, one_backend
 from tests.integration.projector_harness import ProjectorProcess, assert_replica_equals_source
 from tests.integration.tcp_proxy import TcpProxy
 from tests.integration.topic_reader import read_topic_until
@@ -245,6 +245,7 @@ def test_sigkill_at_random_moments_under_load_ends_equal_to_postgres(
     assert kafka_dlq == set(poison_offsets), kafka_dlq
 
 
+@one_backend("chdb")
 def test_sigterm_finishes_the_batch_and_exits_zero(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:
@@ -253,7 +254,11 @@ def test_sigterm_finishes_the_batch_and_exits_zero(
     stack.apply()
     stack.sql(f"INSERT INTO {table} SELECT g, g FROM generate_series(1, 2000) g")
     process = projector.start()
-    time.sleep(4)
+    deadline = time.monotonic() + 120
+    while "projector run starting" not in projector.log.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, projector.log.read_text()
+        time.sleep(0.1)
+    time.sleep(2)  # into start-up or a batch: either way the stop waits for it
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 0, projector.log.read_text()[-3000:]
     assert "stopped:" in projector.log.read_text()
@@ -262,6 +267,7 @@ def test_sigterm_finishes_the_batch_and_exits_zero(
     assert assert_replica_equals_source(stack, projector, table, ["id"]) == 2000
 
 
+@one_backend("server")
 def test_dlq_commands_show_and_list_dead_letters(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:
@@ -291,6 +297,7 @@ def test_dlq_commands_show_and_list_dead_letters(
     assert missing.returncode == 2 and "no dead letter" in missing.stderr
 
 
+@one_backend("chdb")
 def test_registry_outage_is_retried_logged_once_and_loses_nothing(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:
@@ -310,7 +317,8 @@ def test_registry_outage_is_retried_logged_once_and_loses_nothing(
     projector.env["REGISTRY_URL"] = registry._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()
     process = projector.start()
     try:
-        time.sleep(8)  # several back-off rounds against the dead registry
+        projector.wait_for_log("retrying with back-off")  # it met the dead registry
+        time.sleep(3)  # several back-off rounds against it (start-up may take longer than that)
         assert process.poll() is None, projector.log.read_text()[-3000:]
         proxy.restore()
         projector.wait_for_log("recovered after")

@@ -10,7 +10,7 @@ import fastavro
 import httpx
 from confluent_kafka import Producer
 
-from tests.integration.conftest import StackHandle
+from tests.integration.conftest import StackHandle, one_backend
 from tests.integration.projector_harness import ProjectorProcess, assert_replica_equals_source
 
 # Valid Avro under a registered schema, with an `op` like an envelope, but no `before`/`after`.
@@ -46,6 +46,7 @@ def produce_framed(stack: StackHandle, topic: str, schema: dict, datum: dict) ->
     return offsets[0]
 
 
+@one_backend("server")
 def test_a_message_that_is_not_a_debezium_envelope_is_dead_lettered(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import StackHandle
+from tests.integration.conftest import StackHandle, one_backend
 from tests.integration.projector_harness import ProjectorProcess, free_port
 
 
@@ -23,6 +23,7 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
+@one_backend("chdb")
 def test_metrics_count_events_lag_and_dead_letters(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:
@@ -66,16 +67,36 @@ def test_metrics_count_events_lag_and_dead_letters(
         assert report["dead_letters"] >= 1
         mine = [r for r in report["partitions"] if r["topic"] == topic]
         assert mine == [{"topic": topic, "partition": 0, "lag": 0, "lag_seconds": 0.0}], mine
+        line = projection_line(report, f"public.{table}")
+        assert (line["kind"], line["state"], line["lag_events"]) == ("replica", "live", 0), line
+        assert line["dead_letters"] >= 1 and line["lag_seconds"] == 0.0, line
         table_view = projector.cli("status")
         assert "events applied" in table_view.stdout and table in table_view.stdout
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
     # Stopped: nothing answers, and status falls back to ClickHouse's checkpoints.
+    projector.env["PROJECTOR_WAL_RETAINED_WARNING_BYTES"] = "0"  # any WAL kept is "too much"
     report = json.loads(projector.cli("status", "--json").stdout)
     assert report["source"] == "clickhouse"
     checkpoint = [r for r in report["partitions"] if r["topic"] == topic]
     assert checkpoint and checkpoint[0]["lag"] == 0, checkpoint
+    line = projection_line(report, f"public.{table}")
+    assert (line["state"], line["lag_events"], line["dead_letters"]) == ("live", 0, 1), line
+    assert "2400-01-01" in line["last_error"] or "Date" in line["last_error"], line
+    # The source side, read from Postgres and Kafka Connect themselves.
+    slot, connector = report["source_side"]["replication_slot"], report["source_side"]["connector"]
+    assert slot["state"] == "active" and slot["retained_wal_bytes"] > 0, slot
+    assert "retains" in slot["warning"] and not slot["healthy"], slot
+    assert connector["state"] == "RUNNING" and connector["tasks"] == ["RUNNING"], connector
+    table_view = projector.cli("status").stdout
+    assert "WARNING" in table_view and "RUNNING" in table_view, table_view
+
+
+def projection_line(report: dict, name: str) -> dict:
+    found = [row for row in report["projections"] if row["name"] == name]
+    assert len(found) == 1, report["projections"]
+    return found[0]
 
 
 def wait_for(port: int, condition: Callable[[dict], bool], timeout_s: float = 120) -> None:

@@ -127,7 +127,7 @@ def test_read_models_stay_exact_under_every_change_with_kills(
         changes.writer._seed_catalogue(conn)
         for _ in range(20):
             changes.writer._new_order(conn)
-        for round_no in range(3):
+        for round_no in range(2):
             process = projector.start()
             for step in range(150):
                 changes.one()

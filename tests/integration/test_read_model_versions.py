@@ -13,7 +13,7 @@ from pathlib import Path
 
 from devstack.shop import ShopWriter
 from queries.read_models import DEFINITIONS_FILE
-from tests.integration.conftest import StackHandle
+from tests.integration.conftest import StackHandle, one_backend
 from tests.integration.projector_harness import ProjectorProcess
 from tests.integration.read_model_checks import (
     assert_equal_to_postgres,
@@ -36,6 +36,7 @@ def versions(projector: ProjectorProcess) -> dict[str, list[dict[str, object]]]:
     return found
 
 
+@one_backend("chdb")
 def test_a_changed_definition_builds_beside_the_serving_one_and_resumes_after_a_crash(
     stack: StackHandle, projector: ProjectorProcess, tmp_path: Path
 ) -> None:

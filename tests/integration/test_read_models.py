@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from devstack.shop import ShopWriter, create_shop
-from tests.integration.conftest import FENCE_TABLE, StackHandle
+from tests.integration.conftest import FENCE_TABLE, StackHandle, one_backend
 from tests.integration.projector_harness import ProjectorProcess
 from tests.integration.read_model_checks import (
     assert_equal_to_postgres,
@@ -48,6 +48,7 @@ def watermarks(projector: ProjectorProcess) -> dict[str, str | None]:
     return {name: (m["watermark"] or {}).get("tx_id") for name, m in models.items()}
 
 
+@one_backend("server")
 def test_read_models_equal_postgres_after_a_shop_workload_with_crashes(
     stack: StackHandle, projector: ProjectorProcess, tmp_path: Path
 ) -> None:

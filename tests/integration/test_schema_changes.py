@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from tests.integration.conftest import StackHandle
+from tests.integration.conftest import StackHandle, one_backend
 from tests.integration.projector_harness import ProjectorProcess, assert_replica_equals_source
 
 
@@ -47,6 +47,7 @@ def created_and_projected(
     return table
 
 
+@one_backend("server")
 def test_a_retype_re_reads_the_table_from_postgres(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:
@@ -63,6 +64,7 @@ def test_a_retype_re_reads_the_table_from_postgres(
     assert "requested an incremental snapshot" in projector.log.read_text()
 
 
+@one_backend("chdb")
 def test_a_dropped_not_null_column_is_null_for_later_rows(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:
@@ -88,6 +90,7 @@ def test_a_dropped_not_null_column_is_null_for_later_rows(
     assert dead_letters(projector, table) == []
 
 
+@one_backend("server")
 def test_a_dropped_and_an_added_column_in_one_step_are_not_refused_as_a_rename(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:
@@ -103,6 +106,7 @@ def test_a_dropped_and_an_added_column_in_one_step_are_not_refused_as_a_rename(
     assert dead_letters(projector, table) == []
 
 
+@one_backend("chdb")
 def test_a_table_created_later_in_a_captured_schema_is_captured_without_apply(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:

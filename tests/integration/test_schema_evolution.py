@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.integration.conftest import StackHandle
+from tests.integration.conftest import StackHandle, one_backend
 from tests.integration.projector_harness import ProjectorProcess, assert_replica_equals_source
 
 
@@ -46,6 +46,7 @@ def declare_and_replay(
     return replay.stdout + replay.stderr
 
 
+@one_backend("chdb")
 def test_renamed_column_is_refused_then_applied_under_a_declared_rename(
     stack: StackHandle, projector: ProjectorProcess, tmp_path: Path
 ) -> None:
@@ -72,6 +73,7 @@ def test_renamed_column_is_refused_then_applied_under_a_declared_rename(
     assert [c["name"] for c in columns] == ["id", "remark", "qty"]
 
 
+@one_backend("server")
 def test_a_declared_retype_converts_the_stored_values_in_place(
     stack: StackHandle, projector: ProjectorProcess, tmp_path: Path
 ) -> None:
@@ -90,6 +92,7 @@ def test_a_declared_retype_converts_the_stored_values_in_place(
     assert "requested an incremental snapshot" not in projector.log.read_text()
 
 
+@one_backend("chdb")
 def test_a_broken_upcasters_file_stops_start_up_with_a_clear_error(
     projector: ProjectorProcess, tmp_path: Path
 ) -> None:
