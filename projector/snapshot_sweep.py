@@ -94,16 +94,18 @@ class SnapshotBound:
     source: dict[str, Any]  # the read's `source` block: its LSN and time go on the markers
 
 
-def snapshot_bounds(messages: Sequence[RawMessage], schemas: SchemaCache) -> list[SnapshotBound]:
-    """The snapshot bounds among `messages` (step 1), in offset order. A message that does not
-    decode is no bound (the apply path dead-letters it)."""
+def snapshot_bounds(
+    messages: Sequence[RawMessage], decode: Callable[[bytes], Any]
+) -> list[SnapshotBound]:
+    """The snapshot bounds among `messages` (step 1), in offset order; `decode` reads a message
+    value's datum. A message that does not decode is no bound (the apply path dead-letters it)."""
     bounds = []
     for message in messages:
         value = message.value
         if value is None or not any(mark in value for mark in AVRO_MARKS):
             continue
         try:
-            event = schemas.decode(value)[1]
+            event = decode(value)
         except Exception:  # undecodable: the apply path judges it
             continue
         if not isinstance(event, dict) or event.get("op") != "r":
@@ -125,12 +127,14 @@ class SnapshotSweep:
     ) -> None:
         """`partitions(topic)`: the topic's partition count (None: Kafka cannot say now)."""
         self.ch = ch
+        self.database = database
         self.table = f"{ident(database)}.snapshot_bounds"
         self.projection = projection
         self.partitions = partitions
         self._warned: set[str] = set()
 
     def create(self) -> None:
+        self.ch.execute(self.ch.topology.create_database(self.database))
         self.ch.execute(
             self.ch.topology.create_table(
                 self.table,
@@ -150,7 +154,7 @@ class SnapshotSweep:
         """Steps 1-4 for a batch whose rows are all written (before the read models are kept)."""
         if replica is None or replica.append_only:
             return  # nothing stored, or a history: a re-read appends, nothing is replaced
-        bounds = snapshot_bounds(messages, schemas)  # 1.
+        bounds = snapshot_bounds(messages, lambda value: schemas.decode(value)[1])  # 1.
         if not bounds:
             return
         table = ".".join(source_table_of(batch.topic))
