@@ -11,6 +11,8 @@ Messages are decoded in Python (fastavro, writer schemas from the registry) and 
 - tombstone  → skipped (the delete before it already did the work)
 - t          → every live key gets a deletion marker at the truncate's version; the batch is cut
                into chunks at truncates, inserted in order, so the markers see the rows before
+- r, last    → when it ends a Debezium re-snapshot, after the batch's rows (either path): every
+               key the snapshot did not read gets a deletion marker (projector/snapshot_sweep.py)
 - a column holding Debezium's unchanged-TOAST placeholder takes the key's previous value: its
   row earlier in the batch, else its newest stored version below the messages being written
   (read back in the form an insert takes: bytea as hex), matched to the key by ClickHouse itself
