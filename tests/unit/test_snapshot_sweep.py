@@ -152,6 +152,13 @@ def test_keys_the_re_snapshot_did_not_read_are_marked_deleted(engine: ChdbBacken
     assert table.live() == {1: "r@7", 3: "c@10", 5: "r@8", 6: "r@9"}
     # The ghost 4 is marked at version F = 7, offset L = 9; 2 was deleted already.
     assert table.markers() == [(2, 6, 6), (4, 7, 9)]
+    # The read models' maintainer finds the rows a batch wrote by (_partition, _offset) in its
+    # range (projector/materialize.py, `apply_batch`): the marker is among them.
+    changed = engine.rows(
+        f"SELECT id FROM {table.replica.qualified} WHERE _partition = {last.partition} "
+        f"AND _offset BETWEEN {last.first} AND {last.last} AND _is_deleted = 1"
+    )
+    assert [int(r["id"]) for r in changed] == [4], changed
 
     table.replay(last)  # a replay of the batch after a crash: the same markers, once more
     assert table.live() == {1: "r@7", 3: "c@10", 5: "r@8", 6: "r@9"}
