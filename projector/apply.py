@@ -185,7 +185,8 @@ class BatchApplier:
         outcome = self._apply_rows(batch, messages, dead_letter, segments, planned)
         if self.sweep is not None:
             replica = self.catalog.existing(*source_table_of(batch.topic))
-            self.sweep.after_batch(batch, messages, replica, self.schemas)
+            joined = [s.data for s in segments] if outcome.fast and segments else None
+            self.sweep.after_batch(batch, messages, replica, self.schemas, joined)
         return outcome
 
     def _apply_rows(
