@@ -168,7 +168,6 @@ def test_read_models_lose_the_ghosts_of_a_re_snapshot(stack: StackHandle, tmp_pa
     try:
         own.start()
         projector.catch_up()
-        assert_equal_to_postgres(stack, projector, schema)
 
         own.lose_slot_and_offsets()
         # Unseen: a third of the orders go (their lines with them, ON DELETE CASCADE), and
@@ -178,7 +177,10 @@ def test_read_models_lose_the_ghosts_of_a_re_snapshot(stack: StackHandle, tmp_pa
         own.resume_until_snapshotted()
         projector.catch_up()
 
-        assert_equal_to_postgres(stack, projector, schema)
+        # An entity per table (order lines have a two-column key) and two aggregates against
+        # Postgres (each model is a process start: the rest are covered by the reconciliation).
+        others = {"order_status", "monthly_sales", "customer_lifetime_value", "product_popularity"}
+        assert_equal_to_postgres(stack, projector, schema, skip=frozenset(others))
         assert_reconciled(projector)
     finally:
         own.remove()
