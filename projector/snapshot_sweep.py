@@ -3,7 +3,9 @@
 When Debezium snapshots a table again (its replication slot was lost, its offsets were reset, a
 blocking snapshot was asked for), the keys deleted while it was not capturing get no delete
 event: their rows would stay in the replica as *ghosts*. A snapshot marks its reads of a table
-in `source.snapshot` (seen from Debezium 3.6 on the stack): the first read of the snapshot's
+in `source.snapshot` (seen from Debezium 3.6 on the stack, for an initial snapshot after an
+offsets reset, `snapshot.mode = when_needed` after a lost slot, and a blocking snapshot asked
+for through the signal table alike): the first read of the snapshot's
 first table `first`, of every other table `first_in_data_collection`, then `true`, and the last
 read of a table `last_in_data_collection` (`last` for the snapshot's last table). A table of one
 row gets only the last mark; an empty table gets no event at all.
