@@ -11,6 +11,8 @@ Messages are decoded in Python (fastavro, writer schemas from the registry) and 
 - tombstone  → skipped (the delete before it already did the work)
 - t          → every live key gets a deletion marker at the truncate's version; the batch is cut
                into chunks at truncates, inserted in order, so the markers see the rows before
+- r, last    → when it ends a Debezium re-snapshot, after the batch's rows (either path): every
+               key the snapshot did not read gets a deletion marker (projector/snapshot_sweep.py)
 - a column holding Debezium's unchanged-TOAST placeholder takes the key's previous value: its
   row earlier in the batch, else its newest stored version below the messages being written
   (read back in the form an insert takes: bytea as hex), matched to the key by ClickHouse itself
@@ -56,6 +58,7 @@ from projector.replica import (
     ReplicaCatalog,
     ReplicaTable,
     SourceColumn,
+    insert_deletion_markers,
     insert_rows,
     is_toast_placeholder,
     key_columns,
@@ -63,6 +66,7 @@ from projector.replica import (
     upcast,
     value_columns,
 )
+from projector.snapshot_sweep import SnapshotSweep
 from projector.transactions import EventSpan
 from schemas.errors import NotConfluentFramed, RegistryUnavailable, SchemaError, UnknownSchema
 from schemas.registry import SchemaCache, WriterSchema, schema_id_of
@@ -147,9 +151,12 @@ class BatchApplier:
         projection: str = "replica",
         upcasters: Upcasters | None = None,
         fast_path: FastPath | None = None,
+        sweep: SnapshotSweep | None = None,
     ) -> None:
+        """`sweep`: removes ghost rows after a Debezium re-snapshot (None: never)."""
         self.ch = ch
         self.fast_path = fast_path
+        self.sweep = sweep
         self.schemas = schemas
         self.catalog = catalog
         self.projection = projection
@@ -172,7 +179,24 @@ class BatchApplier:
         planned: bool = False,
     ) -> BatchOutcome:
         """Apply the batch; `planned`: `segments` is its `plan`, made by the caller already.
-        Dead letters go to `dead_letter` once, after every row of the batch is inserted."""
+        Dead letters go to `dead_letter` once, after every row of the batch is inserted. Then, if
+        the batch ends a Debezium re-snapshot of the table, the keys it did not read are marked
+        deleted (projector/snapshot_sweep.py), whichever path wrote the rows."""
+        outcome = self._apply_rows(batch, messages, dead_letter, segments, planned)
+        if self.sweep is not None:
+            replica = self.catalog.existing(*source_table_of(batch.topic))
+            joined = [s.data for s in segments] if outcome.fast and segments else None
+            self.sweep.after_batch(batch, messages, replica, self.schemas, joined)
+        return outcome
+
+    def _apply_rows(
+        self,
+        batch: BatchRange,
+        messages: Sequence[RawMessage],
+        dead_letter: Callable[[BatchRange, list[DeadLetter]], None],
+        segments: list[Segment] | None,
+        planned: bool,
+    ) -> BatchOutcome:
         if self.fast_path is not None:
             if not planned:
                 segments = self.plan(messages)
@@ -536,13 +560,10 @@ class BatchApplier:
         a truncate of a big table must not cost the projector memory).
 
         A keyed table gets a deletion marker, versioned at the truncate's offset, for every key
-        that has a row older than the truncate: rows written later (higher offsets) win over the
-        markers. The markers are inserted without a deduplication token on purpose: they are
-        idempotent (same key, same version, same content), and the set of keys they cover may
-        differ between a first attempt and a replay (merges may by then have folded a key's older
-        rows into its marker), so token-ed blocks of a replay could be dropped wrongly. An
-        append-only table deletes the rows before the truncate. (Offsets are comparable only
-        inside one partition: exact with one partition per topic.)"""
+        that has a row older than the truncate (`insert_deletion_markers`): rows written later
+        (higher offsets) win over the markers. An append-only table deletes the rows before the
+        truncate. (Offsets are comparable only inside one partition: exact with one partition
+        per topic.)"""
         message = event.message
         if not replica.key_columns:
             self.ch.execute(
@@ -550,24 +571,8 @@ class BatchApplier:
                 f"AND _offset < {message.offset}"
             )
             return
-        keys = [ident(k) for k in replica.key_columns]
         marker = metadata("t", event.value.get("source") or {}, message.partition, message.offset)
-        columns = ", ".join(keys + [ident(c) for c in marker])
-        # Positional, no aliases: an alias `… AS _version` would shadow the column in WHERE.
-        values = ", ".join(_literal(v) for v in marker.values())
-        # Streamed in small blocks, one thread, no DISTINCT (a key with several versions gets
-        # several identical markers, which merge into one): flat memory on the embedded engine too.
-        self.ch.execute(
-            f"INSERT INTO {replica.qualified} ({columns}) SETTINGS insert_deduplicate = 0 "
-            f"SELECT {', '.join(keys)}, {values} FROM {replica.qualified} "
-            f"WHERE _version < {message.offset} SETTINGS {TRUNCATE_STREAMING}"
-        )
-
-
-TRUNCATE_STREAMING = (
-    "max_block_size = 65536, max_insert_block_size = 65536, min_insert_block_size_rows = 65536, "
-    "min_insert_block_size_bytes = 0, max_threads = 1"
-)
+        insert_deletion_markers(self.ch, replica, marker, below=message.offset, live_only=False)
 
 
 def _key(row: dict[str, Any], key_inputs: list[str]) -> tuple[str, ...]:
@@ -584,11 +589,3 @@ def _raise_unless_the_messages(exc: Exception) -> None:
         raise exc
     if failure is not None:
         raise failure from exc
-
-
-def _literal(value: Any) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int | float):
-        return repr(value)
-    return quote(str(value))

@@ -555,6 +555,7 @@ def table_reset(
     from projector.checkpoint import PROJECTION, CheckpointStore
     from projector.clickhouse import ident
     from projector.config import open_backend
+    from projector.snapshot_sweep import SnapshotSweep
     from projector.topic_guard import TopicGuard, reset_table
 
     config = _config(config_file)
@@ -578,8 +579,10 @@ def table_reset(
     checkpoints.create()
     guard = TopicGuard(ch, config.control_database, PROJECTION, lambda _: None)
     guard.create()
+    sweep = SnapshotSweep(ch, config.control_database, PROJECTION, lambda _: None)
+    sweep.create()
     replica = f"{ident(config.replica_prefix + schema)}.{ident(name)}"
-    reset_table(ch, guard, checkpoints, replica, topic, ends)
+    reset_table(ch, guard, checkpoints, replica, topic, ends, sweep)
     console.print(f"{replica} dropped; {topic} resumes at {ends}", highlight=False)
     if not snapshot:
         return

@@ -26,6 +26,10 @@ class SourceUnavailable(ProjectorError):
     """Postgres cannot be reached to request a re-read of a table (transient: retried)."""
 
 
+class KafkaUnavailable(ProjectorError):
+    """Kafka cannot answer a question about a topic right now (transient: retried)."""
+
+
 class StatementRejected(ProjectorError):
     """ClickHouse refused a statement over message bytes (a value out of range, an unknown
     schema, malformed Avro): not retried; the fast path hands the batch to the per-message path."""
@@ -93,7 +97,7 @@ def not_the_message(exc: Exception) -> Exception | None:
     """The exception to raise instead of blaming the message being applied, or None when `exc`
     may well be the message's (then it goes to the dead-letter queue with `exc` as its reason).
 
-    Not the message's: the registry, ClickHouse or Postgres (a re-read request) unreachable (transient: the runner retries
+    Not the message's: the registry, ClickHouse, Kafka or Postgres (a re-read request) unreachable (transient: the runner retries
     the batch), a ClickHouse error of `INFRASTRUCTURE_ERROR_CODES` or an operating-system error
     (made a `ClickHouseUnavailable`, retried the same way), a broken invariant of the commit
     protocol (`CheckpointError`) or memory exhaustion (both stop the projector), and a partition
@@ -103,6 +107,7 @@ def not_the_message(exc: Exception) -> Exception | None:
         ClickHouseUnavailable
         | RegistryUnavailable
         | SourceUnavailable
+        | KafkaUnavailable
         | CheckpointError
         | PartitionLost
         | MemoryError,

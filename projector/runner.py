@@ -47,13 +47,20 @@ from projector.checkpoint import (
 from projector.clickhouse import ClickHouse
 from projector.config import ProjectorConfig
 from projector.dlq import DeadLetter, DeadLetterStore
-from projector.errors import ClickHouseUnavailable, PartitionLost, PoisonMessage, SourceUnavailable
+from projector.errors import (
+    ClickHouseUnavailable,
+    KafkaUnavailable,
+    PartitionLost,
+    PoisonMessage,
+    SourceUnavailable,
+)
 from projector.fast_path import FastPath, Segment
 from projector.materialize import ReadModelMaintainer, maintainer_for
 from projector.messages import KafkaMessages, RawMessage, source_table_of
 from projector.metrics import ProjectorMetrics
 from projector.replica import ReplicaCatalog
 from projector.resnapshot import SignalTable
+from projector.snapshot_sweep import SnapshotSweep
 from projector.topic_guard import TopicGuard, TopicShape
 from projector.transactions import TransactionLedger, Unfinished, Watermark
 from queries.read_models import load_read_models
@@ -64,7 +71,7 @@ from schemas.upcasters import Upcasters
 log = logging.getLogger("projector")
 T = TypeVar("T")
 TRANSIENT: tuple[type[Exception], ...] = (
-    ClickHouseUnavailable, RegistryUnavailable, SourceUnavailable,
+    ClickHouseUnavailable, RegistryUnavailable, SourceUnavailable, KafkaUnavailable,
 )  # fmt: skip
 KEEP_POLLING_S = 1.0  # how often a member waiting long for its batch polls (stays in the group)
 FINISH_CHECK_S = 0.5  # how often a run asked to finish looks at its finish line, at most
@@ -131,6 +138,8 @@ class Projector:
         self.admin = AdminClient({"bootstrap.servers": config.kafka_bootstrap})
         self.guard = TopicGuard(ch, config.control_database, PROJECTION, self._describe_topic)
         with_retries(self.guard.create, "creating the topic identities")
+        sweep = SnapshotSweep(ch, config.control_database, PROJECTION, self._partition_count)
+        with_retries(sweep.create, "creating the snapshot bounds")
         fast_path = None
         if config.fast_path and has_fast_path:
             fast_path = FastPath(ch, config.registry_url, config.transaction_metadata)
@@ -138,7 +147,7 @@ class Projector:
             ch, self.schemas,
             ReplicaCatalog(ch, config.replica_prefix, SignalTable(config.source_dsn).request),
             PROJECTION,
-            upcasters=Upcasters.load(config.upcasters_file), fast_path=fast_path,
+            upcasters=Upcasters.load(config.upcasters_file), fast_path=fast_path, sweep=sweep,
         )  # fmt: skip
         # Read models are kept inside the batch commit (projector/materialize.py); None when this
         # member does not keep them (config `maintain_read_models`).
@@ -643,6 +652,15 @@ class Projector:
             log.warning("cannot describe topic %s: %s", topic, exc)
             return None
         return TopicShape(str(description.topic_id), len(description.partitions))
+
+    def _partition_count(self, topic: str) -> int | None:
+        """The topic's partition count as recorded at its first batch (a changed count stops
+        the table before any batch applies), else as Kafka describes it now."""
+        recorded = self.guard.recorded(topic)
+        if recorded is not None:
+            return recorded.partitions
+        shape = self.guard.shape(topic)
+        return None if shape is None else shape.partitions
 
     def _transaction_events(
         self, batch: BatchRange, messages: Sequence[RawMessage]

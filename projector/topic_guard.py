@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from projector.checkpoint import CheckpointStore
 from projector.clickhouse import ClickHouse, ident, insert_statement, quote
+from projector.snapshot_sweep import SnapshotSweep
 
 REFRESH_S = 5.0  # how stale a member's view of the recorded identities and of Kafka may be
 NO_KEY_SCHEMA = -1
@@ -196,11 +197,14 @@ def reset_table(
     replica: str,
     topic: str,
     ends: dict[int, int],
+    sweep: SnapshotSweep,
 ) -> None:
     """The rebuild of a stopped table, its ClickHouse part (the module docstring): drop the
     replica `replica`, resume every partition of `topic` at its end offset in `ends` (read now),
-    forget the topic's identity. The caller then asks Debezium for a snapshot of the table. Run
-    it with no projector running (a running member keeps its positions)."""
+    forget the topic's identity and the snapshot bounds recorded of it (offsets it will not
+    apply again: projector/snapshot_sweep.py). The caller then asks Debezium for a snapshot of
+    the table. Run it with no projector running (a running member keeps its positions)."""
     ch.execute(f"DROP TABLE IF EXISTS {replica}{ch.topology.on_cluster()}")
     checkpoints.restart_at(topic, ends, member="projector table reset")
     guard.forget(topic)
+    sweep.forget(topic)
