@@ -57,7 +57,7 @@ packaging: venv  ## build the wheel, install it into a fresh virtualenv, run it 
 	$(BIN)/pytest tests/packaging
 
 test: setup lint typecheck  ## set-up, lint, types, and the whole suite
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=25
 
 # Benchmark sizes (override on the command line: `make bench RATES=1000 ORDERS=1000000`). Not
 # `$(or $(RATES),1000,5000)`: `or` splits its arguments at commas and would keep `1000` alone.
