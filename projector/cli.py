@@ -653,13 +653,15 @@ def verify(
                 fail(f"{name!r} is neither a replica table nor a serving read model; replica "
                      f"tables: {', '.join(tables) or 'none'}; read models: "
                      f"{', '.join(models) or 'none'}", code=2)  # fmt: skip
+            plans = []
             for table in tables if name is None else [t for t in tables if t == name]:
-                progress(f"{table}: counting rows")
                 plan = verifier.plan(table)
                 if isinstance(plan, str):
                     skipped[table] = plan
-                    continue
-                verdicts.append(verifier.verify(plan, sample))
+                else:
+                    plans.append(plan)
+            if plans:
+                verdicts += verifier.verify(plans, sample)
             if models and (name is None or name in models):
                 progress("read models: comparing with their definitions")
                 wanted = None if name is None else {name}

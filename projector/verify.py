@@ -233,9 +233,44 @@ class TableVerifier:
 
     # ---- steps ---------------------------------------------------------------------------------
 
-    def verify(self, plan: TablePlan, sample: int | None = None) -> Verdict:
+    def verify(self, plans: list[TablePlan], sample: int | None = None) -> list[Verdict]:
+        """Steps 1-5 for the tables `plans`, in one snapshot (and one wait) for all of them."""
+        names = [p.name for p in plans]
+        lsn = self.pg.renew()  # 1.
+        deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
+        while not self._applied_through(lsn, names, deadline):  # 2.
+            time.sleep(0.2)
+        verdicts: dict[str, Verdict] = {}
+        drift: dict[str, dict[str, Drift]] = {}
+        for plan in plans:
+            verdicts[plan.name], drift[plan.name] = self._compare(plan, sample)  # 3. and 4.
+        for delay in RECHECK_DELAYS_S if self.projector_may_run else ():  # 5.
+            drifting = [p for p in plans if drift[p.name]]
+            if not drifting:
+                break
+            time.sleep(delay)
+            lsn = self.pg.renew()
+            deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
+            # Compare until the keys agree or ClickHouse has passed the snapshot: a key
+            # ClickHouse had applied beyond the first snapshot agrees at once.
+            while True:
+                passed = self._applied_through(lsn, [p.name for p in drifting], deadline)
+                for plan in drifting:
+                    self.progress(f"{plan.name}: checking {len(drift[plan.name])} key(s) again")
+                    keys = self._key_condition(plan, list(drift[plan.name]))
+                    drift[plan.name] = self._compare_rows(plan, keys)
+                drifting = [p for p in drifting if drift[p.name]]
+                if passed or not drifting:
+                    break
+                time.sleep(0.5)
+        for name, verdict in verdicts.items():
+            verdict.drift = [drift[name][k] for k in sorted(drift[name])]
+        return list(verdicts.values())
+
+    def _compare(self, plan: TablePlan, sample: int | None) -> tuple[Verdict, dict[str, Drift]]:
+        """Steps 3 and 4 for one table, in the current snapshot."""
+        self.progress(f"{plan.name}: counting rows")
         verdict = Verdict(plan.name, "table", not_compared=plan.not_compared)
-        self._snapshot(plan)  # 1. and 2.
         total = self._count(plan)
         verdict.postgres_rows, verdict.clickhouse_rows = total
         digits = max(1, min(MAX_START_DIGITS, math.ceil(math.log(max(total) / LEAF_ROWS + 1, 16))))
@@ -244,37 +279,30 @@ class TableVerifier:
         if sample is not None and sample < ranges:
             within = sorted(f"{r:0{digits}x}" for r in random.sample(range(ranges), sample))
         verdict.ranges = f"{len(within) if within is not None else ranges} of {ranges}"
-        leaves = self._differing_ranges(plan, digits, within)  # 3. and 4.
-        drift = self._compare_rows(plan, self._leaf_condition(plan, leaves))
-        for delay in RECHECK_DELAYS_S if self.projector_may_run else ():  # 5.
-            if not drift:
-                break
-            time.sleep(delay)
-            self._snapshot(plan)
-            drift = self._compare_rows(plan, self._key_condition(plan, list(drift)))
-        verdict.drift = [drift[k] for k in sorted(drift)]
-        return verdict
+        leaves = self._differing_ranges(plan, digits, within)
+        return verdict, self._compare_rows(plan, self._leaf_condition(plan, leaves))
 
-    def _snapshot(self, plan: TablePlan) -> None:
-        """Steps 1 and 2: a new snapshot, and ClickHouse at least as far as it."""
-        lsn = self.pg.renew()
+    def _applied_through(self, lsn: int, tables: list[str], deadline: float) -> bool:
+        """Step 2: whether the projector has applied every transaction on `tables` committed up
+        to `lsn` (its consistency LSN, projector/transactions.py). True when no projector may
+        run meanwhile, or without transaction metadata (then only step 5 applies)."""
         if not (self.projector_may_run and self.config.transaction_metadata):
-            return
+            return True
         if self._tracker is None:
             ledger = TransactionLedger(self.ch, self.config.control_database, PROJECTION)
-            self._tracker = ConsistencyTracker(ledger, {"table": [plan.name]})
-        else:
-            self._tracker.groups = {"table": [plan.name]}
-        deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
-        while (applied := self._tracker.refresh()["table"].lsn) < lsn:
-            if time.monotonic() > deadline:
-                raise VerifyError(
-                    f"the projector has not applied {plan.name} up to Postgres' position "
-                    f"{lsn_text(lsn)} within {CATCH_UP_TIMEOUT_S:.0f}s (it is at "
-                    f"{lsn_text(applied)}): is it running? `projector status` shows its lag"
-                )
-            self.progress(f"{plan.name}: waiting for the projector to reach {lsn_text(lsn)}")
-            time.sleep(0.2)
+            self._tracker = ConsistencyTracker(ledger, {"tables": tables})
+        self._tracker.groups = {"tables": tables}
+        applied = self._tracker.refresh()["tables"].lsn
+        if applied >= lsn:
+            return True
+        if time.monotonic() > deadline:
+            raise VerifyError(
+                f"the projector has not applied {', '.join(tables)} up to Postgres' position "
+                f"{lsn_text(lsn)} within {CATCH_UP_TIMEOUT_S:.0f}s (it is at "
+                f"{lsn_text(applied)}): is it running? `projector status` shows its lag"
+            )
+        self.progress(f"waiting for the projector to pass Postgres' position {lsn_text(lsn)}")
+        return False
 
     def _count(self, plan: TablePlan) -> tuple[int, int]:
         source = f"{pg_ident(plan.schema)}.{pg_ident(plan.table)}"
