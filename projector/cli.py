@@ -679,12 +679,10 @@ def _verify_backend(config: ProjectorConfig) -> Any:
     try:
         ch = open_backend(config)
         ch.rows("SELECT 1")
-    except RuntimeError as exc:  # chDB's only error type
-        if "Cannot lock file" in str(exc):
-            fail(f"a projector owns the embedded ClickHouse at {config.chdb_path}: on chDB, "
-                 "verify runs while no projector runs (stop it, or verify on a ClickHouse "
-                 "server, PROJECTOR_BACKEND=server)", code=2)  # fmt: skip
-        fail(f"cannot open ClickHouse: {exc}", code=2)
+    except RuntimeError as exc:  # chDB's only error type; a held directory says no more
+        fail(f"cannot open the embedded ClickHouse at {config.chdb_path} ({exc}); most likely "
+             "a projector owns it: on chDB, verify runs while no projector runs (stop it, or "
+             "verify beside it on a ClickHouse server, PROJECTOR_BACKEND=server)", code=2)  # fmt: skip
     except ProjectorError as exc:
         fail(f"cannot reach ClickHouse: {exc}", code=2)
     return ch
