@@ -16,10 +16,13 @@ A replica table is compared with its source table in these steps (`TableVerifier
   4. Split each range whose count or hash differs 16 ways, and again, until it holds at most
      `LEAF_ROWS` rows; read those rows' texts on both sides and compare them key by key: a key
      found on one side only, or whose columns differ (named).
-  5. Check the differing keys again, each time in a new snapshot (steps 1-2), `RECHECKS` times
-     when a projector may be applying changes meanwhile: a key changed after the first snapshot
-     differed only because the two sides were read at different moments. The keys that differ
-     every time are the drift.
+  5. Check the differing keys again, in a newer snapshot each time, `RECHECK_DELAYS_S` apart,
+     when a projector may be applying changes meanwhile: compare them until they agree or
+     ClickHouse has passed that snapshot too (step 2). ClickHouse may be *ahead* of a snapshot
+     (step 2 only bounds it from below): a key changed after the first snapshot agrees in a
+     newer one. The keys that differ every time are the drift.
+
+All tables share one snapshot and one wait (a wait costs the pipeline's latency).
 
 Read models are compared with their definitions over the replicas by the read-model maintainer
 (`ReadModelMaintainer.reconcile`, projector/materialize.py); this module only reports them beside
