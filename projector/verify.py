@@ -94,7 +94,8 @@ class Verdict:
 
 
 def pg_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+    """A Postgres identifier inside a query sent with parameters (`%` doubled)."""
+    return '"' + name.replace('"', '""').replace("%", "%%") + '"'
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,8 @@ class PostgresSnapshot:
         self.lsn = parse_lsn(str(row[0]))
         return self.lsn
 
-    def rows(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+    def rows(self, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        """Always with parameters, so `%` is always escaped the same way (`pg_ident`)."""
         return list(self.conn.execute(sql, params).fetchall())
 
     def close(self) -> None:
@@ -332,7 +334,7 @@ class TableVerifier:
             f"SELECT substr({pg_key}, 1, {digits}), count(*), "
             f"sum(('x' || substr(md5({plan.row_text('postgres')}), 1, 15))::bit(60)::bigint) "
             f"FROM {pg_ident(plan.schema)}.{pg_ident(plan.table)} {pg_where} GROUP BY 1",
-            (within,) if within else None,
+            (within,) if within else (),
         )
         ch = self.ch.rows(
             f"SELECT substring({ch_key}, 1, {digits}) AS r, count() AS n, toString(sum(toUInt128("

@@ -17,6 +17,7 @@ both can produce:
 - **bytea**: lower-case hex. **interval**: the six fields Debezium's ISO-8601 text carries
   (years, months, days, hours, minutes, seconds), seconds without trailing zeros.
 - **inet**: its output form (`192.168.0.1`, where `::text` would add `/32`).
+- No rule holds a `%`: the Postgres side is sent with query parameters (`%s`).
 - **arrays** (of a type with a rule): the elements' texts, each length-prefixed, joined by `,`.
   A NULL array is empty, as ClickHouse stores it.
 - **NULL** is distinct from every text: `field` prefixes a value with its length in bytes
@@ -102,7 +103,12 @@ RULES: dict[str, CanonicalText] = {
     "json": AS_TEXT,
     "jsonb": AS_TEXT,
     "enum": AS_TEXT,
-    "inet": CanonicalText("CASE WHEN {0} IS NOT NULL THEN format('%s', {0}) END", "{0}"),
+    # inet's output form: the mask only when it is not the full length (`::text` always adds it)
+    "inet": CanonicalText(
+        "CASE WHEN masklen({0}) = CASE WHEN family({0}) = 4 THEN 32 ELSE 128 END "
+        "THEN host({0}) ELSE {0}::text END",
+        "{0}",
+    ),
 }
 
 
