@@ -660,14 +660,19 @@ def verify(
                     skipped[table] = plan
                 else:
                     plans.append(plan)
+            progress("comparing", total=len(plans) + bool(models))
             if plans:
                 verdicts += verifier.verify(plans, sample)
             if models and (name is None or name in models):
                 progress("read models: comparing with their definitions")
                 wanted = None if name is None else {name}
                 verdicts += verify_read_models(maintainer, wanted, projector_may_run)
+                progress("done", completed=len(plans) + 1)
     except VerifyError as exc:
         fail(str(exc), code=2)
+    if not verdicts and not skipped:
+        fail("nothing to verify: no replica table or read model in ClickHouse (is this the "
+             "projector's configuration? `projector status` shows what it applied)", code=2)  # fmt: skip
     _print_verdicts(verdicts, skipped, as_json)
     if not all(v.equal for v in verdicts):
         raise typer.Exit(1)
@@ -705,17 +710,23 @@ def _serving_read_models(maintainer: Any) -> list[str]:
 
 
 @contextmanager
-def _verify_progress() -> Iterator[Callable[[str], None]]:
-    """A spinner with the step verify is at, when stdout is a terminal; else nothing."""
+def _verify_progress() -> Iterator[Callable[..., None]]:
+    """A bar of the tables (and read models) compared, with the step verify is at, when stdout
+    is a terminal; else nothing. Call it as `progress(step, total=n, completed=n)`."""
     if not Console().is_terminal:
-        yield lambda _: None
+        yield lambda *_, **__: None
         return
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:  # fmt: skip
+    with Progress(BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=console,
+                  transient=True) as bar:  # fmt: skip
         task = bar.add_task("verifying", total=None)
-        yield lambda step: bar.update(task, description=step)
+
+        def progress(step: str, total: int | None = None, completed: int | None = None) -> None:
+            bar.update(task, description=step, total=total, completed=completed)
+
+        yield progress
 
 
 def _print_verdicts(verdicts: list[Any], skipped: dict[str, str], as_json: bool) -> None:

@@ -176,9 +176,10 @@ class PostgresSnapshot:
 class TableVerifier:
     """Steps 1-5 of the module docstring for the replica tables of one deployment."""
 
+    # `progress(step, completed=n)`: the step verify is at; `completed`, the tables done so far.
     def __init__(
         self, config: ProjectorConfig, ch: ClickHouse, postgres: PostgresSnapshot,
-        projector_may_run: bool, progress: Callable[[str], None] = lambda _: None,
+        projector_may_run: bool, progress: Callable[..., None] = lambda *_, **__: None,
     ) -> None:  # fmt: skip
         self.config = config
         self.ch = ch
@@ -247,8 +248,9 @@ class TableVerifier:
             time.sleep(0.2)
         verdicts: dict[str, Verdict] = {}
         drift: dict[str, dict[str, Drift]] = {}
-        for plan in plans:
+        for done, plan in enumerate(plans, 1):
             verdicts[plan.name], drift[plan.name] = self._compare(plan, sample)  # 3. and 4.
+            self.progress(f"{plan.name}: compared", completed=done)
         for delay in RECHECK_DELAYS_S if self.projector_may_run else ():  # 5.
             drifting = [p for p in plans if drift[p.name]]
             if not drifting:
