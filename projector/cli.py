@@ -753,6 +753,9 @@ def _print_verdicts(verdicts: list[Any], skipped: dict[str, str], as_json: bool)
             out.print(f"       {key}  {drift.side}{what}", markup=False)
         for row in v.rows:
             out.print(f"       {json.dumps(row, default=str)}", markup=False)
+        if v.ranges_not_listed:
+            out.print(f"       ... and {v.ranges_not_listed:,} more differing key ranges (keys "
+                      "not listed: repair the table, then verify again)", markup=False)  # fmt: skip
         if v.not_compared:
             out.print(f"       not compared: {', '.join(v.not_compared)}", markup=False)
     for table, reason in skipped.items():
