@@ -120,3 +120,8 @@ def not_the_message(exc: Exception) -> Exception | None:
         first_line = str(exc).strip().splitlines()[0][:500]
         return ClickHouseUnavailable(f"ClickHouse cannot work right now: {first_line}")
     return None
+
+
+class VerifyError(ProjectorError):
+    """`projector verify` cannot compare (a side unreachable, the projector not catching up):
+    nothing was found to differ, nothing was found equal either."""
