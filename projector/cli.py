@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ from connectors import (
     display_name,
     render_connector,
 )
-from projector.clickhouse import ParameterisedClickHouse
+from projector.clickhouse import ParameterisedClickHouse, ident
 from projector.config import ProjectorConfig, client_environment, load_config
 from projector.errors import ConfigError, ProjectorError
 from projector.redaction import configure_logging, redact, redacting_excepthook
@@ -598,6 +599,228 @@ def read_models_reconcile(
         fail("no read model is serving yet")
     if drifted:
         raise typer.Exit(1)
+
+
+# ---- rebuild (projector/rebuild.py) -----------------------------------------------------------
+
+FOLLOW_POLL_S = 0.5
+
+
+@app.command("rebuild")
+def rebuild(
+    name: str = typer.Argument(..., help="A read model, or its family (`projector read-models list`)."),
+    source: str = typer.Option("replicas", "--from", help="Where to rebuild from: replicas (read models)."),
+    no_swap: bool = typer.Option(False, "--no-swap", help="Build and verify it, but leave the serving version serving."),
+    swap: bool = typer.Option(False, "--swap", help="Serve the version a --no-swap rebuild built."),
+    rollback: bool = typer.Option(False, "--rollback", help="Serve the version the last rebuild replaced again."),
+    drop_old: bool = typer.Option(False, "--drop-old", help="Drop the replaced version (no rollback after this)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would happen; change nothing."),
+    follow: bool = typer.Option(True, help="Follow the rebuild to its end (Ctrl-C stops following, not the rebuild)."),
+    config_file: Path | None = ConfigOption,
+) -> None:  # fmt: skip
+    """Rebuild a read model's family from the replicas while the projection keeps serving: a
+    new version is built beside the serving one, kept by every batch, verified against its
+    definition, then swapped in (each view in one statement); the replaced version is kept for
+    `--rollback` until `--drop-old`. With a ClickHouse server the running projector does the
+    work between batches (this command asks and follows); with chDB (no projector may run) this
+    command does it itself."""
+    from projector.rebuild import DROP_OLD, REBUILD, ROLLBACK, SWAP, OpsRequests, run_here
+
+    actions = [a for a, on in ((SWAP, swap), (ROLLBACK, rollback), (DROP_OLD, drop_old)) if on]
+    if len(actions) > 1 or (actions and no_swap):
+        fail("give at most one of --swap, --rollback, --drop-old (and --no-swap only to rebuild)",
+             code=2)  # fmt: skip
+    action = actions[0] if actions else REBUILD
+    config = _config(config_file)
+    if source != "replicas":
+        fail(f"--from {source}: only read models can be rebuilt so far (from the replicas); to "
+             "rebuild a replica table, `projector table reset SCHEMA.TABLE` re-snapshots it "
+             "through Debezium", code=2)  # fmt: skip
+    maintainer = _maintainer(config_file)
+    try:
+        family = maintainer.family_named(name)
+    except ProjectorError as exc:
+        fail(str(exc), code=2)
+        raise
+    versions = [v for v in maintainer.versions() if v["family"] == family.name]
+    if dry_run:
+        for line in _rebuild_plan(action, family.name, family.version, versions, no_swap):
+            console.print(line, highlight=False)
+        return
+    requests = OpsRequests(maintainer.ch, config.control_database)
+    requests.create()
+    request = requests.ask(action, name, "no-swap" if no_swap else "")
+    if config.backend == "chdb":
+        # One process owns the data directory: no projector runs beside us; do its part here.
+        started = time.monotonic()
+        with _rebuild_progress() as progress:
+            task = progress.add_task(family.name, total=None, keys_per_s=0)
+
+            def step(version: str) -> None:
+                for row in maintainer.versions():
+                    if row["version"] == version:
+                        _show_progress(progress, task, row, config.read_model_backfill_chunk_keys,
+                                       started)  # fmt: skip
+
+            run_here(requests, maintainer, step)
+        _rebuild_report(requests, maintainer, request.id, family.name, time.monotonic() - started)
+        return
+    console.print(f"asked the running projector ({action} {name}, request {request.id})",
+                  highlight=False)  # fmt: skip
+    if not follow:
+        return
+    try:
+        started = time.monotonic()
+        _follow_request(requests, maintainer, request.id, family.name,
+                        config.read_model_backfill_chunk_keys)  # fmt: skip
+    except KeyboardInterrupt:
+        console.print(f"stopped following; the projector goes on (`projector rebuild {name} "
+                      "--dry-run` or `projector read-models list` shows where it stands)")  # fmt: skip
+        raise typer.Exit(130) from None
+    _rebuild_report(requests, maintainer, request.id, family.name, time.monotonic() - started)
+
+
+def _rebuild_plan(
+    action: str, family: str, definition: str, versions: list[dict[str, Any]], no_swap: bool
+) -> list[str]:
+    states = ", ".join(f"{v['version']} {v['state']}" for v in versions) or "no version yet"
+    lines = [f"{family}: {states}"]
+    if action == "rebuild":
+        lines.append(f"would build version {definition}r<request> from the replicas beside the "
+                     "serving one, kept by every batch, verify it against its definition, and "
+                     + ("leave it built (--no-swap)" if no_swap else
+                        "swap it in, keeping the serving version for --rollback"))  # fmt: skip
+    else:
+        lines.append(f"would {action} (done by the projector between batches)")
+    return lines
+
+
+def _rebuild_progress() -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("chunks, {task.fields[keys_per_s]:,.0f} keys/s, ETA"), TimeRemainingColumn(),
+        console=console,
+    )  # fmt: skip
+
+
+def _show_progress(
+    progress: Any, task: Any, version: dict[str, Any], chunk_keys: int, started: float
+) -> None:
+    done, total = version["done_chunks"], version["chunks"]
+    rate = done * chunk_keys / max(1e-3, time.monotonic() - started)
+    progress.update(task, completed=done, total=total, keys_per_s=rate)
+
+
+def _follow_request(
+    requests: Any, maintainer: Any, request_id: str, family: str, chunk_keys: int
+) -> None:
+    """Follow a request until the projector has settled it (and, for a rebuild, its version
+    is built): a progress bar over the backfill's chunks."""
+    with _rebuild_progress() as progress:
+        task = progress.add_task(family, total=None, keys_per_s=0)
+        waited = time.monotonic()
+        while True:
+            request = requests.get(request_id)
+            if request is None or request.state == "requested":
+                if time.monotonic() - waited > 30:
+                    progress.update(
+                        task, description=f"{family} (waiting: is `projector run` running?)"
+                    )
+                time.sleep(FOLLOW_POLL_S)
+                continue
+            if request.state != "taken":
+                return
+            version = next(
+                (v for v in maintainer.versions() if v["version"] == request.detail), None
+            )
+            if version is None or version["state"] != "building":
+                return
+            _show_progress(progress, task, version, chunk_keys, waited)
+            time.sleep(FOLLOW_POLL_S)
+
+
+def _rebuild_report(
+    requests: Any, maintainer: Any, request_id: str, family: str, seconds: float
+) -> None:
+    """What became of a request: refused, done, or the rebuilt version's state and size."""
+    request = requests.get(request_id)
+    if request is None or request.state == "requested":
+        fail("the request was not taken (does this projector keep read models?)")
+        return
+    if request.state == "failed":
+        fail(f"refused: {request.detail}")
+    if request.state == "done":
+        console.print(request.detail, highlight=False)
+        return
+    found = [v for v in maintainer.versions() if v["version"] == request.detail]
+    if not found:
+        fail(f"version {request.detail} was retired meanwhile (a newer version replaced it)")
+    version = found[0]
+    entity = maintainer.family_named(family).entity.name
+    (rows,) = maintainer.ch.rows(
+        f"SELECT count() AS n FROM {ident(maintainer.database)}.{ident(f'{entity}__{request.detail}')} FINAL"
+    )
+    console.print(f"{family} version {request.detail}: {version['state']}; {int(rows['n']):,} "
+                  f"entity rows, {version['chunks']} chunk(s), {seconds:.1f} s", highlight=False)  # fmt: skip
+    if version["state"] == "failed":
+        fail(str(version["error"]))
+    if version["state"] == "serving":
+        console.print(f"the replaced version is kept: `projector rebuild {family} --rollback` "
+                      f"serves it again, `projector rebuild {family} --drop-old` drops it",
+                      highlight=False)  # fmt: skip
+    elif version["state"] == "built":
+        console.print(f"verified, not serving: `projector rebuild {family} --swap` serves it",
+                      highlight=False)  # fmt: skip
+
+
+# ---- pause | resume ----------------------------------------------------------------------------
+
+
+@app.command("pause")
+def pause(
+    table: str = typer.Argument(..., help="The source table, SCHEMA.TABLE."),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
+    config_file: Path | None = ConfigOption,
+) -> None:
+    """Stop applying a table's changes (its replica and the read models it feeds hold where they
+    are, their watermarks too) until `projector resume`. The running projector pauses it after
+    the batch in flight; a projector started later starts with it paused."""
+    _set_pause(table, True, yes, config_file)
+
+
+@app.command("resume")
+def resume(
+    table: str = typer.Argument(..., help="The source table, SCHEMA.TABLE."),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
+    config_file: Path | None = ConfigOption,
+) -> None:
+    """Apply a paused table's changes again, from where it stopped."""
+    _set_pause(table, False, yes, config_file)
+
+
+def _set_pause(table: str, paused: bool, yes: bool, config_file: Path | None) -> None:
+    from projector.config import open_backend
+    from projector.rebuild import TablePauses
+
+    config = _config(config_file)
+    if "." not in table:
+        fail(f"{table!r}: give the source table as SCHEMA.TABLE", code=2)
+    verb = "pause" if paused else "resume"
+    if not yes and not typer.confirm(f"{verb} {table}?"):
+        raise typer.Exit(1)
+    pauses = TablePauses(open_backend(config), config.control_database)
+    pauses.create()
+    pauses.want(table, paused)
+    console.print(f"{table}: {verb} recorded; the projector {'pauses' if paused else 'resumes'} "
+                  "it after the batch in flight (`projector status` shows it)", highlight=False)  # fmt: skip
 
 
 # ---- connectors ------------------------------------------------------------------------------

@@ -1,0 +1,212 @@
+"""`projector rebuild` builds a read model's family again beside the serving one while the
+running projector keeps serving and updating it; a reader polling it throughout never sees an
+empty, failed or going-backwards answer; a SIGKILL of the projector mid-rebuild resumes; a
+rollback serves the replaced version again. `projector pause | resume` hold a table back.
+
+Server backend only: the command runs beside the projector (with chDB one process owns the
+data, and the command does the job itself: the same code, without the concurrency).
+
+The size: PROJECTOR_REBUILD_TEST_ORDERS orders (about 3.5 events each) before the rebuild;
+docs/benchmarks.md has the large run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import psycopg
+import pytest
+
+from devstack.shop import ShopWriter
+from tests.integration.conftest import PROJECTOR, StackHandle
+from tests.integration.projector_harness import ProjectorProcess
+from tests.integration.read_model_checks import assert_equal_to_postgres, shop_projection
+
+ORDERS = int(os.environ.get("PROJECTOR_REBUILD_TEST_ORDERS", "3000"))
+
+
+@pytest.fixture
+def server_url(clickhouse_server: str) -> str:
+    """These tests run the command beside a running projector: the server backend only."""
+    return clickhouse_server
+
+
+class NewOrdersOnly(ShopWriter):
+    """Inserts orders with their lines and nothing else: the number of orders and the sum of
+    their totals only grow, so a reader may expect both never to go back."""
+
+    def _one_transaction(self, conn: psycopg.Connection) -> None:
+        self._new_order(conn)
+
+
+@dataclass
+class Reader:
+    """Polls count() and sum(total) of a read model every few milliseconds, recording every
+    answer that is empty, failed, or smaller than one before it."""
+
+    url: str
+    model: str
+    stop: threading.Event = field(default_factory=threading.Event)
+    answers: int = 0
+    last: tuple[int, float] = (0, 0.0)
+    wrong: list[str] = field(default_factory=list)
+
+    def run(self) -> None:
+        query = f"SELECT count() AS n, toFloat64(sum(total)) AS s FROM {self.model} FORMAT JSON"
+        with httpx.Client(timeout=30) as client:
+            while not self.stop.is_set():
+                response = client.post(self.url, content=query)
+                if response.status_code != 200:
+                    self.wrong.append(f"failed: {response.text[:300]}")
+                else:
+                    row = json.loads(response.text)["data"][0]
+                    now = (int(row["n"]), float(row["s"]))
+                    if now[0] == 0:
+                        self.wrong.append("empty")
+                    elif now[0] < self.last[0] or now[1] < self.last[1] - 1e-6:
+                        self.wrong.append(f"went back from {self.last} to {now}")
+                    self.last = max(self.last, now)
+                    self.answers += 1
+                time.sleep(0.005)
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, daemon=True)
+        thread.start()
+        return thread
+
+
+def versions(projector: ProjectorProcess, family: str) -> list[dict[str, object]]:
+    listed = projector.cli("read-models", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    return [row for row in json.loads(listed.stdout) if row["family"] == family]
+
+
+def test_a_read_model_rebuild_serves_throughout_resumes_after_a_kill_and_rolls_back(
+    stack: StackHandle, projector: ProjectorProcess, server_url: str
+) -> None:
+    schema = shop_projection(stack, projector)
+    projector.env["PROJECTOR_READ_MODEL_BACKFILL_CHUNK_KEYS"] = str(max(1, ORDERS // 20))
+    NewOrdersOnly(stack.admin_dsn, schema, seed=5).run(rate_per_s=0, transactions=ORDERS)
+    projector.catch_up()
+    (old,) = versions(projector, "order_summary")
+    assert old["state"] == "serving", old
+
+    process = projector.start()
+    writing = threading.Event()
+    writer = threading.Thread(
+        target=NewOrdersOnly(stack.admin_dsn, schema, seed=6).run,
+        kwargs={"rate_per_s": 50, "stop": writing.is_set}, daemon=True,
+    )  # fmt: skip
+    reader = Reader(server_url, f"{projector.read_model_db}.order_summary")
+    threads = [writer, reader.start()]
+    writer.start()
+    seen = len(projector.log.read_bytes())
+    with (projector.log.parent / "rebuild.log").open("wb") as out:
+        rebuild = subprocess.Popen(  # follows the request across the projector's crash
+            [PROJECTOR, "rebuild", "order_summary"], env=projector.env, stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not re.search(
+        rb"order_summary version \w+r\w+: [2-9]/", projector.log.read_bytes()[seen:]
+    ):
+        assert time.monotonic() < deadline, projector.log.read_text()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # in the middle of the rebuild's backfill
+    process.wait(30)
+    assert sorted(str(v["state"]) for v in versions(projector, "order_summary")) == [
+        "building", "serving"
+    ]  # fmt: skip
+    process = projector.start()
+    assert rebuild.wait(300) == 0, (projector.log.parent / "rebuild.log").read_text()
+    report = (projector.log.parent / "rebuild.log").read_text()
+    assert "serving" in report and "--rollback" in report, report
+
+    writing.set()
+    writer.join(60)
+    (new,) = [v for v in versions(projector, "order_summary") if v["state"] == "serving"]
+    assert new["version"] != old["version"]
+    assert [v["state"] for v in versions(projector, "order_summary") if v["version"] == old["version"]] == ["previous"]  # fmt: skip
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+    projector.catch_up()
+    reader.stop.set()
+    threads[1].join(30)
+    assert reader.answers > 100, reader.answers
+    assert reader.wrong == [], reader.wrong[:5]
+    assert_equal_to_postgres(stack, projector, schema)
+
+    # Rollback: the replaced version (kept current by every batch) serves again, exactly.
+    process = projector.start()
+    NewOrdersOnly(stack.admin_dsn, schema, seed=7).run(rate_per_s=0, transactions=50)
+    rollback = projector.cli("rebuild", "order_summary", "--rollback", timeout_s=120)
+    assert rollback.returncode == 0, rollback.stdout + rollback.stderr
+    states = {v["version"]: v["state"] for v in versions(projector, "order_summary")}
+    assert states == {old["version"]: "serving", new["version"]: "previous"}, states
+    drop = projector.cli("rebuild", "order_summary", "--drop-old", timeout_s=120)
+    assert drop.returncode == 0, drop.stdout + drop.stderr
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+    projector.catch_up()
+    assert [v["state"] for v in versions(projector, "order_summary")] == ["serving"]
+    leftovers = projector.sql(
+        f"SELECT name FROM system.tables WHERE database = '{projector.read_model_db}' "
+        f"AND endsWith(name, '__{new['version']}')"
+    )
+    assert leftovers == [], leftovers
+    assert_equal_to_postgres(stack, projector, schema)
+
+
+def test_a_paused_table_holds_until_resumed(
+    stack: StackHandle, projector: ProjectorProcess
+) -> None:
+    schema = shop_projection(stack, projector)
+    NewOrdersOnly(stack.admin_dsn, schema, seed=8).run(rate_per_s=0, transactions=20)
+    projector.catch_up()
+    orders = f"{projector.replica_db.replace('public', schema)}.orders"
+    (before,) = projector.sql(f"SELECT count() AS n FROM {orders} FINAL")
+    process = projector.start()
+    paused = projector.cli("pause", f"{schema}.orders", "--yes")
+    assert paused.returncode == 0, paused.stderr
+    deadline = time.monotonic() + 60
+    while not projector.sql(
+        f"SELECT table FROM {projector.control_db}.table_pause_states FINAL WHERE paused = 1"
+    ):
+        assert time.monotonic() < deadline, projector.log.read_text()[-3000:]
+        time.sleep(0.3)
+
+    NewOrdersOnly(stack.admin_dsn, schema, seed=9).run(rate_per_s=0, transactions=20)
+    topic = f"{stack.env.get('TOPIC_PREFIX', 'cdc')}.{schema}.orders"
+    end = stack.end_offset(topic)
+    fence = stack.fence()  # committed after the orders: applied once the projector got past them
+    deadline = time.monotonic() + 120
+    while not projector.fence_applied(fence):
+        assert time.monotonic() < deadline, projector.log.read_text()[-3000:]
+        time.sleep(0.3)
+    assert stack.end_offset(topic) >= end > 0
+    (held,) = projector.sql(f"SELECT count() AS n FROM {orders} FINAL")
+    assert held == before, "a paused table was applied"
+    # the order lines (not paused) went on
+    (lines,) = projector.sql(
+        f"SELECT count() AS n FROM {orders.replace('.orders', '.order_items')} FINAL"
+    )
+    ((pg_lines,),) = stack.sql(f"SELECT count(*) FROM {schema}.order_items")
+    assert int(lines["n"]) == pg_lines
+
+    resumed = projector.cli("resume", f"{schema}.orders", "--yes")
+    assert resumed.returncode == 0, resumed.stderr
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+    projector.catch_up()
+    (after,) = projector.sql(f"SELECT count() AS n FROM {orders} FINAL")
+    ((pg_orders,),) = stack.sql(f"SELECT count(*) FROM {schema}.orders")
+    assert int(after["n"]) == pg_orders > int(before["n"])
+    assert_equal_to_postgres(stack, projector, schema)
