@@ -218,6 +218,8 @@ def status(
     out.print(partitions)
     out.print(models)
     out.print(f"{report['dead_letters']} dead letter(s)", highlight=False)
+    for table in report.get("paused_tables", []):
+        out.print(f"paused: {table} (`projector resume {table}`)", highlight=False)
 
 
 def _write_rows(lines: list[str], fmt: str) -> None:

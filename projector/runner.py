@@ -515,6 +515,7 @@ class Projector:
                      "pause" if paused else "resume")  # fmt: skip
             self._main_retries(partial(self.pauses.record, table, paused), "recording a pause")
             self._recorded_pauses[table] = paused
+            self.metrics.table_paused.labels(table).set(int(paused))
 
     def _sleep_polling(self, seconds: float) -> None:
         """The main thread's back-off: it keeps polling while it sleeps."""

@@ -17,6 +17,7 @@ from projector.checkpoint import PROJECTION, CheckpointStore
 from projector.config import ProjectorConfig, open_backend
 from projector.dlq import DeadLetterStore
 from projector.errors import ProjectorError
+from projector.rebuild import TablePauses
 from projector.transactions import TransactionLedger, lsn_text
 from queries.read_models import load_read_models
 
@@ -26,7 +27,8 @@ def collect_status(config: ProjectorConfig) -> dict[str, Any]:
     checkpoints = CheckpointStore(ch, config.control_database, PROJECTION)
     dlq = DeadLetterStore(ch, config.control_database, PROJECTION)
     ledger = TransactionLedger(ch, config.control_database, PROJECTION)
-    for store in (checkpoints, dlq, ledger):
+    pauses = TablePauses(ch, config.control_database)
+    for store in (checkpoints, dlq, ledger, pauses):
         store.create()  # an empty deployment reports zeros, not an error
     consumer = Consumer({"bootstrap.servers": config.kafka_bootstrap,
                          "group.id": f"projector-status-{uuid.uuid4()}"})  # fmt: skip
@@ -59,6 +61,7 @@ def collect_status(config: ProjectorConfig) -> dict[str, Any]:
         "partitions": partitions,
         "read_models": read_models,
         "dead_letters": dlq.count(),
+        "paused_tables": sorted(pauses.honoured() | pauses.wanted()),
     }
 
 
@@ -82,6 +85,7 @@ def collect_live_status_at(url: str, timeout_s: float = 1.0) -> dict[str, Any] |
     batches: dict[str, dict[str, float]] = {}
     read_models: dict[str, Any] = {}
     dead = 0
+    paused = []
     for sample in samples:
         labels, value = sample.labels, sample.value
         if sample.name.startswith("projector_consumer_lag_"):
@@ -95,6 +99,8 @@ def collect_live_status_at(url: str, timeout_s: float = 1.0) -> dict[str, Any] |
         elif sample.name in ("projector_batch_seconds_count", "projector_batch_seconds_sum"):
             kind = "batches" if sample.name.endswith("count") else "seconds"
             batches.setdefault(labels["path"], {})[kind] = value
+        elif sample.name == "projector_table_paused" and value:
+            paused.append(labels["table"])
         elif sample.name == "projector_dead_letters_total":
             dead += int(value)
         elif sample.name == "projector_watermark_lsn":
@@ -110,4 +116,5 @@ def collect_live_status_at(url: str, timeout_s: float = 1.0) -> dict[str, Any] |
         "batches": batches,
         "read_models": read_models,
         "dead_letters": dead,
+        "paused_tables": sorted(paused),
     }

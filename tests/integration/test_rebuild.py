@@ -19,6 +19,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -37,6 +38,17 @@ ORDERS = int(os.environ.get("PROJECTOR_REBUILD_TEST_ORDERS", "3000"))
 def server_url(clickhouse_server: str) -> str:
     """These tests run the command beside a running projector: the server backend only."""
     return clickhouse_server
+
+
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts, killed at its end if a failed assertion left them running."""
+    processes: list[subprocess.Popen[bytes]] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
 
 
 class NewOrdersOnly(ShopWriter):
@@ -90,8 +102,9 @@ def versions(projector: ProjectorProcess, family: str) -> list[dict[str, object]
 
 
 def test_a_read_model_rebuild_serves_throughout_resumes_after_a_kill_and_rolls_back(
-    stack: StackHandle, projector: ProjectorProcess, server_url: str
-) -> None:
+    stack: StackHandle, projector: ProjectorProcess, server_url: str,
+    started: list[subprocess.Popen[bytes]],
+) -> None:  # fmt: skip
     schema = shop_projection(stack, projector)
     projector.env["PROJECTOR_READ_MODEL_BACKFILL_CHUNK_KEYS"] = str(max(1, ORDERS // 20))
     NewOrdersOnly(stack.admin_dsn, schema, seed=5).run(rate_per_s=0, transactions=ORDERS)
@@ -100,6 +113,7 @@ def test_a_read_model_rebuild_serves_throughout_resumes_after_a_kill_and_rolls_b
     assert old["state"] == "serving", old
 
     process = projector.start()
+    started.append(process)
     writing = threading.Event()
     writer = threading.Thread(
         target=NewOrdersOnly(stack.admin_dsn, schema, seed=6).run,
@@ -114,6 +128,7 @@ def test_a_read_model_rebuild_serves_throughout_resumes_after_a_kill_and_rolls_b
             [PROJECTOR, "rebuild", "order_summary"], env=projector.env, stdout=out,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
+    started.append(rebuild)
     deadline = time.monotonic() + 240
     while not re.search(
         rb"order_summary version \w+r\w+: [2-9]/", projector.log.read_bytes()[seen:]
@@ -126,6 +141,7 @@ def test_a_read_model_rebuild_serves_throughout_resumes_after_a_kill_and_rolls_b
         "building", "serving"
     ]  # fmt: skip
     process = projector.start()
+    started.append(process)
     assert rebuild.wait(300) == 0, (projector.log.parent / "rebuild.log").read_text()
     report = (projector.log.parent / "rebuild.log").read_text()
     assert "serving" in report and "--rollback" in report, report
@@ -146,6 +162,7 @@ def test_a_read_model_rebuild_serves_throughout_resumes_after_a_kill_and_rolls_b
 
     # Rollback: the replaced version (kept current by every batch) serves again, exactly.
     process = projector.start()
+    started.append(process)
     NewOrdersOnly(stack.admin_dsn, schema, seed=7).run(rate_per_s=0, transactions=50)
     rollback = projector.cli("rebuild", "order_summary", "--rollback", timeout_s=120)
     assert rollback.returncode == 0, rollback.stdout + rollback.stderr
@@ -166,7 +183,7 @@ def test_a_read_model_rebuild_serves_throughout_resumes_after_a_kill_and_rolls_b
 
 
 def test_a_paused_table_holds_until_resumed(
-    stack: StackHandle, projector: ProjectorProcess
+    stack: StackHandle, projector: ProjectorProcess, started: list[subprocess.Popen[bytes]]
 ) -> None:
     schema = shop_projection(stack, projector)
     NewOrdersOnly(stack.admin_dsn, schema, seed=8).run(rate_per_s=0, transactions=20)
@@ -174,6 +191,7 @@ def test_a_paused_table_holds_until_resumed(
     orders = f"{projector.replica_db.replace('public', schema)}.orders"
     (before,) = projector.sql(f"SELECT count() AS n FROM {orders} FINAL")
     process = projector.start()
+    started.append(process)
     paused = projector.cli("pause", f"{schema}.orders", "--yes")
     assert paused.returncode == 0, paused.stderr
     deadline = time.monotonic() + 60
