@@ -610,8 +610,8 @@ FOLLOW_POLL_S = 0.5
 
 @app.command("rebuild")
 def rebuild(
-    name: str = typer.Argument(..., help="A read model, or its family (`projector read-models list`)."),
-    source: str = typer.Option("replicas", "--from", help="Where to rebuild from: replicas (read models)."),
+    name: str = typer.Argument(..., help="A read model or its family (`projector read-models list`), or a replica table as SCHEMA.TABLE."),
+    source: str = typer.Option("replicas", "--from", help="Where to rebuild from: replicas (a read model) or kafka (a replica table, SCHEMA.TABLE)."),
     no_swap: bool = typer.Option(False, "--no-swap", help="Build and verify it, but leave the serving version serving."),
     swap: bool = typer.Option(False, "--swap", help="Serve the version a --no-swap rebuild built."),
     rollback: bool = typer.Option(False, "--rollback", help="Serve the version the last rebuild replaced again."),
@@ -634,6 +634,9 @@ def rebuild(
              code=2)  # fmt: skip
     action = actions[0] if actions else REBUILD
     config = _config(config_file)
+    if "." in name:  # SCHEMA.TABLE: a replica table
+        _rebuild_replica(name, source, action, no_swap, dry_run, follow, config)
+        return
     if source != "replicas":
         fail(f"--from {source}: only read models can be rebuilt so far (from the replicas); to "
              "rebuild a replica table, `projector table reset SCHEMA.TABLE` re-snapshots it "
@@ -656,7 +659,7 @@ def rebuild(
         # One process owns the data directory: no projector runs beside us; do its part here.
         started = time.monotonic()
         with _rebuild_progress() as progress:
-            task = progress.add_task(family.name, total=None, keys_per_s=0)
+            task = progress.add_task(family.name, total=None, rate="")
 
             def step(version: str) -> None:
                 for row in maintainer.versions():
@@ -680,6 +683,133 @@ def rebuild(
                       "--dry-run` or `projector read-models list` shows where it stands)")  # fmt: skip
         raise typer.Exit(130) from None
     _rebuild_report(requests, maintainer, request.id, family.name, time.monotonic() - started)
+
+
+def _rebuild_replica(
+    table: str, source: str, action: str, no_swap: bool, dry_run: bool, follow: bool,
+    config: ProjectorConfig,
+) -> None:  # fmt: skip
+    """`projector rebuild SCHEMA.TABLE --from kafka` (projector/replica_rebuild.py)."""
+    from projector.checkpoint import PROJECTION, CheckpointStore
+    from projector.config import open_backend
+    from projector.rebuild import REBUILD, OpsRequests
+    from projector.replica_rebuild import CATCHING_UP, run_replica_jobs_here
+
+    if action == REBUILD and source != "kafka":
+        fail(f"a replica table is rebuilt --from kafka (--from {source}: not built yet for "
+             f"tables; `projector table reset {table}` re-snapshots it through Debezium)", code=2)  # fmt: skip
+    if no_swap:
+        fail("--no-swap is for read models; a replica table is verified, then swapped", code=2)
+    ch = open_backend(config)
+    requests = OpsRequests(ch, config.control_database)
+    requests.create()
+    rebuilds = _replica_rebuilds(config, ch)
+    rebuilds.create()
+    live = CheckpointStore(ch, config.control_database, PROJECTION)
+    live.create()
+
+    def live_next(keys: list[tuple[str, int]]) -> dict[tuple[str, int], int | None]:
+        found = live.load(keys)
+        return {k: (found[k].resume_offset if k in found else None) for k in keys}
+
+    topic = f"{config.topic_prefix}.{table}"
+    if dry_run:
+        jobs = [j for j in rebuilds.jobs() if j.table == table]
+        console.print(f"{table}: " + (", ".join(f"job {j.id} {j.state}" for j in jobs)
+                                      or "no rebuild kept"), highlight=False)  # fmt: skip
+        if action == REBUILD:
+            lows = {p: rebuilds._earliest(topic).get(p) for p in rebuilds.partitions(topic)}
+            console.print(f"would rebuild it from {topic} (earliest offsets {lows}) into a shadow "
+                          "table beside it, catch it up with the live table, verify and exchange "
+                          "them, keeping the previous table for --rollback", highlight=False)  # fmt: skip
+        else:
+            console.print(f"would {action} (done by the projector between batches)")
+        return
+    request = requests.ask(action, table, "from-kafka")
+    started = time.monotonic()
+    if config.backend == "chdb":  # no projector runs beside us: its part here, the table still
+        with _rebuild_progress() as progress:
+            task = progress.add_task(table, total=None, rate="")
+            run_replica_jobs_here(
+                requests, rebuilds, live_next,
+                lambda job: _show_replica_progress(progress, task, rebuilds, job, live_next, started),
+            )  # fmt: skip
+    else:
+        console.print(f"asked the running projector ({action} {table}, request {request.id})",
+                      highlight=False)  # fmt: skip
+        if not follow:
+            return
+        try:
+            with _rebuild_progress() as progress:
+                task = progress.add_task(table, total=None, rate="")
+                while True:
+                    asked = requests.get(request.id)
+                    job = (
+                        None
+                        if asked is None or asked.state != "taken"
+                        else rebuilds.job(asked.detail)
+                    )
+                    if asked is not None and asked.state not in ("requested", "taken"):
+                        break
+                    if job is not None:
+                        if job.state != CATCHING_UP:
+                            break
+                        _show_replica_progress(progress, task, rebuilds, job, live_next, started)
+                    time.sleep(FOLLOW_POLL_S)
+        except KeyboardInterrupt:
+            console.print("stopped following; the projector goes on")
+            raise typer.Exit(130) from None
+    asked = requests.get(request.id)
+    if asked is None or asked.state == "requested":
+        fail("the request was not taken")
+        return
+    if asked.state == "failed":
+        fail(f"refused: {asked.detail}")
+    if asked.state == "done":
+        console.print(asked.detail, highlight=False)
+        return
+    job = rebuilds.job(asked.detail)
+    assert job is not None
+    console.print(f"{table} job {job.id}: {job.state} in {time.monotonic() - started:.1f} s; "
+                  f"{job.detail}", highlight=False)  # fmt: skip
+    if job.state == "failed":
+        raise typer.Exit(1)
+    console.print(f"`projector rebuild {table} --rollback` serves the previous table again, "
+                  f"`projector rebuild {table} --drop-old` drops it", highlight=False)  # fmt: skip
+
+
+def _replica_rebuilds(config: ProjectorConfig, ch: Any) -> Any:
+    from projector.apply import BatchApplier
+    from projector.fast_path import FastPath
+    from projector.replica_rebuild import ReplicaRebuilds
+    from schemas.registry import SchemaCache
+    from schemas.upcasters import Upcasters
+
+    schemas = SchemaCache(config.registry_url)
+    upcasters = Upcasters.load(config.upcasters_file)
+    fast_path = None
+    if config.fast_path and hasattr(ch, "over_avro"):
+        fast_path = FastPath(ch, config.registry_url, config.transaction_metadata)
+    return ReplicaRebuilds(
+        ch, config.control_database, config.replica_prefix, config.topic_prefix,
+        config.kafka_bootstrap,
+        lambda catalog, projection: BatchApplier(ch, schemas, catalog, projection,
+                                                 upcasters=upcasters, fast_path=fast_path),
+        chunk_messages=config.replica_rebuild_chunk_messages,
+    )  # fmt: skip
+
+
+def _show_replica_progress(
+    progress: Any, task: Any, rebuilds: Any, job: Any, live_next: Any, started: float
+) -> None:
+    keys = [(job.topic, p) for p in rebuilds.partitions(job.topic)]
+    done = rebuilds.checkpoints(job).load(keys)
+    applied = sum(c.resume_offset for c in done.values())
+    total = sum(v or 0 for v in live_next(keys).values())
+    rate = applied / max(1e-3, time.monotonic() - started)
+    progress.update(
+        task, completed=applied, total=max(total, applied), rate=f"events, {rate:,.0f} events/s"
+    )
 
 
 def _rebuild_plan(
@@ -708,7 +838,7 @@ def _rebuild_progress() -> Any:
 
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("chunks, {task.fields[keys_per_s]:,.0f} keys/s, ETA"), TimeRemainingColumn(),
+        TextColumn("{task.fields[rate]}, ETA"), TimeRemainingColumn(),
         console=console,
     )  # fmt: skip
 
@@ -718,7 +848,7 @@ def _show_progress(
 ) -> None:
     done, total = version["done_chunks"], version["chunks"]
     rate = done * chunk_keys / max(1e-3, time.monotonic() - started)
-    progress.update(task, completed=done, total=total, keys_per_s=rate)
+    progress.update(task, completed=done, total=total, rate=f"chunks, {rate:,.0f} keys/s")
 
 
 def _follow_request(
@@ -727,7 +857,7 @@ def _follow_request(
     """Follow a request until the projector has settled it (and, for a rebuild, its version
     is built): a progress bar over the backfill's chunks."""
     with _rebuild_progress() as progress:
-        task = progress.add_task(family, total=None, keys_per_s=0)
+        task = progress.add_task(family, total=None, rate="")
         waited = time.monotonic()
         while True:
             request = requests.get(request_id)

@@ -113,6 +113,8 @@ def take_requests(requests: OpsRequests, maintainer: ReadModelMaintainer) -> lis
     the rest); a swap, rollback or drop is done at once. A refusal changes nothing."""
     lines = []
     for request in requests.pending():
+        if "." in request.target:
+            continue  # a replica table's (SCHEMA.TABLE): projector/replica_rebuild.py
         try:
             if request.action == REBUILD:
                 no_swap = "no-swap" in request.options.split(",")

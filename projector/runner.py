@@ -55,6 +55,7 @@ from projector.messages import KafkaMessages, RawMessage, source_table_of
 from projector.metrics import ProjectorMetrics
 from projector.rebuild import OpsRequests, TablePauses, take_requests
 from projector.replica import ReplicaCatalog
+from projector.replica_rebuild import ReplicaRebuild, ReplicaRebuilds, take_replica_requests
 from projector.resnapshot import SignalTable
 from projector.topic_guard import TopicGuard, TopicShape
 from projector.transactions import TransactionLedger, Unfinished, Watermark
@@ -137,12 +138,23 @@ class Projector:
         fast_path = None
         if config.fast_path and has_fast_path:
             fast_path = FastPath(ch, config.registry_url, config.transaction_metadata)
+        upcasters = Upcasters.load(config.upcasters_file)
         self.applier = BatchApplier(
             ch, self.schemas,
             ReplicaCatalog(ch, config.replica_prefix, SignalTable(config.source_dsn).request),
-            PROJECTION,
-            upcasters=Upcasters.load(config.upcasters_file), fast_path=fast_path,
+            PROJECTION, upcasters=upcasters, fast_path=fast_path,
         )  # fmt: skip
+        # Replica tables rebuilt from Kafka (projector/replica_rebuild.py): the same apply code.
+        self.replica_rebuilds = ReplicaRebuilds(
+            ch, config.control_database, config.replica_prefix, config.topic_prefix,
+            config.kafka_bootstrap,
+            lambda catalog, projection: BatchApplier(ch, self.schemas, catalog, projection,
+                                                     upcasters=upcasters, fast_path=fast_path),
+            chunk_messages=config.replica_rebuild_chunk_messages,
+        )  # fmt: skip
+        with_retries(self.replica_rebuilds.create, "creating the replica rebuild table")
+        self._replica_jobs: list[ReplicaRebuild] = []
+        self._next_replica_request_check = 0.0
         # Read models are kept inside the batch commit (projector/materialize.py); None when this
         # member does not keep them (config `maintain_read_models`).
         self.read_models: ReadModelMaintainer | None = maintainer_for(config, ch)
@@ -336,6 +348,7 @@ class Projector:
                 self._honour_pauses()
                 self._report_progress()
                 self._ensure_read_models()
+                self._rebuild_replicas()
                 if tick is not None:
                     tick()
                 now = time.monotonic()
@@ -360,6 +373,7 @@ class Projector:
                 self._apply_thread.shutdown(wait=True)
                 self.producer.flush(10)
                 self.consumer.close()
+                self.replica_rebuilds.close()
         log.info(
             "stopped: %d events applied (%d by the fast path), %d dead letters",
             self.applied_events, self.fast_events, self.dead_letters,
@@ -627,6 +641,47 @@ class Projector:
                 log.info("read models: %s", progress)
             return  # the next chunk on the next round, between batches
         self._next_read_model_check = time.monotonic() + 3
+
+    def _rebuild_replicas(self) -> None:
+        """Take replica-table rebuild requests (once a second) and move every rebuild job whose
+        topic this member holds whole a step, with no batch in flight (replay first: not while
+        an open intent waits). projector/replica_rebuild.py says why that is exact."""
+        if any(state.replay is not None for state in self.partitions.values()):
+            return
+        now = time.monotonic()
+        if now >= self._next_replica_request_check:
+            self._next_replica_request_check = now + 1
+            rebuilds = self.replica_rebuilds
+            pending = [r for r in self._main_retries(self.requests.pending, "reading requests")
+                       if "." in r.target]  # fmt: skip
+            if pending:
+                self._wait_for_batch()
+                lines = self._main_retries(
+                    partial(take_replica_requests, self.requests, rebuilds, self.applied_to),
+                    "taking replica rebuild requests",
+                )
+                for line in lines:
+                    log.info("replica rebuild: %s", line)
+            self._replica_jobs = self._main_retries(rebuilds.jobs, "reading replica rebuilds")
+        held: dict[str, int] = defaultdict(int)
+        for topic, _ in self.next_offset:
+            held[topic] += 1
+        jobs = [
+            j for j in self._replica_jobs
+            if held.get(j.topic) and held[j.topic] == len(self.replica_rebuilds.partitions(j.topic))
+        ]  # fmt: skip
+        if not jobs:
+            return
+        self._wait_for_batch()
+        for job in jobs:
+            caught_up = self._main_retries(
+                partial(self.replica_rebuilds.step, job, self.applied_to), "rebuilding a replica"
+            )
+            swapped = self._main_retries(
+                partial(self.replica_rebuilds.finish_step, job, caught_up), "swapping a replica"
+            )
+            if swapped is not None:
+                log.info("replica rebuild: %s", swapped)
 
     def _finish_read_models(self) -> None:
         """At the finish line: every read model whose sources exist is started and built."""

@@ -28,10 +28,11 @@ import pytest
 
 from devstack.shop import ShopWriter
 from tests.integration.conftest import PROJECTOR, StackHandle
-from tests.integration.projector_harness import ProjectorProcess
+from tests.integration.projector_harness import ProjectorProcess, assert_replica_equals_source
 from tests.integration.read_model_checks import assert_equal_to_postgres, shop_projection
 
 ORDERS = int(os.environ.get("PROJECTOR_REBUILD_TEST_ORDERS", "3000"))
+EVENTS = int(os.environ.get("PROJECTOR_REBUILD_TEST_EVENTS", "50000"))
 
 
 @pytest.fixture
@@ -65,14 +66,14 @@ class Reader:
     answer that is empty, failed, or smaller than one before it."""
 
     url: str
-    model: str
+    query: str  # one row: n (a count) and s (a sum)
     stop: threading.Event = field(default_factory=threading.Event)
     answers: int = 0
     last: tuple[int, float] = (0, 0.0)
     wrong: list[str] = field(default_factory=list)
 
     def run(self) -> None:
-        query = f"SELECT count() AS n, toFloat64(sum(total)) AS s FROM {self.model} FORMAT JSON"
+        query = f"{self.query} FORMAT JSON"
         with httpx.Client(timeout=30) as client:
             while not self.stop.is_set():
                 response = client.post(self.url, content=query)
@@ -119,7 +120,10 @@ def test_a_read_model_rebuild_serves_throughout_resumes_after_a_kill_and_rolls_b
         target=NewOrdersOnly(stack.admin_dsn, schema, seed=6).run,
         kwargs={"rate_per_s": 50, "stop": writing.is_set}, daemon=True,
     )  # fmt: skip
-    reader = Reader(server_url, f"{projector.read_model_db}.order_summary")
+    reader = Reader(
+        server_url,
+        f"SELECT count() AS n, toFloat64(sum(total)) AS s FROM {projector.read_model_db}.order_summary",
+    )
     threads = [writer, reader.start()]
     writer.start()
     seen = len(projector.log.read_bytes())
@@ -228,3 +232,74 @@ def test_a_paused_table_holds_until_resumed(
     ((pg_orders,),) = stack.sql(f"SELECT count(*) FROM {schema}.orders")
     assert int(after["n"]) == pg_orders > int(before["n"])
     assert_equal_to_postgres(stack, projector, schema)
+
+
+def test_a_replica_table_rebuilt_from_kafka_serves_throughout_resumes_and_rolls_back(
+    stack: StackHandle, projector: ProjectorProcess, server_url: str,
+    started: list[subprocess.Popen[bytes]],
+) -> None:  # fmt: skip
+    table = projector.table("ledger")
+    stack.sql(f"CREATE TABLE {table} (id bigserial PRIMARY KEY, amount int NOT NULL)")
+    stack.sql(f"INSERT INTO {table} (amount) SELECT n % 100 FROM generate_series(1, {EVENTS}) n")
+    projector.env["PROJECTOR_REPLICA_REBUILD_CHUNK_MESSAGES"] = str(max(1, EVENTS // 10))
+    projector.catch_up()
+    process = projector.start()
+    started.append(process)
+
+    writing = threading.Event()
+
+    def insert_only() -> None:  # rows only come: count and sum may never go back
+        with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+            while not writing.is_set():
+                conn.execute(f"INSERT INTO {table} (amount) VALUES (7), (8)")
+                time.sleep(0.02)
+
+    writer = threading.Thread(target=insert_only, daemon=True)
+    writer.start()
+    reader = Reader(
+        server_url,
+        f"SELECT count() AS n, toFloat64(sum(amount)) AS s FROM {projector.replica_db}.{table} "
+        "FINAL WHERE NOT _is_deleted",
+    )
+    reading = reader.start()
+    seen = len(projector.log.read_bytes())
+    with (projector.log.parent / "rebuild.log").open("wb") as out:
+        rebuild = subprocess.Popen(
+            [PROJECTOR, "rebuild", f"public.{table}", "--from", "kafka"], env=projector.env,
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    started.append(rebuild)
+    deadline = time.monotonic() + 240
+    while projector.log.read_bytes()[seen:].count(f"rebuilding public.{table}: ".encode()) < 3:
+        assert time.monotonic() < deadline, projector.log.read_text()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # in the middle of the catch-up
+    process.wait(30)
+    process = projector.start()
+    started.append(process)
+    assert rebuild.wait(300) == 0, (projector.log.parent / "rebuild.log").read_text()
+    report = (projector.log.parent / "rebuild.log").read_text()
+    assert "swapped" in report, report
+
+    writing.set()
+    writer.join(30)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+    projector.catch_up()
+    reader.stop.set()
+    reading.join(30)
+    assert reader.answers > 100, reader.answers
+    assert reader.wrong == [], reader.wrong[:5]
+    assert assert_replica_equals_source(stack, projector, table, ["id"]) > EVENTS
+
+    # Rollback: the previous table, chased meanwhile, serves again and equals Postgres.
+    process = projector.start()
+    started.append(process)
+    stack.sql(f"INSERT INTO {table} (amount) VALUES (1), (2), (3)")
+    rollback = projector.cli("rebuild", f"public.{table}", "--rollback", timeout_s=120)
+    assert rollback.returncode == 0, rollback.stdout + rollback.stderr
+    assert "previous table serving" in rollback.stdout + rollback.stderr
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+    projector.catch_up()
+    assert_replica_equals_source(stack, projector, table, ["id"])
