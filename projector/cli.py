@@ -658,6 +658,10 @@ def rebuild(
     if config.backend == "chdb":
         # One process owns the data directory: no projector runs beside us; do its part here.
         started = time.monotonic()
+        if action != REBUILD:  # done at once: no progress to show
+            run_here(requests, maintainer)
+            _rebuild_report(requests, maintainer, request.id, family.name, 0)
+            return
         with _rebuild_progress() as progress:
             task = progress.add_task(family.name, total=None, rate="")
 
@@ -727,7 +731,9 @@ def _rebuild_replica(
         return
     request = requests.ask(action, table, "from-kafka")
     started = time.monotonic()
-    if config.backend == "chdb":  # no projector runs beside us: its part here, the table still
+    if config.backend == "chdb" and action != REBUILD:  # done at once, no progress to show
+        run_replica_jobs_here(requests, rebuilds, live_next)
+    elif config.backend == "chdb":  # no projector runs beside us: its part here, the table still
         with _rebuild_progress() as progress:
             task = progress.add_task(table, total=None, rate="")
             run_replica_jobs_here(

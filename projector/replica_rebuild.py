@@ -161,9 +161,12 @@ class ReplicaRebuilds:
             return existing
         if "." not in table:
             raise RebuildRefused(f"{table!r}: give the replica table as SCHEMA.TABLE")
-        busy = [j for j in self.jobs((CATCHING_UP,)) if j.table == table]
-        if busy:
+        busy = [j for j in self.jobs() if j.table == table]
+        if busy and busy[0].state == CATCHING_UP:
             raise RebuildRefused(f"{table} is already being rebuilt (job {busy[0].id})")
+        if busy:  # one kept table per replica: a rollback has one meaning
+            raise RebuildRefused(f"{table} still keeps the table its last rebuild replaced: "
+                                 f"`projector rebuild {table} --drop-old` first")  # fmt: skip
         job = ReplicaRebuild(request_id, table, f"{self.topic_prefix}.{table}", CATCHING_UP)
         lows = self._earliest(job.topic)
         if not lows:
