@@ -26,6 +26,8 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+from confluent_kafka import TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from devstack.shop import ShopWriter
 from tests.integration.conftest import PROJECTOR, StackHandle
@@ -339,3 +341,13 @@ def test_with_chdb_the_command_rebuilds_in_its_own_process(
     assert "swapped" in replica.stdout + replica.stderr
     assert_replica_equals_source(stack, projector, table, ["id"])
     assert_equal_to_postgres(stack, projector, schema)
+
+    # Retention removed the topic's start: a rebuild from Kafka would miss rows, and says so.
+    dropped = projector.cli("rebuild", f"public.{table}", "--drop-old")
+    assert dropped.returncode == 0, dropped.stdout + dropped.stderr
+    admin = AdminClient({"bootstrap.servers": stack.env["KAFKA_BOOTSTRAP"]})
+    for future in admin.delete_records([TopicPartition(f"cdc.public.{table}", 0, 5)]).values():
+        future.result(timeout=30)
+    refused = projector.cli("rebuild", f"public.{table}", "--from", "kafka")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "--from snapshot" in refused.stderr and "retention" in refused.stderr, refused.stderr
