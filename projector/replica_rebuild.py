@@ -296,6 +296,8 @@ class ReplicaRebuilds:
                 f"SELECT engine FROM system.tables WHERE database = {quote(database)} "
                 f"AND name = {quote(name)}"
             )
+            if not engine:  # nothing was applied to it: Kafka gave no message from offset 0
+                return f"the {label} table {table} does not exist"
             final = " FINAL" if engine and "Replacing" in engine[0]["engine"] else ""
             hashed = ", ".join(ident(n) for n, _ in columns if n not in NOT_HASHED)
             (row,) = self.ch.rows(
