@@ -313,6 +313,10 @@ class ReplicaRebuilds:
             )
         return ""
 
+    def fail(self, job: ReplicaRebuild, reason: str) -> None:
+        """Stop the job (nothing is exchanged; its shadow stays to look at)."""
+        self._record(job, FAILED, reason)
+
     def exchange(self, job: ReplicaRebuild) -> None:
         """Swap the live table and the shadow database's table, in one atomic statement."""
         self.ch.execute(f"EXCHANGE TABLES {self.live(job)} AND {self.shadow(job)}")

@@ -48,7 +48,13 @@ from projector.checkpoint import (
 from projector.clickhouse import ClickHouse
 from projector.config import ProjectorConfig
 from projector.dlq import DeadLetter, DeadLetterStore
-from projector.errors import ClickHouseUnavailable, PartitionLost, PoisonMessage, SourceUnavailable
+from projector.errors import (
+    ClickHouseUnavailable,
+    PartitionLost,
+    PoisonMessage,
+    RebuildRefused,
+    SourceUnavailable,
+)
 from projector.fast_path import FastPath, Segment
 from projector.materialize import ReadModelMaintainer, maintainer_for
 from projector.messages import KafkaMessages, RawMessage, source_table_of
@@ -674,9 +680,16 @@ class Projector:
             return
         self._wait_for_batch()
         for job in jobs:
-            caught_up = self._main_retries(
-                partial(self.replica_rebuilds.step, job, self.applied_to), "rebuilding a replica"
-            )
+            try:
+                caught_up = self._main_retries(
+                    partial(self.replica_rebuilds.step, job, self.applied_to),
+                    "rebuilding a replica",
+                )
+            except RebuildRefused as exc:  # the job fails, never the pipeline
+                log.error("replica rebuild of %s failed: %s", job.table, exc)
+                self._main_retries(partial(self.replica_rebuilds.fail, job, str(exc)),
+                                   "recording a failed rebuild")  # fmt: skip
+                continue
             swapped = self._main_retries(
                 partial(self.replica_rebuilds.finish_step, job, caught_up), "swapping a replica"
             )
