@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -67,7 +67,7 @@ def collect_status(
             })  # fmt: skip
     finally:
         consumer.close()
-    sources = _read_model_sources(config)
+    sources = read_model_sources(config)
     tables = sorted({t for p in partitions if (t := _table_of(config, p["topic"]))})
     tracker = ConsistencyTracker(ledger, {**sources, **{t: [t] for t in tables}})
     marks = tracker.refresh()
@@ -172,10 +172,10 @@ def status_report(config: ProjectorConfig) -> dict[str, Any]:
     assert report is not None
     env = client_environment()
     report["source_side"] = {
-        "replication_slot": _guard(
+        "replication_slot": unreachable_or(
             lambda: replication_slot(env, config.wal_retained_warning_bytes)
         ),
-        "connector": _guard(lambda: connector_state(env)),
+        "connector": unreachable_or(lambda: connector_state(env)),
     }
     return report
 
@@ -206,7 +206,7 @@ def projection_rows(
         if p.get("lag_seconds") is not None:
             row["lag_seconds"] = max(row["lag_seconds"] or 0.0, float(p["lag_seconds"]))
     rows = [by_table[t] for t in sorted(by_table)]
-    for name, sources in _read_model_sources(config).items():
+    for name, sources in read_model_sources(config).items():
         feeding = [by_table[s] for s in sources if s in by_table]
         # Unknown here (views, or a running projector's metrics): live; known but never
         # recorded: the projector has not created it yet.
@@ -235,7 +235,8 @@ def _table_of(config: ProjectorConfig, topic: str) -> str | None:
     return topic[len(prefix) :]
 
 
-def _read_model_sources(config: ProjectorConfig) -> dict[str, list[str]]:
+def read_model_sources(config: ProjectorConfig) -> dict[str, list[str]]:
+    """Per read model, its source tables as `schema.table` (what its watermark waits for)."""
     return {
         model.name: [f"{config.read_model_schema}.{source}" for source in model.sources]
         for model in load_read_models(config.read_models_file)
@@ -310,7 +311,7 @@ def connector_state(env: Mapping[str, str]) -> dict[str, Any]:
     return {"name": name, "state": state, "tasks": tasks, "healthy": bool(healthy)}
 
 
-def _guard(read: Any) -> Any:
+def unreachable_or(read: Callable[[], Any]) -> Any:
     """One source's answer, or why it could not be read (a status never fails on one)."""
     try:
         return read()

@@ -20,13 +20,13 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from projector.checkpoint import PROJECTION, CheckpointStore
 from projector.clickhouse import ClickHouse
 from projector.dlq import DeadLetterStore
-from projector.status import connector_state, replication_slot
+from projector.status import connector_state, replication_slot, unreachable_or
 from queries.consistency import ReadPositions
 
 log = logging.getLogger("queries")
@@ -89,16 +89,16 @@ class OpsMonitor:
 
     def sample(self) -> None:
         now_ms = int(time.time() * 1000)
-        lag = _guard(self._lag_events)
-        seconds = _guard(self._lag_seconds)
-        projections = _guard(lambda: self._projections(now_ms))
+        lag = unreachable_or(self._lag_events)
+        seconds = unreachable_or(self._lag_seconds)
+        projections = unreachable_or(lambda: self._projections(now_ms))
         sample = {
             "sampled_at_ms": now_ms,
             "projections": projections,
             "lag": {"events": lag, "seconds": seconds},
-            "dead_letters": _guard(self._dead_letters),
-            "connector": _guard(self._connector),
-            "replication_slot": _guard(self._slot),
+            "dead_letters": unreachable_or(self._dead_letters),
+            "connector": unreachable_or(self._connector),
+            "replication_slot": unreachable_or(self._slot),
         }
         self.latest = sample
         self.history.append({
@@ -163,12 +163,3 @@ class OpsMonitor:
 
     def _slot(self) -> dict[str, Any]:
         return replication_slot(self.env, self.wal_warning_bytes)
-
-
-def _guard(read: Callable[[], Any]) -> Any:
-    """One source's sample, or why it could not be read."""
-    try:
-        return read()
-    except Exception as exc:
-        text = str(exc).strip().splitlines()
-        return {"state": "unreachable", "error": (text[0] if text else type(exc).__name__)[:300]}

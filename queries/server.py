@@ -17,6 +17,7 @@ from projector.checkpoint import PROJECTION
 from projector.clickhouse import ParameterisedClickHouse
 from projector.config import ProjectorConfig, client_environment
 from projector.errors import ConfigError
+from projector.status import read_model_sources
 from projector.transactions import TransactionLedger
 from queries.api import create_app
 from queries.cache import ResultCache
@@ -48,10 +49,7 @@ def build_service(config: ProjectorConfig, ch: ParameterisedClickHouse) -> Query
         unknown = sorted(set(query.read_models) - known)
         if unknown:
             raise ConfigError(f"named query {query.name} reads unknown read models {unknown}")
-    sources = {
-        m.name: [f"{config.read_model_schema}.{s}" for s in m.sources]
-        for m in load_read_models(config.read_models_file)
-    }
+    sources = read_model_sources(config)
     ledger = TransactionLedger(ch, config.control_database, PROJECTION)
     return QueryService(
         ch,
