@@ -180,6 +180,21 @@ def read_model_bench(
         fail(str(exc))
 
 
+@app.command("rebuild-bench")
+def rebuild_bench(
+    orders: int = typer.Option(1_000_000, min=1000, help="Orders in the generated replicas."),
+    report: Path = typer.Option(Path("docs/benchmarks.md"), help="Append the results here."),
+    no_report: bool = typer.Option(False, "--no-report", help="Only print the results."),
+) -> None:
+    """`projector rebuild` of every read-model family over generated replicas, against the
+    first build of the same read models in the same run."""
+    from devstack.rebuild_bench import run_rebuild_bench
+
+    log = lambda m: console.print(m, highlight=False)  # noqa: E731
+    run_rebuild_bench(orders, log, None if no_report else report,
+                      f"projector rebuild-bench --orders {orders}")  # fmt: skip
+
+
 @app.command("freshness")
 def freshness(
     rates: str = typer.Option("1000,5000", help="Write rates to measure, rows/s, comma-separated."),

@@ -28,7 +28,7 @@ from connectors import (
     display_name,
     render_connector,
 )
-from projector.clickhouse import ParameterisedClickHouse
+from projector.clickhouse import ParameterisedClickHouse, ident
 from projector.config import ProjectorConfig, client_environment, load_config
 from projector.errors import ConfigError, ProjectorError
 from projector.redaction import configure_logging, redact, redacting_excepthook
@@ -821,6 +821,364 @@ def _print_verdicts(verdicts: list[Any], skipped: dict[str, str], as_json: bool)
             out.print(f"       not compared: {', '.join(v.not_compared)}", markup=False)
     for table, reason in skipped.items():
         out.print(f"skip   table {table}: {reason}", markup=False)
+
+
+# ---- rebuild (projector/rebuild.py) -----------------------------------------------------------
+
+FOLLOW_POLL_S = 0.5
+
+
+@app.command("rebuild")
+def rebuild(
+    name: str = typer.Argument(..., help="A read model or its family (`projector read-models list`), or a replica table as SCHEMA.TABLE."),
+    source: str = typer.Option("replicas", "--from", help="Where to rebuild from: replicas (a read model) or kafka (a replica table, SCHEMA.TABLE)."),
+    no_swap: bool = typer.Option(False, "--no-swap", help="Build and verify it, but leave the serving version serving."),
+    swap: bool = typer.Option(False, "--swap", help="Serve the version a --no-swap rebuild built."),
+    rollback: bool = typer.Option(False, "--rollback", help="Serve the version the last rebuild replaced again."),
+    drop_old: bool = typer.Option(False, "--drop-old", help="Drop the replaced version (no rollback after this)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would happen; change nothing."),
+    follow: bool = typer.Option(True, help="Follow the rebuild to its end (Ctrl-C stops following, not the rebuild)."),
+    config_file: Path | None = ConfigOption,
+) -> None:  # fmt: skip
+    """Rebuild a read model's family from the replicas while the projection keeps serving: a
+    new version is built beside the serving one, kept by every batch, verified against its
+    definition, then swapped in (each view in one statement); the replaced version is kept for
+    `--rollback` until `--drop-old`. With a ClickHouse server the running projector does the
+    work between batches (this command asks and follows); with chDB (no projector may run) this
+    command does it itself."""
+    from projector.rebuild import DROP_OLD, REBUILD, ROLLBACK, SWAP, OpsRequests, run_here
+
+    actions = [a for a, on in ((SWAP, swap), (ROLLBACK, rollback), (DROP_OLD, drop_old)) if on]
+    if len(actions) > 1 or (actions and no_swap):
+        fail("give at most one of --swap, --rollback, --drop-old (and --no-swap only to rebuild)",
+             code=2)  # fmt: skip
+    action = actions[0] if actions else REBUILD
+    config = _config(config_file)
+    if "." in name:  # SCHEMA.TABLE: a replica table
+        _rebuild_replica(name, source, action, no_swap, dry_run, follow, config)
+        return
+    if source != "replicas":
+        fail(f"--from {source}: only read models can be rebuilt so far (from the replicas); to "
+             "rebuild a replica table, `projector table reset SCHEMA.TABLE` re-snapshots it "
+             "through Debezium", code=2)  # fmt: skip
+    maintainer = _maintainer(config_file)
+    try:
+        family = maintainer.family_named(name)
+    except ProjectorError as exc:
+        fail(str(exc), code=2)
+        raise
+    versions = [v for v in maintainer.versions() if v["family"] == family.name]
+    if dry_run:
+        for line in _rebuild_plan(action, family.name, family.version, versions, no_swap):
+            console.print(line, highlight=False)
+        return
+    requests = OpsRequests(maintainer.ch, config.control_database)
+    requests.create()
+    request = requests.ask(action, name, "no-swap" if no_swap else "")
+    if config.backend == "chdb":
+        # One process owns the data directory: no projector runs beside us; do its part here.
+        started = time.monotonic()
+        if action != REBUILD:  # done at once: no progress to show
+            run_here(requests, maintainer)
+            _rebuild_report(requests, maintainer, request.id, family.name, 0)
+            return
+        with _rebuild_progress() as progress:
+            task = progress.add_task(family.name, total=None, rate="")
+
+            def step(version: str) -> None:
+                for row in maintainer.versions():
+                    if row["version"] == version:
+                        _show_progress(progress, task, row, config.read_model_backfill_chunk_keys,
+                                       started)  # fmt: skip
+
+            run_here(requests, maintainer, step)
+        _rebuild_report(requests, maintainer, request.id, family.name, time.monotonic() - started)
+        return
+    console.print(f"asked the running projector ({action} {name}, request {request.id})",
+                  highlight=False)  # fmt: skip
+    if not follow:
+        return
+    try:
+        started = time.monotonic()
+        _follow_request(requests, maintainer, request.id, family.name,
+                        config.read_model_backfill_chunk_keys)  # fmt: skip
+    except KeyboardInterrupt:
+        console.print(f"stopped following; the projector goes on (`projector rebuild {name} "
+                      "--dry-run` or `projector read-models list` shows where it stands)")  # fmt: skip
+        raise typer.Exit(130) from None
+    _rebuild_report(requests, maintainer, request.id, family.name, time.monotonic() - started)
+
+
+def _rebuild_replica(
+    table: str, source: str, action: str, no_swap: bool, dry_run: bool, follow: bool,
+    config: ProjectorConfig,
+) -> None:  # fmt: skip
+    """`projector rebuild SCHEMA.TABLE --from kafka` (projector/replica_rebuild.py)."""
+    from projector.checkpoint import PROJECTION, CheckpointStore
+    from projector.config import open_backend
+    from projector.rebuild import REBUILD, OpsRequests
+    from projector.replica_rebuild import CATCHING_UP, run_replica_jobs_here
+
+    if action == REBUILD and source != "kafka":
+        fail(f"a replica table is rebuilt --from kafka (--from {source}: not built yet for "
+             f"tables; `projector table reset {table}` re-snapshots it through Debezium)", code=2)  # fmt: skip
+    if no_swap:
+        fail("--no-swap is for read models; a replica table is verified, then swapped", code=2)
+    ch = open_backend(config)
+    requests = OpsRequests(ch, config.control_database)
+    requests.create()
+    rebuilds = _replica_rebuilds(config, ch)
+    rebuilds.create()
+    live = CheckpointStore(ch, config.control_database, PROJECTION)
+    live.create()
+
+    def live_next(keys: list[tuple[str, int]]) -> dict[tuple[str, int], int | None]:
+        found = live.load(keys)
+        return {k: (found[k].resume_offset if k in found else None) for k in keys}
+
+    topic = f"{config.topic_prefix}.{table}"
+    if dry_run:
+        jobs = [j for j in rebuilds.jobs() if j.table == table]
+        console.print(f"{table}: " + (", ".join(f"job {j.id} {j.state}" for j in jobs)
+                                      or "no rebuild kept"), highlight=False)  # fmt: skip
+        if action == REBUILD:
+            lows = {p: rebuilds._earliest(topic).get(p) for p in rebuilds.partitions(topic)}
+            console.print(f"would rebuild it from {topic} (earliest offsets {lows}) into a shadow "
+                          "table beside it, catch it up with the live table, verify and exchange "
+                          "them, keeping the previous table for --rollback", highlight=False)  # fmt: skip
+        else:
+            console.print(f"would {action} (done by the projector between batches)")
+        return
+    request = requests.ask(action, table, "from-kafka")
+    started = time.monotonic()
+    if config.backend == "chdb" and action != REBUILD:  # done at once, no progress to show
+        run_replica_jobs_here(requests, rebuilds, live_next)
+    elif config.backend == "chdb":  # no projector runs beside us: its part here, the table still
+        with _rebuild_progress() as progress:
+            task = progress.add_task(table, total=None, rate="")
+            run_replica_jobs_here(
+                requests, rebuilds, live_next,
+                lambda job: _show_replica_progress(progress, task, rebuilds, job, live_next, started),
+            )  # fmt: skip
+    else:
+        console.print(f"asked the running projector ({action} {table}, request {request.id})",
+                      highlight=False)  # fmt: skip
+        if not follow:
+            return
+        try:
+            with _rebuild_progress() as progress:
+                task = progress.add_task(table, total=None, rate="")
+                while True:
+                    asked = requests.get(request.id)
+                    job = (
+                        None
+                        if asked is None or asked.state != "taken"
+                        else rebuilds.job(asked.detail)
+                    )
+                    if asked is not None and asked.state not in ("requested", "taken"):
+                        break
+                    if job is not None:
+                        if job.state != CATCHING_UP:
+                            break
+                        _show_replica_progress(progress, task, rebuilds, job, live_next, started)
+                    time.sleep(FOLLOW_POLL_S)
+        except KeyboardInterrupt:
+            console.print("stopped following; the projector goes on")
+            raise typer.Exit(130) from None
+    asked = requests.get(request.id)
+    if asked is None or asked.state == "requested":
+        fail("the request was not taken")
+        return
+    if asked.state == "failed":
+        fail(f"refused: {asked.detail}")
+    if asked.state == "done":
+        console.print(asked.detail, highlight=False)
+        return
+    job = rebuilds.job(asked.detail)
+    assert job is not None
+    console.print(f"{table} job {job.id}: {job.state} in {time.monotonic() - started:.1f} s; "
+                  f"{job.detail}", highlight=False)  # fmt: skip
+    if job.state == "failed":
+        raise typer.Exit(1)
+    console.print(f"`projector rebuild {table} --rollback` serves the previous table again, "
+                  f"`projector rebuild {table} --drop-old` drops it", highlight=False)  # fmt: skip
+
+
+def _replica_rebuilds(config: ProjectorConfig, ch: Any) -> Any:
+    from projector.apply import BatchApplier
+    from projector.fast_path import FastPath
+    from projector.replica_rebuild import ReplicaRebuilds
+    from schemas.registry import SchemaCache
+    from schemas.upcasters import Upcasters
+
+    schemas = SchemaCache(config.registry_url)
+    upcasters = Upcasters.load(config.upcasters_file)
+    fast_path = None
+    if config.fast_path and hasattr(ch, "over_avro"):
+        fast_path = FastPath(ch, config.registry_url, config.transaction_metadata)
+    return ReplicaRebuilds(
+        ch, config.control_database, config.replica_prefix, config.topic_prefix,
+        config.kafka_bootstrap,
+        lambda catalog, projection: BatchApplier(ch, schemas, catalog, projection,
+                                                 upcasters=upcasters, fast_path=fast_path),
+        chunk_messages=config.replica_rebuild_chunk_messages,
+    )  # fmt: skip
+
+
+def _show_replica_progress(
+    progress: Any, task: Any, rebuilds: Any, job: Any, live_next: Any, started: float
+) -> None:
+    keys = [(job.topic, p) for p in rebuilds.partitions(job.topic)]
+    done = rebuilds.checkpoints(job).load(keys)
+    applied = sum(c.resume_offset for c in done.values())
+    total = sum(v or 0 for v in live_next(keys).values())
+    rate = applied / max(1e-3, time.monotonic() - started)
+    progress.update(
+        task, completed=applied, total=max(total, applied), rate=f"events, {rate:,.0f} events/s"
+    )
+
+
+def _rebuild_plan(
+    action: str, family: str, definition: str, versions: list[dict[str, Any]], no_swap: bool
+) -> list[str]:
+    states = ", ".join(f"{v['version']} {v['state']}" for v in versions) or "no version yet"
+    lines = [f"{family}: {states}"]
+    if action == "rebuild":
+        lines.append(f"would build version {definition}r<request> from the replicas beside the "
+                     "serving one, kept by every batch, verify it against its definition, and "
+                     + ("leave it built (--no-swap)" if no_swap else
+                        "swap it in, keeping the serving version for --rollback"))  # fmt: skip
+    else:
+        lines.append(f"would {action} (done by the projector between batches)")
+    return lines
+
+
+def _rebuild_progress() -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}, ETA"), TimeRemainingColumn(),
+        console=console,
+    )  # fmt: skip
+
+
+def _show_progress(
+    progress: Any, task: Any, version: dict[str, Any], chunk_keys: int, started: float
+) -> None:
+    done, total = version["done_chunks"], version["chunks"]
+    rate = done * chunk_keys / max(1e-3, time.monotonic() - started)
+    progress.update(task, completed=done, total=total, rate=f"chunks, {rate:,.0f} keys/s")
+
+
+def _follow_request(
+    requests: Any, maintainer: Any, request_id: str, family: str, chunk_keys: int
+) -> None:
+    """Follow a request until the projector has settled it (and, for a rebuild, its version
+    is built): a progress bar over the backfill's chunks."""
+    with _rebuild_progress() as progress:
+        task = progress.add_task(family, total=None, rate="")
+        waited = time.monotonic()
+        while True:
+            request = requests.get(request_id)
+            if request is None or request.state == "requested":
+                if time.monotonic() - waited > 30:
+                    progress.update(
+                        task, description=f"{family} (waiting: is `projector run` running?)"
+                    )
+                time.sleep(FOLLOW_POLL_S)
+                continue
+            if request.state != "taken":
+                return
+            version = next(
+                (v for v in maintainer.versions() if v["version"] == request.detail), None
+            )
+            if version is None or version["state"] != "building":
+                return
+            _show_progress(progress, task, version, chunk_keys, waited)
+            time.sleep(FOLLOW_POLL_S)
+
+
+def _rebuild_report(
+    requests: Any, maintainer: Any, request_id: str, family: str, seconds: float
+) -> None:
+    """What became of a request: refused, done, or the rebuilt version's state and size."""
+    request = requests.get(request_id)
+    if request is None or request.state == "requested":
+        fail("the request was not taken (does this projector keep read models?)")
+        return
+    if request.state == "failed":
+        fail(f"refused: {request.detail}")
+    if request.state == "done":
+        console.print(request.detail, highlight=False)
+        return
+    found = [v for v in maintainer.versions() if v["version"] == request.detail]
+    if not found:
+        fail(f"version {request.detail} was retired meanwhile (a newer version replaced it)")
+    version = found[0]
+    entity = maintainer.family_named(family).entity.name
+    (rows,) = maintainer.ch.rows(
+        f"SELECT count() AS n FROM {ident(maintainer.database)}.{ident(f'{entity}__{request.detail}')} FINAL"
+    )
+    console.print(f"{family} version {request.detail}: {version['state']}; {int(rows['n']):,} "
+                  f"entity rows, {version['chunks']} chunk(s), {seconds:.1f} s", highlight=False)  # fmt: skip
+    if version["state"] == "failed":
+        fail(str(version["error"]))
+    if version["state"] == "serving":
+        console.print(f"the replaced version is kept: `projector rebuild {family} --rollback` "
+                      f"serves it again, `projector rebuild {family} --drop-old` drops it",
+                      highlight=False)  # fmt: skip
+    elif version["state"] == "built":
+        console.print(f"verified, not serving: `projector rebuild {family} --swap` serves it",
+                      highlight=False)  # fmt: skip
+
+
+# ---- pause | resume ----------------------------------------------------------------------------
+
+
+@app.command("pause")
+def pause(
+    table: str = typer.Argument(..., help="The source table, SCHEMA.TABLE."),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
+    config_file: Path | None = ConfigOption,
+) -> None:
+    """Stop applying a table's changes (its replica and the read models it feeds hold where they
+    are, their watermarks too) until `projector resume`. The running projector pauses it after
+    the batch in flight; a projector started later starts with it paused."""
+    _set_pause(table, True, yes, config_file)
+
+
+@app.command("resume")
+def resume(
+    table: str = typer.Argument(..., help="The source table, SCHEMA.TABLE."),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
+    config_file: Path | None = ConfigOption,
+) -> None:
+    """Apply a paused table's changes again, from where it stopped."""
+    _set_pause(table, False, yes, config_file)
+
+
+def _set_pause(table: str, paused: bool, yes: bool, config_file: Path | None) -> None:
+    from projector.config import open_backend
+    from projector.rebuild import TablePauses
+
+    config = _config(config_file)
+    if "." not in table:
+        fail(f"{table!r}: give the source table as SCHEMA.TABLE", code=2)
+    verb = "pause" if paused else "resume"
+    if not yes and not typer.confirm(f"{verb} {table}?"):
+        raise typer.Exit(1)
+    pauses = TablePauses(open_backend(config), config.control_database)
+    pauses.create()
+    pauses.want(table, paused)
+    console.print(f"{table}: {verb} recorded; the projector {'pauses' if paused else 'resumes'} "
+                  "it after the batch in flight (`projector status` shows it)", highlight=False)  # fmt: skip
 
 
 # ---- connectors ------------------------------------------------------------------------------

@@ -35,6 +35,11 @@ class StatementRejected(ProjectorError):
     schema, malformed Avro): not retried; the fast path hands the batch to the per-message path."""
 
 
+class RebuildRefused(ProjectorError):
+    """A rebuild, swap, rollback or drop that cannot be done as asked (the message says why and
+    what to do instead); nothing was changed."""
+
+
 class CheckpointError(ProjectorError):
     """The checkpoint table contradicts what the consumer sees (an invariant is broken)."""
 

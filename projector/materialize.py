@@ -34,6 +34,13 @@ every batch from the moment they exist, and `backfill_step` recomputes all keys 
 (each chunk an intent of its own, projection `read_model_backfill`), between batches on the same
 thread. When the last chunk is done, the views `read_models.<name>` switch to the new tables in
 one statement each and the old version's tables are dropped.
+
+A rebuild (`projector rebuild`, projector/rebuild.py) builds the same definition again, as a
+version of its own (`<definition hash>r<request>`: its tables are new), the same way; before it
+serves it is verified (its rows equal to its definition over the replicas: exact, since nothing
+is applied between batches), and the version it replaces is kept, still maintained by every
+batch, as `previous`: a rollback points the views back at it, exact at once, until it is
+dropped (`--drop-old`).
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from typing import Any
 from projector.checkpoint import DONE, INTENT, BatchRange, CheckpointStore
 from projector.clickhouse import ClickHouse, ident, quote
 from projector.config import ProjectorConfig
-from projector.errors import StatementRejected
+from projector.errors import RebuildRefused, StatementRejected
 from queries.read_models import (
     AggregateModel,
     Family,
@@ -68,6 +75,11 @@ ONE_BLOCK = (
     "max_insert_block_size = 1000000000000, max_insert_threads = 1"
 )
 BUILDING, SERVING, RETIRED, FAILED = "building", "serving", "retired", "failed"
+# A rebuild's states: `built` (verified, not serving: `--no-swap`), `previous` (replaced by a
+# rebuild, kept and maintained for a rollback). Both are maintained by every batch.
+BUILT, PREVIOUS = "built", "previous"
+MAINTAINED = (SERVING, BUILDING, BUILT, PREVIOUS)
+REBUILD, NO_SWAP = "rebuild", "no-swap"  # a version's options
 INTEGER_TYPES = ("Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64")
 
 
@@ -84,6 +96,11 @@ class FamilyVersion:
     key_max: int | None = None
     build: int = 0  # when this build started: names its backfill progress
     columns: list[str] = field(default_factory=list)  # the entity's columns
+    options: str = ""  # comma-separated: REBUILD, NO_SWAP
+
+    @property
+    def rebuild(self) -> bool:
+        return REBUILD in self.options.split(",")
 
     def table(self, name: str) -> str:
         return f"{ident(self.database)}.{ident(f'{name}__{self.version}')}"
@@ -149,10 +166,17 @@ class ReadModelMaintainer:
                 self.state_table,
                 ["family String", "version String", "state LowCardinality(String)",
                  "chunks UInt32", "key_min Nullable(Int64)", "key_max Nullable(Int64)",
-                 "build UInt64", "definition String", "error String", "seq UInt64", "recorded_at DateTime64(3) DEFAULT now64(3)"],
+                 "build UInt64", "definition String", "error String", "seq UInt64", "recorded_at DateTime64(3) DEFAULT now64(3)",
+                 "options String DEFAULT ''"],
                 "ReplacingMergeTree", "seq", "(family, version)", deduplicate=False,
             )
         )  # fmt: skip
+        # A deployment whose table predates rebuilds gains the column.
+        self.ch.execute(
+            topology.alter_table(
+                self.state_table, "ADD COLUMN IF NOT EXISTS options String DEFAULT ''"
+            )
+        )
         self._created = True
 
     def ensure(self) -> list[str]:
@@ -174,15 +198,23 @@ class ReadModelMaintainer:
             if not set(family.entity.sources) <= existing:
                 continue
             mine = recorded.get(family.name, [])
+            # This definition has a version unless the only ones are rebuilds not serving yet
+            # (a failed version stays failed: a rebuild brings it back).
             current = next(
-                (v for v in mine if v.version == family.version and v.state != RETIRED), None
-            )
+                (v for v in mine if v.family.version == family.version and v.state != RETIRED
+                 and (not v.rebuild or v.state in (SERVING, PREVIOUS, BUILT))), None,
+            )  # fmt: skip
+            started = []
             if current is None:
-                current = self._start_version(family)
+                started = [self._start_version(family)]
                 done.append(f"building {family.name} version {family.version} (backfilling)")
-            # The previous version serves, and is kept current, until the new one is built.
-            previous = [v for v in mine if v.state == SERVING and v.version != family.version]
-            active = [v for v in [*previous, current] if v.state in (SERVING, BUILDING)]
+            # The serving version serves, and is kept current, until a new one is built; a
+            # building version of an older definition is abandoned (retired at the next swap).
+            active = [
+                v for v in [*mine, *started]
+                if v.state in (SERVING, BUILT, PREVIOUS)
+                or (v.state == BUILDING and v.family.version == family.version)
+            ]  # fmt: skip
             for version in active:
                 version.columns = self._entity_columns(version)
             self.active[family.name] = active
@@ -192,21 +224,24 @@ class ReadModelMaintainer:
         """Every recorded version, each with the definition it was built from."""
         found: dict[str, list[FamilyVersion]] = {}
         for row in self.ch.rows(
-            f"SELECT family, version, state, chunks, key_min, key_max, build, definition "
+            f"SELECT family, version, state, chunks, key_min, key_max, build, definition, options "
             f"FROM {self.state_table} FINAL ORDER BY build"
         ):
             family = family_from_json(row["definition"])
             found.setdefault(row["family"], []).append(
                 FamilyVersion(family, row["version"], self.database, row["state"],
                               int(row["chunks"]), _int(row["key_min"]), _int(row["key_max"]),
-                              int(row["build"]))
+                              int(row["build"]), options=row["options"])
             )  # fmt: skip
         return found
 
-    def _start_version(self, family: Family) -> FamilyVersion:
-        """Create a version's tables (empty) and plan its backfill."""
-        version = FamilyVersion(family, family.version, self.database, BUILDING,
-                                build=time.time_ns())  # fmt: skip
+    def _start_version(
+        self, family: Family, name: str | None = None, options: str = ""
+    ) -> FamilyVersion:
+        """Create a version's tables (empty) and plan its backfill; `name` names its tables
+        (default: the definition's hash)."""
+        version = FamilyVersion(family, name or family.version, self.database, BUILDING,
+                                build=time.time_ns(), options=options)  # fmt: skip
         self._drop(version)  # a retired version built again starts from empty tables
         entity = family.entity
         topology = self.ch.topology
@@ -284,10 +319,11 @@ class ReadModelMaintainer:
         version.state = state
         self.ch.execute(
             f"INSERT INTO {self.state_table} (family, version, state, chunks, key_min, key_max, "
-            f"build, definition, error, seq) VALUES ({quote(version.family.name)}, "
+            f"build, definition, error, seq, options) VALUES ({quote(version.family.name)}, "
             f"{quote(version.version)}, {quote(state)}, {version.chunks}, "
             f"{_sql_int(version.key_min)}, {_sql_int(version.key_max)}, {version.build}, "
-            f"{quote(family_to_json(version.family))}, {quote(error[:2000])}, {time.time_ns()})"
+            f"{quote(family_to_json(version.family))}, {quote(error[:2000])}, {time.time_ns()}, "
+            f"{quote(version.options)})"
         )
 
     # ---- per batch ---------------------------------------------------------------------------
@@ -303,7 +339,7 @@ class ReadModelMaintainer:
         for versions in self.active.values():
             for version in versions:
                 entity = version.family.entity
-                if version.state == FAILED or table not in entity.affects:
+                if version.state not in MAINTAINED or table not in entity.affects:
                     continue
                 keys = entity.affected_keys(table, self.replica_database, changed)  # 1.
                 self._guarded(version, partial(self._recompute, version, keys, batch, "read_model"))
@@ -414,12 +450,55 @@ class ReadModelMaintainer:
             self.backfills.record(batch, DONE)
             chunk += 1
         if chunk >= version.chunks:
+            if version.rebuild:
+                drifted = self._verify(version)
+                if drifted:
+                    self._record(version, FAILED, f"verification: {drifted}")
+                    return f"{version.family.name} version {version.version}: verification failed: {drifted}"
+                if NO_SWAP in version.options.split(","):
+                    self._record(version, BUILT)
+                    return f"{version.family.name} version {version.version}: built and verified, not serving (--no-swap)"
             self._swap(version)
             return f"{version.family.name} version {version.version}: built, now serving"
         return f"{version.family.name} version {version.version}: {chunk}/{version.chunks} chunks"
 
+    def _verify(self, version: FamilyVersion) -> str:
+        """A built version against its definition evaluated over the replicas (called between
+        batches: exact); the models that differ, with a row each, or "" when all are equal."""
+        drifted = []
+        for name, stored, defined in self._reconcile_pairs(version):
+            diff = self.ch.rows(
+                f"SELECT * FROM (({stored}) EXCEPT ({defined})) UNION ALL "
+                f"SELECT * FROM (({defined}) EXCEPT ({stored})) LIMIT 1 SETTINGS join_use_nulls = 1"
+            )
+            if diff:
+                drifted.append(f"{name} differs (e.g. {diff[0]})")
+        return "; ".join(drifted)
+
     def _swap(self, version: FamilyVersion) -> None:
-        """Point every read model of the family at the new version, then retire the old one."""
+        """Point every read model of the family at the new version, then retire the old one —
+        or, when the new one is a rebuild, keep the serving one as `previous` (maintained) for a
+        rollback. Each view switches in one statement: a reader sees the old version or the new,
+        both complete."""
+        family = version.family
+        self._point_views(version)
+        old = [v for v in self._recorded_versions().get(family.name, [])
+               if v.version != version.version and v.state in (*MAINTAINED, FAILED)]  # fmt: skip
+        self._record(version, SERVING)
+        kept: list[FamilyVersion] = []
+        for previous in old:
+            if version.rebuild and previous.state == SERVING:
+                self._record(previous, PREVIOUS)
+                kept.extend(v for v in self.active.get(family.name, [])
+                            if v.version == previous.version)  # fmt: skip
+                for v in kept:
+                    v.state = PREVIOUS
+                continue
+            self._record(previous, RETIRED)
+            self._drop(previous)
+        self.active[family.name] = [version, *kept]
+
+    def _point_views(self, version: FamilyVersion) -> None:
         family = version.family
         topology = self.ch.topology
         self.ch.execute(
@@ -436,13 +515,6 @@ class ReadModelMaintainer:
                     aggregate.served(version.table(aggregate.name)),
                 )
             )
-        old = [v for v in self._recorded_versions().get(family.name, [])
-               if v.version != version.version and v.state in (SERVING, BUILDING, FAILED)]  # fmt: skip
-        self._record(version, SERVING)
-        for previous in old:
-            self._record(previous, RETIRED)
-            self._drop(previous)
-        self.active[family.name] = [version]
 
     def _drop(self, version: FamilyVersion) -> None:
         """Drop every table of a version (found by its suffix: its aggregates may not be the
@@ -457,6 +529,80 @@ class ReadModelMaintainer:
                 f"DROP TABLE IF EXISTS {ident(self.database)}.{ident(row['name'])}{local}"
             )
 
+    # ---- rebuilds: projector/rebuild.py asks, between batches ------------------------------
+
+    def family_named(self, name: str) -> Family:
+        """The family of a read model or family `name`."""
+        for family in self.definitions.families:
+            if name == family.name or name in {m.name for m in family.models}:
+                return family
+        raise RebuildRefused(
+            f"no read model or family is named {name!r} (`projector read-models list` lists them)"
+        )
+
+    def start_rebuild(self, name: str, request: str, no_swap: bool = False) -> FamilyVersion:
+        """Start building the family of `name` again, as version `<hash>r<request>`: the same
+        request asked again (a crash before it was marked taken) finds the version it started."""
+        family = self.family_named(name)
+        versions = self.active.get(family.name)
+        if not versions:
+            raise RebuildRefused(
+                f"{family.name} is not kept yet: its source tables have no replica tables yet"
+            )
+        label = f"{family.version}r{request}"
+        existing = next((v for v in versions if v.version == label), None)
+        if existing is not None:
+            return existing
+        building = [v for v in versions if v.state == BUILDING]
+        if building:
+            raise RebuildRefused(f"{family.name} is already building version "
+                                 f"{building[0].version}: wait for it (`projector read-models list`)")  # fmt: skip
+        options = ",".join([REBUILD, NO_SWAP] if no_swap else [REBUILD])
+        version = self._start_version(family, label, options)
+        version.columns = self._entity_columns(version)
+        versions.append(version)
+        return version
+
+    def swap_built(self, name: str) -> str:
+        """Serve the family's version a `--no-swap` rebuild left built."""
+        family = self.family_named(name)
+        built = [v for v in self.active.get(family.name, []) if v.state == BUILT]
+        if not built:
+            raise RebuildRefused(f"{family.name} has no built version waiting to serve "
+                                 f"(`projector rebuild {name} --no-swap` builds one)")  # fmt: skip
+        self._swap(built[-1])
+        return f"{family.name} version {built[-1].version} serving"
+
+    def rollback(self, name: str) -> str:
+        """Serve the previous version again (kept current by every batch, so exact now); the
+        version serving until now becomes the previous one (a second rollback goes forward)."""
+        family = self.family_named(name)
+        versions = self.active.get(family.name, [])
+        previous = [v for v in versions if v.state == PREVIOUS]
+        if not previous:
+            raise RebuildRefused(f"{family.name} keeps no previous version (never rebuilt, or "
+                                 "dropped with --drop-old)")  # fmt: skip
+        back = previous[-1]
+        self._point_views(back)
+        for version in versions:
+            if version.state == SERVING:
+                self._record(version, PREVIOUS)
+        self._record(back, SERVING)
+        return f"{family.name} version {back.version} serving again"
+
+    def drop_old(self, name: str) -> str:
+        """Drop the previous version's tables (no rollback after this)."""
+        family = self.family_named(name)
+        versions = self.active.get(family.name, [])
+        previous = [v for v in versions if v.state == PREVIOUS]
+        if not previous:
+            raise RebuildRefused(f"{family.name} keeps no previous version to drop")
+        for version in previous:
+            self._record(version, RETIRED)
+            self._drop(version)
+        self.active[family.name] = [v for v in versions if v.state != RETIRED]
+        return f"{family.name}: dropped version {', '.join(v.version for v in previous)}"
+
     # ---- what ops and tests read ----
 
     def ensure_known(self) -> None:
@@ -464,7 +610,7 @@ class ReadModelMaintainer:
         if not self._created:
             self.create()
         for name, versions in self._recorded_versions().items():
-            self.active[name] = [v for v in versions if v.state in (SERVING, BUILDING)]
+            self.active[name] = [v for v in versions if v.state in MAINTAINED]
             for version in self.active[name]:
                 version.columns = self._entity_columns(version)
 
@@ -472,7 +618,7 @@ class ReadModelMaintainer:
         """Every recorded version but the retired ones: state, backfill progress, error."""
         found = []
         for row in self.ch.rows(
-            f"SELECT family, version, state, chunks, build, definition, error "
+            f"SELECT family, version, state, chunks, build, definition, error, options "
             f"FROM {self.state_table} FINAL WHERE state != {quote(RETIRED)} ORDER BY family, build"
         ):
             family = family_from_json(row["definition"])
@@ -483,6 +629,7 @@ class ReadModelMaintainer:
                 "family": row["family"], "version": row["version"], "state": row["state"],
                 "backfill": f"{min(done, int(row['chunks']))}/{row['chunks']} chunks",
                 "models": [m.name for m in family.models], "error": row["error"],
+                "options": row["options"], "chunks": int(row["chunks"]), "done_chunks": min(done, int(row["chunks"])),
             })  # fmt: skip
         return found
 

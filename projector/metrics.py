@@ -59,6 +59,10 @@ class ProjectorMetrics:
             "projector_watermark_lsn", "LSN of the read model's consistency watermark.",
             ["read_model"], registry=registry,
         )  # fmt: skip
+        self.table_paused = Gauge(
+            "projector_table_paused", "1 while `projector pause` holds the table back here.",
+            ["table"], registry=registry,
+        )  # fmt: skip
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 from confluent_kafka import (
@@ -52,13 +53,16 @@ from projector.errors import (
     KafkaUnavailable,
     PartitionLost,
     PoisonMessage,
+    RebuildRefused,
     SourceUnavailable,
 )
 from projector.fast_path import FastPath, Segment
 from projector.materialize import ReadModelMaintainer, maintainer_for
 from projector.messages import KafkaMessages, RawMessage, source_table_of
 from projector.metrics import ProjectorMetrics
+from projector.rebuild import OpsRequests, TablePauses, take_requests
 from projector.replica import ReplicaCatalog
+from projector.replica_rebuild import ReplicaRebuild, ReplicaRebuilds, take_replica_requests
 from projector.resnapshot import SignalTable
 from projector.snapshot_sweep import SnapshotSweep
 from projector.topic_guard import TopicGuard, TopicShape
@@ -76,6 +80,7 @@ TRANSIENT: tuple[type[Exception], ...] = (
 KEEP_POLLING_S = 1.0  # how often a member waiting long for its batch polls (stays in the group)
 FINISH_CHECK_S = 0.5  # how often a run asked to finish looks at its finish line, at most
 FIRST_WAITING_REPORT_S, WAITING_REPORT_S = 5.0, 30.0  # when it logs what it still waits for
+PAUSE_CHECK_S = 1.0  # how often it reads which tables `projector pause` paused
 
 
 def with_retries(
@@ -143,16 +148,40 @@ class Projector:
         fast_path = None
         if config.fast_path and has_fast_path:
             fast_path = FastPath(ch, config.registry_url, config.transaction_metadata)
+        upcasters = Upcasters.load(config.upcasters_file)
         self.applier = BatchApplier(
             ch, self.schemas,
             ReplicaCatalog(ch, config.replica_prefix, SignalTable(config.source_dsn).request),
-            PROJECTION,
-            upcasters=Upcasters.load(config.upcasters_file), fast_path=fast_path, sweep=sweep,
+            PROJECTION, upcasters=upcasters, fast_path=fast_path, sweep=sweep,
         )  # fmt: skip
+        # Replica tables rebuilt from Kafka (projector/replica_rebuild.py): the same apply code.
+        self.replica_rebuilds = ReplicaRebuilds(
+            ch, config.control_database, config.replica_prefix, config.topic_prefix,
+            config.kafka_bootstrap,
+            lambda catalog, projection: BatchApplier(
+                ch, self.schemas, catalog, projection, upcasters=upcasters, fast_path=fast_path,
+                # a shadow re-snapshotted in its history is swept too, its bounds its own
+                sweep=SnapshotSweep(ch, config.control_database, projection,
+                                    self._partition_count),
+            ),
+            chunk_messages=config.replica_rebuild_chunk_messages,
+        )  # fmt: skip
+        with_retries(self.replica_rebuilds.create, "creating the replica rebuild table")
+        self._replica_jobs: list[ReplicaRebuild] = []
+        self._next_replica_request_check = 0.0
         # Read models are kept inside the batch commit (projector/materialize.py); None when this
         # member does not keep them (config `maintain_read_models`).
         self.read_models: ReadModelMaintainer | None = maintainer_for(config, ch)
         self.read_model_list = load_read_models(config.read_models_file)
+        # Rebuilds, rollbacks (projector/rebuild.py) and pauses are asked through control tables.
+        self.requests = OpsRequests(ch, config.control_database)
+        with_retries(self.requests.create, "creating the ops request table")
+        self.pauses = TablePauses(ch, config.control_database)
+        with_retries(self.pauses.create, "creating the table pause tables")
+        self._pause_wanted: set[str] = with_retries(self.pauses.wanted, "reading paused tables")
+        self._paused: set[tuple[str, int]] = set()  # partitions held back by `projector pause`
+        self._next_pause_check = 0.0
+        self._recorded_pauses: dict[str, bool] = {}  # what this member recorded it did
         self._next_read_model_check = 0.0
         self.partitions: dict[tuple[str, int], PartitionState] = defaultdict(PartitionState)
         # The next offset to apply per assigned partition (after the last batch done).
@@ -211,6 +240,13 @@ class Projector:
         consumer.incremental_assign(
             [TopicPartition(r.topic, r.partition, r.offset) for r in resumes]
         )
+        # A paused table's partitions stay paused (an open intent is replayed first, then they
+        # pause: nothing else is applied before it).
+        paused = [TopicPartition(r.topic, r.partition) for r in resumes
+                  if r.replay is None and _table_of(r.topic) in self._pause_wanted]  # fmt: skip
+        if paused:
+            consumer.pause(paused)
+            self._paused.update((tp.topic, tp.partition) for tp in paused)
         if self._waiting:  # assigned while a batch waits for ClickHouse: fetch nothing yet
             consumer.pause(consumer.assignment())
 
@@ -277,6 +313,7 @@ class Projector:
     def _forget(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._unpositioned.discard((tp.topic, tp.partition))
+            self._paused.discard((tp.topic, tp.partition))
             self.metrics.forget(tp.topic, tp.partition)
             self.next_offset.pop((tp.topic, tp.partition), None)
             self.partitions.pop((tp.topic, tp.partition), None)
@@ -322,8 +359,10 @@ class Projector:
                 if self._in_flight is not None and self._in_flight.done():
                     self._wait_for_batch()  # an idle loop still records the last batch
                 self._position_waiting()
+                self._honour_pauses()
                 self._report_progress()
                 self._ensure_read_models()
+                self._rebuild_replicas()
                 if tick is not None:
                     tick()
                 now = time.monotonic()
@@ -348,6 +387,7 @@ class Projector:
                 self._apply_thread.shutdown(wait=True)
                 self.producer.flush(10)
                 self.consumer.close()
+                self.replica_rebuilds.close()
         log.info(
             "stopped: %d events applied (%d by the fast path), %d dead letters",
             self.applied_events, self.fast_events, self.dead_letters,
@@ -392,6 +432,8 @@ class Projector:
         for (topic, partition), state in list(self.partitions.items()):
             if replaying and (topic, partition) not in replaying:
                 continue
+            if (topic, partition) in self._paused:
+                continue  # what it fetched before the pause waits in its buffer
             while state.buffer:
                 batch_msgs, state.buffer = cut_batch(  # type: ignore[assignment]
                     state.buffer, offset_of, state.replay, self.config.max_batch_messages, drain
@@ -458,10 +500,50 @@ class Projector:
     def _resume_paused(self) -> None:
         if self._waiting:
             self._waiting = False
-            waiting = self._unpositioned
+            waiting = self._unpositioned | self._paused
             self.consumer.resume(
                 [tp for tp in self.consumer.assignment() if (tp.topic, tp.partition) not in waiting]
             )
+
+    def _honour_pauses(self) -> None:
+        """Pause or resume the partitions of the tables `projector pause | resume` named (read
+        every PAUSE_CHECK_S), after settling the batch in flight: a table stops after a whole
+        batch, and its read models' watermarks hold where its transactions stop. A partition
+        with an open intent is replayed first (replay first), then paused."""
+        now = time.monotonic()
+        if now < self._next_pause_check:
+            return
+        self._next_pause_check = now + PAUSE_CHECK_S
+        try:
+            self._pause_wanted = wanted = self.pauses.wanted()
+        except TRANSIENT:
+            return  # read on a later round
+        pause = [
+            key for key, state in self.partitions.items()
+            if key in self.next_offset and key not in self._paused and state.replay is None
+            and _table_of(key[0]) in wanted
+        ]  # fmt: skip
+        resume = [key for key in self._paused if _table_of(key[0]) not in wanted]
+        if pause or resume:
+            self._wait_for_batch()
+            self.consumer.pause([TopicPartition(t, p) for t, p in pause])
+            self._paused.update(pause)
+            self._paused.difference_update(resume)
+            self.consumer.resume([TopicPartition(t, p) for t, p in resume])
+        # Recorded here, also for partitions paused on assignment (no ClickHouse in a rebalance).
+        now_paused = {_table_of(t) for t, _ in self._paused}
+        changed = {
+            t: t in now_paused
+            for t in now_paused | set(self._recorded_pauses)
+            if self._recorded_pauses.get(t) != (t in now_paused)
+            and (t in now_paused or t not in wanted)
+        }  # fmt: skip (revoked: not ours)
+        for table, paused in sorted(changed.items()):
+            log.info("%s %s (projector %s)", "paused" if paused else "resumed", table,
+                     "pause" if paused else "resume")  # fmt: skip
+            self._main_retries(partial(self.pauses.record, table, paused), "recording a pause")
+            self._recorded_pauses[table] = paused
+            self.metrics.table_paused.labels(table).set(int(paused))
 
     def _sleep_polling(self, seconds: float) -> None:
         """The main thread's back-off: it keeps polling while it sleeps."""
@@ -563,12 +645,64 @@ class Projector:
         maintainer = self.read_models
         for line in self._main_retries(maintainer.ensure, "starting read models"):
             log.info("read models: %s", line)
+        taken = self._main_retries(partial(take_requests, self.requests, maintainer),
+                                   "taking rebuild requests")  # fmt: skip
+        for line in taken:
+            log.info("read models: %s", line)
         if maintainer.building:
             progress = self._main_retries(maintainer.backfill_step, "backfilling read models")
             if progress is not None:
                 log.info("read models: %s", progress)
             return  # the next chunk on the next round, between batches
         self._next_read_model_check = time.monotonic() + 3
+
+    def _rebuild_replicas(self) -> None:
+        """Take replica-table rebuild requests (once a second) and move every rebuild job whose
+        topic this member holds whole a step, with no batch in flight (replay first: not while
+        an open intent waits). projector/replica_rebuild.py says why that is exact."""
+        if any(state.replay is not None for state in self.partitions.values()):
+            return
+        now = time.monotonic()
+        if now >= self._next_replica_request_check:
+            self._next_replica_request_check = now + 1
+            rebuilds = self.replica_rebuilds
+            pending = [r for r in self._main_retries(self.requests.pending, "reading requests")
+                       if "." in r.target]  # fmt: skip
+            if pending:
+                self._wait_for_batch()
+                lines = self._main_retries(
+                    partial(take_replica_requests, self.requests, rebuilds, self.applied_to),
+                    "taking replica rebuild requests",
+                )
+                for line in lines:
+                    log.info("replica rebuild: %s", line)
+            self._replica_jobs = self._main_retries(rebuilds.jobs, "reading replica rebuilds")
+        held: dict[str, int] = defaultdict(int)
+        for topic, _ in self.next_offset:
+            held[topic] += 1
+        jobs = [
+            j for j in self._replica_jobs
+            if held.get(j.topic) and held[j.topic] == len(self.replica_rebuilds.partitions(j.topic))
+        ]  # fmt: skip
+        if not jobs:
+            return
+        self._wait_for_batch()
+        for job in jobs:
+            try:
+                caught_up = self._main_retries(
+                    partial(self.replica_rebuilds.step, job, self.applied_to),
+                    "rebuilding a replica",
+                )
+            except RebuildRefused as exc:  # the job fails, never the pipeline
+                log.error("replica rebuild of %s failed: %s", job.table, exc)
+                self._main_retries(partial(self.replica_rebuilds.fail, job, str(exc)),
+                                   "recording a failed rebuild")  # fmt: skip
+                continue
+            swapped = self._main_retries(
+                partial(self.replica_rebuilds.finish_step, job, caught_up), "swapping a replica"
+            )
+            if swapped is not None:
+                log.info("replica rebuild: %s", swapped)
 
     def _finish_read_models(self) -> None:
         """At the finish line: every read model whose sources exist is started and built."""
@@ -725,6 +859,11 @@ class Projector:
             checkpoint = checkpoints.get(key)
             applied[key] = None if checkpoint is None else checkpoint.resume_offset
         return applied
+
+
+def _table_of(topic: str) -> str:
+    """SCHEMA.TABLE of a table's topic."""
+    return ".".join(source_table_of(topic))
 
 
 def _key_schema_ids(messages: KafkaMessages) -> set[int]:

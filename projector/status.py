@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -31,6 +31,7 @@ from projector.checkpoint import PROJECTION, CheckpointStore
 from projector.config import ProjectorConfig, client_environment, open_backend
 from projector.dlq import DeadLetterStore
 from projector.errors import ProjectorError
+from projector.rebuild import TablePauses
 from projector.topic_guard import TopicGuard
 from projector.transactions import ConsistencyTracker, TransactionLedger, lsn_text
 from queries.read_models import load_read_models
@@ -46,7 +47,8 @@ def collect_status(
     dlq = DeadLetterStore(ch, config.control_database, PROJECTION)
     ledger = TransactionLedger(ch, config.control_database, PROJECTION)
     guard = TopicGuard(ch, config.control_database, PROJECTION, lambda _: None)
-    for store in (checkpoints, dlq, ledger, guard):
+    pauses = TablePauses(ch, config.control_database)
+    for store in (checkpoints, dlq, ledger, guard, pauses):
         store.create()  # an empty deployment reports zeros, not an error
     consumer = Consumer({"bootstrap.servers": config.kafka_bootstrap,
                          "group.id": f"projector-status-{uuid.uuid4()}"})  # fmt: skip
@@ -83,15 +85,17 @@ def collect_status(
         name: {"sources": collections, "watermark": watermarks.get(name)}
         for name, collections in sources.items()
     }
-    report = {
+    paused = pauses.honoured() | pauses.wanted()
+    report: dict[str, Any] = {
         "source": "clickhouse",
         "partitions": partitions,
         "read_models": read_models,
         "dead_letters": dlq.count(),
+        "paused_tables": sorted(paused),
     }
     report["projections"] = projection_rows(
         config, partitions, watermarks, dlq.by_topic(), guard.stopped_topics(),
-        _read_model_states(config, ch),
+        _read_model_states(config, ch), paused,
     )  # fmt: skip
     return report
 
@@ -117,6 +121,7 @@ def collect_live_status_at(url: str, timeout_s: float = 1.0) -> dict[str, Any] |
     read_models: dict[str, Any] = {}
     dead = 0
     dead_by_topic: dict[str, tuple[int, str]] = {}
+    paused = []
     for sample in samples:
         labels, value = sample.labels, sample.value
         if sample.name.startswith("projector_consumer_lag_"):
@@ -130,6 +135,8 @@ def collect_live_status_at(url: str, timeout_s: float = 1.0) -> dict[str, Any] |
         elif sample.name in ("projector_batch_seconds_count", "projector_batch_seconds_sum"):
             kind = "batches" if sample.name.endswith("count") else "seconds"
             batches.setdefault(labels["path"], {})[kind] = value
+        elif sample.name == "projector_table_paused" and value:
+            paused.append(labels["table"])
         elif sample.name == "projector_dead_letters_total":
             dead += int(value)
             dead_by_topic[labels["topic"]] = (int(value), "")
@@ -147,6 +154,7 @@ def collect_live_status_at(url: str, timeout_s: float = 1.0) -> dict[str, Any] |
         "read_models": read_models,
         "dead_letters": dead,
         "dead_letters_by_topic": dead_by_topic,  # since the process started
+        "paused_tables": sorted(paused),
     }
 
 
@@ -168,7 +176,7 @@ def status_report(config: ProjectorConfig) -> dict[str, Any]:
         marks = {name: model["watermark"] for name, model in live["read_models"].items()}
         dead = live["dead_letters_by_topic"]
         report = {**live, "projections": projection_rows(config, live["partitions"], marks, dead,
-                                                         {}, None)}  # fmt: skip
+                                                         {}, None, set(live["paused_tables"]))}  # fmt: skip
     assert report is not None
     env = client_environment()
     report["source_side"] = {
@@ -187,9 +195,11 @@ def projection_rows(
     dead_letters: Mapping[str, tuple[int, str]],
     stopped: Mapping[str, str],
     model_states: Mapping[str, tuple[str, str]] | None,
+    paused: Collection[str] = (),
 ) -> list[dict[str, Any]]:
     """One line per replica table, then per read model (module docstring). `model_states`: per
-    read model its state and error (None: not known here, shown as `live`)."""
+    read model its state and error (None: not known here, shown as `live`); `paused`: the tables
+    (SCHEMA.TABLE) `projector pause` holds back."""
     by_table: dict[str, dict[str, Any]] = {}
     for p in partitions:
         table = _table_of(config, p["topic"])
@@ -197,7 +207,7 @@ def projection_rows(
             continue
         row = by_table.setdefault(table, {
             "name": table, "kind": "replica", "topic": p["topic"],
-            "state": "stopped" if p["topic"] in stopped else "live",
+            "state": "stopped" if p["topic"] in stopped else "paused" if table in paused else "live",
             "lag_events": 0, "lag_seconds": None,
             "dead_letters": dead_letters.get(p["topic"], (0, ""))[0],
             "last_error": stopped.get(p["topic"]) or dead_letters.get(p["topic"], (0, ""))[1],

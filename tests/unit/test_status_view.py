@@ -58,6 +58,14 @@ def test_replica_lines_sum_partitions_and_read_models_sum_their_sources() -> Non
     assert {row["state"] for row in unknown} == {"live"}
 
 
+def test_a_paused_table_says_so_unless_it_is_stopped() -> None:
+    parts = [partition("cdc.shop.orders", 0, 5), partition("cdc.shop.customers", 0, 0)]
+    stopped = {"cdc.shop.customers": "topic re-created"}
+    rows = projection_rows(CONFIG, parts, {}, {}, stopped, None, {"shop.orders", "shop.customers"})
+    states = {row["name"]: row["state"] for row in rows if row["kind"] == "replica"}
+    assert states == {"shop.orders": "paused", "shop.customers": "stopped"}
+
+
 def test_names_sharing_a_long_prefix_never_look_the_same() -> None:
     prefix = "cdc.public.customers_of_the_northern_region_warehouse_partition_"
     names = [f"{prefix}{suffix}" for suffix in ("4bfdd94c", "4bfdd94d", "a")]

@@ -1,0 +1,353 @@
+"""`projector rebuild` builds a read model's family again beside the serving one while the
+running projector keeps serving and updating it; a reader polling it throughout never sees an
+empty, failed or going-backwards answer; a SIGKILL of the projector mid-rebuild resumes; a
+rollback serves the replaced version again. `projector pause | resume` hold a table back.
+
+Server backend only: the command runs beside the projector (with chDB one process owns the
+data, and the command does the job itself: the same code, without the concurrency).
+
+The size: PROJECTOR_REBUILD_TEST_ORDERS orders (about 3.5 events each) before the rebuild;
+docs/benchmarks.md has the large run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from confluent_kafka import TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from devstack.shop import ShopWriter
+from tests.integration.conftest import PROJECTOR, StackHandle
+from tests.integration.projector_harness import ProjectorProcess, assert_replica_equals_source
+from tests.integration.read_model_checks import assert_equal_to_postgres, shop_projection
+
+ORDERS = int(os.environ.get("PROJECTOR_REBUILD_TEST_ORDERS", "3000"))
+EVENTS = int(os.environ.get("PROJECTOR_REBUILD_TEST_EVENTS", "50000"))
+
+
+@pytest.fixture
+def server_url(clickhouse_server: str) -> str:
+    """These tests run the command beside a running projector: the server backend only."""
+    return clickhouse_server
+
+
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts, killed at its end if a failed assertion left them running."""
+    processes: list[subprocess.Popen[bytes]] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+
+
+def start(
+    projector: ProjectorProcess, started: list[subprocess.Popen[bytes]]
+) -> tuple[subprocess.Popen[bytes], int]:
+    """`projector run` in the background; the process and where its log began."""
+    since = len(projector.log.read_bytes())
+    process = projector.start()
+    started.append(process)
+    return process, since
+
+
+def stop(projector: ProjectorProcess, process: subprocess.Popen[bytes], since: int) -> None:
+    """SIGTERM once it runs (it has taken its partitions): it finishes its batch and exits 0."""
+    deadline = time.monotonic() + 120
+    while b"assigned" not in projector.log.read_bytes()[since:]:
+        assert time.monotonic() < deadline, projector.log.read_text()[-3000:]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+
+
+class NewOrdersOnly(ShopWriter):
+    """Inserts orders with their lines and nothing else: the number of orders and the sum of
+    their totals only grow, so a reader may expect both never to go back."""
+
+    def _one_transaction(self, conn: psycopg.Connection) -> None:
+        self._new_order(conn)
+
+
+@dataclass
+class Reader:
+    """Polls count() and sum(total) of a read model every few milliseconds, recording every
+    answer that is empty, failed, or smaller than one before it."""
+
+    url: str
+    query: str  # one row: n (a count) and s (a sum)
+    stop: threading.Event = field(default_factory=threading.Event)
+    answers: int = 0
+    last: tuple[int, float] = (0, 0.0)
+    wrong: list[str] = field(default_factory=list)
+
+    def run(self) -> None:
+        query = f"{self.query} FORMAT JSON"
+        with httpx.Client(timeout=30) as client:
+            while not self.stop.is_set():
+                response = client.post(self.url, content=query)
+                if response.status_code != 200:
+                    self.wrong.append(f"failed: {response.text[:300]}")
+                else:
+                    row = json.loads(response.text)["data"][0]
+                    now = (int(row["n"]), float(row["s"]))
+                    if now[0] == 0:
+                        self.wrong.append("empty")
+                    elif now[0] < self.last[0] or now[1] < self.last[1] - 1e-6:
+                        self.wrong.append(f"went back from {self.last} to {now}")
+                    self.last = max(self.last, now)
+                    self.answers += 1
+                time.sleep(0.005)
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, daemon=True)
+        thread.start()
+        return thread
+
+
+def versions(projector: ProjectorProcess, family: str) -> list[dict[str, object]]:
+    listed = projector.cli("read-models", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    return [row for row in json.loads(listed.stdout) if row["family"] == family]
+
+
+def test_a_read_model_rebuild_serves_throughout_resumes_after_a_kill_and_rolls_back(
+    stack: StackHandle, projector: ProjectorProcess, server_url: str,
+    started: list[subprocess.Popen[bytes]],
+) -> None:  # fmt: skip
+    schema = shop_projection(stack, projector)
+    projector.env["PROJECTOR_READ_MODEL_BACKFILL_CHUNK_KEYS"] = str(max(1, ORDERS // 20))
+    NewOrdersOnly(stack.admin_dsn, schema, seed=5).run(rate_per_s=0, transactions=ORDERS)
+    projector.catch_up()
+    (old,) = versions(projector, "order_summary")
+    assert old["state"] == "serving", old
+
+    process, since = start(projector, started)
+    writing = threading.Event()
+    writer = threading.Thread(
+        target=NewOrdersOnly(stack.admin_dsn, schema, seed=6).run,
+        kwargs={"rate_per_s": 50, "stop": writing.is_set}, daemon=True,
+    )  # fmt: skip
+    reader = Reader(
+        server_url,
+        f"SELECT count() AS n, toFloat64(sum(total)) AS s FROM {projector.read_model_db}.order_summary",
+    )
+    threads = [writer, reader.start()]
+    writer.start()
+    seen = len(projector.log.read_bytes())
+    with (projector.log.parent / "rebuild.log").open("wb") as out:
+        rebuild = subprocess.Popen(  # follows the request across the projector's crash
+            [PROJECTOR, "rebuild", "order_summary"], env=projector.env, stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    started.append(rebuild)
+    deadline = time.monotonic() + 240
+    while not re.search(
+        rb"order_summary version \w+r\w+: [2-9]/", projector.log.read_bytes()[seen:]
+    ):
+        assert time.monotonic() < deadline, projector.log.read_text()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # in the middle of the rebuild's backfill
+    process.wait(30)
+    assert sorted(str(v["state"]) for v in versions(projector, "order_summary")) == [
+        "building", "serving"
+    ]  # fmt: skip
+    process, since = start(projector, started)
+    assert rebuild.wait(300) == 0, (projector.log.parent / "rebuild.log").read_text()
+    report = (projector.log.parent / "rebuild.log").read_text()
+    assert "serving" in report and "--rollback" in report, report
+
+    writing.set()
+    writer.join(60)
+    (new,) = [v for v in versions(projector, "order_summary") if v["state"] == "serving"]
+    assert new["version"] != old["version"]
+    assert [v["state"] for v in versions(projector, "order_summary") if v["version"] == old["version"]] == ["previous"]  # fmt: skip
+    reader.stop.set()
+    threads[1].join(30)
+    assert reader.wrong == [], reader.wrong[:5]
+    assert reader.answers > 20, reader.answers  # it read throughout
+    stop(projector, process, since)
+    projector.catch_up()
+    assert_equal_to_postgres(stack, projector, schema)
+
+    # Rollback: the replaced version (kept current by every batch) serves again, exactly.
+    process, since = start(projector, started)
+    NewOrdersOnly(stack.admin_dsn, schema, seed=7).run(rate_per_s=0, transactions=50)
+    rollback = projector.cli("rebuild", "order_summary", "--rollback", timeout_s=120)
+    assert rollback.returncode == 0, rollback.stdout + rollback.stderr
+    states = {v["version"]: v["state"] for v in versions(projector, "order_summary")}
+    assert states == {old["version"]: "serving", new["version"]: "previous"}, states
+    drop = projector.cli("rebuild", "order_summary", "--drop-old", timeout_s=120)
+    assert drop.returncode == 0, drop.stdout + drop.stderr
+    stop(projector, process, since)
+    projector.catch_up()
+    assert [v["state"] for v in versions(projector, "order_summary")] == ["serving"]
+    leftovers = projector.sql(
+        f"SELECT name FROM system.tables WHERE database = '{projector.read_model_db}' "
+        f"AND endsWith(name, '__{new['version']}')"
+    )
+    assert leftovers == [], leftovers
+    assert_equal_to_postgres(stack, projector, schema)
+
+
+def test_a_paused_table_holds_until_resumed(
+    stack: StackHandle, projector: ProjectorProcess, started: list[subprocess.Popen[bytes]]
+) -> None:
+    schema = shop_projection(stack, projector)
+    NewOrdersOnly(stack.admin_dsn, schema, seed=8).run(rate_per_s=0, transactions=20)
+    projector.catch_up()
+    orders = f"{projector.replica_db.replace('public', schema)}.orders"
+    (before,) = projector.sql(f"SELECT count() AS n FROM {orders} FINAL")
+    process, since = start(projector, started)
+    paused = projector.cli("pause", f"{schema}.orders", "--yes")
+    assert paused.returncode == 0, paused.stderr
+    deadline = time.monotonic() + 60
+    while not projector.sql(
+        f"SELECT table FROM {projector.control_db}.table_pause_states FINAL WHERE paused = 1"
+    ):
+        assert time.monotonic() < deadline, projector.log.read_text()[-3000:]
+        time.sleep(0.3)
+
+    NewOrdersOnly(stack.admin_dsn, schema, seed=9).run(rate_per_s=0, transactions=20)
+    topic = f"{stack.env.get('TOPIC_PREFIX', 'cdc')}.{schema}.orders"
+    end = stack.end_offset(topic)
+    fence = stack.fence()  # committed after the orders: applied once the projector got past them
+    deadline = time.monotonic() + 120
+    while not projector.fence_applied(fence):
+        assert time.monotonic() < deadline, projector.log.read_text()[-3000:]
+        time.sleep(0.3)
+    assert stack.end_offset(topic) >= end > 0
+    (held,) = projector.sql(f"SELECT count() AS n FROM {orders} FINAL")
+    assert held == before, "a paused table was applied"
+    # the order lines (not paused) went on
+    (lines,) = projector.sql(
+        f"SELECT count() AS n FROM {orders.replace('.orders', '.order_items')} FINAL"
+    )
+    ((pg_lines,),) = stack.sql(f"SELECT count(*) FROM {schema}.order_items")
+    assert int(lines["n"]) == pg_lines
+
+    resumed = projector.cli("resume", f"{schema}.orders", "--yes")
+    assert resumed.returncode == 0, resumed.stderr
+    stop(projector, process, since)
+    projector.catch_up()
+    (after,) = projector.sql(f"SELECT count() AS n FROM {orders} FINAL")
+    ((pg_orders,),) = stack.sql(f"SELECT count(*) FROM {schema}.orders")
+    assert int(after["n"]) == pg_orders > int(before["n"])
+    assert_equal_to_postgres(stack, projector, schema)
+
+
+def test_a_replica_table_rebuilt_from_kafka_serves_throughout_resumes_and_rolls_back(
+    stack: StackHandle, projector: ProjectorProcess, server_url: str,
+    started: list[subprocess.Popen[bytes]],
+) -> None:  # fmt: skip
+    table = projector.table("ledger")
+    stack.sql(f"CREATE TABLE {table} (id bigserial PRIMARY KEY, amount int NOT NULL)")
+    stack.sql(f"INSERT INTO {table} (amount) SELECT n % 100 FROM generate_series(1, {EVENTS}) n")
+    projector.env["PROJECTOR_REPLICA_REBUILD_CHUNK_MESSAGES"] = str(max(1, EVENTS // 10))
+    projector.catch_up()
+    process, since = start(projector, started)
+
+    writing = threading.Event()
+
+    def insert_only() -> None:  # rows only come: count and sum may never go back
+        with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+            while not writing.is_set():
+                conn.execute(f"INSERT INTO {table} (amount) VALUES (7), (8)")
+                time.sleep(0.02)
+
+    writer = threading.Thread(target=insert_only, daemon=True)
+    writer.start()
+    reader = Reader(
+        server_url,
+        f"SELECT count() AS n, toFloat64(sum(amount)) AS s FROM {projector.replica_db}.{table} "
+        "FINAL WHERE NOT _is_deleted",
+    )
+    reading = reader.start()
+    seen = len(projector.log.read_bytes())
+    with (projector.log.parent / "rebuild.log").open("wb") as out:
+        rebuild = subprocess.Popen(
+            [PROJECTOR, "rebuild", f"public.{table}", "--from", "kafka"], env=projector.env,
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    started.append(rebuild)
+    deadline = time.monotonic() + 240
+    while projector.log.read_bytes()[seen:].count(f"rebuilding public.{table}: ".encode()) < 3:
+        assert time.monotonic() < deadline, projector.log.read_text()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # in the middle of the catch-up
+    process.wait(30)
+    process, since = start(projector, started)
+    assert rebuild.wait(300) == 0, (projector.log.parent / "rebuild.log").read_text()
+    report = (projector.log.parent / "rebuild.log").read_text()
+    assert "swapped" in report, report
+
+    writing.set()
+    writer.join(30)
+    reader.stop.set()
+    reading.join(30)
+    assert reader.wrong == [], reader.wrong[:5]
+    assert reader.answers > 20, reader.answers  # it read throughout
+    stop(projector, process, since)
+    projector.catch_up()
+    assert assert_replica_equals_source(stack, projector, table, ["id"]) > EVENTS
+
+    # Rollback: the previous table, chased meanwhile, serves again and equals Postgres.
+    process, since = start(projector, started)
+    stack.sql(f"INSERT INTO {table} (amount) VALUES (1), (2), (3)")
+    rollback = projector.cli("rebuild", f"public.{table}", "--rollback", timeout_s=120)
+    assert rollback.returncode == 0, rollback.stdout + rollback.stderr
+    assert "previous table serving" in rollback.stdout + rollback.stderr
+    stop(projector, process, since)
+    projector.catch_up()
+    assert_replica_equals_source(stack, projector, table, ["id"])
+
+
+def test_with_chdb_the_command_rebuilds_in_its_own_process(
+    stack: StackHandle, tmp_path: Path
+) -> None:
+    """chDB: no projector runs beside the command, which does the projector's part itself."""
+    projector = ProjectorProcess(stack, tmp_path)  # embedded chDB
+    schema = shop_projection(stack, projector)
+    projector.env["PROJECTOR_READ_MODEL_BACKFILL_CHUNK_KEYS"] = "50"
+    NewOrdersOnly(stack.admin_dsn, schema, seed=10).run(rate_per_s=0, transactions=200)
+    table = projector.table("ledger")
+    stack.sql(f"CREATE TABLE {table} (id bigserial PRIMARY KEY, amount int NOT NULL)")
+    stack.sql(f"INSERT INTO {table} (amount) SELECT n FROM generate_series(1, 500) n")
+    projector.env["PROJECTOR_TABLE_PATTERN"] += f"|{table}"
+    projector.catch_up()
+    (old,) = versions(projector, "order_summary")
+
+    rebuilt = projector.cli("rebuild", "order_status")  # a model: its family is rebuilt
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    states = {v["version"]: v["state"] for v in versions(projector, "order_status")}
+    assert sorted(states.values()) == ["previous", "serving"], states
+    assert versions(projector, "order_summary") == [old]  # other families untouched
+    replica = projector.cli("rebuild", f"public.{table}", "--from", "kafka")
+    assert replica.returncode == 0, replica.stdout + replica.stderr
+    assert "swapped" in replica.stdout + replica.stderr
+    assert_replica_equals_source(stack, projector, table, ["id"])
+    assert_equal_to_postgres(stack, projector, schema)
+
+    # Retention removed the topic's start: a rebuild from Kafka would miss rows, and says so.
+    dropped = projector.cli("rebuild", f"public.{table}", "--drop-old")
+    assert dropped.returncode == 0, dropped.stdout + dropped.stderr
+    admin = AdminClient({"bootstrap.servers": stack.env["KAFKA_BOOTSTRAP"]})
+    for future in admin.delete_records([TopicPartition(f"cdc.public.{table}", 0, 5)]).values():
+        future.result(timeout=30)
+    refused = projector.cli("rebuild", f"public.{table}", "--from", "kafka")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "--from snapshot" in refused.stderr and "retention" in refused.stderr, refused.stderr
