@@ -35,7 +35,7 @@ from tests.integration.projector_harness import ProjectorProcess, assert_replica
 from tests.integration.read_model_checks import assert_equal_to_postgres, shop_projection
 
 ORDERS = int(os.environ.get("PROJECTOR_REBUILD_TEST_ORDERS", "3000"))
-EVENTS = int(os.environ.get("PROJECTOR_REBUILD_TEST_EVENTS", "50000"))
+EVENTS = int(os.environ.get("PROJECTOR_REBUILD_TEST_EVENTS", "20000"))
 
 
 @pytest.fixture
