@@ -11,7 +11,7 @@ from connectors.apply import (
     dry_run,
     plan_apply,
 )
-from connectors.client import ConnectClient
+from connectors.client import ConnectClient, failure_summary
 from connectors.config import CaptureSpec, render_connector
 from connectors.errors import ConnectorConfigError, ConnectorError, ConnectUnavailable
 from connectors.source import IdentityGap, display_name, request_incremental_snapshot
@@ -29,6 +29,7 @@ __all__ = [
     "apply_connector",
     "display_name",
     "dry_run",
+    "failure_summary",
     "plan_apply",
     "render_connector",
     "request_incremental_snapshot",

@@ -26,6 +26,7 @@ from connectors import (
     IdentityGap,
     apply_connector,
     display_name,
+    failure_summary,
     render_connector,
 )
 from projector.clickhouse import ParameterisedClickHouse, ident
@@ -261,6 +262,8 @@ def _status_view(report: dict[str, Any]) -> Any:
     if "tasks" in connector:
         tasks = ", ".join(connector["tasks"]) or "no task"
         source.add_row("connector", f"{connector['name']}: {connector['state']} (tasks: {tasks})")
+        if connector.get("failure"):
+            source.add_row("", connector["failure"])
     else:
         source.add_row("connector", _unreadable(connector))
     extra: list[Any] = []
@@ -1375,7 +1378,8 @@ def connectors_status(
         for task in status.get("tasks", []):
             sys.stdout.write(f"  task {task['id']}: {task['state']}\n")
             if task.get("trace"):
-                sys.stdout.write("    " + task["trace"].splitlines()[0] + "\n")
+                summary = failure_summary(task["trace"]).replace("\n", "\n    ")
+                sys.stdout.write(f"    {summary}\n")
     states = [status["connector"]["state"]] + [t["state"] for t in status.get("tasks", [])]
     if any(s != "RUNNING" for s in states):
         raise typer.Exit(1)

@@ -308,7 +308,7 @@ def replication_slot(env: Mapping[str, str], warn_bytes: int) -> dict[str, Any]:
 
 def connector_state(env: Mapping[str, str]) -> dict[str, Any]:
     """The Debezium connector and its tasks, from Kafka Connect (`CONNECT_URL`)."""
-    from connectors import ConnectClient
+    from connectors import ConnectClient, failure_summary
 
     url = env.get("CONNECT_URL")
     if not url:
@@ -318,7 +318,10 @@ def connector_state(env: Mapping[str, str]) -> dict[str, Any]:
     tasks = [t["state"] for t in status.get("tasks", [])]
     state = status["connector"]["state"]
     healthy = state == "RUNNING" and tasks and all(t == "RUNNING" for t in tasks)
-    return {"name": name, "state": state, "tasks": tasks, "healthy": bool(healthy)}
+    traces = [t["trace"] for t in status.get("tasks", []) if t.get("trace")]
+    trace = status["connector"].get("trace") or (traces[0] if traces else "")
+    failure = {"failure": failure_summary(trace)} if trace else {}
+    return {"name": name, "state": state, "tasks": tasks, "healthy": bool(healthy), **failure}
 
 
 def unreachable_or(read: Callable[[], Any]) -> Any:

@@ -47,6 +47,15 @@ class StackHandle:
         env = self.env if capture is None else {**self.env, "CAPTURE": capture}
         apply_connector(self.connect, self.admin_dsn, env)
 
+    def connector_health(self) -> str:
+        """The connector's state for a failure message: why nothing arrives may be there."""
+        from projector.status import connector_state
+
+        try:
+            return str(connector_state(self.env))
+        except Exception as exc:
+            return f"connector state unreadable: {exc}"
+
     def fence(self) -> int:
         """Commit a row to the fence table: once it is in ClickHouse, so is every change
         committed before it (Debezium's one task emits in commit order)."""

@@ -96,7 +96,9 @@ class ProjectorProcess:
             assert done.returncode == 0, self.log.read_text()[-3000:]
             if self.fence_applied(fence):
                 return
-            assert time.monotonic() < deadline, f"fence {fence} not applied in {timeout_s}s"
+            assert time.monotonic() < deadline, (
+                f"fence {fence} not applied in {timeout_s}s; {self.stack.connector_health()}"
+            )
             time.sleep(0.5)
 
     def wait_for_log(self, text: str, timeout_s: float = 120) -> None:

@@ -228,7 +228,9 @@ def test_a_paused_table_holds_until_resumed(
     fence = stack.fence()  # committed after the orders: applied once the projector got past them
     deadline = time.monotonic() + 120
     while not projector.fence_applied(fence):
-        assert time.monotonic() < deadline, projector.log.read_text()[-3000:]
+        assert time.monotonic() < deadline, (
+            f"{stack.connector_health()}\n{projector.log.read_text()[-3000:]}"
+        )
         time.sleep(0.3)
     assert stack.end_offset(topic) >= end > 0
     (held,) = projector.sql(f"SELECT count() AS n FROM {orders} FINAL")

@@ -132,3 +132,23 @@ def test_config_change_names_added_removed_and_changed_keys_with_secrets_masked(
     assert change.changed == {"a": ("1", "2"), "database.password": ("***", "***")}
     assert not ConfigChange.between({"a": "1"}, {"a": "1"})
     assert ConfigChange.between(None, {"a": "1"}).created
+
+
+def test_a_connect_failure_is_summarised_by_its_reasons_not_its_frames() -> None:
+    from connectors import failure_summary
+
+    trace = (
+        "org.apache.kafka.connect.errors.ConnectException: Tolerance exceeded in error handler\n"
+        "\tat org.apache.kafka.connect.runtime.errors.RetryWithToleranceOperator.execAndHandleError"
+        "(RetryWithToleranceOperator.java:260)\n"
+        "Caused by: org.apache.kafka.connect.errors.DataException: Failed to serialize Avro data\n"
+        "\tat io.confluent.connect.avro.AvroConverter.fromConnectData(AvroConverter.java:95)\n"
+        "\t... 12 more\n"
+        "Caused by: java.net.SocketTimeoutException: Read timed out\n"
+        "\tat java.base/sun.nio.ch.NioSocketImpl.timedRead(NioSocketImpl.java:288)\n"
+    )
+    assert failure_summary(trace).splitlines() == [
+        "org.apache.kafka.connect.errors.ConnectException: Tolerance exceeded in error handler",
+        "Caused by: org.apache.kafka.connect.errors.DataException: Failed to serialize Avro data",
+        "Caused by: java.net.SocketTimeoutException: Read timed out",
+    ]
