@@ -32,6 +32,12 @@ class ProjectorMetrics:
             "projector_events_applied", "Change events applied to replica tables.",
             ["table", "path"], registry=registry,
         )  # fmt: skip
+        self.events_reread = Counter(
+            "projector_events_reread",
+            "Change events applied again after `projector reset` moved a table back (also in "
+            "projector_events_applied).",
+            ["table"], registry=registry,
+        )  # fmt: skip
         self.batch_seconds = Histogram(
             "projector_batch_seconds", "Time to apply one batch, intent to done record.",
             ["path"], buckets=BATCH_BUCKETS, registry=registry,
