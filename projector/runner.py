@@ -461,8 +461,8 @@ class Projector:
                         size = sum(1 for m in batch_msgs if offset_of(m) < until)
                         state.buffer = [*batch_msgs[size:], *state.buffer]
                         batch_msgs = batch_msgs[:size]
-                elif state.counted:  # an open intent: cut at the edges when it was first cut
-                    counted = counted_run(state.counted, state.replay.first)[0]  # type: ignore[union-attr]
+                elif state.counted and state.replay is not None:  # cut so when first cut
+                    counted = counted_run(state.counted, state.replay.first)[0]
                 batch = BatchRange(
                     topic, partition, offset_of(batch_msgs[0]), offset_of(batch_msgs[-1])
                 )

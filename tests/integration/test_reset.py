@@ -34,6 +34,14 @@ def started() -> Iterator[list[subprocess.Popen[bytes]]]:
             process.wait(30)
 
 
+def wait_for_log_since(projector: ProjectorProcess, since: int, text: str) -> None:
+    """Wait until the projector logged `text` after byte `since` of its log."""
+    deadline = time.monotonic() + 120
+    while text not in projector.log.read_bytes()[since:].decode():
+        assert time.monotonic() < deadline, projector.log.read_text()[-3000:]
+        time.sleep(0.3)
+
+
 def applied_in_run(log: str) -> int:
     """Events the last finished run applied (its closing line)."""
     found = re.findall(r"stopped: (\d+) events applied", log)
@@ -55,14 +63,16 @@ def test_a_table_reset_back_while_the_projector_runs_stays_exact(
     since = len(projector.log.read_bytes())
     process = projector.start()
     started.append(process)
-    projector.wait_for_log("assigned")
+    wait_for_log_since(projector, since, f"assigned {topic}[0]")
     reset = projector.cli("reset", f"{schema}.orders", "--to-offset", "0", "--yes")
     assert reset.returncode == 0, reset.stdout + reset.stderr
+    # the running projector paused the table, and resumed it once moved
+    assert "pausing" in reset.stderr and "resuming" in reset.stderr, reset.stderr
     assert f"partition 0: moved from offset {end:,} to 0" in reset.stderr, reset.stderr
     assert f"re-reads {end:,} event(s)" in reset.stderr, reset.stderr
     # writes go on while it re-reads
     ShopWriter(stack.admin_dsn, schema, seed=22).run(rate_per_s=0, transactions=30)
-    projector.wait_for_log("`projector reset` moved it to offset 0")
+    wait_for_log_since(projector, since, "`projector reset` moved it to offset 0")
     fence = stack.fence()
     deadline = time.monotonic() + 120
     while not projector.fence_applied(fence):
@@ -73,7 +83,10 @@ def test_a_table_reset_back_while_the_projector_runs_stays_exact(
     run_log = projector.log.read_bytes()[since:].decode()
     # every event of orders before the reset was applied again in this run
     assert applied_in_run(run_log) >= end, run_log[-3000:]
-    assert "paused" in run_log and "resumed" in run_log, run_log[-3000:]
+    paused = run_log.index(f"paused {schema}.orders")
+    assert (
+        paused < run_log.index("moved it to offset 0") < run_log.index(f"resumed {schema}.orders")
+    )
 
     projector.catch_up()
     verified = projector.cli("verify", f"{schema}.orders")
@@ -145,7 +158,7 @@ def test_reset_to_a_time_rereads_forward_skips_and_back_repairs(
     assert forward.returncode == 0, forward.stderr
     text = " ".join(forward.stderr.split())
     assert "SKIPS 5 event(s)" in text and "WARNING: moving forward skips 5 event(s)" in text, text
-    assert f"--to-offset <old>` (old offsets: 0: 25)" in text, text
+    assert "--to-offset <old>` (old offsets: 0: 25)" in text, text
     projector.catch_up()
     drift = projector.cli("verify", qualified)
     assert drift.returncode == 1, drift.stdout + drift.stderr
