@@ -33,6 +33,24 @@ And afterwards, `acknowledge` will:
   5. commit the Kafka offset after the batch, only as a convenience for lag tools (step B never
      reads it).
 
+`projector reset` moves a partition to another offset (projector/offset_reset.py), while the
+member holding it holds the table paused (no batch in flight, no open intent). `reset_to` will:
+
+  R1. claim the partition (A), one generation above every claim: the holder's batches would now
+      fail the fence, and its own re-claim, which the runner makes before it resumes the table,
+      is newer still;
+  R2. log the move (previous resume offset, new offset) in `partition_resets`. The transaction
+      ledger must count each event once, and events re-read after a reset back were counted
+      when they were first applied: `counted_ranges` turns the log into the offsets already
+      counted; the runner cuts batches at their edges and records no ledger progress for a
+      batch inside them. Logged before R3: a crash in between leaves a logged move that did not
+      happen, which (for a move back) claims no offset counted that was not, and the command,
+      run again, logs the same move again;
+  R3. record a `reset` checkpoint at the new offset under the claim of R1. It wins over every
+      record before it (an older generation), so steps B and 1 read it like a done batch ending
+      just before the offset: the partition resumes there, and the next batch must start at it
+      or after it.
+
 The fence: a member's own view of its assignment can be stale (ClickHouse stalled past
 `max.poll.interval.ms`, and the group gave its partitions to another member meanwhile), so the
 owners table in ClickHouse decides. "Still ours" = the partition's newest claim is the one this
@@ -74,6 +92,7 @@ M = TypeVar("M")
 
 INTENT = "intent"
 DONE = "done"
+RESET = "reset"  # `projector reset`: resume at `first` (recorded with last = first - 1)
 
 
 @dataclass(frozen=True)
@@ -112,7 +131,8 @@ class PartitionCheckpoint:
 
     @property
     def resume_offset(self) -> int:
-        """Where consumption continues: the intent's first offset, or after the done batch."""
+        """Where consumption continues: the intent's first offset, or after the done batch (a
+        reset's last offset is the one before where it resumes)."""
         return self.first if self.state == INTENT else self.last + 1
 
 
@@ -152,6 +172,7 @@ class CheckpointStore:
         self.ch = clickhouse
         self.table = f"{ident(database)}.checkpoints"
         self.owners = f"{ident(database)}.partition_owners"
+        self.resets = f"{ident(database)}.partition_resets"
         self.database = database
         self.projection = projection
 
@@ -188,6 +209,16 @@ class CheckpointStore:
                  "claimed_at DateTime64(3) DEFAULT now64(3)"],
                 "ReplacingMergeTree", "generation", "(`projection`, topic, `partition`)",
                 deduplicate=False,  # every claim must land
+            )
+        )  # fmt: skip
+        self.ch.execute(
+            topology.create_table(
+                self.resets,
+                ["`projection` String", "topic String", "`partition` Int32", "generation UInt64",
+                 "previous Int64", "`offset` Int64", "member String",
+                 "reset_at DateTime64(3) DEFAULT now64(3)"],
+                "ReplacingMergeTree", "", "(`projection`, topic, `partition`, generation)",
+                deduplicate=False,  # every reset must land
             )
         )  # fmt: skip
 
@@ -243,13 +274,55 @@ class CheckpointStore:
             )
         )
 
+    def reset_to(
+        self, topic: str, partition: int, offset: int, previous: int, member: str
+    ) -> Claim:
+        """R1-R3: the partition resumes at `offset` for whoever claims it next (the module
+        docstring); `previous` is where it would have resumed. Call while its holder keeps it
+        paused; the claim made is returned."""
+        if offset < 0:
+            raise CheckpointError(f"cannot reset {topic}[{partition}] to offset {offset}")
+        (claimed,) = self.claim([(topic, partition)], member).values()  # R1.
+        token = f"cp|reset|{topic}|{partition}|{claimed.generation}"
+        logged = {  # R2. (previous: where it would have resumed; 0 if it never applied any)
+            "projection": self.projection, "topic": topic, "partition": partition,
+            "generation": claimed.generation, "previous": previous, "offset": offset,
+            "member": member,
+        }  # fmt: skip
+        self.ch.execute(insert_statement(self.resets, list(logged), [logged], token=token))
+        row = {  # R3. sorted like a done batch ending at offset - 1 (`record`)
+            "projection": self.projection, "topic": topic, "partition": partition,
+            "first_offset": offset, "last_offset": offset - 1, "state": RESET,
+            "version": max(0, offset * 2 - 1), "generation": claimed.generation,
+        }  # fmt: skip
+        self.ch.execute(insert_statement(self.table, list(row), [row], token=token))
+        return claimed
+
+    def reset_history(
+        self, partitions: list[tuple[str, int]]
+    ) -> dict[tuple[str, int], list[tuple[int, int]]]:
+        """Each partition's resets in order: (previous resume offset, new offset)."""
+        if not partitions:
+            return {}
+        self._sync(self.resets)
+        rows = self.ch.rows(
+            f"SELECT topic, partition, previous, offset FROM {self.resets} FINAL "
+            f"WHERE {self._where(partitions)} ORDER BY generation"
+        )
+        history: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        for r in rows:
+            key = (r["topic"], int(r["partition"]))
+            history.setdefault(key, []).append((int(r["previous"]), int(r["offset"])))
+        return history
+
     def restart_at(self, topic: str, ends: dict[int, int], member: str) -> None:
         """Every partition of `topic` resumes at its offset in `ends` (a table's rebuild: nothing
         before those offsets is applied again). The topic's records go, then a claim above every
         member's and a done record before each end: a member that claims next reads them."""
-        self.ch.execute(
-            f"DELETE FROM {self.table} WHERE {self._where(None)} AND topic = {quote(topic)}"
-        )
+        for table in (self.table, self.resets):  # the old topic's offsets mean nothing now
+            self.ch.execute(
+                f"DELETE FROM {table} WHERE {self._where(None)} AND topic = {quote(topic)}"
+            )
         claimed = self.claim([(topic, partition) for partition in ends], member)
         for partition, end in ends.items():
             if end > 0:
@@ -286,6 +359,37 @@ class CheckpointStore:
         ]  # fmt: skip
         self.ch.execute(insert_statement(self.owners, list(rows[0]), rows, token=f"claim|{member}"))
         return claimed
+
+
+def counted_ranges(history: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """R3: from a partition's resets in order, (previous resume offset, new offset), the offset
+    ranges [first, end) whose events the transaction ledger has counted already. Between two
+    resets the partition applied (and counted) from the first one's new offset up to the second
+    one's previous offset; before the first reset, from the beginning. The ranges are merged
+    and sorted."""
+    ranges, start = [], 0
+    for previous, offset in history:
+        if previous > start:
+            ranges.append((start, previous))
+        start = offset
+    merged: list[tuple[int, int]] = []
+    for first, end in sorted(ranges):
+        if merged and first <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((first, end))
+    return merged
+
+
+def counted_run(ranges: Sequence[tuple[int, int]], offset: int) -> tuple[bool, int | None]:
+    """Whether the event at `offset` was counted already (`counted_ranges`), and the offset where
+    that stops being so (None: never): a batch starting at `offset` must end before it."""
+    for first, end in ranges:
+        if offset < first:
+            return False, first
+        if offset < end:
+            return True, end
+    return False, None
 
 
 def member_id() -> str:
@@ -360,7 +464,7 @@ class BatchCommitter:
                     f"open intent {previous.first}-{previous.last} on {batch.topic}[{batch.partition}] "
                     f"must be replayed exactly, got {batch.first}-{batch.last}"
                 )
-            if previous.state == DONE and batch.first <= previous.last:
+            if previous.state in (DONE, RESET) and batch.first <= previous.last:
                 raise CheckpointError(
                     f"batch {batch.first}-{batch.last} on {batch.topic}[{batch.partition}] overlaps "
                     f"the last applied offset {previous.last}"

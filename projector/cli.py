@@ -1184,6 +1184,185 @@ def _set_pause(table: str, paused: bool, yes: bool, config_file: Path | None) ->
                   "it after the batch in flight (`projector status` shows it)", highlight=False)  # fmt: skip
 
 
+# ---- reset (projector/offset_reset.py) -------------------------------------------------------
+
+
+@app.command("reset")
+def reset(
+    table: str = typer.Argument(..., help="The source table, SCHEMA.TABLE."),
+    to_offset: int | None = typer.Option(None, "--to-offset", help="Re-read from this Kafka offset."),
+    to_time: str | None = typer.Option(None, "--to-time", help="Re-read from the first event at or after this ISO-8601 time (UTC without a zone)."),
+    partition: list[int] | None = typer.Option(None, "--partition", help="Only this partition (repeatable; default: all)."),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation (scripts)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; change nothing."),
+    config_file: Path | None = ConfigOption,
+) -> None:  # fmt: skip
+    """Make a replica table re-read its topic from an offset (or a time), exactly once, while the
+    running projector keeps serving it and applying every other table. Moving back is safe: the
+    replica and the read models it feeds stay exact throughout (newer rows win over re-read ones).
+    Moving forward SKIPS events and leaves the table wrong until they are re-read (`projector
+    verify` shows it). With a ClickHouse server the running projector pauses the table, moves,
+    and resumes it; with chDB stop the projector first. (`projector table reset` is another
+    thing: it drops a stopped table and re-snapshots it.)"""
+    from projector.errors import ResetRefused
+    from projector.offset_reset import move, parse_time, plan, resolve_target
+
+    config = _config(config_file)
+    schema, _, name = table.partition(".")
+    if not schema or not name:
+        fail(f"{table!r}: give the source table as SCHEMA.TABLE", code=2)
+    if (to_offset is None) == (to_time is None):
+        fail("give one of --to-offset N or --to-time ISO-8601", code=2)
+    try:
+        when_ms = None if to_time is None else int(parse_time(to_time).timestamp() * 1000)
+        topic = f"{config.topic_prefix}.{table}"
+        retained, found, earliest = _kafka_positions(config, topic, table, partition, when_ms)
+        ch, checkpoints, pauses = _reset_backend(config)
+        keys = [(topic, p) for p in retained]
+        current = {p: c.resume_offset for (_, p), c in checkpoints.load(keys).items()}
+        targets = {
+            p: resolve_target(
+                topic, p, low, high, to_offset, when_ms, found.get(p), earliest.get(p)
+            )
+            for p, (low, high) in retained.items()
+        }
+        the_plan = plan(table, topic, retained, current, targets)
+        _refuse_unsafe_reset(config, ch, the_plan)
+    except ResetRefused as exc:
+        fail(str(exc), code=2)
+        raise
+    for line in the_plan.lines():
+        console.print(line, highlight=False, markup=False)
+    if dry_run:
+        return
+    if not any(m.replayed or m.skipped for m in the_plan.moves):
+        console.print("nothing to move")
+        return
+    running = pauses is not None
+    if not running:
+        console.print("no projector is running (chDB, or none in the group): the next "
+                      "`projector run` starts there")  # fmt: skip
+    question = f"move {table} FORWARD, skipping events?" if the_plan.forward else f"reset {table}?"
+    if not yes and not typer.confirm(question):
+        raise typer.Exit(1)
+    try:
+        done = move(the_plan, checkpoints, pauses,
+                    say=lambda line: console.print(line, highlight=False))  # fmt: skip
+    except ResetRefused as exc:
+        fail(str(exc))
+        raise
+    for m in done.moves:
+        console.print(f"partition {m.partition}: moved from offset {m.current:,} to {m.target:,}",
+                      highlight=False)  # fmt: skip
+    replayed, skipped = sum(m.replayed for m in done.moves), sum(m.skipped for m in done.moves)
+    who = "the projector" if running else "the next `projector run`"
+    if replayed:
+        console.print(f"{who} re-reads {replayed:,} event(s) (`projector status` shows the lag; "
+                      "metric projector_events_reread_total)", highlight=False)  # fmt: skip
+    if skipped:
+        console.print(f"{skipped:,} event(s) skipped: `projector verify {table}` shows what "
+                      "the table misses", highlight=False)  # fmt: skip
+
+
+def _kafka_positions(
+    config: ProjectorConfig, topic: str, table: str, only: list[int] | None, when_ms: int | None
+) -> tuple[dict[int, tuple[int, int]], dict[int, int], dict[int, int]]:
+    """Per partition of `topic` (or of `only`): Kafka's retained offsets (low, end); for a time,
+    the first offset at or after it (-1: none) and the earliest retained message's timestamp."""
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    from projector.errors import ResetRefused
+
+    consumer = Consumer({"bootstrap.servers": config.kafka_bootstrap,
+                         "group.id": f"{config.group_id}-reset", "enable.auto.commit": False})  # fmt: skip
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error is not None or not metadata.partitions:
+            raise ResetRefused(f"unknown table {table}: Kafka has no topic {topic} (name the "
+                               "source table as SCHEMA.TABLE; `projector status` lists them)")  # fmt: skip
+        partitions = sorted(metadata.partitions)
+        if only:
+            unknown = sorted(set(only) - set(partitions))
+            if unknown:
+                raise ResetRefused(f"{topic} has no partition {', '.join(map(str, unknown))} "
+                                   f"(its partitions: {', '.join(map(str, partitions))})")  # fmt: skip
+            partitions = sorted(set(only))
+        retained = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            for p in partitions
+        }
+        found: dict[int, int] = {}
+        earliest: dict[int, int] = {}
+        if when_ms is not None:
+            asked = [TopicPartition(topic, p, when_ms) for p in partitions]
+            found = {
+                tp.partition: tp.offset for tp in consumer.offsets_for_times(asked, timeout=10)
+            }
+            for p, (low, high) in retained.items():
+                if low > 0 and found[p] == low and high > low:  # did retention delete newer ones?
+                    consumer.assign([TopicPartition(topic, p, low)])
+                    message = consumer.consume(1, timeout=10)
+                    if message and message[0].error() is None:
+                        earliest[p] = message[0].timestamp()[1]
+                    consumer.unassign()
+    except KafkaException as exc:
+        raise ResetRefused(f"cannot read {topic}'s offsets from Kafka: {exc}") from exc
+    finally:
+        consumer.close()
+    return {p: (int(lo), int(hi)) for p, (lo, hi) in retained.items()}, found, earliest
+
+
+def _reset_backend(config: ProjectorConfig) -> tuple[Any, Any, Any]:
+    """ClickHouse, the checkpoint store, and the pause tables when a projector runs beside this
+    command (None: chDB, whose data only one process opens, or no member in the group)."""
+    from confluent_kafka.admin import AdminClient
+
+    from projector.checkpoint import PROJECTION, CheckpointStore
+    from projector.config import open_backend
+    from projector.rebuild import TablePauses
+
+    ch = open_backend(config)
+    checkpoints = CheckpointStore(ch, config.control_database, PROJECTION)
+    checkpoints.create()
+    if config.backend == "chdb":
+        return ch, checkpoints, None
+    admin = AdminClient({"bootstrap.servers": config.kafka_bootstrap})
+    futures = admin.describe_consumer_groups([config.group_id], request_timeout=10)
+    members = futures[config.group_id].result(timeout=15).members
+    if not members:
+        return ch, checkpoints, None
+    pauses = TablePauses(ch, config.control_database)
+    pauses.create()
+    return ch, checkpoints, pauses
+
+
+def _refuse_unsafe_reset(config: ProjectorConfig, ch: Any, the_plan: Any) -> None:
+    """A table whose replica cannot be moved as asked: none yet, append-only moved back, or a
+    rebuild chasing it (its shadow follows the live position, which must only grow)."""
+    from projector.clickhouse import quote
+    from projector.errors import ResetRefused
+
+    schema, name = the_plan.table.split(".", 1)
+    database = config.replica_prefix + schema
+    engines = ch.rows(f"SELECT engine FROM system.tables WHERE database = {quote(database)} "
+                      f"AND name = {quote(name)}")  # fmt: skip
+    if not engines:
+        raise ResetRefused(f"unknown table {the_plan.table}: ClickHouse has no replica "
+                           f"{database}.{name} (the projector has applied nothing of it yet)")  # fmt: skip
+    if "Replacing" not in engines[0]["engine"] and any(m.replayed for m in the_plan.moves):
+        raise ResetRefused(f"{the_plan.table} has no primary key: its replica keeps every event, "
+                           "and re-reading would add them again; `projector rebuild "
+                           f"{the_plan.table} --from kafka` rebuilds it")  # fmt: skip
+    rebuilds = _replica_rebuilds(config, ch)
+    rebuilds.create()
+    chasing = [j for j in rebuilds.jobs() if j.table == the_plan.table]
+    if chasing:
+        job = chasing[-1]
+        raise ResetRefused(f"a rebuild of {the_plan.table} (job {job.id}, {job.state}) keeps a "
+                           "table following the live one: let it finish and `projector rebuild "
+                           f"{the_plan.table} --drop-old` first")  # fmt: skip
+
+
 # ---- connectors ------------------------------------------------------------------------------
 
 connectors_app = typer.Typer(

@@ -40,6 +40,11 @@ class RebuildRefused(ProjectorError):
     what to do instead); nothing was changed."""
 
 
+class ResetRefused(ProjectorError):
+    """`projector reset` cannot move a table as asked (the message says why and what to do
+    instead); nothing was changed."""
+
+
 class CheckpointError(ProjectorError):
     """The checkpoint table contradicts what the consumer sees (an invariant is broken)."""
 

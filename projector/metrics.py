@@ -3,6 +3,7 @@
 | metric | labels | meaning |
 |---|---|---|
 | `projector_events_applied_total` | table, path | change events applied (`path`: fast or per_message) |
+| `projector_events_reread_total` | table | events applied again after `projector reset` moved the table back (also in events_applied) |
 | `projector_batch_seconds` | path | time to apply one batch, intent to done record |
 | `projector_read_model_seconds` | table | time to keep the read models for one batch of a source table (part of the batch) |
 | `projector_consumer_lag_offsets` | topic, partition | end offset - next offset to apply |
@@ -31,6 +32,12 @@ class ProjectorMetrics:
         self.events_applied = Counter(
             "projector_events_applied", "Change events applied to replica tables.",
             ["table", "path"], registry=registry,
+        )  # fmt: skip
+        self.events_reread = Counter(
+            "projector_events_reread",
+            "Change events applied again after `projector reset` moved a table back (also in "
+            "projector_events_applied).",
+            ["table"], registry=registry,
         )  # fmt: skip
         self.batch_seconds = Histogram(
             "projector_batch_seconds", "Time to apply one batch, intent to done record.",

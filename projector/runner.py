@@ -38,11 +38,14 @@ from projector.apply import BatchApplier, BatchOutcome, decode
 from projector.catch_up import Finish, FinishLine
 from projector.checkpoint import (
     PROJECTION,
+    RESET,
     BatchCommitter,
     BatchRange,
     CheckpointStore,
     Resume,
     acknowledge,
+    counted_ranges,
+    counted_run,
     cut_batch,
 )
 from projector.clickhouse import ClickHouse
@@ -119,6 +122,9 @@ class PartitionState:
     replay: BatchRange | None = None  # an open intent to replay exactly
     positioned: int = 0  # times steps A-C placed it: a batch cut before the last one is stale
     high_watermark: int = 0
+    # Offsets whose events the ledger counted before a `projector reset` moved the partition
+    # back (checkpoint.py, R2): batches are cut at their edges and those inside count nothing.
+    counted: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Projector:
@@ -273,6 +279,7 @@ class Projector:
         which are read from 0 (into the DLQ: the table is stopped, projector/topic_guard.py).
         One attempt: a transient failure is the caller's to retry."""
         resumes = self.committer.assign(keys)
+        history = self.checkpoints.reset_history(keys)
         topics = {topic for topic, _ in keys if topic != self.config.transaction_topic}
         recreated = {topic for topic in topics if self.guard.recreated(topic)}
         for index, resume in enumerate(resumes):
@@ -285,6 +292,12 @@ class Projector:
             state.buffer.clear()
             state.replay = resume.replay
             state.positioned += 1
+            state.counted = counted_ranges(history.get((resume.topic, resume.partition), []))
+            checkpoint = self.committer.checkpoints.get((resume.topic, resume.partition))
+            if checkpoint is not None and checkpoint.state == RESET:
+                log.info("%s[%d]: `projector reset` moved it to offset %d; reading from there "
+                         "(offsets counted before: %s)", resume.topic, resume.partition,
+                         resume.offset, state.counted or "none")  # fmt: skip
             self.next_offset[(resume.topic, resume.partition)] = resume.offset
             log.info(
                 "assigned %s[%d] from offset %d", resume.topic, resume.partition, resume.offset
@@ -440,6 +453,16 @@ class Projector:
                 )
                 if not batch_msgs:
                     break
+                counted = False
+                if state.counted and state.replay is None:
+                    # R2: a batch lies wholly inside or wholly outside what the ledger counted
+                    counted, until = counted_run(state.counted, offset_of(batch_msgs[0]))
+                    if until is not None and offset_of(batch_msgs[-1]) >= until:
+                        size = sum(1 for m in batch_msgs if offset_of(m) < until)
+                        state.buffer = [*batch_msgs[size:], *state.buffer]
+                        batch_msgs = batch_msgs[:size]
+                elif state.counted and state.replay is not None:  # cut so when first cut
+                    counted = counted_run(state.counted, state.replay.first)[0]
                 batch = BatchRange(
                     topic, partition, offset_of(batch_msgs[0]), offset_of(batch_msgs[-1])
                 )
@@ -461,7 +484,7 @@ class Projector:
                 ):
                     break  # revoked or re-positioned meanwhile: this batch is not ours to apply
                 self._in_flight = self._apply_thread.submit(
-                    self._commit_with_retries, batch, messages, segments
+                    self._commit_with_retries, batch, messages, segments, counted
                 )
                 state.replay = None
                 if self.stopping:
@@ -528,8 +551,13 @@ class Projector:
             self._wait_for_batch()
             self.consumer.pause([TopicPartition(t, p) for t, p in pause])
             self._paused.update(pause)
+            for topic, partition in resume:
+                # Steps A-C again: while paused, its checkpoint may have moved (`projector
+                # reset`, checkpoint.py R1-R3); our claim then lost, and this one is newer.
+                self._reposition(topic, partition)
             self._paused.difference_update(resume)
-            self.consumer.resume([TopicPartition(t, p) for t, p in resume])
+            self.consumer.resume([TopicPartition(t, p) for t, p in resume
+                                  if (t, p) in self.next_offset])  # fmt: skip
         # Recorded here, also for partitions paused on assignment (no ClickHouse in a rebalance).
         now_paused = {_table_of(t) for t, _ in self._paused}
         changed = {
@@ -713,10 +741,11 @@ class Projector:
                 return
 
     def _commit_with_retries(
-        self, batch: BatchRange, messages: KafkaMessages, segments: list[Segment] | None
-    ) -> BatchRange:
+        self, batch: BatchRange, messages: KafkaMessages, segments: list[Segment] | None,
+        counted: bool = False,
+    ) -> BatchRange:  # fmt: skip
         def attempt() -> None:
-            self.committer.commit(batch, lambda rng: self._apply(rng, messages, segments))
+            self.committer.commit(batch, lambda rng: self._apply(rng, messages, segments, counted))
 
         with_retries(
             attempt,
@@ -726,8 +755,12 @@ class Projector:
         return batch
 
     def _apply(
-        self, batch: BatchRange, messages: KafkaMessages, segments: list[Segment] | None
-    ) -> None:
+        self, batch: BatchRange, messages: KafkaMessages, segments: list[Segment] | None,
+        counted: bool = False,
+    ) -> None:  # fmt: skip
+        """Apply one batch: its replica rows, the read models it feeds, its ledger progress
+        (none when `counted`: re-read after a reset, its events were counted when first
+        applied)."""
         if batch.topic == self.config.transaction_topic:
             self.ledger.record_ends(batch, self._transaction_events(batch, messages))
             return
@@ -742,7 +775,12 @@ class Projector:
             schema, table = source_table_of(batch.topic)
             self.read_models.apply_batch(batch, schema, table)
             self.metrics.read_model_seconds.labels(table).observe(time.monotonic() - kept)
-        self.ledger.record_progress(batch, outcome.transactions, outcome.dead_transactions)
+        if counted:
+            self.metrics.events_reread.labels(".".join(source_table_of(batch.topic))).inc(
+                outcome.applied
+            )
+        else:
+            self.ledger.record_progress(batch, outcome.transactions, outcome.dead_transactions)
         self.applied_events += outcome.applied
         self.fast_events += outcome.applied if outcome.fast else 0
         path = "fast" if outcome.fast else "per_message"

@@ -120,10 +120,10 @@ def cluster() -> list[str]:
 
 def test_single_server_ddl_is_plain_and_deduplicates(single: list[str]) -> None:
     tables = [s for s in single if s.startswith("CREATE TABLE") and "ENGINE = Memory" not in s]
-    # checkpoints and partition owners (twice each: replicas and backfills), dlq, two ledgers, a
-    # keyed and a key-less replica, the read-model versions, three entity tables and five
-    # aggregate tables
-    assert len(tables) == 18
+    # checkpoints, partition owners and resets (twice each: replicas and backfills), dlq, two
+    # ledgers, a keyed and a key-less replica, the read-model versions, three entity tables and
+    # five aggregate tables
+    assert len(tables) == 20
     for statement in single:
         assert "ON CLUSTER" not in statement
         assert "Replicated" not in statement
@@ -131,7 +131,13 @@ def test_single_server_ddl_is_plain_and_deduplicates(single: list[str]) -> None:
         window = (
             "0"
             if any(
-                t in statement for t in ("checkpoints", "partition_owners", "read_model_versions")
+                t in statement
+                for t in (
+                    "checkpoints",
+                    "partition_owners",
+                    "partition_resets",
+                    "read_model_versions",
+                )
             )
             else "100000"
         )
@@ -142,7 +148,7 @@ def test_single_server_ddl_is_plain_and_deduplicates(single: list[str]) -> None:
 
 def test_cluster_ddl_runs_on_every_replica_with_replicated_engines(cluster: list[str]) -> None:
     tables = [s for s in cluster if s.startswith("CREATE TABLE") and "ENGINE = Memory" not in s]
-    assert len(tables) == 18
+    assert len(tables) == 20
     for statement in cluster:
         # a read model's stage is scratch of one recompute, local to the server we talk to
         if statement.startswith(("CREATE", "ALTER")) and "ENGINE = Memory" not in statement:
@@ -153,7 +159,13 @@ def test_cluster_ddl_runs_on_every_replica_with_replicated_engines(cluster: list
         window = (
             "0"
             if any(
-                t in statement for t in ("checkpoints", "partition_owners", "read_model_versions")
+                t in statement
+                for t in (
+                    "checkpoints",
+                    "partition_owners",
+                    "partition_resets",
+                    "read_model_versions",
+                )
             )
             else "10000"
         )
