@@ -16,8 +16,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from connectors import ConnectorError
-from devstack import Stack, StackError, healthy
+# The stack (devstack.supervisor and its settings) and the connectors package (psycopg) are
+# imported by the commands that use them: every `projector` command starts through this module,
+# and `projector sql` or `projector run` should not pay for them (a few hundred ms of CPU each;
+# the integration suite starts such commands hundreds of times).
 from projector.cli import app, connector_environment, console, fail
 from projector.errors import ProjectorError
 
@@ -30,6 +32,8 @@ app.add_typer(stack_app, name="stack")
 @stack_app.command("up")
 def stack_up() -> None:
     """Fetch what is missing, start every component, wait until all are healthy (idempotent)."""
+    from devstack import Stack, StackError, healthy
+
     stack = Stack()
     try:
         statuses = stack.up(log=lambda m: console.print(m, highlight=False))
@@ -45,6 +49,8 @@ def stack_up() -> None:
 @stack_app.command("down")
 def stack_down() -> None:
     """Stop every component (data stays in the state dir; `up` resumes it)."""
+    from devstack import Stack
+
     Stack().down(log=lambda m: console.print(m, highlight=False))
 
 
@@ -53,6 +59,8 @@ def stack_status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output with addresses."),
 ) -> None:
     """Show each component's state and the addresses a client needs. Exit 1 if any is unhealthy."""
+    from devstack import Stack, healthy
+
     statuses = Stack().status()
     if as_json:
         sys.stdout.write(json.dumps({s.name: asdict(s) for s in statuses}, indent=2) + "\n")
@@ -79,6 +87,8 @@ def stack_logs(
     lines: int = typer.Option(50, "--lines", "-n", help="How many lines from the end."),
 ) -> None:
     """Print the tail of one component's log."""
+    from devstack import Stack
+
     stack = Stack()
     try:
         component = stack.component(name)
@@ -92,6 +102,7 @@ def stack_logs(
 @stack_app.command("fetch")
 def stack_fetch() -> None:
     """Download the Java pieces (Kafka, Debezium, Apicurio, converter) into the cache."""
+    from devstack import StackError
     from devstack.artifacts import fetch_all
     from devstack.settings import StackSettings
 
@@ -112,6 +123,8 @@ def demo(
 ) -> None:
     """The main job, live: stack up, the shop application writing, the projector applying on
     embedded ClickHouse, and read models with the lag refreshing until Ctrl-C."""
+    from connectors import ConnectorError
+    from devstack import StackError
     from devstack.demo import run_demo
 
     try:
@@ -137,6 +150,8 @@ def bench(
 ) -> None:
     """Measure the projector against a naive baseline and ClickHouse's own decoder, on the same
     generated events, in one run (starts the stack if needed)."""
+    from connectors import ConnectorError
+    from devstack import StackError
     from devstack.bench import run_bench
 
     log = lambda m: console.print(m, highlight=False)  # noqa: E731
@@ -164,6 +179,8 @@ def read_model_bench(
     """Materialized read models against the views over the replicas they replaced: latency at
     10M orders, projector throughput with maintenance on and off, and freshness into
     daily_sales (starts the stack for the last two)."""
+    from connectors import ConnectorError
+    from devstack import StackError
     from devstack.read_model_bench import run_read_model_bench
 
     log = lambda m: console.print(m, highlight=False)  # noqa: E731
@@ -207,6 +224,8 @@ def freshness(
 ) -> None:
     """Commit-to-visible latency (p50/p95/p99) at fixed write rates into Postgres, through
     Debezium, Kafka and the projector into ClickHouse; and Debezium's source rate ceiling."""
+    from connectors import ConnectorError
+    from devstack import StackError
     from devstack.freshness import run_freshness
 
     log = lambda m: console.print(m, highlight=False)  # noqa: E731
@@ -232,6 +251,8 @@ def query_bench(
 ) -> None:
     """The query service: named-query latency (p50/p99) through the HTTP API and requests/s
     under a local load generator, cache on and off, against baselines of the same run."""
+    from connectors import ConnectorError
+    from devstack import StackError
     from devstack.query_bench import run_query_bench
 
     log = lambda m: console.print(m, highlight=False)  # noqa: E731

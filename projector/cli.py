@@ -19,16 +19,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from connectors import (
-    ApplyPlan,
-    ConnectClient,
-    ConnectorError,
-    IdentityGap,
-    apply_connector,
-    display_name,
-    failure_summary,
-    render_connector,
-)
 from projector.clickhouse import ParameterisedClickHouse, ident
 from projector.config import ProjectorConfig, client_environment, load_config
 from projector.errors import ConfigError, ProjectorError
@@ -36,6 +26,7 @@ from projector.redaction import configure_logging, redact, redacting_excepthook
 from schemas.errors import RegistryUnavailable
 
 if TYPE_CHECKING:
+    from connectors import ApplyPlan, ConnectClient, IdentityGap
     from projector.catch_up import Finish
     from queries.server import BackgroundServer
 
@@ -1377,6 +1368,8 @@ def connector_environment() -> dict[str, str]:
 
 
 def _connect_and_name() -> tuple[ConnectClient, str]:
+    from connectors import ConnectClient, render_connector
+
     env = connector_environment()
     if "CONNECT_URL" not in env:
         fail("CONNECT_URL is not set and no local stack exists (projector stack up)")
@@ -1384,6 +1377,8 @@ def _connect_and_name() -> tuple[ConnectClient, str]:
 
 
 def _connector_call(action: str) -> None:
+    from connectors import ConnectorError
+
     try:
         client, name = _connect_and_name()
         getattr(client, action)(name)
@@ -1420,6 +1415,7 @@ def connectors_apply(
     A table Postgres could not publish UPDATEs and DELETEs of (no primary key, no replica
     identity) is left out, with a warning: in the publication, the application's UPDATEs and
     DELETEs on it would fail."""
+    from connectors import ConnectClient, ConnectorError, apply_connector, display_name
     from connectors import dry_run as plan_dry_run
 
     env = connector_environment()
@@ -1474,6 +1470,8 @@ def connectors_apply(
 
 
 def _warn_left_out(gaps: tuple[IdentityGap, ...]) -> None:
+    from connectors import display_name
+
     for gap in gaps:
         console.print(
             f"[yellow]warning:[/yellow] {display_name(gap.table)} is not captured: {gap.reason}. "
@@ -1497,6 +1495,8 @@ def _warn_not_snapshotted(tables: tuple[str, ...]) -> None:
 
 def _print_plan(plan: ApplyPlan) -> None:
     """What `connectors apply` would do, as a diff (secrets masked; lines never wrapped)."""
+    from connectors import display_name
+
     out = Console(soft_wrap=True)
     change = plan.config_change
     if change.created:
@@ -1544,6 +1544,8 @@ def connectors_status(
     as_json: bool = typer.Option(False, "--json", help="Print Kafka Connect's status document."),
 ) -> None:
     """Show the connector's and its tasks' state. Exit 1 unless all are RUNNING."""
+    from connectors import ConnectorError, failure_summary
+
     try:
         client, name = _connect_and_name()
         status = client.status(name)

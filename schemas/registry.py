@@ -13,14 +13,15 @@ import io
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fastavro
-from confluent_kafka.schema_registry import SchemaRegistryClient
-from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from projector.redaction import redact
 from schemas.errors import NotConfluentFramed, RegistryUnavailable, UnknownSchema
+
+if TYPE_CHECKING:
+    from confluent_kafka.schema_registry import SchemaRegistryClient
 
 MAGIC_BYTE = 0
 REQUEST_TIMEOUT_S = 10
@@ -44,7 +45,14 @@ class WriterSchema:
 
 class SchemaCache:
     def __init__(self, registry_url: str) -> None:
-        self.client = SchemaRegistryClient({"url": registry_url, "timeout": REQUEST_TIMEOUT_S})
+        # Imported here: the registry client pulls in an HTTP/crypto stack (about a second of CPU
+        # on this box, measured) that every command importing this package would pay at start-up,
+        # though only those that decode messages use it.
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
+        self.client: SchemaRegistryClient = SchemaRegistryClient(
+            {"url": registry_url, "timeout": REQUEST_TIMEOUT_S}
+        )
         self.where = redact(registry_url)  # for errors: the address, never its password
         self._by_id: dict[int, WriterSchema] = {}
         self._previous: dict[int, WriterSchema | None] = {}
@@ -53,6 +61,8 @@ class SchemaCache:
         cached = self._by_id.get(schema_id)
         if cached is not None:
             return cached
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
         try:
             schema = self.client.get_schema(schema_id)
         except SchemaRegistryError as exc:
@@ -74,6 +84,8 @@ class SchemaCache:
         """The schema registered under `subject` just before `writer` (None: it is the first)."""
         if writer.schema_id in self._previous:
             return self._previous[writer.schema_id]
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
         try:
             versions = sorted(self.client.get_versions(subject))
             ids = {v: self.client.get_version(subject, v).schema_id for v in versions}

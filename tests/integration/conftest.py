@@ -62,6 +62,18 @@ class StackHandle:
         ((fence_id,),) = self.sql(f"INSERT INTO {FENCE_TABLE} DEFAULT VALUES RETURNING id")
         return int(fence_id)
 
+    def fence_in_kafka(self, timeout_s: float = 60) -> int:
+        """Commit a fence row and wait until its event is on Kafka: by then Debezium has handed
+        every change committed before it to its producer (one task, commit order)."""
+        topic = f"cdc.public.{FENCE_TABLE}"
+        before = self.end_offset(topic)
+        fence = self.fence()
+        deadline = time.monotonic() + timeout_s
+        while self.end_offset(topic) <= before:
+            assert time.monotonic() < deadline, f"fence {fence} not on {topic} in {timeout_s}s"
+            time.sleep(0.05)
+        return fence
+
     def end_offset(self, topic: str, partition: int = 0) -> int:
         """The offset the next message of `topic[partition]` will get."""
         consumer = Consumer({"bootstrap.servers": self.env["KAFKA_BOOTSTRAP"], "group.id": "probe"})

@@ -18,11 +18,16 @@ from typing import Any
 
 import httpx
 
-from projector.clickhouse import parse_rows
+from projector.clickhouse import ParameterisedClickHouse, parse_rows
+from projector.config import load_config, open_backend
+from queries.adhoc import run_read_only
+from queries.errors import QueryError
 from tests.integration.conftest import FENCE_TABLE, PROJECTOR, StackHandle
 
 # The connector's login variables: the projector derives its `source_dsn` from them.
 CONNECTOR_LOGIN = ("PG_HOST", "PG_PORT", "PG_DATABASE", "CDC_USER", "CDC_PASSWORD")
+# `projector sql`'s own defaults (--max-rows, --max-seconds).
+SQL_MAX_ROWS, SQL_MAX_SECONDS = 1_000_000, 300.0
 
 
 class ProjectorProcess:
@@ -69,6 +74,8 @@ class ProjectorProcess:
                 "PROJECTOR_READ_MODEL_DATABASE": self.read_model_db,
             }
         self.log = workdir / "projector.log"
+        self._fence_table_seen = False
+        self._servers: dict[tuple[str, ...], ParameterisedClickHouse] = {}
 
     def table(self, prefix: str) -> str:
         """A table name this projector projects (and no other test's projector does)."""
@@ -111,14 +118,22 @@ class ProjectorProcess:
             time.sleep(0.5)
 
     def fence_applied(self, fence: int) -> bool:
+        # One query once the fence's replica table is known to exist (each `projector sql` on
+        # chDB is a process start, seconds on a busy machine); asked again when it is gone.
+        newest = f"SELECT max(id) AS id FROM {self.replica_db}.{FENCE_TABLE} FINAL"
+        if self._fence_table_seen:
+            try:
+                return int(self.sql(newest)[0]["id"] or 0) >= fence
+            except AssertionError:  # dropped meanwhile (a test may reset the replicas)
+                self._fence_table_seen = False
         exists = self.sql(
             "SELECT count() AS n FROM system.tables "
             f"WHERE database = '{self.replica_db}' AND name = '{FENCE_TABLE}'"
         )
         if not int(exists[0]["n"]):
             return False
-        found = self.sql(f"SELECT max(id) AS id FROM {self.replica_db}.{FENCE_TABLE} FINAL")
-        return int(found[0]["id"] or 0) >= fence
+        self._fence_table_seen = True
+        return int(self.sql(newest)[0]["id"] or 0) >= fence
 
     def cli(
         self, *args: str, timeout_s: float = 120, env: dict[str, str] | None = None
@@ -130,6 +145,19 @@ class ProjectorProcess:
         )  # fmt: skip
 
     def sql(self, query: str) -> list[dict[str, Any]]:
+        """`projector sql --format json QUERY`. On a server, the same checked read-only SELECT
+        (`run_read_only`, what the command runs) is sent from this process: no chDB directory to
+        own there, and a process start per read costs seconds of suite time."""
+        if self.server_url is not None:
+            config = load_config(env=self.env)  # as the command reads it, now
+            login = (config.clickhouse_url, config.clickhouse_user, config.clickhouse_password)
+            if login not in self._servers:
+                self._servers[login] = open_backend(config)
+            try:
+                lines = run_read_only(self._servers[login], query, SQL_MAX_ROWS, SQL_MAX_SECONDS)
+            except QueryError as exc:
+                raise AssertionError(exc.message) from exc
+            return parse_rows("\n".join(lines))
         result = self.cli("sql", "--format", "json", query)
         assert result.returncode == 0, result.stderr
         return parse_rows(result.stdout)  # decimals stay exact
