@@ -1066,9 +1066,9 @@ def _rebuild_progress() -> Any:
 def _show_progress(
     progress: Any, task: Any, version: dict[str, Any], chunk_keys: int, started: float
 ) -> None:
-    done, total = version["done_chunks"], version["chunks"]
+    done, total = version["done_steps"], version["steps"]  # chunks built, then verified
     rate = done * chunk_keys / max(1e-3, time.monotonic() - started)
-    progress.update(task, completed=done, total=total, rate=f"chunks, {rate:,.0f} keys/s")
+    progress.update(task, completed=done, total=total, rate=f"steps, {rate:,.0f} keys/s")
 
 
 def _follow_request(

@@ -134,6 +134,21 @@ class FamilyVersion:
             f"SELECT {by} FROM ({all_keys}) AS k WHERE cityHash64({by}) % {self.chunks} = {chunk}"
         )
 
+    def chunk_predicate(self, chunk: int) -> str:
+        """The keys of verification chunk `chunk`, as a condition on the key column. Unlike
+        `chunk_keys` (the backfill's, which needs only the keys there were when it began: every
+        batch keeps the version from its creation) the chunks together cover every key value, so
+        keys born since the plan, and rows of keys the definition no longer has, are checked."""
+        by = ident(self.family.entity.by)
+        if self.key_min is not None and self.key_max is not None:
+            width = max(1, math.ceil((self.key_max - self.key_min + 1) / self.chunks))
+            low, high = self.key_min + chunk * width, self.key_min + (chunk + 1) * width - 1
+            bounds = ([] if chunk == 0 else [f"{by} >= {low}"]) + (
+                [] if chunk == self.chunks - 1 else [f"{by} <= {high}"]
+            )
+            return " AND ".join(bounds) or "1"
+        return f"cityHash64({by}) % {self.chunks} = {chunk}"
+
 
 class ReadModelMaintainer:
     """Keeps every read-model family current, batch by batch, and builds new versions."""
@@ -449,24 +464,52 @@ class ReadModelMaintainer:
                 return f"{version.family.name}: backfill failed"
             self.backfills.record(batch, DONE)
             chunk += 1
-        if chunk >= version.chunks:
-            if version.rebuild:
-                drifted = self._verify(version)
+            if version.rebuild:  # one step's work per call: its verification comes next
+                return f"{version.family.name} version {version.version}: {chunk}/{version.chunks} chunks"
+        if chunk >= version.chunks and version.rebuild:
+            # Verified a step at a time as well, between batches (ingestion waits one chunk's
+            # check, never the whole model's): checkpoint chunks `chunks … 2·chunks-1` check the
+            # entity's key chunks against the definition, chunk `2·chunks` the aggregates.
+            step = chunk - version.chunks
+            if step <= version.chunks:
+                batch = BatchRange(version.topic, 0, chunk, chunk)
+                self.backfills.record(batch, INTENT)
+                drifted = self._verify(version, step)
                 if drifted:
                     self._record(version, FAILED, f"verification: {drifted}")
                     return f"{version.family.name} version {version.version}: verification failed: {drifted}"
-                if NO_SWAP in version.options.split(","):
-                    self._record(version, BUILT)
-                    return f"{version.family.name} version {version.version}: built and verified, not serving (--no-swap)"
+                self.backfills.record(batch, DONE)
+                if step < version.chunks:
+                    return (f"{version.family.name} version {version.version}: verified "
+                            f"{step + 1}/{version.chunks} chunks")  # fmt: skip
+            if NO_SWAP in version.options.split(","):
+                self._record(version, BUILT)
+                return f"{version.family.name} version {version.version}: built and verified, not serving (--no-swap)"
+        if chunk >= version.chunks:
             self._swap(version)
             return f"{version.family.name} version {version.version}: built, now serving"
         return f"{version.family.name} version {version.version}: {chunk}/{version.chunks} chunks"
 
-    def _verify(self, version: FamilyVersion) -> str:
-        """A built version against its definition evaluated over the replicas (called between
-        batches: exact); the models that differ, with a row each, or "" when all are equal."""
+    def _verify(self, version: FamilyVersion, step: int) -> str:
+        """One step of a built version's verification (called between batches: exact): step
+        i < chunks compares the entity rows of key chunk i with the definition evaluated over
+        the replicas for those keys; step `chunks` compares each aggregate with the aggregate
+        evaluated over the entity rows (checked against the definition by the steps before, and
+        kept by every batch since). The models that differ, with a row each, or "" when equal."""
+        entity = version.family.entity
+        columns = ", ".join(ident(c) for c in version.columns)
+        if step < version.chunks:
+            where = version.chunk_predicate(step)
+            keys = f"SELECT {ident(entity.by)} FROM ({entity.all_keys(self.replica_database)}) AS k WHERE {where}"
+            pairs = [(entity.name,
+                      f"SELECT {columns} FROM {version.entity_table} FINAL WHERE {where}",
+                      f"SELECT {columns} FROM ({entity.select(self.replica_database, keys)})")]  # fmt: skip
+        else:
+            rows = f"(SELECT {columns} FROM {version.entity_table} FINAL)"
+            pairs = [(a.name, a.served(version.table(a.name)), a.evaluated(rows))
+                     for a in version.family.aggregates]  # fmt: skip
         drifted = []
-        for name, stored, defined in self._reconcile_pairs(version):
+        for name, stored, defined in pairs:
             diff = self.ch.rows(
                 f"SELECT * FROM (({stored}) EXCEPT ({defined})) UNION ALL "
                 f"SELECT * FROM (({defined}) EXCEPT ({stored})) LIMIT 1 SETTINGS join_use_nulls = 1"
@@ -625,11 +668,17 @@ class ReadModelMaintainer:
             topic = f"{row['family']}@{row['version']}@{row['build']}"
             checkpoint = self.backfills.load([(topic, 0)]).get((topic, 0))
             done = 0 if checkpoint is None else checkpoint.last + (checkpoint.state == DONE)
+            chunks = int(row["chunks"])
+            # A rebuild's steps: its chunks built, then verified, then its aggregates verified.
+            steps = 2 * chunks + 1 if REBUILD in row["options"].split(",") else chunks
+            backfill = f"{min(done, chunks)}/{chunks} chunks"
+            if done > chunks:
+                backfill += f", verified {min(done - chunks, chunks)}/{chunks}"
             found.append({
                 "family": row["family"], "version": row["version"], "state": row["state"],
-                "backfill": f"{min(done, int(row['chunks']))}/{row['chunks']} chunks",
-                "models": [m.name for m in family.models], "error": row["error"],
-                "options": row["options"], "chunks": int(row["chunks"]), "done_chunks": min(done, int(row["chunks"])),
+                "backfill": backfill, "models": [m.name for m in family.models],
+                "error": row["error"], "options": row["options"], "chunks": chunks,
+                "done_chunks": min(done, chunks), "steps": steps, "done_steps": min(done, steps),
             })  # fmt: skip
         return found
 

@@ -269,8 +269,8 @@ def _read_model_states(config: ProjectorConfig, ch: Any) -> dict[str, tuple[str,
         building = [v for v in mine if v["state"] == BUILDING]
         errors = [v["error"] for v in mine if v["state"] == FAILED and v["error"]]
         if building:
-            done, _, total = building[-1]["backfill"].split(" ")[0].partition("/")
-            percent = 100 * int(done) // int(total) if int(total) else 0
+            done, total = building[-1]["done_steps"], building[-1]["steps"]
+            percent = 100 * done // total if total else 0
             state = f"{'rebuilding' if serving else 'building'} {percent}%"
         else:
             state = "live" if serving else "failed" if errors else "not built"
