@@ -45,9 +45,10 @@ on the same machinery. In order:
       `catching-up`.
   S5. Caught up means, as above, the shadow at the live position with no batch in flight, and
       that position at or past E. The shadow is then compared with Postgres
-      (projector/verify.py's key-range hashes, in a fresh REPEATABLE READ snapshot); keys that
-      differ are compared again after the pipeline moved on (`RECHECK_DELAYS_S`) until they
-      agree or the checks run out (failed). The live table is compared too, for the report
+      (projector/verify.py's key-range hashes, in a fresh REPEATABLE READ snapshot) once the
+      live table is within `LAG_TO_VERIFY` messages of Kafka's end; keys that differ are
+      compared again after the pipeline moved on (`RECHECK_DELAYS_S`) until they agree or the
+      checks run out (failed). The live table is compared too, for the report
       only: it may be what was wrong. Then the exchange, as above.
 
 Why applying in topic order is exact (Debezium's incremental snapshot, DBLog): each chunk is
@@ -111,6 +112,7 @@ KAFKA, SNAPSHOT, AUTO = "kafka", "snapshot", "auto"  # where a rebuild reads fro
 CHUNK_MESSAGES = 20_000  # messages a shadow partition moves per step, at most
 NOT_HASHED = ("_ingested_at",)  # when a row was written differs between the two tables
 JOB_COLUMNS = ("id", "table", "topic", "state", "detail", "source")
+LAG_TO_VERIFY = 1_000  # S5: messages the live table may be behind Kafka's end when compared
 RECHECK_DELAYS_S = (1.0, 2.0, 4.0, 8.0)  # S5: keys that differ from Postgres, compared again
 # TABLE_SCAN_COMPLETED statuses of a table read whole (the others: Debezium could not read it)
 SCANNED = ("SUCCEEDED", "EMPTY")
@@ -216,6 +218,7 @@ class ReplicaRebuilds:
         self._notes: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # per job: next offset, read
         self._drift: dict[str, list[str]] = {}  # S5: keys that differed from Postgres, per job
         self._checks: dict[str, tuple[int, float]] = {}  # S5: checks done, when the next is due
+        self._lag: dict[str, int] = {}  # S5: messages the live table is behind Kafka's end
 
     def create(self) -> None:
         topology = self.ch.topology
@@ -484,6 +487,11 @@ class ReplicaRebuilds:
                 caught_up = caught_up and end == target
             if target < int(snapshot_end.get(str(key[1]), 0)):
                 caught_up = False  # the live table has not applied the snapshot's end yet
+        if caught_up and job.state == CATCHING_UP and job.source == SNAPSHOT:
+            # S5 compares with Postgres *now*: not while the pipeline is far behind Kafka.
+            ends = self._end_offsets(job.topic)
+            self._lag[job.id] = sum(max(0, ends.get(p, 0) - (live.get(k) or 0))
+                                    for k in keys for p in [k[1]])  # fmt: skip
         return caught_up
 
     def _apply_chunk(self, job: ReplicaRebuild, partition: int, first: int, end: int) -> None:
@@ -583,8 +591,8 @@ class ReplicaRebuilds:
         after the pipeline moved on), then against the live table for the report, then the
         exchange. None while the keys are still being checked."""
         checks, due = self._checks.get(job.id, (0, 0.0))
-        if time.monotonic() < due:
-            return None
+        if time.monotonic() < due or self._lag.get(job.id, 0) > LAG_TO_VERIFY:
+            return None  # a lagging pipeline's keys differ from Postgres: not counted as checks
         try:
             rows, drift = self.compare_with_postgres(job, self._drift.get(job.id))
         except (VerifyError, SourceUnavailable) as exc:  # checked again next round
@@ -652,7 +660,7 @@ class ReplicaRebuilds:
 
     def forget(self, job: ReplicaRebuild) -> None:
         """Drop what this process holds about `job` (it failed, or ended)."""
-        for held in (self._asked, self._notes, self._drift, self._checks):
+        for held in (self._asked, self._notes, self._drift, self._checks, self._lag):
             held.discard(job.id) if isinstance(held, set) else held.pop(job.id, None)
 
     def close(self) -> None:

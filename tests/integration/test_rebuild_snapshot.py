@@ -20,7 +20,7 @@ import time
 import httpx
 import psycopg
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from tests.integration.conftest import PROJECTOR, StackHandle
@@ -51,6 +51,27 @@ def scans_completed(stack: StackHandle, table: str, since: int) -> list[dict[str
         if note["type"] == "TABLE_SCAN_COMPLETED" and data.get("scanned_collection") == table:
             found.append(note)
     return found
+
+
+def last_read(stack: StackHandle, topic: str) -> int:
+    """The offset of the last snapshot read (`op = r`) in `topic[0]`, from its earliest offset."""
+    end = stack.end_offset(topic)
+    consumer = Consumer({"bootstrap.servers": stack.env["KAFKA_BOOTSTRAP"], "group.id": "probe",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})  # fmt: skip
+    consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+    decoder, last, offset = stack.decoder(), -1, -1
+    deadline = time.monotonic() + 60
+    while offset < end - 1:
+        assert time.monotonic() < deadline, f"{topic} not read to {end - 1}"
+        for message in consumer.consume(5000, 1.0):
+            if message.error():
+                continue
+            offset = message.offset() or 0
+            value = message.value()
+            if value and b"incremental" in value and decoder.decode_part(value)["op"] == "r":
+                last = offset
+    consumer.close()
+    return last
 
 
 def test_a_replica_table_past_retention_is_rebuilt_from_a_snapshot_and_resumes_after_a_kill(
@@ -124,3 +145,7 @@ def test_a_replica_table_past_retention_is_rebuilt_from_a_snapshot_and_resumes_a
     # The request survived the kill once: Debezium scanned the table once since it was asked.
     notes_from = int(json.loads(job["snapshot"])["notifications_from"])
     assert len(scans_completed(stack, f"public.{table}", notes_from)) == 1
+    # The end the shadow had to reach (S4, read when the scan was reported complete) is past
+    # every read of the snapshot: the notification came after the reads.
+    (done,) = projector.sql(f"SELECT snapshot FROM {projector.control_db}.replica_rebuilds FINAL")
+    assert last_read(stack, topic) < int(json.loads(done["snapshot"])["end"]["0"])
