@@ -279,14 +279,21 @@ def sync_publication(
     return _captured_only(exists, added, removed)
 
 
-def request_incremental_snapshot(conn: psycopg.Connection, tables: list[str]) -> str:
-    """Ask Debezium (through the signal table) to snapshot `tables` while streaming goes on."""
-    signal_id = str(uuid.uuid4())
+def request_incremental_snapshot(
+    conn: psycopg.Connection, tables: list[str], signal_id: str | None = None
+) -> str:
+    """Ask Debezium (through the signal table) to snapshot `tables` while streaming goes on.
+
+    With a `signal_id` of the caller's, asking again is a no-op: the row exists, `ON CONFLICT DO
+    NOTHING` writes nothing to the WAL, and Debezium (which reads signals from the WAL) sees
+    one request. Debezium's notifications about the snapshot carry the signal's id."""
+    signal_id = signal_id or str(uuid.uuid4())
     payload = json.dumps({"data-collections": tables, "type": "incremental"})
     conn.execute(
-        sql.SQL("INSERT INTO {} (id, type, data) VALUES (%s, 'execute-snapshot', %s)").format(
-            _ident(SIGNAL_TABLE)
-        ),
+        sql.SQL(
+            "INSERT INTO {} (id, type, data) VALUES (%s, 'execute-snapshot', %s) "
+            "ON CONFLICT (id) DO NOTHING"
+        ).format(_ident(SIGNAL_TABLE)),
         [signal_id, payload],
     )
     return signal_id

@@ -825,7 +825,7 @@ FOLLOW_POLL_S = 0.5
 @app.command("rebuild")
 def rebuild(
     name: str = typer.Argument(..., help="A read model or its family (`projector read-models list`), or a replica table as SCHEMA.TABLE."),
-    source: str = typer.Option("replicas", "--from", help="Where to rebuild from: replicas (a read model) or kafka (a replica table, SCHEMA.TABLE)."),
+    source: str | None = typer.Option(None, "--from", help="Where to rebuild from: replicas (a read model, the default); kafka or snapshot (a replica table, SCHEMA.TABLE; by default kafka when Kafka holds the table's whole history, else snapshot)."),
     no_swap: bool = typer.Option(False, "--no-swap", help="Build and verify it, but leave the serving version serving."),
     swap: bool = typer.Option(False, "--swap", help="Serve the version a --no-swap rebuild built."),
     rollback: bool = typer.Option(False, "--rollback", help="Serve the version the last rebuild replaced again."),
@@ -849,9 +849,9 @@ def rebuild(
     action = actions[0] if actions else REBUILD
     config = _config(config_file)
     if "." in name:  # SCHEMA.TABLE: a replica table
-        _rebuild_replica(name, source, action, no_swap, dry_run, follow, config)
+        _rebuild_replica(name, source or "auto", action, no_swap, dry_run, follow, config)
         return
-    if source != "replicas":
+    if (source or "replicas") != "replicas":
         fail(f"--from {source}: only read models can be rebuilt so far (from the replicas); to "
              "rebuild a replica table, `projector table reset SCHEMA.TABLE` re-snapshots it "
              "through Debezium", code=2)  # fmt: skip
@@ -907,15 +907,15 @@ def _rebuild_replica(
     table: str, source: str, action: str, no_swap: bool, dry_run: bool, follow: bool,
     config: ProjectorConfig,
 ) -> None:  # fmt: skip
-    """`projector rebuild SCHEMA.TABLE --from kafka` (projector/replica_rebuild.py)."""
+    """`projector rebuild SCHEMA.TABLE [--from kafka|snapshot]` (projector/replica_rebuild.py)."""
     from projector.checkpoint import PROJECTION, CheckpointStore
     from projector.config import open_backend
     from projector.rebuild import REBUILD, OpsRequests
-    from projector.replica_rebuild import CATCHING_UP, run_replica_jobs_here
+    from projector.replica_rebuild import BUILDING, SNAPSHOT, SNAPSHOTTING, run_replica_jobs_here
 
-    if action == REBUILD and source != "kafka":
-        fail(f"a replica table is rebuilt --from kafka (--from {source}: not built yet for "
-             f"tables; `projector table reset {table}` re-snapshots it through Debezium)", code=2)  # fmt: skip
+    if action == REBUILD and source not in ("kafka", "snapshot", "auto"):
+        fail(f"a replica table is rebuilt --from kafka or --from snapshot (not --from {source})",
+             code=2)  # fmt: skip
     if no_swap:
         fail("--no-swap is for read models; a replica table is verified, then swapped", code=2)
     ch = open_backend(config)
@@ -937,13 +937,24 @@ def _rebuild_replica(
                                       or "no rebuild kept"), highlight=False)  # fmt: skip
         if action == REBUILD:
             lows = {p: rebuilds._earliest(topic).get(p) for p in rebuilds.partitions(topic)}
-            console.print(f"would rebuild it from {topic} (earliest offsets {lows}) into a shadow "
-                          "table beside it, catch it up with the live table, verify and exchange "
-                          "them, keeping the previous table for --rollback", highlight=False)  # fmt: skip
+            complete = all(low == 0 for low in lows.values())
+            if source == "snapshot" or (source == "auto" and not complete):
+                console.print("would rebuild it from a Debezium incremental snapshot"
+                              + ("" if complete else f" ({topic} no longer holds its whole "
+                                 f"history: earliest offsets {lows})")
+                              + " into a shadow table that follows the live one from its "
+                              "position, wait until Debezium has read the table whole, verify "
+                              "it against Postgres and exchange them, keeping the previous "
+                              "table for --rollback", highlight=False)  # fmt: skip
+            else:
+                console.print(f"would rebuild it from {topic} (earliest offsets {lows}) into a "
+                              "shadow table beside it, catch it up with the live table, verify "
+                              "and exchange them, keeping the previous table for --rollback",
+                              highlight=False)  # fmt: skip
         else:
             console.print(f"would {action} (done by the projector between batches)")
         return
-    request = requests.ask(action, table, "from-kafka")
+    request = requests.ask(action, table, f"from-{source}")
     started = time.monotonic()
     if config.backend == "chdb" and action != REBUILD:  # done at once, no progress to show
         run_replica_jobs_here(requests, rebuilds, live_next)
@@ -972,7 +983,7 @@ def _rebuild_replica(
                     if asked is not None and asked.state not in ("requested", "taken"):
                         break
                     if job is not None:
-                        if job.state != CATCHING_UP:
+                        if job.state not in BUILDING:
                             break
                         _show_replica_progress(progress, task, rebuilds, job, live_next, started)
                     time.sleep(FOLLOW_POLL_S)
@@ -990,8 +1001,15 @@ def _rebuild_replica(
         return
     job = rebuilds.job(asked.detail)
     assert job is not None
-    console.print(f"{table} job {job.id}: {job.state} in {time.monotonic() - started:.1f} s; "
-                  f"{job.detail}", highlight=False)  # fmt: skip
+    if job.state == SNAPSHOTTING and config.backend == "chdb":
+        console.print(f"{table} job {job.id}: Debezium was asked for a snapshot of the table; "
+                      "with chDB the command cannot apply it (the live table must move for the "
+                      "snapshot's reads to arrive, and one process owns the data): the next "
+                      "`projector run` builds, verifies and swaps it", highlight=False)  # fmt: skip
+        return
+    origin = "a Debezium snapshot" if job.source == SNAPSHOT else "Kafka"
+    console.print(f"{table} job {job.id} (from {origin}): {job.state} in "
+                  f"{time.monotonic() - started:.1f} s; {job.detail}", highlight=False)  # fmt: skip
     if job.state == "failed":
         raise typer.Exit(1)
     console.print(f"`projector rebuild {table} --rollback` serves the previous table again, "
@@ -1015,7 +1033,8 @@ def _replica_rebuilds(config: ProjectorConfig, ch: Any) -> Any:
         config.kafka_bootstrap,
         lambda catalog, projection: BatchApplier(ch, schemas, catalog, projection,
                                                  upcasters=upcasters, fast_path=fast_path),
-        chunk_messages=config.replica_rebuild_chunk_messages,
+        chunk_messages=config.replica_rebuild_chunk_messages, source_dsn=config.source_dsn,
+        notification_topic=config.notification_topic, schemas=schemas,
     )  # fmt: skip
 
 
@@ -1024,12 +1043,16 @@ def _show_replica_progress(
 ) -> None:
     keys = [(job.topic, p) for p in rebuilds.partitions(job.topic)]
     done = rebuilds.checkpoints(job).load(keys)
-    applied = sum(c.resume_offset for c in done.values())
-    total = sum(v or 0 for v in live_next(keys).values())
+    # A snapshot rebuild counts from where its shadow started (S1).
+    first = sum(int(o) for o in job.snapshot.get("start", {}).values())
+    applied = sum(c.resume_offset for c in done.values()) - first
+    total = sum(v or 0 for v in live_next(keys).values()) - first
     rate = applied / max(1e-3, time.monotonic() - started)
+    phase = {"snapshotting": "snapshotting, ", "catching-up": "catching up, "}.get(job.state, "")
     progress.update(
-        task, completed=applied, total=max(total, applied), rate=f"events, {rate:,.0f} events/s"
-    )
+        task, completed=applied, total=max(total, applied),
+        rate=f"events ({phase}{rate:,.0f} events/s)",
+    )  # fmt: skip
 
 
 def _rebuild_plan(

@@ -161,6 +161,11 @@ class ProjectorConfig(BaseModel):
     def transaction_topic(self) -> str:
         return f"{self.topic_prefix}.transaction"
 
+    @property
+    def notification_topic(self) -> str:
+        """Debezium's notifications (`notification.sink.topic.name`, connectors/)."""
+        return f"{self.topic_prefix}.notifications"
+
 
 # The local stack (`projector stack up`) writes its addresses here, under its state directory.
 STACK_ENV_FILE = "client.env"

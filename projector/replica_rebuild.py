@@ -23,41 +23,99 @@ included). The job runs in the projector, between batches (projector/rebuild.py 
     so `--rollback` (exchange back, once caught up) is exact; `--drop-old` drops it.
 
 The history must be complete: if retention removed the start of a partition (its earliest
-offset is above 0), `--from kafka` is refused, naming `--from snapshot`.
+offset is above 0), `--from kafka` is refused, naming `--from snapshot`; with no `--from`, a
+replica table is rebuilt from Kafka when Kafka holds its whole history, else from a snapshot.
+
+`--from snapshot`: the shadow is rebuilt from Postgres through a Debezium incremental snapshot,
+on the same machinery. In order:
+
+  S1. The shadow starts empty (`CREATE TABLE … AS` the live table) at the live table's position
+      P (per partition; its checkpoint records [0, P) as done), and the end N0 of Debezium's
+      notification topic is noted; the job is recorded `snapshotting` with P, N0 and the signal
+      id `projector-rebuild-<job>`.
+  S2. The snapshot is asked for through the signal table under that id, `ON CONFLICT DO
+      NOTHING`: asked again after a crash (each process asks once), it writes nothing to the WAL,
+      so Debezium sees exactly one request.
+  S3. Each step the shadow follows the live position from P, a chunk at a time, as above: it
+      applies every message of the topic after P, streamed changes and the snapshot's reads
+      alike, in topic order.
+  S4. The notification topic (from N0) says when the table has been read whole:
+      `snapshot_progress` finds the first TABLE_SCAN_COMPLETED of the table from a scan that
+      began after N0. Then the table topic's end offsets E are recorded and the job is
+      `catching-up`.
+  S5. Caught up means, as above, the shadow at the live position with no batch in flight, and
+      that position at or past E. The shadow is then compared with Postgres
+      (projector/verify.py's key-range hashes, in a fresh REPEATABLE READ snapshot) once the
+      live table is within `LAG_TO_VERIFY` messages of Kafka's end; keys that differ are
+      compared again after the pipeline moved on (`RECHECK_DELAYS_S`) until they agree or the
+      checks run out (failed). The live table is compared too, for the report
+      only: it may be what was wrong. Then the exchange, as above.
+
+Why applying in topic order is exact (Debezium's incremental snapshot, DBLog): each chunk is
+selected between a low and a high watermark written to the signal table; a key changed inside
+that window is dropped from the chunk (its streamed event stands), and the chunk's remaining rows
+are emitted as reads at the high watermark. So a read of a key sits in the topic after every
+change of the key it reflects and before every later one: with `_version` = offset
+(projector/replica.py) the newest version of each key under `FINAL` is its current state. Every
+key alive in Postgres when its chunk is read is read, or changed inside its window (an event
+after P, since the request came after P); a key deleted before P is never read and never reaches
+the shadow: no ghost rows, whatever the live table holds. A key deleted after P has its delete
+event after P. The notification records go through the connector's one queue after the reads
+they report on, and Kafka Connect's producer sends in that order (one request in flight per
+broker), so the reads are in the topic when the TABLE_SCAN_COMPLETED is seen, and E covers
+them; the comparison with Postgres is the check of this argument on every rebuild.
+
+A repeated request (S2's id lost, the signal table emptied by hand) is harmless: a second scan
+re-reads current rows, each read placed where it is valid by the same argument; it costs time.
+A scan of the table already running at N0 may have read rows before P: it is not the one waited
+for (Debezium appends the table again for this request, and the next scan is).
 
 States (`replica_rebuilds`, latest row per id):
 
+    snapshotting ──table read whole (--from snapshot)──┐
+                                                       v
     catching-up ──caught up, verified──> swapped <──rollback / rollback──> rolled-back
         │                                    └───────────drop-old────────────┘──> dropped
         └──verification differs──> failed (nothing exchanged; the shadow is kept to look at)
+    (a snapshot Debezium stopped or could not take fails the job too)
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from projector.apply import BatchApplier
 from projector.checkpoint import DONE, INTENT, BatchRange, CheckpointStore
 from projector.clickhouse import ClickHouse, ident, quote
-from projector.errors import RebuildRefused
+from projector.errors import RebuildRefused, SourceUnavailable, VerifyError
 from projector.messages import KafkaMessages
 from projector.rebuild import DONE as REQUEST_DONE
 from projector.rebuild import DROP_OLD, REBUILD, ROLLBACK, TAKEN, OpsRequests
 from projector.rebuild import FAILED as REQUEST_FAILED
 from projector.replica import ReplicaCatalog
+from schemas.registry import SchemaCache
 
 log = logging.getLogger("projector.replica_rebuild")
 
-CATCHING_UP, SWAPPED, ROLLED_BACK = "catching-up", "swapped", "rolled-back"
-DROPPED, FAILED = "dropped", "failed"
-CHASED = (CATCHING_UP, SWAPPED, ROLLED_BACK)  # the shadow database's table is kept current
+SNAPSHOTTING, CATCHING_UP = "snapshotting", "catching-up"
+SWAPPED, ROLLED_BACK, DROPPED, FAILED = "swapped", "rolled-back", "dropped", "failed"
+BUILDING = (SNAPSHOTTING, CATCHING_UP)  # not swapped in yet
+CHASED = (*BUILDING, SWAPPED, ROLLED_BACK)  # the shadow database's table is kept current
+KAFKA, SNAPSHOT, AUTO = "kafka", "snapshot", "auto"  # where a rebuild reads from
 CHUNK_MESSAGES = 20_000  # messages a shadow partition moves per step, at most
 NOT_HASHED = ("_ingested_at",)  # when a row was written differs between the two tables
+JOB_COLUMNS = ("id", "table", "topic", "state", "detail", "source")
+LAG_TO_VERIFY = 1_000  # S5: messages the live table may be behind Kafka's end when compared
+RECHECK_DELAYS_S = (1.0, 2.0, 4.0, 8.0)  # S5: keys that differ from Postgres, compared again
+# TABLE_SCAN_COMPLETED statuses of a table read whole (the others: Debezium could not read it)
+SCANNED = ("SUCCEEDED", "EMPTY")
 
 
 @dataclass
@@ -67,6 +125,10 @@ class ReplicaRebuild:
     topic: str
     state: str
     detail: str = ""
+    source: str = KAFKA  # KAFKA or SNAPSHOT
+    # --from snapshot (S1, S4): "signal", "notifications_from" (N0), "start" and, once the table
+    # is read whole, "end" (per partition, as text keys: it is stored as JSON)
+    snapshot: dict[str, Any] = field(default_factory=dict)
 
     @property
     def schema(self) -> str:
@@ -77,14 +139,67 @@ class ReplicaRebuild:
         return self.table.split(".", 1)[1]
 
 
+@dataclass(frozen=True)
+class SnapshotProgress:
+    """How far Debezium's incremental snapshot of one table is, from its notifications."""
+
+    done: bool = False
+    failed: str = ""  # why the table will not be read whole
+    rows: int | None = None  # TABLE_SCAN_COMPLETED's total_rows_scanned
+    at: str = ""  # the last key read, while scanning
+
+
+def _same_table(identifier: str | None, table: str) -> bool:
+    """Debezium names a table `schema.table` (a catalog may precede it)."""
+    return identifier is not None and identifier.split(".")[-2:] == table.split(".")
+
+
+def snapshot_progress(notifications: Sequence[dict[str, Any]], table: str) -> SnapshotProgress:
+    """S4: the progress of the scan of `table` (SCHEMA.TABLE) asked for after the notifications
+    before these (`notifications`: decoded values of the notification topic from N0 on, in
+    order). The scan waited for is the first one that *began* after N0: a TABLE_SCAN_COMPLETED
+    of the table counts only once some other notification came first (a STARTED, another
+    table's progress or completion, the table's own earlier completion); IN_PROGRESS and
+    TABLE_SCAN_COMPLETED of the table alone may belong to a scan already running at N0."""
+    began_after = False
+    at = ""
+    for note in notifications:
+        if note.get("aggregate_type") != "Incremental Snapshot":
+            continue
+        kind, data = note.get("type"), note.get("additional_data") or {}
+        if kind == "TABLE_SCAN_COMPLETED" and _same_table(data.get("scanned_collection"), table):
+            if began_after:
+                status = str(data.get("status"))
+                rows = data.get("total_rows_scanned")
+                if status not in SCANNED:
+                    return SnapshotProgress(failed=f"Debezium could not snapshot {table}: "
+                                                   f"{status}")  # fmt: skip
+                return SnapshotProgress(done=True, rows=int(rows) if rows else None)
+            began_after = True  # that scan began before N0; the one asked for comes next
+            continue
+        if kind == "IN_PROGRESS" and _same_table(data.get("current_collection_in_progress"), table):
+            at = str(data.get("last_processed_key") or "")
+            continue
+        if kind == "ABORTED":
+            stopped = [c for c in str(data.get("data_collections") or "").split(",") if c]
+            if not stopped or any(_same_table(c, table) for c in stopped):
+                return SnapshotProgress(failed=f"Debezium's snapshot of {table} was stopped "
+                                               "(ABORTED)")  # fmt: skip
+        began_after = True
+    return SnapshotProgress(at=at if began_after else "")
+
+
 class ReplicaRebuilds:
     """The jobs and their control table; `step` and the actions run between batches."""
 
     def __init__(
         self, ch: ClickHouse, control_database: str, replica_prefix: str, topic_prefix: str,
         kafka_bootstrap: str, make_applier: Callable[[ReplicaCatalog, str], BatchApplier],
-        chunk_messages: int = CHUNK_MESSAGES,
+        chunk_messages: int = CHUNK_MESSAGES, source_dsn: str | None = None,
+        notification_topic: str = "", schemas: SchemaCache | None = None,
     ) -> None:  # fmt: skip
+        """`source_dsn`, `notification_topic` and `schemas` (to decode the notifications): for
+        rebuilds from a snapshot (S1-S5)."""
         self.ch = ch
         self.control_database = control_database
         self.table = f"{ident(control_database)}.replica_rebuilds"
@@ -96,6 +211,14 @@ class ReplicaRebuilds:
         self._consumers: dict[str, Consumer] = {}
         self._appliers: dict[str, BatchApplier] = {}
         self._partitions: dict[str, list[int]] = {}
+        self.source_dsn = source_dsn
+        self.notification_topic = notification_topic
+        self.schemas = schemas
+        self._asked: set[str] = set()  # S2 done by this process, per job
+        self._notes: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # per job: next offset, read
+        self._drift: dict[str, list[str]] = {}  # S5: keys that differed from Postgres, per job
+        self._checks: dict[str, tuple[int, float]] = {}  # S5: checks done, when the next is due
+        self._lag: dict[str, int] = {}  # S5: messages the live table is behind Kafka's end
 
     def create(self) -> None:
         topology = self.ch.topology
@@ -104,37 +227,41 @@ class ReplicaRebuilds:
             topology.create_table(
                 self.table,
                 ["id String", "table String", "topic String", "state LowCardinality(String)",
-                 "detail String", "seq UInt64", "recorded_at DateTime64(3) DEFAULT now64(3)"],
+                 "detail String", "seq UInt64", "recorded_at DateTime64(3) DEFAULT now64(3)",
+                 f"source LowCardinality(String) DEFAULT {quote(KAFKA)}",
+                 "snapshot String DEFAULT '{}'"],
                 "ReplacingMergeTree", "seq", "id", deduplicate=False,
             )
         )  # fmt: skip
+        for column in (f"source LowCardinality(String) DEFAULT {quote(KAFKA)}",
+                       "snapshot String DEFAULT '{}'"):  # fmt: skip  # a table from before them
+            self.ch.execute(
+                f"ALTER TABLE {self.table}{topology.on_cluster()} ADD COLUMN IF NOT EXISTS {column}"
+            )
 
     def _record(self, job: ReplicaRebuild, state: str, detail: str = "") -> None:
         job.state, job.detail = state, detail
         self.ch.execute(
-            f"INSERT INTO {self.table} (id, table, topic, state, detail, seq) VALUES "
-            f"({quote(job.id)}, {quote(job.table)}, {quote(job.topic)}, {quote(state)}, "
-            f"{quote(detail[:2000])}, {time.time_ns()})"
+            f"INSERT INTO {self.table} (id, table, topic, state, detail, seq, source, snapshot) "
+            f"VALUES ({quote(job.id)}, {quote(job.table)}, {quote(job.topic)}, {quote(state)}, "
+            f"{quote(detail[:2000])}, {time.time_ns()}, {quote(job.source)}, "
+            f"{quote(json.dumps(job.snapshot))})"
         )
 
-    def jobs(self, states: tuple[str, ...] = CHASED) -> list[ReplicaRebuild]:
-        wanted = ", ".join(quote(s) for s in states)
+    def _read_jobs(self, where: str) -> list[ReplicaRebuild]:
         return [
-            ReplicaRebuild(r["id"], r["table"], r["topic"], r["state"], r["detail"])
+            ReplicaRebuild(**{k: r[k] for k in JOB_COLUMNS}, snapshot=json.loads(r["snapshot"]))
             for r in self.ch.rows(
-                f"SELECT id, table, topic, state, detail FROM {self.table} FINAL "
-                f"WHERE state IN ({wanted}) ORDER BY seq"
+                f"SELECT {', '.join(JOB_COLUMNS)}, snapshot FROM {self.table} "
+                f"FINAL WHERE {where} ORDER BY seq"
             )
         ]
 
+    def jobs(self, states: tuple[str, ...] = CHASED) -> list[ReplicaRebuild]:
+        return self._read_jobs(f"state IN ({', '.join(quote(s) for s in states)})")
+
     def job(self, job_id: str) -> ReplicaRebuild | None:
-        found = [
-            ReplicaRebuild(r["id"], r["table"], r["topic"], r["state"], r["detail"])
-            for r in self.ch.rows(
-                f"SELECT id, table, topic, state, detail FROM {self.table} FINAL "
-                f"WHERE id = {quote(job_id)}"
-            )
-        ]
+        found = self._read_jobs(f"id = {quote(job_id)}")
         return found[0] if found else None
 
     # ---- names ----
@@ -153,16 +280,20 @@ class ReplicaRebuilds:
 
     # ---- starting ----
 
-    def start(self, table: str, request_id: str) -> ReplicaRebuild:
+    def start(
+        self, table: str, request_id: str, source: str = KAFKA, live_next: LiveNext | None = None
+    ) -> ReplicaRebuild:
         """Start rebuilding `table` (SCHEMA.TABLE) as job `request_id` (a request taken twice
-        finds its job). Refused when Kafka no longer holds the topic's whole history."""
+        finds its job), from `source`: KAFKA, SNAPSHOT or AUTO (Kafka when it holds the topic's
+        whole history, else a snapshot). From Kafka is refused when it does not; a snapshot
+        starts at the live position (`live_next`, with no batch in flight)."""
         existing = self.job(request_id)
         if existing is not None:
             return existing
         if "." not in table:
             raise RebuildRefused(f"{table!r}: give the replica table as SCHEMA.TABLE")
         busy = [j for j in self.jobs() if j.table == table]
-        if busy and busy[0].state == CATCHING_UP:
+        if busy and busy[0].state in BUILDING:
             raise RebuildRefused(f"{table} is already being rebuilt (job {busy[0].id})")
         if busy:  # one kept table per replica: a rollback has one meaning
             raise RebuildRefused(f"{table} still keeps the table its last rebuild replaced: "
@@ -172,17 +303,114 @@ class ReplicaRebuilds:
         if not lows:
             raise RebuildRefused(f"Kafka has no topic {job.topic}")
         late = {p: low for p, low in lows.items() if low > 0}
-        if late:
+        if source == AUTO:
+            source = SNAPSHOT if late else KAFKA
+        if source == KAFKA and late:
             raise RebuildRefused(
                 f"{job.topic} no longer holds its whole history (retention removed it: earliest "
                 f"offsets {late}); rebuild it from a snapshot instead (--from snapshot, or "
                 f"`projector table reset {table}`)"
             )
+        if source == SNAPSHOT:
+            return self._start_snapshot(job, lows, live_next, late)
         self.ch.execute(self.ch.topology.create_database(self.shadow_prefix(job) + job.schema))
         self.checkpoints(job).create()
         self._record(job, CATCHING_UP)
         log.info("rebuilding %s from %s offset 0 into %s", table, job.topic, self.shadow(job))
         return job
+
+    def _start_snapshot(
+        self, job: ReplicaRebuild, lows: dict[int, int], live_next: LiveNext | None,
+        late: dict[int, int],
+    ) -> ReplicaRebuild:  # fmt: skip
+        """S1 and S2."""
+        if not self.source_dsn:
+            raise RebuildRefused("a rebuild from a snapshot asks Debezium through the signal table "
+                                 "and compares with Postgres, and no source database is "
+                                 "configured (PROJECTOR_SOURCE_DSN, or the connector's PG_* / "
+                                 "CDC_* variables)")  # fmt: skip
+        if not self.notification_topic or self.schemas is None or live_next is None:
+            raise RebuildRefused("a rebuild from a snapshot runs in the projector")
+        live_database, name = self.replica_prefix + job.schema, job.name
+        engine = self.ch.rows(f"SELECT engine FROM system.tables WHERE database = "
+                              f"{quote(live_database)} AND name = {quote(name)}")  # fmt: skip
+        if not engine:
+            raise RebuildRefused(f"no replica table {live_database}.{name} to rebuild")
+        if "Replacing" not in engine[0]["engine"]:
+            raise RebuildRefused(f"{job.table} has no primary key: Debezium's incremental snapshot "
+                                 "reads a table by its key, and its replica keeps every event")  # fmt: skip
+        job.source = SNAPSHOT
+        job.state = SNAPSHOTTING
+        partitions = sorted(lows)
+        live = live_next([(job.topic, p) for p in partitions])
+        # S1. From the live position (or the earliest offset Kafka still has: a snapshot covers
+        # what retention removed; the live table is then missing it too).
+        start = {p: max(live.get((job.topic, p)) or 0, lows[p]) for p in partitions}
+        self.ch.execute(self.ch.topology.create_database(self.shadow_prefix(job) + job.schema))
+        self.ch.execute(f"CREATE TABLE IF NOT EXISTS {self.shadow(job)}"
+                        f"{self.ch.topology.on_cluster()} AS {self.live(job)}")  # fmt: skip
+        store = self.checkpoints(job)
+        store.create()
+        for p, offset in start.items():
+            if offset > 0:  # [0, offset) counts as applied: the shadow reads from `offset`
+                store.record(BatchRange(job.topic, p, 0, offset - 1), DONE)
+        notes_end = self._end_offsets(self.notification_topic).get(0, 0)
+        job.snapshot = {"signal": f"projector-rebuild-{job.id}", "notifications_from": notes_end,
+                        "start": {str(p): o for p, o in start.items()}}  # fmt: skip
+        why = f"Kafka no longer holds its whole history (earliest offsets {late}); " if late else ""
+        self._record(job, SNAPSHOTTING, f"{why}rebuilding from a Debezium snapshot")
+        self._ask_for_snapshot(job)  # S2, after the record: asked again on resume, harmlessly
+        log.info("rebuilding %s from a Debezium snapshot into %s (from %s offsets %s)",
+                 job.table, self.shadow(job), job.topic, start)  # fmt: skip
+        return job
+
+    def _ask_for_snapshot(self, job: ReplicaRebuild) -> None:
+        """S2: once per process per job; the signal's id makes a repeat a no-op."""
+        if job.id in self._asked:
+            return
+        import psycopg
+
+        from connectors import request_incremental_snapshot
+
+        try:
+            with psycopg.connect(str(self.source_dsn), autocommit=True, connect_timeout=10) as conn:
+                request_incremental_snapshot(conn, [job.table], job.snapshot["signal"])
+        except psycopg.OperationalError as exc:
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise SourceUnavailable(f"cannot ask Postgres for a snapshot of {job.table}: "
+                                    f"{first_line}") from exc  # fmt: skip
+        self._asked.add(job.id)
+
+    def snapshot_progress(self, job: ReplicaRebuild) -> SnapshotProgress:
+        """S4: Debezium's notifications since the request, read on from where this process
+        left off (from N0 after a restart)."""
+        topic = self.notification_topic
+        start = int(job.snapshot.get("notifications_from", 0))
+        offset, notes = self._notes.get(job.id, (start, []))
+        end = self._end_offsets(topic).get(0, 0)
+        if end > offset:
+            assert self.schemas is not None
+            for message in self._read(topic, 0, offset, end):
+                value = message.value()  # type: ignore[attr-defined]
+                if value:
+                    try:
+                        notes.append(self.schemas.decode(value)[1])
+                    except Exception as exc:  # not Debezium's: nothing to learn from it
+                        log.warning("skipping an undecodable record of %s: %s", topic, exc)
+            offset = end
+        self._notes[job.id] = (offset, notes)
+        return snapshot_progress(notes, job.table)
+
+    def _end_offsets(self, topic: str) -> dict[int, int]:
+        """Per partition, the offset the next message will get (empty: no such topic)."""
+        consumer = self._consumer_for(topic)
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            return {}
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
+            for p in metadata.partitions
+        }
 
     def _earliest(self, topic: str) -> dict[int, int]:
         consumer = self._consumer_for(topic)
@@ -224,11 +452,27 @@ class ReplicaRebuilds:
         """Move every partition of the shadow at most one chunk towards the live position
         (`live_next`: per partition, the next offset the live table applies; call with no batch
         in flight). True when the shadow is caught up."""
+        if job.state == SNAPSHOTTING:
+            self._ask_for_snapshot(job)  # S2 (a no-op when asked before)
+            progress = self.snapshot_progress(job)  # S4
+            if progress.failed:
+                raise RebuildRefused(progress.failed)
+            if progress.done:
+                # The reads are in the topic (the module docstring): whatever is in it now
+                # includes them.
+                ends = self._end_offsets(job.topic)
+                job.snapshot["end"] = {str(p): o for p, o in ends.items()}
+                self._record(job, CATCHING_UP, f"Debezium read {job.table} whole "
+                                               f"({progress.rows} rows); catching up to {ends}")  # fmt: skip
+                log.info("rebuilding %s: Debezium's snapshot read it whole (%s rows); the shadow "
+                         "catches up to %s", job.table, progress.rows, ends)  # fmt: skip
         partitions = self.partitions(job.topic)
         keys = [(job.topic, p) for p in partitions]
         live = live_next(keys)
         checkpoints = self.checkpoints(job).load(keys)
-        caught_up = True
+        # S5: a snapshot rebuild is caught up only past the end of the snapshot's reads.
+        snapshot_end = job.snapshot.get("end", {}) if job.source == SNAPSHOT else {}
+        caught_up = job.state != SNAPSHOTTING
         for key in keys:
             target = live.get(key) or 0
             checkpoint = checkpoints.get(key)
@@ -241,6 +485,13 @@ class ReplicaRebuilds:
                 self._apply_chunk(job, key[1], shadow_next, end)
                 # The live table does not move during a step: reaching it is being caught up.
                 caught_up = caught_up and end == target
+            if target < int(snapshot_end.get(str(key[1]), 0)):
+                caught_up = False  # the live table has not applied the snapshot's end yet
+        if caught_up and job.state == CATCHING_UP and job.source == SNAPSHOT:
+            # S5 compares with Postgres *now*: not while the pipeline is far behind Kafka.
+            ends = self._end_offsets(job.topic)
+            self._lag[job.id] = sum(max(0, ends.get(p, 0) - (live.get(k) or 0))
+                                    for k in keys for p in [k[1]])  # fmt: skip
         return caught_up
 
     def _apply_chunk(self, job: ReplicaRebuild, partition: int, first: int, end: int) -> None:
@@ -325,6 +576,8 @@ class ReplicaRebuilds:
         """After a step: a caught-up job still catching up is verified and swapped in."""
         if job.state != CATCHING_UP or not caught_up:
             return None
+        if job.source == SNAPSHOT:
+            return self._finish_snapshot(job)
         drift = self.verify(job)
         if drift:
             self._record(job, FAILED, drift)
@@ -332,6 +585,65 @@ class ReplicaRebuilds:
         self.exchange(job)
         self._record(job, SWAPPED, f"previous table kept as {self.shadow(job)}")
         return f"{job.table} rebuilt from Kafka and swapped in (previous kept: {self.shadow(job)})"
+
+    def _finish_snapshot(self, job: ReplicaRebuild) -> str | None:
+        """S5: the shadow against Postgres (keys that differ compared again on later rounds,
+        after the pipeline moved on), then against the live table for the report, then the
+        exchange. None while the keys are still being checked."""
+        checks, due = self._checks.get(job.id, (0, 0.0))
+        if time.monotonic() < due or self._lag.get(job.id, 0) > LAG_TO_VERIFY:
+            return None  # a lagging pipeline's keys differ from Postgres: not counted as checks
+        try:
+            rows, drift = self.compare_with_postgres(job, self._drift.get(job.id))
+        except (VerifyError, SourceUnavailable) as exc:  # checked again next round
+            log.warning("rebuild of %s: cannot compare with Postgres now: %s", job.table, exc)
+            self._checks[job.id] = (checks, time.monotonic() + RECHECK_DELAYS_S[0])
+            return None
+        if drift:
+            if checks >= len(RECHECK_DELAYS_S):
+                shown = "; ".join(drift[:5])
+                reason = (f"{len(drift)} key(s) differ from Postgres after {checks + 1} "
+                          f"comparisons: {shown}")  # fmt: skip
+                self._record(job, FAILED, reason)
+                return f"rebuild of {job.table} failed verification (not swapped): {reason}"
+            self._drift[job.id] = drift
+            self._checks[job.id] = (checks + 1, time.monotonic() + RECHECK_DELAYS_S[checks])
+            log.info("rebuild of %s: %d key(s) differ from Postgres; compared again in %.0f s "
+                     "(writes may be on their way)", job.table, len(drift),
+                     RECHECK_DELAYS_S[checks])  # fmt: skip
+            return None
+        self._drift.pop(job.id, None)
+        self._checks.pop(job.id, None)
+        against_live = self.verify(job)
+        self.exchange(job)
+        live_note = (f"; it differed from the live table ({against_live})" if against_live
+                     else "; equal to the live table")  # fmt: skip
+        detail = (f"verified against Postgres ({rows} rows){live_note}; previous table kept as "
+                  f"{self.shadow(job)}")  # fmt: skip
+        self._record(job, SWAPPED, detail)
+        return f"{job.table} rebuilt from a Debezium snapshot and swapped in: {detail}"
+
+    def compare_with_postgres(
+        self, job: ReplicaRebuild, keys: list[str] | None = None
+    ) -> tuple[int, list[str]]:
+        """The shadow against its source table in a fresh snapshot (projector/verify.py): the
+        rows compared and the keys (as verify's key texts) that differ; only `keys` if given."""
+        from projector.config import ProjectorConfig
+        from projector.verify import PostgresSnapshot, TableVerifier
+
+        config = ProjectorConfig(replica_prefix=self.replica_prefix,
+                                 control_database=self.control_database,
+                                 transaction_metadata=False)  # fmt: skip
+        postgres = PostgresSnapshot(str(self.source_dsn))
+        try:
+            verifier = TableVerifier(config, self.ch, postgres, projector_may_run=False)
+            plan = verifier.plan(job.table, self.shadow_prefix(job) + job.schema)
+            if isinstance(plan, str):
+                raise VerifyError(f"{job.table} cannot be compared with Postgres: {plan}")
+            verdict, drift = verifier.compare_now(plan, keys)
+        finally:
+            postgres.close()
+        return verdict.postgres_rows or 0, sorted(drift)
 
     def rollback(self, job: ReplicaRebuild) -> str:
         """Exchange back (the caller caught the job up first)."""
@@ -345,6 +657,11 @@ class ReplicaRebuilds:
         self.ch.execute(f"DROP DATABASE IF EXISTS {ident(self.shadow_prefix(job) + job.schema)}")
         self._record(job, DROPPED)
         return f"{job.table}: dropped {self.shadow(job)}"
+
+    def forget(self, job: ReplicaRebuild) -> None:
+        """Drop what this process holds about `job` (it failed, or ended)."""
+        for held in (self._asked, self._notes, self._drift, self._checks, self._lag):
+            held.discard(job.id) if isinstance(held, set) else held.pop(job.id, None)
 
     def close(self) -> None:
         for consumer in self._consumers.values():
@@ -367,9 +684,12 @@ def take_replica_requests(
             continue  # a read model's: projector/rebuild.py
         try:
             if request.action == REBUILD:
-                job = rebuilds.start(request.target, request.id)
+                job = rebuilds.start(request.target, request.id, _source(request.options),
+                                     live_next)  # fmt: skip
                 requests.settle(request, TAKEN, job.id)
-                lines.append(f"rebuilding {request.target} from Kafka (job {job.id})")
+                origin = "a Debezium snapshot" if job.source == SNAPSHOT else "Kafka"
+                lines.append(f"rebuilding {request.target} from {origin} (job {job.id})"
+                             + (f": {job.detail}" if job.detail else ""))  # fmt: skip
                 continue
             kept = [j for j in rebuilds.jobs((SWAPPED, ROLLED_BACK)) if j.table == request.target]
             if not kept:
@@ -393,6 +713,14 @@ def take_replica_requests(
     return lines
 
 
+def _source(options: str) -> str:
+    """Where a request asks to rebuild from (`from-kafka`, `from-snapshot`, `from-auto`)."""
+    for option in options.split(","):
+        if option.startswith("from-"):
+            return option[len("from-") :]
+    return KAFKA  # requests from before --from snapshot existed
+
+
 def run_replica_jobs_here(
     requests: OpsRequests, rebuilds: ReplicaRebuilds, live_next: LiveNext,
     on_step: Callable[[ReplicaRebuild], None] = lambda job: None,
@@ -401,6 +729,8 @@ def run_replica_jobs_here(
     catch every rebuilding job up, verify and swap it. The live table does not move here."""
     lines = take_replica_requests(requests, rebuilds, live_next)
     for job in rebuilds.jobs((CATCHING_UP,)):
+        if job.source == SNAPSHOT:
+            continue  # the live table must move for its reads to arrive: `projector run` does it
         while True:
             caught_up = rebuilds.step(job, live_next)
             on_step(job)

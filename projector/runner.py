@@ -170,7 +170,8 @@ class Projector:
                 sweep=SnapshotSweep(ch, config.control_database, projection,
                                     self._partition_count),
             ),
-            chunk_messages=config.replica_rebuild_chunk_messages,
+            chunk_messages=config.replica_rebuild_chunk_messages, source_dsn=config.source_dsn,
+            notification_topic=config.notification_topic, schemas=self.schemas,
         )  # fmt: skip
         with_retries(self.replica_rebuilds.create, "creating the replica rebuild table")
         self._replica_jobs: list[ReplicaRebuild] = []
@@ -725,6 +726,7 @@ class Projector:
                 log.error("replica rebuild of %s failed: %s", job.table, exc)
                 self._main_retries(partial(self.replica_rebuilds.fail, job, str(exc)),
                                    "recording a failed rebuild")  # fmt: skip
+                self.replica_rebuilds.forget(job)
                 continue
             swapped = self._main_retries(
                 partial(self.replica_rebuilds.finish_step, job, caught_up), "swapping a replica"

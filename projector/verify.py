@@ -202,10 +202,11 @@ class TableVerifier:
         )
         return [f"{r['database'][len(prefix) :]}.{r['name']}" for r in rows]
 
-    def plan(self, name: str) -> TablePlan | str:
-        """How `name` (SCHEMA.TABLE) is compared, or why it cannot be."""
+    def plan(self, name: str, database: str | None = None) -> TablePlan | str:
+        """How `name` (SCHEMA.TABLE) is compared, or why it cannot be; `database`: where its
+        replica is, when not the replica database (a rebuild's shadow)."""
         schema, _, table = name.partition(".")
-        database = self.config.replica_prefix + schema
+        database = database or self.config.replica_prefix + schema
         replica_columns = {
             r["name"]
             for r in self.ch.rows(
@@ -276,6 +277,19 @@ class TableVerifier:
         for name, verdict in verdicts.items():
             verdict.drift = [drift[name][k] for k in sorted(drift[name])]
         return list(verdicts.values())
+
+    def compare_now(
+        self, plan: TablePlan, keys: list[str] | None = None
+    ) -> tuple[Verdict, dict[str, Drift]]:
+        """Steps 1, 3 and 4 for one table whose replica does not move meanwhile (a rebuild's
+        shadow, compared between batches): a new snapshot, then the whole table, or only `keys`
+        (key texts, as `Drift`s are keyed) when given."""
+        self.pg.renew()
+        if keys is None:
+            return self._compare(plan, None)
+        verdict = Verdict(plan.name, "table", not_compared=plan.not_compared)
+        verdict.postgres_rows, verdict.clickhouse_rows = self._count(plan)
+        return verdict, self._compare_rows(plan, self._key_condition(plan, keys))
 
     def _compare(self, plan: TablePlan, sample: int | None) -> tuple[Verdict, dict[str, Drift]]:
         """Steps 3 and 4 for one table, in the current snapshot."""
