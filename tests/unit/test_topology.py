@@ -121,9 +121,9 @@ def cluster() -> list[str]:
 def test_single_server_ddl_is_plain_and_deduplicates(single: list[str]) -> None:
     tables = [s for s in single if s.startswith("CREATE TABLE") and "ENGINE = Memory" not in s]
     # checkpoints and partition owners (twice each: replicas and backfills), dlq, two ledgers, a
-    # keyed and a key-less replica, the read-model versions, three entity tables and five
-    # aggregate tables
-    assert len(tables) == 18
+    # keyed and a key-less replica, the read-model versions, three entity tables, six aggregate
+    # tables and four index tables
+    assert len(tables) == 23
     for statement in single:
         assert "ON CLUSTER" not in statement
         assert "Replicated" not in statement
@@ -142,7 +142,7 @@ def test_single_server_ddl_is_plain_and_deduplicates(single: list[str]) -> None:
 
 def test_cluster_ddl_runs_on_every_replica_with_replicated_engines(cluster: list[str]) -> None:
     tables = [s for s in cluster if s.startswith("CREATE TABLE") and "ENGINE = Memory" not in s]
-    assert len(tables) == 18
+    assert len(tables) == 23
     for statement in cluster:
         # a read model's stage is scratch of one recompute, local to the server we talk to
         if statement.startswith(("CREATE", "ALTER")) and "ENGINE = Memory" not in statement:
