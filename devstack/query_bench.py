@@ -166,8 +166,27 @@ def measure(url: str, requests: int, clients: int, seconds: float) -> dict[str, 
 
             out["queries"][name] = quantiles(timed(ask, requests))
     out["health_rps"] = load(f"{url}/health", {}, clients, seconds)
+    before = served_counts(url)
     out["rps"] = load(f"{url}/queries/{LOAD_QUERY}", PARAMS[LOAD_QUERY], clients, seconds)
+    after = served_counts(url)
+    answered = after[0] - before[0]
+    out["hit_share"] = (after[1] - before[1]) / answered if answered else 0.0
     return out
+
+
+def served_counts(url: str) -> tuple[float, float]:
+    """The service's own counts (its /metrics): `LOAD_QUERY` requests answered 200, cache hits."""
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
+    wanted = {
+        f'query_requests_total{{route="/queries/{LOAD_QUERY}",status="200"}}': 0,
+        'query_cache_total{result="hit"}': 1,
+    }
+    found = [0.0, 0.0]
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in wanted:
+            found[wanted[name]] = float(value)
+    return found[0], found[1]
 
 
 def direct(chdb: Path, requests: int) -> dict[str, Latency]:
@@ -261,7 +280,8 @@ def render(
     lines += [
         f"| `GET /health` (HTTP floor) | {health.p50_ms:.1f} | {health.p99_ms:.1f} | | | | |",
         "",
-        f"Throughput on `{LOAD_QUERY}`: cache on {on['rps']:,.0f} requests/s, cache off "
+        f"Throughput on `{LOAD_QUERY}`: cache on {on['rps']:,.0f} requests/s (of which "
+        f"{on['hit_share']:.0%} cache hits, by the service's metrics), cache off "
         f"{off['rps']:,.0f} requests/s; `GET /health` with the same load generator "
         f"{on['health_rps']:,.0f} requests/s. Ratios: cache-on / health = "
         f"{on['rps'] / max(on['health_rps'], 1e-9):.2f}, cache-off / cache-on = "
