@@ -544,14 +544,15 @@ class ReadModelMaintainer:
                 )
             )
         for index in family.indexes:
-            # Blocks of a granule: a FINAL read in order (a page, a top-N) then stops after a
-            # granule or two of each part instead of a whole default block (65,409 rows) of each.
+            # Blocks of a granule, one thread: a FINAL read in order (a page, a top-N) then
+            # stops after a granule or two of each part, instead of a default block (65,409
+            # rows) of each, or the overlapping ranges split into layers for parallel threads.
             self.ch.execute(
                 topology.create_or_replace_view(
                     f"{ident(self.database)}.{ident(index.name)}",
                     f"SELECT {', '.join(ident(c) for c in version.served_columns(index.of))} "
                     f"FROM {version.table(index.name)} FINAL "
-                    f"SETTINGS max_block_size = {index.granularity}",
+                    f"SETTINGS max_block_size = {index.granularity}, max_threads = 1",
                 )
             )
         old = [v for v in self._recorded_versions().get(family.name, [])

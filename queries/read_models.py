@@ -297,8 +297,9 @@ class IndexModel(BaseModel):
     description: str
     of: str = Field(pattern=IDENTIFIER)  # an entity or an aggregate of the same file
     order_by: list[str] = Field(min_length=1)  # expressions over the model's columns
-    # Small granules: a FINAL read in order stops after a granule or two of each part.
-    granularity: int = Field(default=1024, ge=64, le=65536)
+    # Small granules: a FINAL read in order stops after a granule or two of each part (right
+    # after a backfill an index has dozens of parts that all overlap at its newest end).
+    granularity: int = Field(default=128, ge=64, le=65536)
 
     def check_covers(self, key: list[str]) -> None:
         missing = [k for k in key if k not in self.order_by]
