@@ -13,15 +13,16 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-system-deps:  ## apt-get install PostgreSQL, Java 17, Maven and Chromium (ops-page test) when missing
+system-deps:  ## apt-get install PostgreSQL, Java 17, Maven, Chromium (ops-page test) and wrk (query bench) when missing
 	@if ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && command -v java >/dev/null \
-	    && command -v mvn >/dev/null && command -v chromium >/dev/null; then \
+	    && command -v mvn >/dev/null && command -v chromium >/dev/null \
+	    && command -v wrk >/dev/null; then \
 	  echo "system packages: present"; \
 	else \
-	  echo "system packages: installing postgresql, openjdk-17-jre-headless, maven, chromium"; \
+	  echo "system packages: installing postgresql, openjdk-17-jre-headless, maven, chromium, wrk"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    postgresql openjdk-17-jre-headless maven chromium >/dev/null; \
+	    postgresql openjdk-17-jre-headless maven chromium wrk >/dev/null; \
 	fi
 
 $(BIN)/.installed: pyproject.toml

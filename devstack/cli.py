@@ -244,7 +244,7 @@ def freshness(
 def query_bench(
     transactions: int = typer.Option(5_000, min=100, help="Shop transactions to project first."),
     requests: int = typer.Option(200, min=10, help="Sequential requests per query and mode."),
-    clients: int = typer.Option(8, min=1, help="Threads of the load generator."),
+    clients: int = typer.Option(8, min=1, help="Connections of the load generator (wrk)."),
     seconds: float = typer.Option(10.0, min=1, help="Seconds of load per mode."),
     report: Path = typer.Option(Path("docs/benchmarks.md"), help="Append the results here."),
     no_report: bool = typer.Option(False, "--no-report", help="Only print the results."),

@@ -5,8 +5,9 @@
 2. Latency: every shipped named query, `requests` sequential requests each through the HTTP API
    (keep-alive client), p50 and p99 — cache on (after the first request, hits while the watermark
    stands) and cache off (`PROJECTOR_QUERY_CACHE_ENTRIES=0`: every request runs in ClickHouse).
-3. Throughput: a local load generator (`clients` threads, each its own keep-alive connection, for
-   `seconds` seconds, bounded) on one named query, cache on and off.
+3. Throughput: `wrk` (Debian's package; C, one thread, `clients` keep-alive connections, for
+   `seconds` seconds, bounded) on one named query, cache on and off. A Python load generator on
+   the same two cores measured itself: it topped out near 600 requests/s whatever it asked.
 4. Baselines of the same run: `GET /health` through the same server and client (the HTTP floor),
    and each query's SQL run directly on the same chDB engine (the ClickHouse floor).
 Every figure is reported as a ratio against those baselines: never against another day's numbers.
@@ -16,11 +17,12 @@ from __future__ import annotations
 
 import os
 import platform
+import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,24 +72,35 @@ def timed(call: Callable[[], Any], times: int) -> list[float]:
     return samples
 
 
+WRK_TOTAL = re.compile(r"(\d+) requests in ([\d.]+)(us|ms|s|m)\b")
+WRK_NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+WRK_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
 def load(url: str, params: dict[str, str], clients: int, seconds: float) -> float:
-    """Requests/s answered 200 by `clients` keep-alive clients for `seconds` (then they stop)."""
-    done = [0] * clients
-    stop = time.monotonic() + seconds
+    """Requests/s answered 2xx by `wrk` (`clients` keep-alive connections on one thread, for
+    `seconds` seconds, then it stops) to 127.0.0.1."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise RuntimeError("the load generator `wrk` is missing: `make system-deps` (or "
+                           "`apt-get install wrk`) installs it")  # fmt: skip
+    target = str(httpx.URL(url, params=params))
+    done = subprocess.run(
+        [wrk, "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
+         "-H", f"Authorization: Bearer {TOKEN}", target],
+        capture_output=True, text=True, timeout=seconds + 120, check=False,
+    )  # fmt: skip
+    return wrk_rate(done.stdout + done.stderr)
 
-    def client(index: int) -> None:
-        with httpx.Client(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as http:
-            while time.monotonic() < stop:
-                if http.get(url, params=params).status_code == 200:
-                    done[index] += 1
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    started = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 60)
-    return sum(done) / (time.monotonic() - started)
+def wrk_rate(output: str) -> float:
+    """2xx responses per second from wrk's report (its own count, less the non-2xx ones)."""
+    total = WRK_TOTAL.search(output)
+    if total is None:
+        raise RuntimeError(f"wrk did not report a run: {output.strip()[-500:]}")
+    failed = WRK_NON_2XX.search(output)
+    answered = int(total.group(1)) - (int(failed.group(1)) if failed else 0)
+    return answered / (float(total.group(2)) * WRK_UNITS[total.group(3)])
 
 
 def _free_port() -> int:
@@ -153,8 +166,27 @@ def measure(url: str, requests: int, clients: int, seconds: float) -> dict[str, 
 
             out["queries"][name] = quantiles(timed(ask, requests))
     out["health_rps"] = load(f"{url}/health", {}, clients, seconds)
+    before = served_counts(url)
     out["rps"] = load(f"{url}/queries/{LOAD_QUERY}", PARAMS[LOAD_QUERY], clients, seconds)
+    after = served_counts(url)
+    answered = after[0] - before[0]
+    out["hit_share"] = (after[1] - before[1]) / answered if answered else 0.0
     return out
+
+
+def served_counts(url: str) -> tuple[float, float]:
+    """The service's own counts (its /metrics): `LOAD_QUERY` requests answered 200, cache hits."""
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
+    wanted = {
+        f'query_requests_total{{route="/queries/{LOAD_QUERY}",status="200"}}': 0,
+        'query_cache_total{result="hit"}': 1,
+    }
+    found = [0.0, 0.0]
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in wanted:
+            found[wanted[name]] = float(value)
+    return found[0], found[1]
 
 
 def direct(chdb: Path, requests: int) -> dict[str, Latency]:
@@ -232,7 +264,7 @@ def render(
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"Linux {platform.release()}, load average {os.getloadavg()[0]:.1f} at the end (other "
         f"work on the machine shares its cores). {requests} sequential requests per query; "
-        f"load generator: {clients} clients for {seconds:.0f} s.",
+        f"load generator: wrk, {clients} connections for {seconds:.0f} s.",
         "",
         "| query | p50 ms cache on | p99 ms cache on | p50 ms cache off | p99 ms cache off "
         "| direct p50 ms | cache off p50 / direct |",
@@ -248,7 +280,8 @@ def render(
     lines += [
         f"| `GET /health` (HTTP floor) | {health.p50_ms:.1f} | {health.p99_ms:.1f} | | | | |",
         "",
-        f"Throughput on `{LOAD_QUERY}`: cache on {on['rps']:,.0f} requests/s, cache off "
+        f"Throughput on `{LOAD_QUERY}`: cache on {on['rps']:,.0f} requests/s (of which "
+        f"{on['hit_share']:.0%} cache hits, by the service's metrics), cache off "
         f"{off['rps']:,.0f} requests/s; `GET /health` with the same load generator "
         f"{on['health_rps']:,.0f} requests/s. Ratios: cache-on / health = "
         f"{on['rps'] / max(on['health_rps'], 1e-9):.2f}, cache-off / cache-on = "

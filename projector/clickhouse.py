@@ -124,14 +124,15 @@ class Topology:
 
     def create_table(
         self, qualified: str, columns: list[str], family: str, args: str, order_by: str,
-        deduplicate: bool = True,
+        deduplicate: bool = True, settings: str = "",
     ) -> str:  # fmt: skip
         """CREATE TABLE IF NOT EXISTS with the engine of `family`; insert deduplication on, or
-        explicitly off (a table whose re-inserted rows must always land)."""
+        explicitly off (a table whose re-inserted rows must always land); `settings`: more
+        table settings."""
         return (
             f"CREATE TABLE IF NOT EXISTS {qualified}{self.on_cluster()} ({', '.join(columns)}) "
             f"ENGINE = {self.engine(family, args)} ORDER BY {order_by} "
-            f"SETTINGS {self.dedup_setting(deduplicate)}"
+            f"SETTINGS {self.dedup_setting(deduplicate)}{', ' + settings if settings else ''}"
         )
 
     def alter_table(self, qualified: str, action: str) -> str:

@@ -13,7 +13,11 @@ will, for each family whose entity that table affects:
   2. stage the entity rows of those keys: the stored ones with sign -1 (read with FINAL from the
      entity's own table), then their new state recomputed from the replicas with sign +1;
   3. insert each aggregate's signed deltas from the stage, one block per aggregate, under the
-     batch's token for that table;
+     batch's token for that table; before an aggregate's deltas, if it has indexes:
+     a. stage its served rows of the groups the deltas touch: as they are (-1, read from the
+        aggregate's table) and as they will be (+1, the same read with the deltas added),
+     b. write each of its indexes from that stage (below);
+  3c. write each of the entity's indexes from the entity stage of step 2;
   4. insert the new entity rows (and deletion markers for stored keys that are gone), one block,
      under the batch's token for the entity's table, with a version greater than any before.
 
@@ -28,6 +32,14 @@ Why that is exact (the argument in full is docs/read-models.md):
     batch, `replay first`), so it drops the same deltas and writes the same rows.
   - Recomputing a key from the replicas is exact for any key, so a superset of affected keys is
     harmless, and `affects` only has to be complete.
+  - An index (queries/read_models.py `IndexModel`) holds each row of its model at one position,
+    its `order_by` (which includes the model's key). Writing an index from a stage: every +1 row
+    at its position, and a deletion marker at the position of every -1 row that no +1 row
+    occupies, all with a version greater than any before; so read with FINAL the index holds
+    exactly the +1 rows and the untouched ones: the model's rows. An index is written from rows
+    read out of the table it follows (the entity's table, the aggregate's table) *before* that
+    table's own insert of the batch, so a replay after a crash in between reads the same stored
+    rows and writes (or drops, by token) the same index rows.
 
 A new or changed family version is built beside the serving one: its tables are maintained by
 every batch from the moment they exist, and `backfill_step` recomputes all keys chunk by chunk
@@ -60,6 +72,7 @@ from projector.errors import RebuildRefused, StatementRejected
 from queries.read_models import (
     AggregateModel,
     Family,
+    IndexModel,
     ReadModelDefinitions,
     family_from_json,
     family_to_json,
@@ -112,6 +125,18 @@ class FamilyVersion:
     @property
     def stage(self) -> str:
         return self.table(f"{self.family.entity.name}__stage")
+
+    def aggregate_stage(self, aggregate: str) -> str:
+        """An aggregate's served rows before and after one batch's deltas (step 3a)."""
+        return self.table(f"{aggregate}__stage")
+
+    def served_columns(self, model: str) -> list[str]:
+        """The columns readers see of one of the family's models (an index's are its model's)."""
+        family = self.family
+        if model == family.entity.name:
+            return self.columns
+        aggregate = next(a for a in family.aggregates if a.name == model)
+        return [c.name for c in aggregate.columns]
 
     @property
     def key_stage(self) -> str:
@@ -276,6 +301,8 @@ class ReadModelMaintainer:
         )
         for aggregate in family.aggregates:
             self._create_aggregate_table(version, aggregate)
+        for index in family.indexes:
+            self._create_index_table(version, index, described)
         types = dict(described)
         all_keys = entity.all_keys(self.replica_database)
         by = ident(entity.by)
@@ -310,6 +337,36 @@ class ReadModelMaintainer:
             )
         )
 
+    def _create_index_table(
+        self, version: FamilyVersion, index: IndexModel, entity_columns: list[tuple[str, str]]
+    ) -> None:
+        """An index's table (the rows of its model, sorted by `order_by`) and, for an index of an
+        aggregate, the aggregate's stage (step 3a)."""
+        if index.of == version.family.entity.name:
+            columns = entity_columns
+        else:
+            aggregate = next(a for a in version.family.aggregates if a.name == index.of)
+            columns = self._describe(aggregate.served(version.table(aggregate.name)))
+            self._create_aggregate_stage(version, index.of, columns)
+        self.ch.execute(
+            self.ch.topology.create_table(
+                version.table(index.name),
+                [*(f"{ident(n)} {t}" for n, t in columns), "_version UInt64", "_is_deleted UInt8"],
+                "ReplacingMergeTree", "_version, _is_deleted", f"({', '.join(index.order_by)})",
+                settings=f"index_granularity = {index.granularity}, allow_nullable_key = 1",
+            )
+        )  # fmt: skip
+
+    def _create_aggregate_stage(
+        self, version: FamilyVersion, aggregate: str, columns: list[tuple[str, str]]
+    ) -> None:
+        # scratch of one recompute, like the entity's stage: local to the server we talk to
+        spec = ", ".join([*(f"{ident(n)} {t}" for n, t in columns), "_sign Int8"])
+        self.ch.execute(
+            f"CREATE TABLE IF NOT EXISTS {version.aggregate_stage(aggregate)} ({spec}) "
+            "ENGINE = Memory"
+        )
+
     def _describe(self, select: str) -> list[tuple[str, str]]:
         rows = self.ch.rows(f"DESCRIBE ({select}) SETTINGS join_use_nulls = 1")
         return [(r["name"], r["type"]) for r in rows]
@@ -328,6 +385,12 @@ class ReadModelMaintainer:
                 f"CREATE TABLE IF NOT EXISTS {version.key_stage} ({ident(by)} {types[by]}) "
                 "ENGINE = Memory"
             )
+        for aggregate in version.family.aggregates:  # and the aggregates' stages (step 3a)
+            if version.family.indexes_of(aggregate.name):
+                self._create_aggregate_stage(
+                    version, aggregate.name,
+                    self._describe(aggregate.served(version.table(aggregate.name))),
+                )  # fmt: skip
         return [r["name"] for r in rows if r["name"] not in ("_version", "_is_deleted")]
 
     def _record(self, version: FamilyVersion, state: str, error: str = "") -> None:
@@ -390,13 +453,22 @@ class ReadModelMaintainer:
             f"FROM ({entity.select(self.replica_database, staged_keys)}) "
             "SETTINGS join_use_nulls = 1"
         )
-        # 3. each aggregate's deltas, one block under its token
+        # 3. each aggregate's deltas, one block under its token; first its indexes (3a, 3b)
         for aggregate in version.family.aggregates:
             target = version.table(aggregate.name)
+            indexes = version.family.indexes_of(aggregate.name)
+            if indexes:
+                self._stage_aggregate(version, aggregate)
+                for index in indexes:
+                    self._write_index(version, index, version.aggregate_stage(aggregate.name),
+                                      new_version, batch, projection)  # fmt: skip
             self.ch.execute(
                 f"INSERT INTO {target} SETTINGS insert_deduplication_token = "
                 f"{quote(batch.token(projection, target))}, {ONE_BLOCK} {aggregate.deltas(stage)}"
             )
+        # 3c. the entity's indexes
+        for index in version.family.indexes_of(entity.name):
+            self._write_index(version, index, stage, new_version, batch, projection)
         # 4. the new rows, and deletion markers for the stored keys that are gone
         key = ", ".join(ident(k) for k in entity.key)
         self.ch.execute(
@@ -406,6 +478,41 @@ class ReadModelMaintainer:
             f"SELECT {columns}, _version, 0 FROM {stage} WHERE _sign = 1 UNION ALL "
             f"SELECT {columns}, {new_version}, 1 FROM {stage} WHERE _sign = -1 "
             f"AND ({key}) NOT IN (SELECT {key} FROM {stage} WHERE _sign = 1)"
+        )
+
+    def _stage_aggregate(self, version: FamilyVersion, aggregate: AggregateModel) -> None:
+        """3a. The served rows of the groups this batch's deltas touch, before (-1) and after
+        (+1) the deltas; read before the deltas are inserted (so a replay reads the same)."""
+        table, target = version.table(aggregate.name), version.aggregate_stage(aggregate.name)
+        deltas = aggregate.deltas(version.stage)
+        stored = ", ".join(ident(c.stored) for c in aggregate.columns if c.kind != "derived")
+        keys = ", ".join(ident(c.stored) for c in aggregate.group_by)
+        touched = f"SELECT {stored} FROM {table} WHERE ({keys}) IN (SELECT {keys} FROM ({deltas}))"
+        before = aggregate.served(f"({touched})")
+        after = aggregate.served(f"({touched} UNION ALL SELECT {stored} FROM ({deltas}))")
+        columns = ", ".join(ident(c) for c in version.served_columns(aggregate.name))
+        self.ch.execute(f"TRUNCATE TABLE {target}")
+        self.ch.execute(
+            f"INSERT INTO {target} ({columns}, _sign) SELECT {columns}, -1 FROM ({before}) "
+            f"UNION ALL SELECT {columns}, 1 FROM ({after})"
+        )
+
+    def _write_index(
+        self, version: FamilyVersion, index: IndexModel, stage: str, new_version: int,
+        batch: BatchRange, projection: str,
+    ) -> None:  # fmt: skip
+        """An index from a stage of its model's rows: each +1 row at its position, and a deletion
+        marker at each -1 row's position that no +1 row takes (one block, under its token)."""
+        target = version.table(index.name)
+        columns = ", ".join(ident(c) for c in version.served_columns(index.of))
+        position = ", ".join(index.order_by)
+        self.ch.execute(
+            f"INSERT INTO {target} ({columns}, _version, _is_deleted) "
+            f"SETTINGS insert_deduplication_token = {quote(batch.token(projection, target))}, "
+            f"{ONE_BLOCK}, transform_null_in = 1 "
+            f"SELECT {columns}, {new_version}, 0 FROM {stage} WHERE _sign = 1 UNION ALL "
+            f"SELECT {columns}, {new_version}, 1 FROM {stage} WHERE _sign = -1 "
+            f"AND ({position}) NOT IN (SELECT {position} FROM {stage} WHERE _sign = 1)"
         )
 
     def _next_version(self) -> int:
@@ -495,7 +602,8 @@ class ReadModelMaintainer:
         i < chunks compares the entity rows of key chunk i with the definition evaluated over
         the replicas for those keys; step `chunks` compares each aggregate with the aggregate
         evaluated over the entity rows (checked against the definition by the steps before, and
-        kept by every batch since). The models that differ, with a row each, or "" when equal."""
+        kept by every batch since), and each index with its model's rows. The models that
+        differ, with a row each, or "" when equal."""
         entity = version.family.entity
         columns = ", ".join(ident(c) for c in version.columns)
         if step < version.chunks:
@@ -508,6 +616,14 @@ class ReadModelMaintainer:
             rows = f"(SELECT {columns} FROM {version.entity_table} FINAL)"
             pairs = [(a.name, a.served(version.table(a.name)), a.evaluated(rows))
                      for a in version.family.aggregates]  # fmt: skip
+            # an index holds its model's rows, no more, no less (the model checked above)
+            model_rows = {entity.name: rows[1:-1]} | {
+                a.name: a.served(version.table(a.name)) for a in version.family.aggregates
+            }
+            for index in version.family.indexes:
+                served = ", ".join(ident(c) for c in version.served_columns(index.of))
+                pairs.append((index.name, f"SELECT {served} FROM {version.table(index.name)} FINAL",
+                              model_rows[index.of]))  # fmt: skip
         drifted = []
         for name, stored, defined in pairs:
             diff = self.ch.rows(
@@ -556,6 +672,18 @@ class ReadModelMaintainer:
                 topology.create_or_replace_view(
                     f"{ident(self.database)}.{ident(aggregate.name)}",
                     aggregate.served(version.table(aggregate.name)),
+                )
+            )
+        for index in family.indexes:
+            # Blocks of a granule, one thread: a FINAL read in order (a page, a top-N) then
+            # stops after a granule or two of each part, instead of a default block (65,409
+            # rows) of each, or the overlapping ranges split into layers for parallel threads.
+            self.ch.execute(
+                topology.create_or_replace_view(
+                    f"{ident(self.database)}.{ident(index.name)}",
+                    f"SELECT {', '.join(ident(c) for c in version.served_columns(index.of))} "
+                    f"FROM {version.table(index.name)} FINAL "
+                    f"SETTINGS max_block_size = {index.granularity}, max_threads = 1",
                 )
             )
 
@@ -710,6 +838,11 @@ class ReadModelMaintainer:
         for aggregate in version.family.aggregates:
             pairs.append((aggregate.name, aggregate.served(version.table(aggregate.name)),
                           aggregate.evaluated(f"({defined_rows})")))  # fmt: skip
+        defined = dict((name, sql) for name, _, sql in pairs)
+        for index in version.family.indexes:  # an index holds its model's rows, no more, no less
+            served = ", ".join(ident(c) for c in version.served_columns(index.of))
+            pairs.append((index.name, f"SELECT {served} FROM {version.table(index.name)} FINAL",
+                          defined[index.of]))  # fmt: skip
         return pairs
 
 

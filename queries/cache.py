@@ -46,7 +46,9 @@ class ResultCache(Generic[V]):
     def enabled(self) -> bool:
         return self.max_entries > 0
 
-    def get(self, key: CacheKey) -> V | None:
+    def get(self, key: CacheKey, count_miss: bool = True) -> V | None:
+        """The entry under `key`, if there is a live one; `count_miss=False`: a look that will be
+        repeated by the caller's slower path when it misses (that one counts the miss)."""
         if not self.enabled or key.watermark_lsn <= 0:
             return None
         with self._lock:
@@ -57,7 +59,8 @@ class ResultCache(Generic[V]):
                 return found[1]
             if found is not None:
                 del self._entries[key]
-            self.misses += 1
+            if count_miss:
+                self.misses += 1
             return None
 
     def put(self, key: CacheKey, value: V) -> None:

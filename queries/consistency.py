@@ -68,6 +68,15 @@ class ReadPositions:
         found = [positions.get(name, NOTHING_KNOWN) for name in read_models]
         return min(found, key=lambda c: c.lsn) if found else NOTHING_KNOWN
 
+    def of_now(self, read_models: Sequence[str]) -> Consistency | None:
+        """`of` without refreshing: None when a refresh is due (the caller then takes the path
+        that refreshes; an event loop must not wait for ClickHouse)."""
+        if time.monotonic() - self._refreshed >= self.max_age_s:
+            return None
+        positions = self.tracker.current
+        found = [positions.get(name, NOTHING_KNOWN) for name in read_models]
+        return min(found, key=lambda c: c.lsn) if found else NOTHING_KNOWN
+
     def wait_for(self, read_models: Sequence[str], lsn: int, timeout_s: float) -> Consistency:
         """The position once it has reached `lsn`, or the last one seen when `timeout_s` is up."""
         deadline = time.monotonic() + timeout_s

@@ -5,8 +5,11 @@ explains every field). Two kinds:
 
 - `EntityModel`: one row per key, recomputed from the replicas for the keys a batch touches.
 - `AggregateModel`: one row per group, fed signed deltas of one entity's rows.
+- `IndexModel`: the rows of an entity or an aggregate again, in a table sorted by another key
+  (`order_by`), so a question that filters or ranks by that key reads a few granules in order
+  instead of scanning and sorting the whole model.
 
-An entity and the aggregates fed by it form a `Family`: they are kept together, in the same batch
+An entity, the aggregates fed by it and the indexes of either form a `Family`: they are kept together, in the same batch
 commit, and a change to any of their definitions builds the whole family anew (new tables, named
 by the family's definition hash) while the previous version keeps serving. How the projector keeps
 them, and why that is exact, is projector/materialize.py and docs/read-models.md; this module only
@@ -21,6 +24,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
@@ -233,6 +237,7 @@ class Family:
 
     entity: EntityModel
     aggregates: tuple[AggregateModel, ...]
+    indexes: tuple[IndexModel, ...] = ()
 
     @property
     def name(self) -> str:
@@ -241,14 +246,23 @@ class Family:
     @property
     def version(self) -> str:
         """A short hash of the family's definitions: a changed definition is a new version."""
-        text = json.dumps(
-            [self.entity.model_dump(), [a.model_dump() for a in self.aggregates]], sort_keys=True
-        )
+        parts: list[Any] = [self.entity.model_dump(), [a.model_dump() for a in self.aggregates]]
+        if self.indexes:  # a family without indexes keeps the version it had before they existed
+            parts.append([i.model_dump() for i in self.indexes])
+        text = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
     @property
-    def models(self) -> list[EntityModel | AggregateModel]:
-        return [self.entity, *self.aggregates]
+    def models(self) -> list[EntityModel | AggregateModel | IndexModel]:
+        return [self.entity, *self.aggregates, *self.indexes]
+
+    def indexes_of(self, model: str) -> list[IndexModel]:
+        return [i for i in self.indexes if i.of == model]
+
+    def indexed(self, index: IndexModel) -> EntityModel | AggregateModel:
+        """The model an index sorts anew."""
+        models: list[EntityModel | AggregateModel] = [self.entity, *self.aggregates]
+        return next(m for m in models if m.name == index.of)
 
 
 def family_to_json(family: Family) -> str:
@@ -256,7 +270,8 @@ def family_to_json(family: Family) -> str:
     while its successor builds is maintained by the definition it was built from)."""
     return json.dumps(
         {"entity": family.entity.model_dump(),
-         "aggregates": [a.model_dump() for a in family.aggregates]}, sort_keys=True,
+         "aggregates": [a.model_dump() for a in family.aggregates],
+         "indexes": [i.model_dump() for i in family.indexes]}, sort_keys=True,
     )  # fmt: skip
 
 
@@ -265,7 +280,34 @@ def family_from_json(text: str) -> Family:
     return Family(
         EntityModel.model_validate(data["entity"]),
         tuple(AggregateModel.model_validate(a) for a in data["aggregates"]),
+        tuple(IndexModel.model_validate(i) for i in data.get("indexes", [])),
     )
+
+
+class IndexModel(BaseModel):
+    """A read model's rows sorted by another key. The table is a ReplacingMergeTree whose sorting
+    key is `order_by` (which ends with the model's key columns, so each model row has one
+    position); the projector writes a model row's new state at its new position and a deletion
+    marker at its old one whenever the row moves, so read with FINAL it holds exactly the
+    model's rows (projector/materialize.py, step 3b)."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(pattern=IDENTIFIER)
+    description: str
+    of: str = Field(pattern=IDENTIFIER)  # an entity or an aggregate of the same file
+    order_by: list[str] = Field(min_length=1)  # expressions over the model's columns
+    # Small granules: a FINAL read in order stops after a granule or two of each part (right
+    # after a backfill an index has dozens of parts that all overlap at its newest end).
+    granularity: int = Field(default=128, ge=64, le=65536)
+
+    def check_covers(self, key: list[str]) -> None:
+        missing = [k for k in key if k not in self.order_by]
+        if missing:
+            raise ValueError(
+                f"index {self.name}: order_by must contain the key of {self.of} ({missing} "
+                "missing), so that each of its rows has exactly one position"
+            )
 
 
 class ReadModel(BaseModel):
@@ -294,6 +336,10 @@ class ReadModelDefinitions:
                 found.append(ReadModel(name=aggregate.name, description=aggregate.description,
                                        sources=entity.sources, key=aggregate.key,
                                        kind="aggregate"))  # fmt: skip
+            for index in family.indexes:
+                found.append(ReadModel(name=index.name, description=index.description,
+                                       sources=entity.sources, key=family.indexed(index).key,
+                                       kind="index"))  # fmt: skip
         return found
 
 
@@ -302,6 +348,7 @@ class _File(BaseModel):
 
     entity: list[EntityModel] = Field(default_factory=list)
     aggregate: list[AggregateModel] = Field(default_factory=list)
+    index: list[IndexModel] = Field(default_factory=list)
 
 
 def load_definitions(path: Path | None = None) -> ReadModelDefinitions:
@@ -314,7 +361,11 @@ def load_definitions(path: Path | None = None) -> ReadModelDefinitions:
         raise ReadModelError(f"read-model file {path} is not valid TOML: {exc}") from exc
     except ValidationError as exc:
         raise ReadModelError(f"read-model file {path}: {exc}") from exc
-    names = [e.name for e in parsed.entity] + [a.name for a in parsed.aggregate]
+    names = (
+        [e.name for e in parsed.entity]
+        + [a.name for a in parsed.aggregate]
+        + [i.name for i in parsed.index]
+    )
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ReadModelError(f"read-model file {path}: {', '.join(duplicates)} defined twice")
@@ -325,10 +376,26 @@ def load_definitions(path: Path | None = None) -> ReadModelDefinitions:
                 f"read-model file {path}: aggregate {aggregate.name} is fed by {aggregate.entity!r},"
                 f" which is not an [[entity]] (known: {', '.join(sorted(entities)) or 'none'})"
             )
-    families = tuple(
-        Family(e, tuple(a for a in parsed.aggregate if a.entity == e.name)) for e in parsed.entity
-    )
-    return ReadModelDefinitions(families)
+    families = []
+    for e in parsed.entity:
+        aggregates = tuple(a for a in parsed.aggregate if a.entity == e.name)
+        indexed: dict[str, EntityModel | AggregateModel] = {e.name: e}
+        indexed |= {a.name: a for a in aggregates}
+        indexes = tuple(i for i in parsed.index if i.of in indexed)
+        for index in indexes:
+            try:
+                index.check_covers(indexed[index.of].key)
+            except ValueError as exc:
+                raise ReadModelError(f"read-model file {path}: {exc}") from exc
+        families.append(Family(e, aggregates, indexes))
+    known = {e.name for e in parsed.entity} | {a.name for a in parsed.aggregate}
+    for index in parsed.index:
+        if index.of not in known:
+            raise ReadModelError(
+                f"read-model file {path}: index {index.name} sorts {index.of!r}, which is not an "
+                f"[[entity]] or [[aggregate]] (known: {', '.join(sorted(known)) or 'none'})"
+            )
+    return ReadModelDefinitions(tuple(families))
 
 
 def load_read_models(path: Path | None = None) -> list[ReadModel]:

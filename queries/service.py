@@ -161,7 +161,7 @@ class QueryService:
                 return Pending(name, min_lsn, position)
         else:
             position = self.positions.of(query.read_models)
-        key = CacheKey(name, tuple(sorted(params.items())), (limit, offset), "rows", position.lsn)
+        key = _cache_key(name, params, limit, offset, position)
         rows = self.cache.get(key)  # 3
         if rows is not None:
             self.observe("hit")
@@ -171,6 +171,26 @@ class QueryService:
         rows = self._run(query, params, limit, offset)  # 4
         self.cache.put(key, rows)
         return Answer(name, rows, position, limit, offset)  # 5
+
+    def cached(
+        self, name: str, params: dict[str, ParamValue], limit: int, offset: int,
+        min_lsn: int | None,
+    ) -> Answer | None:  # fmt: skip
+        """Steps 2-3 of `named` when they need neither waiting nor ClickHouse: the cached answer
+        under the position the read models stand at now, if that is known without a refresh, is
+        at least `min_lsn`, and has a live entry; else None (`named` then does it all). `params`
+        are bound already (`NamedQuery.bind`)."""
+        query = self.queries[name]
+        if min_lsn is not None and not self.read_your_writes:
+            return None
+        position = self.positions.of_now(query.read_models)
+        if position is None or (min_lsn is not None and position.lsn < min_lsn):
+            return None
+        rows = self.cache.get(_cache_key(name, params, limit, offset, position), count_miss=False)
+        if rows is None:
+            return None
+        self.observe("hit")
+        return Answer(name, rows, position, limit, offset, cached=True)
 
     def _run(
         self, query: NamedQuery, params: dict[str, ParamValue], limit: int, offset: int
@@ -202,6 +222,12 @@ class QueryService:
 
     def describe(self) -> list[dict[str, Any]]:
         return [q.describe() for q in self.queries.values()]
+
+
+def _cache_key(
+    name: str, params: dict[str, ParamValue], limit: int, offset: int, position: Consistency
+) -> CacheKey:
+    return CacheKey(name, tuple(sorted(params.items())), (limit, offset), "rows", position.lsn)
 
 
 # ---- rendering -----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 -- description = "The customers with the highest lifetime value (revenue of their orders, cancelled ones excluded)."
--- read_models = ["customer_lifetime_value"]
+-- read_models = ["customer_ranking"]
 --
 -- [params.top]
 -- description = "How many customers."
@@ -7,6 +7,6 @@
 -- minimum = 1
 -- maximum = 1000
 SELECT customer_id, name, orders, revenue
-FROM read_models.customer_lifetime_value
-ORDER BY revenue DESC, customer_id
+FROM read_models.customer_ranking
+ORDER BY -revenue, customer_id
 LIMIT {top:UInt32}

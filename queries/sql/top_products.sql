@@ -1,5 +1,5 @@
 -- description = "The best-selling products by revenue (cancelled orders excluded)."
--- read_models = ["product_popularity"]
+-- read_models = ["product_ranking"]
 --
 -- [params.top]
 -- description = "How many products."
@@ -7,6 +7,6 @@
 -- minimum = 1
 -- maximum = 1000
 SELECT product_id, name, units, revenue
-FROM read_models.product_popularity
-ORDER BY revenue DESC, product_id
+FROM read_models.product_ranking
+ORDER BY -revenue, product_id
 LIMIT {top:UInt32}

@@ -48,9 +48,26 @@ POSTGRES = {
         FROM {s}.products p JOIN {s}.order_items i ON i.product_id = p.id
         JOIN {s}.orders o ON o.id = i.order_id
         WHERE o.status <> 'CANCELLED' GROUP BY p.id ORDER BY p.id""",
+    "daily_order_statistics": """
+        SELECT (o.created_at AT TIME ZONE 'UTC')::date::text, count(*),
+               count(*) FILTER (WHERE o.status = 'CANCELLED'),
+               coalesce(sum(i.units) FILTER (WHERE o.status <> 'CANCELLED'), 0),
+               coalesce(sum(i.revenue) FILTER (WHERE o.status <> 'CANCELLED'), 0)
+        FROM {s}.orders o LEFT JOIN (
+            SELECT order_id, sum(quantity) AS units, sum(quantity * unit_price) AS revenue
+            FROM {s}.order_items GROUP BY order_id) i ON i.order_id = o.id
+        GROUP BY 1 ORDER BY 1""",
     "order_status": "SELECT id, status FROM {s}.orders ORDER BY id",
     "orders_by_status": """
         SELECT status, count(*) FROM {s}.orders GROUP BY status ORDER BY status""",
+}
+
+# An index holds its model's rows, sorted otherwise: the same question of Postgres.
+POSTGRES |= {
+    "order_summary_by_customer": POSTGRES["order_summary"],
+    "order_summary_by_status": POSTGRES["order_summary"],
+    "customer_ranking": POSTGRES["customer_lifetime_value"],
+    "product_ranking": POSTGRES["product_popularity"],
 }
 
 CLICKHOUSE_ORDER = {
@@ -62,6 +79,11 @@ CLICKHOUSE_ORDER = {
     "customer_lifetime_value": "customer_id",
     "product_popularity": "product_id",
     "orders_by_status": "status",
+    "daily_order_statistics": "day",
+    "order_summary_by_customer": "order_id",
+    "order_summary_by_status": "order_id",
+    "customer_ranking": "customer_id",
+    "product_ranking": "product_id",
 }
 
 

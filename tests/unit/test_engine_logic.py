@@ -165,6 +165,42 @@ columns = [{ name = "status", group_by = "status" }, { name = "n", sum = "1" }]
 """
 
 
+INDEX = """
+[[index]]
+name = "i"
+description = "d"
+of = "a"
+order_by = ["-n", "status"]
+"""
+
+
+def test_an_index_is_a_model_of_its_family_and_changes_its_version(tmp_path: Path) -> None:
+    plain = load_definitions(_write(tmp_path, VALID)).families[0]
+    indexed = load_definitions(_write(tmp_path, VALID + INDEX))
+    family = indexed.families[0]
+    assert [i.name for i in family.indexes] == ["i"] and family.indexed(
+        family.indexes[0]
+    ).name == "a"
+    assert family.version != plain.version
+    index = next(m for m in indexed.models if m.name == "i")
+    assert (index.kind, index.key, index.sources) == ("index", ["status"], ["orders"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (INDEX.replace('"-n", "status"', '"-n"'), "must contain the key of a"),
+        (INDEX.replace('of = "a"', 'of = "x"'), "not an \\[\\[entity\\]\\] or"),
+        (INDEX.replace('name = "i"', 'name = "a"'), "defined twice"),
+    ],
+)
+def test_bad_indexes_are_refused_naming_the_problem(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ReadModelError, match=message):
+        load_read_models(_write(tmp_path, VALID + text))
+
+
 def test_the_shipped_definitions_load() -> None:
     names = {m.name for m in load_read_models(None)}
     assert {"order_summary", "daily_sales", "customer_lifetime_value"} <= names

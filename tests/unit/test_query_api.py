@@ -58,6 +58,7 @@ class FakePositions:
     def __init__(self) -> None:
         self.lsn = 1000
         self.arrives: int | None = None
+        self.refresh_due = False  # of_now: a refresh is due, the fast path must not answer
         self.tracker = type("T", (), {"groups": {"order_summary": ["shop.orders"]}})()
 
     def position(self) -> Consistency:
@@ -65,6 +66,9 @@ class FakePositions:
 
     def of(self, read_models: list[str], fresh: bool = False) -> Consistency:
         return self.position()
+
+    def of_now(self, read_models: list[str]) -> Consistency | None:
+        return None if self.refresh_due else self.position()
 
     def wait_for(self, read_models: list[str], lsn: int, timeout_s: float) -> Consistency:
         if self.arrives is not None:
@@ -219,6 +223,46 @@ def test_the_cache_serves_a_watermark_once_and_recomputes_when_it_moves(parts: A
     assert 'query_cache_total{result="miss"} 2.0' in metrics
     assert 'query_requests_total{route="/queries/order_by_id",status="200"} 4.0' in metrics
     assert 'query_request_seconds_count{route="/queries/order_by_id"} 4.0' in metrics
+
+
+def test_a_cache_hit_is_answered_before_fastapi_with_the_same_bytes(
+    parts: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, ch, positions, service = parts
+    url = "/queries/orders_of_customer?customer_id=3&limit=2"
+    asked: list[str] = []
+    named = service.named
+
+    def counted(name: str, *args: Any) -> Any:
+        asked.append(name)
+        return named(name, *args)
+
+    monkeypatch.setattr(service, "named", counted)
+    miss = client.get(url, headers=AUTH)
+    positions.refresh_due = True  # the fast layer may not refresh: FastAPI answers the hit
+    slow = client.get(url, headers=AUTH)
+    positions.refresh_due = False
+    fast = client.get(url, headers=AUTH)
+    assert (miss.headers["x-cache"], slow.headers["x-cache"], fast.headers["x-cache"]) == (
+        "miss", "hit", "hit")  # fmt: skip
+    assert asked == ["orders_of_customer"] * 2, "the last hit never reached FastAPI's route"
+    assert fast.content == slow.content and dict(fast.headers) == dict(slow.headers)
+    assert len(ch.calls) == 1
+    # what the fast layer must leave to FastAPI: a bad token, a bad or repeated parameter, CSV,
+    # a min_lsn the read models have not reached (202), a moved watermark (a miss)
+    assert client.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get(url + "&limit=0", headers=AUTH).status_code == 400
+    assert client.get(url + "&customer_id=4", headers=AUTH).status_code == 400
+    csv = client.get(url, headers=AUTH | {"Accept": "text/csv"})
+    assert csv.headers["content-type"].startswith("text/csv")
+    assert client.get(url + "&min_lsn=0/7D0&wait_ms=0", headers=AUTH).status_code == 202
+    positions.lsn = 2000
+    assert client.get(url, headers=AUTH).headers["x-cache"] == "miss"
+    assert client.get(url + "&min_lsn=0/7D0", headers=AUTH).headers["x-cache"] == "hit"
+    metrics = client.get("/metrics", headers=AUTH).text
+    assert 'query_cache_total{result="hit"} 4.0' in metrics
+    assert 'query_requests_total{route="/queries/orders_of_customer",status="200"} 6.0' in metrics
+    assert 'query_request_seconds_count{route="/queries/orders_of_customer"} 9.0' in metrics
 
 
 def test_pages_and_csv(parts: Any) -> None:

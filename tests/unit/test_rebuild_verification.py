@@ -102,3 +102,15 @@ def test_a_wrong_aggregate_row_fails_the_version(replicas: ChdbBackend) -> None:
     lines = step_until(maintainer, "verification failed")
     assert "daily_sales differs" in lines[-1], lines
     assert state_of(maintainer, version.version) == FAILED  # type: ignore[attr-defined]
+
+
+def test_a_wrong_index_row_fails_the_version(replicas: ChdbBackend) -> None:
+    maintainer, version = rebuilding(replicas, "index")
+    step_until(maintainer, f"verified {version.chunks}/{version.chunks}")  # type: ignore[attr-defined]
+    by_customer = version.table("order_summary_by_customer")  # type: ignore[attr-defined]
+    replicas.execute(  # a row the model does not have
+        f"INSERT INTO {by_customer} SELECT * REPLACE (order_id + 100000000 AS order_id) "
+        f"FROM {by_customer} LIMIT 1"
+    )
+    lines = step_until(maintainer, "verification failed")
+    assert "order_summary_by_customer differs" in lines[-1], lines

@@ -120,10 +120,10 @@ def cluster() -> list[str]:
 
 def test_single_server_ddl_is_plain_and_deduplicates(single: list[str]) -> None:
     tables = [s for s in single if s.startswith("CREATE TABLE") and "ENGINE = Memory" not in s]
-    # checkpoints, partition owners and resets (twice each: replicas and backfills), dlq, two
-    # ledgers, a keyed and a key-less replica, the read-model versions, three entity tables and
-    # five aggregate tables
-    assert len(tables) == 20
+    # checkpoints, partition owners and resets (twice each: replicas and backfills), dlq, two ledgers, a
+    # keyed and a key-less replica, the read-model versions, three entity tables, six aggregate
+    # tables and four index tables
+    assert len(tables) == 25
     for statement in single:
         assert "ON CLUSTER" not in statement
         assert "Replicated" not in statement
@@ -148,7 +148,7 @@ def test_single_server_ddl_is_plain_and_deduplicates(single: list[str]) -> None:
 
 def test_cluster_ddl_runs_on_every_replica_with_replicated_engines(cluster: list[str]) -> None:
     tables = [s for s in cluster if s.startswith("CREATE TABLE") and "ENGINE = Memory" not in s]
-    assert len(tables) == 20
+    assert len(tables) == 25
     for statement in cluster:
         # a read model's stage is scratch of one recompute, local to the server we talk to
         if statement.startswith(("CREATE", "ALTER")) and "ENGINE = Memory" not in statement:
