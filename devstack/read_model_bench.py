@@ -41,8 +41,8 @@ import psycopg
 from devstack.query_bench import Latency, quantiles, timed
 from projector.clickhouse import ChdbBackend, ident
 from projector.materialize import ReadModelMaintainer
+from projector.read_models import load_definitions
 from projector.replica import META_COLUMNS
-from queries.read_models import load_definitions
 
 REPLICA, READ_MODELS, CONTROL = "replica_shop", "read_models", "projector"
 STATUSES = "['PENDING', 'CONFIRMED', 'SHIPPED', 'DELIVERED', 'CANCELLED']"

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from projector.clickhouse import ChdbBackend, ServerBackend
 from projector.errors import ConfigError
-from queries.read_models import ReadModelError, load_read_models
+from projector.read_models import ReadModelError, load_read_models
 from schemas.errors import SchemaError
 from schemas.upcasters import Upcasters
 
@@ -58,7 +58,7 @@ class ProjectorConfig(BaseModel):
     # How often a running projector drops the ledger rows no watermark needs any more
     # (projector/transactions.py, "Pruning").
     ledger_prune_interval_s: float = Field(default=300.0, gt=0)
-    # Read models (queries/read_models.toml by default) over the replica of one source schema.
+    # Read models (projector/read_models.toml by default) over the replica of one source schema.
     read_models_file: Path | None = None
     read_model_schema: str = "shop"
     read_model_database: str = "read_models"

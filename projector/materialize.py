@@ -1,6 +1,6 @@
 """Materialized read models: kept inside the replicas' batch commit, exact under every change.
 
-Definitions are queries/read_models.py's (entities recomputed per key, aggregates fed signed
+Definitions are projector/read_models.py's (entities recomputed per key, aggregates fed signed
 deltas of an entity's rows, both versioned together as a `Family`). This module keeps them.
 
 For every batch of a source table, after its replica rows are written (same intent, same
@@ -32,7 +32,7 @@ Why that is exact (the argument in full is docs/read-models.md):
     batch, `replay first`), so it drops the same deltas and writes the same rows.
   - Recomputing a key from the replicas is exact for any key, so a superset of affected keys is
     harmless, and `affects` only has to be complete.
-  - An index (queries/read_models.py `IndexModel`) holds each row of its model at one position,
+  - An index (projector/read_models.py `IndexModel`) holds each row of its model at one position,
     its `order_by` (which includes the model's key). Writing an index from a stage: every +1 row
     at its position, and a deletion marker at the position of every -1 row that no +1 row
     occupies, all with a version greater than any before; so read with FINAL the index holds
@@ -69,7 +69,7 @@ from projector.checkpoint import DONE, INTENT, BatchRange, CheckpointStore
 from projector.clickhouse import ClickHouse, ident, quote
 from projector.config import ProjectorConfig
 from projector.errors import RebuildRefused, StatementRejected
-from queries.read_models import (
+from projector.read_models import (
     AggregateModel,
     Family,
     IndexModel,

@@ -63,6 +63,7 @@ from projector.fast_path import FastPath, Segment
 from projector.materialize import ReadModelMaintainer, maintainer_for
 from projector.messages import KafkaMessages, RawMessage, source_table_of
 from projector.metrics import ProjectorMetrics
+from projector.read_models import load_read_models
 from projector.rebuild import OpsRequests, TablePauses, take_requests
 from projector.replica import ReplicaCatalog
 from projector.replica_rebuild import ReplicaRebuild, ReplicaRebuilds, take_replica_requests
@@ -70,7 +71,6 @@ from projector.resnapshot import SignalTable
 from projector.snapshot_sweep import SnapshotSweep
 from projector.topic_guard import TopicGuard, TopicShape
 from projector.transactions import TransactionLedger, Unfinished, Watermark
-from queries.read_models import load_read_models
 from schemas.errors import NotConfluentFramed, RegistryUnavailable, SchemaError, UnknownSchema
 from schemas.registry import SchemaCache
 from schemas.upcasters import Upcasters

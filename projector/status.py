@@ -31,10 +31,10 @@ from projector.checkpoint import PROJECTION, CheckpointStore
 from projector.config import ProjectorConfig, client_environment, open_backend
 from projector.dlq import DeadLetterStore
 from projector.errors import ProjectorError
+from projector.read_models import load_read_models
 from projector.rebuild import TablePauses
 from projector.topic_guard import TopicGuard
 from projector.transactions import ConsistencyTracker, TransactionLedger, lsn_text
-from queries.read_models import load_read_models
 
 
 def collect_status(

@@ -1,6 +1,6 @@
-"""The query side: read-model definitions, named queries and the query service.
+"""The query side: named queries and the query service. (The read models they read are defined
+and kept by the engine: projector/read_models.toml, projector/materialize.py.)
 
-- `read_models`: the declared read models (`read_models.toml`) and their creation.
 - `named`: named queries (`sql/*.sql`) with typed, documented parameters.
 - `service` / `api` / `server`: the query service (HTTP API, read-your-writes, cache, ad-hoc SQL,
   ops page), started by `projector serve` or `projector run --serve`.

@@ -17,6 +17,7 @@ from projector.checkpoint import PROJECTION
 from projector.clickhouse import ParameterisedClickHouse
 from projector.config import ProjectorConfig, client_environment
 from projector.errors import ConfigError
+from projector.read_models import load_read_models
 from projector.status import read_model_sources
 from projector.transactions import TransactionLedger
 from queries.api import create_app
@@ -25,7 +26,6 @@ from queries.consistency import ReadPositions
 from queries.errors import QueryDefinitionError
 from queries.named import load_named_queries
 from queries.ops import OpsMonitor
-from queries.read_models import load_read_models
 from queries.service import Limits, QueryService, Rows
 
 log = logging.getLogger("queries")

@@ -12,7 +12,7 @@ from projector import runner
 from projector.checkpoint import BatchRange, cut_batch
 from projector.config import client_environment, load_config
 from projector.errors import ClickHouseUnavailable, ConfigError
-from queries.read_models import ReadModelError, load_definitions, load_read_models
+from projector.read_models import ReadModelError, load_definitions, load_read_models
 from schemas.errors import RegistryUnavailable
 
 # ---- retries -----------------------------------------------------------------------------------

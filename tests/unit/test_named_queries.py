@@ -7,9 +7,9 @@ import re
 
 import pytest
 
+from projector.read_models import load_read_models
 from queries.errors import InvalidParameters, QueryDefinitionError
 from queries.named import PLACEHOLDER, load_named_queries, parse_named_query
-from queries.read_models import load_read_models
 
 SHIPPED = load_named_queries()
 

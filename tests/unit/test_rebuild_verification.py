@@ -13,7 +13,7 @@ import pytest
 from devstack.read_model_bench import CONTROL, READ_MODELS, REPLICA, generate_replicas
 from projector.clickhouse import ChdbBackend
 from projector.materialize import FAILED, SERVING, ReadModelMaintainer
-from queries.read_models import load_definitions
+from projector.read_models import load_definitions
 
 ORDERS = 600
 

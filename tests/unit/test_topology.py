@@ -19,9 +19,9 @@ from projector.checkpoint import CheckpointStore
 from projector.clickhouse import Topology
 from projector.dlq import DeadLetterStore
 from projector.materialize import ReadModelMaintainer
+from projector.read_models import load_definitions
 from projector.replica import ReplicaCatalog, ReplicaTable, SourceColumn
 from projector.transactions import TransactionLedger
-from queries.read_models import load_definitions
 from schemas.type_map import column_type
 
 

@@ -1,6 +1,6 @@
 """Declarative read models: what each one is, as SQL the projector runs to keep it.
 
-Definitions live in `queries/read_models.toml` (validated here with pydantic; the file's header
+Definitions live in `projector/read_models.toml` (validated here with pydantic; the file's header
 explains every field). Two kinds:
 
 - `EntityModel`: one row per key, recomputed from the replicas for the keys a batch touches.
