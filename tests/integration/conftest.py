@@ -171,3 +171,14 @@ def projector(stack: StackHandle, tmp_path: Path, server_url: str | None) -> obj
     from tests.integration.projector_harness import ProjectorProcess
 
     return ProjectorProcess(stack, tmp_path, server_url=server_url)
+
+
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts, killed at its end if a failed assertion left them running."""
+    processes: list[subprocess.Popen[bytes]] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,17 +41,6 @@ EVENTS = int(os.environ.get("PROJECTOR_REBUILD_TEST_EVENTS", "20000"))
 def server_url(clickhouse_server: str) -> str:
     """These tests run the command beside a running projector: the server backend only."""
     return clickhouse_server
-
-
-@pytest.fixture
-def started() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Processes a test starts, killed at its end if a failed assertion left them running."""
-    processes: list[subprocess.Popen[bytes]] = []
-    yield processes
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-            process.wait(30)
 
 
 def start(

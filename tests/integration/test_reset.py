@@ -13,25 +13,12 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
-
-import pytest
 
 from devstack.shop import ShopWriter
 from tests.integration.conftest import PROJECTOR, StackHandle, one_backend
 from tests.integration.projector_harness import ProjectorProcess, assert_replica_equals_source
 from tests.integration.read_model_checks import assert_equal_to_postgres, shop_projection
-
-
-@pytest.fixture
-def started() -> Iterator[list[subprocess.Popen[bytes]]]:
-    processes: list[subprocess.Popen[bytes]] = []
-    yield processes
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-            process.wait(30)
 
 
 def wait_for_log_since(projector: ProjectorProcess, since: int, text: str) -> None:
