@@ -990,14 +990,8 @@ def _rebuild_replica(
         except KeyboardInterrupt:
             console.print("stopped following; the projector goes on")
             raise typer.Exit(130) from None
-    asked = requests.get(request.id)
-    if asked is None or asked.state == "requested":
-        fail("the request was not taken")
-        return
-    if asked.state == "failed":
-        fail(f"refused: {asked.detail}")
-    if asked.state == "done":
-        console.print(asked.detail, highlight=False)
+    asked = _taken_request(requests, request.id, "the request was not taken")
+    if asked is None:
         return
     job = rebuilds.job(asked.detail)
     assert job is not None
@@ -1122,18 +1116,28 @@ def _follow_request(
             time.sleep(FOLLOW_POLL_S)
 
 
-def _rebuild_report(
-    requests: Any, maintainer: Any, request_id: str, family: str, seconds: float
-) -> None:
-    """What became of a request: refused, done, or the rebuilt version's state and size."""
+def _taken_request(requests: Any, request_id: str, not_taken: str) -> Any:
+    """The request when the projector took it (a job goes on); otherwise says what became of
+    it — not taken, refused (exit 1), or done with its line — and returns None."""
     request = requests.get(request_id)
     if request is None or request.state == "requested":
-        fail("the request was not taken (does this projector keep read models?)")
-        return
+        fail(not_taken)
     if request.state == "failed":
         fail(f"refused: {request.detail}")
     if request.state == "done":
         console.print(request.detail, highlight=False)
+        return None
+    return request
+
+
+def _rebuild_report(
+    requests: Any, maintainer: Any, request_id: str, family: str, seconds: float
+) -> None:
+    """What became of a request: refused, done, or the rebuilt version's state and size."""
+    request = _taken_request(
+        requests, request_id, "the request was not taken (does this projector keep read models?)"
+    )
+    if request is None:
         return
     found = [v for v in maintainer.versions() if v["version"] == request.detail]
     if not found:

@@ -33,6 +33,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from projector.clickhouse import ClickHouse, ident, quote
 from projector.errors import RebuildRefused
@@ -82,6 +83,18 @@ class OpsRequests:
         request.state, request.detail = state, detail
         self._write(request)
 
+    def carry_out(self, request: Request, act: Callable[[], tuple[str, str, str]]) -> str:
+        """Do a request and settle it: `act` returns (state, detail, line) — TAKEN for a job
+        that goes on, DONE when done — or raises RebuildRefused, which settles it FAILED with
+        the reason and changes nothing. The line says what became of it."""
+        try:
+            state, detail, line = act()
+        except RebuildRefused as exc:
+            self.settle(request, FAILED, str(exc))
+            return f"refused {request.action} {request.target}: {exc}"
+        self.settle(request, state, detail)
+        return line
+
     def _write(self, request: Request) -> None:
         self.ch.execute(
             f"INSERT INTO {self.table} (id, action, target, options, state, detail, seq) VALUES "
@@ -111,32 +124,27 @@ def take_requests(requests: OpsRequests, maintainer: ReadModelMaintainer) -> lis
     """Act on every pending request (call between batches, after `maintainer.ensure()`); a
     line per request. A rebuild is taken (its version starts building, the backfill steps do
     the rest); a swap, rollback or drop is done at once. A refusal changes nothing."""
-    lines = []
-    for request in requests.pending():
-        if "." in request.target:
-            continue  # a replica table's (SCHEMA.TABLE): projector/replica_rebuild.py
-        try:
-            if request.action == REBUILD:
-                no_swap = "no-swap" in request.options.split(",")
-                version = maintainer.start_rebuild(request.target, request.id, no_swap)
-                requests.settle(request, TAKEN, version.version)
-                lines.append(f"rebuilding {request.target} as version {version.version}")
-                continue
-            if request.action == SWAP:
-                line = maintainer.swap_built(request.target)
-            elif request.action == ROLLBACK:
-                line = maintainer.rollback(request.target)
-            elif request.action == DROP_OLD:
-                line = maintainer.drop_old(request.target)
-            else:
-                raise RebuildRefused(f"unknown request {request.action!r}")
-        except RebuildRefused as exc:
-            requests.settle(request, FAILED, str(exc))
-            lines.append(f"refused {request.action} {request.target}: {exc}")
-            continue
-        requests.settle(request, DONE, line)
-        lines.append(line)
-    return lines
+    return [
+        requests.carry_out(request, partial(_act, request, maintainer))
+        for request in requests.pending()
+        if "." not in request.target  # SCHEMA.TABLE is a replica table's: replica_rebuild.py
+    ]
+
+
+def _act(request: Request, maintainer: ReadModelMaintainer) -> tuple[str, str, str]:
+    if request.action == REBUILD:
+        no_swap = "no-swap" in request.options.split(",")
+        version = maintainer.start_rebuild(request.target, request.id, no_swap)
+        return TAKEN, version.version, f"rebuilding {request.target} as version {version.version}"
+    if request.action == SWAP:
+        line = maintainer.swap_built(request.target)
+    elif request.action == ROLLBACK:
+        line = maintainer.rollback(request.target)
+    elif request.action == DROP_OLD:
+        line = maintainer.drop_old(request.target)
+    else:
+        raise RebuildRefused(f"unknown request {request.action!r}")
+    return DONE, line, line
 
 
 def run_here(

@@ -87,6 +87,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
@@ -97,8 +98,7 @@ from projector.clickhouse import ClickHouse, ident, quote
 from projector.errors import RebuildRefused, SourceUnavailable, VerifyError
 from projector.messages import KafkaMessages
 from projector.rebuild import DONE as REQUEST_DONE
-from projector.rebuild import DROP_OLD, REBUILD, ROLLBACK, TAKEN, OpsRequests
-from projector.rebuild import FAILED as REQUEST_FAILED
+from projector.rebuild import DROP_OLD, REBUILD, ROLLBACK, TAKEN, OpsRequests, Request
 from projector.replica import ReplicaCatalog
 from schemas.registry import SchemaCache
 
@@ -678,39 +678,33 @@ def take_replica_requests(
     """Act on the pending requests naming a replica table (SCHEMA.TABLE), between batches: a
     rebuild starts its job; a rollback catches the job up (nothing else is applied meanwhile)
     and exchanges back; a drop drops the table not serving."""
-    lines = []
-    for request in requests.pending():
-        if "." not in request.target:
-            continue  # a read model's: projector/rebuild.py
-        try:
-            if request.action == REBUILD:
-                job = rebuilds.start(request.target, request.id, _source(request.options),
-                                     live_next)  # fmt: skip
-                requests.settle(request, TAKEN, job.id)
-                origin = "a Debezium snapshot" if job.source == SNAPSHOT else "Kafka"
-                lines.append(f"rebuilding {request.target} from {origin} (job {job.id})"
-                             + (f": {job.detail}" if job.detail else ""))  # fmt: skip
-                continue
-            kept = [j for j in rebuilds.jobs((SWAPPED, ROLLED_BACK)) if j.table == request.target]
-            if not kept:
-                raise RebuildRefused(f"{request.target} keeps no previous table (never rebuilt, "
-                                     "or dropped with --drop-old)")  # fmt: skip
-            job = kept[-1]
-            if request.action == ROLLBACK:
-                while not rebuilds.step(job, live_next):
-                    pass
-                line = rebuilds.rollback(job)
-            elif request.action == DROP_OLD:
-                line = rebuilds.drop_old(job)
-            else:
-                raise RebuildRefused(f"{request.action} is not done for replica tables")
-        except RebuildRefused as exc:
-            requests.settle(request, REQUEST_FAILED, str(exc))
-            lines.append(f"refused {request.action} {request.target}: {exc}")
-            continue
-        requests.settle(request, REQUEST_DONE, line)
-        lines.append(line)
-    return lines
+    return [
+        requests.carry_out(request, partial(_act, request, rebuilds, live_next))
+        for request in requests.pending()
+        if "." in request.target  # a read model's is projector/rebuild.py's
+    ]
+
+
+def _act(request: Request, rebuilds: ReplicaRebuilds, live_next: LiveNext) -> tuple[str, str, str]:
+    if request.action == REBUILD:
+        job = rebuilds.start(request.target, request.id, _source(request.options), live_next)
+        origin = "a Debezium snapshot" if job.source == SNAPSHOT else "Kafka"
+        line = f"rebuilding {request.target} from {origin} (job {job.id})"
+        return TAKEN, job.id, line + (f": {job.detail}" if job.detail else "")
+    kept = [j for j in rebuilds.jobs((SWAPPED, ROLLED_BACK)) if j.table == request.target]
+    if not kept:
+        raise RebuildRefused(f"{request.target} keeps no previous table (never rebuilt, "
+                             "or dropped with --drop-old)")  # fmt: skip
+    job = kept[-1]
+    if request.action == ROLLBACK:
+        while not rebuilds.step(job, live_next):
+            pass
+        line = rebuilds.rollback(job)
+    elif request.action == DROP_OLD:
+        line = rebuilds.drop_old(job)
+    else:
+        raise RebuildRefused(f"{request.action} is not done for replica tables")
+    return REQUEST_DONE, line, line
 
 
 def _source(options: str) -> str:
