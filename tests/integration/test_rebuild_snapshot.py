@@ -25,9 +25,7 @@ from confluent_kafka.admin import AdminClient
 
 from tests.integration.conftest import PROJECTOR, StackHandle
 from tests.integration.projector_harness import ProjectorProcess, assert_replica_equals_source
-from tests.integration.test_rebuild import start, started, stop
-
-__all__ = ["started"]  # the fixture, shared with test_rebuild.py
+from tests.integration.test_rebuild import start, stop
 
 ROWS = 20_000  # ten of Debezium's chunks (incremental.snapshot.chunk.size 2048)
 GHOST = 999_999_999  # a key Postgres never had, written into the live table by hand
