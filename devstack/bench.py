@@ -220,7 +220,7 @@ def timed_process(name: str, command: list[str], env: dict[str, str], events: in
         stream.read().decode() if stream else "" for stream in (process.stdout, process.stderr)
     )
     if process.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{stderr[-3000:]}")
+        raise RuntimeError(f"{name} failed (exit {process.returncode}):\n{stderr[-3000:]}")
     last_line = stdout.strip().splitlines()[-1] if stdout.strip() else ""
     return Result(name, events, seconds, peak_kb / 1024, last_line, stderr)
 
@@ -310,8 +310,13 @@ def run_bench(
     report_path: Path | None,
     profile: Path | None = None,
     batch_messages: int = 50_000,
+    only: str = "abcde",
 ) -> list[Result]:
+    """`only`: the contenders to run, by letter ((e) needs (a): it rebuilds (a)'s table)."""
     from devstack import Stack
+
+    if "e" in only and "a" not in only:
+        raise RuntimeError("(e) rebuilds the table (a) built: run (a) with it")
 
     stack = Stack()
     stack.up(log=log)
@@ -334,6 +339,8 @@ def run_bench(
             ("(a)", "(a) projector, fast path", True),
             ("(b)", "(b) projector, per-message path", False),
         ):
+            if label[1] not in only:
+                continue
             log(f"{name} ...")
             run_env = {**env, "PROJECTOR_TOPIC_PREFIX": prefix, "PROJECTOR_SCHEMAS": SCHEMA,
                        "PROJECTOR_TABLE_PATTERN": TABLE,
@@ -366,24 +373,30 @@ def run_bench(
                 raise RuntimeError(
                     f"{name}: replica has {replica_rows} rows, the events leave {live_keys}"
                 )
-            if fast:  # (e): the same table rebuilt from the same topic, beside the live one
+            if fast and "e" in only:  # (e): the same table rebuilt from the same topic
                 log("(e) projector rebuild --from kafka ...")
+                command = [projector, "rebuild", f"{SCHEMA}.{TABLE}", "--from", "kafka"]
+                if profile is not None:
+                    command = [str(Path(python).parent / "py-spy"), "record", "--format", "raw",
+                               "--idle", "--rate", "50", "-o", f"{profile}.e", "--", *command]  # fmt: skip
                 results.append(timed_process(
                     "(e) projector rebuild --from kafka (fast path, verified, swapped)",
-                    [projector, "rebuild", f"{SCHEMA}.{TABLE}", "--from", "kafka"],
+                    command,
                     {**run_env, "PROJECTOR_REPLICA_REBUILD_CHUNK_MESSAGES": str(batch_messages)},
                     events,
                 ))  # fmt: skip
-        log("(c) naive baseline ...")
-        results.append(timed_process(
-            "(c) naive: AvroDeserializer + batched inserts",
-            [python, "-m", "devstack.bench", "baseline", env["KAFKA_BOOTSTRAP"], topic,
-             env["REGISTRY_URL"], str(work / "baseline")], env, events))  # fmt: skip
-        log("(d) ClickHouse decoding the bytes itself ...")
-        results.append(timed_process(
-            "(d) C++ ceiling: chDB AvroConfluent from a file",
-            [python, "-m", "devstack.bench", "ceiling", str(values), env["REGISTRY_URL"]],
-            env, events))  # fmt: skip
+        if "c" in only:
+            log("(c) naive baseline ...")
+            results.append(timed_process(
+                "(c) naive: AvroDeserializer + batched inserts",
+                [python, "-m", "devstack.bench", "baseline", env["KAFKA_BOOTSTRAP"], topic,
+                 env["REGISTRY_URL"], str(work / "baseline")], env, events))  # fmt: skip
+        if "d" in only:
+            log("(d) ClickHouse decoding the bytes itself ...")
+            results.append(timed_process(
+                "(d) C++ ceiling: chDB AvroConfluent from a file",
+                [python, "-m", "devstack.bench", "ceiling", str(values), env["REGISTRY_URL"]],
+                env, events))  # fmt: skip
     finally:
         AdminClient({"bootstrap.servers": env["KAFKA_BOOTSTRAP"]}).delete_topics([topic])
     report = render_report(results, events, live_keys)

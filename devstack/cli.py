@@ -142,10 +142,13 @@ def bench(
     report: Path = typer.Option(Path("docs/benchmarks.md"), help="Append the results here."),
     no_report: bool = typer.Option(False, "--no-report", help="Only print the results."),
     profile: Path | None = typer.Option(
-        None, help="Sample (a) and (b) with py-spy into PROFILE.a / PROFILE.b (collapsed stacks)."
+        None, help="Sample (a), (b), (e) with py-spy into PROFILE.a / .b / .e (collapsed stacks)."
     ),
     batch_messages: int = typer.Option(
         50_000, min=1, help="The projector's batch size (PROJECTOR_MAX_BATCH_MESSAGES) in (a), (b)."
+    ),
+    only: str = typer.Option(
+        "abcde", help="The contenders to run, by letter (e.g. `ae`; (e) needs (a))."
     ),
 ) -> None:
     """Measure the projector against a naive baseline and ClickHouse's own decoder, on the same
@@ -156,7 +159,7 @@ def bench(
 
     log = lambda m: console.print(m, highlight=False)  # noqa: E731
     try:
-        run_bench(events, seed, log, None if no_report else report, profile, batch_messages)
+        run_bench(events, seed, log, None if no_report else report, profile, batch_messages, only)
     except (StackError, ConnectorError, ProjectorError, RuntimeError) as exc:
         fail(str(exc))
 

@@ -956,15 +956,20 @@ def _rebuild_replica(
         return
     request = requests.ask(action, table, f"from-{source}")
     started = time.monotonic()
-    if config.backend == "chdb" and action != REBUILD:  # done at once, no progress to show
-        run_replica_jobs_here(requests, rebuilds, live_next)
-    elif config.backend == "chdb":  # no projector runs beside us: its part here, the table still
-        with _rebuild_progress() as progress:
-            task = progress.add_task(table, total=None, rate="")
-            run_replica_jobs_here(
-                requests, rebuilds, live_next,
-                lambda job: _show_replica_progress(progress, task, rebuilds, job, live_next, started),
-            )  # fmt: skip
+    if config.backend == "chdb":  # no projector runs beside us: its part here, the table still
+        try:
+            if action != REBUILD:  # done at once, no progress to show
+                run_replica_jobs_here(requests, rebuilds, live_next)
+            else:
+                with _rebuild_progress() as progress:
+                    task = progress.add_task(table, total=None, rate="")
+                    run_replica_jobs_here(
+                        requests, rebuilds, live_next,
+                        lambda job: _show_replica_progress(progress, task, rebuilds, job,
+                                                           live_next, started),
+                    )  # fmt: skip
+        finally:
+            rebuilds.close()  # its reading threads end before the interpreter does
     else:
         console.print(f"asked the running projector ({action} {table}, request {request.id})",
                       highlight=False)  # fmt: skip

@@ -68,8 +68,10 @@ class ProjectorConfig(BaseModel):
     # Keys recomputed per backfill chunk of a new read-model version (one chunk runs between two
     # batches: smaller chunks keep ingestion going, larger ones finish sooner).
     read_model_backfill_chunk_keys: int = Field(default=250_000, ge=1)
-    # Messages a replica rebuild from Kafka applies per partition and step (replica_rebuild.py).
-    replica_rebuild_chunk_messages: int = Field(default=20_000, ge=1)
+    # Messages a replica rebuild from Kafka applies per partition and step (replica_rebuild.py):
+    # as many as a live batch; one step holds ingestion while it applies, and the next chunk is
+    # read ahead meanwhile.
+    replica_rebuild_chunk_messages: int = Field(default=50_000, ge=1)
 
     # Prometheus metrics at http://127.0.0.1:<port>/metrics (projector/metrics.py); 0: none.
     metrics_port: int = Field(default=19464, ge=0, le=65535)

@@ -7,10 +7,11 @@ included). The job runs in the projector, between batches (projector/rebuild.py 
   - The shadow lives in a database of its own, `<replica prefix>rebuild_<id>_<schema>`, under
     the live table's name: it is applied by a `BatchApplier` whose catalog has that prefix, so
     the same apply code (schema evolution, upcasters, the fast path, deletes, truncates) builds
-    it. A separate consumer, assigned to the topic without a group, reads it in chunks; each
-    chunk is committed like a batch (intent, inserts under the chunk's tokens, done) in the
-    checkpoint projection `replica_rebuild:<id>`, so a crash resumes at its chunk and replays it
-    exactly (the same range, the same tokens: ClickHouse drops what had landed).
+    it. A consumer per partition, assigned without a group, reads it in chunks on a thread of
+    its own (`PartitionReader`: the next chunk is fetched and planned while ClickHouse applies
+    this one); each chunk is committed like a batch (intent, inserts under the chunk's tokens,
+    done) in the checkpoint projection `replica_rebuild:<id>`, so a crash resumes at its chunk
+    and replays it exactly (the same range, the same tokens: ClickHouse drops what had landed).
   - Each step, with no batch in flight, moves every partition of the shadow at most one chunk
     towards the live table's position (`live_next`: the next offset the live table applies). The
     live table moves a batch per round, the shadow a chunk per round: it catches up.
@@ -84,7 +85,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -109,7 +112,7 @@ SWAPPED, ROLLED_BACK, DROPPED, FAILED = "swapped", "rolled-back", "dropped", "fa
 BUILDING = (SNAPSHOTTING, CATCHING_UP)  # not swapped in yet
 CHASED = (*BUILDING, SWAPPED, ROLLED_BACK)  # the shadow database's table is kept current
 KAFKA, SNAPSHOT, AUTO = "kafka", "snapshot", "auto"  # where a rebuild reads from
-CHUNK_MESSAGES = 20_000  # messages a shadow partition moves per step, at most
+CHUNK_MESSAGES = 50_000  # messages a shadow partition moves per step, at most (config's default)
 NOT_HASHED = ("_ingested_at",)  # when a row was written differs between the two tables
 JOB_COLUMNS = ("id", "table", "topic", "state", "detail", "source")
 LAG_TO_VERIFY = 1_000  # S5: messages the live table may be behind Kafka's end when compared
@@ -189,6 +192,184 @@ def snapshot_progress(notifications: Sequence[dict[str, Any]], table: str) -> Sn
     return SnapshotProgress(at=at if began_after else "")
 
 
+@dataclass
+class ReadChunk:
+    """Offsets [first, end) of a partition as read: its messages (gaps: transaction markers,
+    compaction) and what `PartitionReader.prepare` made of them, when it ran."""
+
+    first: int
+    end: int
+    messages: list[Any]
+    prepared: Any = None
+
+
+class PartitionReader:
+    """One partition read chunk after chunk, ahead of the chunk being applied.
+
+    A consumer of its own, assigned once, is read on a thread of its own: while ClickHouse
+    applies a chunk (chDB and the HTTP client release the GIL), the thread fetches the next
+    ones, cuts them at `first + k * chunk` (where reading started) and has `prepare` make what
+    their apply needs from them (the fast path's plan), holding at most `2 * chunk` messages.
+
+    `read(first, end)` answers a chunk made ahead when [first, end) is one; any other range (the
+    live position inside the next chunk, a replay) is answered message by message, without
+    `prepared`, and the cuts go on from its end. A `first` other than where the last read ended
+    starts the reading afresh there. Reading ahead changes nothing but memory and time: what is
+    applied, and when, is the caller's choice."""
+
+    def __init__(
+        self, consumer: Consumer, topic: str, partition: int, chunk: int,
+        prepare: Callable[[list[Any]], Any] | None = None,
+    ) -> None:  # fmt: skip
+        self.consumer = consumer
+        self.topic = topic
+        self.partition = partition
+        self.chunk = max(1, chunk)
+        self.prepare = prepare
+        self._position: int | None = None  # where the next read is expected to start
+        self._changed = threading.Condition()
+        self._ready: deque[ReadChunk] = deque()  # cut and prepared, in offset order
+        self._preparing: ReadChunk | None = None  # cut, being prepared (after `_ready`)
+        self._buffer: deque[Any] = deque()  # consumed, not cut yet (after `_preparing`)
+        self._cut_at = 0  # where the next cut begins
+        self._end_seen = -1  # the highest end of the partition met (all before it consumed)
+        self._failure: BaseException | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def read(self, first: int, end: int, timeout_s: float = 60.0) -> ReadChunk:
+        """Offsets [first, end); `prepared` is set when it is a chunk made ahead."""
+        if first != self._position:
+            self._start_at(first)
+        found: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while True:
+                if self._failure is not None:
+                    self._position = None
+                    raise SourceUnavailable(
+                        f"reading {self.topic}[{self.partition}]: {self._failure}"
+                    )
+                if not found:
+                    if self._ready and (self._ready[0].first, self._ready[0].end) == (first, end):
+                        chunk = self._ready.popleft()
+                        self._changed.notify_all()  # room to read on
+                        self._position = end
+                        return chunk
+                    coming = self._preparing or ReadChunk(
+                        self._cut_at, self._cut_at + self.chunk, []
+                    )
+                    wait = not self._ready and (coming.first, coming.end) == (first, end)
+                else:
+                    wait = False
+                if not wait:
+                    if self._preparing is not None:
+                        wait = True  # its messages come back with it
+                    else:
+                        self._take(first, end, found)
+                        complete = self._ready or self._buffer or self._end_seen >= end
+                        if complete or (found and found[-1].offset() == end - 1):
+                            self._position = end
+                            return ReadChunk(first, end, found)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._position = None  # not where it was asked to be: start afresh next time
+                    raise RebuildRefused(f"could not read {self.topic}[{self.partition}] "
+                                         f"{first}-{end - 1} in {timeout_s:.0f} s")  # fmt: skip
+                self._changed.wait(min(left, 1.0))
+
+    def _take(self, first: int, end: int, found: list[Any]) -> None:
+        """Move the messages of [first, end) into `found`, chunks made ahead undone (they do not
+        fit the range asked for); cuts go on from `end`. Holding the lock."""
+        undone = [m for chunk in self._ready for m in chunk.messages]
+        self._ready.clear()
+        self._buffer.extendleft(reversed(undone))
+        buffer = self._buffer
+        while buffer and buffer[0].offset() < end:
+            message = buffer.popleft()
+            if message.offset() >= first:
+                found.append(message)
+        self._cut_at = end
+        self._changed.notify_all()  # room to read on
+
+    def _start_at(self, first: int) -> None:
+        self.stop()
+        self.consumer.assign([TopicPartition(self.topic, self.partition, first)])
+        self._ready, self._preparing, self._buffer = deque(), None, deque()
+        self._cut_at, self._end_seen, self._failure, self._stopping = first, -1, None, False
+        self._position = first
+        self._thread = threading.Thread(
+            target=self._fetch, name=f"rebuild-read-{self.topic}-{self.partition}", daemon=True
+        )
+        self._thread.start()
+
+    def _held(self) -> int:
+        return len(self._buffer) + sum(len(c.messages) for c in self._ready)
+
+    def _cut(self) -> ReadChunk | None:
+        """The next chunk when every message of it is consumed (holding the lock)."""
+        first, end = self._cut_at, self._cut_at + self.chunk
+        buffer = self._buffer
+        if not buffer or buffer[0].offset() < first:
+            return None  # a read is taking messages before the cut
+        if buffer[-1].offset() < end - 1 and self._end_seen < end:
+            return None  # not all consumed yet
+        messages = []
+        while buffer and buffer[0].offset() < end:
+            messages.append(buffer.popleft())
+        self._cut_at = end
+        return ReadChunk(first, end, messages)
+
+    def _fetch(self) -> None:
+        """The reading thread: consume, cut, prepare; at most `2 * chunk` messages held."""
+        try:
+            while True:
+                with self._changed:
+                    while self._held() >= 2 * self.chunk and not self._stopping:
+                        self._changed.wait()
+                    if self._stopping:
+                        return
+                    room = 2 * self.chunk - self._held()
+                messages = self.consumer.consume(min(10_000, room), 0.5)
+                with self._changed:
+                    for message in messages:
+                        error = message.error()
+                        if error is None:
+                            self._buffer.append(message)
+                        elif error.code() == KafkaError._PARTITION_EOF:
+                            # The end as it was when fetched: everything before it is consumed.
+                            self._end_seen = max(self._end_seen, message.offset() or 0)
+                        # other errors are librdkafka's to retry
+                    self._preparing = self._cut()
+                    self._changed.notify_all()
+                while self._preparing is not None:
+                    chunk = self._preparing
+                    if self.prepare is not None and chunk.messages:
+                        chunk.prepared = self.prepare(chunk.messages)  # outside the lock
+                    with self._changed:
+                        self._ready.append(chunk)
+                        self._preparing = self._cut()
+                        self._changed.notify_all()
+        except BaseException as exc:  # handed to the next read
+            with self._changed:
+                self._failure, self._preparing = exc, None
+                self._changed.notify_all()
+
+    def stop(self) -> None:
+        """Stop the reading thread (the consumer stays open and assigned)."""
+        if self._thread is None:
+            return
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        self._thread.join()
+        self._thread = None
+
+    def close(self) -> None:
+        self.stop()
+        self.consumer.close()
+
+
 class ReplicaRebuilds:
     """The jobs and their control table; `step` and the actions run between batches."""
 
@@ -209,6 +390,7 @@ class ReplicaRebuilds:
         self.make_applier = make_applier
         self.chunk_messages = chunk_messages
         self._consumers: dict[str, Consumer] = {}
+        self._readers: dict[tuple[str, int], PartitionReader] = {}
         self._appliers: dict[str, BatchApplier] = {}
         self._partitions: dict[str, list[int]] = {}
         self.source_dsn = source_dsn
@@ -390,8 +572,8 @@ class ReplicaRebuilds:
         end = self._end_offsets(topic).get(0, 0)
         if end > offset:
             assert self.schemas is not None
-            for message in self._read(topic, 0, offset, end):
-                value = message.value()  # type: ignore[attr-defined]
+            for message in self._reader(topic, 0).read(offset, end).messages:
+                value = message.value()
                 if value:
                     try:
                         notes.append(self.schemas.decode(value)[1])
@@ -428,14 +610,18 @@ class ReplicaRebuilds:
         return self._partitions[topic]
 
     def _consumer_for(self, topic: str) -> Consumer:
+        """A consumer for the topic's metadata and watermarks."""
         if topic not in self._consumers:
-            self._consumers[topic] = Consumer({
-                "bootstrap.servers": self.kafka_bootstrap,
-                "group.id": f"projector-rebuild-{topic}",  # assigned, never subscribed
-                "enable.auto.commit": False, "enable.partition.eof": True,
-                "max.partition.fetch.bytes": 16 * 1024 * 1024,
-            })  # fmt: skip
+            self._consumers[topic] = self._new_consumer(topic)
         return self._consumers[topic]
+
+    def _new_consumer(self, topic: str) -> Consumer:
+        return Consumer({
+            "bootstrap.servers": self.kafka_bootstrap,
+            "group.id": f"projector-rebuild-{topic}",  # assigned, never subscribed
+            "enable.auto.commit": False, "enable.partition.eof": True,
+            "max.partition.fetch.bytes": 16 * 1024 * 1024,
+        })  # fmt: skip
 
     def _applier(self, job: ReplicaRebuild) -> BatchApplier:
         if job.id not in self._appliers:
@@ -496,41 +682,38 @@ class ReplicaRebuilds:
 
     def _apply_chunk(self, job: ReplicaRebuild, partition: int, first: int, end: int) -> None:
         """Apply offsets [first, end) of one partition to the shadow, committed like a batch."""
-        messages = self._read(job.topic, partition, first, end)
+        applier = self._applier(job)
+        chunk = self._reader(job.topic, partition, applier).read(first, end)
         batch = BatchRange(job.topic, partition, first, end - 1)
         store = self.checkpoints(job)
-        if not messages:  # only gaps (transaction markers, compaction)
+        if not chunk.messages:  # only gaps (transaction markers, compaction)
             store.record(batch, DONE)
             return
         store.record(batch, INTENT)
         log.info("rebuilding %s: %s[%d] %d-%d", job.table, job.topic, partition, first, end - 1)
-        applier = self._applier(job)
+        messages, segments = chunk.prepared or (KafkaMessages(chunk.messages), None)
         # Dead letters were recorded when the live table met them: the shadow drops them alike.
-        applier.apply(batch, KafkaMessages(messages), lambda _batch, _letters: None)
+        applier.apply(batch, messages, lambda _batch, _letters: None, segments,
+                      planned=chunk.prepared is not None)  # fmt: skip
         store.record(batch, DONE)
 
-    def _read(self, topic: str, partition: int, first: int, end: int) -> list[object]:
-        """The messages of offsets [first, end) (gaps: transaction markers, compaction)."""
-        consumer = self._consumer_for(topic)
-        consumer.assign([TopicPartition(topic, partition, first)])
-        found: list[object] = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            for message in consumer.consume(min(10_000, end - first), 1.0):
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        return found
-                    continue
-                offset = message.offset()
-                if offset is None or offset < first:
-                    continue
-                if offset >= end:
-                    return found
-                found.append(message)
-                if offset == end - 1:
-                    return found
-        raise RebuildRefused(f"could not read {topic}[{partition}] {first}-{end - 1} in 60 s")
+    def _reader(
+        self, topic: str, partition: int, applier: BatchApplier | None = None
+    ) -> PartitionReader:
+        """The partition's reader; with `applier`, chunks read ahead are planned ahead too."""
+        key = (topic, partition)
+        if key not in self._readers:
+
+            def plan(messages: list[Any]) -> tuple[KafkaMessages, Any]:
+                assert applier is not None
+                read = KafkaMessages(messages)
+                return read, applier.plan(read)
+
+            self._readers[key] = PartitionReader(
+                self._new_consumer(topic), topic, partition, self.chunk_messages,
+                None if applier is None else plan,
+            )  # fmt: skip
+        return self._readers[key]
 
     def verify(self, job: ReplicaRebuild) -> str:
         """The two tables (caught up, no batch in flight) against each other: "" when equal."""
@@ -662,11 +845,16 @@ class ReplicaRebuilds:
         """Drop what this process holds about `job` (it failed, or ended)."""
         for held in (self._asked, self._notes, self._drift, self._checks, self._lag):
             held.discard(job.id) if isinstance(held, set) else held.pop(job.id, None)
+        for key in [k for k in self._readers if k[0] == job.topic]:  # its reading threads
+            self._readers.pop(key).close()
 
     def close(self) -> None:
         for consumer in self._consumers.values():
             consumer.close()
         self._consumers.clear()
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
 
 
 LiveNext = Callable[[list[tuple[str, int]]], dict[tuple[str, int], int | None]]
