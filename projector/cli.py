@@ -963,11 +963,17 @@ def _rebuild_replica(
             else:
                 with _rebuild_progress() as progress:
                     task = progress.add_task(table, total=None, rate="")
-                    run_replica_jobs_here(
-                        requests, rebuilds, live_next,
-                        lambda job: _show_replica_progress(progress, task, rebuilds, job,
-                                                           live_next, started),
-                    )  # fmt: skip
+                    shown = 0.0
+
+                    def show(job: Any) -> None:  # twice a second: each look costs two queries
+                        nonlocal shown
+                        if time.monotonic() - shown >= 0.5:
+                            shown = time.monotonic()
+                            _show_replica_progress(
+                                progress, task, rebuilds, job, live_next, started
+                            )
+
+                    run_replica_jobs_here(requests, rebuilds, live_next, show)
         finally:
             rebuilds.close()  # its reading threads end before the interpreter does
     else:
@@ -1016,25 +1022,21 @@ def _rebuild_replica(
 
 
 def _replica_rebuilds(config: ProjectorConfig, ch: Any) -> Any:
-    from projector.apply import BatchApplier
-    from projector.fast_path import FastPath
     from projector.replica_rebuild import ReplicaRebuilds
     from schemas.registry import SchemaCache
     from schemas.upcasters import Upcasters
 
-    schemas = SchemaCache(config.registry_url)
-    upcasters = Upcasters.load(config.upcasters_file)
-    fast_path = None
-    if config.fast_path and hasattr(ch, "over_avro"):
-        fast_path = FastPath(ch, config.registry_url, config.transaction_metadata)
-    return ReplicaRebuilds(
-        ch, config.control_database, config.replica_prefix, config.topic_prefix,
-        config.kafka_bootstrap,
-        lambda catalog, projection: BatchApplier(ch, schemas, catalog, projection,
-                                                 upcasters=upcasters, fast_path=fast_path),
-        chunk_messages=config.replica_rebuild_chunk_messages, source_dsn=config.source_dsn,
-        notification_topic=config.notification_topic, schemas=schemas,
-    )  # fmt: skip
+    def partitions(topic: str) -> int | None:
+        return len(rebuilds.partitions(topic)) or None  # as Kafka describes it now
+
+    rebuilds = ReplicaRebuilds.for_config(
+        config,
+        ch,
+        SchemaCache(config.registry_url),
+        Upcasters.load(config.upcasters_file),
+        partitions,
+    )
+    return rebuilds
 
 
 def _show_replica_progress(

@@ -98,12 +98,16 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from projector.apply import BatchApplier
 from projector.checkpoint import DONE, INTENT, BatchRange, CheckpointStore
 from projector.clickhouse import ClickHouse, ident, quote
+from projector.config import ProjectorConfig
 from projector.errors import RebuildRefused, SourceUnavailable, VerifyError
+from projector.fast_path import FastPath
 from projector.messages import KafkaMessages
 from projector.rebuild import DONE as REQUEST_DONE
 from projector.rebuild import DROP_OLD, REBUILD, ROLLBACK, TAKEN, OpsRequests, Request
 from projector.replica import ReplicaCatalog
+from projector.snapshot_sweep import SnapshotSweep
 from schemas.registry import SchemaCache
+from schemas.upcasters import Upcasters
 
 log = logging.getLogger("projector.replica_rebuild")
 
@@ -401,6 +405,34 @@ class ReplicaRebuilds:
         self._drift: dict[str, list[str]] = {}  # S5: keys that differed from Postgres, per job
         self._checks: dict[str, tuple[int, float]] = {}  # S5: checks done, when the next is due
         self._lag: dict[str, int] = {}  # S5: messages the live table is behind Kafka's end
+
+    @classmethod
+    def for_config(
+        cls, config: ProjectorConfig, ch: ClickHouse, schemas: SchemaCache,
+        upcasters: Upcasters, partitions: Callable[[str], int | None],
+    ) -> ReplicaRebuilds:  # fmt: skip
+        """The rebuilds of `config`'s replica tables, in the projector or the chDB command alike.
+
+        A shadow is applied by the live table's apply code (upcasters, the fast path, deletes,
+        truncates), and swept after a re-snapshot in its history with bounds of its own
+        (`partitions(topic)`: its partition count, None when unknown). Only transactions are
+        not counted: the live table's ledger counted them, and counting decodes every chunk
+        twice."""
+        fast_path = None
+        if config.fast_path and hasattr(ch, "over_avro"):
+            fast_path = FastPath(ch, config.registry_url, count_transactions=False)  # type: ignore[arg-type]
+
+        def applier(catalog: ReplicaCatalog, projection: str) -> BatchApplier:
+            sweep = SnapshotSweep(ch, config.control_database, projection, partitions)
+            return BatchApplier(ch, schemas, catalog, projection, upcasters=upcasters,
+                                fast_path=fast_path, sweep=sweep)  # fmt: skip
+
+        return cls(
+            ch, config.control_database, config.replica_prefix, config.topic_prefix,
+            config.kafka_bootstrap, applier, chunk_messages=config.replica_rebuild_chunk_messages,
+            source_dsn=config.source_dsn, notification_topic=config.notification_topic,
+            schemas=schemas,
+        )  # fmt: skip
 
     def create(self) -> None:
         topology = self.ch.topology

@@ -160,19 +160,10 @@ class Projector:
             ReplicaCatalog(ch, config.replica_prefix, SignalTable(config.source_dsn).request),
             PROJECTION, upcasters=upcasters, fast_path=fast_path, sweep=sweep,
         )  # fmt: skip
-        # Replica tables rebuilt from Kafka (projector/replica_rebuild.py): the same apply code.
-        self.replica_rebuilds = ReplicaRebuilds(
-            ch, config.control_database, config.replica_prefix, config.topic_prefix,
-            config.kafka_bootstrap,
-            lambda catalog, projection: BatchApplier(
-                ch, self.schemas, catalog, projection, upcasters=upcasters, fast_path=fast_path,
-                # a shadow re-snapshotted in its history is swept too, its bounds its own
-                sweep=SnapshotSweep(ch, config.control_database, projection,
-                                    self._partition_count),
-            ),
-            chunk_messages=config.replica_rebuild_chunk_messages, source_dsn=config.source_dsn,
-            notification_topic=config.notification_topic, schemas=self.schemas,
-        )  # fmt: skip
+        # Replica tables rebuilt from Kafka or a snapshot (projector/replica_rebuild.py).
+        self.replica_rebuilds = ReplicaRebuilds.for_config(
+            config, ch, self.schemas, upcasters, self._partition_count
+        )
         with_retries(self.replica_rebuilds.create, "creating the replica rebuild table")
         self._replica_jobs: list[ReplicaRebuild] = []
         self._next_replica_request_check = 0.0
