@@ -28,6 +28,7 @@ import platform
 import random
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -281,7 +282,7 @@ def ceiling_main(path: str, registry_url: str) -> None:
     """(d): chDB decodes the concatenated messages itself and inserts them (its own process)."""
     import chdb.session
 
-    session = chdb.session.Session(tempfile.mkdtemp(prefix="bench-ceiling-"))
+    session = chdb.session.Session(str(Path(path).parent / "ceiling"))  # removed with the rest
     session.query(
         "CREATE TABLE orders (id Int64, customer_id Int64, status String, amount Decimal(12, 2), "
         "created_at String, note Nullable(String), op String, lsn Int64) "
@@ -399,6 +400,7 @@ def run_bench(
                 env, events))  # fmt: skip
     finally:
         AdminClient({"bootstrap.servers": env["KAFKA_BOOTSTRAP"]}).delete_topics([topic])
+        shutil.rmtree(work, ignore_errors=True)  # the bytes and every contender's engine: GBs
     report = render_report(results, events, live_keys)
     log(report)
     if report_path is not None:

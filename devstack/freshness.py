@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -181,6 +182,7 @@ def run_freshness(
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=120)
         log_file.close()
+        shutil.rmtree(work / "chdb", ignore_errors=True)  # the log stays, to look at
     latencies, spans = debezium_latencies(
         env["KAFKA_BOOTSTRAP"], env["REGISTRY_URL"], f"cdc.{table}", first_offset
     )

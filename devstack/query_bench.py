@@ -244,6 +244,7 @@ def run_query_bench(
             process.terminate()
             process.wait(60)
     results["direct"] = {"queries": direct(chdb, requests)}
+    shutil.rmtree(chdb, ignore_errors=True)  # the log stays, to look at
     report = render(results, transactions, int(orders), requests, clients, seconds)
     log(report)
     if report_path is not None:
