@@ -159,6 +159,10 @@ class ChdbHttpServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: ChdbHttpServer
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY: the headers and the body go out in two writes; with Nagle's algorithm the
+    # body waited for the client's delayed ACK of the headers, 40 ms on every answer to a
+    # keep-alive client (clickhouse-connect, httpx), most of a small statement's time.
+    disable_nagle_algorithm = True
 
     def do_GET(self) -> None:
         self._answer()

@@ -6,8 +6,10 @@ rollback serves the replaced version again. `projector pause | resume` hold a ta
 Server backend only: the command runs beside the projector (with chDB one process owns the
 data, and the command does the job itself: the same code, without the concurrency).
 
-The size: PROJECTOR_REBUILD_TEST_ORDERS orders (about 3.5 events each) before the rebuild;
-docs/benchmarks.md has the large run.
+The size: PROJECTOR_REBUILD_TEST_ORDERS orders (about 3.5 events each) before the read model's
+rebuild; PROJECTOR_REBUILD_TEST_EVENTS events (1,000,000; the topic's offsets must show them)
+before the replica table's rebuild from Kafka, which prints how long each phase took (most of it
+is Debezium streaming the load). docs/benchmarks.md has the large read-model run.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from devstack.shop import ShopWriter
@@ -34,7 +36,87 @@ from tests.integration.projector_harness import ProjectorProcess, assert_replica
 from tests.integration.read_model_checks import assert_equal_to_postgres, shop_projection
 
 ORDERS = int(os.environ.get("PROJECTOR_REBUILD_TEST_ORDERS", "3000"))
-EVENTS = int(os.environ.get("PROJECTOR_REBUILD_TEST_EVENTS", "20000"))
+EVENTS = int(os.environ.get("PROJECTOR_REBUILD_TEST_EVENTS", "1000000"))
+INSERT_ROWS = 100_000  # rows per source transaction while loading EVENTS
+READERS = 2  # polling the replica table while it is rebuilt
+
+
+class Phases:
+    """How long each phase of a test took, printed at its end (pytest -s shows it)."""
+
+    def __init__(self) -> None:
+        self.began = self.last = time.monotonic()
+        self.times: list[tuple[str, float]] = []
+
+    def done(self, phase: str) -> None:
+        now = time.monotonic()
+        self.times.append((phase, now - self.last))
+        self.last = now
+
+    def __str__(self) -> str:
+        shown = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.times)
+        return f"{shown}; total {self.last - self.began:.1f} s"
+
+
+def topic_messages(stack: StackHandle, topic: str) -> int:
+    """The messages `topic` holds now (over its partitions, end minus earliest offset)."""
+    consumer = Consumer({"bootstrap.servers": stack.env["KAFKA_BOOTSTRAP"], "group.id": "probe"})
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            return 0
+        marks = [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                 for p in metadata.partitions]  # fmt: skip
+        return sum(end - low for low, end in marks)
+    finally:
+        consumer.close()
+
+
+def wait_for_messages(stack: StackHandle, topic: str, count: int, timeout_s: float) -> None:
+    """Until `topic` holds `count` messages (Debezium has streamed a load)."""
+    deadline = time.monotonic() + timeout_s
+    while (held := topic_messages(stack, topic)) < count:
+        assert time.monotonic() < deadline, (
+            f"{topic} holds {held} of {count} messages after {timeout_s}s; "
+            f"{stack.connector_health()}"
+        )
+        time.sleep(0.5)
+
+
+def wait_for_rows(projector: ProjectorProcess, table: str, count: int, timeout_s: float) -> None:
+    """Until the replica `table` (DATABASE.TABLE) holds `count` rows."""
+    exists = (f"SELECT count() AS n FROM system.tables WHERE database = '{table.split('.')[0]}' "
+              f"AND name = '{table.split('.')[1]}'")  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    held = 0
+    while True:
+        if int(projector.sql(exists)[0]["n"]):
+            held = int(projector.sql(f"SELECT count() AS n FROM {table} FINAL")[0]["n"])
+            if held >= count:
+                return
+        assert time.monotonic() < deadline, (
+            f"{table} holds {held} of {count} rows after {timeout_s}s: "
+            f"{projector.log.read_text()[-3000:]}"
+        )
+        time.sleep(0.5)
+
+
+def table_uuid(projector: ProjectorProcess, table: str) -> str:
+    """The UUID of the table named `table` (DATABASE.TABLE) now: `EXCHANGE TABLES` swaps names,
+    each table keeps its UUID, so it tells which table serves under the name."""
+    database, name = table.split(".")
+    (row,) = projector.sql(f"SELECT toString(uuid) AS uuid FROM system.tables "
+                           f"WHERE database = '{database}' AND name = '{name}'")  # fmt: skip
+    return str(row["uuid"])
+
+
+def verified(projector: ProjectorProcess, table: str) -> int:
+    """`projector verify TABLE`: equal to Postgres, every row and column; the rows compared."""
+    verified = projector.cli("verify", "--json", table, timeout_s=300)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    (result,) = json.loads(verified.stdout)["results"]
+    assert result["equal"] and result["postgres_rows"] == result["clickhouse_rows"], result
+    return int(result["postgres_rows"])
 
 
 @pytest.fixture
@@ -47,6 +129,7 @@ def start(
     projector: ProjectorProcess, started: list[subprocess.Popen[bytes]]
 ) -> tuple[subprocess.Popen[bytes], int]:
     """`projector run` in the background; the process and where its log began."""
+    projector.log.touch()
     since = len(projector.log.read_bytes())
     process = projector.start()
     started.append(process)
@@ -78,6 +161,7 @@ class Reader:
 
     url: str
     query: str  # one row: n (a count) and s (a sum)
+    pause_s: float = 0.005  # between an answer and the next question
     stop: threading.Event = field(default_factory=threading.Event)
     answers: int = 0
     last: tuple[int, float] = (0, 0.0)
@@ -99,7 +183,7 @@ class Reader:
                         self.wrong.append(f"went back from {self.last} to {now}")
                     self.last = max(self.last, now)
                     self.answers += 1
-                time.sleep(0.005)
+                time.sleep(self.pause_s)
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, daemon=True)
@@ -244,11 +328,30 @@ def test_a_replica_table_rebuilt_from_kafka_serves_throughout_resumes_and_rolls_
     stack: StackHandle, projector: ProjectorProcess, server_url: str,
     started: list[subprocess.Popen[bytes]],
 ) -> None:  # fmt: skip
+    """EVENTS (1M) events in the table's topic, the whole of it rebuilt in chunks of a tenth."""
+    phases = Phases()
     table = projector.table("ledger")
+    topic = f"cdc.public.{table}"
+    live = f"{projector.replica_db}.{table}"
     stack.sql(f"CREATE TABLE {table} (id bigserial PRIMARY KEY, amount int NOT NULL)")
-    stack.sql(f"INSERT INTO {table} (amount) SELECT n % 100 FROM generate_series(1, {EVENTS}) n")
+    projector.env["PROJECTOR_MAX_BATCH_MESSAGES"] = "50000"  # the load in big batches
     projector.env["PROJECTOR_REPLICA_REBUILD_CHUNK_MESSAGES"] = str(max(1, EVENTS // 10))
-    projector.catch_up()
+    # The projector applies the load while Debezium streams it (Debezium is the slower one).
+    process, since = start(projector, started)
+    for first in range(0, EVENTS, INSERT_ROWS):
+        stack.sql(f"INSERT INTO {table} (amount) SELECT n % 100 "
+                  f"FROM generate_series({first + 1}, {min(EVENTS, first + INSERT_ROWS)}) n")  # fmt: skip
+    phases.done("insert")
+    wait_for_messages(stack, topic, EVENTS, timeout_s=400)
+    assert topic_messages(stack, topic) >= EVENTS
+    phases.done("in Kafka")
+    wait_for_rows(projector, live, EVENTS, timeout_s=300)  # only inserts so far: all applied
+    stop(projector, process, since)
+    applied = re.search(rb"(\d+) events applied \((\d+) by the fast path\)",
+                        projector.log.read_bytes()[since:])  # fmt: skip
+    assert applied and int(applied[1]) == int(applied[2]) >= EVENTS, applied
+    phases.done("applied")
+    loaded = table_uuid(projector, live)
     process, since = start(projector, started)
 
     writing = threading.Event()
@@ -261,12 +364,13 @@ def test_a_replica_table_rebuilt_from_kafka_serves_throughout_resumes_and_rolls_
 
     writer = threading.Thread(target=insert_only, daemon=True)
     writer.start()
-    reader = Reader(
-        server_url,
-        f"SELECT count() AS n, toFloat64(sum(amount)) AS s FROM {projector.replica_db}.{table} "
-        "FINAL WHERE NOT _is_deleted",
+    # Readers asking without pause: while one reads, another waits for the server, ready to run
+    # between any two statements of the swap (a swap in two steps would show it the table missing).
+    query = (
+        f"SELECT count() AS n, toFloat64(sum(amount)) AS s FROM {live} FINAL WHERE NOT _is_deleted"
     )
-    reading = reader.start()
+    readers = [Reader(server_url, query, pause_s=0) for _ in range(READERS)]
+    reading = [reader.start() for reader in readers]
     seen = len(projector.log.read_bytes())
     with (projector.log.parent / "rebuild.log").open("wb") as out:
         rebuild = subprocess.Popen(
@@ -274,26 +378,38 @@ def test_a_replica_table_rebuilt_from_kafka_serves_throughout_resumes_and_rolls_
             stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     started.append(rebuild)
+    chunk = re.compile(rf"rebuilding public\.{table}: \S+\[\d+\] (\d+)-".encode())
     deadline = time.monotonic() + 240
-    while projector.log.read_bytes()[seen:].count(f"rebuilding public.{table}: ".encode()) < 3:
+    while len(chunk.findall(projector.log.read_bytes()[seen:])) < 3:
         assert time.monotonic() < deadline, projector.log.read_text()[-3000:]
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)  # in the middle of the catch-up
+    process.send_signal(signal.SIGKILL)  # in the middle of the rebuild: its third chunk
     process.wait(30)
+    assert b"swapped in" not in projector.log.read_bytes()[seen:]
+    phases.done("rebuild until the kill")
+    seen = len(projector.log.read_bytes())
     process, since = start(projector, started)
     assert rebuild.wait(300) == 0, (projector.log.parent / "rebuild.log").read_text()
     report = (projector.log.parent / "rebuild.log").read_text()
     assert "swapped" in report, report
+    resumed_at = int(chunk.findall(projector.log.read_bytes()[seen:])[0])
+    assert resumed_at > 0, "the rebuild began again instead of resuming"
+    assert table_uuid(projector, live) != loaded  # the rebuilt table serves
+    phases.done("rebuild after the kill")
 
     writing.set()
     writer.join(30)
-    reader.stop.set()
-    reading.join(30)
-    assert reader.wrong == [], reader.wrong[:5]
-    assert reader.answers > 20, reader.answers  # it read throughout
+    for reader, thread in zip(readers, reading, strict=True):
+        reader.stop.set()
+        thread.join(30)
+    for reader in readers:
+        assert reader.wrong == [], reader.wrong[:5]
+        assert reader.answers > 20, reader.answers  # it read throughout
+        assert reader.last[0] > EVENTS, reader.last  # and read the whole table
     stop(projector, process, since)
     projector.catch_up()
-    assert assert_replica_equals_source(stack, projector, table, ["id"]) > EVENTS
+    assert verified(projector, f"public.{table}") > EVENTS
+    phases.done("verified")
 
     # Rollback: the previous table, chased meanwhile, serves again and equals Postgres.
     process, since = start(projector, started)
@@ -301,9 +417,12 @@ def test_a_replica_table_rebuilt_from_kafka_serves_throughout_resumes_and_rolls_
     rollback = projector.cli("rebuild", f"public.{table}", "--rollback", timeout_s=120)
     assert rollback.returncode == 0, rollback.stdout + rollback.stderr
     assert "previous table serving" in rollback.stdout + rollback.stderr
+    assert table_uuid(projector, live) == loaded  # the table the load built serves again
     stop(projector, process, since)
     projector.catch_up()
-    assert_replica_equals_source(stack, projector, table, ["id"])
+    assert verified(projector, f"public.{table}") > EVENTS
+    phases.done("rolled back, verified")
+    print(f"\n{EVENTS:,} events: {phases}; readers' answers {[r.answers for r in readers]}")
 
 
 def test_with_chdb_the_command_rebuilds_in_its_own_process(
