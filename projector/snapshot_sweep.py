@@ -48,8 +48,10 @@ logs a warning naming the table and the remedy (`projector table reset`).
 from __future__ import annotations
 
 import logging
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 from projector.checkpoint import BatchRange
@@ -105,15 +107,27 @@ def snapshot_bounds(
     value's datum, `joined` are the values already concatenated (the fast path's segments). A
     message that does not decode is no bound (the apply path dead-letters it)."""
     offsets, _, values = message_columns(messages)  # no per-message tuples: the fast path's way
-    # One search over the batch's bytes in C; a mark found across two messages only costs the
-    # loop below.
     if joined is None:
         joined = [b"".join([v for v in values if v is not None])]
-    if not any(mark in data for data in joined for mark in AVRO_MARKS):
+    # The marks are searched in the batch's bytes in C; only the messages holding one are looked
+    # at (found by where they lie in those bytes), not every message of a batch that has one.
+    found, base = [], 0
+    for data in joined:
+        for mark in AVRO_MARKS:
+            at = data.find(mark)
+            while at != -1:
+                found.append(base + at)
+                at = data.find(mark, at + 1)
+        base += len(data)
+    if not found:
         return []
+    present = [(o, v) for o, v in zip(offsets, values, strict=True) if v is not None]
+    ends = list(accumulate(len(v) for _, v in present))  # where each value ends in the bytes
+    holding = sorted({bisect_right(ends, at) for at in found})  # a mark across two: a miss
     bounds = []
-    for offset, value in zip(offsets, values, strict=True):
-        if value is None or not any(mark in value for mark in AVRO_MARKS):
+    for index in holding:
+        offset, value = present[index]
+        if not any(mark in value for mark in AVRO_MARKS):
             continue
         try:
             event = decode(value)

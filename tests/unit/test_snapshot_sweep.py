@@ -60,6 +60,23 @@ def test_only_reads_marked_first_or_last_are_bounds() -> None:
                                                     (7, "last")]  # fmt: skip
 
 
+def test_bounds_are_found_in_the_fast_paths_segments_too() -> None:
+    """The fast path hands its segments' bytes (the values without tombstones, in order, cut
+    anywhere): each mark is traced back to the message that holds it."""
+    values: list[bytes | None] = [encoded("r", "true") for _ in range(40)]
+    values[3] = values[17] = None  # tombstones
+    values[4] = encoded("r", "first")
+    values[25] = encoded("r", "last_in_data_collection")
+    values[39] = encoded("r", "last")
+    messages = [RawMessage(TOPIC, 0, 100 + i, b"k", v) for i, v in enumerate(values)]
+    present = [v for v in values if v is not None]
+    segments = [b"".join(present[:10]), b"".join(present[10:30]), b"".join(present[30:])]
+    expected = [(104, "first"), (125, "last"), (139, "last")]
+    for joined in (segments, None):
+        bounds = snapshot_bounds(messages, decoded, joined)
+        assert [(b.offset, b.kind) for b in bounds] == expected
+
+
 @pytest.mark.parametrize("mark", sorted(SNAPSHOT_MARKS))
 def test_the_byte_search_finds_every_mark_as_avro_writes_it(mark: str) -> None:
     assert any(bytes_ in encoded("r", mark) for bytes_ in AVRO_MARKS)
