@@ -81,11 +81,37 @@ class ProjectorProcess:
         """A table name this projector projects (and no other test's projector does)."""
         return f"{prefix}_{self.unique}"
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """`projector run` in the background as this deployment (its environment, overlaid by
+        `env`), logging to `log`."""
         with self.log.open("ab") as out:
             return subprocess.Popen(
-                [PROJECTOR, "run"], env=self.env, stdout=out, stderr=subprocess.STDOUT
-            )
+                [PROJECTOR, "run"], env={**self.env, **(env or {})}, stdout=out,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def start_in_a_group_of_its_own(self, run: int) -> tuple[subprocess.Popen[bytes], int]:
+        """`projector run` in a consumer group of its own (the deployment's group with `-run`
+        appended), and where its log began: a run started to be SIGKILLed and replaced.
+
+        In the deployment's group, a run started after a SIGKILL gets no partition until the
+        broker ends the killed run's session (6 s, the broker's minimum): seconds of nothing per
+        kill. A group of its own gives them at once, and the run resumes just as it would in the
+        deployment's group: positions come from the checkpoints in ClickHouse, never from the
+        group's committed offsets (projector/checkpoint.py, step B), and each run claims its
+        partitions one generation above the killed run's claim either way (step A)."""
+        since = len(self.log.read_bytes()) if self.log.exists() else 0
+        group = f"{self.env['PROJECTOR_GROUP_ID']}-run{run}"
+        return self.start(env={"PROJECTOR_GROUP_ID": group}), since
+
+    def wait_until_assigned(self, process: subprocess.Popen[bytes], since: int) -> None:
+        """Wait until the run started when the log was `since` bytes long holds its partitions
+        (it logs "assigned" per partition once it claimed it and read its checkpoint)."""
+        deadline = time.monotonic() + 120
+        while b"assigned" not in self.log.read_bytes()[since:]:
+            running = process.poll() is None
+            assert running and time.monotonic() < deadline, self.log.read_text()[-3000:]
+            time.sleep(0.05)
 
     def catch_up(self, timeout_s: float = 240) -> None:
         """Apply everything committed in Postgres so far: `run --until-kafka-end` until a fence

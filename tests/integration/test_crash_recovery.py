@@ -216,10 +216,9 @@ def test_sigkill_at_random_moments_under_load_ends_equal_to_postgres(
     kills = KILLS if projector.server_url is None else KILLS // 2
     try:
         for kill in range(kills):
-            process = projector.start()
-            # A restart waits for the killed run to leave the group (the 6 s session timeout):
-            # kill after that, while it applies.
-            time.sleep(rng.uniform(6.5, 10))
+            process, since = projector.start_in_a_group_of_its_own(kill)
+            projector.wait_until_assigned(process, since)
+            time.sleep(rng.uniform(0, 3.5))  # while it resumes (replays an open intent) or applies
             assert process.poll() is None, projector.log.read_text()[-3000:]
             process.send_signal(signal.SIGKILL)
             process.wait(30)
