@@ -439,9 +439,12 @@ class Projector:
                 continue
             if (topic, partition) in self._paused:
                 continue  # what it fetched before the pause waits in its buffer
+            # More than a poll takes (max_batch_messages) for the transaction topic, when set:
+            # its buffer then fills over several polls, or is cut when one finds nothing newer.
+            limit = self.config.batch_messages(topic)
             while state.buffer:
                 batch_msgs, state.buffer = cut_batch(  # type: ignore[assignment]
-                    state.buffer, offset_of, state.replay, self.config.max_batch_messages, drain
+                    state.buffer, offset_of, state.replay, limit, drain
                 )
                 if not batch_msgs:
                     break

@@ -51,6 +51,11 @@ class ProjectorProcess:
             # The transaction topic holds every test's transactions; tests of watermarks
             # switch it back on.
             "PROJECTOR_TRANSACTION_METADATA": "false",
+            # ... and then their deployment reads that history from offset 0: in batches of
+            # 500, hundreds of them by the suite's end (each its checkpoint records and fence
+            # checks), half a minute or more per deployment on 2 cores. The table batches above
+            # stay small.
+            "PROJECTOR_TRANSACTION_BATCH_MESSAGES": "50000",
             "PROJECTOR_METRICS_PORT": "0",  # many projectors at once; the metrics test sets one
             # The connector's login, as a deployment has it: the projector's `source_dsn` (the
             # WAL position, and re-reads of a table through the signal table).

@@ -125,6 +125,15 @@ def test_a_toml_file_sits_between_defaults_and_environment(tmp_path: Path) -> No
     assert load_config(toml, {**env, "PROJECTOR_GROUP_ID": "from-env"}).group_id == "from-env"
 
 
+def test_the_transaction_topic_may_have_a_batch_size_of_its_own(tmp_path: Path) -> None:
+    env = {"PROJECTOR_STATE_DIR": str(tmp_path), "PROJECTOR_MAX_BATCH_MESSAGES": "500"}
+    same = load_config(env=env)
+    assert same.batch_messages("cdc.transaction") == same.batch_messages("cdc.public.t") == 500
+    own = load_config(env={**env, "PROJECTOR_TRANSACTION_BATCH_MESSAGES": "50000"})
+    assert own.batch_messages("cdc.transaction") == 50_000
+    assert own.batch_messages("cdc.public.t") == 500
+
+
 @pytest.mark.parametrize(
     ("content", "env", "message"),
     [
