@@ -68,9 +68,12 @@ def test_read_models_equal_postgres_after_a_shop_workload_with_crashes(
         target=lambda: (writer.run(rate_per_s=0, transactions=1500), done.set()), daemon=True
     )
     thread.start()
-    for _ in range(3):
-        process = projector.start()
-        time.sleep(4)
+    for run in range(3):
+        # Killed while it applies: once it holds its partitions (in the deployment's group, a
+        # run after a kill would wait out the killed run's session and be killed idle).
+        process, since = projector.start_in_a_group_of_its_own(run)
+        projector.wait_until_assigned(process, since)
+        time.sleep(2)
         process.send_signal(signal.SIGKILL)
         process.wait(30)
     thread.join(300)
