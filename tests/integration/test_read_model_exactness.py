@@ -49,6 +49,21 @@ class RandomChanges:
         names = {f"t{i}": self.t(table) for i, table in enumerate(tables)}
         return self.conn.execute(sql.SQL(sql_text).format(**names), params or []).rowcount
 
+    def back_from_cancelled(self) -> int:
+        """A cancelled order back to PENDING; with none cancelled, one is cancelled now (not
+        counted) for the next draw of this change: it happens whatever the random statuses."""
+        back = self.run(
+            "UPDATE {t0} SET status = 'PENDING' WHERE id = "
+            "(SELECT id FROM {t0} WHERE status = 'CANCELLED' ORDER BY random() LIMIT 1)",
+            "orders",
+        )
+        if not back:
+            self.run(
+                "UPDATE {t0} SET status = 'CANCELLED' WHERE id = "
+                "(SELECT id FROM {t0} ORDER BY random() LIMIT 1)", "orders",
+            )  # fmt: skip
+        return back
+
     def one(self) -> None:
         kinds: dict[str, Callable[[], int]] = {
             "new order": lambda: (self.writer._new_order(self.conn), 1)[1],
@@ -74,11 +89,7 @@ class RandomChanges:
                 "(SELECT id FROM {t0} ORDER BY random() LIMIT 1)", "orders",
                 params=[self.rng.choice(STATUSES)],
             ),
-            "back from cancelled": lambda: self.run(
-                "UPDATE {t0} SET status = 'PENDING' WHERE id = "
-                "(SELECT id FROM {t0} WHERE status = 'CANCELLED' ORDER BY random() LIMIT 1)",
-                "orders",
-            ),
+            "back from cancelled": self.back_from_cancelled,
             "moved day or month": lambda: self.run(
                 "UPDATE {t0} SET created_at = created_at + make_interval(days => %s) WHERE id = "
                 "(SELECT id FROM {t0} ORDER BY random() LIMIT 1)", "orders",
