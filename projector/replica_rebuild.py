@@ -308,7 +308,9 @@ class PartitionReader:
         self._thread.start()
 
     def _held(self) -> int:
-        return len(self._buffer) + sum(len(c.messages) for c in self._ready)
+        """Messages held: consumed, cut, and being prepared (the bound of `2 * chunk`)."""
+        preparing = len(self._preparing.messages) if self._preparing is not None else 0
+        return len(self._buffer) + sum(len(c.messages) for c in self._ready) + preparing
 
     def _cut(self) -> ReadChunk | None:
         """The next chunk when every message of it is consumed (holding the lock)."""
