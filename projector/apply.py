@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from projector.checkpoint import BatchRange
-from projector.clickhouse import ClickHouse, ident, quote
+from projector.clickhouse import ClickHouse, ident, literal_chunks, quote
 from projector.dlq import DeadLetter
 from projector.errors import PoisonMessage, not_the_message
 from projector.fast_path import (
@@ -67,7 +67,7 @@ from projector.replica import (
     value_columns,
 )
 from projector.snapshot_sweep import SnapshotSweep
-from projector.transactions import EventSpan
+from projector.transactions import EventPlace, EventSpan
 from schemas.errors import NotConfluentFramed, RegistryUnavailable, SchemaError, UnknownSchema
 from schemas.registry import SchemaCache, WriterSchema, schema_id_of
 from schemas.type_map import ColumnType, UnconvertibleValue
@@ -95,15 +95,14 @@ class BatchOutcome:
     dead_transactions: dict[tuple[str, str], EventSpan] = field(default_factory=dict)
     fast: bool = False  # applied by the fast path
 
-    def count_transaction(self, tx_id: str, collection: str) -> None:
-        """One more applied event of Debezium transaction `tx_id` (`<xid>:<lsn>`) on
-        `schema.table`."""
-        xid, span = EventSpan.of(tx_id)
+    def count_transaction(self, place: EventPlace, collection: str) -> None:
+        """One more applied event, at `place` in its transaction, on `schema.table`."""
+        xid, span = place.span()
         self.count_span(self.transactions, (xid, collection), span)
 
-    def count_dead_letter(self, tx_id: str, collection: str) -> None:
-        """One more dead-lettered event of Debezium transaction `tx_id` on `schema.table`."""
-        xid, span = EventSpan.of(tx_id)
+    def count_dead_letter(self, place: EventPlace, collection: str) -> None:
+        """One more dead-lettered event, at `place` in its transaction, on `schema.table`."""
+        xid, span = place.span()
         self.count_span(self.dead_transactions, (xid, collection), span)
 
     @staticmethod
@@ -120,6 +119,21 @@ class BatchOutcome:
             self.count_span(self.transactions, key, span)
         for key, span in other.dead_transactions.items():
             self.count_span(self.dead_transactions, key, span)
+
+
+def transaction_fields(value_schema: Mapping[str, Any]) -> list[str] | None:
+    """The field names of an envelope schema's `transaction` block (Debezium's `id`,
+    `total_order`, `data_collection_order`), None when the envelope has none."""
+    for envelope_field in value_schema.get("fields", []):
+        if envelope_field["name"] != "transaction":
+            continue
+        kind = envelope_field["type"]
+        types = kind if isinstance(kind, list) else [kind]
+        for kind in types:
+            if isinstance(kind, dict) and kind.get("type") == "record":
+                return [f["name"] for f in kind.get("fields", [])]
+        return []
+    return None
 
 
 def decode(message: RawMessage, schemas: SchemaCache) -> Event | None:
@@ -233,9 +247,9 @@ class BatchApplier:
                           message.offset, exc_info=exc)  # fmt: skip
                 reason = f"{type(exc).__name__}: {exc}"[:2000]
                 outcome = BatchOutcome(0, [DeadLetter.of(message, PoisonMessage("apply", reason))])
-                tx_id = self._transaction_of(message)
-                if tx_id:  # settled for its transaction, like every dead letter that decodes
-                    outcome.count_dead_letter(tx_id, ".".join(source_table_of(batch.topic)))
+                place = self._place_of(message)
+                if place:  # settled for its transaction, like every dead letter that decodes
+                    outcome.count_dead_letter(place, ".".join(source_table_of(batch.topic)))
                 return outcome
             if not chunk:
                 log.warning("%s: applying failed (%s: %s); isolating the message(s) at fault",
@@ -247,15 +261,14 @@ class BatchApplier:
             outcome.merge(self._apply_isolating(batch, part, name))
         return outcome
 
-    def _transaction_of(self, message: RawMessage) -> str | None:
-        """The Debezium transaction id of a message, None when it has none or does not decode."""
+    def _place_of(self, message: RawMessage) -> EventPlace | None:
+        """A message's place in its transaction, None when it names none or does not decode."""
         try:
             event = decode(message, self.schemas)
         except Exception as exc:  # whatever made it fail may be this, too
             _raise_unless_the_messages(exc)
             return None
-        tx_id = None if event is None else (event.value.get("transaction") or {}).get("id")
-        return str(tx_id) if tx_id else None
+        return None if event is None else EventPlace.of(event.value)
 
     def _apply_per_message(
         self, batch: BatchRange, messages: Sequence[RawMessage], chunk: str = ""
@@ -306,15 +319,15 @@ class BatchApplier:
             # has no replica yet changes nothing, so they count as applied for their transaction.
             written = [e for e in good if e.value["op"] == "t"]
         for event in written:
-            tx_id = (event.value.get("transaction") or {}).get("id")
-            if tx_id:
-                outcome.count_transaction(tx_id, collection)
+            place = EventPlace.of(event.value)
+            if place:
+                outcome.count_transaction(place, collection)
         # Every other decoded event was dead-lettered; its transaction knows it is settled.
         applied = {id(e) for e in written}
         for event in events:
-            tx_id = (event.value.get("transaction") or {}).get("id")
-            if tx_id and id(event) not in applied:
-                outcome.count_dead_letter(tx_id, collection)
+            place = EventPlace.of(event.value)
+            if place and id(event) not in applied:
+                outcome.count_dead_letter(place, collection)
         return outcome
 
     def _ensure(
@@ -370,7 +383,7 @@ class BatchApplier:
             per_transaction = self.fast_path.insert(
                 replica, self._columns_by_source_name(batch.topic, schema), upcaster, segment,
                 batch.partition, token,
-                has_transaction_field=any(f["name"] == "transaction" for f in schema.raw["fields"]),
+                transaction_fields=transaction_fields(schema.raw),
             )  # fmt: skip
             outcome.applied += len(segment.offsets)
             for xid, span in per_transaction.items():
@@ -528,25 +541,28 @@ class BatchApplier:
         structure = ", ".join(
             ["__wanted UInt32", *(f"{ident(c.input_name)} {c.ctype.clickhouse}" for c in keys)]
         )
-        data = "\n".join(
+        lines = [
             json.dumps({"__wanted": n, **dict(zip(key_inputs, values, strict=True))},
                        ensure_ascii=False, separators=(",", ":"))
             for n, values in enumerate(wanted.values())
-        )  # fmt: skip
+        ]  # fmt: skip
         matched = ", ".join(
             f"{(c.ctype.clickhouse_input_expr or '{}').format(ident(c.input_name))} AS __k{n}"
             for n, c in enumerate(keys)
         )
         on = " AND ".join(f"s.{ident(c.name)} = w.__k{n}" for n, c in enumerate(keys))
-        rows = self.ch.rows(
-            f"SELECT w.__wanted AS __wanted, s._is_deleted AS __deleted, {', '.join(reads)} "
-            f"FROM {replica.qualified} AS s INNER JOIN (SELECT __wanted, {matched} "
-            f"FROM format(JSONEachRow, {quote(structure)}, {quote(data)})) AS w ON {on} "
-            f"ORDER BY s._version < {int(below)} DESC, s._version DESC LIMIT 1 BY __wanted "
-            # read back as inserts take them: NaN as "nan", Decimals with their scale
-            "SETTINGS output_format_json_quote_denormals = 1, "
-            "output_format_decimal_trailing_zeros = 1"
-        )
+        rows = []
+        for group in literal_chunks(lines):  # the keys travel in the statement: bounded
+            rows += self.ch.rows(
+                f"SELECT w.__wanted AS __wanted, s._is_deleted AS __deleted, {', '.join(reads)} "
+                f"FROM {replica.qualified} AS s INNER JOIN (SELECT __wanted, {matched} "
+                f"FROM format(JSONEachRow, {quote(structure)}, {quote(chr(10).join(group))})) "
+                f"AS w ON {on} "
+                f"ORDER BY s._version < {int(below)} DESC, s._version DESC LIMIT 1 BY __wanted "
+                # read back as inserts take them: NaN as "nan", Decimals with their scale
+                "SETTINGS output_format_json_quote_denormals = 1, "
+                "output_format_decimal_trailing_zeros = 1"
+            )
         keys_in_order = list(wanted)
         stored: dict[tuple[str, ...], dict[str, Any]] = {}
         for row in rows:

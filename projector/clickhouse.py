@@ -18,14 +18,16 @@ import json
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from projector.errors import ClickHouseUnavailable, StatementRejected
 from projector.redaction import redact
+
+T = TypeVar("T")
 
 
 def quote(value: str) -> str:
@@ -50,6 +52,32 @@ def insert_statement(
         f"INSERT INTO {table} ({cols}) SETTINGS insert_deduplication_token = {quote(token)}, "
         "input_format_skip_unknown_fields = 0 FORMAT JSONEachRow\n" + body
     )
+
+
+# No statement grows with the data: a list of literals built from data (an `IN (...)` list of
+# keys, offsets, ranges) is cut into groups of at most this many bytes, well under ClickHouse's
+# `max_query_size` (262,144 bytes by default, which counts the whole statement text: a server
+# admin may lower it, so leave room for the rest of the statement). Rows themselves travel as
+# insert data (`insert_statement`), which `max_query_size` does not count.
+LITERAL_LIST_BYTES = 64 * 1024
+
+
+def literal_chunks(
+    values: Sequence[T], literal: Callable[[T], str] = str, budget: int = LITERAL_LIST_BYTES
+) -> Iterator[list[T]]:
+    """`values`, in order, in consecutive groups whose SQL texts (`literal` of each), joined by
+    `', '`, take at most `budget` bytes; a value whose text is longer is a group of its own."""
+    group: list[T] = []
+    size = 0
+    for value in values:
+        length = len(literal(value).encode()) + 2  # with its ", "
+        if group and size + length > budget:
+            yield group
+            group, size = [], 0
+        group.append(value)
+        size += length
+    if group:
+        yield group
 
 
 def _exact_text(value: Any) -> str:

@@ -149,7 +149,7 @@ class FastPath:
         segment: Segment,
         partition: int,
         token: str,
-        has_transaction_field: bool,
+        transaction_fields: Sequence[str] | None,
     ) -> dict[str, EventSpan]:
         """Insert one segment; returns the applied events per Postgres transaction id, with
         their LSNs (empty unless transactions are counted)."""
@@ -180,20 +180,32 @@ class FastPath:
             )
         except StatementRejected as exc:
             raise FastPathRejected(str(exc).strip().splitlines()[0][:500]) from exc
-        if not (self.count_transactions and has_transaction_field):
+        if not self.count_transactions or transaction_fields is None:
             return {}
+        order = (
+            "tupleElement(transaction, 'data_collection_order')"
+            if "data_collection_order" in transaction_fields
+            else "CAST(NULL AS Nullable(Int64))"
+        )
+        # Per transaction: its events' orders (who they are: projector/transactions.py,
+        # "Counted once"), the events that carry none, and their LSNs.
         counted = self.ch.over_avro(
-            "SELECT xid, count(), min(lsn), max(lsn) FROM (SELECT "
+            "SELECT xid, arrayStringConcat(groupArray(toString(assumeNotNull(position))), ','), "
+            "countIf(isNull(position)), min(lsn), max(lsn) FROM (SELECT "
             "splitByChar(':', tupleElement(transaction, 'id'))[1] AS xid, "
-            "toUInt64OrZero(splitByChar(':', tupleElement(transaction, 'id'))[2]) AS lsn "
+            "toUInt64OrZero(splitByChar(':', tupleElement(transaction, 'id'))[2]) AS lsn, "
+            f"{order} AS position "
             f"FROM {AVRO_SOURCE} WHERE isNotNull(transaction)) GROUP BY xid",
             data, self.registry_url, sample=sample, fmt="TSV",
         )  # fmt: skip
         spans = {}
         for line in counted.splitlines():
             if line:
-                xid, events, first_lsn, last_lsn = line.split("\t")
-                spans[xid] = EventSpan(int(events), int(first_lsn), int(last_lsn))
+                xid, orders, unnamed, first_lsn, last_lsn = line.split("\t")
+                spans[xid] = EventSpan(
+                    int(first_lsn), int(last_lsn),
+                    frozenset(int(o) for o in orders.split(",") if o), int(unnamed),
+                )  # fmt: skip
         return spans
 
     def _select_list(

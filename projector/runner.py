@@ -48,6 +48,7 @@ from projector.checkpoint import (
     counted_run,
     cut_batch,
 )
+from projector.chores import Chore, Chores
 from projector.clickhouse import ClickHouse
 from projector.config import ProjectorConfig
 from projector.dlq import DeadLetter, DeadLetterStore
@@ -70,7 +71,7 @@ from projector.replica_rebuild import ReplicaRebuild, ReplicaRebuilds, take_repl
 from projector.resnapshot import SignalTable
 from projector.snapshot_sweep import SnapshotSweep
 from projector.topic_guard import TopicGuard, TopicShape
-from projector.transactions import TransactionLedger, Unfinished, Watermark
+from projector.transactions import EventPlace, TransactionLedger, Unfinished, Watermark
 from schemas.errors import NotConfluentFramed, RegistryUnavailable, SchemaError, UnknownSchema
 from schemas.registry import SchemaCache
 from schemas.upcasters import Upcasters
@@ -190,10 +191,17 @@ class Projector:
         self._unpositioned: set[tuple[str, int]] = set()  # assigned, paused: steps A-C failed
         self._last_poll = time.monotonic()
         self.metrics = ProjectorMetrics()
-        self._next_progress_report = self._next_watermark_report = 0.0
         # Each read model's watermark as last found: the next search starts there.
         self._watermarks: dict[str, Watermark] = {}
-        self._next_prune = time.monotonic() + config.ledger_prune_interval_s
+        # Housekeeping between batches: a failure is logged and tried again, never the end.
+        self.chores = Chores()
+        self.chores.add(Chore("reporting lag", self._report_lag, every_s=1))
+        if config.transaction_metadata:
+            self.chores.add(Chore("reporting watermarks", self._report_watermarks, every_s=10))
+            self.chores.add(Chore("pruning the transaction ledger", self._prune_ledger,
+                                  every_s=config.ledger_prune_interval_s,
+                                  first_after_s=config.ledger_prune_interval_s,
+                                  retry_s=min(60.0, config.ledger_prune_interval_s)))  # fmt: skip
         if config.metrics_port:
             try:
                 self.metrics.serve(config.metrics_port, config.metrics_host)
@@ -365,7 +373,7 @@ class Projector:
                     self._wait_for_batch()  # an idle loop still records the last batch
                 self._position_waiting()
                 self._honour_pauses()
-                self._report_progress()
+                self.chores.run_due()
                 self._ensure_read_models()
                 self._rebuild_replicas()
                 if tick is not None:
@@ -618,13 +626,8 @@ class Projector:
             self.next_offset[key] = batch.last + 1
             acknowledge(self.consumer, batch)
 
-    def _report_progress(self) -> None:
-        """Lag per assigned partition into the metrics (once a second), and the read models'
-        watermarks (every ten seconds, when transaction metadata is on)."""
-        now = time.monotonic()
-        if now < self._next_progress_report:
-            return
-        self._next_progress_report = now + 1
+    def _report_lag(self) -> None:
+        """Lag per assigned partition into the metrics."""
         for (topic, partition), next_offset in list(self.next_offset.items()):
             try:
                 _, end = self.consumer.get_watermark_offsets(
@@ -635,26 +638,20 @@ class Projector:
             state = self.partitions.get((topic, partition))
             waiting = state.buffer[0].timestamp()[1] if state and state.buffer else None
             self.metrics.set_lag(topic, partition, end, next_offset, waiting)
-        if self.config.transaction_metadata and now >= self._next_watermark_report:
-            self._next_watermark_report = now + 10
-            for model in self.read_model_list:
-                collections = [f"{self.config.read_model_schema}.{s}" for s in model.sources]
-                try:
-                    mark = self.ledger.watermark(collections, self._watermarks.get(model.name))
-                except TRANSIENT:
-                    return  # reported on a later round
-                if mark is not None:
-                    self._watermarks[model.name] = mark
-                    self.metrics.watermark_lsn.labels(model.name).set(mark.lsn)
-        if self.config.transaction_metadata and now >= self._next_prune:
-            self._next_prune = now + self.config.ledger_prune_interval_s
-            try:
-                pruned = self.ledger.prune()
-            except TRANSIENT as exc:
-                log.warning("pruning the transaction ledger failed (tried again later): %s", exc)
-            else:
-                if pruned:
-                    log.info("transaction ledger: %d settled transaction(s) pruned", pruned)
+
+    def _report_watermarks(self) -> None:
+        """Each read model's watermark into the metrics."""
+        for model in self.read_model_list:
+            collections = [f"{self.config.read_model_schema}.{s}" for s in model.sources]
+            mark = self.ledger.watermark(collections, self._watermarks.get(model.name))
+            if mark is not None:
+                self._watermarks[model.name] = mark
+                self.metrics.watermark_lsn.labels(model.name).set(mark.lsn)
+
+    def _prune_ledger(self) -> None:
+        pruned = self.ledger.prune()
+        if pruned:
+            log.info("transaction ledger: %d settled transaction(s) pruned", pruned)
 
     def _ensure_read_models(self) -> None:
         """Start read-model families whose sources now exist (checked every few seconds), and
@@ -800,9 +797,9 @@ class Projector:
                 event = decode(message, self.schemas)
             except PoisonMessage:
                 continue
-            tx_id = None if event is None else (event.value.get("transaction") or {}).get("id")
-            if tx_id:
-                dead.count_dead_letter(str(tx_id), collection)
+            place = None if event is None else EventPlace.of(event.value)
+            if place:
+                dead.count_dead_letter(place, collection)
         if letters:
             log.warning("%d dead letters %s[%d]@%d-%d (topic): %s", len(letters), batch.topic,
                         batch.partition, batch.first, batch.last, reason)  # fmt: skip

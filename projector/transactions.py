@@ -26,6 +26,29 @@ event of xid X at LSN l belongs to the END of xid X with the smallest LSN >= l. 
   that straddles two transactions with one xid (one batch holding both) counts for neither, which
   holds the watermark rather than claim a transaction complete.
 
+**Counted once.** Kafka Connect's source is at-least-once: after a restart of Connect (or of
+Kafka, or of Debezium's task) Debezium sends again what it sent since its last flushed offset --
+change events, BEGINs and ENDs -- and a producer retry may write one record twice. Kafka then
+holds those events twice, at different offsets, and the ledger must count each once:
+  1. *An END sent again is dropped.* Debezium writes ENDs in commit order and every commit has
+     an END LSN of its own, so along the transaction topic a new END's LSN is larger than every
+     END's before it. An END whose LSN is at most the largest recorded at a smaller offset is
+     one the ledger already holds (`newest_lsn`; pruning keeps the newest END, so the largest
+     LSN never goes back). The first copy, at the smaller offset, keeps the transaction's place.
+  2. *An event sent again is the same event.* Every change event names its transaction and its
+     `data_collection_order`: its number, 1 to N, among the transaction's N events on its table
+     (the END's `event_count`). Debezium keeps that count in the offsets it flushes and resumes
+     from them, so an event sent again carries the number it had. The ledger keeps the numbers
+     of each span (`applied_orders`, `dead_orders`, united when rows merge) and counts a
+     transaction's distinct numbers: however often Kafka holds an event, it is one number, and
+     a transaction is complete when all N are there -- never because some arrived twice.
+     (Counting numbers, not LSNs: the rows of one COPY share one WAL record's LSN.)
+  3. *The replicas need nothing of this*: an event applied twice writes the same `_version`
+     (projector/replica.py), so the replica is the same.
+An event Debezium sent without a `data_collection_order` is counted as it comes (as the ledger
+did before it kept the numbers). An event sent again after its transaction was pruned leaves a
+span no END claims: it changes no answer (spans count only for ENDs of their xid).
+
 **An END that cannot be read** (not Confluent-framed, an unknown or broken schema) may have ended
 a transaction on any table: skipping it would let a watermark pass a transaction that is not
 complete. It is recorded as a row of table `*` that touches every table and that nothing
@@ -93,7 +116,7 @@ from typing import Any
 
 from connectors.config import CONTROL_SCHEMA
 from projector.checkpoint import BatchRange
-from projector.clickhouse import ClickHouse, ident, insert_statement, quote
+from projector.clickhouse import ClickHouse, ident, insert_statement, literal_chunks, quote
 from projector.errors import NotAnLsn
 
 
@@ -152,22 +175,53 @@ def xid_of(tx_id: str) -> str:
 
 @dataclass(frozen=True)
 class EventSpan:
-    """Events of one transaction on one table within one batch: how many, and the smallest and
-    largest of their LSNs (what ties them to their END: module docstring, "Which END")."""
+    """Events of one transaction on one table within one batch: who they are (their
+    `data_collection_order`, module docstring "Counted once"), and the smallest and largest of
+    their LSNs (what ties them to their END: module docstring, "Which END")."""
 
-    events: int
     first_lsn: int
     last_lsn: int
+    orders: frozenset[int] = frozenset()  # the events' data_collection_order
+    unnamed: int = 0  # events that carry no data_collection_order: counted as they come
+
+    @property
+    def events(self) -> int:
+        return len(self.orders) + self.unnamed
 
     @classmethod
-    def of(cls, tx_id: str, events: int = 1) -> tuple[str, EventSpan]:
-        """The transaction (xid) and span of one change event's Debezium transaction id."""
+    def of(cls, tx_id: str, order: int | None = None) -> tuple[str, EventSpan]:
+        """The transaction (xid) and span of one change event's Debezium transaction id and
+        `data_collection_order` (None when the event has none)."""
         lsn = lsn_of(tx_id)
-        return xid_of(tx_id), cls(events, lsn, lsn)
+        if order is None:
+            return xid_of(tx_id), cls(lsn, lsn, unnamed=1)
+        return xid_of(tx_id), cls(lsn, lsn, frozenset((int(order),)))
 
     def __add__(self, other: EventSpan) -> EventSpan:
-        return EventSpan(self.events + other.events, min(self.first_lsn, other.first_lsn),
-                         max(self.last_lsn, other.last_lsn))  # fmt: skip
+        return EventSpan(min(self.first_lsn, other.first_lsn), max(self.last_lsn, other.last_lsn),
+                         self.orders | other.orders, self.unnamed + other.unnamed)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EventPlace:
+    """Where a change event stands in its source transaction: Debezium's transaction id
+    (`<xid>:<lsn>`) and its `data_collection_order` (its number among the transaction's events on
+    its table, 1, 2, ...; None when the event carries none)."""
+
+    tx_id: str
+    order: int | None
+
+    @classmethod
+    def of(cls, value: Mapping[str, Any] | None) -> EventPlace | None:
+        """The place of a decoded change event; None when it names no transaction."""
+        block = (value or {}).get("transaction") or {}
+        if not block.get("id"):
+            return None
+        order = block.get("data_collection_order")
+        return cls(str(block["id"]), None if order is None else int(order))
+
+    def span(self) -> tuple[str, EventSpan]:
+        return EventSpan.of(self.tx_id, self.order)
 
 
 # Per (xid, schema.table): the events a batch applied, or dead-lettered.
@@ -179,6 +233,16 @@ UNREADABLE = "*"
 # Tables no read model reads and nothing applies: Debezium's heartbeat and signal tables. Their
 # rows count as settled when the ledger is pruned.
 NEVER_WAITED_FOR = f"{CONTROL_SCHEMA}."
+# The orders of a span's events: merged (rows of one span, say a batch applied again under
+# another token) by union, so an event is one order however often it arrives.
+ORDERS_TYPE = "SimpleAggregateFunction(groupUniqArrayArray, Array(UInt64))"
+
+
+def _counted(orders: str, count: str) -> str:
+    """SQL: the events of a group of spans, each once: its distinct orders, or (spans written
+    before events carried their order into the ledger, or by a Debezium that sends none) the
+    events as they were counted."""
+    return f"if(empty({orders}), {count}, length({orders}))"
 
 
 class TransactionLedger:
@@ -201,15 +265,22 @@ class TransactionLedger:
             )
         )  # fmt: skip
         # Summed per transaction, table and span: rows of two transactions that share an xid
-        # (after wraparound) have different spans and stay apart.
+        # (after wraparound) have different spans and stay apart. The events' orders are united
+        # (module docstring, "Counted once"); `applied` and `dead_lettered` count the events as
+        # they came, the ones without an order too.
         self.ch.execute(
             topology.create_table(
                 self.progress,
                 ["tx_id String", "data_collection String", "first_lsn UInt64", "last_lsn UInt64",
-                 "applied UInt64", "dead_lettered UInt64"],
+                 "applied UInt64", "dead_lettered UInt64", f"applied_orders {ORDERS_TYPE}",
+                 f"dead_orders {ORDERS_TYPE}"],
                 "SummingMergeTree", "", "(tx_id, data_collection, first_lsn, last_lsn)",
             )
         )  # fmt: skip
+        for column in ("applied_orders", "dead_orders"):  # a ledger from before "Counted once"
+            self.ch.execute(topology.alter_table(
+                self.progress, f"ADD COLUMN IF NOT EXISTS {column} {ORDERS_TYPE}"
+            ))  # fmt: skip
         self._copy_earlier_ledger()
 
     def _copy_earlier_ledger(self) -> None:
@@ -227,39 +298,44 @@ class TransactionLedger:
             return
         old = ident(self.database)
         copies = [
-            (self.progress, f"SELECT tx_id, data_collection, 0, 0, applied, dead_lettered "
-                            f"FROM {old}.transaction_progress"),
-            (self.ends, f"SELECT tx_id, lsn, `offset`, data_collection, expected, commit_ms "
-                        f"FROM {old}.transactions FINAL"),
+            (self.progress, "tx_id, data_collection, first_lsn, last_lsn, applied, dead_lettered",
+             f"SELECT tx_id, data_collection, 0, 0, applied, dead_lettered "
+             f"FROM {old}.transaction_progress"),
+            (self.ends, "tx_id, lsn, `offset`, data_collection, expected, commit_ms",
+             f"SELECT tx_id, lsn, `offset`, data_collection, expected, commit_ms "
+             f"FROM {old}.transactions FINAL"),
         ]  # fmt: skip
-        for table, select in copies:
+        for table, columns, select in copies:
             if int(self.ch.rows(f"SELECT count() AS n FROM {table}")[0]["n"]) == 0:
-                self.ch.execute(f"INSERT INTO {table} {select}")
+                self.ch.execute(f"INSERT INTO {table} ({columns}) {select}")
 
     def record_ends(
         self, batch: BatchRange, events: list[tuple[int, dict[str, Any] | None]]
     ) -> None:
         """Events of the transaction topic (offset, decoded value; None for one that could not
-        be decoded): a row per END and table, and a row that holds every watermark for an END
-        that could not be read. BEGINs are skipped."""
+        be decoded), in offset order: a row per END and table, and a row that holds every
+        watermark for an END that could not be read. BEGINs are skipped, and so is an END that
+        Kafka holds a second time (module docstring, "Counted once")."""
+        if not events:
+            return
         rows: list[dict[str, Any]] = []
-        previous_lsn: int | None = None
+        newest = self.newest_lsn(before=events[0][0])  # of the ENDs recorded before these
         for offset, value in events:
             if value is None:
-                if previous_lsn is None:
-                    before = self.newest_end(before=offset)
-                    previous_lsn = before.lsn if before is not None else 0
-                # Committed after the previous END: its LSN is at least one past that one's.
-                rows.append({"tx_id": f"unreadable@{offset}", "lsn": previous_lsn + 1,
-                             "offset": offset, "data_collection": UNREADABLE, "expected": 1,
+                # Committed after the END before it: its LSN is at least one past that one's.
+                newest += 1
+                rows.append({"tx_id": f"unreadable@{offset}", "lsn": newest, "offset": offset,
+                             "data_collection": UNREADABLE, "expected": 1,
                              "commit_ms": 0})  # fmt: skip
-                previous_lsn += 1
                 continue
             if value.get("status") != "END":
                 continue
-            previous_lsn = lsn_of(value["id"])
+            lsn = lsn_of(value["id"])
+            if lsn <= newest:
+                continue  # sent again: its first copy, earlier on the topic, is the one counted
+            newest = lsn
             rows += [
-                {"tx_id": xid_of(value["id"]), "lsn": previous_lsn, "offset": offset,
+                {"tx_id": xid_of(value["id"]), "lsn": lsn, "offset": offset,
                  "data_collection": c["data_collection"], "expected": int(c["event_count"]),
                  "commit_ms": int(value.get("ts_ms") or 0)}
                 for c in value.get("data_collections") or []
@@ -267,6 +343,14 @@ class TransactionLedger:
         if rows:
             token = batch.token(self.projection, "transaction_ends")
             self.ch.execute(insert_statement(self.ends, list(rows[0]), rows, token))
+
+    def newest_lsn(self, before: int) -> int:
+        """The largest LSN of the ENDs recorded at transaction-topic offsets below `before` (0:
+        none). Pruning keeps the newest END, so it never goes back."""
+        rows = self.ch.rows(
+            f"SELECT max(lsn) AS lsn FROM {self.ends} WHERE `offset` < {int(before)}"
+        )
+        return int(rows[0]["lsn"]) if rows else 0
 
     def forget_unreadable(self, offset: int) -> None:
         """Drop the row an unreadable END at `offset` left (its END has been recorded since)."""
@@ -294,35 +378,50 @@ class TransactionLedger:
             rows.append({"tx_id": key[0], "data_collection": key[1],
                          "first_lsn": span.first_lsn, "last_lsn": span.last_lsn,
                          "applied": done.events if done else 0,
-                         "dead_lettered": dead.events if dead else 0})  # fmt: skip
+                         "dead_lettered": dead.events if dead else 0,
+                         "applied_orders": sorted(done.orders) if done else [],
+                         "dead_orders": sorted(dead.orders) if dead else []})  # fmt: skip
         if rows:
             token = batch.token(projection or self.projection, "transaction_events")
             self.ch.execute(insert_statement(self.progress, list(rows[0]), rows, token))
 
     def _settled(self, where: str) -> str:
         """A subquery: the END rows matching `where` (on `transaction_ends`' columns) with the
-        events `applied` and `dead_lettered` that belong to them (module docstring, "Which
-        END"): a span counts for the END of its xid and table with the smallest LSN at or after
-        its first event, when that END is at or after its last event too."""
+        events `applied`, `dead_lettered` and `settled` (either) that belong to them (module
+        docstring, "Which END"): a span counts for the END of its xid and table with the
+        smallest LSN at or after its first event, when that END is at or after its last event
+        too. Each event counts once (module docstring, "Counted once")."""
         xids = f"SELECT tx_id FROM {self.ends} WHERE {where}"
         return f"""(SELECT e.`offset` AS `offset`, e.tx_id AS tx_id, e.lsn AS lsn,
                     e.data_collection AS data_collection, e.expected AS expected,
                     e.commit_ms AS commit_ms, coalesce(m.applied, 0) AS applied,
-                    coalesce(m.dead_lettered, 0) AS dead_lettered
+                    coalesce(m.dead_lettered, 0) AS dead_lettered,
+                    coalesce(m.settled, 0) AS settled
             FROM (SELECT * FROM {self.ends} FINAL WHERE {where}) AS e
             LEFT JOIN (
-                SELECT o.`offset` AS `offset`, p.data_collection AS data_collection,
-                       sum(p.applied) AS applied, sum(p.dead_lettered) AS dead_lettered
-                FROM (SELECT tx_id, data_collection, first_lsn, last_lsn,
-                             sum(applied) AS applied, sum(dead_lettered) AS dead_lettered
-                      FROM {self.progress} WHERE tx_id IN ({xids})
-                      GROUP BY tx_id, data_collection, first_lsn, last_lsn) AS p
-                ASOF INNER JOIN (SELECT tx_id, data_collection, lsn, `offset`
-                                 FROM {self.ends} FINAL WHERE tx_id IN ({xids})) AS o
-                  ON p.tx_id = o.tx_id AND p.data_collection = o.data_collection
-                 AND p.first_lsn <= o.lsn
-                WHERE p.last_lsn <= o.lsn
-                GROUP BY o.`offset`, p.data_collection
+                SELECT `offset`, data_collection,
+                       {_counted("applied_orders", "applied")} AS applied,
+                       {_counted("dead_orders", "dead_lettered")} AS dead_lettered,
+                       if(empty(applied_orders) AND empty(dead_orders), applied + dead_lettered,
+                          length(arrayDistinct(arrayConcat(applied_orders, dead_orders))))
+                         AS settled
+                FROM (
+                    SELECT o.`offset` AS `offset`, p.data_collection AS data_collection,
+                           sum(p.applied) AS applied, sum(p.dead_lettered) AS dead_lettered,
+                           groupUniqArrayArray(p.applied_orders) AS applied_orders,
+                           groupUniqArrayArray(p.dead_orders) AS dead_orders
+                    FROM (SELECT tx_id, data_collection, first_lsn, last_lsn,
+                                 sum(applied) AS applied, sum(dead_lettered) AS dead_lettered,
+                                 groupUniqArrayArray(applied_orders) AS applied_orders,
+                                 groupUniqArrayArray(dead_orders) AS dead_orders
+                          FROM {self.progress} WHERE tx_id IN ({xids})
+                          GROUP BY tx_id, data_collection, first_lsn, last_lsn) AS p
+                    ASOF INNER JOIN (SELECT tx_id, data_collection, lsn, `offset`
+                                     FROM {self.ends} FINAL WHERE tx_id IN ({xids})) AS o
+                      ON p.tx_id = o.tx_id AND p.data_collection = o.data_collection
+                     AND p.first_lsn <= o.lsn
+                    WHERE p.last_lsn <= o.lsn
+                    GROUP BY o.`offset`, p.data_collection)
             ) AS m ON m.`offset` = e.`offset` AND m.data_collection = e.data_collection)"""
 
     def watermark(self, collections: list[str], after: Watermark | None = None) -> Watermark | None:
@@ -367,9 +466,9 @@ class TransactionLedger:
             f"""SELECT uniqExact(`offset`) AS gaps, argMin(tx_id, {first}) AS gap_tx,
                        argMin(data_collection, {first}) AS gap_collection,
                        argMin(expected, {first}) AS gap_expected,
-                       argMin(applied + dead_lettered, {first}) AS gap_settled
+                       argMin(settled, {first}) AS gap_settled
                 FROM {self._settled(f"`offset` <= {int(fence_offset)} AND {wanted}")}
-                WHERE applied + dead_lettered < expected"""
+                WHERE settled < expected"""
         )
         if not rows or not int(rows[0]["gaps"]):
             return None
@@ -426,12 +525,11 @@ class TransactionLedger:
             [(int(r["off"]), r["collection"], bool(int(r["complete"]))) for r in rows]
         )
         doomed = sorted({int(r["off"]) for r in rows} - keep)
-        if not doomed:
-            return 0
-        for chunk in range(0, len(doomed), 10_000):
-            offsets = ", ".join(str(o) for o in doomed[chunk : chunk + 10_000])
+        cluster = self.ch.topology.on_cluster()
+        for chunk in literal_chunks([str(o) for o in doomed]):
+            offsets = ", ".join(chunk)
             spans = self.ch.rows(
-                f"""SELECT p.tx_id AS tx_id, p.data_collection AS collection,
+                f"""SELECT DISTINCT p.tx_id AS tx_id, p.data_collection AS collection,
                            p.first_lsn AS first_lsn, p.last_lsn AS last_lsn
                     FROM (SELECT DISTINCT tx_id, data_collection, first_lsn, last_lsn
                           FROM {self.progress} WHERE tx_id IN
@@ -444,19 +542,13 @@ class TransactionLedger:
             )
             # The ENDs first: a crash before their spans go leaves spans no END claims, never
             # a complete END that lost its counts.
-            self.ch.execute(
-                f"DELETE FROM {self.ends}{self.ch.topology.on_cluster()} "
-                f"WHERE `offset` IN ({offsets})"
-            )
-            if spans:
-                keys = ", ".join(
-                    f"({quote(s['tx_id'])}, {quote(s['collection'])}, {int(s['first_lsn'])}, "
-                    f"{int(s['last_lsn'])})"
-                    for s in spans
-                )
+            self.ch.execute(f"DELETE FROM {self.ends}{cluster} WHERE `offset` IN ({offsets})")
+            keys = [f"({quote(s['tx_id'])}, {quote(s['collection'])}, {int(s['first_lsn'])}, "
+                    f"{int(s['last_lsn'])})" for s in spans]  # fmt: skip
+            for group in literal_chunks(keys):
                 self.ch.execute(
-                    f"DELETE FROM {self.progress}{self.ch.topology.on_cluster()} "
-                    f"WHERE (tx_id, data_collection, first_lsn, last_lsn) IN ({keys})"
+                    f"DELETE FROM {self.progress}{cluster} "
+                    f"WHERE (tx_id, data_collection, first_lsn, last_lsn) IN ({', '.join(group)})"
                 )
         return len(doomed)
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from projector.checkpoint import PROJECTION
-from projector.clickhouse import ClickHouse, ident, quote
+from projector.clickhouse import ClickHouse, ident, literal_chunks, quote
 from projector.config import ProjectorConfig
 from projector.errors import VerifyError
 from projector.transactions import ConsistencyTracker, TransactionLedger, lsn_text, parse_lsn
@@ -51,6 +51,8 @@ LEAF_ROWS = 1000  # a range this small is compared row by row
 MAX_ROWS_COMPARED = 100_000  # row by row per table; differing ranges beyond are only counted
 MAX_START_DIGITS = 4  # at most 16^4 ranges in the first pass
 RECHECK_DELAYS_S = (0.5, 1.0, 2.0)  # between the checks of step 5, while a projector runs
+# A row comparison's selection: Postgres' WHERE (with one %s), ClickHouse's, the %s value.
+Condition = tuple[str, str, list[str]]
 CATCH_UP_TIMEOUT_S = 120.0  # step 2: how long the projector may take to pass the snapshot
 
 POSTGRES_ONLY, CLICKHOUSE_ONLY, DIFFERENT = "postgres only", "clickhouse only", "different"
@@ -268,7 +270,7 @@ class TableVerifier:
                 passed = self._applied_through(lsn, [p.name for p in drifting], deadline)
                 for plan in drifting:
                     self.progress(f"{plan.name}: checking {len(drift[plan.name])} key(s) again")
-                    keys = self._key_condition(plan, list(drift[plan.name]))
+                    keys = self._key_conditions(plan, list(drift[plan.name]))
                     drift[plan.name] = self._compare_rows(plan, keys)
                 drifting = [p for p in drifting if drift[p.name]]
                 if passed or not drifting:
@@ -289,7 +291,7 @@ class TableVerifier:
             return self._compare(plan, None)
         verdict = Verdict(plan.name, "table", not_compared=plan.not_compared)
         verdict.postgres_rows, verdict.clickhouse_rows = self._count(plan)
-        return verdict, self._compare_rows(plan, self._key_condition(plan, keys))
+        return verdict, self._compare_rows(plan, self._key_conditions(plan, keys))
 
     def _compare(self, plan: TablePlan, sample: int | None) -> tuple[Verdict, dict[str, Drift]]:
         """Steps 3 and 4 for one table, in the current snapshot."""
@@ -314,7 +316,7 @@ class TableVerifier:
                 break
             compared.append(prefix)
             rows += size
-        return verdict, self._compare_rows(plan, self._leaf_condition(plan, compared))
+        return verdict, self._compare_rows(plan, self._leaf_conditions(plan, compared))
 
     def _applied_through(self, lsn: int, tables: list[str], deadline: float) -> bool:
         """Step 2: whether the projector has applied every transaction on `tables` committed up
@@ -347,7 +349,21 @@ class TableVerifier:
     def _range_hashes(
         self, plan: TablePlan, digits: int, within: list[str] | None
     ) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
-        """Per range of `digits` hex digits (inside the ranges `within`): count and hash."""
+        """Per range of `digits` hex digits (inside the ranges `within`): count and hash. The
+        ranges `within` go into the statements a bounded group at a time."""
+        if within is None:
+            return self._range_hashes_in(plan, digits, None)
+        pg: dict[str, tuple[int, int]] = {}
+        ch: dict[str, tuple[int, int]] = {}
+        for group in literal_chunks(within, quote):
+            more_pg, more_ch = self._range_hashes_in(plan, digits, group)
+            pg.update(more_pg)
+            ch.update(more_ch)
+        return pg, ch
+
+    def _range_hashes_in(
+        self, plan: TablePlan, digits: int, within: list[str] | None
+    ) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
         parent = len(within[0]) if within else 0
         pg_key, ch_key = (
             f"md5({plan.key_text('postgres')})",
@@ -396,30 +412,36 @@ class TableVerifier:
             within, digits = deeper, digits + 1
         return leaves
 
-    def _leaf_condition(self, plan: TablePlan, leaves: list[str]) -> tuple[str, str, Any] | None:
-        if not leaves:
-            return None
+    def _leaf_conditions(self, plan: TablePlan, leaves: list[str]) -> list[Condition]:
+        """The rows of the ranges `leaves`, a bounded group of ranges per condition."""
         pg_key = f"md5({plan.key_text('postgres')})"
         ch_key = f"lower(hex(MD5({plan.key_text('clickhouse')})))"
-        return (
-            f"EXISTS (SELECT 1 FROM unnest(%s::text[]) AS l(r) WHERE starts_with({pg_key}, l.r))",
-            " OR ".join(
-                f"substring({ch_key}, 1, {size}) IN ({', '.join(quote(r) for r in leaves if len(r) == size)})"
-                for size in sorted({len(r) for r in leaves})
-            ),
-            leaves,
-        )
+        return [
+            (
+                f"EXISTS (SELECT 1 FROM unnest(%s::text[]) AS l(r) WHERE starts_with({pg_key}, l.r))",
+                " OR ".join(
+                    f"substring({ch_key}, 1, {size}) IN ({', '.join(quote(r) for r in group if len(r) == size)})"
+                    for size in sorted({len(r) for r in group})
+                ),
+                group,
+            )
+            for group in literal_chunks(leaves, quote)
+        ]
 
-    def _key_condition(self, plan: TablePlan, keys: list[str]) -> tuple[str, str, Any]:
-        return (f"({plan.key_text('postgres')}) = ANY(%s)",
-                f"{plan.key_text('clickhouse')} IN ({', '.join(map(quote, keys))})", keys)  # fmt: skip
+    def _key_conditions(self, plan: TablePlan, keys: list[str]) -> list[Condition]:
+        """The rows of `keys` (key texts), a bounded group of keys per condition."""
+        return [(f"({plan.key_text('postgres')}) = ANY(%s)",
+                 f"{plan.key_text('clickhouse')} IN ({', '.join(map(quote, group))})", group)
+                for group in literal_chunks(keys, quote)]  # fmt: skip
 
-    def _compare_rows(
-        self, plan: TablePlan, condition: tuple[str, str, Any] | None
-    ) -> dict[str, Drift]:
-        """Step 4's row-by-row comparison of the rows `condition` selects on both sides."""
-        if condition is None:
-            return {}
+    def _compare_rows(self, plan: TablePlan, conditions: list[Condition]) -> dict[str, Drift]:
+        """Step 4's row-by-row comparison of the rows the `conditions` select on both sides."""
+        drift: dict[str, Drift] = {}
+        for condition in conditions:
+            drift.update(self._compare_rows_where(plan, condition))
+        return drift
+
+    def _compare_rows_where(self, plan: TablePlan, condition: Condition) -> dict[str, Drift]:
         pg_where, ch_where, values = condition
         params = (values,)
         names = [c.name for c in plan.columns]

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 from projector.checkpoint import BatchRange
-from projector.clickhouse import ChdbBackend
-from projector.transactions import EventSpan, TransactionLedger, rows_to_keep
+from projector.clickhouse import ChdbBackend, literal_chunks
+from projector.transactions import EventPlace, EventSpan, TransactionLedger, rows_to_keep
 
 A, B, HEARTBEAT = "public.a", "public.b", "debezium.heartbeat"
 
@@ -151,7 +151,7 @@ def test_pruning_changes_no_answer(ledger: TransactionLedger) -> None:
             name = c["data_collection"]
             if name == B and xid == "21":
                 ledger.record_progress(
-                    batch(), {}, {(xid, B): EventSpan(1, int(lsn) - 5, int(lsn) - 5)}
+                    batch(), {}, {(xid, B): EventSpan(int(lsn) - 5, int(lsn) - 5, unnamed=1)}
                 )
             elif name in (A, B):
                 applied(ledger, name, f"{xid}:{int(lsn) - 5}")
@@ -245,3 +245,102 @@ def test_rows_to_keep_answers_every_watermark_as_the_whole_ledger_does() -> None
                     rows,
                     tables,
                 )
+
+
+def applied_in_order(ledger: TransactionLedger, collection: str, *events: tuple[str, int]) -> None:
+    """One batch applying change events (Debezium transaction id, data_collection_order)."""
+    counts: dict[tuple[str, str], EventSpan] = {}
+    for tx_id, order in events:
+        xid, span = EventPlace(tx_id, order).span()
+        key = (xid, collection)
+        counts[key] = counts[key] + span if key in counts else span
+    ledger.record_progress(batch(), counts)
+
+
+def test_an_end_kafka_holds_twice_counts_once(ledger: TransactionLedger) -> None:
+    """Kafka Connect restarted: Debezium sent the ENDs of xids 20 and 21 again, after the END
+    of xid 22 (and BEGINs between). The copies are not transactions of their own: the watermark
+    passes them once the transactions are complete, and nothing waits for them."""
+    ledger.record_ends(batch("cdc.transaction"), [
+        end(1, 20, 2000, public__a=2), end(3, 21, 2100, public__a=1),
+        end(5, 22, 2200, public__a=1),
+    ])  # fmt: skip
+    ledger.record_ends(batch("cdc.transaction"), [
+        (6, {"status": "BEGIN", "id": "20:1990"}), end(7, 20, 2000, public__a=2),
+        end(9, 21, 2100, public__a=1), end(11, 23, 2300, public__a=1),
+    ])  # fmt: skip
+    applied_in_order(ledger, A, ("20:1990", 1), ("20:1995", 2), ("21:2090", 1))
+    applied_in_order(ledger, A, ("22:2190", 1), ("20:1990", 1), ("20:1995", 2))  # sent again
+    applied_in_order(ledger, A, ("21:2090", 1), ("23:2290", 1))  # sent again, then new
+    mark = ledger.watermark([A])
+    assert mark is not None and (mark.offset, mark.tx_id) == (11, "23")
+    assert ledger.first_incomplete([A], -1) == {}
+    assert ledger.unfinished(11, r"cdc\.public\..*", "cdc") is None
+    recorded = ledger.ch.rows(f"SELECT count() AS n FROM {ledger.ends} FINAL")
+    assert int(recorded[0]["n"]) == 4  # 20, 21, 22, 23: the copies were not recorded
+
+
+def test_an_event_kafka_holds_twice_does_not_complete_its_transaction(
+    ledger: TransactionLedger,
+) -> None:
+    """Three events of xid 30 on a; the first two were sent twice (a Connect restart between
+    them and the third). Four events arrived, yet the transaction is complete only once its
+    third event is applied: events count once, by their place in the transaction."""
+    ledger.record_ends(batch("cdc.transaction"), [end(1, 30, 3000, public__a=3)])
+    applied_in_order(ledger, A, ("30:2900", 1), ("30:2910", 2))
+    applied_in_order(ledger, A, ("30:2900", 1), ("30:2910", 2))  # sent again: another batch
+    assert ledger.watermark([A]) is None
+    gap = ledger.unfinished(1, r"cdc\.public\..*", "cdc")
+    assert gap is not None and (gap.expected, gap.settled) == (3, 2)
+    applied_in_order(ledger, A, ("30:2920", 3))
+    mark = ledger.watermark([A])
+    assert mark is not None and mark.offset == 1
+    assert ledger.unfinished(1, r"cdc\.public\..*", "cdc") is None
+
+
+def test_a_dead_letter_applied_by_a_replay_is_settled_once(ledger: TransactionLedger) -> None:
+    """Event 2 of xid 40 was dead-lettered, then `projector dlq replay` applied it: it is
+    applied (the watermark passes) and settled once, not twice."""
+    ledger.record_ends(batch("cdc.transaction"), [end(1, 40, 4000, public__a=2)])
+    _, first = EventPlace("40:3900", 1).span()
+    _, second = EventPlace("40:3910", 2).span()
+    ledger.record_progress(batch(), {("40", A): first}, {("40", A): second})
+    assert ledger.watermark([A]) is None
+    assert ledger.unfinished(1, r"cdc\.public\..*", "cdc") is None  # settled: 2 of 2
+    ledger.record_progress(batch(), {("40", A): second}, projection="dlq-replay")
+    rows = ledger.ch.rows(f"SELECT settled, applied FROM {ledger._settled('1')}")
+    assert [(int(r["applied"]), int(r["settled"])) for r in rows] == [(2, 2)]
+    mark = ledger.watermark([A])
+    assert mark is not None and mark.offset == 1
+
+
+def test_pruning_a_backlog_larger_than_a_statement(ledger: TransactionLedger) -> None:
+    """A projector that starts 12,000 single-row transactions behind: the first prune deletes
+    more ENDs and spans than one statement of ClickHouse (max_query_size, 262,144 bytes by
+    default) could name, and keeps every answer."""
+    transactions = 12_000
+    ends = [end(2 * n + 1, 100_000 + n, 1_000_000 + 100 * n, public__a=1)
+            for n in range(transactions)]  # fmt: skip
+    ledger.record_ends(batch("cdc.transaction"), ends)
+    events = [(f"{100_000 + n}:{1_000_000 + 100 * n - 50}", 1) for n in range(transactions - 1)]
+    applied_in_order(ledger, A, *events)  # all but the last one complete
+    # What the spans' keys alone would take in one statement:
+    key_bytes = sum(len(f"('{100_000 + n}', '{A}', {1_000_000 + 100 * n - 50}, "
+                        f"{1_000_000 + 100 * n - 50}), ") for n in range(transactions))  # fmt: skip
+    limit = ledger.ch.rows("SELECT getSetting('max_query_size') AS n")[0]["n"]
+    assert key_bytes > int(limit)
+    before = (ledger.watermark([A]), ledger.first_incomplete([A], -1), ledger.newest_end())
+    assert before[0] is not None and before[0].offset == 2 * (transactions - 2) + 1
+    assert ledger.prune() == transactions - 2  # the last complete one and the incomplete stay
+    assert (ledger.watermark([A]), ledger.first_incomplete([A], -1), ledger.newest_end()) == before
+    spans = ledger.ch.rows(f"SELECT count() AS n FROM {ledger.progress}")
+    assert int(spans[0]["n"]) == 1
+
+
+def test_literal_lists_are_cut_by_bytes() -> None:
+    values = [f"'{'x' * (n % 50)}'" for n in range(10_000)]
+    groups = list(literal_chunks(values, budget=1000))
+    assert [v for g in groups for v in g] == values  # all of them, in order
+    assert all(len(", ".join(g).encode()) <= 1000 for g in groups)
+    assert len(groups) > 100
+    assert list(literal_chunks(["a" * 5000, "b"], budget=1000)) == [["a" * 5000], ["b"]]
