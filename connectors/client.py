@@ -61,6 +61,22 @@ class ConnectClient:
     def restart(self, name: str) -> None:
         self._request("POST", f"/connectors/{name}/restart?includeTasks=true&onlyFailed=false")
 
+    def restart_failed(self, name: str) -> str | None:
+        """Restart the connector's failed parts (connector and tasks), if any; what failed and
+        why (`failure_summary`), None when nothing had failed. A restarted task resumes from its
+        last flushed offset: nothing is lost, a window may be sent again (at-least-once)."""
+        last = self.status(name)
+        failed = [last["connector"]] * (last["connector"]["state"] == "FAILED") + [
+            t for t in last.get("tasks", []) if t["state"] == "FAILED"
+        ]
+        if not failed:
+            return None
+        self._request("POST", f"/connectors/{name}/restart?includeTasks=true&onlyFailed=true")
+        deadline = time.monotonic() + 30  # until the restart shows (RESTARTING, then RUNNING)
+        while time.monotonic() < deadline and "FAILED" in _states(self.status(name)):
+            time.sleep(0.3)
+        return failure_summary(next((f["trace"] for f in failed if f.get("trace")), ""))
+
     def stop(self, name: str) -> None:
         """Stop connector and tasks (state STOPPED; `resume` starts them again)."""
         self._request("PUT", f"/connectors/{name}/stop")
@@ -115,6 +131,10 @@ class ConnectClient:
         raise ConnectRequestFailed(
             "GET", f"/connectors/{name}/status", 200, f"not RUNNING after {timeout_s:.0f}s: {last}"
         )
+
+
+def _states(status: dict[str, Any]) -> list[str]:
+    return [status["connector"]["state"]] + [t["state"] for t in status.get("tasks", [])]
 
 
 def failure_summary(trace: str) -> str:

@@ -528,5 +528,18 @@ class KafkaConnect(Component):
             return f"Debezium's PostgresConnector is not on the plugin path {self.artifacts.plugin_path}"
         return None
 
+    def after_healthy(self) -> None:
+        """A connector task that failed while a service it needs was away (the Avro converter
+        does not retry a schema registry that refuses connections, Confluent 7.0) is restarted:
+        `stack up` after an outage leaves capture running again."""
+        from connectors.client import ConnectClient
+
+        client = ConnectClient(self.url())
+        for name in client.connectors():
+            failure = client.restart_failed(name)
+            if failure is not None:
+                print(f"connect: restarted the failed parts of connector {name}; they had failed "
+                      f"with:\n  " + failure.replace("\n", "\n  "), flush=True)  # fmt: skip
+
     def endpoint(self) -> dict[str, str]:
         return {"url": self.url()}

@@ -382,14 +382,16 @@ class TableVerifier:
             (within,) if within else (),
         )
         ch = self.ch.rows(
-            f"SELECT substring({ch_key}, 1, {digits}) AS r, count() AS n, toString(sum(toUInt128("
+            # Aliases no source column has (a column `n` would otherwise mean the count).
+            f"SELECT substring({ch_key}, 1, {digits}) AS __range, count() AS __rows, "
+            "toString(sum(toUInt128("
             f"reinterpretAsUInt64(reverse(unhex(concat('0', substring(hex(MD5("
-            f"{plan.row_text('clickhouse')})), 1, 15)))))))) AS h "
-            f"FROM {plan.replica} FINAL {ch_where} GROUP BY r"
+            f"{plan.row_text('clickhouse')})), 1, 15)))))))) AS __hash "
+            f"FROM {plan.replica} FINAL {ch_where} GROUP BY __range"
         )
         return (
             {str(r): (int(n), int(h)) for r, n, h in pg},
-            {str(r["r"]): (int(r["n"]), int(r["h"])) for r in ch},
+            {str(r["__range"]): (int(r["__rows"]), int(r["__hash"])) for r in ch},
         )
 
     def _differing_ranges(
@@ -452,11 +454,11 @@ class TableVerifier:
         )
         source = {row[0]: dict(zip(names, row[1:], strict=True)) for row in pg_rows}
         ch_rows = self.ch.rows(
-            f"SELECT {plan.key_text('clickhouse')} AS _key, "
+            f"SELECT {plan.key_text('clickhouse')} AS __key, "
             f"{', '.join(plan.column_texts('clickhouse'))} FROM {plan.replica} FINAL "
             f"WHERE {ch_where}"
         )
-        replica = {row.pop("_key"): row for row in ch_rows}
+        replica = {row.pop("__key"): row for row in ch_rows}
         key_names = [c.name for c in plan.keys]
         drift: dict[str, Drift] = {}
         for key in source.keys() | replica.keys():

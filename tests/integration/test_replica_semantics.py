@@ -126,6 +126,32 @@ def test_unchanged_toast_values_of_every_type_under_every_key_type(
     assert dead == [{"n": 0}], dead
 
 
+def test_unchanged_toast_values_of_thousands_of_keys_in_one_batch(
+    stack: StackHandle, projector: ProjectorProcess
+) -> None:
+    """One UPDATE of 6,000 rows whose TOASTed value stays: the stored values of 6,000 long keys
+    are looked up for one batch, more key text than one ClickHouse statement takes
+    (max_query_size): the look-up goes in bounded statements, and the batch applies whole."""
+    table = projector.table("rs_toast_many")
+    stack.sql(f"CREATE TABLE {table} (id text PRIMARY KEY, counter int, big text)")
+    stack.sql(f"ALTER TABLE {table} ALTER COLUMN big SET STORAGE EXTERNAL")
+    stack.apply()
+    big = "".join(uuid.uuid4().hex for _ in range(70))  # 2,240 bytes: stored out of line
+    stack.sql(
+        f"INSERT INTO {table} SELECT 'key-' || lpad(i::text, 10, '0') || '-' || repeat('k', 40), "
+        "0, %s FROM generate_series(1, 6000) AS i",
+        [big],
+    )
+    projector.env["PROJECTOR_MAX_BATCH_MESSAGES"] = "20000"
+    projector.catch_up()
+    stack.sql(f"UPDATE {table} SET counter = counter + 1")  # `big` untouched: placeholders
+    projector.catch_up()
+    assert assert_replica_equals_source(stack, projector, table, ["id"]) == 6000
+    assert "isolating the message" not in projector.log.read_text()  # applied whole
+    dead = projector.sql(f"SELECT count() AS n FROM {projector.control_db}.dlq")
+    assert dead == [{"n": 0}], dead
+
+
 def test_truncate_then_new_rows(stack: StackHandle, projector: ProjectorProcess) -> None:
     table = projector.table("rs_trunc")
     stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")

@@ -147,6 +147,9 @@ def wait_for_messages(stack: StackHandle, topic: str, count: int) -> list[Messag
         time.sleep(0.5)
 
 
+TRANSACTIONS = 12_000
+
+
 def test_the_running_projector_prunes_its_ledger_and_keeps_the_watermark(
     stack: StackHandle, tmp_path: Path
 ) -> None:
@@ -158,8 +161,14 @@ def test_the_running_projector_prunes_its_ledger_and_keeps_the_watermark(
                       "PROJECTOR_READ_MODELS_FILE": str(models)}  # fmt: skip
     stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, note text)")
     stack.apply()
-    xids = [commit(stack, f"INSERT INTO {table} VALUES ({n}, 'row {n}')") for n in range(20)]
-    run = projector.cli("run", "--until-caught-up", timeout_s=300,
+    # A backlog of 12,000 single-row transactions (an application at 40 tx/s for five minutes):
+    # more spans than one statement could name when they are pruned.
+    with psycopg.connect(stack.admin_dsn) as conn:
+        for n in range(TRANSACTIONS):
+            conn.execute(f"INSERT INTO {table} VALUES ({n}, 'row {n}')")
+            conn.commit()
+        last_xid = commit(stack, f"INSERT INTO {table} VALUES ({TRANSACTIONS}, 'the last')")
+    run = projector.cli("run", "--until-caught-up", timeout_s=600,
                         env={"PROJECTOR_LEDGER_PRUNE_INTERVAL_S": "86400"})  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     collection = f"public.{table}"
@@ -171,14 +180,16 @@ def test_the_running_projector_prunes_its_ledger_and_keeps_the_watermark(
         )
         return int(rows[0]["n"])
 
-    assert ends_on_table() == 20  # not pruned yet
+    assert ends_on_table() == TRANSACTIONS + 1  # not pruned yet
     projector.env["PROJECTOR_LEDGER_PRUNE_INTERVAL_S"] = "1"
     process = projector.start()  # runs on, and prunes every second
     try:
         projector.wait_for_log("settled transaction(s) pruned")
+        assert process.poll() is None, projector.log.read_text()[-3000:]  # the run goes on
     finally:
         process.send_signal(signal.SIGTERM)
-        process.wait(60)
+        assert process.wait(60) == 0, projector.log.read_text()[-3000:]
+    assert "failed (tried again" not in projector.log.read_text()
     # Every transaction on the table is complete: only the newest of them is still needed.
     assert ends_on_table() == 1
-    assert watermark(projector, model) == xids[-1]
+    assert watermark(projector, model) == last_xid
