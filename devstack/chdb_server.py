@@ -21,15 +21,29 @@ uses, the way a server answers it:
 - errors as HTTP 500 with ClickHouse's message, which clickhouse-connect raises as it would for a
   server.
 
-Not a ClickHouse server: statements run one at a time; no users, sessions or compression; query
-parameters (`param_*`) are bound by chDB itself; an INSERT's inline data must be text (the body is
-decoded as UTF-8); it binds only 127.0.0.1.
+Not a ClickHouse server: statements run one at a time; one user, no sessions or compression; query
+parameters (`param_*`, in the URL or as form fields) are bound by chDB itself; an INSERT's inline
+data must be text (the body is decoded as UTF-8).
+
+**Safe to leave running** (it runs as the user who started it, and chDB reads and writes files):
+- it binds 127.0.0.1 only, and answers only requests whose `Host` is a loopback name: a page
+  whose DNS name was rebound to 127.0.0.1 names its own host, and is refused;
+- every request but `/ping` needs the password (`check_password`: HTTP Basic, ClickHouse's
+  `X-ClickHouse-User`/`X-ClickHouse-Key` headers, or `user`/`password` URL parameters), which
+  `projector stack up` generated into `.stack/chdb-server.password` (0600) and `client.env`;
+- a request that carries an `Origin` header is refused: browsers add it to every cross-origin
+  request but a GET (no ClickHouse client sends one), so a web page's `fetch(..., {mode:
+  'no-cors'})` never runs a statement, whatever its body -- and a GET from a page (an image)
+  cannot carry the password. Form-encoded bodies (a page's `<form>`) are refused too. Plain-text
+  bodies are not: clickhouse-connect sends its statements as `text/plain`.
 """
 
 from __future__ import annotations
 
+import base64
 import email.parser
 import email.policy
+import hmac
 import logging
 import re
 import shutil
@@ -52,6 +66,55 @@ RESERVED_PARAMETERS = frozenset(
 )  # fmt: skip
 EXTERNAL_DATA_SUFFIXES = ("_format", "_types", "_structure")  # reserved with external data only
 SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
+# A body a web page's <form> posts, and no ClickHouse client sends.
+REFUSED_CONTENT_TYPES = ("application/x-www-form-urlencoded",)
+
+
+class Refused(Exception):
+    """A request refused before it runs: (HTTP status, ClickHouse-style message)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def check_request(headers: Any, params: dict[str, str], password: str) -> None:
+    """The module docstring's rules for every request but `/ping`; raises `Refused`."""
+    host = (headers.get("Host") or "").strip().lower()
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if name not in LOOPBACK_HOSTS:
+        raise Refused(403, f"Code: 516. DB::Exception: requests for host {host!r} are refused: "
+                           "this server answers requests to 127.0.0.1 or localhost only")  # fmt: skip
+    if headers.get("Origin") is not None:
+        raise Refused(403, "Code: 516. DB::Exception: requests from web pages (with an Origin "
+                           "header) are refused")  # fmt: skip
+    content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    if content_type in REFUSED_CONTENT_TYPES:
+        raise Refused(415, f"Code: 516. DB::Exception: {content_type} bodies are refused "
+                           "(send the statement as the body, as ClickHouse clients do)")  # fmt: skip
+    if not check_password(headers, params, password):
+        raise Refused(401, "Code: 516. DB::Exception: default: Authentication failed: password "
+                           "is incorrect, or there is no user with such name. (AUTHENTICATION_FAILED)")  # fmt: skip
+
+
+def check_password(headers: Any, params: dict[str, str], password: str) -> bool:
+    """Whether the request carries `password` the way ClickHouse clients send one."""
+    given: str | None = None
+    authorization = headers.get("Authorization") or ""
+    if authorization.lower().startswith("basic "):
+        try:
+            decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            return False
+        given = decoded.partition(":")[2]
+    elif headers.get("X-ClickHouse-Key") is not None:
+        given = headers.get("X-ClickHouse-Key")
+    elif "password" in params:
+        given = params["password"]
+    return given is not None and hmac.compare_digest(given.encode(), password.encode())
 
 
 class BadRequest(Exception):
@@ -77,9 +140,12 @@ def _ident(name: str) -> str:
 class ChdbHttpServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, port: int, path: Path) -> None:
+    def __init__(self, port: int, path: Path, password: str) -> None:
         from chdb import session
 
+        if not password:
+            raise ValueError("chdb-server needs a password")
+        self.password = password
         path.mkdir(parents=True, exist_ok=True)
         self.session = session.Session(str(path))
         self.lock = threading.Lock()
@@ -177,13 +243,19 @@ class _Handler(BaseHTTPRequestHandler):
             return
         params = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
         length = int(self.headers.get("Content-Length") or 0)
+        try:
+            check_request(self.headers, params, self.server.password)
+        except Refused as refused:
+            self.close_connection = True  # the body is not read
+            self._send(refused.status, str(refused).encode())
+            return
         body = self.rfile.read(length) if length else b""
         try:
             sql, external = self._statement(params, body)
         except (BadRequest, UnicodeDecodeError) as exc:
             self._send(400, str(exc).encode())
             return
-        reserved = RESERVED_PARAMETERS
+        reserved = RESERVED_PARAMETERS  # `params` now holds the form's parameters too
         settings = {
             name: value
             for name, value in params.items()
@@ -225,9 +297,11 @@ class _Handler(BaseHTTPRequestHandler):
             payload = part.get_payload(decode=True)
             if not isinstance(name, str) or not isinstance(payload, bytes):
                 continue
-            if part.get_filename() is None:  # a form field: the statement (parameters unused)
+            if part.get_filename() is None:  # a form field: the statement, or a parameter
                 if name == "query":
                     query += payload.decode()
+                elif name.startswith("param_"):  # clickhouse-connect's long parameters
+                    params[name] = payload.decode()
                 continue
             if f"{name}_structure" in params:
                 structure = params[f"{name}_structure"]
@@ -259,8 +333,30 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug(format, *args)
 
 
-def serve(port: int, path: Path) -> None:
-    server = ChdbHttpServer(port, path)
+PASSWORD_FILE = "chdb-server.password"
+
+
+def stack_password(state_dir: Path) -> str:
+    """The password of the local stack's chdb-server: `<state dir>/chdb-server.password`,
+    generated (0600 from its creation) the first time it is asked for."""
+    import secrets
+
+    from devstack.secret_files import write_secret_file
+
+    path = state_dir / PASSWORD_FILE
+    try:
+        found = path.read_text().strip()
+    except FileNotFoundError:
+        found = ""
+    if not found:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        found = secrets.token_urlsafe(24)
+        write_secret_file(path, found + "\n")
+    return found
+
+
+def serve(port: int, path: Path, password: str) -> None:
+    server = ChdbHttpServer(port, path, password)
     stop = lambda *_: threading.Thread(target=server.shutdown).start()  # noqa: E731
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -273,14 +273,23 @@ def chdb_server(
 ) -> None:
     """Serve one chDB directory over ClickHouse's HTTP interface, so that several projector
     processes (PROJECTOR_BACKEND=server, PROJECTOR_CLICKHOUSE_URL=http://127.0.0.1:PORT) share
-    it; for machines without a ClickHouse server. Runs until SIGTERM / Ctrl-C."""
+    it; for machines without a ClickHouse server. Runs until SIGTERM / Ctrl-C.
+
+    It needs a password: PROJECTOR_CLICKHOUSE_PASSWORD (the environment, else the stack's
+    client.env, which `projector stack up` writes: the projectors read the same), else the one
+    in .stack/chdb-server.password (generated when missing)."""
     import logging
 
-    from devstack.chdb_server import serve
+    from devstack.chdb_server import serve, stack_password
+    from devstack.settings import StackSettings
+    from projector.config import client_environment
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    password = client_environment().get("PROJECTOR_CLICKHOUSE_PASSWORD") or stack_password(
+        StackSettings().state_dir
+    )
     try:
-        serve(port, path)
+        serve(port, path, password)
     except OSError as exc:
         fail(f"cannot serve on 127.0.0.1:{port}: {exc}")
 

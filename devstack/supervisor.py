@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devstack.artifacts import fetch_all
+from devstack.chdb_server import stack_password
 from devstack.components import (
     Component,
     Kafka,
@@ -219,6 +220,9 @@ class Stack:
             "KAFKA_BOOTSTRAP": self.kafka.bootstrap(),
             "REGISTRY_URL": self.registry.url(),
             "CONNECT_URL": self.connect.url(),
+            # `projector chdb-server`'s password, which projectors on it send as any ClickHouse
+            # password (a ClickHouse server of your own: set PROJECTOR_CLICKHOUSE_PASSWORD).
+            "PROJECTOR_CLICKHOUSE_PASSWORD": stack_password(s.state_dir),
         }
 
     # ---- status ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,13 @@ def fail(message: str, code: int = 1) -> None:
 # ---- projector ---------------------------------------------------------------------------------
 
 ConfigOption = typer.Option(None, "--config", help="TOML file with projector settings.")
+# Where the query service listens: the same flags on `serve` and `run --serve`.
+QueryHostOption = typer.Option(
+    None, "--host", help="Address the query service listens on (PROJECTOR_QUERY_HOST)."
+)
+QueryPortOption = typer.Option(
+    None, "--port", min=1, max=65535, help="Port of the query service (PROJECTOR_QUERY_PORT)."
+)
 
 
 def _config(path: Path | None) -> ProjectorConfig:
@@ -87,9 +95,11 @@ def run(
         False,
         "--serve",
         help="Also serve the query API and ops page from this process, through the projector's "
-        "own ClickHouse (the way on chDB, which one process owns); at PROJECTOR_QUERY_HOST:"
-        "PROJECTOR_QUERY_PORT, token PROJECTOR_API_TOKEN.",
+        "own ClickHouse (the way on chDB, which one process owns); at --host:--port, token "
+        "PROJECTOR_API_TOKEN.",
     ),
+    host: str | None = QueryHostOption,
+    port: int | None = QueryPortOption,
     config_file: Path | None = ConfigOption,
 ) -> None:
     """Consume the change topics and apply them to ClickHouse (exactly-once effect); until
@@ -118,7 +128,9 @@ def run(
         return
     try:
         backend = open_backend(config)
-        api = _start_api(config, backend) if serve_api else None
+        if (host or port) and not serve_api:
+            fail("--host and --port are where --serve listens: add --serve", code=2)
+        api = _start_api(config, backend, host, port) if serve_api else None
         try:
             projector = Projector(config, backend)
             if stop_asked:
@@ -159,11 +171,13 @@ def _finish(
     return Finish(lsn=lsn)
 
 
-def _start_api(config: ProjectorConfig, backend: ParameterisedClickHouse) -> BackgroundServer:
+def _start_api(
+    config: ProjectorConfig, backend: ParameterisedClickHouse, host: str | None, port: int | None
+) -> BackgroundServer:
     """`run --serve`: the query service on a thread, sharing the projector's backend object."""
     from queries.server import BackgroundServer
 
-    api = BackgroundServer(config, backend, config.query_host, config.query_port)
+    api = BackgroundServer(config, backend, host or config.query_host, port or config.query_port)
     api.start()
     return api
 
@@ -310,16 +324,22 @@ def sql(
     from projector.config import open_backend
     from queries.adhoc import run_read_only
     from queries.errors import QueryError
+    from queries.server import sql_limits
 
     if fmt not in ("table", "csv", "json"):
         fail("--format must be one of table, csv, json", code=2)
     try:
-        backend = open_backend(_config(config_file))
+        config = _config(config_file)
+        backend = open_backend(config)
     except ProjectorError as exc:
         fail(str(exc))
         return
+    # The operator's command: any database, the engine's limits of memory and bytes, and the
+    # rows and time asked for; the functions ad-hoc SQL may use are the same as POST /sql's.
+    limits = replace(sql_limits(config), max_rows=max_rows, max_seconds=max_seconds,
+                     max_result_bytes=max(sql_limits(config).max_result_bytes, 1024**3))  # fmt: skip
     try:
-        lines = run_read_only(backend, query, max_rows, max_seconds)
+        lines = run_read_only(backend, query, limits)
     except QueryError as exc:
         fail(exc.message, code=2 if exc.status < 500 else 1)
         return
@@ -328,8 +348,8 @@ def sql(
 
 @app.command("serve")
 def serve(
-    host: str | None = typer.Option(None, help="Address to listen on (PROJECTOR_QUERY_HOST)."),
-    port: int | None = typer.Option(None, help="Port (PROJECTOR_QUERY_PORT)."),
+    host: str | None = QueryHostOption,
+    port: int | None = QueryPortOption,
     config_file: Path | None = ConfigOption,
 ) -> None:
     """Serve the read models over HTTP: named queries, read-your-writes, ad-hoc SQL, metrics, and

@@ -118,6 +118,17 @@ class ProjectorConfig(BaseModel):
     query_max_page: int = Field(default=10_000, ge=1)
     sql_max_rows: int = Field(default=10_000, ge=1)
     sql_max_seconds: float = Field(default=10.0, gt=0)
+    # What one ad-hoc statement may take of ClickHouse (docs/security.md): memory, bytes read,
+    # the result's size; and how many run at once (beyond: 429 with Retry-After), so named
+    # queries and ingestion keep their share.
+    sql_max_memory_bytes: int = Field(default=512 * 1024**2, ge=1024**2)
+    sql_max_result_bytes: int = Field(default=64 * 1024**2, ge=1024)
+    sql_max_bytes_to_read: int = Field(default=10 * 1024**3, ge=1024**2)
+    sql_max_concurrent: int = Field(default=2, ge=1)
+    # Requests waiting for `min_lsn` at once (beyond: 202 at once), and the largest request
+    # body the service reads (beyond: 413, before it is read).
+    query_max_waiters: int = Field(default=16, ge=0)
+    query_max_body_bytes: int = Field(default=1024**2, ge=1024)
     # Where the ops page reads the projector's metrics (lag in seconds); None: this machine's
     # `metrics_port`. How often it samples lag, connector and slot health for its chart.
     projector_metrics_url: str | None = None

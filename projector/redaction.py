@@ -14,17 +14,27 @@ import re
 import sys
 import traceback
 from types import TracebackType
+from typing import Any
 
 HIDDEN = "***"
+
+# Names whose value is a secret: `password`, `CDC_PASSWORD`, `PGPASSWORD`, `admin_pwd`,
+# `PROJECTOR_API_TOKEN`, `clickhouse_password` ...
+SECRET_NAME = r"\w*(?:password|passwd|pwd|api_token)"
 
 # (what a credential looks like, what is left of it): the user stays, the password goes.
 _RULES = [
     # scheme://user:password@host (registry URLs, postgresql:// DSNs, ClickHouse URLs)
     (re.compile(r"(?P<keep>\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):[^@/\s]*@"), rf"\g<keep>:{HIDDEN}@"),
-    # password=secret in a key=value DSN or a settings dump (quoted or not)
-    (re.compile(r"(?P<keep>\b(?:password|passwd|pwd)\s*=\s*)(?:'[^']*'|\"[^\"]*\"|[^\s,;&]+)",
+    # password=secret, PGPASSWORD=secret, CDC_PASSWORD: secret in a key=value DSN, an environment
+    # or settings dump (quoted or not)
+    (re.compile(rf"(?P<keep>\b{SECRET_NAME}\s*[=:]\s*)(?:'[^']*'|\"[^\"]*\"|[^\s,;&'\"]+)",
                 re.IGNORECASE), rf"\g<keep>{HIDDEN}"),
+    # "clickhouse_password": "secret" in JSON, 'password': 'secret' in a Python repr
+    (re.compile(rf"(?P<keep>([\"']){SECRET_NAME}\2\s*:\s*)(?:\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*')",
+                re.IGNORECASE), rf"\g<keep>\g<2>{HIDDEN}\g<2>"),
 ]  # fmt: skip
+_SECRET_KEY = re.compile(rf"^{SECRET_NAME}$", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
@@ -32,6 +42,19 @@ def redact(text: str) -> str:
     for pattern, replacement in _RULES:
         text = pattern.sub(replacement, text)
     return text
+
+
+def redact_values(value: Any) -> Any:
+    """A JSON-like structure (a status report, an ops sample) with every string redacted and
+    the value of every key that names a secret replaced: what may be printed or served."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: HIDDEN if isinstance(key, str) and _SECRET_KEY.match(key) and val
+                else redact_values(val) for key, val in value.items()}  # fmt: skip
+    if isinstance(value, (list, tuple)):
+        return [redact_values(item) for item in value]
+    return value
 
 
 class RedactingFormatter(logging.Formatter):

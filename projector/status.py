@@ -33,6 +33,7 @@ from projector.dlq import DeadLetterStore
 from projector.errors import ProjectorError
 from projector.read_models import load_read_models
 from projector.rebuild import TablePauses
+from projector.redaction import redact_values
 from projector.topic_guard import TopicGuard
 from projector.transactions import ConsistencyTracker, TransactionLedger, lsn_text
 
@@ -185,7 +186,9 @@ def status_report(config: ProjectorConfig) -> dict[str, Any]:
         ),
         "connector": unreachable_or(lambda: connector_state(env)),
     }
-    return report
+    # URLs with `user:password@` (Kafka Connect, the metrics endpoint) and errors quoting them
+    # are printed and served: one redaction on the way out.
+    return redact_values(report)
 
 
 def projection_rows(

@@ -46,7 +46,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from queries.errors import InvalidParameters, QueryError
+from queries.errors import BodyTooLarge, Busy, InvalidParameters, QueryError
 from queries.named import PARAMETER_TYPES, NamedQuery
 from queries.service import (
     FORMATS,
@@ -146,6 +146,55 @@ class AuthAndMeasure:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.requests.labels(route, str(status[0])).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body larger than `max_bytes` is refused with 413 before it is
+    read (by its Content-Length), or as soon as more arrives than that (a chunked body): a client
+    cannot make the service hold or parse hundreds of megabytes."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = error_response(BodyTooLarge(
+            f"the request body is larger than {self.max_bytes:,} bytes "
+            "(PROJECTOR_QUERY_MAX_BODY_BYTES)"
+        ))  # fmt: skip
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await too_large(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _BodyOverrun
+            return message
+
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _BodyOverrun:
+            if not started:
+                await too_large(scope, receive, send)
+
+
+class _BodyOverrun(Exception):
+    pass
 
 
 @dataclass(frozen=True)
@@ -309,8 +358,10 @@ def create_app(
     )
 
     app.add_middleware(AuthAndMeasure, token=token, metrics=metrics)
-    # added last, so outermost: a cache hit never reaches the middleware above or the router
+    # a cache hit never reaches the middleware above or the router
     app.add_middleware(CacheHits, service=service, token=token, metrics=metrics)
+    # added last, so outermost: no body beyond the limit is read, by anyone
+    app.add_middleware(BodyLimit, max_bytes=service.limits.max_body_bytes)
 
     @app.exception_handler(QueryError)
     async def query_error(request: Request, exc: QueryError) -> Response:
@@ -340,8 +391,10 @@ def create_app(
             status_code=500,
         )  # fmt: skip
 
+    # On the event loop itself (async): never queued behind requests that hold the worker
+    # threads (waits for min_lsn, slow statements).
     @app.get("/health", summary="Liveness (no token needed).")
-    def health() -> dict[str, str]:
+    async def health() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/metrics", summary="Prometheus metrics of this service.")
@@ -471,4 +524,6 @@ def pending_response(pending: Pending, retry_after_s: int) -> Response:
 
 def error_response(exc: QueryError) -> Response:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    if isinstance(exc, Busy):
+        headers = {"Retry-After": str(exc.retry_after_s)}
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)

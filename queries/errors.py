@@ -73,3 +73,17 @@ class Unavailable(QueryError):
     """ClickHouse cannot be reached right now."""
 
     status, code = 503, "unavailable"
+
+
+class Busy(QueryError):
+    """Too many ad-hoc statements at once: the client retries after `retry_after_s` seconds."""
+
+    status, code = 429, "busy"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BodyTooLarge(QueryError):
+    status, code = 413, "body_too_large"

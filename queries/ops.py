@@ -26,6 +26,7 @@ from typing import Any
 from projector.checkpoint import PROJECTION, CheckpointStore
 from projector.clickhouse import ClickHouse
 from projector.dlq import DeadLetterStore
+from projector.redaction import redact_values
 from projector.status import connector_state, replication_slot, unreachable_or
 from queries.consistency import ReadPositions
 
@@ -83,7 +84,9 @@ class OpsMonitor:
             self._stop.wait(self.interval_s)
 
     def status(self) -> dict[str, Any]:
-        return {**self.latest, "history": list(self.history)}
+        """The latest sample and the history, redacted (it is served: URLs with passwords and
+        errors that quote them never leave)."""
+        return redact_values({**self.latest, "history": list(self.history)})
 
     # ---- one sample ----------------------------------------------------------------------
 

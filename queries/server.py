@@ -20,6 +20,7 @@ from projector.errors import ConfigError
 from projector.read_models import load_read_models
 from projector.status import read_model_sources
 from projector.transactions import TransactionLedger
+from queries.adhoc import SqlLimits
 from queries.api import create_app
 from queries.cache import ResultCache
 from queries.consistency import ReadPositions
@@ -27,6 +28,7 @@ from queries.errors import QueryDefinitionError
 from queries.named import load_named_queries
 from queries.ops import OpsMonitor
 from queries.service import Limits, QueryService, Rows
+from queries.sql_guard import Scope
 
 log = logging.getLogger("queries")
 
@@ -56,10 +58,25 @@ def build_service(config: ProjectorConfig, ch: ParameterisedClickHouse) -> Query
         queries,
         ReadPositions(ledger, sources),
         ResultCache[Rows](config.query_cache_entries, config.query_cache_ttl_s),
-        Limits(config.query_wait_ms, config.query_max_page, config.sql_max_rows,
-               config.sql_max_seconds),
+        Limits(config.query_wait_ms, config.query_max_page, sql_limits(config),
+               sql_max_concurrent=config.sql_max_concurrent,
+               max_waiters=config.query_max_waiters, max_body_bytes=config.query_max_body_bytes),
         read_your_writes=config.transaction_metadata,
+        sql_scope=token_scope(config),
     )  # fmt: skip
+
+
+def sql_limits(config: ProjectorConfig) -> SqlLimits:
+    return SqlLimits(config.sql_max_rows, config.sql_max_seconds, config.sql_max_memory_bytes,
+                     config.sql_max_result_bytes, config.sql_max_bytes_to_read)  # fmt: skip
+
+
+def token_scope(config: ProjectorConfig) -> Scope:
+    """What a query token reads: the read models and the replicas, not the projector's control
+    database (checkpoints, the ledger, the DLQ with its raw messages)."""
+    read_models, prefix = config.read_model_database, config.replica_prefix
+    return Scope(lambda database: database == read_models or database.startswith(prefix),
+                 f"the read models ({read_models}) and the replicas ({prefix}*)")  # fmt: skip
 
 
 def build_server(config: ProjectorConfig, ch: ParameterisedClickHouse) -> QueryServer:

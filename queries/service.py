@@ -23,6 +23,7 @@ import hmac
 import io
 import json
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +32,11 @@ from typing import Any
 from projector.clickhouse import ParameterisedClickHouse, ParamValue
 from projector.errors import ClickHouseUnavailable
 from projector.transactions import Consistency, lsn_text, parse_lsn
-from queries.adhoc import clickhouse_code, first_line, run_read_only
+from queries.adhoc import SqlLimits, clickhouse_code, first_line, run_read_only
 from queries.cache import CacheKey, ResultCache
 from queries.consistency import ReadPositions
 from queries.errors import (
+    Busy,
     InvalidParameters,
     NotAcceptable,
     ReadModelMissing,
@@ -43,6 +45,7 @@ from queries.errors import (
     UnknownQuery,
 )
 from queries.named import NamedQuery
+from queries.sql_guard import EVERY_DATABASE, Scope
 
 log = logging.getLogger("queries")
 STATIC_DIR = Path(__file__).with_name("static")
@@ -54,9 +57,11 @@ UNKNOWN_OBJECT = {60, 81}  # ClickHouse UNKNOWN_TABLE, UNKNOWN_DATABASE
 class Limits:
     wait_ms: int = 5_000
     max_page: int = 10_000
-    sql_max_rows: int = 10_000
-    sql_max_seconds: float = 10.0
+    sql: SqlLimits = field(default_factory=SqlLimits)
     retry_after_s: int = 1
+    sql_max_concurrent: int = 2  # ad-hoc statements at once; beyond: Busy (429)
+    max_waiters: int = 16  # requests waiting for min_lsn at once; beyond: Pending at once
+    max_body_bytes: int = 1024**2
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,12 @@ class QueryService:
     limits: Limits = field(default_factory=Limits)
     read_your_writes: bool = True  # transaction metadata on: watermarks exist
     observe: Callable[[str], None] = lambda event: None  # "hit", "miss", "pending"
+    # The databases ad-hoc SQL may read (the read models' and the replicas').
+    sql_scope: Scope = EVERY_DATABASE
+
+    def __post_init__(self) -> None:
+        self._sql_slots = threading.BoundedSemaphore(self.limits.sql_max_concurrent)
+        self._waiters = threading.BoundedSemaphore(max(1, self.limits.max_waiters))
 
     def named(
         self,
@@ -155,7 +166,7 @@ class QueryService:
             )
         timeout_s = min(self.limits.wait_ms, wait_ms if wait_ms is not None else 1 << 30) / 1000
         if min_lsn is not None:  # 2
-            position = self.positions.wait_for(query.read_models, min_lsn, timeout_s)
+            position = self._wait_for(query.read_models, min_lsn, timeout_s)
             if position.lsn < min_lsn:
                 self.observe("pending")
                 return Pending(name, min_lsn, position)
@@ -171,6 +182,17 @@ class QueryService:
         rows = self._run(query, params, limit, offset)  # 4
         self.cache.put(key, rows)
         return Answer(name, rows, position, limit, offset)  # 5
+
+    def _wait_for(self, read_models: list[str], lsn: int, timeout_s: float) -> Consistency:
+        """Step 2's wait, bounded: at most `max_waiters` requests wait at once (each holds a
+        worker thread); beyond them a request gets the position now (202 if behind), so the
+        service's threads stay free for everyone else."""
+        if self.limits.max_waiters == 0 or not self._waiters.acquire(blocking=False):
+            return self.positions.of(read_models)
+        try:
+            return self.positions.wait_for(read_models, lsn, timeout_s)
+        finally:
+            self._waiters.release()
 
     def cached(
         self, name: str, params: dict[str, ParamValue], limit: int, offset: int,
@@ -215,9 +237,16 @@ class QueryService:
         """Ad-hoc SQL: rows (JSONEachRow lines) and the least advanced read model's position
         (the statement may read any of them) taken before it ran."""
         position = self.positions.of(list(self.positions.tracker.groups))
-        lines = run_read_only(
-            self.ch, statement, self.limits.sql_max_rows, self.limits.sql_max_seconds
-        )
+        if not self._sql_slots.acquire(blocking=False):
+            raise Busy(
+                f"{self.limits.sql_max_concurrent} ad-hoc statement(s) are running already "
+                "(PROJECTOR_SQL_MAX_CONCURRENT); try again shortly",
+                retry_after_s=self.limits.retry_after_s,
+            )
+        try:
+            lines = run_read_only(self.ch, statement, self.limits.sql, self.sql_scope)
+        finally:
+            self._sql_slots.release()
         return lines, position
 
     def describe(self) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import socket
 import subprocess
 import time
@@ -20,14 +21,19 @@ import httpx
 
 from projector.clickhouse import ParameterisedClickHouse, parse_rows
 from projector.config import load_config, open_backend
-from queries.adhoc import run_read_only
+from queries.adhoc import SqlLimits, run_read_only
 from queries.errors import QueryError
 from tests.integration.conftest import FENCE_TABLE, PROJECTOR, StackHandle
 
 # The connector's login variables: the projector derives its `source_dsn` from them.
 CONNECTOR_LOGIN = ("PG_HOST", "PG_PORT", "PG_DATABASE", "CDC_USER", "CDC_PASSWORD")
 # `projector sql`'s own defaults (--max-rows, --max-seconds).
-SQL_MAX_ROWS, SQL_MAX_SECONDS = 1_000_000, 300.0
+# The password of the test session's `projector chdb-server`s (each needs one): every deployment
+# sends it (the server backend's PROJECTOR_CLICKHOUSE_PASSWORD; chDB ignores it), and
+# `start_chdb_server` puts it in the URL it returns, for the tests' own HTTP requests.
+CHDB_SERVER_PASSWORD = os.environ.get("PROJECTOR_TEST_CLICKHOUSE_PASSWORD") or secrets.token_hex(16)
+# What `projector sql` takes by default (the operator's command).
+SQL_LIMITS = SqlLimits(max_rows=1_000_000, max_seconds=300.0, max_result_bytes=1024**3)
 
 
 class ProjectorProcess:
@@ -57,6 +63,7 @@ class ProjectorProcess:
             # stay small.
             "PROJECTOR_TRANSACTION_BATCH_MESSAGES": "50000",
             "PROJECTOR_METRICS_PORT": "0",  # many projectors at once; the metrics test sets one
+            "PROJECTOR_CLICKHOUSE_PASSWORD": CHDB_SERVER_PASSWORD,
             # The connector's login, as a deployment has it: the projector's `source_dsn` (the
             # WAL position, and re-reads of a table through the signal table).
             **{v: stack.env[v] for v in CONNECTOR_LOGIN},
@@ -185,7 +192,7 @@ class ProjectorProcess:
             if login not in self._servers:
                 self._servers[login] = open_backend(config)
             try:
-                lines = run_read_only(self._servers[login], query, SQL_MAX_ROWS, SQL_MAX_SECONDS)
+                lines = run_read_only(self._servers[login], query, SQL_LIMITS)
             except QueryError as exc:
                 raise AssertionError(exc.message) from exc
             return parse_rows("\n".join(lines))
@@ -209,8 +216,9 @@ def start_chdb_server(path: Path) -> tuple[subprocess.Popen[bytes], str]:
     process = subprocess.Popen(
         [PROJECTOR, "chdb-server", "--port", str(port), "--path", str(path)],
         stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "PROJECTOR_CLICKHOUSE_PASSWORD": CHDB_SERVER_PASSWORD},
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://default:{CHDB_SERVER_PASSWORD}@127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
         try:
