@@ -235,8 +235,9 @@ class QueryService:
 
     def sql(self, statement: str) -> tuple[list[str], Consistency]:
         """Ad-hoc SQL: rows (JSONEachRow lines) and the least advanced read model's position
-        (the statement may read any of them) taken before it ran."""
-        position = self.positions.of(list(self.positions.tracker.groups))
+        (the statement may read any of them) taken before it ran. Beyond
+        `sql_max_concurrent` statements at once: `Busy`, before anything asks ClickHouse (on
+        chDB one engine serves everyone: a request must not queue behind the slow ones)."""
         if not self._sql_slots.acquire(blocking=False):
             raise Busy(
                 f"{self.limits.sql_max_concurrent} ad-hoc statement(s) are running already "
@@ -244,6 +245,7 @@ class QueryService:
                 retry_after_s=self.limits.retry_after_s,
             )
         try:
+            position = self.positions.of(list(self.positions.tracker.groups))
             lines = run_read_only(self.ch, statement, self.limits.sql, self.sql_scope)
         finally:
             self._sql_slots.release()

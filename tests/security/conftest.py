@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
+import httpx
 import pytest
 
 from projector.clickhouse import ChdbBackend, ServerBackend
@@ -74,3 +78,35 @@ def server_backend(server: str) -> ServerBackend:
 def engine(request: pytest.FixtureRequest) -> ChdbBackend | ServerBackend:
     """Each test once per backend."""
     return request.getfixturevalue(f"{request.param}_backend")  # type: ignore[no-any-return]
+
+
+TOKEN = "attacker-holds-this-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@contextmanager
+def running_service(engine: ChdbBackend | ServerBackend, **settings: Any) -> Iterator[str]:
+    """The real query service (uvicorn, FastAPI, the query module) over `engine` on a free port,
+    with `settings` over the defaults; its URL while the block runs."""
+    from projector.checkpoint import PROJECTION
+    from projector.transactions import TransactionLedger
+    from queries.server import BackgroundServer
+    from tests.integration.projector_harness import free_port
+
+    TransactionLedger(engine, "projector", PROJECTION).create()  # what read positions read
+    port = free_port()
+    config = ProjectorConfig(**{"api_token": TOKEN, "kafka_bootstrap": "127.0.0.1:9",
+                                "ops_sample_s": 60.0, **settings})  # fmt: skip
+    server = BackgroundServer(config, engine, "127.0.0.1", port)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        server.stop()
