@@ -80,4 +80,4 @@ stack-down: venv  ## stop the local stack
 	$(BIN)/projector stack down
 
 clean: stack-down  ## stop the stack and delete its state (data!) and the virtualenv
-	rm -rf .stack $(VENV)
+	rm -rf .stack .stack-tests $(VENV)

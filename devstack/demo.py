@@ -166,6 +166,9 @@ def run_demo(console: Console, duration_s: float | None = None, rate: float = 20
                         format="%(asctime)s %(levelname)s %(message)s")  # fmt: skip
     console.print(f"projector log: {log_file}", highlight=False)
     config = load_config()
+    tables = f" (tables matching {config.table_pattern})" if config.table_pattern != "[^.]+" else ""
+    console.print(f"projecting schemas {', '.join(config.schemas)}{tables} of the stack in "
+                  f"{stack.settings.state_dir}", highlight=False)  # fmt: skip
     projector = Projector(config, open_backend(config))
     writer = ShopWriter(env["ADMIN_DSN"], seed=random.randrange(1 << 30))
     stop_writer = threading.Event()

@@ -499,7 +499,12 @@ def dlq_list(
     if fmt == "json":
         sys.stdout.writelines(json.dumps(letter) + "\n" for letter in letters)
         return
-    table = Table("topic", "partition", "offset", "stage", "error", "dead at")
+    table = Table()
+    table.add_column("topic", overflow="fold", min_width=16)  # folds, never cuts (as status)
+    for name in ("partition", "offset", "stage"):
+        table.add_column(name)
+    table.add_column("error", overflow="fold")
+    table.add_column("dead at")
     for row in letters:
         table.add_row(
             row["topic"],
@@ -509,7 +514,7 @@ def dlq_list(
             row["error"][:120],
             row["dead_at"],
         )
-    Console().print(table)
+    (Console() if sys.stdout.isatty() else Console(width=140)).print(table)  # a pipe: wide
     console.print(f"{store.count()} dead letter(s) waiting", highlight=False)
 
 

@@ -106,6 +106,13 @@ def test_a_dead_letter_settles_its_transaction(stack: StackHandle, tmp_path: Pat
     assert replica_count(projector, table) == 1
     letters = projector.cli("dlq", "list", "--format", "json")
     assert f'"topic": "cdc.public.{table}"' in letters.stdout, letters.stdout
+    # The table folds long names as `status` does: the whole topic name is there, on one or
+    # more lines of its column, never cut with an ellipsis.
+    shown = projector.cli("dlq", "list").stdout
+    assert "…" not in shown, shown
+    folded = "".join(line.split("│")[1].strip() for line in shown.splitlines()
+                     if line.count("│") > 2)  # fmt: skip
+    assert f"cdc.public.{table}" in folded, shown
 
 
 def test_caught_up_ends_with_thirty_topics_and_heartbeats_every_100_ms(

@@ -21,6 +21,7 @@ def test_demo_runs_the_shop_and_fills_the_read_models(stack: StackHandle, tmp_pa
     demo = projector.cli("demo", "--duration", "25", timeout_s=600)
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert "demo stopped" in demo.stderr, demo.stderr[-3000:]
+    assert "projecting schemas shop" in demo.stderr, demo.stderr[-3000:]
     progress = [line for line in demo.stdout.splitlines() if "events applied" in line]
     assert len(progress) >= 2, demo.stdout[-3000:]  # every few seconds, not once at the end
     last = re.search(
@@ -54,3 +55,16 @@ def test_shop_commands_create_the_tables_and_write_the_story(stack: StackHandle)
     bad = subprocess.run([PROJECTOR, "shop", "write", "--rate", "-1"], env=env,
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "--rate" in bad.stderr
+
+
+def test_the_suite_runs_on_a_stack_of_its_own(stack: StackHandle) -> None:
+    """What the tests capture (tables, topics, poison messages) stays out of the stack `make
+    demo` shows: the suite's stack has a state directory and ports of its own (tests/stack.env)."""
+    from devstack.settings import StackSettings
+
+    ours = stack.stack.settings
+    assert ours.state_dir.resolve() != (Path.cwd() / ".stack").resolve()
+    assert ours.state_dir.name == ".stack-tests"
+    defaults = StackSettings.model_fields
+    for port in ("postgres_port", "kafka_port", "connect_port", "registry_port"):
+        assert getattr(ours, port) != defaults[port].default, port

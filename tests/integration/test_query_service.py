@@ -74,13 +74,14 @@ def service(stack: StackHandle, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "PROJECTOR_READ_MODEL_SCHEMA": schema,
         "PROJECTOR_TRANSACTION_METADATA": "true",
         "PROJECTOR_API_TOKEN": TOKEN,
-        "PROJECTOR_QUERY_PORT": str(port),
+        "PROJECTOR_QUERY_PORT": "9",  # the flag below wins over the setting
         "PROJECTOR_OPS_SAMPLE_S": "0.5",
     }
     with projector.log.open("ab") as out:
         process = subprocess.Popen(
-            [PROJECTOR, "run", "--serve"], env=projector.env, stdout=out, stderr=subprocess.STDOUT
-        )
+            [PROJECTOR, "run", "--serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=projector.env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     running = Service(url, schema, projector, process)
     deadline = time.monotonic() + 120

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.packaging
 CHECKOUT = Path(__file__).resolve().parents[2]
 # Not part of the source a wheel is built from: local state, caches, earlier builds.
 NOT_SOURCE = shutil.ignore_patterns(
-    ".git", ".venv", ".stack", "build", "dist", "*.egg-info", "__pycache__", ".mypy_cache",
+    ".git", ".venv", ".stack", ".stack-tests", "build", "dist", "*.egg-info", "__pycache__", ".mypy_cache",
     ".ruff_cache", ".pytest_cache", "env.sh",
 )  # fmt: skip
 BUILD_REQUIREMENTS = ["setuptools>=68", "wheel"]  # pyproject's [build-system] requires
