@@ -182,7 +182,20 @@ def run_freshness(
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=120)
         log_file.close()
+    try:  # the latencies are read from the stopped projector's chDB directory
+        return _report(projector, run_env, runs, tag, table, env, first_offset, burst,
+                       writer_rate, duration_s, batches, log, report_path)  # fmt: skip
+    finally:
         shutil.rmtree(work / "chdb", ignore_errors=True)  # the log stays, to look at
+
+
+def _report(
+    projector: str, run_env: dict[str, str], runs: list[tuple[str, int, float]], tag: str,
+    table: str, env: dict[str, str], first_offset: int, burst: int, writer_rate: float,
+    duration_s: float, batches: tuple[float, float], log: Any, report_path: Path | None,
+) -> list[RunResult]:  # fmt: skip
+    """Latencies per run from the replica (`projector sql` on the run's chDB directory) and
+    Debezium's own from the topic; the report, logged and appended to `report_path`."""
     latencies, spans = debezium_latencies(
         env["KAFKA_BOOTSTRAP"], env["REGISTRY_URL"], f"cdc.{table}", first_offset
     )
