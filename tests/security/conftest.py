@@ -12,6 +12,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -52,19 +53,28 @@ def chdb_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChdbBacke
     backend.close()
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A ClickHouse server's URL without credentials (its password: CHDB_SERVER_PASSWORD)."""
-    url = os.environ.get("PROJECTOR_TEST_CLICKHOUSE_URL")
-    if url:
-        yield url
-        return
-    process, url = start_chdb_server(tmp_path_factory.mktemp("server") / "chdb-server")
+@contextmanager
+def own_chdb_server(directory: Path) -> Iterator[str]:
+    """A `projector chdb-server` over `directory` while the block runs: its URL, without
+    credentials (its password: CHDB_SERVER_PASSWORD)."""
+    process, url = start_chdb_server(directory / "chdb-server")
     try:
         yield url.replace(f"default:{CHDB_SERVER_PASSWORD}@", "")
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The suite's ClickHouse server: the one PROJECTOR_TEST_CLICKHOUSE_URL names, else a
+    chdb-server of this session."""
+    url = os.environ.get("PROJECTOR_TEST_CLICKHOUSE_URL")
+    if url:
+        yield url
+        return
+    with own_chdb_server(tmp_path_factory.mktemp("server")) as started:
+        yield started
 
 
 @pytest.fixture(scope="session")

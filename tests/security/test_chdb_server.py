@@ -6,7 +6,6 @@ form fields (long query parameters) is bound as ClickHouse binds it."""
 from __future__ import annotations
 
 import base64
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,19 +14,15 @@ import pytest
 
 from projector.clickhouse import ServerBackend
 from queries.adhoc import canonical_statement
-from tests.integration.projector_harness import CHDB_SERVER_PASSWORD, start_chdb_server
+from tests.integration.projector_harness import CHDB_SERVER_PASSWORD
+from tests.security.conftest import own_chdb_server
 
 
 @pytest.fixture(scope="module")
 def chdb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """This module's own chdb-server (whatever server the rest of the suite uses): its URL,
-    without credentials."""
-    process, url = start_chdb_server(tmp_path_factory.mktemp("attacked") / "chdb-server")
-    try:
-        yield url.replace(f"default:{CHDB_SERVER_PASSWORD}@", "")
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(60)
+    """This module's own chdb-server (whatever server the rest of the suite uses)."""
+    with own_chdb_server(tmp_path_factory.mktemp("attacked")) as url:
+        yield url
 
 
 def basic(password: str) -> dict[str, str]:
