@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 log = logging.getLogger("projector")
+LOG_REPEAT_S = 60.0  # a chore that keeps failing is logged once a minute, not every round
 
 
 @dataclass
@@ -32,8 +33,10 @@ class Chore:
     first_after_s: float = 0.0
     retry_s: float | None = None
     clock: Callable[[], float] = time.monotonic
+    failed: Callable[[str], None] = lambda name: None  # counts a failure (the metrics)
     failures: int = 0  # in a row
     _due: float = field(init=False)
+    _logged: float = field(init=False, default=-1e18)  # when a failure was last logged
 
     def __post_init__(self) -> None:
         self._due = self.clock() + self.first_after_s
@@ -46,14 +49,19 @@ class Chore:
         self._due = now + self.every_s
         try:
             self.action()
-        except Exception as exc:
+        except Exception as exc:  # the rule: a chore never ends the run
             self.failures += 1
+            self.failed(self.name)
             retry_s = self.every_s if self.retry_s is None else self.retry_s
             self._due = self.clock() + retry_s
-            # The first failure with its trace (it may be a bug), repeats in one line.
-            log.warning("%s failed (tried again in %.0f s; the run goes on): %s: %s", self.name,
-                        retry_s, type(exc).__name__, str(exc).strip().splitlines()[0][:500]
-                        if str(exc).strip() else "", exc_info=exc if self.failures == 1 else None)  # fmt: skip
+            # The first failure with its trace (it may be a bug); then a line a minute at most.
+            if self.failures == 1 or self.clock() - self._logged >= LOG_REPEAT_S:
+                self._logged = self.clock()
+                reason = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
+                log.warning("%s failed %d time(s) in a row (tried again in %.0f s; the run goes "
+                            "on): %s: %s", self.name, self.failures, retry_s,
+                            type(exc).__name__, reason,
+                            exc_info=exc if self.failures == 1 else None)  # fmt: skip
             return False
         if self.failures:
             log.info("%s succeeded again after %d failure(s)", self.name, self.failures)

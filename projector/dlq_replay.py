@@ -86,6 +86,6 @@ def _record_transaction_event(
         _, value = schemas.decode(message.value)
     except (SchemaError, UnknownSchema, ValueError, EOFError, TypeError, IndexError):
         return False
-    ledger.record_ends(batch, [(message.offset, value)])
+    ledger.record_ends(batch, [(message.offset, value)], projection=REPLAY)
     ledger.forget_unreadable(message.offset)
     return True

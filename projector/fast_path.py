@@ -190,7 +190,7 @@ class FastPath:
         # Per transaction: its events' orders (who they are: projector/transactions.py,
         # "Counted once"), the events that carry none, and their LSNs.
         counted = self.ch.over_avro(
-            "SELECT xid, arrayStringConcat(groupArray(toString(assumeNotNull(position))), ','), "
+            "SELECT xid, arrayStringConcat(groupArrayIf(toString(position), isNotNull(position)), ','), "
             "countIf(isNull(position)), min(lsn), max(lsn) FROM (SELECT "
             "splitByChar(':', tupleElement(transaction, 'id'))[1] AS xid, "
             "toUInt64OrZero(splitByChar(':', tupleElement(transaction, 'id'))[2]) AS lsn, "

@@ -10,6 +10,7 @@
 | `projector_consumer_lag_seconds` | topic, partition | now - Kafka timestamp of the oldest event read but not applied; 0 when the partition is applied to its end |
 | `projector_dead_letters_total` | topic | messages sent to the dead-letter queue |
 | `projector_watermark_lsn` | read_model | LSN of the read model's consistency watermark |
+| `projector_chore_failures_total` | chore | failures of a between-batch chore (lag, watermarks, ledger pruning): logged and retried, the run goes on; alert when it keeps growing |
 
 Lag in seconds is measured from the Kafka timestamp of the waiting event, which Kafka Connect sets
 when Debezium hands the event over: it is the commit time plus Debezium's own delay (measured by
@@ -61,6 +62,10 @@ class ProjectorMetrics:
         self.dead_letters = Counter(
             "projector_dead_letters", "Messages sent to the dead-letter queue.", ["topic"],
             registry=registry,
+        )  # fmt: skip
+        self.chore_failures = Counter(
+            "projector_chore_failures", "Failures of a between-batch chore (logged, retried).",
+            ["chore"], registry=registry,
         )  # fmt: skip
         self.watermark_lsn = Gauge(
             "projector_watermark_lsn", "LSN of the read model's consistency watermark.",

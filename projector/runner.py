@@ -195,13 +195,16 @@ class Projector:
         self._watermarks: dict[str, Watermark] = {}
         # Housekeeping between batches: a failure is logged and tried again, never the end.
         self.chores = Chores()
-        self.chores.add(Chore("reporting lag", self._report_lag, every_s=1))
+        failed = lambda chore: self.metrics.chore_failures.labels(chore).inc()  # noqa: E731
+        self.chores.add(Chore("reporting lag", self._report_lag, every_s=1, failed=failed))
         if config.transaction_metadata:
-            self.chores.add(Chore("reporting watermarks", self._report_watermarks, every_s=10))
+            self.chores.add(Chore("reporting watermarks", self._report_watermarks, every_s=10,
+                                  failed=failed))  # fmt: skip
             self.chores.add(Chore("pruning the transaction ledger", self._prune_ledger,
                                   every_s=config.ledger_prune_interval_s,
                                   first_after_s=config.ledger_prune_interval_s,
-                                  retry_s=min(60.0, config.ledger_prune_interval_s)))  # fmt: skip
+                                  retry_s=min(60.0, config.ledger_prune_interval_s),
+                                  failed=failed))  # fmt: skip
         if config.metrics_port:
             try:
                 self.metrics.serve(config.metrics_port, config.metrics_host)
@@ -640,13 +643,21 @@ class Projector:
             self.metrics.set_lag(topic, partition, end, next_offset, waiting)
 
     def _report_watermarks(self) -> None:
-        """Each read model's watermark into the metrics."""
+        """Each read model's watermark into the metrics; one that fails does not keep the
+        others from being reported (the first failure is raised once they are done)."""
+        failure: Exception | None = None
         for model in self.read_model_list:
             collections = [f"{self.config.read_model_schema}.{s}" for s in model.sources]
-            mark = self.ledger.watermark(collections, self._watermarks.get(model.name))
+            try:
+                mark = self.ledger.watermark(collections, self._watermarks.get(model.name))
+            except Exception as exc:  # reported by the chore once the others are done
+                failure = failure or exc
+                continue
             if mark is not None:
                 self._watermarks[model.name] = mark
                 self.metrics.watermark_lsn.labels(model.name).set(mark.lsn)
+        if failure is not None:
+            raise failure
 
     def _prune_ledger(self) -> None:
         pruned = self.ledger.prune()

@@ -109,6 +109,7 @@ END without its counts.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -118,6 +119,8 @@ from connectors.config import CONTROL_SCHEMA
 from projector.checkpoint import BatchRange
 from projector.clickhouse import ClickHouse, ident, insert_statement, literal_chunks, quote
 from projector.errors import NotAnLsn
+
+log = logging.getLogger("projector")
 
 
 @dataclass(frozen=True)
@@ -236,13 +239,12 @@ NEVER_WAITED_FOR = f"{CONTROL_SCHEMA}."
 # The orders of a span's events: merged (rows of one span, say a batch applied again under
 # another token) by union, so an event is one order however often it arrives.
 ORDERS_TYPE = "SimpleAggregateFunction(groupUniqArrayArray, Array(UInt64))"
-
-
-def _counted(orders: str, count: str) -> str:
-    """SQL: the events of a group of spans, each once: its distinct orders, or (spans written
-    before events carried their order into the ledger, or by a Debezium that sends none) the
-    events as they were counted."""
-    return f"if(empty({orders}), {count}, length({orders}))"
+ORDER_COLUMNS = [
+    f"applied_orders {ORDERS_TYPE}", f"dead_orders {ORDERS_TYPE}",
+    # Events that carry no order, counted as they came. A row written before the orders were kept
+    # carries none: all its events are such (the DEFAULT, for old rows and for the copy below).
+    "applied_unnamed UInt64 DEFAULT applied", "dead_unnamed UInt64 DEFAULT dead_lettered",
+]  # fmt: skip
 
 
 class TransactionLedger:
@@ -265,22 +267,21 @@ class TransactionLedger:
             )
         )  # fmt: skip
         # Summed per transaction, table and span: rows of two transactions that share an xid
-        # (after wraparound) have different spans and stay apart. The events' orders are united
-        # (module docstring, "Counted once"); `applied` and `dead_lettered` count the events as
-        # they came, the ones without an order too.
+        # (after wraparound) have different spans and stay apart. `applied` and `dead_lettered`
+        # count the events as they came; what counts is who they are (module docstring,
+        # "Counted once"): their orders, united when rows merge, and the events without one.
         self.ch.execute(
             topology.create_table(
                 self.progress,
                 ["tx_id String", "data_collection String", "first_lsn UInt64", "last_lsn UInt64",
-                 "applied UInt64", "dead_lettered UInt64", f"applied_orders {ORDERS_TYPE}",
-                 f"dead_orders {ORDERS_TYPE}"],
+                 "applied UInt64", "dead_lettered UInt64", *ORDER_COLUMNS],
                 "SummingMergeTree", "", "(tx_id, data_collection, first_lsn, last_lsn)",
             )
         )  # fmt: skip
-        for column in ("applied_orders", "dead_orders"):  # a ledger from before "Counted once"
-            self.ch.execute(topology.alter_table(
-                self.progress, f"ADD COLUMN IF NOT EXISTS {column} {ORDERS_TYPE}"
-            ))  # fmt: skip
+        for column in ORDER_COLUMNS:  # a ledger from before "Counted once"
+            self.ch.execute(
+                topology.alter_table(self.progress, f"ADD COLUMN IF NOT EXISTS {column}")
+            )
         self._copy_earlier_ledger()
 
     def _copy_earlier_ledger(self) -> None:
@@ -310,16 +311,21 @@ class TransactionLedger:
                 self.ch.execute(f"INSERT INTO {table} ({columns}) {select}")
 
     def record_ends(
-        self, batch: BatchRange, events: list[tuple[int, dict[str, Any] | None]]
-    ) -> None:
+        self, batch: BatchRange, events: list[tuple[int, dict[str, Any] | None]],
+        projection: str | None = None,
+    ) -> None:  # fmt: skip
         """Events of the transaction topic (offset, decoded value; None for one that could not
         be decoded), in offset order: a row per END and table, and a row that holds every
         watermark for an END that could not be read. BEGINs are skipped, and so is an END that
-        Kafka holds a second time (module docstring, "Counted once")."""
+        Kafka holds a second time (module docstring, "Counted once"). `projection` names who
+        records them in the deduplication token (default: the ledger's own; a DLQ replay is
+        another recorder of the same offsets)."""
         if not events:
             return
+        first, last = events[0][0], events[-1][0]
         rows: list[dict[str, Any]] = []
-        newest = self.newest_lsn(before=events[0][0])  # of the ENDs recorded before these
+        newest = self.newest_lsn(before=first)  # of the ENDs recorded before these
+        skipped = 0
         for offset, value in events:
             if value is None:
                 # Committed after the END before it: its LSN is at least one past that one's.
@@ -332,6 +338,7 @@ class TransactionLedger:
                 continue
             lsn = lsn_of(value["id"])
             if lsn <= newest:
+                skipped += 1
                 continue  # sent again: its first copy, earlier on the topic, is the one counted
             newest = lsn
             rows += [
@@ -340,9 +347,42 @@ class TransactionLedger:
                  "commit_ms": int(value.get("ts_ms") or 0)}
                 for c in value.get("data_collections") or []
             ]  # fmt: skip
+        later = self._copies_elsewhere(rows, first, last)
+        if later:
+            # A DLQ replay records an END at its own offset after a copy of it, sent again by
+            # Connect, was recorded at a later one: this is its place in commit order; the copy
+            # goes (one END per transaction, or the spans would count for only one of them).
+            offsets = set(later)
+            self.ch.execute(
+                f"DELETE FROM {self.ends}{self.ch.topology.on_cluster()} WHERE `offset` IN "
+                f"({', '.join(str(o) for o in sorted(offsets))})"
+            )
+        if skipped:
+            log.info("transaction ledger: %d END event(s) at offsets %d-%d were sent again "
+                     "(a Connect restart); counted once", skipped, first, last)  # fmt: skip
         if rows:
-            token = batch.token(self.projection, "transaction_ends")
+            token = batch.token(projection or self.projection, "transaction_ends")
             self.ch.execute(insert_statement(self.ends, list(rows[0]), rows, token))
+
+    def _copies_elsewhere(
+        self, rows: list[dict[str, Any]], first: int, last: int
+    ) -> dict[int, int]:
+        """Of the ENDs about to be recorded (`rows`, at offsets `first`..`last`), the ones the
+        ledger holds already at a *later* offset (offset -> LSN); the ones it holds at an earlier
+        offset are dropped from `rows`. Found by the LSN range of `rows`: a handful of ENDs."""
+        lsns = {int(r["lsn"]) for r in rows if r["data_collection"] != UNREADABLE}
+        if not lsns:
+            return {}
+        found = self.ch.rows(
+            f"SELECT DISTINCT `offset` AS off, lsn FROM {self.ends} "
+            f"WHERE lsn BETWEEN {min(lsns)} AND {max(lsns)} "
+            f"AND data_collection != {quote(UNREADABLE)} "
+            f"AND (`offset` < {int(first)} OR `offset` > {int(last)})"
+        )
+        earlier = {int(r["lsn"]) for r in found if int(r["off"]) < first}
+        rows[:] = [r for r in rows if int(r["lsn"]) not in earlier]
+        return {int(r["off"]): int(r["lsn"]) for r in found
+                if int(r["off"]) > last and int(r["lsn"]) in lsns}  # fmt: skip
 
     def newest_lsn(self, before: int) -> int:
         """The largest LSN of the ENDs recorded at transaction-topic offsets below `before` (0:
@@ -380,7 +420,9 @@ class TransactionLedger:
                          "applied": done.events if done else 0,
                          "dead_lettered": dead.events if dead else 0,
                          "applied_orders": sorted(done.orders) if done else [],
-                         "dead_orders": sorted(dead.orders) if dead else []})  # fmt: skip
+                         "dead_orders": sorted(dead.orders) if dead else [],
+                         "applied_unnamed": done.unnamed if done else 0,
+                         "dead_unnamed": dead.unnamed if dead else 0})  # fmt: skip
         if rows:
             token = batch.token(projection or self.projection, "transaction_events")
             self.ch.execute(insert_statement(self.progress, list(rows[0]), rows, token))
@@ -400,18 +442,19 @@ class TransactionLedger:
             FROM (SELECT * FROM {self.ends} FINAL WHERE {where}) AS e
             LEFT JOIN (
                 SELECT `offset`, data_collection,
-                       {_counted("applied_orders", "applied")} AS applied,
-                       {_counted("dead_orders", "dead_lettered")} AS dead_lettered,
-                       if(empty(applied_orders) AND empty(dead_orders), applied + dead_lettered,
-                          length(arrayDistinct(arrayConcat(applied_orders, dead_orders))))
-                         AS settled
+                       length(applied_orders) + applied_unnamed AS applied,
+                       length(dead_orders) + dead_unnamed AS dead_lettered,
+                       length(arrayDistinct(arrayConcat(applied_orders, dead_orders)))
+                         + applied_unnamed + dead_unnamed AS settled
                 FROM (
                     SELECT o.`offset` AS `offset`, p.data_collection AS data_collection,
-                           sum(p.applied) AS applied, sum(p.dead_lettered) AS dead_lettered,
+                           sum(p.applied_unnamed) AS applied_unnamed,
+                           sum(p.dead_unnamed) AS dead_unnamed,
                            groupUniqArrayArray(p.applied_orders) AS applied_orders,
                            groupUniqArrayArray(p.dead_orders) AS dead_orders
                     FROM (SELECT tx_id, data_collection, first_lsn, last_lsn,
-                                 sum(applied) AS applied, sum(dead_lettered) AS dead_lettered,
+                                 sum(applied_unnamed) AS applied_unnamed,
+                                 sum(dead_unnamed) AS dead_unnamed,
                                  groupUniqArrayArray(applied_orders) AS applied_orders,
                                  groupUniqArrayArray(dead_orders) AS dead_orders
                           FROM {self.progress} WHERE tx_id IN ({xids})

@@ -41,7 +41,7 @@ from queries.errors import (
     TooManyRows,
     Unavailable,
 )
-from queries.sql_guard import EVERY_DATABASE, Scope, check_statement
+from queries.sql_guard import EVERY_DATABASE, Scope, check_resolved, check_statement
 
 MAX_STATEMENT_LENGTH = 100_000
 
@@ -134,8 +134,13 @@ def run_read_only(
         ast = ch.query(f"EXPLAIN AST {statement}", "TSVRaw", {})
     except Exception as exc:
         raise classify(exc) from exc
-    check_statement(ast, lambda sql: parse_rows(ch.query(sql, "JSONEachRow", {})), id(ch),
-                    scope, lambda: _databases(ch))  # fmt: skip
+    catalogue_rows = lambda sql: parse_rows(ch.query(sql, "JSONEachRow", {}))  # noqa: E731
+    check_statement(ast, catalogue_rows, id(ch), scope, lambda: _databases(ch))
+    try:  # names resolved by the analyzer: only for what the first look let through
+        tree = ch.query(f"EXPLAIN QUERY TREE {statement}", "TSVRaw", {})
+    except Exception as exc:
+        raise classify(exc) from exc
+    check_resolved(tree, catalogue_rows, id(ch), scope)
     try:
         out = ch.query(read_only_select(statement, limits), "JSONEachRow", {})
     except Exception as exc:

@@ -173,11 +173,11 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         # No length given (chunked): read it here, at most `max_bytes`, then hand it on.
-        body, more = b"", True
+        body, more = bytearray(), True
         while more:
             message = await receive()
             if message["type"] != "http.request":
-                break
+                return  # the client went away: nothing to answer, nothing half-read to run
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:
@@ -190,7 +190,7 @@ class BodyLimit:
             if replayed:
                 return await receive()
             replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
 
         await self.app(scope, replay, send)
 

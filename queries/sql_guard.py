@@ -24,6 +24,13 @@ the first thing it may not use, unless:
 A column reference `a.b` and a table `a.b` read alike in the tree (`Identifier a.b`): a
 two-part name whose first part is a database the caller may not read is refused either way
 (give the table another alias).
+
+Then a **second look** (`check_resolved`) at what ClickHouse's analyzer makes of the statement
+(`EXPLAIN QUERY TREE`): there every table is resolved to its database (a name without one, a WITH
+name), every alias of a function to the function (`user()` is `currentUser()`), and `APPLY(...)`
+to the functions it applies -- the same rules, applied to what will run. The first look comes
+first because the analyzer already *evaluates* constant expressions: a refused function must
+never reach it (`toUInt8(file('/etc/passwd'))` would put the file into the error message).
 """
 
 from __future__ import annotations
@@ -56,11 +63,17 @@ REFUSED_FUNCTIONS = frozenset(name.lower() for name in (
 # network), and the engine's internals.
 REFUSED_CATEGORIES = frozenset({"Dictionary", "Embedded Dictionary", "Introspection", "AI",
                                 "Internal"})  # fmt: skip
-# Table functions that compute rows from their arguments alone.
+# Table functions that compute rows from numbers alone. Not `values`, `format`, `null` or
+# `generateRandom`: their structure argument is a string the engine parses later (a column's
+# DEFAULT expression in it is a function the guard never sees); not `view`: the query tree hides
+# the tables inside it.
 TABLE_FUNCTIONS = frozenset(name.lower() for name in (
-    "numbers", "numbers_mt", "zeros", "zeros_mt", "values", "generate_series", "generateSeries",
-    "primes", "null", "view", "format", "generateRandom",
+    "numbers", "numbers_mt", "zeros", "zeros_mt", "generate_series", "generateSeries", "primes",
 ))  # fmt: skip
+# Prefixes of refused function families (also where system.functions has no categories).
+REFUSED_PREFIXES = ("dictget", "dicthas", "dictisin", "region")
+# Syntax that applies functions the tree does not name: `SELECT * APPLY(file) FROM ...`.
+REFUSED_NODES = {"ColumnsApplyTransformer": "APPLY(...) is not allowed: name the functions"}
 # System tables a token holder may read: the catalogue (what BI tools ask for) and constants.
 SYSTEM_TABLES = frozenset({
     "one", "numbers", "numbers_mt", "zeros", "zeros_mt", "databases", "tables", "columns",
@@ -80,7 +93,9 @@ class Scope:
 
 EVERY_DATABASE = Scope()
 
-_NODE = re.compile(r"^\s*(Function|TableIdentifier|Identifier|Set)\b\s*(\S*)")
+_NODE = re.compile(
+    r"^\s*(Function|TableIdentifier|Identifier|Set|ColumnsApplyTransformer)\b\s*(\S*)"
+)
 
 
 @dataclass
@@ -104,17 +119,25 @@ def _catalogue(rows: Callable[[str], list[dict[str, Any]]], key: int) -> _Catalo
             return found
         refused: dict[str, str] = {}
         functions: set[str] = set()
+        aliases: dict[str, str] = {}
         for row in rows(
-            "SELECT name, origin, categories FROM system.functions"
+            "SELECT name, alias_to, origin, categories FROM system.functions"
         ):  # every name, aliases included
             name = str(row["name"]).lower()
             functions.add(name)
+            if row.get("alias_to"):
+                aliases[name] = str(row["alias_to"]).lower()
             if str(row["origin"]) != "System":
                 refused[name] = "a user-defined function (it may run programs)"
             elif str(row["categories"]) in REFUSED_CATEGORIES:
                 refused[name] = f"a function of category {row['categories']}"
+            elif name.startswith(REFUSED_PREFIXES):
+                refused[name] = "a dictionary function (dictionaries may read files or networks)"
         for name in REFUSED_FUNCTIONS:
             refused[name] = "a function that reaches beyond the tables"
+        for alias, original in aliases.items():  # user() is currentUser(), FQDN() hostName()
+            if original in refused:
+                refused.setdefault(alias, f"{refused[original]} (another name of {original})")
         table_functions = frozenset(
             str(r["name"]).lower() for r in rows("SELECT name FROM system.table_functions")
         )
@@ -132,11 +155,18 @@ def check_statement(
     catalogue = _catalogue(rows, key)
     known_databases: set[str] | None = None
     lines = ast.splitlines()
+    top = lines[0].split()[0] if lines and lines[0].split() else ""
+    if top not in ("SelectWithUnionQuery", "SelectIntersectExceptQuery"):
+        raise RejectedStatement(
+            f"only one read-only SELECT is allowed (ClickHouse read a {top or 'nothing'})"
+        )
     for index, line in enumerate(lines):
         match = _NODE.match(line)
         if match is None:
             continue
         kind, name = match.groups()
+        if kind in REFUSED_NODES:
+            raise RejectedStatement(REFUSED_NODES[kind])
         if kind == "Set":
             raise RejectedStatement(
                 "SETTINGS inside the statement are not allowed: the service sets the limits"
@@ -190,3 +220,40 @@ def _parent(lines: list[str], index: int) -> str:
         if len(previous) - len(previous.lstrip()) < depth:
             return previous.split()[0] if previous.split() else ""
     return ""
+
+
+_RESOLVED = re.compile(
+    r"^\s*(?:(TABLE) id: \d+.*?table_name: (\S+)|(TABLE_FUNCTION) id: \d+.*?table_function_name: "
+    r"(\S+)|(FUNCTION) id: \d+.*?function_name: ([^,\s]+))"
+)
+
+
+def check_resolved(tree: str, rows: Callable[[str], list[dict[str, Any]]], key: int,
+                   scope: Scope) -> None:  # fmt: skip
+    """The second look, at `EXPLAIN QUERY TREE` of a statement `check_statement` let through:
+    ClickHouse's analyzer has resolved every name there -- a table of the current database or of
+    a WITH clause to its database and table, an alias of a function to the function -- so the
+    rules are applied again to what will actually run."""
+    catalogue = _catalogue(rows, key)
+    for line in tree.splitlines():
+        match = _RESOLVED.match(line)
+        if match is None:
+            continue
+        table, table_name, table_function, table_function_name, function, function_name = (
+            match.groups()
+        )
+        if table:
+            database, _, name = table_name.partition(".")
+            if database.lower() == "system":
+                if name.lower() not in SYSTEM_TABLES:
+                    raise RejectedStatement(f"the table system.{name} is not allowed")
+            elif database.lower() not in CATALOGUE_DATABASES and not scope.may_read(database):
+                raise RejectedStatement(
+                    f"the table {table_name} is not readable here (ad-hoc SQL reads "
+                    f"{scope.description})"
+                )
+        elif table_function and table_function_name.lower() not in TABLE_FUNCTIONS:
+            raise RejectedStatement(f"the table function {table_function_name}() is not allowed")
+        elif function and function_name.lower() in catalogue.refused:
+            why = catalogue.refused[function_name.lower()]
+            raise RejectedStatement(f"the function {function_name}() is not allowed: {why}")

@@ -57,6 +57,16 @@ REFUSED = [
     ("INSERT INTO read_models.orders_by_status VALUES ('X', 1)", "SELECT"),
     ("DROP TABLE read_models.orders_by_status", "SELECT"),
     ("SELECT 1 INTO OUTFILE '/tmp/projector-outfile'", ""),
+    # what a review found past the first version of the guard
+    ("SELECT * APPLY(file) FROM (SELECT '/proc/self/environ' AS p)", "APPLY"),
+    ("SELECT * APPLY(file) APPLY(toUInt8) FROM (SELECT '/etc/passwd' AS p)", "APPLY"),
+    ("SELECT COLUMNS('p') APPLY(file) FROM (SELECT '/etc/passwd' AS p)", "APPLY"),
+    ("SELECT user()", "user"),
+    ("SELECT fullHostName()", "fullHostName"),
+    ("SELECT * FROM values('a String DEFAULT file(''/etc/passwd'')', 'x')", "values"),
+    ("SELECT * FROM format(JSONEachRow, 'a String', '{}')", "format"),
+    ("SELECT * FROM view(SELECT reason FROM projector.dlq)", "projector"),
+    ("WITH d AS (SELECT reason FROM projector.dlq) SELECT * FROM d", "projector"),
 ]
 
 

@@ -26,8 +26,9 @@ def test_a_failing_chore_is_logged_and_tried_again_later(caplog: pytest.LogCaptu
         if len(calls) < 3:
             raise StatementRejected("Max query size exceeded: failed at position 262140")
 
+    counted: list[str] = []
     chore = Chore("pruning the transaction ledger", prune, every_s=300, first_after_s=300,
-                  retry_s=60, clock=clock)  # fmt: skip
+                  retry_s=60, clock=clock, failed=counted.append)  # fmt: skip
     chores = Chores([chore])
     chores.run_due()
     assert calls == []  # not before its first time
@@ -45,6 +46,7 @@ def test_a_failing_chore_is_logged_and_tried_again_later(caplog: pytest.LogCaptu
         chores.run_due()  # succeeds
     assert calls == [400.0, 460.0, 520.0]
     assert chore.failures == 0
+    assert counted == ["pruning the transaction ledger"] * 2  # each failure in the metrics
     clock.now = 600.0
     chores.run_due()
     assert len(calls) == 3  # back to its own rhythm: next at 820

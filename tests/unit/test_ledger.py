@@ -344,3 +344,62 @@ def test_literal_lists_are_cut_by_bytes() -> None:
     assert all(len(", ".join(g).encode()) <= 1000 for g in groups)
     assert len(groups) > 100
     assert list(literal_chunks(["a" * 5000, "b"], budget=1000)) == [["a" * 5000], ["b"]]
+
+
+def test_spans_from_before_the_orders_still_count_after_the_upgrade(engine: ChdbBackend) -> None:
+    """A ledger written before events carried their order: an event counted then and one
+    counted after the upgrade (with its order) make the transaction complete."""
+    database = f"ledger_test_{next(_databases)}"
+    engine.execute(f"CREATE DATABASE {database}")
+    engine.execute(
+        f"CREATE TABLE {database}.transaction_events (tx_id String, data_collection String, "
+        "first_lsn UInt64, last_lsn UInt64, applied UInt64, dead_lettered UInt64) "
+        "ENGINE = SummingMergeTree ORDER BY (tx_id, data_collection, first_lsn, last_lsn)"
+    )
+    engine.execute(f"INSERT INTO {database}.transaction_events VALUES "
+                   "('50', 'public.a', 4900, 4900, 1, 0)")  # fmt: skip
+    ledger = TransactionLedger(engine, database, "replica")
+    ledger.create()
+    ledger.record_ends(batch("cdc.transaction"), [end(1, 50, 5000, public__a=2)])
+    assert ledger.watermark([A]) is None  # one of two
+    applied_in_order(ledger, A, ("50:4950", 2))
+    mark = ledger.watermark([A])
+    assert mark is not None and mark.offset == 1
+
+
+def test_a_replayed_end_takes_its_place_from_a_copy_recorded_later(
+    ledger: TransactionLedger,
+) -> None:
+    """The END of xid 61 at offset 3 could not be read (dead-lettered); Connect sent it again
+    and the copy was recorded at offset 9. `dlq replay` records it at 3, its place in commit
+    order, and the copy goes: one END, complete once its event is applied."""
+    ledger.record_ends(batch("cdc.transaction"), [
+        end(1, 60, 6000, public__a=1), (3, None), end(5, 62, 6200, public__b=1),
+    ])  # fmt: skip
+    ledger.record_ends(batch("cdc.transaction"), [end(9, 61, 6100, public__a=1)])
+    applied(ledger, A, "60:5990", "61:6090")
+    applied(ledger, B, "62:6190")
+    mark = ledger.watermark([A, B])
+    assert mark is not None and mark.offset == 1  # the unreadable END holds it
+    replay = BatchRange("cdc.transaction", 0, 3, 3)  # the letter's own range
+    ledger.record_ends(replay, [end(3, 61, 6100, public__a=1)], projection="dlq-replay")
+    ledger.forget_unreadable(3)
+    rows = ledger.ch.rows(f"SELECT `offset` AS o FROM {ledger.ends} FINAL WHERE tx_id = '61'")
+    assert [int(r["o"]) for r in rows] == [3]
+    mark = ledger.watermark([A, B])
+    assert mark is not None and mark.offset == 5
+
+
+def test_a_replayed_end_is_recorded_under_a_token_of_its_own(ledger: TransactionLedger) -> None:
+    """The runner's batch was that one unreadable message: the replay's insert, under the same
+    batch range, must not be taken for the runner's (dropped as already inserted)."""
+    ledger.record_ends(batch("cdc.transaction"), [end(1, 70, 7000, public__a=1)])
+    applied(ledger, A, "70:6990")
+    only = BatchRange("cdc.transaction", 0, 3, 3)
+    ledger.record_ends(only, [(3, None)])
+    ledger.record_ends(only, [end(3, 71, 7100, public__a=1)], projection="dlq-replay")
+    ledger.forget_unreadable(3)
+    assert ledger.first_incomplete([A], -1) == {A: 3}  # recorded, and waiting for its event
+    applied(ledger, A, "71:7090")
+    mark = ledger.watermark([A])
+    assert mark is not None and mark.offset == 3
