@@ -552,7 +552,7 @@ class BatchApplier:
         )
         on = " AND ".join(f"s.{ident(c.name)} = w.__k{n}" for n, c in enumerate(keys))
         rows = []
-        for group in literal_chunks(lines):  # the keys travel in the statement: bounded
+        for group in literal_chunks(lines, quote):  # the keys travel in the statement: bounded
             rows += self.ch.rows(
                 f"SELECT w.__wanted AS __wanted, s._is_deleted AS __deleted, {', '.join(reads)} "
                 f"FROM {replica.qualified} AS s INNER JOIN (SELECT __wanted, {matched} "
