@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from projector.clickhouse import ParameterisedClickHouse, parse_rows
 from projector.errors import ClickHouseUnavailable
+from projector.redaction import redact
 from queries.errors import (
     InvalidParameters,
     InvalidSql,
@@ -64,10 +65,11 @@ def clickhouse_code(exc: BaseException) -> int | None:
 
 
 def first_line(exc: BaseException) -> str:
-    """ClickHouse's message without its stack trace or the repeated query text."""
+    """ClickHouse's message without its stack trace or the repeated query text, redacted (it is
+    answered to the client: a URL with a password in it never is)."""
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
-    return line[:2000]
+    return redact(line[:2000])
 
 
 def classify(exc: Exception) -> QueryError:
