@@ -179,7 +179,15 @@ class QueryService:
             return Answer(name, rows, position, limit, offset, cached=True)
         if self.cache.enabled and position.lsn > 0:
             self.observe("miss")
-        rows = self._run(query, params, limit, offset)  # 4
+        try:
+            rows = self._run(query, params, limit, offset)  # 4
+        except ReadModelMissing:
+            if min_lsn is None:
+                raise  # 503: nothing says when it will be there
+            # Being created (its sources' replicas are still coming): to a client waiting for
+            # its write, that is "behind", and the answer is coming (202, Retry-After).
+            self.observe("pending")
+            return Pending(name, min_lsn, position)
         self.cache.put(key, rows)
         return Answer(name, rows, position, limit, offset)  # 5
 
