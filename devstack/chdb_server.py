@@ -168,15 +168,16 @@ class ChdbHttpServer(ThreadingHTTPServer):
         query parameters (`param_<name>`, in ClickHouse's escaped text form), bound by chDB."""
         with self.lock:
             self._apply_settings(settings or {})
-            created: list[str] = []
             try:
                 for table in external or []:
                     self._create_external_table(table)
-                    created.append(table.name)
                 result = self.session.query(sql, fmt, params=params or None)
             finally:
-                for name in created:
-                    self.session.query(f"DROP TEMPORARY TABLE IF EXISTS {_ident(name)}")
+                # Every table of the request goes, also one whose data failed to load (a client
+                # killed mid-upload sends a cut body): left behind, it would refuse every later
+                # request that names it ("Temporary table ... already exists").
+                for table in external or []:
+                    self.session.query(f"DROP TEMPORARY TABLE IF EXISTS {_ident(table.name)}")
         return result.bytes() if hasattr(result, "bytes") else bytes(result)
 
     def _apply_settings(self, settings: dict[str, str]) -> None:
@@ -205,6 +206,7 @@ class ChdbHttpServer(ThreadingHTTPServer):
         path = self.scratch / "external-data"
         path.write_bytes(table.data)
         try:
+            self.session.query(f"DROP TEMPORARY TABLE IF EXISTS {_ident(table.name)}")
             self.session.query(
                 f"CREATE TEMPORARY TABLE {_ident(table.name)} ({table.structure}) ENGINE = Memory"
             )

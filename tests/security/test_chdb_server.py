@@ -88,3 +88,16 @@ def test_a_long_statement_travels_as_a_form_field(chdb_server: str) -> None:
     statement = "SELECT '" + "x" * 80_000 + "' AS long"
     assert canonical_statement(backend, statement) == statement
     backend.close()
+
+
+def test_external_data_that_fails_to_load_leaves_nothing_behind(chdb_server: str) -> None:
+    """A client killed mid-upload sends a cut body: its external table fails to load. It was
+    left in the one session, and every later request naming that table failed ("Temporary
+    table ... already exists") -- the fast path's every batch, on every projector sharing it."""
+    asked = {"query": "SELECT sum(x) FROM t", "t_structure": "x UInt8", "t_format": "CSV"}
+    cut = httpx.post(chdb_server, params=asked, headers=basic(CHDB_SERVER_PASSWORD),
+                     files={"t": ("t", b"1\n2\nnot a number")})  # fmt: skip
+    assert cut.status_code == 500, cut.text
+    whole = httpx.post(chdb_server, params=asked, headers=basic(CHDB_SERVER_PASSWORD),
+                       files={"t": ("t", b"1\n2\n")})  # fmt: skip
+    assert whole.status_code == 200 and whole.text.strip() == "3", whole.text
