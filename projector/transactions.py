@@ -46,8 +46,14 @@ holds those events twice, at different offsets, and the ledger must count each o
   3. *The replicas need nothing of this*: an event applied twice writes the same `_version`
      (projector/replica.py), so the replica is the same.
 An event Debezium sent without a `data_collection_order` is counted as it comes (as the ledger
-did before it kept the numbers). An event sent again after its transaction was pruned leaves a
+did before it kept the numbers: `applied_unnamed`, `dead_unnamed`, which also hold the counts of
+rows written before the upgrade). An event sent again after its transaction was pruned leaves a
 span no END claims: it changes no answer (spans count only for ENDs of their xid).
+One case puts a copy first: an END that could not be read (below) is dead-lettered, Connect
+sends it again, readable, and the copy is recorded at its later offset. When `projector dlq
+replay` then records the END at its own offset, that is its place in commit order: the copy is
+deleted (`_copies_elsewhere`), so the transaction has one END and the watermark never passes a
+transaction committed after it while it is incomplete.
 
 **An END that cannot be read** (not Confluent-framed, an unknown or broken schema) may have ended
 a transaction on any table: skipping it would let a watermark pass a transaction that is not
