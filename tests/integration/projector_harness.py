@@ -130,8 +130,15 @@ class ProjectorProcess:
         row committed now is in ClickHouse (Kafka may not hold the latest changes yet). Not
         `--until-caught-up`, which does this in one run but follows the transaction topic: the
         harness leaves that off (it holds every test's transactions)."""
-        fence = self.stack.fence()
         deadline = time.monotonic() + timeout_s
+        try:
+            # Wait until Debezium has put the fence on Kafka: then every change before it is
+            # there too, and so is every topic it went to. A run that starts after this lists
+            # them all; a run that started before may have applied the fence but not a topic
+            # created while it ran (a stalled connector catching up), and the fence would lie.
+            fence = self.stack.fence_in_kafka(timeout_s=min(120.0, timeout_s / 2))
+        except Exception:  # the connector stopped on purpose, the topic not there yet: later
+            fence = self.stack.fence()
         while True:
             with self.log.open("ab") as out:
                 done = subprocess.run(
