@@ -13,7 +13,7 @@
    (d) the C++ ceiling: chDB decoding the same message bytes from a file (`AvroConfluent`) and
        inserting them.
    (a) the projector's fast path: the same command with ClickHouse decoding the raw bytes
-       (projector/fast_path.py), batches of `--batch-messages` (default 50,000);
+       (projector/replicas/fast_path.py), batches of `--batch-messages` (default 50,000);
    (e) `projector rebuild bench.orders --from kafka` right after (a), on (a)'s engine: the same
        events read again into a shadow table, verified against the live one and swapped in;
 4. Prints events/s and ratios, and appends the run to docs/benchmarks.md.

@@ -1,4 +1,4 @@
-"""The `projector` command: the engine's commands (projector/cli.py) plus the development tools —
+"""The `projector` command: the engine's commands (projector/cli/) plus the development tools —
 the local real stack, the demo and its shop, benchmarks, and `chdb-server`. One entry point, a
 sub-command per job, `--help` everywhere.
 

@@ -33,7 +33,7 @@ from devstack import Stack
 from devstack.shop import ShopWriter, create_shop
 from projector.clickhouse import ClickHouse
 from projector.config import client_environment, load_config, open_backend
-from projector.runner import Projector
+from projector.run.loop import Projector
 
 REFRESH_S = 1.0  # the live view's redraw
 PROGRESS_S = 5.0  # a plain progress line, when standard output is not a terminal

@@ -38,7 +38,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from devstack.capture import create_and_capture
 from projector.config import client_environment
-from projector.status import collect_live_status
+from projector.operations.status import collect_live_status
 
 SCHEMA, TABLE = "bench", "fresh"
 DDL = f"""

@@ -5,7 +5,7 @@ over the replicas they replaced, side by side in one run.
    three lines each, `customers` customers and `products` products are generated straight into
    replica tables shaped like the projector's (every metadata column), then ~10% of the orders
    get a newer version (another status) and ~3% are deleted with their lines. The read models are
-   built from them by the projector's own backfill (projector/materialize.py), timed.
+   built from them by the projector's own backfill (projector/read_models/maintenance.py), timed.
 2. Per read model, a point lookup and a full scan (top-100 for the customer and product rankings),
    p50 and p99 over repeated runs: on the materialized model (`read_models.<name>`) and on the
    same definition evaluated over the replicas read with FINAL (what the views did).
@@ -40,9 +40,9 @@ import psycopg
 
 from devstack.query_bench import Latency, quantiles, timed
 from projector.clickhouse import ChdbBackend, ident
-from projector.materialize import ReadModelMaintainer
-from projector.read_models import load_definitions
-from projector.replica import META_COLUMNS
+from projector.read_models.definitions import load_definitions
+from projector.read_models.maintenance import ReadModelMaintainer
+from projector.replicas.catalog import META_COLUMNS
 
 REPLICA, READ_MODELS, CONTROL = "replica_shop", "read_models", "projector"
 STATUSES = "['PENDING', 'CONFIRMED', 'SHIPPED', 'DELIVERED', 'CANCELLED']"
@@ -176,8 +176,8 @@ def measure_api(ch: ChdbBackend, requests: int, clients: int, seconds: float, lo
     on the data's size: `projector query-bench` measures them) — and each query's SQL straight
     on the engine."""
     from devstack import query_bench
+    from projector.commit.ledger import TransactionLedger
     from projector.config import ProjectorConfig
-    from projector.transactions import TransactionLedger
     from queries.named import load_named_queries
     from queries.server import BackgroundServer
 

@@ -22,9 +22,9 @@ from typing import Any
 
 from devstack.read_model_bench import CONTROL, READ_MODELS, REPLICA, generate_replicas
 from projector.clickhouse import ChdbBackend
-from projector.materialize import ReadModelMaintainer
-from projector.read_models import load_definitions
-from projector.rebuild import REBUILD, OpsRequests, run_here
+from projector.operations.requests import REBUILD, OpsRequests, run_here
+from projector.read_models.definitions import load_definitions
+from projector.read_models.maintenance import ReadModelMaintainer
 
 
 def run_rebuild_bench(orders: int, log: Any, report: Path | None, command: str) -> str:

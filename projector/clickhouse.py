@@ -8,7 +8,7 @@ followed by the rows, as one statement text: chDB runs it as is, the server rece
 HTTP body. So both paths parse values with the same ClickHouse input format.
 
 Both also run the fast path's SQL over raw message bytes (`over_avro`, the SQL is
-projector/fast_path.py's): chDB reads the bytes from files, a server receives them with the
+projector/replicas/fast_path.py's): chDB reads the bytes from files, a server receives them with the
 statement as external data (temporary tables that live for that one request).
 """
 

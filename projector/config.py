@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from projector.clickhouse import ChdbBackend, ServerBackend
 from projector.errors import ConfigError
-from projector.read_models import ReadModelError, load_read_models
+from projector.read_models.definitions import ReadModelError, load_read_models
 from schemas.errors import SchemaError
 from schemas.upcasters import Upcasters
 
@@ -56,9 +56,9 @@ class ProjectorConfig(BaseModel):
     # Consume Debezium's transaction topic to compute consistency watermarks.
     transaction_metadata: bool = True
     # How often a running projector drops the ledger rows no watermark needs any more
-    # (projector/transactions.py, "Pruning").
+    # (projector/commit/ledger.py, "Pruning").
     ledger_prune_interval_s: float = Field(default=300.0, gt=0)
-    # Read models (projector/read_models.toml by default) over the replica of one source schema.
+    # Read models (projector/read_models/read_models.toml by default) over the replica of one source schema.
     read_models_file: Path | None = None
     read_model_schema: str = "shop"
     read_model_database: str = "read_models"
@@ -77,7 +77,7 @@ class ProjectorConfig(BaseModel):
     metrics_port: int = Field(default=19464, ge=0, le=65535)
     # Where it listens: this machine only, unless another container must read it (compose).
     metrics_host: str = "127.0.0.1"
-    # Let ClickHouse decode batches itself where it can (projector/fast_path.py; either backend).
+    # Let ClickHouse decode batches itself where it can (projector/replicas/fast_path.py; either backend).
     fast_path: bool = True
     # Messages per batch (one partition): each batch costs two checkpoint inserts, so bigger
     # batches go faster through a backlog; a batch is cut sooner when nothing more is waiting.

@@ -51,7 +51,7 @@ class CheckpointError(ProjectorError):
 
 class PartitionLost(ProjectorError):
     """Another member claimed the partition after this one did (the commit protocol's fence,
-    projector/checkpoint.py): this member's view of its assignment is stale — ClickHouse stalled
+    projector/commit/checkpoint.py): this member's view of its assignment is stale — ClickHouse stalled
     past `max.poll.interval.ms`, say, and the group moved the partition meanwhile. The batch is
     dropped unwritten; the partition's new owner applies it (a member Kafka still gives the
     partition to claims it anew and resumes from its checkpoint)."""

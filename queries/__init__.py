@@ -1,5 +1,5 @@
 """The query side: named queries and the query service. (The read models they read are defined
-and kept by the engine: projector/read_models.toml, projector/materialize.py.)
+and kept by the engine: projector/read_models/read_models.toml, projector/read_models/maintenance.py.)
 
 - `named`: named queries (`sql/*.sql`) with typed, documented parameters.
 - `service` / `api` / `server`: the query service (HTTP API, read-your-writes, cache, ad-hoc SQL,

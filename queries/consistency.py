@@ -1,7 +1,7 @@
 """Read-your-writes for the query service: where each read model stands, and waiting for a
 writer's LSN.
 
-The consistency LSN of a read model (the argument is in projector/transactions.py) is computed by
+The consistency LSN of a read model (the argument is in projector/commit/ledger.py) is computed by
 `ConsistencyTracker` over the model's source tables. `ReadPositions` shares one tracker between
 all requests of a process: it refreshes it at most every `max_age_s` (one refresh at a time; the
 others read the result), and `wait_for` polls it until a read model has reached a writer's LSN or
@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from projector.transactions import (
+from projector.commit.ledger import (
     NOTHING_KNOWN,
     Consistency,
     ConsistencyTracker,

@@ -23,11 +23,11 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from projector.checkpoint import PROJECTION, CheckpointStore
 from projector.clickhouse import ClickHouse
-from projector.dlq import DeadLetterStore
+from projector.commit.checkpoint import PROJECTION, CheckpointStore
+from projector.commit.dead_letters import DeadLetterStore
+from projector.operations.status import connector_state, replication_slot, unreachable_or
 from projector.redaction import redact_values
-from projector.status import connector_state, replication_slot, unreachable_or
 from queries.consistency import ReadPositions
 
 log = logging.getLogger("queries")
@@ -149,7 +149,7 @@ class OpsMonitor:
     def _lag_seconds(self) -> dict[str, Any]:
         if not self.metrics_url:
             return {"max": None, "note": "no projector metrics URL configured"}
-        from projector.status import collect_live_status_at
+        from projector.operations.status import collect_live_status_at
 
         report = collect_live_status_at(self.metrics_url)
         if report is None:

@@ -13,13 +13,13 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from projector.checkpoint import PROJECTION
 from projector.clickhouse import ParameterisedClickHouse
+from projector.commit.checkpoint import PROJECTION
+from projector.commit.ledger import TransactionLedger
 from projector.config import ProjectorConfig, client_environment
 from projector.errors import ConfigError
-from projector.read_models import load_read_models
-from projector.status import read_model_sources
-from projector.transactions import TransactionLedger
+from projector.operations.status import read_model_sources
+from projector.read_models.definitions import load_read_models
 from queries.adhoc import SqlLimits
 from queries.api import create_app
 from queries.cache import ResultCache

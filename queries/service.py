@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from projector.clickhouse import ParameterisedClickHouse, ParamValue
+from projector.commit.ledger import Consistency, lsn_text, parse_lsn
 from projector.errors import ClickHouseUnavailable
-from projector.transactions import Consistency, lsn_text, parse_lsn
 from queries.adhoc import SqlLimits, clickhouse_code, first_line, run_read_only
 from queries.cache import CacheKey, ResultCache
 from queries.consistency import ReadPositions

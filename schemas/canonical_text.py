@@ -1,6 +1,6 @@
 """One text per column value that Postgres and its ClickHouse replica both compute alike.
 
-`projector verify` (projector/verify.py) hashes rows on both sides and compares the hashes, so
+`projector verify` (projector/operations/verify.py) hashes rows on both sides and compares the hashes, so
 each side must turn a value into the *same* text: `RULES` gives, per Postgres type (its
 `pg_type.typname`; `enum` for every enum type), a Postgres SQL expression and a ClickHouse SQL
 expression over the column (`{0}`), for the ClickHouse type schemas/type_map.py gives it. They

@@ -72,7 +72,7 @@ class ColumnType:
     clickhouse: str
     to_clickhouse: Callable[[Any], Any]
     clickhouse_input_expr: str | None = None  # wrap the input column, e.g. "unhex({})"
-    # The same conversion in ClickHouse SQL, for the fast path (projector/fast_path.py): `{}` is
+    # The same conversion in ClickHouse SQL, for the fast path (projector/replicas/fast_path.py): `{}` is
     # the value as ClickHouse's AvroConfluent format reads it (a Debezium date is an Int32 of
     # days, say). None: no SQL form; such a column sends its batch down the per-message path.
     avro_sql: str | None = "{}"

@@ -2,7 +2,7 @@
 
 Schema changes that lose nothing need no declaration: an added column becomes `ALTER TABLE ... ADD
 COLUMN`, a dropped one stays with its values and is NULL for rows written after, and a changed
-type has the table re-read from Postgres (projector/replica.py, `SchemaStep`). One change cannot
+type has the table re-read from Postgres (projector/replicas/catalog.py, `SchemaStep`). One change cannot
 be inferred from the Avro schemas alone, because it looks like something else:
 
 - a **rename** looks like a dropped column plus an added one (the values would move to a new

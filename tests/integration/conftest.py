@@ -49,7 +49,7 @@ class StackHandle:
 
     def connector_health(self) -> str:
         """The connector's state for a failure message: why nothing arrives may be there."""
-        from projector.status import connector_state
+        from projector.operations.status import connector_state
 
         try:
             return str(connector_state(self.env))

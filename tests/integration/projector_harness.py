@@ -110,7 +110,7 @@ class ProjectorProcess:
         broker ends the killed run's session (6 s, the broker's minimum): seconds of nothing per
         kill. A group of its own gives them at once, and the run resumes just as it would in the
         deployment's group: positions come from the checkpoints in ClickHouse, never from the
-        group's committed offsets (projector/checkpoint.py, step B), and each run claims its
+        group's committed offsets (projector/commit/checkpoint.py, step B), and each run claims its
         partitions one generation above the killed run's claim either way (step A)."""
         since = len(self.log.read_bytes()) if self.log.exists() else 0
         group = f"{self.env['PROJECTOR_GROUP_ID']}-run{run}"

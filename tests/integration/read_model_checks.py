@@ -1,4 +1,4 @@
-"""What a read model must equal, stated independently of projector/read_models.toml: the same
+"""What a read model must equal, stated independently of projector/read_models/read_models.toml: the same
 questions asked of Postgres. Shared by the read-model tests."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A member whose ClickHouse stalls past `max.poll.interval.ms` writes nothing the group has given
-to another member (issue 10, item 4; the fence in projector/checkpoint.py).
+to another member (issue 10, item 4; the fence in projector/commit/checkpoint.py).
 
 Two members share one ClickHouse (`projector chdb-server`); member A reaches it through a TCP proxy
 the test cuts while A is applying a steady write load, for longer than A's poll interval. Then

@@ -1,4 +1,4 @@
-"""The transaction ledger under infrastructure faults and volume (projector/transactions.py,
+"""The transaction ledger under infrastructure faults and volume (projector/commit/ledger.py,
 "Counted once" and "Pruning"), on the real stack:
 
 - Kafka, Kafka Connect and the schema registry SIGKILLed in turn under a steady writer, then the
@@ -27,7 +27,7 @@ from pathlib import Path
 import psycopg
 from confluent_kafka import Consumer, TopicPartition
 
-from projector.transactions import parse_lsn
+from projector.commit.ledger import parse_lsn
 from tests.integration.conftest import PROJECTOR, StackHandle, one_backend
 from tests.integration.projector_harness import ProjectorProcess, assert_replica_equals_source
 from tests.integration.test_watermarks import read_model_over

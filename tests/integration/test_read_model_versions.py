@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from devstack.shop import ShopWriter
-from projector.read_models import DEFINITIONS_FILE
+from projector.read_models.definitions import DEFINITIONS_FILE
 from tests.integration.conftest import StackHandle, one_backend
 from tests.integration.projector_harness import ProjectorProcess
 from tests.integration.read_model_checks import (

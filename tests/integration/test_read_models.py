@@ -2,7 +2,7 @@
 status changes, cancellations, deletes, price changes and customer renames, while the projector
 is killed and restarted.
 
-The Postgres queries (read_model_checks.py) are written independently of projector/read_models.toml: they state
+The Postgres queries (read_model_checks.py) are written independently of projector/read_models/read_models.toml: they state
 what each read model means, so a wrong definition fails here as surely as a wrong projection.
 """
 

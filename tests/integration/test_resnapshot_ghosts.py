@@ -1,4 +1,4 @@
-"""A Debezium re-snapshot leaves no ghost rows (issue 10, item 5; projector/snapshot_sweep.py).
+"""A Debezium re-snapshot leaves no ghost rows (issue 10, item 5; projector/replicas/snapshot_sweep.py).
 
 Capture stops and its replication slot is lost; meanwhile the application deletes and updates
 rows. Debezium then snapshots the table again (here: its offsets reset, so the `initial` snapshot
@@ -147,7 +147,7 @@ def test_keys_deleted_while_capture_was_lost_are_gone_after_each_re_snapshot(
 
 def test_read_models_lose_the_ghosts_of_a_re_snapshot(stack: StackHandle, tmp_path: Path) -> None:
     """The sweep's markers are rows of their batch: the read models' maintainer recomputes the
-    ghosts' keys in the same batch (projector/materialize.py reads a batch's rows by offset)."""
+    ghosts' keys in the same batch (projector/read_models/maintenance.py reads a batch's rows by offset)."""
     projector = ProjectorProcess(stack, tmp_path)
     schema = f"shop_{projector.unique}"
     create_shop(stack.admin_dsn, schema)

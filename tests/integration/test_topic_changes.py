@@ -1,4 +1,4 @@
-"""Versions survive what happens to topics (issue 10, item 5; projector/topic_guard.py): a topic
+"""Versions survive what happens to topics (issue 10, item 5; projector/replicas/topic_guard.py): a topic
 whose offsets stop ordering its keys' events stops its table — its messages go to the DLQ with the
 reason and the remedy — while the other tables go on; `projector table reset` rebuilds it."""
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from devstack.settings import StackSettings
-from projector.read_models import load_read_models
+from projector.read_models.definitions import load_read_models
 
 pytestmark = pytest.mark.packaging
 
@@ -44,7 +44,7 @@ from importlib import resources
 from pathlib import Path
 import connectors, devstack, projector, queries, schemas
 from projector.config import load_config
-from projector.read_models import DEFINITIONS_FILE, load_read_models
+from projector.read_models.definitions import DEFINITIONS_FILE, load_read_models
 from schemas.upcasters import DEFAULT_FILE, Upcasters
 
 config = load_config()

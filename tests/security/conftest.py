@@ -98,8 +98,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def running_service(engine: ChdbBackend | ServerBackend, **settings: Any) -> Iterator[str]:
     """The real query service (uvicorn, FastAPI, the query module) over `engine` on a free port,
     with `settings` over the defaults; its URL while the block runs."""
-    from projector.checkpoint import PROJECTION
-    from projector.transactions import TransactionLedger
+    from projector.commit.checkpoint import PROJECTION
+    from projector.commit.ledger import TransactionLedger
     from queries.server import BackgroundServer
     from tests.integration.projector_harness import free_port
 

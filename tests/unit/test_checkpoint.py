@@ -1,4 +1,4 @@
-"""The commit protocol (projector/checkpoint.py), crashed after each of its steps.
+"""The commit protocol (projector/commit/checkpoint.py), crashed after each of its steps.
 
 The checkpoint table lives in the real embedded engine (chDB on a temporary directory, in this
 process); only the apply function is the test's. It inserts each batch into a target table in two
@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import pytest
 from confluent_kafka import TopicPartition
 
-from projector.checkpoint import (
+from projector.clickhouse import ChdbBackend, ident, insert_statement
+from projector.commit.checkpoint import (
     DONE,
     INTENT,
     PROJECTION,
@@ -35,7 +36,6 @@ from projector.checkpoint import (
     acknowledge,
     cut_batch,
 )
-from projector.clickhouse import ChdbBackend, ident, insert_statement
 from projector.errors import CheckpointError, PartitionLost
 
 TOPIC = "cdc.shop.orders"

@@ -1,4 +1,4 @@
-"""Housekeeping between batches never ends the run (projector/chores.py)."""
+"""Housekeeping between batches never ends the run (projector/run/duties.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from projector.chores import Chore, Chores
 from projector.errors import StatementRejected
+from projector.run.duties import Chore, Chores
 
 
 class Clock:

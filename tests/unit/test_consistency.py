@@ -1,4 +1,4 @@
-"""The consistency LSN (projector/transactions.py `ConsistencyTracker`) and the result cache keyed
+"""The consistency LSN (projector/commit/ledger.py `ConsistencyTracker`) and the result cache keyed
 by it (queries/cache.py), with an in-memory ledger."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from projector.transactions import ConsistencyTracker, RecordedEnd, parse_lsn
+from projector.commit.ledger import ConsistencyTracker, RecordedEnd, parse_lsn
 from queries.cache import CacheKey, ResultCache
 
 

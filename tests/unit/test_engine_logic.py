@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from projector import runner
-from projector.checkpoint import BatchRange, cut_batch
+from projector.commit.checkpoint import BatchRange, cut_batch
 from projector.config import client_environment, load_config
 from projector.errors import ClickHouseUnavailable, ConfigError
-from projector.read_models import ReadModelError, load_definitions, load_read_models
+from projector.read_models.definitions import ReadModelError, load_definitions, load_read_models
+from projector.run import loop as runner
 from schemas.errors import RegistryUnavailable
 
 # ---- retries -----------------------------------------------------------------------------------

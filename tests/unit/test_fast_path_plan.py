@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from projector.fast_path import plan_segments
-from projector.replica import TOAST_PLACEHOLDER
+from projector.replicas.catalog import TOAST_PLACEHOLDER
+from projector.replicas.fast_path import plan_segments
 
 
 def framed(schema_id: int, body: bytes = b"\x02ab") -> bytes:

@@ -1,4 +1,4 @@
-"""The finish line of `projector run --until-...` (projector/catch_up.py), against a fake of what
+"""The finish line of `projector run --until-...` (projector/commit/finish_line.py), against a fake of what
 Kafka, the checkpoints and the transaction ledger say."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from projector.catch_up import Finish, FinishLine, partitions_behind, source_position
+from projector.commit.finish_line import Finish, FinishLine, partitions_behind, source_position
+from projector.commit.ledger import Unfinished, lsn_text, parse_lsn
 from projector.config import connector_source_dsn, load_config
 from projector.errors import ConfigError
-from projector.transactions import Unfinished, lsn_text, parse_lsn
 
 TX = ("cdc.transaction", 0)
 ORDERS = ("cdc.public.orders", 0)

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from projector.apply import BatchApplier, BatchOutcome
-from projector.checkpoint import BatchRange
-from projector.dlq import DeadLetter
+from projector.commit.checkpoint import BatchRange
+from projector.commit.dead_letters import DeadLetter
 from projector.errors import CheckpointError, ClickHouseUnavailable, not_the_message
 from projector.messages import RawMessage
+from projector.replicas.apply import BatchApplier, BatchOutcome
 from schemas.errors import RegistryUnavailable
 
 BATCH = BatchRange("cdc.public.t", 0, 100, 131)

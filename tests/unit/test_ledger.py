@@ -1,5 +1,5 @@
 """The transaction ledger on a real (embedded) ClickHouse: which END events count for, an END
-that cannot be read, the incremental watermark and pruning (projector/transactions.py).
+that cannot be read, the incremental watermark and pruning (projector/commit/ledger.py).
 
 Postgres' xids wrap around after 2^32 transactions, so the same xid names two transactions far
 apart; no test stack runs that long, so the ledger gets the END events and event spans Debezium
@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from projector.checkpoint import BatchRange
 from projector.clickhouse import ChdbBackend, literal_chunks
-from projector.transactions import EventPlace, EventSpan, TransactionLedger, rows_to_keep
+from projector.commit.checkpoint import BatchRange
+from projector.commit.ledger import EventPlace, EventSpan, TransactionLedger, rows_to_keep
 
 A, B, HEARTBEAT = "public.a", "public.b", "debezium.heartbeat"
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from projector.read_models import load_read_models
+from projector.read_models.definitions import load_read_models
 from queries.errors import InvalidParameters, QueryDefinitionError
 from queries.named import PLACEHOLDER, load_named_queries, parse_named_query
 

@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from projector.checkpoint import RESET, PartitionCheckpoint, counted_ranges, counted_run
+from projector.commit.checkpoint import RESET, PartitionCheckpoint, counted_ranges, counted_run
 from projector.errors import ResetRefused
-from projector.offset_reset import parse_time, plan, resolve_target
+from projector.operations.offset_reset import parse_time, plan, resolve_target
 
 T = "cdc.shop.orders"
 

@@ -12,8 +12,8 @@ import pytest
 
 from devstack.read_model_bench import CONTROL, READ_MODELS, REPLICA, generate_replicas
 from projector.clickhouse import ChdbBackend
-from projector.materialize import FAILED, SERVING, ReadModelMaintainer
-from projector.read_models import load_definitions
+from projector.read_models.definitions import load_definitions
+from projector.read_models.maintenance import FAILED, SERVING, ReadModelMaintainer
 
 ORDERS = 600
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from projector.errors import PoisonMessage
-from projector.replica import ReplicaTable, SchemaStep, SourceColumn, base_type, nullable
+from projector.replicas.catalog import ReplicaTable, SchemaStep, SourceColumn, base_type, nullable
 from schemas.type_map import column_type
 from schemas.upcasters import NO_UPCASTER, Upcaster
 

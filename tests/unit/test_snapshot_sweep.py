@@ -1,4 +1,4 @@
-"""The ghost-row sweep after a Debezium re-snapshot (projector/snapshot_sweep.py), on the real
+"""The ghost-row sweep after a Debezium re-snapshot (projector/replicas/snapshot_sweep.py), on the real
 embedded engine (chDB in this process): the replica rows are written as the apply paths write
 them, and the batches' messages are stand-ins whose values carry the snapshot marks as Avro
 encodes them (the real stack's events: tests/integration/test_resnapshot_ghosts.py)."""
@@ -13,11 +13,22 @@ from typing import Any
 import fastavro
 import pytest
 
-from projector.checkpoint import BatchRange
 from projector.clickhouse import ChdbBackend
+from projector.commit.checkpoint import BatchRange
 from projector.messages import RawMessage
-from projector.replica import ReplicaCatalog, ReplicaTable, SourceColumn, insert_rows, metadata
-from projector.snapshot_sweep import AVRO_MARKS, SNAPSHOT_MARKS, SnapshotSweep, snapshot_bounds
+from projector.replicas.catalog import (
+    ReplicaCatalog,
+    ReplicaTable,
+    SourceColumn,
+    insert_rows,
+    metadata,
+)
+from projector.replicas.snapshot_sweep import (
+    AVRO_MARKS,
+    SNAPSHOT_MARKS,
+    SnapshotSweep,
+    snapshot_bounds,
+)
 from schemas.type_map import column_type
 
 TOPIC = "cdc.public.items"
@@ -170,7 +181,7 @@ def test_keys_the_re_snapshot_did_not_read_are_marked_deleted(engine: ChdbBacken
     # The ghost 4 is marked at version F = 7, offset L = 9; 2 was deleted already.
     assert table.markers() == [(2, 6, 6), (4, 7, 9)]
     # The read models' maintainer finds the rows a batch wrote by (_partition, _offset) in its
-    # range (projector/materialize.py, `apply_batch`): the marker is among them.
+    # range (projector/read_models/maintenance.py, `apply_batch`): the marker is among them.
     changed = engine.rows(
         f"SELECT id FROM {table.replica.qualified} WHERE _partition = {last.partition} "
         f"AND _offset BETWEEN {last.first} AND {last.last} AND _is_deleted = 1"

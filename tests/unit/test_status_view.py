@@ -9,8 +9,8 @@ from rich.console import Console
 
 from projector.cli import _status_view
 from projector.config import ProjectorConfig
-from projector.read_models import load_read_models
-from projector.status import projection_rows
+from projector.operations.status import projection_rows
+from projector.read_models.definitions import load_read_models
 
 CONFIG = ProjectorConfig(read_model_schema="shop")
 

@@ -1,4 +1,4 @@
-"""When offsets stop being versions (projector/topic_guard.py): the three cases, and what is not
+"""When offsets stop being versions (projector/replicas/topic_guard.py): the three cases, and what is not
 one of them."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from projector.topic_guard import NO_KEY_SCHEMA, TopicIdentity, TopicShape, broken_versions
+from projector.replicas.topic_guard import NO_KEY_SCHEMA, TopicIdentity, TopicShape, broken_versions
 
 TOPIC = "cdc.public.orders"
 RECORDED = TopicIdentity("id-1", 3, key_schema_id=7)

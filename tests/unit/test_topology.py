@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from projector.checkpoint import CheckpointStore
 from projector.clickhouse import Topology
-from projector.dlq import DeadLetterStore
-from projector.materialize import ReadModelMaintainer
-from projector.read_models import load_definitions
-from projector.replica import ReplicaCatalog, ReplicaTable, SourceColumn
-from projector.transactions import TransactionLedger
+from projector.commit.checkpoint import CheckpointStore
+from projector.commit.dead_letters import DeadLetterStore
+from projector.commit.ledger import TransactionLedger
+from projector.read_models.definitions import load_definitions
+from projector.read_models.maintenance import ReadModelMaintainer
+from projector.replicas.catalog import ReplicaCatalog, ReplicaTable, SourceColumn
 from schemas.type_map import column_type
 
 

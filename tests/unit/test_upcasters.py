@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from projector.errors import PoisonMessage
-from projector.replica import SourceColumn, _undeclared_rename, upcast
+from projector.replicas.catalog import SourceColumn, _undeclared_rename, upcast
 from schemas.errors import SchemaError
 from schemas.type_map import column_type
 from schemas.upcasters import DEFAULT_FILE, Upcaster, Upcasters

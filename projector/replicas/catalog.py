@@ -18,7 +18,7 @@ Version arithmetic (`_version`), the argument in four steps:
      would not do: an incremental snapshot read has none, and a row changed by a transaction that
      was open during a snapshot carries an LSN *older* than the snapshot point.)
   Consequence: a re-created topic, a changed partition count or a changed key schema breaks
-  step 1; projector/topic_guard.py detects each and stops the table until it is rebuilt.
+  step 1; projector/replicas/topic_guard.py detects each and stops the table until it is rebuilt.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ class ReplicaCatalog:
         reread: Callable[[str, str], None] = lambda table, reason: None,
     ) -> None:
         """`reread(table, reason)` asks for the source table (`schema.table`) to be read again
-        from Postgres (projector/resnapshot.py)."""
+        from Postgres (projector/replicas/signal_table.py)."""
         self.ch = ch
         self.prefix = database_prefix
         self.reread = reread
@@ -352,7 +352,7 @@ class ReplicaCatalog:
         defs = [d for c in columns for d in c.definitions()]
         defs += [f"{ident(n)} {t}" for n, t in META_COLUMNS.items()]
         # The rows one batch wrote are found by (_partition, _offset) range (read models do,
-        # projector/materialize.py): offsets only grow, so every older granule is skipped.
+        # projector/read_models/maintenance.py): offsets only grow, so every older granule is skipped.
         defs.append("INDEX _batch_rows (_partition, _offset) TYPE minmax GRANULARITY 1")
         if keys:
             family, args = "ReplacingMergeTree", "_version, _is_deleted"
@@ -575,7 +575,7 @@ def insert_deletion_markers(
     """Insert, inside ClickHouse (no key travels through Python), a deletion marker with the
     metadata `marker` for every key of a keyed replica that has a row with a version below
     `below` (a truncate's), or, `live_only`, whose newest row is below `below` and is not a
-    deletion (a re-snapshot's ghosts, projector/snapshot_sweep.py).
+    deletion (a re-snapshot's ghosts, projector/replicas/snapshot_sweep.py).
 
     The markers carry no deduplication token, on purpose: they are idempotent (same key, same
     version, same content), and the set of keys they cover may differ between a first attempt

@@ -3,7 +3,7 @@
 One consumer-group member: it consumes, buffers per partition, cuts batches, plans each on this
 thread while the previous one applies on the apply thread, and reports metrics. Where partitions
 resume, how batches are cut and replayed, and how a batch is committed are the commit protocol's
-(projector/checkpoint.py, steps A-C and 1-5); this loop calls it in that order.
+(projector/commit/checkpoint.py, steps A-C and 1-5); this loop calls it in that order.
 
 Transient failures (ClickHouse, registry) are retried with exponential back-off and jitter,
 logged once when they start and once when they clear; the batch is then applied as if nothing
@@ -34,9 +34,8 @@ from confluent_kafka import (
 )  # fmt: skip
 from confluent_kafka.admin import AdminClient
 
-from projector.apply import BatchApplier, BatchOutcome, decode
-from projector.catch_up import Finish, FinishLine
-from projector.checkpoint import (
+from projector.clickhouse import ClickHouse
+from projector.commit.checkpoint import (
     PROJECTION,
     RESET,
     BatchCommitter,
@@ -48,10 +47,10 @@ from projector.checkpoint import (
     counted_run,
     cut_batch,
 )
-from projector.chores import Chore, Chores
-from projector.clickhouse import ClickHouse
+from projector.commit.dead_letters import DeadLetter, DeadLetterStore
+from projector.commit.finish_line import Finish, FinishLine
+from projector.commit.ledger import EventPlace, TransactionLedger, Unfinished, Watermark
 from projector.config import ProjectorConfig
-from projector.dlq import DeadLetter, DeadLetterStore
 from projector.errors import (
     ClickHouseUnavailable,
     KafkaUnavailable,
@@ -60,18 +59,23 @@ from projector.errors import (
     RebuildRefused,
     SourceUnavailable,
 )
-from projector.fast_path import FastPath, Segment
-from projector.materialize import ReadModelMaintainer, maintainer_for
 from projector.messages import KafkaMessages, RawMessage, source_table_of
 from projector.metrics import ProjectorMetrics
-from projector.read_models import load_read_models
-from projector.rebuild import OpsRequests, TablePauses, take_requests
-from projector.replica import ReplicaCatalog
-from projector.replica_rebuild import ReplicaRebuild, ReplicaRebuilds, take_replica_requests
-from projector.resnapshot import SignalTable
-from projector.snapshot_sweep import SnapshotSweep
-from projector.topic_guard import TopicGuard, TopicShape
-from projector.transactions import EventPlace, TransactionLedger, Unfinished, Watermark
+from projector.operations.replica_rebuild import (
+    ReplicaRebuild,
+    ReplicaRebuilds,
+    take_replica_requests,
+)
+from projector.operations.requests import OpsRequests, TablePauses, take_requests
+from projector.read_models.definitions import load_read_models
+from projector.read_models.maintenance import ReadModelMaintainer, maintainer_for
+from projector.replicas.apply import BatchApplier, BatchOutcome, decode
+from projector.replicas.catalog import ReplicaCatalog
+from projector.replicas.fast_path import FastPath, Segment
+from projector.replicas.signal_table import SignalTable
+from projector.replicas.snapshot_sweep import SnapshotSweep
+from projector.replicas.topic_guard import TopicGuard, TopicShape
+from projector.run.duties import Chore, Chores
 from schemas.errors import NotConfluentFramed, RegistryUnavailable, SchemaError, UnknownSchema
 from schemas.registry import SchemaCache
 from schemas.upcasters import Upcasters
@@ -161,18 +165,18 @@ class Projector:
             ReplicaCatalog(ch, config.replica_prefix, SignalTable(config.source_dsn).request),
             PROJECTION, upcasters=upcasters, fast_path=fast_path, sweep=sweep,
         )  # fmt: skip
-        # Replica tables rebuilt from Kafka or a snapshot (projector/replica_rebuild.py).
+        # Replica tables rebuilt from Kafka or a snapshot (projector/operations/replica_rebuild.py).
         self.replica_rebuilds = ReplicaRebuilds.for_config(
             config, ch, self.schemas, upcasters, self._partition_count
         )
         with_retries(self.replica_rebuilds.create, "creating the replica rebuild table")
         self._replica_jobs: list[ReplicaRebuild] = []
         self._next_replica_request_check = 0.0
-        # Read models are kept inside the batch commit (projector/materialize.py); None when this
+        # Read models are kept inside the batch commit (projector/read_models/maintenance.py); None when this
         # member does not keep them (config `maintain_read_models`).
         self.read_models: ReadModelMaintainer | None = maintainer_for(config, ch)
         self.read_model_list = load_read_models(config.read_models_file)
-        # Rebuilds, rollbacks (projector/rebuild.py) and pauses are asked through control tables.
+        # Rebuilds, rollbacks (projector/operations/requests.py) and pauses are asked through control tables.
         self.requests = OpsRequests(ch, config.control_database)
         with_retries(self.requests.create, "creating the ops request table")
         self.pauses = TablePauses(ch, config.control_database)
@@ -279,7 +283,7 @@ class Projector:
     def _position(self, keys: list[tuple[str, int]]) -> list[Resume]:
         """Steps A-C for `keys`: claim them, and start each from its checkpoint — unless its
         topic was re-created: the old topic's checkpoints say nothing of the new one's offsets,
-        which are read from 0 (into the DLQ: the table is stopped, projector/topic_guard.py).
+        which are read from 0 (into the DLQ: the table is stopped, projector/replicas/topic_guard.py).
         One attempt: a transient failure is the caller's to retry."""
         resumes = self.committer.assign(keys)
         history = self.checkpoints.reset_history(keys)
@@ -347,7 +351,7 @@ class Projector:
         stop_at: float | None = None,
     ) -> int:
         """Consume and apply until stopped (SIGTERM/SIGINT), past the finish line of `finish`
-        (projector/catch_up.py) or `stop_at` (a `time.monotonic()` instant); `tick` runs between
+        (projector/commit/finish_line.py) or `stop_at` (a `time.monotonic()` instant); `tick` runs between
         rounds of batches."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
@@ -443,7 +447,7 @@ class Projector:
 
         Replay first: while an open intent waits for its replay, no other batch is applied (the
         read models' deltas of a half-applied batch are exact only against the state it saw:
-        projector/materialize.py)."""
+        projector/read_models/maintenance.py)."""
         replaying = [key for key, state in self.partitions.items() if state.replay is not None]
         for (topic, partition), state in list(self.partitions.items()):
             if replaying and (topic, partition) not in replaying:
@@ -690,7 +694,7 @@ class Projector:
     def _rebuild_replicas(self) -> None:
         """Take replica-table rebuild requests (once a second) and move every rebuild job whose
         topic this member holds whole a step, with no batch in flight (replay first: not while
-        an open intent waits). projector/replica_rebuild.py says why that is exact."""
+        an open intent waits). projector/operations/replica_rebuild.py says why that is exact."""
         if any(state.replay is not None for state in self.partitions.values()):
             return
         now = time.monotonic()
@@ -915,7 +919,7 @@ def _key_schema_ids(messages: KafkaMessages) -> set[int]:
 
 
 class _RunProgress:
-    """The finish line's view of a running projector (projector/catch_up.py, `Progress`)."""
+    """The finish line's view of a running projector (projector/commit/finish_line.py, `Progress`)."""
 
     def __init__(self, projector: Projector) -> None:
         self.projector = projector

@@ -17,7 +17,7 @@ Three lines:
 Why the LSN line is sound. Debezium (`provide.transaction.metadata`) writes an END event per
 transaction to the transaction topic (one partition) with the transaction's LSN — the end of its
 commit record, where logical decoding places a commit — and, per table, how many change events it
-emitted; the projector records both in its ledger (projector/transactions.py), and per transaction
+emitted; the projector records both in its ledger (projector/commit/ledger.py), and per transaction
 and table the events applied or dead-lettered.
 
   1. A transaction committed before the target position T ended its commit record at or before T
@@ -48,8 +48,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from projector.commit.ledger import Unfinished, lsn_text, parse_lsn
 from projector.errors import ConfigError, ProjectorError
-from projector.transactions import Unfinished, lsn_text, parse_lsn
 
 TopicPartitionKey = tuple[str, int]
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from projector.checkpoint import BatchRange
 from projector.clickhouse import ClickHouse, ident, insert_statement, quote
+from projector.commit.checkpoint import BatchRange
 from projector.errors import PoisonMessage
 from projector.messages import RawMessage
 from projector.redaction import redact

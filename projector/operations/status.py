@@ -27,15 +27,15 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from projector.checkpoint import PROJECTION, CheckpointStore
+from projector.commit.checkpoint import PROJECTION, CheckpointStore
+from projector.commit.dead_letters import DeadLetterStore
+from projector.commit.ledger import ConsistencyTracker, TransactionLedger, lsn_text
 from projector.config import ProjectorConfig, client_environment, open_backend
-from projector.dlq import DeadLetterStore
 from projector.errors import ProjectorError
-from projector.read_models import load_read_models
-from projector.rebuild import TablePauses
+from projector.operations.requests import TablePauses
+from projector.read_models.definitions import load_read_models
 from projector.redaction import redact_values
-from projector.topic_guard import TopicGuard
-from projector.transactions import ConsistencyTracker, TransactionLedger, lsn_text
+from projector.replicas.topic_guard import TopicGuard
 
 
 def collect_status(
@@ -258,7 +258,7 @@ def read_model_sources(config: ProjectorConfig) -> dict[str, list[str]]:
 
 def _read_model_states(config: ProjectorConfig, ch: Any) -> dict[str, tuple[str, str]] | None:
     """Per read model: `live`, `building n%`, `rebuilding n%` or `failed`, and the error."""
-    from projector.materialize import BUILDING, FAILED, SERVING, maintainer_for
+    from projector.read_models.maintenance import BUILDING, FAILED, SERVING, maintainer_for
 
     maintainer = maintainer_for(config, ch)
     if maintainer is None:

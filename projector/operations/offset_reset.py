@@ -2,7 +2,7 @@
 from another offset while the projector keeps serving it and every other table.
 
 Why moving back is exact, for each thing a batch writes:
-  1. The replica. A row's `_version` is its event's offset (projector/replica.py), so a re-read
+  1. The replica. A row's `_version` is its event's offset (projector/replicas/catalog.py), so a re-read
      event writes the version it wrote the first time. Each key's rows written since (higher
      offsets) win over it under `FINAL`, and at an equal version it is the same row again (a
      pure function of the messages and the versions below them; its inserts may even be dropped
@@ -16,7 +16,7 @@ Why moving back is exact, for each thing a batch writes:
      with the same value.)
   2. The read models it feeds. A batch's maintenance recomputes the keys it touched from the
      replicas and feeds each aggregate the difference from the stored entity row
-     (projector/materialize.py). The replicas do not change (1), so every recompute equals
+     (projector/read_models/maintenance.py). The replicas do not change (1), so every recompute equals
      what is stored and every difference is zero: they stay exact, without a rebuild.
   3. The transaction ledger counts applied events per transaction; the re-read events were
      counted when first applied. The runner counts nothing for them (checkpoint.py, R2), so a
@@ -52,9 +52,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from projector.checkpoint import CheckpointStore
+from projector.commit.checkpoint import CheckpointStore
 from projector.errors import ResetRefused
-from projector.rebuild import TablePauses
+from projector.operations.requests import TablePauses
 
 MEMBER = "projector reset"
 

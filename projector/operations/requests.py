@@ -2,7 +2,7 @@
 
 The live projection keeps serving and updating during a rebuild, and only the process applying
 batches can keep a version being built exact (every batch must reach it, and a backfill chunk
-must not interleave with a batch: projector/materialize.py). So the command does not build
+must not interleave with a batch: projector/read_models/maintenance.py). So the command does not build
 anything itself while a projector runs: it records a request (a row of `ops_requests` in the
 control database) and follows the state the projector persists; the projector takes the
 requests between batches (`take_requests`, from `Projector._ensure_read_models`, with no batch
@@ -21,7 +21,7 @@ A request's states:
         │                                                                                 │
         └──(refused: RebuildRefused, nothing changed)──> failed                           │
                                                                                           v
-    the version's own states (read_model_versions, projector/materialize.py):
+    the version's own states (read_model_versions, projector/read_models/maintenance.py):
       building ──(last chunk, verified)──> serving ──(rollback)──> previous ──(drop-old)──> retired
          │   └──(--no-swap)──> built ──(--swap)──> serving     previous ──(rollback)──> serving
          └──(verification finds a difference / a definition fails)──> failed
@@ -37,7 +37,7 @@ from functools import partial
 
 from projector.clickhouse import ClickHouse, ident, quote
 from projector.errors import RebuildRefused
-from projector.materialize import BUILDING, ReadModelMaintainer
+from projector.read_models.maintenance import BUILDING, ReadModelMaintainer
 
 REQUESTED, TAKEN, DONE, FAILED = "requested", "taken", "done", "failed"
 REBUILD, SWAP, ROLLBACK, DROP_OLD = "rebuild", "swap", "rollback", "drop-old"

@@ -54,11 +54,11 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
-from projector.checkpoint import BatchRange
 from projector.clickhouse import ClickHouse, ident, insert_statement, quote
+from projector.commit.checkpoint import BatchRange
 from projector.errors import KafkaUnavailable
 from projector.messages import RawMessage, message_columns, source_table_of
-from projector.replica import ReplicaTable, insert_deletion_markers, metadata
+from projector.replicas.catalog import ReplicaTable, insert_deletion_markers, metadata
 from schemas.registry import SchemaCache
 
 log = logging.getLogger("projector")

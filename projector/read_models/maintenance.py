@@ -1,10 +1,10 @@
 """Materialized read models: kept inside the replicas' batch commit, exact under every change.
 
-Definitions are projector/read_models.py's (entities recomputed per key, aggregates fed signed
+Definitions are projector/read_models/definitions.py's (entities recomputed per key, aggregates fed signed
 deltas of an entity's rows, both versioned together as a `Family`). This module keeps them.
 
 For every batch of a source table, after its replica rows are written (same intent, same
-tokens: the commit protocol of projector/checkpoint.py, step 3), `ReadModelMaintainer.apply_batch`
+tokens: the commit protocol of projector/commit/checkpoint.py, step 3), `ReadModelMaintainer.apply_batch`
 will, for each family whose entity that table affects:
 
   1. find the affected keys: the entity's `affects` query over the replica rows the batch wrote
@@ -32,7 +32,7 @@ Why that is exact (the argument in full is docs/read-models.md):
     batch, `replay first`), so it drops the same deltas and writes the same rows.
   - Recomputing a key from the replicas is exact for any key, so a superset of affected keys is
     harmless, and `affects` only has to be complete.
-  - An index (projector/read_models.py `IndexModel`) holds each row of its model at one position,
+  - An index (projector/read_models/definitions.py `IndexModel`) holds each row of its model at one position,
     its `order_by` (which includes the model's key). Writing an index from a stage: every +1 row
     at its position, and a deletion marker at the position of every -1 row that no +1 row
     occupies, all with a version greater than any before; so read with FINAL the index holds
@@ -47,7 +47,7 @@ every batch from the moment they exist, and `backfill_step` recomputes all keys 
 thread. When the last chunk is done, the views `read_models.<name>` switch to the new tables in
 one statement each and the old version's tables are dropped.
 
-A rebuild (`projector rebuild`, projector/rebuild.py) builds the same definition again, as a
+A rebuild (`projector rebuild`, projector/operations/requests.py) builds the same definition again, as a
 version of its own (`<definition hash>r<request>`: its tables are new), the same way; before it
 serves it is verified (its rows equal to its definition over the replicas: exact, since nothing
 is applied between batches), and the version it replaces is kept, still maintained by every
@@ -65,11 +65,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from projector.checkpoint import DONE, INTENT, BatchRange, CheckpointStore
 from projector.clickhouse import ClickHouse, ident, quote
+from projector.commit.checkpoint import DONE, INTENT, BatchRange, CheckpointStore
 from projector.config import ProjectorConfig
 from projector.errors import RebuildRefused, StatementRejected
-from projector.read_models import (
+from projector.read_models.definitions import (
     AggregateModel,
     Family,
     IndexModel,
@@ -700,7 +700,7 @@ class ReadModelMaintainer:
                 f"DROP TABLE IF EXISTS {ident(self.database)}.{ident(row['name'])}{local}"
             )
 
-    # ---- rebuilds: projector/rebuild.py asks, between batches ------------------------------
+    # ---- rebuilds: projector/operations/requests.py asks, between batches ------------------------------
 
     def family_named(self, name: str) -> Family:
         """The family of a read model or family `name`."""

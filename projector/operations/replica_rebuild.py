@@ -2,7 +2,7 @@
 
 A shadow table is built from the topic's earliest offsets while the live table keeps serving
 and updating, then swapped in with `EXCHANGE TABLES` (atomic in Atomic databases, chDB
-included). The job runs in the projector, between batches (projector/rebuild.py argues why):
+included). The job runs in the projector, between batches (projector/operations/requests.py argues why):
 
   - The shadow lives in a database of its own, `<replica prefix>rebuild_<id>_<schema>`, under
     the live table's name: it is applied by a `BatchApplier` whose catalog has that prefix, so
@@ -46,7 +46,7 @@ on the same machinery. In order:
       `catching-up`.
   S5. Caught up means, as above, the shadow at the live position with no batch in flight, and
       that position at or past E. The shadow is then compared with Postgres
-      (projector/verify.py's key-range hashes, in a fresh REPEATABLE READ snapshot) once the
+      (projector/operations/verify.py's key-range hashes, in a fresh REPEATABLE READ snapshot) once the
       live table is within `LAG_TO_VERIFY` messages of Kafka's end; keys that differ are
       compared again after the pipeline moved on (`RECHECK_DELAYS_S`) until they agree or the
       checks run out (failed). The live table is compared too, for the report
@@ -57,7 +57,7 @@ selected between a low and a high watermark written to the signal table; a key c
 that window is dropped from the chunk (its streamed event stands), and the chunk's remaining rows
 are emitted as reads at the high watermark. So a read of a key sits in the topic after every
 change of the key it reflects and before every later one: with `_version` = offset
-(projector/replica.py) the newest version of each key under `FINAL` is its current state. Every
+(projector/replicas/catalog.py) the newest version of each key under `FINAL` is its current state. Every
 key alive in Postgres when its chunk is read is read, or changed inside its window (an event
 after P, since the request came after P); a key deleted before P is never read and never reaches
 the shadow: no ghost rows, whatever the live table holds. A key deleted after P has its delete
@@ -95,17 +95,17 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from projector.apply import BatchApplier
-from projector.checkpoint import DONE, INTENT, BatchRange, CheckpointStore
 from projector.clickhouse import ClickHouse, ident, quote
+from projector.commit.checkpoint import DONE, INTENT, BatchRange, CheckpointStore
 from projector.config import ProjectorConfig
 from projector.errors import RebuildRefused, SourceUnavailable, VerifyError
-from projector.fast_path import FastPath
 from projector.messages import KafkaMessages
-from projector.rebuild import DONE as REQUEST_DONE
-from projector.rebuild import DROP_OLD, REBUILD, ROLLBACK, TAKEN, OpsRequests, Request
-from projector.replica import ReplicaCatalog
-from projector.snapshot_sweep import SnapshotSweep
+from projector.operations.requests import DONE as REQUEST_DONE
+from projector.operations.requests import DROP_OLD, REBUILD, ROLLBACK, TAKEN, OpsRequests, Request
+from projector.replicas.apply import BatchApplier
+from projector.replicas.catalog import ReplicaCatalog
+from projector.replicas.fast_path import FastPath
+from projector.replicas.snapshot_sweep import SnapshotSweep
 from schemas.registry import SchemaCache
 from schemas.upcasters import Upcasters
 
@@ -843,10 +843,10 @@ class ReplicaRebuilds:
     def compare_with_postgres(
         self, job: ReplicaRebuild, keys: list[str] | None = None
     ) -> tuple[int, list[str]]:
-        """The shadow against its source table in a fresh snapshot (projector/verify.py): the
+        """The shadow against its source table in a fresh snapshot (projector/operations/verify.py): the
         rows compared and the keys (as verify's key texts) that differ; only `keys` if given."""
         from projector.config import ProjectorConfig
-        from projector.verify import PostgresSnapshot, TableVerifier
+        from projector.operations.verify import PostgresSnapshot, TableVerifier
 
         config = ProjectorConfig(replica_prefix=self.replica_prefix,
                                  control_database=self.control_database,
@@ -903,7 +903,7 @@ def take_replica_requests(
     return [
         requests.carry_out(request, partial(_act, request, rebuilds, live_next))
         for request in requests.pending()
-        if "." in request.target  # a read model's is projector/rebuild.py's
+        if "." in request.target  # a read model's is projector/operations/requests.py's
     ]
 
 

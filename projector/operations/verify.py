@@ -5,7 +5,7 @@ A replica table is compared with its source table in these steps (`TableVerifier
   1. Open a REPEATABLE READ snapshot in Postgres and read its WAL position L: every transaction the
      snapshot shows committed before L.
   2. When a projector runs with transaction metadata (server backend), wait until its consistency
-     LSN for the table (projector/transactions.py) has passed L: from then on ClickHouse shows at
+     LSN for the table (projector/commit/ledger.py) has passed L: from then on ClickHouse shows at
      least everything the snapshot shows.
   3. Count and hash, on both sides, the rows of each *range*: ranges split the space of a key's
      hash (the first hex digits of md5 over the key's canonical text), so they are of even size
@@ -25,7 +25,7 @@ A replica table is compared with its source table in these steps (`TableVerifier
 All tables share one snapshot and one wait (a wait costs the pipeline's latency).
 
 Read models are compared with their definitions over the replicas by the read-model maintainer
-(`ReadModelMaintainer.reconcile`, projector/materialize.py); this module only reports them beside
+(`ReadModelMaintainer.reconcile`, projector/read_models/maintenance.py); this module only reports them beside
 the tables, checked again the same way while a projector runs.
 """
 
@@ -39,11 +39,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from projector.checkpoint import PROJECTION
 from projector.clickhouse import ClickHouse, ident, literal_chunks, quote
+from projector.commit.checkpoint import PROJECTION
+from projector.commit.ledger import ConsistencyTracker, TransactionLedger, lsn_text, parse_lsn
 from projector.config import ProjectorConfig
 from projector.errors import VerifyError
-from projector.transactions import ConsistencyTracker, TransactionLedger, lsn_text, parse_lsn
 from schemas.canonical_text import CanonicalText, canonical_text
 from schemas.canonical_text import field as text_field
 
@@ -320,7 +320,7 @@ class TableVerifier:
 
     def _applied_through(self, lsn: int, tables: list[str], deadline: float) -> bool:
         """Step 2: whether the projector has applied every transaction on `tables` committed up
-        to `lsn` (its consistency LSN, projector/transactions.py). True when no projector may
+        to `lsn` (its consistency LSN, projector/commit/ledger.py). True when no projector may
         run meanwhile, or without transaction metadata (then only step 5 applies)."""
         if not (self.projector_may_run and self.config.transaction_metadata):
             return True

@@ -1,7 +1,7 @@
 """Versions survive what happens to topics: the checks that stop a table whose `_version`s would no
 longer be ordered.
 
-`_version` is the event's Kafka offset (the argument is at the top of projector/replica.py). That
+`_version` is the event's Kafka offset (the argument is at the top of projector/replicas/catalog.py). That
 orders the events of one key only while all of them sit in one partition of one topic. Three
 things break it; each is detected per topic against what was recorded when the projector first
 applied a batch of it (`projector.topic_identities`, shared by every member of the group):
@@ -28,9 +28,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from projector.checkpoint import CheckpointStore
 from projector.clickhouse import ClickHouse, ident, insert_statement, quote
-from projector.snapshot_sweep import SnapshotSweep
+from projector.commit.checkpoint import CheckpointStore
+from projector.replicas.snapshot_sweep import SnapshotSweep
 
 REFRESH_S = 5.0  # how stale a member's view of the recorded identities and of Kafka may be
 NO_KEY_SCHEMA = -1
@@ -202,7 +202,7 @@ def reset_table(
     """The rebuild of a stopped table, its ClickHouse part (the module docstring): drop the
     replica `replica`, resume every partition of `topic` at its end offset in `ends` (read now),
     forget the topic's identity and the snapshot bounds recorded of it (offsets it will not
-    apply again: projector/snapshot_sweep.py). The caller then asks Debezium for a snapshot of
+    apply again: projector/replicas/snapshot_sweep.py). The caller then asks Debezium for a snapshot of
     the table. Run it with no projector running (a running member keeps its positions)."""
     ch.execute(f"DROP TABLE IF EXISTS {replica}{ch.topology.on_cluster()}")
     checkpoints.restart_at(topic, ends, member="projector table reset")

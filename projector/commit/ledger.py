@@ -44,7 +44,7 @@ holds those events twice, at different offsets, and the ledger must count each o
      a transaction is complete when all N are there -- never because some arrived twice.
      (Counting numbers, not LSNs: the rows of one COPY share one WAL record's LSN.)
   3. *The replicas need nothing of this*: an event applied twice writes the same `_version`
-     (projector/replica.py), so the replica is the same.
+     (projector/replicas/catalog.py), so the replica is the same.
 An event Debezium sent without a `data_collection_order` is counted as it comes (as the ledger
 did before it kept the numbers: `applied_unnamed`, `dead_unnamed`, which also hold the counts of
 rows written before the upgrade). An event sent again after its transaction was pruned leaves a
@@ -69,7 +69,7 @@ none partially... among transactions Debezium has already reported as ended. A d
 keeps its transaction incomplete: the watermark stops there, as it should.
 
 The same ledgers tell `projector run --until-caught-up` when every change committed up to a source
-LSN is applied (`fence_offset`, `unfinished`; the argument is in projector/catch_up.py).
+LSN is applied (`fence_offset`, `unfinished`; the argument is in projector/commit/finish_line.py).
 
 **Read-your-writes** asks a different question: a writer that committed and then read
 `pg_current_wal_lsn()` = L wants to know whether a read model over tables C shows its transaction.
@@ -122,8 +122,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from connectors.config import CONTROL_SCHEMA
-from projector.checkpoint import BatchRange
 from projector.clickhouse import ClickHouse, ident, insert_statement, literal_chunks, quote
+from projector.commit.checkpoint import BatchRange
 from projector.errors import NotAnLsn
 
 log = logging.getLogger("projector")

@@ -1,6 +1,6 @@
 """Apply one batch (an offset range of one topic-partition) to its replica table.
 
-A batch goes through the fast path (projector/fast_path.py: ClickHouse decodes the raw bytes)
+A batch goes through the fast path (projector/replicas/fast_path.py: ClickHouse decodes the raw bytes)
 when it can, else through the per-message path described here, which is also the reference the
 fast path must equal (tests/integration/test_fast_path.py).
 
@@ -12,7 +12,7 @@ Messages are decoded in Python (fastavro, writer schemas from the registry) and 
 - t          → every live key gets a deletion marker at the truncate's version; the batch is cut
                into chunks at truncates, inserted in order, so the markers see the rows before
 - r, last    → when it ends a Debezium re-snapshot, after the batch's rows (either path): every
-               key the snapshot did not read gets a deletion marker (projector/snapshot_sweep.py)
+               key the snapshot did not read gets a deletion marker (projector/replicas/snapshot_sweep.py)
 - a column holding Debezium's unchanged-TOAST placeholder takes the key's previous value: its
   row earlier in the batch, else its newest stored version below the messages being written
   (read back in the form an insert takes: bytea as hex), matched to the key by ClickHouse itself
@@ -42,19 +42,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from projector.checkpoint import BatchRange
 from projector.clickhouse import ClickHouse, ident, literal_chunks, quote
-from projector.dlq import DeadLetter
+from projector.commit.checkpoint import BatchRange
+from projector.commit.dead_letters import DeadLetter
+from projector.commit.ledger import EventPlace, EventSpan
 from projector.errors import PoisonMessage, not_the_message
-from projector.fast_path import (
-    FastPath,
-    FastPathRejected,
-    FastPathUnsupported,
-    Segment,
-    plan_segments,
-)
 from projector.messages import RawMessage, message_columns, source_table_of
-from projector.replica import (
+from projector.replicas.catalog import (
     ReplicaCatalog,
     ReplicaTable,
     SourceColumn,
@@ -66,8 +60,14 @@ from projector.replica import (
     upcast,
     value_columns,
 )
-from projector.snapshot_sweep import SnapshotSweep
-from projector.transactions import EventPlace, EventSpan
+from projector.replicas.fast_path import (
+    FastPath,
+    FastPathRejected,
+    FastPathUnsupported,
+    Segment,
+    plan_segments,
+)
+from projector.replicas.snapshot_sweep import SnapshotSweep
 from schemas.errors import NotConfluentFramed, RegistryUnavailable, SchemaError, UnknownSchema
 from schemas.registry import SchemaCache, WriterSchema, schema_id_of
 from schemas.type_map import ColumnType, UnconvertibleValue
@@ -195,7 +195,7 @@ class BatchApplier:
         """Apply the batch; `planned`: `segments` is its `plan`, made by the caller already.
         Dead letters go to `dead_letter` once, after every row of the batch is inserted. Then, if
         the batch ends a Debezium re-snapshot of the table, the keys it did not read are marked
-        deleted (projector/snapshot_sweep.py), whichever path wrote the rows."""
+        deleted (projector/replicas/snapshot_sweep.py), whichever path wrote the rows."""
         outcome = self._apply_rows(batch, messages, dead_letter, segments, planned)
         if self.sweep is not None:
             replica = self.catalog.existing(*source_table_of(batch.topic))
@@ -366,7 +366,7 @@ class BatchApplier:
     # ---- the fast path -------------------------------------------------------------------------
 
     def _apply_fast(self, batch: BatchRange, segments: list[Segment]) -> BatchOutcome:
-        """Every segment inserted by ClickHouse decoding the bytes itself (projector/fast_path.py);
+        """Every segment inserted by ClickHouse decoding the bytes itself (projector/replicas/fast_path.py);
         FastPathUnsupported / FastPathRejected when the batch needs the per-message path."""
         assert self.fast_path is not None
         schema_name, table_name = source_table_of(batch.topic)

@@ -4,7 +4,7 @@ A dead letter keeps its original offset, so its `_version` is what it would have
 changed later, the later event still wins. A letter that applies now is marked replayed; one that
 fails again stays, with the new reason logged.
 
-A replayed letter also counts for its transaction in the ledger (projector/transactions.py): the
+A replayed letter also counts for its transaction in the ledger (projector/commit/ledger.py): the
 dead letter held every watermark over its table, and applied now, it releases them. A dead letter
 of the transaction topic (an END the projector could not decode) is recorded as the END it is,
 which releases the watermarks its unreadable row held.
@@ -12,16 +12,16 @@ which releases the watermarks its unreadable row held.
 
 from __future__ import annotations
 
-from projector.apply import BatchApplier
-from projector.checkpoint import PROJECTION, BatchRange
 from projector.clickhouse import ClickHouse
+from projector.commit.checkpoint import PROJECTION, BatchRange
+from projector.commit.dead_letters import DeadLetterStore
+from projector.commit.ledger import TransactionLedger
 from projector.config import ProjectorConfig
-from projector.dlq import DeadLetterStore
-from projector.materialize import maintainer_for
 from projector.messages import RawMessage, source_table_of
-from projector.replica import ReplicaCatalog
-from projector.resnapshot import SignalTable
-from projector.transactions import TransactionLedger
+from projector.read_models.maintenance import maintainer_for
+from projector.replicas.apply import BatchApplier
+from projector.replicas.catalog import ReplicaCatalog
+from projector.replicas.signal_table import SignalTable
 from schemas.errors import SchemaError, UnknownSchema
 from schemas.registry import SchemaCache
 from schemas.upcasters import Upcasters

@@ -47,15 +47,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from projector.clickhouse import AVRO_SOURCE, OFFSETS_SOURCE, ident, quote
+from projector.commit.ledger import EventSpan
 from projector.errors import StatementRejected
-from projector.replica import (
+from projector.replicas.catalog import (
     INPUT_SUFFIX,
     META_SQL,
     TOAST_PLACEHOLDER_BYTES,
     ReplicaTable,
     SourceColumn,
 )
-from projector.transactions import EventSpan
 from schemas.upcasters import Upcaster
 
 
@@ -187,7 +187,7 @@ class FastPath:
             if "data_collection_order" in transaction_fields
             else "CAST(NULL AS Nullable(Int64))"
         )
-        # Per transaction: its events' orders (who they are: projector/transactions.py,
+        # Per transaction: its events' orders (who they are: projector/commit/ledger.py,
         # "Counted once"), the events that carry none, and their LSNs.
         counted = self.ch.over_avro(
             "SELECT xid, arrayStringConcat(groupArrayIf(toString(position), isNotNull(position)), ','), "

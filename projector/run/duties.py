@@ -7,7 +7,7 @@ the run goes on applying batches. What a chore computes is only ever a report or
 late one leaves every replica and read model exact: a watermark reported late is lower than it
 could be (a reader waits a little longer, never sees less), a ledger pruned late is larger.
 
-The commit protocol (projector/checkpoint.py) is not a chore: when it cannot go on, nothing
+The commit protocol (projector/commit/checkpoint.py) is not a chore: when it cannot go on, nothing
 should.
 """
 

@@ -28,7 +28,7 @@ from schemas.errors import RegistryUnavailable
 
 if TYPE_CHECKING:
     from connectors import ApplyPlan, ConnectClient, IdentityGap
-    from projector.catch_up import Finish
+    from projector.commit.finish_line import Finish
     from queries.server import BackgroundServer
 
 app = typer.Typer(
@@ -107,7 +107,7 @@ def run(
     import signal
 
     from projector.config import open_backend
-    from projector.runner import Projector
+    from projector.run.loop import Projector
 
     # A stop asked for while the run starts up (opening ClickHouse takes seconds) is honoured
     # once the projector exists, instead of killing the process half-way.
@@ -150,9 +150,9 @@ def run(
 def _finish(
     config: ProjectorConfig, until_caught_up: bool, until_lsn: str | None, until_kafka_end: bool
 ) -> Finish | None:
-    """The finish line the options ask for (projector/catch_up.py), None: run until stopped."""
-    from projector.catch_up import Finish, source_position
-    from projector.transactions import parse_lsn
+    """The finish line the options ask for (projector/commit/finish_line.py), None: run until stopped."""
+    from projector.commit.finish_line import Finish, source_position
+    from projector.commit.ledger import parse_lsn
 
     chosen = [until_caught_up, until_lsn is not None, until_kafka_end]
     if sum(chosen) > 1:
@@ -196,7 +196,7 @@ def status(
     letters, last error — then the replication slot (active, WAL it retains) and the connector
     with its tasks. Read from the running projector's metrics endpoint when it answers, and from
     ClickHouse (with chDB: while no projector runs)."""
-    from projector.status import status_report
+    from projector.operations.status import status_report
 
     config = _config(config_file)
 
@@ -254,7 +254,7 @@ def _status_view(report: dict[str, Any]) -> Any:
     source.add_column(overflow="fold")
     source.add_column(overflow="fold")
     if "retained_wal_bytes" in slot:
-        from projector.status import format_bytes
+        from projector.operations.status import format_bytes
 
         text = (f"{slot['name']}: {slot['state']}, retains "
                 f"{format_bytes(slot['retained_wal_bytes'] or 0)} of WAL")  # fmt: skip
@@ -487,8 +487,8 @@ def dlq_list(
     config_file: Path | None = ConfigOption,
 ) -> None:
     """Dead letters not yet replayed: where they came from and why they failed."""
+    from projector.commit.dead_letters import DeadLetterStore
     from projector.config import open_backend
-    from projector.dlq import DeadLetterStore
 
     if fmt not in ("table", "json"):
         fail("--format must be table or json", code=2)
@@ -523,8 +523,8 @@ def dlq_show(
     topic: str, partition: int, offset: int, config_file: Path | None = ConfigOption
 ) -> None:
     """One dead letter in full (bytes base64-encoded)."""
+    from projector.commit.dead_letters import DeadLetterStore
     from projector.config import open_backend
-    from projector.dlq import DeadLetterStore
 
     config = _config(config_file)
     store = DeadLetterStore(open_backend(config), config.control_database)
@@ -543,7 +543,7 @@ def dlq_replay(
     """Try waiting dead letters again (after a fix or an upcaster); the ones that apply now
     leave the queue, the others stay. Exits 1 while any stays."""
     from projector.config import open_backend
-    from projector.dlq_replay import replay_dead_letters
+    from projector.operations.dlq_replay import replay_dead_letters
 
     configure_logging(logging.WARNING)  # a letter that fails again says why
     config = _config(config_file)
@@ -573,11 +573,11 @@ def table_reset(
     from confluent_kafka import Consumer, TopicPartition
 
     from connectors.source import request_incremental_snapshot
-    from projector.checkpoint import PROJECTION, CheckpointStore
     from projector.clickhouse import ident
+    from projector.commit.checkpoint import PROJECTION, CheckpointStore
     from projector.config import open_backend
-    from projector.snapshot_sweep import SnapshotSweep
-    from projector.topic_guard import TopicGuard, reset_table
+    from projector.replicas.snapshot_sweep import SnapshotSweep
+    from projector.replicas.topic_guard import TopicGuard, reset_table
 
     config = _config(config_file)
     schema, _, name = table.partition(".")
@@ -629,7 +629,7 @@ app.add_typer(read_models_app, name="read-models")
 
 def _maintainer(config_file: Path | None) -> Any:
     from projector.config import open_backend
-    from projector.materialize import maintainer_for
+    from projector.read_models.maintenance import maintainer_for
 
     config = _config(config_file)
     try:
@@ -711,7 +711,12 @@ def verify(
     On the embedded chDB backend run it while no projector runs (one process owns chDB), after
     `projector run --until-caught-up`; on a ClickHouse server it runs beside the projector."""
     from projector.errors import VerifyError
-    from projector.verify import TableVerifier, Verdict, source_snapshot, verify_read_models
+    from projector.operations.verify import (
+        TableVerifier,
+        Verdict,
+        source_snapshot,
+        verify_read_models,
+    )
 
     if (name is None) == (not every):
         fail("give one NAME (SCHEMA.TABLE or a read model) or --all", code=2)
@@ -774,7 +779,7 @@ def _verify_backend(config: ProjectorConfig) -> Any:
 
 
 def _verify_maintainer(config: ProjectorConfig, ch: ParameterisedClickHouse) -> Any:
-    from projector.materialize import maintainer_for
+    from projector.read_models.maintenance import maintainer_for
 
     maintainer = maintainer_for(config, ch)
     if maintainer is not None:
@@ -842,7 +847,7 @@ def _print_verdicts(verdicts: list[Any], skipped: dict[str, str], as_json: bool)
         out.print(f"skip   table {table}: {reason}", markup=False)
 
 
-# ---- rebuild (projector/rebuild.py) -----------------------------------------------------------
+# ---- rebuild (projector/operations/requests.py) -----------------------------------------------------------
 
 FOLLOW_POLL_S = 0.5
 
@@ -865,7 +870,14 @@ def rebuild(
     `--rollback` until `--drop-old`. With a ClickHouse server the running projector does the
     work between batches (this command asks and follows); with chDB (no projector may run) this
     command does it itself."""
-    from projector.rebuild import DROP_OLD, REBUILD, ROLLBACK, SWAP, OpsRequests, run_here
+    from projector.operations.requests import (
+        DROP_OLD,
+        REBUILD,
+        ROLLBACK,
+        SWAP,
+        OpsRequests,
+        run_here,
+    )
 
     actions = [a for a, on in ((SWAP, swap), (ROLLBACK, rollback), (DROP_OLD, drop_old)) if on]
     if len(actions) > 1 or (actions and no_swap):
@@ -932,11 +944,16 @@ def _rebuild_replica(
     table: str, source: str, action: str, no_swap: bool, dry_run: bool, follow: bool,
     config: ProjectorConfig,
 ) -> None:  # fmt: skip
-    """`projector rebuild SCHEMA.TABLE [--from kafka|snapshot]` (projector/replica_rebuild.py)."""
-    from projector.checkpoint import PROJECTION, CheckpointStore
+    """`projector rebuild SCHEMA.TABLE [--from kafka|snapshot]` (projector/operations/replica_rebuild.py)."""
+    from projector.commit.checkpoint import PROJECTION, CheckpointStore
     from projector.config import open_backend
-    from projector.rebuild import REBUILD, OpsRequests
-    from projector.replica_rebuild import BUILDING, SNAPSHOT, SNAPSHOTTING, run_replica_jobs_here
+    from projector.operations.replica_rebuild import (
+        BUILDING,
+        SNAPSHOT,
+        SNAPSHOTTING,
+        run_replica_jobs_here,
+    )
+    from projector.operations.requests import REBUILD, OpsRequests
 
     if action == REBUILD and source not in ("kafka", "snapshot", "auto"):
         fail(f"a replica table is rebuilt --from kafka or --from snapshot (not --from {source})",
@@ -1047,7 +1064,7 @@ def _rebuild_replica(
 
 
 def _replica_rebuilds(config: ProjectorConfig, ch: Any) -> Any:
-    from projector.replica_rebuild import ReplicaRebuilds
+    from projector.operations.replica_rebuild import ReplicaRebuilds
     from schemas.registry import SchemaCache
     from schemas.upcasters import Upcasters
 
@@ -1219,7 +1236,7 @@ def resume(
 
 def _set_pause(table: str, paused: bool, yes: bool, config_file: Path | None) -> None:
     from projector.config import open_backend
-    from projector.rebuild import TablePauses
+    from projector.operations.requests import TablePauses
 
     config = _config(config_file)
     if "." not in table:
@@ -1234,7 +1251,7 @@ def _set_pause(table: str, paused: bool, yes: bool, config_file: Path | None) ->
                   "it after the batch in flight (`projector status` shows it)", highlight=False)  # fmt: skip
 
 
-# ---- reset (projector/offset_reset.py) -------------------------------------------------------
+# ---- reset (projector/operations/offset_reset.py) -------------------------------------------------------
 
 
 @app.command("reset")
@@ -1255,7 +1272,7 @@ def reset(
     and resumes it; with chDB stop the projector first. (`projector table reset` is another
     thing: it drops a stopped table and re-snapshots it.)"""
     from projector.errors import ResetRefused
-    from projector.offset_reset import move, parse_time, plan, resolve_target
+    from projector.operations.offset_reset import move, parse_time, plan, resolve_target
 
     config = _config(config_file)
     schema, _, name = table.partition(".")
@@ -1367,9 +1384,9 @@ def _reset_backend(config: ProjectorConfig) -> tuple[Any, Any, Any]:
     command (None: chDB, whose data only one process opens, or no member in the group)."""
     from confluent_kafka.admin import AdminClient
 
-    from projector.checkpoint import PROJECTION, CheckpointStore
+    from projector.commit.checkpoint import PROJECTION, CheckpointStore
     from projector.config import open_backend
-    from projector.rebuild import TablePauses
+    from projector.operations.requests import TablePauses
 
     ch = open_backend(config)
     checkpoints = CheckpointStore(ch, config.control_database, PROJECTION)

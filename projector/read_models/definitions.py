@@ -1,6 +1,6 @@
 """Declarative read models: what each one is, as SQL the projector runs to keep it.
 
-Definitions live in `projector/read_models.toml` (validated here with pydantic; the file's header
+Definitions live in `projector/read_models/read_models.toml` (validated here with pydantic; the file's header
 explains every field). Two kinds:
 
 - `EntityModel`: one row per key, recomputed from the replicas for the keys a batch touches.
@@ -12,7 +12,7 @@ explains every field). Two kinds:
 An entity, the aggregates fed by it and the indexes of either form a `Family`: they are kept together, in the same batch
 commit, and a change to any of their definitions builds the whole family anew (new tables, named
 by the family's definition hash) while the previous version keeps serving. How the projector keeps
-them, and why that is exact, is projector/materialize.py and docs/read-models.md; this module only
+them, and why that is exact, is projector/read_models/maintenance.py and docs/read-models.md; this module only
 turns definitions into SQL text.
 """
 
@@ -289,7 +289,7 @@ class IndexModel(BaseModel):
     key is `order_by` (which ends with the model's key columns, so each model row has one
     position); the projector writes a model row's new state at its new position and a deletion
     marker at its old one whenever the row moves, so read with FINAL it holds exactly the
-    model's rows (projector/materialize.py, step 3b)."""
+    model's rows (projector/read_models/maintenance.py, step 3b)."""
 
     model_config = {"extra": "forbid"}
 

@@ -33,7 +33,7 @@ And afterwards, `acknowledge` will:
   5. commit the Kafka offset after the batch, only as a convenience for lag tools (step B never
      reads it).
 
-`projector reset` moves a partition to another offset (projector/offset_reset.py), while the
+`projector reset` moves a partition to another offset (projector/operations/offset_reset.py), while the
 member holding it holds the table paused (no batch in flight, no open intent). `reset_to` will:
 
   R1. claim the partition (A), one generation above every claim: the holder's batches would now

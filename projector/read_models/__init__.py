@@ -1,0 +1,1 @@
+"""Read models: their definitions and their maintenance."""
