@@ -19,7 +19,6 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from projector.clickhouse import ChdbBackend, ServerBackend
 from projector.errors import ConfigError
-from projector.read_models.definitions import ReadModelError, load_read_models
 from schemas.errors import SchemaError
 from schemas.upcasters import Upcasters
 
@@ -244,10 +243,9 @@ def load_config(path: Path | None = None, env: dict[str, str] | None = None) -> 
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid projector config: {problems}") from exc
-    try:  # a broken definition file stops start-up, not a batch
+    try:  # a broken upcaster file stops start-up, not a batch (read models: projector.cli)
         Upcasters.load(config.upcasters_file)
-        load_read_models(config.read_models_file)
-    except (SchemaError, ReadModelError) as exc:
+    except SchemaError as exc:
         raise ConfigError(str(exc)) from exc
     return config
 

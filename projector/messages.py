@@ -56,9 +56,3 @@ def message_columns(
     if isinstance(messages, KafkaMessages):
         return messages.columns()
     return [m.offset for m in messages], [m.key for m in messages], [m.value for m in messages]
-
-
-def source_table_of(topic: str) -> tuple[str, str]:
-    """`<prefix>.<schema>.<table>` → (schema, table)."""
-    parts = topic.split(".")
-    return parts[-2], parts[-1]

@@ -23,6 +23,7 @@ from rich.table import Table
 from projector.clickhouse import ParameterisedClickHouse, ident
 from projector.config import ProjectorConfig, client_environment, load_config
 from projector.errors import ConfigError, ProjectorError
+from projector.read_models.definitions import load_read_models
 from projector.redaction import configure_logging, redact, redacting_excepthook
 from schemas.errors import RegistryUnavailable
 
@@ -62,8 +63,12 @@ QueryPortOption = typer.Option(
 
 
 def _config(path: Path | None) -> ProjectorConfig:
+    """The settings, with their read-model definitions checked: a broken definition file stops
+    every command at start-up, not a batch."""
     try:
-        return load_config(path)
+        config = load_config(path)
+        load_read_models(config.read_models_file)
+        return config
     except ConfigError as exc:
         fail(str(exc), code=2)
         raise

@@ -17,7 +17,8 @@ from projector.commit.checkpoint import PROJECTION, BatchRange
 from projector.commit.dead_letters import DeadLetterStore
 from projector.commit.ledger import TransactionLedger
 from projector.config import ProjectorConfig
-from projector.messages import RawMessage, source_table_of
+from projector.kafka import source_table_of
+from projector.messages import RawMessage
 from projector.read_models.maintenance import maintainer_for
 from projector.replicas.apply import BatchApplier
 from projector.replicas.catalog import ReplicaCatalog

@@ -25,8 +25,9 @@ import uuid
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
+from projector import kafka
 from projector.commit.checkpoint import PROJECTION, CheckpointStore
 from projector.commit.dead_letters import DeadLetterStore
 from projector.commit.ledger import ConsistencyTracker, TransactionLedger, lsn_text
@@ -51,8 +52,7 @@ def collect_status(
     pauses = TablePauses(ch, config.control_database)
     for store in (checkpoints, dlq, ledger, guard, pauses):
         store.create()  # an empty deployment reports zeros, not an error
-    consumer = Consumer({"bootstrap.servers": config.kafka_bootstrap,
-                         "group.id": f"projector-status-{uuid.uuid4()}"})  # fmt: skip
+    consumer = kafka.consumer(config.kafka_bootstrap, f"projector-status-{uuid.uuid4()}")
     partitions: list[dict[str, Any]] = []
     try:
         for (topic, partition), checkpoint in sorted(checkpoints.load().items()):

@@ -28,13 +28,16 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from projector.errors import ConfigError
+
 DEFINITIONS_FILE = Path(__file__).with_name("read_models.toml")
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
-class ReadModelError(ValueError):
-    """A definition is invalid; the message names the file and the read model."""
+class ReadModelError(ConfigError):
+    """A definition is invalid; the message names the file and the read model (a configuration
+    error: it stops start-up, not a batch)."""
 
 
 def _placeholders(sql: str) -> set[str]:

@@ -47,7 +47,8 @@ from projector.commit.checkpoint import BatchRange
 from projector.commit.dead_letters import DeadLetter
 from projector.commit.ledger import EventPlace, EventSpan
 from projector.errors import PoisonMessage, not_the_message
-from projector.messages import RawMessage, message_columns, source_table_of
+from projector.kafka import source_table_of, table_of
+from projector.messages import RawMessage, message_columns
 from projector.replicas.catalog import (
     ReplicaCatalog,
     ReplicaTable,
@@ -249,7 +250,7 @@ class BatchApplier:
                 outcome = BatchOutcome(0, [DeadLetter.of(message, PoisonMessage("apply", reason))])
                 place = self._place_of(message)
                 if place:  # settled for its transaction, like every dead letter that decodes
-                    outcome.count_dead_letter(place, ".".join(source_table_of(batch.topic)))
+                    outcome.count_dead_letter(place, table_of(batch.topic))
                 return outcome
             if not chunk:
                 log.warning("%s: applying failed (%s: %s); isolating the message(s) at fault",

@@ -57,7 +57,8 @@ from typing import Any
 from projector.clickhouse import ClickHouse, ident, insert_statement, quote
 from projector.commit.checkpoint import BatchRange
 from projector.errors import KafkaUnavailable
-from projector.messages import RawMessage, message_columns, source_table_of
+from projector.kafka import table_of
+from projector.messages import RawMessage, message_columns
 from projector.replicas.catalog import ReplicaTable, insert_deletion_markers, metadata
 from schemas.registry import SchemaCache
 
@@ -184,7 +185,7 @@ class SnapshotSweep:
         bounds = snapshot_bounds(messages, lambda value: schemas.decode(value)[1], joined)  # 1.
         if not bounds:
             return
-        table = ".".join(source_table_of(batch.topic))
+        table = table_of(batch.topic)
         count = self.partitions(batch.topic)
         if count is None:
             raise KafkaUnavailable(f"cannot learn the partition count of {batch.topic}")

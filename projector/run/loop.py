@@ -28,12 +28,11 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Message,
-    Producer,
     TopicCollection,
     TopicPartition,
 )  # fmt: skip
-from confluent_kafka.admin import AdminClient
 
+from projector import kafka
 from projector.clickhouse import ClickHouse
 from projector.commit.checkpoint import (
     PROJECTION,
@@ -59,7 +58,8 @@ from projector.errors import (
     RebuildRefused,
     SourceUnavailable,
 )
-from projector.messages import KafkaMessages, RawMessage, source_table_of
+from projector.kafka import source_table_of, table_of
+from projector.messages import KafkaMessages, RawMessage
 from projector.metrics import ProjectorMetrics
 from projector.operations.replica_rebuild import (
     ReplicaRebuild,
@@ -151,7 +151,7 @@ class Projector:
         with_retries(self.dlq.create, "creating the DLQ table")
         self.ledger = TransactionLedger(ch, config.control_database, PROJECTION)
         with_retries(self.ledger.create, "creating the transaction ledger")
-        self.admin = AdminClient({"bootstrap.servers": config.kafka_bootstrap})
+        self.admin = kafka.admin(config.kafka_bootstrap)
         self.guard = TopicGuard(ch, config.control_database, PROJECTION, self._describe_topic)
         with_retries(self.guard.create, "creating the topic identities")
         sweep = SnapshotSweep(ch, config.control_database, PROJECTION, self._partition_count)
@@ -219,21 +219,16 @@ class Projector:
         self.applied_events = 0
         self.fast_events = 0  # of which applied by the fast path
         self.dead_letters = 0
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": config.kafka_bootstrap,
-                "group.id": config.group_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "enable.partition.eof": True,
-                "topic.metadata.refresh.interval.ms": 2000,
-                "partition.assignment.strategy": "cooperative-sticky",
-                "session.timeout.ms": config.session_timeout_ms,
-                "max.poll.interval.ms": config.max_poll_interval_ms,
-                "max.partition.fetch.bytes": 16 * 1024 * 1024,
-            }
+        self.consumer = kafka.consumer(
+            config.kafka_bootstrap, config.group_id,
+            enable_auto_commit=False, auto_offset_reset="earliest", enable_partition_eof=True,
+            topic_metadata_refresh_interval_ms=2000,
+            partition_assignment_strategy="cooperative-sticky",
+            session_timeout_ms=config.session_timeout_ms,
+            max_poll_interval_ms=config.max_poll_interval_ms,
+            max_partition_fetch_bytes=16 * 1024 * 1024,
         )
-        self.producer = Producer({"bootstrap.servers": config.kafka_bootstrap, "linger.ms": 50})
+        self.producer = kafka.producer(config.kafka_bootstrap, linger_ms=50)
 
     # ---- assignment --------------------------------------------------------------------------
 
@@ -256,7 +251,7 @@ class Projector:
         # A paused table's partitions stay paused (an open intent is replayed first, then they
         # pause: nothing else is applied before it).
         paused = [TopicPartition(r.topic, r.partition) for r in resumes
-                  if r.replay is None and _table_of(r.topic) in self._pause_wanted]  # fmt: skip
+                  if r.replay is None and table_of(r.topic) in self._pause_wanted]  # fmt: skip
         if paused:
             consumer.pause(paused)
             self._paused.update((tp.topic, tp.partition) for tp in paused)
@@ -554,9 +549,9 @@ class Projector:
         pause = [
             key for key, state in self.partitions.items()
             if key in self.next_offset and key not in self._paused and state.replay is None
-            and _table_of(key[0]) in wanted
+            and table_of(key[0]) in wanted
         ]  # fmt: skip
-        resume = [key for key in self._paused if _table_of(key[0]) not in wanted]
+        resume = [key for key in self._paused if table_of(key[0]) not in wanted]
         if pause or resume:
             self._wait_for_batch()
             self.consumer.pause([TopicPartition(t, p) for t, p in pause])
@@ -569,7 +564,7 @@ class Projector:
             self.consumer.resume([TopicPartition(t, p) for t, p in resume
                                   if (t, p) in self.next_offset])  # fmt: skip
         # Recorded here, also for partitions paused on assignment (no ClickHouse in a rebalance).
-        now_paused = {_table_of(t) for t, _ in self._paused}
+        now_paused = {table_of(t) for t, _ in self._paused}
         changed = {
             t: t in now_paused
             for t in now_paused | set(self._recorded_pauses)
@@ -784,7 +779,7 @@ class Projector:
             self.read_models.apply_batch(batch, schema, table)
             self.metrics.read_model_seconds.labels(table).observe(time.monotonic() - kept)
         if counted:
-            self.metrics.events_reread.labels(".".join(source_table_of(batch.topic))).inc(
+            self.metrics.events_reread.labels(table_of(batch.topic)).inc(
                 outcome.applied
             )
         else:
@@ -793,7 +788,7 @@ class Projector:
         self.fast_events += outcome.applied if outcome.fast else 0
         path = "fast" if outcome.fast else "per_message"
         self.metrics.batch_seconds.labels(path).observe(time.monotonic() - started)
-        table = ".".join(source_table_of(batch.topic))
+        table = table_of(batch.topic)
         self.metrics.events_applied.labels(table, path).inc(outcome.applied)
         if outcome.dead:
             self.metrics.dead_letters.labels(batch.topic).inc(len(outcome.dead))
@@ -803,7 +798,7 @@ class Projector:
         """A stopped table's batch: every message into the DLQ with the reason (a tombstone
         carries nothing), each settled for its transaction."""
         letters, dead = [], BatchOutcome(0, [])
-        collection = ".".join(source_table_of(batch.topic))
+        collection = table_of(batch.topic)
         for message in messages:
             if message.value is None:
                 continue
@@ -906,10 +901,6 @@ class Projector:
             applied[key] = None if checkpoint is None else checkpoint.resume_offset
         return applied
 
-
-def _table_of(topic: str) -> str:
-    """SCHEMA.TABLE of a table's topic."""
-    return ".".join(source_table_of(topic))
 
 
 def _key_schema_ids(messages: KafkaMessages) -> set[int]:

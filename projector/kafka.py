@@ -1,0 +1,51 @@
+"""Kafka in one place: the clients the engine opens, and how a topic and its table name each other.
+
+Debezium names a table's topic `<topic prefix>.<schema>.<table>` (`topic.prefix` in
+connectors/postgres-source.json); everything that turns one into the other calls
+`table_topic` or `source_table_of` here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
+
+
+def table_topic(prefix: str, table: str) -> str:
+    """`SCHEMA.TABLE` → the topic Debezium writes its changes to."""
+    return f"{prefix}.{table}"
+
+
+def source_table_of(topic: str) -> tuple[str, str]:
+    """`<prefix>.<schema>.<table>` → (schema, table)."""
+    parts = topic.split(".")
+    return parts[-2], parts[-1]
+
+
+def table_of(topic: str) -> str:
+    """`<prefix>.<schema>.<table>` → `SCHEMA.TABLE`."""
+    return ".".join(source_table_of(topic))
+
+
+def consumer(bootstrap: str, group_id: str | None = None, **settings: Any) -> Consumer:
+    """A consumer of `bootstrap`; in `group_id` when given (librdkafka's setting names, dots as
+    underscores: `enable_auto_commit=False`)."""
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap}
+    if group_id is not None:
+        conf["group.id"] = group_id
+    conf.update(_librdkafka(settings))
+    return Consumer(conf)
+
+
+def producer(bootstrap: str, **settings: Any) -> Producer:
+    return Producer({"bootstrap.servers": bootstrap, **_librdkafka(settings)})
+
+
+def admin(bootstrap: str, **settings: Any) -> AdminClient:
+    return AdminClient({"bootstrap.servers": bootstrap, **_librdkafka(settings)})
+
+
+def _librdkafka(settings: dict[str, Any]) -> dict[str, Any]:
+    return {name.replace("_", "."): value for name, value in settings.items()}
