@@ -22,7 +22,8 @@ from typing import Any
 
 from devstack.read_model_bench import CONTROL, READ_MODELS, REPLICA, generate_replicas
 from projector.clickhouse import ChdbBackend
-from projector.operations.requests import REBUILD, OpsRequests, run_here
+from projector.operations.read_model_rebuild import run_here
+from projector.operations.requests import REBUILD, OpsRequests
 from projector.read_models.definitions import load_definitions
 from projector.read_models.maintenance import ReadModelMaintainer
 

@@ -875,13 +875,13 @@ def rebuild(
     `--rollback` until `--drop-old`. With a ClickHouse server the running projector does the
     work between batches (this command asks and follows); with chDB (no projector may run) this
     command does it itself."""
+    from projector.operations.read_model_rebuild import run_here
     from projector.operations.requests import (
         DROP_OLD,
         REBUILD,
         ROLLBACK,
         SWAP,
         OpsRequests,
-        run_here,
     )
 
     actions = [a for a, on in ((SWAP, swap), (ROLLBACK, rollback), (DROP_OLD, drop_old)) if on]
@@ -1241,7 +1241,7 @@ def resume(
 
 def _set_pause(table: str, paused: bool, yes: bool, config_file: Path | None) -> None:
     from projector.config import open_backend
-    from projector.operations.requests import TablePauses
+    from projector.operations.pauses import TablePauses
 
     config = _config(config_file)
     if "." not in table:
@@ -1391,7 +1391,7 @@ def _reset_backend(config: ProjectorConfig) -> tuple[Any, Any, Any]:
 
     from projector.commit.checkpoint import PROJECTION, CheckpointStore
     from projector.config import open_backend
-    from projector.operations.requests import TablePauses
+    from projector.operations.pauses import TablePauses
 
     ch = open_backend(config)
     checkpoints = CheckpointStore(ch, config.control_database, PROJECTION)

@@ -54,7 +54,7 @@ from datetime import UTC, datetime
 
 from projector.commit.checkpoint import CheckpointStore
 from projector.errors import ResetRefused
-from projector.operations.requests import TablePauses
+from projector.operations.pauses import TablePauses
 
 MEMBER = "projector reset"
 

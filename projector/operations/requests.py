@@ -1,30 +1,18 @@
-"""What `projector rebuild` and `projector pause | resume` ask of the running projector.
+"""Requests operators make of the running projector: the `ops_requests` control table.
 
-The live projection keeps serving and updating during a rebuild, and only the process applying
-batches can keep a version being built exact (every batch must reach it, and a backfill chunk
-must not interleave with a batch: projector/read_models/maintenance.py). So the command does not build
-anything itself while a projector runs: it records a request (a row of `ops_requests` in the
-control database) and follows the state the projector persists; the projector takes the
-requests between batches (`take_requests`, from `Projector._ensure_read_models`, with no batch
-in flight and no replay pending) and builds the version a chunk at a time, exactly like the
-backfill of a changed definition. Everything a rebuild needs to resume is in ClickHouse: the
-request, the version's row in `read_model_versions` and its backfill checkpoint, so Ctrl-C on
-the command leaves the job running and a SIGKILL of the projector resumes it.
-
-With the embedded chDB backend one process owns the data directory and no projector runs
-beside the command; there it records the request and runs the same job in-process
-(`run_here`).
+`projector rebuild` (read models and replica tables) does not build anything itself while a
+projector runs: it records a request (a row of `ops_requests` in the control database) and
+follows the state the projector persists; the projector takes requests between batches (the run
+loop's duties: projector/run/duties.py) and settles each. Everything a job needs to resume is in
+ClickHouse, so Ctrl-C on the command leaves the job running and a SIGKILL of the projector
+resumes it. What a request of each kind does: projector/operations/read_model_rebuild.py and
+projector/operations/replica_rebuild.py.
 
 A request's states:
 
-    requested ──(taken by the projector between batches)──> taken (detail: the version) ─┐
-        │                                                                                 │
-        └──(refused: RebuildRefused, nothing changed)──> failed                           │
-                                                                                          v
-    the version's own states (read_model_versions, projector/read_models/maintenance.py):
-      building ──(last chunk, verified)──> serving ──(rollback)──> previous ──(drop-old)──> retired
-         │   └──(--no-swap)──> built ──(--swap)──> serving     previous ──(rollback)──> serving
-         └──(verification finds a difference / a definition fails)──> failed
+    requested ──(taken by the projector between batches)──> taken (detail: the job) ──> done
+        │
+        └──(refused: RebuildRefused, nothing changed)──> failed
 """
 
 from __future__ import annotations
@@ -33,11 +21,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 from projector.clickhouse import ClickHouse, ident, quote
 from projector.errors import RebuildRefused
-from projector.read_models.maintenance import BUILDING, ReadModelMaintainer
 
 REQUESTED, TAKEN, DONE, FAILED = "requested", "taken", "done", "failed"
 REBUILD, SWAP, ROLLBACK, DROP_OLD = "rebuild", "swap", "rollback", "drop-old"
@@ -118,99 +104,3 @@ class OpsRequests:
                 f"WHERE {where} ORDER BY seq"
             )
         ]
-
-
-def take_requests(requests: OpsRequests, maintainer: ReadModelMaintainer) -> list[str]:
-    """Act on every pending request (call between batches, after `maintainer.ensure()`); a
-    line per request. A rebuild is taken (its version starts building, the backfill steps do
-    the rest); a swap, rollback or drop is done at once. A refusal changes nothing."""
-    return [
-        requests.carry_out(request, partial(_act, request, maintainer))
-        for request in requests.pending()
-        if "." not in request.target  # SCHEMA.TABLE is a replica table's: replica_rebuild.py
-    ]
-
-
-def _act(request: Request, maintainer: ReadModelMaintainer) -> tuple[str, str, str]:
-    if request.action == REBUILD:
-        no_swap = "no-swap" in request.options.split(",")
-        version = maintainer.start_rebuild(request.target, request.id, no_swap)
-        return TAKEN, version.version, f"rebuilding {request.target} as version {version.version}"
-    if request.action == SWAP:
-        line = maintainer.swap_built(request.target)
-    elif request.action == ROLLBACK:
-        line = maintainer.rollback(request.target)
-    elif request.action == DROP_OLD:
-        line = maintainer.drop_old(request.target)
-    else:
-        raise RebuildRefused(f"unknown request {request.action!r}")
-    return DONE, line, line
-
-
-def run_here(
-    requests: OpsRequests, maintainer: ReadModelMaintainer,
-    on_step: Callable[[str], None] = lambda version: None,
-) -> list[str]:  # fmt: skip
-    """The projector's part, in this process (chDB: no projector runs beside the command):
-    take the pending requests and build until nothing builds, calling `on_step` with the
-    version building after each chunk. The same steps, in the same order as `projector run`
-    takes them."""
-    lines = list(maintainer.ensure())
-    lines += maintainer.finish_open_backfill()
-    lines += take_requests(requests, maintainer)
-    while maintainer.building:
-        building = next(v.version for vs in maintainer.active.values() for v in vs
-                        if v.state == BUILDING)  # fmt: skip
-        step = maintainer.backfill_step()
-        if step is not None:
-            lines.append(step)
-        on_step(building)
-    return lines
-
-
-class TablePauses:
-    """Which replica tables are paused: what `projector pause | resume` wants (`table_pauses`)
-    and what the projector has done about it (`table_pause_states`), latest row per table."""
-
-    def __init__(self, ch: ClickHouse, control_database: str) -> None:
-        self.ch = ch
-        self.control_database = control_database
-        self.wanted_table = f"{ident(control_database)}.table_pauses"
-        self.state_table = f"{ident(control_database)}.table_pause_states"
-
-    def create(self) -> None:
-        topology = self.ch.topology
-        self.ch.execute(topology.create_database(self.control_database))
-        for table in (self.wanted_table, self.state_table):
-            self.ch.execute(
-                topology.create_table(
-                    table, ["table String", "paused UInt8", "seq UInt64",
-                            "recorded_at DateTime64(3) DEFAULT now64(3)"],
-                    "ReplacingMergeTree", "seq", "table", deduplicate=False,
-                )
-            )  # fmt: skip
-
-    def want(self, table: str, paused: bool) -> None:
-        self._write(self.wanted_table, table, paused)
-
-    def record(self, table: str, paused: bool) -> None:
-        self._write(self.state_table, table, paused)
-
-    def _write(self, target: str, table: str, paused: bool) -> None:
-        self.ch.execute(
-            f"INSERT INTO {target} (table, paused, seq) VALUES ({quote(table)}, {int(paused)}, "
-            f"{time.time_ns()})"
-        )
-
-    def wanted(self) -> set[str]:
-        """The tables (SCHEMA.TABLE) asked to be paused."""
-        return self._paused(self.wanted_table)
-
-    def honoured(self) -> set[str]:
-        """The tables a projector has paused."""
-        return self._paused(self.state_table)
-
-    def _paused(self, table: str) -> set[str]:
-        return {
-            r["table"] for r in self.ch.rows(f"SELECT table FROM {table} FINAL WHERE paused = 1")
-        }

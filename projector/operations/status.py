@@ -33,7 +33,7 @@ from projector.commit.dead_letters import DeadLetterStore
 from projector.commit.ledger import ConsistencyTracker, TransactionLedger, lsn_text
 from projector.config import ProjectorConfig, client_environment, open_backend
 from projector.errors import ProjectorError
-from projector.operations.requests import TablePauses
+from projector.operations.pauses import TablePauses
 from projector.read_models.definitions import load_read_models
 from projector.redaction import redact_values
 from projector.replicas.topic_guard import TopicGuard

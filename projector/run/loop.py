@@ -61,12 +61,14 @@ from projector.errors import (
 from projector.kafka import source_table_of, table_of
 from projector.messages import KafkaMessages, RawMessage
 from projector.metrics import ProjectorMetrics
+from projector.operations.pauses import TablePauses
+from projector.operations.read_model_rebuild import take_requests
 from projector.operations.replica_rebuild import (
     ReplicaRebuild,
     ReplicaRebuilds,
     take_replica_requests,
 )
-from projector.operations.requests import OpsRequests, TablePauses, take_requests
+from projector.operations.requests import OpsRequests
 from projector.read_models.definitions import load_read_models
 from projector.read_models.maintenance import ReadModelMaintainer, maintainer_for
 from projector.replicas.apply import BatchApplier, BatchOutcome, decode
