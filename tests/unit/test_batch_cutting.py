@@ -1,0 +1,27 @@
+"""Cutting a partition's consumed messages into batches (`cut_batch`,
+projector/commit/checkpoint.py): full batches, draining, and an open intent cut exactly again."""
+
+from __future__ import annotations
+
+from projector.commit.checkpoint import BatchRange, cut_batch
+
+
+def cut(
+    buffer: list[int], replay: BatchRange | None = None, size: int = 3, drain: bool = False
+) -> tuple[list[int], list[int]]:
+    batch, rest = cut_batch(buffer, lambda m: m, replay, size, drain)
+    return list(batch), list(rest)
+
+
+def test_a_full_batch_is_cut_and_a_partial_one_waits_unless_draining() -> None:
+    assert cut([1, 2, 3, 4]) == ([1, 2, 3], [4])
+    assert cut([4]) == ([], [4])
+    assert cut([4], drain=True) == ([4], [])
+    assert cut([], drain=True) == ([], [])
+
+
+def test_an_open_intent_is_cut_exactly_again_over_gaps() -> None:
+    intent = BatchRange("t", 0, 10, 20)
+    assert cut([10, 12], intent, drain=True) == ([], [10, 12])  # not yet at its last offset
+    assert cut([10, 12, 20, 21, 22], intent, size=2) == ([10, 12, 20], [21, 22])
+    assert cut([10, 15, 21], intent) == ([10, 15], [21])  # offset 20 compacted away
