@@ -7,10 +7,13 @@ connectors/postgres-source.json); everything that turns one into the other calls
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaException, Producer, TopicCollection
 from confluent_kafka.admin import AdminClient
+
+log = logging.getLogger("projector")
 
 
 def table_topic(prefix: str, table: str) -> str:
@@ -49,3 +52,14 @@ def admin(bootstrap: str, **settings: Any) -> AdminClient:
 
 def _librdkafka(settings: dict[str, Any]) -> dict[str, Any]:
     return {name.replace("_", "."): value for name, value in settings.items()}
+
+
+def describe_topic(admin: AdminClient, topic: str) -> tuple[str, int] | None:
+    """Kafka's id and partition count of `topic` now (None: Kafka cannot say right now)."""
+    try:
+        futures = admin.describe_topics(TopicCollection([topic]), request_timeout=10)
+        description = futures[topic].result(timeout=15)
+    except KafkaException as exc:
+        log.warning("cannot describe topic %s: %s", topic, exc)
+        return None
+    return str(description.topic_id), len(description.partitions)

@@ -172,6 +172,15 @@ class TopicGuard:
             self._shapes[topic] = cached
         return cached[1]
 
+    def partition_count(self, topic: str) -> int | None:
+        """The topic's partition count as recorded at its first batch (a changed count stops
+        the table before any batch applies), else as Kafka describes it now."""
+        recorded = self.recorded(topic)
+        if recorded is not None:
+            return recorded.partitions
+        shape = self.shape(topic)
+        return None if shape is None else shape.partitions
+
     def _record(self, topic: str, identity: TopicIdentity) -> None:
         row = {
             "projection": self.projection, "topic": topic, "topic_id": identity.topic_id,

@@ -1,31 +1,92 @@
-"""Housekeeping between batches: the duties of a running projector that are not the commit
-protocol -- lag metrics, read-model watermarks, pruning the transaction ledger.
+"""Work between batches: the duties of a running projector, and the one rule they all keep.
 
-One rule for all of them: **housekeeping never stops ingestion.** A chore that fails (ClickHouse
-refuses its statement, a server is away, a bug) is logged with its reason and tried again later;
-the run goes on applying batches. What a chore computes is only ever a report or a clean-up, so a
-late one leaves every replica and read model exact: a watermark reported late is lower than it
-could be (a reader waits a little longer, never sees less), a ledger pruned late is larger.
+A duty is whatever the run loop does that is not applying a batch: honouring `projector pause`,
+keeping the read models (starting families, taking rebuild requests, a backfill chunk),
+rebuilding replica tables, reporting lag and watermarks, pruning the transaction ledger. Each says
+when it is due (`due`, which may look but changes nothing) and does its work (`run`). `Duties`
+runs the due ones in the order the loop gave them, and enforces the rule, here and nowhere else:
 
-The commit protocol (projector/commit/checkpoint.py) is not a chore: when it cannot go on, nothing
-should.
+**A duty runs only with no batch in flight and no replay pending.**
+
+- No batch in flight: a duty may change what a batch reads or writes (a pause moves partitions,
+  a backfill chunk reads the replicas a batch writes, a rebuild swaps a table), so the batch in
+  flight is settled first; a duty that only reports then sees settled positions.
+- No replay pending: an open intent is replayed exactly before anything else changes the state it
+  saw (projector/commit/checkpoint.py, step 2; a half-applied batch's read-model deltas are exact
+  only against that state). While one waits, no duty runs.
+
+How a duty fails is its own, and of two kinds:
+
+- A **chore** (`Chore`: lag, watermarks, pruning) is a report or a clean-up: **housekeeping never
+  stops ingestion.** One that fails (ClickHouse refuses its statement, a server is away, a bug) is
+  logged with its reason, counted, and tried again later; the run goes on. A late chore leaves
+  every replica and read model exact: a watermark reported late is lower than it could be (a
+  reader waits a little longer, never sees less), a ledger pruned late is larger.
+- A duty that changes state (pauses, read-model upkeep, replica rebuilds:
+  projector/run/pausing.py, projector/run/upkeep.py) retries transient failures while the member
+  keeps polling, and a job that is refused fails alone (`RebuildRefused`), never the run.
+
+The commit protocol is not a duty: when it cannot go on, nothing should.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 log = logging.getLogger("projector")
 LOG_REPEAT_S = 60.0  # a chore that keeps failing is logged once a minute, not every round
 
 
+class Duty(Protocol):
+    name: str
+
+    def due(self, now: float) -> bool:
+        """Whether it has work now (may read, changes nothing)."""
+        ...
+
+    def run(self) -> None:
+        """Do the work: called with no batch in flight and no replay pending."""
+        ...
+
+
+@dataclass
+class Duties:
+    """The duties of a run, in order; `run_due` is called once a round of the loop."""
+
+    duties: Sequence[Duty] = ()
+    settle: Callable[[], None] = lambda: None  # waits for the batch in flight and takes it
+    replay_pending: Callable[[], bool] = lambda: False
+    clock: Callable[[], float] = time.monotonic
+
+    def run_due(self) -> None:
+        if self.replay_pending():
+            return
+        due = [duty for duty in self.duties if duty.due(self.clock())]
+        if not due:
+            return
+        self.settle()
+        for duty in due:
+            # Settling can re-position a partition (a refused batch) and a duty's retries poll
+            # Kafka (an assignment): either may open a replay, which then goes first.
+            if self.replay_pending():
+                return
+            duty.run()
+
+    def run_now(self, action: Callable[[], None]) -> None:
+        """Work that cannot wait for its turn (at the finish line), under the same rule."""
+        self.settle()
+        if not self.replay_pending():
+            action()
+
+
 @dataclass
 class Chore:
-    """`action` at most every `every_s` seconds (the first time after `first_after_s`); after a
-    failure, again in `retry_s` (default: `every_s`)."""
+    """A report or clean-up: `action` at most every `every_s` seconds (the first time after
+    `first_after_s`); after a failure, again in `retry_s` (default: `every_s`)."""
 
     name: str
     action: Callable[[], None]
@@ -41,44 +102,35 @@ class Chore:
     def __post_init__(self) -> None:
         self._due = self.clock() + self.first_after_s
 
-    def run_if_due(self) -> bool:
-        """Run the chore when due; False when it ran and failed."""
-        now = self.clock()
-        if now < self._due:
-            return True
-        self._due = now + self.every_s
+    def due(self, now: float) -> bool:
+        return now >= self._due
+
+    def run(self) -> None:
+        self._due = self.clock() + self.every_s
         try:
             self.action()
         except Exception as exc:  # the rule: a chore never ends the run
-            self.failures += 1
-            self.failed(self.name)
-            retry_s = self.every_s if self.retry_s is None else self.retry_s
-            self._due = self.clock() + retry_s
-            # The first failure with its trace (it may be a bug); then a line a minute at most.
-            if self.failures == 1 or self.clock() - self._logged >= LOG_REPEAT_S:
-                self._logged = self.clock()
-                reason = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
-                log.warning("%s failed %d time(s) in a row (tried again in %.0f s; the run goes "
-                            "on): %s: %s", self.name, self.failures, retry_s,
-                            type(exc).__name__, reason,
-                            exc_info=exc if self.failures == 1 else None)  # fmt: skip
-            return False
+            self._failed(exc)
+            return
         if self.failures:
             log.info("%s succeeded again after %d failure(s)", self.name, self.failures)
             self.failures = 0
-        return True
 
-
-@dataclass
-class Chores:
-    """The chores of a run, done in order between batches."""
-
-    chores: list[Chore] = field(default_factory=list)
-
-    def add(self, chore: Chore) -> Chore:
-        self.chores.append(chore)
-        return chore
-
-    def run_due(self) -> None:
-        for chore in self.chores:
-            chore.run_if_due()
+    def _failed(self, exc: Exception) -> None:
+        self.failures += 1
+        self.failed(self.name)
+        retry_s = self.every_s if self.retry_s is None else self.retry_s
+        self._due = self.clock() + retry_s
+        # The first failure with its trace (it may be a bug); then a line a minute at most.
+        if self.failures == 1 or self.clock() - self._logged >= LOG_REPEAT_S:
+            self._logged = self.clock()
+            reason = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
+            log.warning(
+                "%s failed %d time(s) in a row (tried again in %.0f s; the run goes on): %s: %s",
+                self.name,
+                self.failures,
+                retry_s,
+                type(exc).__name__,
+                reason,
+                exc_info=exc if self.failures == 1 else None,
+            )

@@ -13,107 +13,46 @@ happened. SIGTERM/SIGINT: the batch in progress finishes, then the loop exits 0.
 from __future__ import annotations
 
 import logging
-import random
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, TypeVar
 
-from confluent_kafka import (
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message,
-    TopicCollection,
-    TopicPartition,
-)  # fmt: skip
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from projector import kafka
 from projector.clickhouse import ClickHouse
 from projector.commit.checkpoint import (
-    PROJECTION,
     RESET,
-    BatchCommitter,
     BatchRange,
-    CheckpointStore,
     Resume,
     acknowledge,
     counted_ranges,
     counted_run,
     cut_batch,
 )
-from projector.commit.dead_letters import DeadLetter, DeadLetterStore
 from projector.commit.finish_line import Finish, FinishLine
-from projector.commit.ledger import EventPlace, TransactionLedger, Unfinished, Watermark
+from projector.commit.ledger import Unfinished
 from projector.config import ProjectorConfig
-from projector.errors import (
-    ClickHouseUnavailable,
-    KafkaUnavailable,
-    PartitionLost,
-    PoisonMessage,
-    RebuildRefused,
-    SourceUnavailable,
-)
-from projector.kafka import source_table_of, table_of
-from projector.messages import KafkaMessages, RawMessage
+from projector.errors import PartitionLost
+from projector.messages import KafkaMessages
 from projector.metrics import ProjectorMetrics
-from projector.operations.pauses import TablePauses
-from projector.operations.read_model_rebuild import take_requests
-from projector.operations.replica_rebuild import (
-    ReplicaRebuild,
-    ReplicaRebuilds,
-    take_replica_requests,
-)
-from projector.operations.requests import OpsRequests
-from projector.read_models.definitions import load_read_models
-from projector.read_models.maintenance import ReadModelMaintainer, maintainer_for
-from projector.replicas.apply import BatchApplier, BatchOutcome, decode
-from projector.replicas.catalog import ReplicaCatalog
-from projector.replicas.fast_path import FastPath, Segment
-from projector.replicas.signal_table import SignalTable
-from projector.replicas.snapshot_sweep import SnapshotSweep
-from projector.replicas.topic_guard import TopicGuard, TopicShape
-from projector.run.duties import Chore, Chores
-from schemas.errors import NotConfluentFramed, RegistryUnavailable, SchemaError, UnknownSchema
-from schemas.registry import SchemaCache
-from schemas.upcasters import Upcasters
+from projector.run.batch import BatchWork
+from projector.run.duties import Duties, Duty
+from projector.run.parts import open_parts
+from projector.run.pausing import TablePausing
+from projector.run.reports import chores
+from projector.run.retries import TRANSIENT, with_retries
+from projector.run.upkeep import ReadModelUpkeep, ReplicaRebuildJobs
 
 log = logging.getLogger("projector")
 T = TypeVar("T")
-TRANSIENT: tuple[type[Exception], ...] = (
-    ClickHouseUnavailable, RegistryUnavailable, SourceUnavailable, KafkaUnavailable,
-)  # fmt: skip
 KEEP_POLLING_S = 1.0  # how often a member waiting long for its batch polls (stays in the group)
 FINISH_CHECK_S = 0.5  # how often a run asked to finish looks at its finish line, at most
 FIRST_WAITING_REPORT_S, WAITING_REPORT_S = 5.0, 30.0  # when it logs what it still waits for
-PAUSE_CHECK_S = 1.0  # how often it reads which tables `projector pause` paused
-
-
-def with_retries(
-    action: Callable[[], T], what: str, stop: Callable[[], bool] = lambda: False,
-    base_s: float = 0.2, cap_s: float = 30.0, sleep: Callable[[float], None] | None = None,
-) -> T:  # fmt: skip
-    """Run `action`, retrying transient failures with full-jitter exponential back-off (`sleep`
-    waits, `time.sleep` looked up when called; the main thread's keeps polling Kafka)."""
-    attempt = 0
-    while True:
-        try:
-            result = action()
-        except TRANSIENT as exc:
-            if attempt == 0:
-                log.warning("%s failed, retrying with back-off: %s", what, exc)
-            attempt += 1
-            if stop() and attempt > 3:
-                raise
-            (sleep or time.sleep)(random.uniform(0, min(cap_s, base_s * 2**attempt)))
-            continue
-        if attempt:
-            log.warning("%s recovered after %d retries", what, attempt)
-        return result
 
 
 def offset_of(message: Message) -> int:
@@ -142,52 +81,12 @@ class Projector:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         self.config = config
-        self.schemas = SchemaCache(config.registry_url)
-        self.checkpoints = CheckpointStore(ch, config.control_database, PROJECTION)
-        with_retries(self.checkpoints.create, "creating the checkpoint table")
-        self.committer = BatchCommitter(self.checkpoints)
-        has_fast_path = hasattr(ch, "over_avro")
-        # Everything a batch writes goes through the fence (checkpoint.py, step 3).
-        self.ch = ch = self.committer.fenced(ch)
-        self.dlq = DeadLetterStore(ch, config.control_database, PROJECTION)
-        with_retries(self.dlq.create, "creating the DLQ table")
-        self.ledger = TransactionLedger(ch, config.control_database, PROJECTION)
-        with_retries(self.ledger.create, "creating the transaction ledger")
-        self.admin = kafka.admin(config.kafka_bootstrap)
-        self.guard = TopicGuard(ch, config.control_database, PROJECTION, self._describe_topic)
-        with_retries(self.guard.create, "creating the topic identities")
-        sweep = SnapshotSweep(ch, config.control_database, PROJECTION, self._partition_count)
-        with_retries(sweep.create, "creating the snapshot bounds")
-        fast_path = None
-        if config.fast_path and has_fast_path:
-            fast_path = FastPath(ch, config.registry_url, config.transaction_metadata)
-        upcasters = Upcasters.load(config.upcasters_file)
-        self.applier = BatchApplier(
-            ch, self.schemas,
-            ReplicaCatalog(ch, config.replica_prefix, SignalTable(config.source_dsn).request),
-            PROJECTION, upcasters=upcasters, fast_path=fast_path, sweep=sweep,
-        )  # fmt: skip
-        # Replica tables rebuilt from Kafka or a snapshot (projector/operations/replica_rebuild.py).
-        self.replica_rebuilds = ReplicaRebuilds.for_config(
-            config, ch, self.schemas, upcasters, self._partition_count
+        self.parts = parts = open_parts(config, ch, kafka.admin(config.kafka_bootstrap))
+        self.checkpoints, self.committer, self.ledger = (
+            parts.checkpoints,
+            parts.committer,
+            parts.ledger,
         )
-        with_retries(self.replica_rebuilds.create, "creating the replica rebuild table")
-        self._replica_jobs: list[ReplicaRebuild] = []
-        self._next_replica_request_check = 0.0
-        # Read models are kept inside the batch commit (projector/read_models/maintenance.py); None when this
-        # member does not keep them (config `maintain_read_models`).
-        self.read_models: ReadModelMaintainer | None = maintainer_for(config, ch)
-        self.read_model_list = load_read_models(config.read_models_file)
-        # Rebuilds, rollbacks (projector/operations/requests.py) and pauses are asked through control tables.
-        self.requests = OpsRequests(ch, config.control_database)
-        with_retries(self.requests.create, "creating the ops request table")
-        self.pauses = TablePauses(ch, config.control_database)
-        with_retries(self.pauses.create, "creating the table pause tables")
-        self._pause_wanted: set[str] = with_retries(self.pauses.wanted, "reading paused tables")
-        self._paused: set[tuple[str, int]] = set()  # partitions held back by `projector pause`
-        self._next_pause_check = 0.0
-        self._recorded_pauses: dict[str, bool] = {}  # what this member recorded it did
-        self._next_read_model_check = 0.0
         self.partitions: dict[tuple[str, int], PartitionState] = defaultdict(PartitionState)
         # The next offset to apply per assigned partition (after the last batch done).
         self.next_offset: dict[tuple[str, int], int] = {}
@@ -197,33 +96,22 @@ class Projector:
         self._unpositioned: set[tuple[str, int]] = set()  # assigned, paused: steps A-C failed
         self._last_poll = time.monotonic()
         self.metrics = ProjectorMetrics()
-        # Each read model's watermark as last found: the next search starts there.
-        self._watermarks: dict[str, Watermark] = {}
-        # Housekeeping between batches: a failure is logged and tried again, never the end.
-        self.chores = Chores()
-        failed = lambda chore: self.metrics.chore_failures.labels(chore).inc()  # noqa: E731
-        self.chores.add(Chore("reporting lag", self._report_lag, every_s=1, failed=failed))
-        if config.transaction_metadata:
-            self.chores.add(Chore("reporting watermarks", self._report_watermarks, every_s=10,
-                                  failed=failed))  # fmt: skip
-            self.chores.add(Chore("pruning the transaction ledger", self._prune_ledger,
-                                  every_s=config.ledger_prune_interval_s,
-                                  first_after_s=config.ledger_prune_interval_s,
-                                  retry_s=min(60.0, config.ledger_prune_interval_s),
-                                  failed=failed))  # fmt: skip
         if config.metrics_port:
             try:
                 self.metrics.serve(config.metrics_port, config.metrics_host)
                 log.info("metrics at http://127.0.0.1:%d/metrics", config.metrics_port)
             except OSError as exc:
-                log.warning("no metrics endpoint: port %d: %s (set PROJECTOR_METRICS_PORT)",
-                            config.metrics_port, exc)  # fmt: skip
-        self.applied_events = 0
-        self.fast_events = 0  # of which applied by the fast path
-        self.dead_letters = 0
+                log.warning(
+                    "no metrics endpoint: port %d: %s (set PROJECTOR_METRICS_PORT)",
+                    config.metrics_port,
+                    exc,
+                )
         self.consumer = kafka.consumer(
-            config.kafka_bootstrap, config.group_id,
-            enable_auto_commit=False, auto_offset_reset="earliest", enable_partition_eof=True,
+            config.kafka_bootstrap,
+            config.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            enable_partition_eof=True,
             topic_metadata_refresh_interval_ms=2000,
             partition_assignment_strategy="cooperative-sticky",
             session_timeout_ms=config.session_timeout_ms,
@@ -231,6 +119,35 @@ class Projector:
             max_partition_fetch_bytes=16 * 1024 * 1024,
         )
         self.producer = kafka.producer(config.kafka_bootstrap, linger_ms=50)
+        self.batches = BatchWork(
+            config, parts.committer, parts.applier, parts.ledger, parts.guard, parts.read_models,
+            parts.dlq, self.producer, parts.schemas, self.metrics, lambda: self.stopping,
+        )  # fmt: skip
+        self.duties = self._duties()
+
+    def _duties(self) -> Duties:
+        """What this member does between batches, in this order (projector/run/duties.py)."""
+        parts = self.parts
+        wanted = with_retries(parts.pauses.wanted, "reading paused tables")
+        self.pausing = TablePausing(parts.pauses, self, self.metrics, wanted)
+        duties: list[Duty] = [self.pausing]
+        duties += chores(
+            self.config, self.metrics, self.consumer, self.next_offset, self.partitions,
+            parts.ledger, parts.read_model_list,
+        )  # fmt: skip
+        self.read_model_upkeep = None
+        if parts.read_models is not None:
+            self.read_model_upkeep = ReadModelUpkeep(
+                parts.read_models, parts.requests, self.main_retries
+            )
+            duties.append(self.read_model_upkeep)
+        duties.append(
+            ReplicaRebuildJobs(
+                parts.replica_rebuilds, parts.requests, self.applied_to,
+                lambda: [topic for topic, _ in self.next_offset], self.main_retries,
+            )
+        )  # fmt: skip
+        return Duties(duties, settle=self._wait_for_batch, replay_pending=self._replay_pending)
 
     # ---- assignment --------------------------------------------------------------------------
 
@@ -252,11 +169,11 @@ class Projector:
         )
         # A paused table's partitions stay paused (an open intent is replayed first, then they
         # pause: nothing else is applied before it).
-        paused = [TopicPartition(r.topic, r.partition) for r in resumes
-                  if r.replay is None and table_of(r.topic) in self._pause_wanted]  # fmt: skip
+        paused = self.pausing.pause_on_assign(
+            [(r.topic, r.partition) for r in resumes if r.replay is None]
+        )
         if paused:
-            consumer.pause(paused)
-            self._paused.update((tp.topic, tp.partition) for tp in paused)
+            consumer.pause([TopicPartition(topic, partition) for topic, partition in paused])
         if self._waiting:  # assigned while a batch waits for ClickHouse: fetch nothing yet
             consumer.pause(consumer.assignment())
 
@@ -285,7 +202,7 @@ class Projector:
         resumes = self.committer.assign(keys)
         history = self.checkpoints.reset_history(keys)
         topics = {topic for topic, _ in keys if topic != self.config.transaction_topic}
-        recreated = {topic for topic in topics if self.guard.recreated(topic)}
+        recreated = {topic for topic in topics if self.parts.guard.recreated(topic)}
         for index, resume in enumerate(resumes):
             if resume.topic in recreated:
                 log.error("%s was re-created: its table stops (see `projector dlq list`)",
@@ -330,7 +247,7 @@ class Projector:
     def _forget(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._unpositioned.discard((tp.topic, tp.partition))
-            self._paused.discard((tp.topic, tp.partition))
+            self.pausing.forget((tp.topic, tp.partition))
             self.metrics.forget(tp.topic, tp.partition)
             self.next_offset.pop((tp.topic, tp.partition), None)
             self.partitions.pop((tp.topic, tp.partition), None)
@@ -359,10 +276,8 @@ class Projector:
             log.info("running until %s is applied", finish.describe())
         # Before any batch: a serving read model must see every batch, and a backfill chunk left
         # open by a crash is finished before anything else changes what it read (replay first).
-        self._ensure_read_models()
-        if self.read_models is not None:
-            for line in with_retries(self.read_models.finish_open_backfill, "finishing a backfill"):
-                log.info("read models: %s", line)
+        if self.read_model_upkeep is not None:
+            self.read_model_upkeep.start()
         self.consumer.subscribe(
             self.config.subscription(), on_assign=self._on_assign, on_revoke=self._on_revoke,
             on_lost=self._on_lost,
@@ -376,10 +291,7 @@ class Projector:
                 if self._in_flight is not None and self._in_flight.done():
                     self._wait_for_batch()  # an idle loop still records the last batch
                 self._position_waiting()
-                self._honour_pauses()
-                self.chores.run_due()
-                self._ensure_read_models()
-                self._rebuild_replicas()
+                self.duties.run_due()
                 if tick is not None:
                     tick()
                 now = time.monotonic()
@@ -390,8 +302,9 @@ class Projector:
                 if (finish_line is not None and fresh < self.config.max_batch_messages
                         and now >= next_finish_check):  # fmt: skip
                     self._wait_for_batch()
-                    if self._main_retries(finish_line.reached, "checking the finish line"):
-                        self._finish_read_models()
+                    if self.main_retries(finish_line.reached, "checking the finish line"):
+                        if self.read_model_upkeep is not None:
+                            self.duties.run_now(self.read_model_upkeep.finish)
                         break
                     next_finish_check = time.monotonic() + FINISH_CHECK_S
                     if next_finish_check >= next_waiting_report:
@@ -404,10 +317,10 @@ class Projector:
                 self._apply_thread.shutdown(wait=True)
                 self.producer.flush(10)
                 self.consumer.close()
-                self.replica_rebuilds.close()
+                self.parts.replica_rebuilds.close()
         log.info(
             "stopped: %d events applied (%d by the fast path), %d dead letters",
-            self.applied_events, self.fast_events, self.dead_letters,
+            self.batches.applied_events, self.batches.fast_events, self.batches.dead_letters,
         )  # fmt: skip
         return 0
 
@@ -449,7 +362,7 @@ class Projector:
         for (topic, partition), state in list(self.partitions.items()):
             if replaying and (topic, partition) not in replaying:
                 continue
-            if (topic, partition) in self._paused:
+            if (topic, partition) in self.pausing.paused:
                 continue  # what it fetched before the pause waits in its buffer
             # More than a poll takes (max_batch_messages) for the transaction topic, when set:
             # its buffer then fills over several polls, or is cut when one finds nothing newer.
@@ -483,7 +396,7 @@ class Projector:
                     self._reposition(topic, partition)
                     break
                 messages = KafkaMessages(batch_msgs)
-                segments = self.applier.plan(messages)  # while the batch in flight applies
+                segments = self.parts.applier.plan(messages)  # while the batch in flight applies
                 positioned = state.positioned
                 self._wait_for_batch()  # at most one batch in flight
                 if self.partitions.get((topic, partition)) is not state or (
@@ -491,7 +404,7 @@ class Projector:
                 ):
                     break  # revoked or re-positioned meanwhile: this batch is not ours to apply
                 self._in_flight = self._apply_thread.submit(
-                    self._commit_with_retries, batch, messages, segments, counted
+                    self.batches.commit, batch, messages, segments, counted
                 )
                 state.replay = None
                 if self.stopping:
@@ -530,55 +443,10 @@ class Projector:
     def _resume_paused(self) -> None:
         if self._waiting:
             self._waiting = False
-            waiting = self._unpositioned | self._paused
+            waiting = self._unpositioned | self.pausing.paused
             self.consumer.resume(
                 [tp for tp in self.consumer.assignment() if (tp.topic, tp.partition) not in waiting]
             )
-
-    def _honour_pauses(self) -> None:
-        """Pause or resume the partitions of the tables `projector pause | resume` named (read
-        every PAUSE_CHECK_S), after settling the batch in flight: a table stops after a whole
-        batch, and its read models' watermarks hold where its transactions stop. A partition
-        with an open intent is replayed first (replay first), then paused."""
-        now = time.monotonic()
-        if now < self._next_pause_check:
-            return
-        self._next_pause_check = now + PAUSE_CHECK_S
-        try:
-            self._pause_wanted = wanted = self.pauses.wanted()
-        except TRANSIENT:
-            return  # read on a later round
-        pause = [
-            key for key, state in self.partitions.items()
-            if key in self.next_offset and key not in self._paused and state.replay is None
-            and table_of(key[0]) in wanted
-        ]  # fmt: skip
-        resume = [key for key in self._paused if table_of(key[0]) not in wanted]
-        if pause or resume:
-            self._wait_for_batch()
-            self.consumer.pause([TopicPartition(t, p) for t, p in pause])
-            self._paused.update(pause)
-            for topic, partition in resume:
-                # Steps A-C again: while paused, its checkpoint may have moved (`projector
-                # reset`, checkpoint.py R1-R3); our claim then lost, and this one is newer.
-                self._reposition(topic, partition)
-            self._paused.difference_update(resume)
-            self.consumer.resume([TopicPartition(t, p) for t, p in resume
-                                  if (t, p) in self.next_offset])  # fmt: skip
-        # Recorded here, also for partitions paused on assignment (no ClickHouse in a rebalance).
-        now_paused = {table_of(t) for t, _ in self._paused}
-        changed = {
-            t: t in now_paused
-            for t in now_paused | set(self._recorded_pauses)
-            if self._recorded_pauses.get(t) != (t in now_paused)
-            and (t in now_paused or t not in wanted)
-        }  # fmt: skip (revoked: not ours)
-        for table, paused in sorted(changed.items()):
-            log.info("%s %s (projector %s)", "paused" if paused else "resumed", table,
-                     "pause" if paused else "resume")  # fmt: skip
-            self._main_retries(partial(self.pauses.record, table, paused), "recording a pause")
-            self._recorded_pauses[table] = paused
-            self.metrics.table_paused.labels(table).set(int(paused))
 
     def _sleep_polling(self, seconds: float) -> None:
         """The main thread's back-off: it keeps polling while it sleeps."""
@@ -587,7 +455,7 @@ class Projector:
             self._poll_paused()
             time.sleep(min(left, KEEP_POLLING_S))
 
-    def _main_retries(self, action: Callable[[], T], what: str) -> T:
+    def main_retries(self, action: Callable[[], T], what: str) -> T:
         """`with_retries` on the main thread: never so long that Kafka drops the member."""
         try:
             return with_retries(action, what, sleep=self._sleep_polling)
@@ -597,7 +465,7 @@ class Projector:
     def _reposition(self, topic: str, partition: int) -> None:
         """Steps A-C again for one partition we hold (its batch was refused, or Kafka went
         back), then continue it from there."""
-        (resume,) = self._main_retries(lambda: self._position([(topic, partition)]),
+        (resume,) = self.main_retries(lambda: self._position([(topic, partition)]),
                                        "reading checkpoints")  # fmt: skip
         held = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
         if (topic, partition) not in held:  # revoked while we retried: not ours to continue
@@ -630,254 +498,30 @@ class Projector:
             self.next_offset[key] = batch.last + 1
             acknowledge(self.consumer, batch)
 
-    def _report_lag(self) -> None:
-        """Lag per assigned partition into the metrics."""
-        for (topic, partition), next_offset in list(self.next_offset.items()):
-            try:
-                _, end = self.consumer.get_watermark_offsets(
-                    TopicPartition(topic, partition), cached=True
-                )
-            except KafkaException:
-                continue
-            state = self.partitions.get((topic, partition))
-            waiting = state.buffer[0].timestamp()[1] if state and state.buffer else None
-            self.metrics.set_lag(topic, partition, end, next_offset, waiting)
+    # ---- what the duties ask of the loop (projector/run/pausing.py, upkeep.py) ------------------
 
-    def _report_watermarks(self) -> None:
-        """Each read model's watermark into the metrics; one that fails does not keep the
-        others from being reported (the first failure is raised once they are done)."""
-        failure: Exception | None = None
-        for model in self.read_model_list:
-            collections = [f"{self.config.read_model_schema}.{s}" for s in model.sources]
-            try:
-                mark = self.ledger.watermark(collections, self._watermarks.get(model.name))
-            except Exception as exc:  # reported by the chore once the others are done
-                failure = failure or exc
-                continue
-            if mark is not None:
-                self._watermarks[model.name] = mark
-                self.metrics.watermark_lsn.labels(model.name).set(mark.lsn)
-        if failure is not None:
-            raise failure
+    def _replay_pending(self) -> bool:
+        return any(state.replay is not None for state in self.partitions.values())
 
-    def _prune_ledger(self) -> None:
-        pruned = self.ledger.prune()
-        if pruned:
-            log.info("transaction ledger: %d settled transaction(s) pruned", pruned)
+    def positioned(self) -> dict[tuple[str, int], bool]:
+        """The partitions it applies, each with whether a replay is pending."""
+        return {
+            key: state.replay is not None
+            for key, state in self.partitions.items()
+            if key in self.next_offset
+        }
 
-    def _ensure_read_models(self) -> None:
-        """Start read-model families whose sources now exist (checked every few seconds), and
-        build new versions a chunk at a time. Both run with no batch in flight, so they are
-        serialized with the batches' maintenance."""
-        if self.read_models is None or time.monotonic() < self._next_read_model_check:
-            return
-        if any(state.replay is not None for state in self.partitions.values()):
-            return  # replay first
-        self._wait_for_batch()
-        maintainer = self.read_models
-        for line in self._main_retries(maintainer.ensure, "starting read models"):
-            log.info("read models: %s", line)
-        taken = self._main_retries(partial(take_requests, self.requests, maintainer),
-                                   "taking rebuild requests")  # fmt: skip
-        for line in taken:
-            log.info("read models: %s", line)
-        if maintainer.building:
-            progress = self._main_retries(maintainer.backfill_step, "backfilling read models")
-            if progress is not None:
-                log.info("read models: %s", progress)
-            return  # the next chunk on the next round, between batches
-        self._next_read_model_check = time.monotonic() + 3
+    def hold(self, keys: list[tuple[str, int]]) -> None:
+        self.consumer.pause([TopicPartition(topic, partition) for topic, partition in keys])
 
-    def _rebuild_replicas(self) -> None:
-        """Take replica-table rebuild requests (once a second) and move every rebuild job whose
-        topic this member holds whole a step, with no batch in flight (replay first: not while
-        an open intent waits). projector/operations/replica_rebuild.py says why that is exact."""
-        if any(state.replay is not None for state in self.partitions.values()):
-            return
-        now = time.monotonic()
-        if now >= self._next_replica_request_check:
-            self._next_replica_request_check = now + 1
-            rebuilds = self.replica_rebuilds
-            pending = [r for r in self._main_retries(self.requests.pending, "reading requests")
-                       if "." in r.target]  # fmt: skip
-            if pending:
-                self._wait_for_batch()
-                lines = self._main_retries(
-                    partial(take_replica_requests, self.requests, rebuilds, self.applied_to),
-                    "taking replica rebuild requests",
-                )
-                for line in lines:
-                    log.info("replica rebuild: %s", line)
-            self._replica_jobs = self._main_retries(rebuilds.jobs, "reading replica rebuilds")
-        held: dict[str, int] = defaultdict(int)
-        for topic, _ in self.next_offset:
-            held[topic] += 1
-        jobs = [
-            j for j in self._replica_jobs
-            if held.get(j.topic) and held[j.topic] == len(self.replica_rebuilds.partitions(j.topic))
-        ]  # fmt: skip
-        if not jobs:
-            return
-        self._wait_for_batch()
-        for job in jobs:
-            try:
-                caught_up = self._main_retries(
-                    partial(self.replica_rebuilds.step, job, self.applied_to),
-                    "rebuilding a replica",
-                )
-            except RebuildRefused as exc:  # the job fails, never the pipeline
-                log.error("replica rebuild of %s failed: %s", job.table, exc)
-                self._main_retries(partial(self.replica_rebuilds.fail, job, str(exc)),
-                                   "recording a failed rebuild")  # fmt: skip
-                self.replica_rebuilds.forget(job)
-                continue
-            swapped = self._main_retries(
-                partial(self.replica_rebuilds.finish_step, job, caught_up), "swapping a replica"
-            )
-            if swapped is not None:
-                log.info("replica rebuild: %s", swapped)
-
-    def _finish_read_models(self) -> None:
-        """At the finish line: every read model whose sources exist is started and built."""
-        while True:
-            self._next_read_model_check = 0.0
-            self._ensure_read_models()
-            if self.read_models is None or not self.read_models.building:
-                return
-
-    def _commit_with_retries(
-        self, batch: BatchRange, messages: KafkaMessages, segments: list[Segment] | None,
-        counted: bool = False,
-    ) -> BatchRange:  # fmt: skip
-        def attempt() -> None:
-            self.committer.commit(batch, lambda rng: self._apply(rng, messages, segments, counted))
-
-        with_retries(
-            attempt,
-            f"applying {batch.topic}[{batch.partition}] {batch.first}-{batch.last}",
-            stop=lambda: self.stopping,
+    def release(self, keys: list[tuple[str, int]]) -> None:
+        for topic, partition in keys:
+            # Steps A-C again: while held, its checkpoint may have moved (`projector reset`,
+            # checkpoint.py R1-R3); our claim then lost, and this one is newer.
+            self._reposition(topic, partition)
+        self.consumer.resume(
+            [TopicPartition(t, p) for t, p in keys if (t, p) in self.next_offset]
         )
-        return batch
-
-    def _apply(
-        self, batch: BatchRange, messages: KafkaMessages, segments: list[Segment] | None,
-        counted: bool = False,
-    ) -> None:  # fmt: skip
-        """Apply one batch: its replica rows, the read models it feeds, its ledger progress
-        (none when `counted`: re-read after a reset, its events were counted when first
-        applied)."""
-        if batch.topic == self.config.transaction_topic:
-            self.ledger.record_ends(batch, self._transaction_events(batch, messages))
-            return
-        stopped = self.guard.stopped_reason(batch.topic, _key_schema_ids(messages))
-        if stopped is not None:
-            self._refuse(batch, messages, stopped)
-            return
-        started = time.monotonic()
-        outcome = self.applier.apply(batch, messages, self._dead_letter, segments, planned=True)
-        if self.read_models is not None:
-            kept = time.monotonic()
-            schema, table = source_table_of(batch.topic)
-            self.read_models.apply_batch(batch, schema, table)
-            self.metrics.read_model_seconds.labels(table).observe(time.monotonic() - kept)
-        if counted:
-            self.metrics.events_reread.labels(table_of(batch.topic)).inc(
-                outcome.applied
-            )
-        else:
-            self.ledger.record_progress(batch, outcome.transactions, outcome.dead_transactions)
-        self.applied_events += outcome.applied
-        self.fast_events += outcome.applied if outcome.fast else 0
-        path = "fast" if outcome.fast else "per_message"
-        self.metrics.batch_seconds.labels(path).observe(time.monotonic() - started)
-        table = table_of(batch.topic)
-        self.metrics.events_applied.labels(table, path).inc(outcome.applied)
-        if outcome.dead:
-            self.metrics.dead_letters.labels(batch.topic).inc(len(outcome.dead))
-        self.dead_letters += len(outcome.dead)
-
-    def _refuse(self, batch: BatchRange, messages: KafkaMessages, reason: str) -> None:
-        """A stopped table's batch: every message into the DLQ with the reason (a tombstone
-        carries nothing), each settled for its transaction."""
-        letters, dead = [], BatchOutcome(0, [])
-        collection = table_of(batch.topic)
-        for message in messages:
-            if message.value is None:
-                continue
-            letters.append(DeadLetter.of(message, PoisonMessage("topic", reason)))
-            try:
-                event = decode(message, self.schemas)
-            except PoisonMessage:
-                continue
-            place = None if event is None else EventPlace.of(event.value)
-            if place:
-                dead.count_dead_letter(place, collection)
-        if letters:
-            log.warning("%d dead letters %s[%d]@%d-%d (topic): %s", len(letters), batch.topic,
-                        batch.partition, batch.first, batch.last, reason)  # fmt: skip
-            self._dead_letter(batch, letters, log_each=False)
-            self.metrics.dead_letters.labels(batch.topic).inc(len(letters))
-            self.dead_letters += len(letters)
-        self.ledger.record_progress(batch, {}, dead.dead_transactions)
-
-    def _describe_topic(self, topic: str) -> TopicShape | None:
-        """Kafka's id and partition count of `topic` now (None: Kafka cannot say right now)."""
-        try:
-            futures = self.admin.describe_topics(TopicCollection([topic]), request_timeout=10)
-            description = futures[topic].result(timeout=15)
-        except KafkaException as exc:
-            log.warning("cannot describe topic %s: %s", topic, exc)
-            return None
-        return TopicShape(str(description.topic_id), len(description.partitions))
-
-    def _partition_count(self, topic: str) -> int | None:
-        """The topic's partition count as recorded at its first batch (a changed count stops
-        the table before any batch applies), else as Kafka describes it now."""
-        recorded = self.guard.recorded(topic)
-        if recorded is not None:
-            return recorded.partitions
-        shape = self.guard.shape(topic)
-        return None if shape is None else shape.partitions
-
-    def _transaction_events(
-        self, batch: BatchRange, messages: Sequence[RawMessage]
-    ) -> list[tuple[int, dict[str, Any] | None]]:
-        """The decoded events of a transaction-topic batch; None for one that cannot be decoded
-        (it may be an END: the ledger holds every watermark there, and it is dead-lettered so
-        that `projector dlq replay` can record it once it reads)."""
-        events: list[tuple[int, dict[str, Any] | None]] = []
-        letters = []
-        for message in messages:
-            if message.value is None:
-                continue
-            try:
-                events.append((message.offset, self.schemas.decode(message.value)[1]))
-            except (SchemaError, UnknownSchema, NotConfluentFramed, ValueError, EOFError,
-                    TypeError, IndexError) as exc:  # fmt: skip
-                log.error("unreadable event at offset %d of the transaction topic: read models' "
-                          "watermarks stop there until it is replayed: %s", message.offset, exc)  # fmt: skip
-                events.append((message.offset, None))
-                reason = f"undecodable transaction event: {type(exc).__name__}: {exc}"
-                letters.append(DeadLetter.of(message, PoisonMessage("decode", reason)))
-        if letters:
-            self._dead_letter(batch, letters)
-        return events
-
-    def _dead_letter(
-        self, batch: BatchRange, letters: list[DeadLetter], log_each: bool = True
-    ) -> None:
-        self.dlq.add(batch, letters)
-        for letter in letters:
-            if log_each:
-                log.warning("dead letter %s[%d]@%d (%s): %s", letter.topic, letter.partition,
-                            letter.offset, letter.stage, letter.error)  # fmt: skip
-            self.producer.produce(
-                self.config.dlq_topic, key=letter.key, value=letter.value,
-                headers={"origin.topic": letter.topic, "origin.partition": str(letter.partition),
-                         "origin.offset": str(letter.offset), "stage": letter.stage,
-                         "error": letter.error[:1000]},
-            )  # fmt: skip
-        self.producer.poll(0)
 
     def applied_to(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int | None]:
         """Per partition, the next offset to apply: everything before it is applied. Ours from
@@ -903,12 +547,6 @@ class Projector:
             applied[key] = None if checkpoint is None else checkpoint.resume_offset
         return applied
 
-
-
-def _key_schema_ids(messages: KafkaMessages) -> set[int]:
-    """The registry ids of the batch's Confluent-framed keys."""
-    _, keys, _ = messages.columns()
-    return {int.from_bytes(k[1:5], "big") for k in keys if k and len(k) >= 5 and k[0] == 0}
 
 
 class _RunProgress:

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from projector.errors import ClickHouseUnavailable
-from projector.run import loop as runner
+from projector.run import retries
 from schemas.errors import RegistryUnavailable
 
 
@@ -16,8 +16,8 @@ from schemas.errors import RegistryUnavailable
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, float]]:
     """Each back-off's (low, high) bound; no real sleeping."""
     bounds: list[tuple[float, float]] = []
-    monkeypatch.setattr(runner.random, "uniform", lambda lo, hi: bounds.append((lo, hi)) or hi)
-    monkeypatch.setattr(runner.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(retries.random, "uniform", lambda lo, hi: bounds.append((lo, hi)) or hi)
+    monkeypatch.setattr(retries.time, "sleep", lambda _s: None)
     return bounds
 
 
@@ -42,7 +42,7 @@ def test_transient_failures_are_retried_with_growing_capped_backoff(
 ) -> None:
     action = failing(9, error)
     with caplog.at_level(logging.WARNING, logger="projector"):
-        assert runner.with_retries(action, "applying x", base_s=0.2, cap_s=5.0) == "done"  # type: ignore[arg-type]
+        assert retries.with_retries(action, "applying x", base_s=0.2, cap_s=5.0) == "done"  # type: ignore[arg-type]
     assert [hi for _, hi in sleeps] == [min(5.0, 0.2 * 2**a) for a in range(1, 10)]
     assert all(lo == 0 for lo, _ in sleeps)  # full jitter
     messages = [r.getMessage() for r in caplog.records]
@@ -53,12 +53,12 @@ def test_transient_failures_are_retried_with_growing_capped_backoff(
 def test_a_message_error_is_not_retried(sleeps: list[tuple[float, float]]) -> None:
     action = failing(1, ValueError("bad value"))
     with pytest.raises(ValueError):
-        runner.with_retries(action, "applying x")  # type: ignore[arg-type]
+        retries.with_retries(action, "applying x")  # type: ignore[arg-type]
     assert sleeps == [] and action.calls["n"] == 1  # type: ignore[attr-defined]
 
 
 def test_stopping_bounds_the_retries(sleeps: list[tuple[float, float]]) -> None:
     action = failing(1000, ClickHouseUnavailable("down"))
     with pytest.raises(ClickHouseUnavailable):
-        runner.with_retries(action, "applying x", stop=lambda: True)  # type: ignore[arg-type]
+        retries.with_retries(action, "applying x", stop=lambda: True)  # type: ignore[arg-type]
     assert action.calls["n"] == 4  # type: ignore[attr-defined]  # gives up after the 4th failure

@@ -1,0 +1,123 @@
+"""The chores of a run (projector/run/duties.py): lag and watermarks into the metrics, and
+pruning the transaction ledger. Each is only a report or a clean-up: a late one leaves every
+replica and read model exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+
+from projector.commit.ledger import TransactionLedger, Watermark
+from projector.config import ProjectorConfig
+from projector.metrics import ProjectorMetrics
+from projector.read_models.definitions import ReadModel
+from projector.run.duties import Chore
+
+log = logging.getLogger("projector")
+Key = tuple[str, int]
+
+
+class Buffered(Protocol):
+    buffer: list[Message]
+
+
+def chores(
+    config: ProjectorConfig,
+    metrics: ProjectorMetrics,
+    consumer: Consumer,
+    next_offset: Mapping[Key, int],
+    partitions: Mapping[Key, Buffered],
+    ledger: TransactionLedger,
+    read_models: list[ReadModel],
+) -> list[Chore]:
+    """The chores of a run, in the order they run."""
+
+    def failed(chore: str) -> None:
+        metrics.chore_failures.labels(chore).inc()
+
+    lag = lag_reporter(metrics, consumer, next_offset, partitions)
+    found = [Chore("reporting lag", lag, every_s=1, failed=failed)]
+    if config.transaction_metadata:
+        marks = WatermarkReport(config, metrics, ledger, read_models)
+        every_s = config.ledger_prune_interval_s
+        found += [
+            Chore("reporting watermarks", marks.report, every_s=10, failed=failed),
+            Chore(
+                "pruning the transaction ledger",
+                lambda: prune_ledger(ledger),
+                every_s=every_s,
+                first_after_s=every_s,
+                retry_s=min(60.0, every_s),
+                failed=failed,
+            ),
+        ]
+    return found
+
+
+def lag_reporter(
+    metrics: ProjectorMetrics,
+    consumer: Consumer,
+    next_offset: Mapping[Key, int],
+    partitions: Mapping[Key, Buffered],
+) -> Callable[[], None]:
+    def report_lag() -> None:
+        """Lag per assigned partition into the metrics."""
+        for (topic, partition), offset in list(next_offset.items()):
+            try:
+                _, end = consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), cached=True
+                )
+            except KafkaException:
+                continue
+            state = partitions.get((topic, partition))
+            waiting = state.buffer[0].timestamp()[1] if state and state.buffer else None
+            metrics.set_lag(topic, partition, end, offset, waiting)
+
+    return report_lag
+
+
+class WatermarkReport:
+    """Each read model's watermark into the metrics; the next search starts where the last one
+    found it."""
+
+    def __init__(
+        self,
+        config: ProjectorConfig,
+        metrics: ProjectorMetrics,
+        ledger: TransactionLedger,
+        read_models: list[ReadModel],
+    ) -> None:
+        self.config, self.metrics, self.ledger, self.read_models = (
+            config,
+            metrics,
+            ledger,
+            read_models,
+        )
+        self.found: dict[str, Watermark] = {}
+
+    def report(self) -> None:
+        """One that fails does not keep the others from being reported (the first failure is
+        raised once they are done)."""
+        failure: Exception | None = None
+        for model in self.read_models:
+            collections = [f"{self.config.read_model_schema}.{s}" for s in model.sources]
+            try:
+                mark = self.ledger.watermark(collections, self.found.get(model.name))
+            except Exception as exc:  # reported by the chore once the others are done
+                failure = failure or exc
+                continue
+            if mark is not None:
+                self.found[model.name] = mark
+                self.metrics.watermark_lsn.labels(model.name).set(mark.lsn)
+        if failure is not None:
+            raise failure
+
+
+def prune_ledger(ledger: TransactionLedger) -> None:
+    pruned = ledger.prune()
+    if pruned:
+        log.info("transaction ledger: %d settled transaction(s) pruned", pruned)
