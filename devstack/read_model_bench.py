@@ -248,7 +248,7 @@ def run_read_side(
                                          CONTROL)  # fmt: skip
         log("building the read models with the projector's backfill ...")
         started = time.perf_counter()
-        maintainer.ensure()
+        maintainer.family_versions.ensure()
         while maintainer.building:
             progress = maintainer.backfill_step()
             log(f"  {progress}")

@@ -43,7 +43,7 @@ def run_rebuild_bench(orders: int, log: Any, report: Path | None, command: str) 
                                          CONTROL)  # fmt: skip
         log("first build (the baseline) ...")
         started = time.perf_counter()
-        maintainer.ensure()
+        maintainer.family_versions.ensure()
         while maintainer.building:
             maintainer.backfill_step()
         first_s = time.perf_counter() - started
@@ -58,7 +58,9 @@ def run_rebuild_bench(orders: int, log: Any, report: Path | None, command: str) 
             run_here(requests, maintainer)
         rebuild_s = time.perf_counter() - started
         states = {
-            v["family"]: v["state"] for v in maintainer.versions() if "rebuild" in v["options"]
+            v["family"]: v["state"]
+            for v in maintainer.family_versions.versions()
+            if "rebuild" in v["options"]
         }
         assert all(s == "serving" for s in states.values()), states
     finally:

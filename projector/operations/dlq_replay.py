@@ -46,7 +46,7 @@ def replay_dead_letters(
     )  # fmt: skip
     read_models = maintainer_for(config, ch)
     if read_models is not None:
-        read_models.ensure()
+        read_models.family_versions.ensure()
     replayed = still_dead = 0
     for summary in store.list(limit=1_000_000):
         if topic is not None and summary["topic"] != topic:

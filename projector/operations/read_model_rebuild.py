@@ -21,7 +21,7 @@ A request's states:
         │                                                                                 │
         └──(refused: RebuildRefused, nothing changed)──> failed                           │
                                                                                           v
-    the version's own states (read_model_versions, projector/read_models/maintenance.py):
+    the version's own states (read_model_versions, projector/read_models/versions.py):
       building ──(last chunk, verified)──> serving ──(rollback)──> previous ──(drop-old)──> retired
          │   └──(--no-swap)──> built ──(--swap)──> serving     previous ──(rollback)──> serving
          └──(verification finds a difference / a definition fails)──> failed
@@ -43,12 +43,13 @@ from projector.operations.requests import (
     OpsRequests,
     Request,
 )
-from projector.read_models.maintenance import BUILDING, ReadModelMaintainer
+from projector.read_models.maintenance import ReadModelMaintainer
+from projector.read_models.versions import BUILDING
 
 
 def take_requests(requests: OpsRequests, maintainer: ReadModelMaintainer) -> list[str]:
-    """Act on every pending request (call between batches, after `maintainer.ensure()`); a
-    line per request. A rebuild is taken (its version starts building, the backfill steps do
+    """Act on every pending request (call between batches, after `family_versions.ensure()`);
+    a line per request. A rebuild is taken (its version starts building, the backfill steps do
     the rest); a swap, rollback or drop is done at once. A refusal changes nothing."""
     return [
         requests.carry_out(request, partial(_act, request, maintainer))
@@ -58,16 +59,17 @@ def take_requests(requests: OpsRequests, maintainer: ReadModelMaintainer) -> lis
 
 
 def _act(request: Request, maintainer: ReadModelMaintainer) -> tuple[str, str, str]:
+    versions = maintainer.family_versions
     if request.action == REBUILD:
         no_swap = "no-swap" in request.options.split(",")
-        version = maintainer.start_rebuild(request.target, request.id, no_swap)
+        version = versions.start_rebuild(request.target, request.id, no_swap)
         return TAKEN, version.version, f"rebuilding {request.target} as version {version.version}"
     if request.action == SWAP:
-        line = maintainer.swap_built(request.target)
+        line = versions.swap_built(request.target)
     elif request.action == ROLLBACK:
-        line = maintainer.rollback(request.target)
+        line = versions.rollback(request.target)
     elif request.action == DROP_OLD:
-        line = maintainer.drop_old(request.target)
+        line = versions.drop_old(request.target)
     else:
         raise RebuildRefused(f"unknown request {request.action!r}")
     return DONE, line, line
@@ -81,7 +83,7 @@ def run_here(
     take the pending requests and build until nothing builds, calling `on_step` with the
     version building after each chunk. The same steps, in the same order as `projector run`
     takes them."""
-    lines = list(maintainer.ensure())
+    lines = list(maintainer.family_versions.ensure())
     lines += maintainer.finish_open_backfill()
     lines += take_requests(requests, maintainer)
     while maintainer.building:

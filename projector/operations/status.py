@@ -258,13 +258,14 @@ def read_model_sources(config: ProjectorConfig) -> dict[str, list[str]]:
 
 def _read_model_states(config: ProjectorConfig, ch: Any) -> dict[str, tuple[str, str]] | None:
     """Per read model: `live`, `building n%`, `rebuilding n%` or `failed`, and the error."""
-    from projector.read_models.maintenance import BUILDING, FAILED, SERVING, maintainer_for
+    from projector.read_models.maintenance import maintainer_for
+    from projector.read_models.versions import BUILDING, FAILED, SERVING
 
     maintainer = maintainer_for(config, ch)
     if maintainer is None:
         return None  # this configuration keeps no read models: they are views, always live
-    maintainer.ensure_known()
-    versions = maintainer.versions()
+    maintainer.family_versions.ensure_known()
+    versions = maintainer.family_versions.versions()
     states: dict[str, tuple[str, str]] = {}
     for name in {model for version in versions for model in version["models"]}:
         mine = [v for v in versions if name in v["models"]]

@@ -25,7 +25,7 @@ A replica table is compared with its source table in these steps (`TableVerifier
 All tables share one snapshot and one wait (a wait costs the pipeline's latency).
 
 Read models are compared with their definitions over the replicas by the read-model maintainer
-(`ReadModelMaintainer.reconcile`, projector/read_models/maintenance.py); this module only reports them beside
+(`FamilyVersions.reconcile`, projector/read_models/versions.py); this module only reports them beside
 the tables, checked again the same way while a projector runs.
 """
 
@@ -506,15 +506,15 @@ def verify_read_models(
     maintainer: Any, names: set[str] | None, projector_may_run: bool, limit: int = 20
 ) -> list[Verdict]:
     """Each serving read model (of `names`, None: all) against its definition over the replicas
-    (`ReadModelMaintainer.reconcile`); a model that differs is checked again while a projector
+    (`FamilyVersions.reconcile`); a model that differs is checked again while a projector
     may be applying a batch meanwhile, and reported only if it differs every time."""
-    found: dict[str, list[dict[str, Any]]] = maintainer.reconcile(limit)
+    found: dict[str, list[dict[str, Any]]] = maintainer.family_versions.reconcile(limit)
     for delay in RECHECK_DELAYS_S if projector_may_run else ():
         differing = {n for n, rows in found.items() if rows and (names is None or n in names)}
         if not differing:
             break
         time.sleep(delay)
-        again = maintainer.reconcile(limit)
+        again = maintainer.family_versions.reconcile(limit)
         found = {n: (again.get(n, []) if n in differing else rows) for n, rows in found.items()}
     return [
         Verdict(name, "read model", rows=rows)

@@ -1,1 +1,1 @@
-"""Read models: their definitions and their maintenance."""
+"""Read models: their definitions, their versions and their maintenance."""

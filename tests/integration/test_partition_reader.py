@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from projector.operations.replica_rebuild import PartitionReader, ReadChunk
+from projector.operations.read_ahead import PartitionReader, ReadChunk
 from tests.integration.conftest import StackHandle
 
 

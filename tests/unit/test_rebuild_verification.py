@@ -13,7 +13,8 @@ import pytest
 from devstack.read_model_bench import CONTROL, READ_MODELS, REPLICA, generate_replicas
 from projector.clickhouse import ChdbBackend
 from projector.read_models.definitions import load_definitions
-from projector.read_models.maintenance import FAILED, SERVING, ReadModelMaintainer
+from projector.read_models.maintenance import ReadModelMaintainer
+from projector.read_models.versions import FAILED, SERVING
 
 ORDERS = 600
 
@@ -31,10 +32,10 @@ def rebuilding(ch: ChdbBackend, request: str) -> tuple[ReadModelMaintainer, obje
     planned in 4 chunks)."""
     maintainer = ReadModelMaintainer(ch, load_definitions(), "shop", REPLICA, READ_MODELS, CONTROL,
                                      chunk_keys=ORDERS // 4)  # fmt: skip
-    maintainer.ensure()
+    maintainer.family_versions.ensure()
     while maintainer.building:
         maintainer.backfill_step()
-    return maintainer, maintainer.start_rebuild("order_summary", request)
+    return maintainer, maintainer.family_versions.start_rebuild("order_summary", request)
 
 
 def step_until(maintainer: ReadModelMaintainer, text: str) -> list[str]:
@@ -48,7 +49,9 @@ def step_until(maintainer: ReadModelMaintainer, text: str) -> list[str]:
 
 
 def state_of(maintainer: ReadModelMaintainer, version: str) -> str:
-    return next(v["state"] for v in maintainer.versions() if v["version"] == version)
+    return next(
+        v["state"] for v in maintainer.family_versions.versions() if v["version"] == version
+    )
 
 
 def test_a_faithful_rebuild_is_verified_chunk_by_chunk_then_serves(replicas: ChdbBackend) -> None:

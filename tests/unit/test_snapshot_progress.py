@@ -1,11 +1,12 @@
 """Which of Debezium's notifications end the snapshot a rebuild asked for (S4 of
-projector/operations/replica_rebuild.py): the first scan of the table that began after the request."""
+projector/operations/replica_rebuild.py, read by projector/operations/snapshot_notifications.py):
+the first scan of the table that began after the request."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from projector.operations.replica_rebuild import snapshot_progress
+from projector.operations.snapshot_notifications import snapshot_progress
 
 TABLE = "public.stock"
 

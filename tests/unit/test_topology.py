@@ -83,7 +83,7 @@ def all_ddl(topology: Topology) -> list[str]:
     maintainer = ReadModelMaintainer(
         ch, definitions, "shop", "replica_shop", "read_models", "projector"
     )
-    maintainer.ensure()
+    maintainer.family_versions.ensure()
     while maintainer.building:  # an empty backfill, then the views switch to the new tables
         maintainer.backfill_step()
     return [s for s in ch.statements if s.startswith(("CREATE", "ALTER", "SYSTEM"))]
