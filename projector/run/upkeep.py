@@ -21,11 +21,8 @@ from typing import Protocol, TypeVar
 
 from projector.errors import RebuildRefused
 from projector.operations.read_model_rebuild import take_requests
-from projector.operations.replica_rebuild import (
-    ReplicaRebuild,
-    ReplicaRebuilds,
-    take_replica_requests,
-)
+from projector.operations.replica_rebuild import ReplicaRebuilds, take_replica_requests
+from projector.operations.replica_rebuild_jobs import ReplicaRebuild
 from projector.operations.requests import OpsRequests
 from projector.read_models.maintenance import ReadModelMaintainer
 from projector.run.retries import TRANSIENT
@@ -75,7 +72,7 @@ class ReadModelUpkeep:
 
     def run(self) -> None:
         maintainer = self.maintainer
-        for line in self.retries(maintainer.ensure, "starting read models"):
+        for line in self.retries(maintainer.family_versions.ensure, "starting read models"):
             log.info("read models: %s", line)
         taken = self.retries(
             partial(take_requests, self.requests, maintainer), "taking rebuild requests"
@@ -124,7 +121,7 @@ class ReplicaRebuildJobs:
             self._next_request_check = now + REPLICA_REQUEST_CHECK_S
             try:
                 pending = self.requests.pending()
-                self._jobs = self.rebuilds.jobs()
+                self._jobs = self.rebuilds.job_store.jobs()
             except TRANSIENT:
                 return False  # looked at on a later round
             self._requests_pending = any("." in r.target for r in pending)
@@ -139,7 +136,7 @@ class ReplicaRebuildJobs:
             )
             for line in lines:
                 log.info("replica rebuild: %s", line)
-            self._jobs = self.retries(self.rebuilds.jobs, "reading replica rebuilds")
+            self._jobs = self.retries(self.rebuilds.job_store.jobs, "reading replica rebuilds")
         for job in self._steppable():
             self._step(job)
 
@@ -151,7 +148,7 @@ class ReplicaRebuildJobs:
         return [
             job
             for job in self._jobs
-            if held.get(job.topic) and held[job.topic] == len(self.rebuilds.partitions(job.topic))
+            if held.get(job.topic) and held[job.topic] == len(self.rebuilds.topics.partitions(job.topic))
         ]
 
     def _step(self, job: ReplicaRebuild) -> None:
