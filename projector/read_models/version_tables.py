@@ -1,5 +1,6 @@
-"""A read-model version's tables: created (empty) with its scratch stages, described, pointed
-at by the read-model views, dropped.
+"""A read-model version and its tables: what a version is (`FamilyVersion`: its family, state,
+chunk plan and the names of its tables), and its tables created (empty) with their scratch
+stages, described, pointed at by the read-model views, dropped.
 
 What is written to them, batch by batch, is projector/read_models/maintenance.py's; when a version
 is created, serves or is dropped, projector/read_models/versions.py's.
@@ -7,13 +8,92 @@ is created, serves or is dropped, projector/read_models/versions.py's.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from dataclasses import dataclass, field
 
 from projector.clickhouse import ClickHouse, ident, quote
-from projector.read_models.definitions import AggregateModel, IndexModel
+from projector.read_models.definitions import AggregateModel, Family, IndexModel
 
-if TYPE_CHECKING:
-    from projector.read_models.versions import FamilyVersion
+REBUILD, NO_SWAP = "rebuild", "no-swap"  # a version's options
+
+
+@dataclass
+class FamilyVersion:
+    """One version of a family: its tables, its state and, while building, its chunk plan."""
+
+    family: Family
+    version: str
+    database: str
+    state: str
+    chunks: int = 1
+    key_min: int | None = None  # integer keys are backfilled in ranges, others by hash
+    key_max: int | None = None
+    build: int = 0  # when this build started: names its backfill progress
+    columns: list[str] = field(default_factory=list)  # the entity's columns
+    options: str = ""  # comma-separated: REBUILD, NO_SWAP
+
+    @property
+    def rebuild(self) -> bool:
+        return REBUILD in self.options.split(",")
+
+    def table(self, name: str) -> str:
+        return f"{ident(self.database)}.{ident(f'{name}__{self.version}')}"
+
+    @property
+    def entity_table(self) -> str:
+        return self.table(self.family.entity.name)
+
+    @property
+    def stage(self) -> str:
+        return self.table(f"{self.family.entity.name}__stage")
+
+    def aggregate_stage(self, aggregate: str) -> str:
+        """An aggregate's served rows before and after one batch's deltas (step 3a)."""
+        return self.table(f"{aggregate}__stage")
+
+    def served_columns(self, model: str) -> list[str]:
+        """The columns readers see of one of the family's models (an index's are its model's)."""
+        family = self.family
+        if model == family.entity.name:
+            return self.columns
+        aggregate = next(a for a in family.aggregates if a.name == model)
+        return [c.name for c in aggregate.columns]
+
+    @property
+    def key_stage(self) -> str:
+        """The keys of one recompute, computed once (its definition reads them several times)."""
+        return self.table(f"{self.family.entity.name}__keys")
+
+    @property
+    def topic(self) -> str:
+        """The backfill's name in the checkpoint table."""
+        return f"{self.family.name}@{self.version}@{self.build}"
+
+    def chunk_keys(self, all_keys: str, chunk: int) -> str:
+        by = ident(self.family.entity.by)
+        if self.key_min is not None and self.key_max is not None:
+            width = max(1, math.ceil((self.key_max - self.key_min + 1) / self.chunks))
+            low = self.key_min + chunk * width
+            high = self.key_max if chunk == self.chunks - 1 else low + width - 1
+            return f"SELECT {by} FROM ({all_keys}) AS k WHERE {by} BETWEEN {low} AND {high}"
+        return (
+            f"SELECT {by} FROM ({all_keys}) AS k WHERE cityHash64({by}) % {self.chunks} = {chunk}"
+        )
+
+    def chunk_predicate(self, chunk: int) -> str:
+        """The keys of verification chunk `chunk`, as a condition on the key column. Unlike
+        `chunk_keys` (the backfill's, which needs only the keys there were when it began: every
+        batch keeps the version from its creation) the chunks together cover every key value, so
+        keys born since the plan, and rows of keys the definition no longer has, are checked."""
+        by = ident(self.family.entity.by)
+        if self.key_min is not None and self.key_max is not None:
+            width = max(1, math.ceil((self.key_max - self.key_min + 1) / self.chunks))
+            low, high = self.key_min + chunk * width, self.key_min + (chunk + 1) * width - 1
+            bounds = ([] if chunk == 0 else [f"{by} >= {low}"]) + (
+                [] if chunk == self.chunks - 1 else [f"{by} <= {high}"]
+            )
+            return " AND ".join(bounds) or "1"
+        return f"cityHash64({by}) % {self.chunks} = {chunk}"
 
 
 class VersionTables:
