@@ -983,7 +983,7 @@ def _rebuild_replica(
         console.print(f"{table}: " + (", ".join(f"job {j.id} {j.state}" for j in jobs)
                                       or "no rebuild kept"), highlight=False)  # fmt: skip
         if action == REBUILD:
-            lows = {p: rebuilds._earliest(topic).get(p) for p in rebuilds.partitions(topic)}
+            lows = {p: rebuilds.earliest(topic).get(p) for p in rebuilds.partitions(topic)}
             complete = all(low == 0 for low in lows.values())
             if source == "snapshot" or (source == "auto" and not complete):
                 console.print("would rebuild it from a Debezium incremental snapshot"

@@ -515,7 +515,7 @@ class ReplicaRebuilds:
             raise RebuildRefused(f"{table} still keeps the table its last rebuild replaced: "
                                  f"`projector rebuild {table} --drop-old` first")  # fmt: skip
         job = ReplicaRebuild(request_id, table, f"{self.topic_prefix}.{table}", CATCHING_UP)
-        lows = self._earliest(job.topic)
+        lows = self.earliest(job.topic)
         if not lows:
             raise RebuildRefused(f"Kafka has no topic {job.topic}")
         late = {p: low for p, low in lows.items() if low > 0}
@@ -628,7 +628,7 @@ class ReplicaRebuilds:
             for p in metadata.partitions
         }
 
-    def _earliest(self, topic: str) -> dict[int, int]:
+    def earliest(self, topic: str) -> dict[int, int]:
         consumer = self._consumer_for(topic)
         metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if metadata is None or metadata.error is not None:
@@ -640,7 +640,7 @@ class ReplicaRebuilds:
 
     def partitions(self, topic: str) -> list[int]:
         if topic not in self._partitions:
-            self._partitions[topic] = sorted(self._earliest(topic))
+            self._partitions[topic] = sorted(self.earliest(topic))
         return self._partitions[topic]
 
     def _consumer_for(self, topic: str) -> Consumer:
