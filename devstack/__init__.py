@@ -15,9 +15,10 @@ if TYPE_CHECKING:
     from devstack.settings import StackSettings
     from devstack.supervisor import ComponentStatus, Stack, healthy
 
-# Loaded on first use: `projector` starts through devstack.cli, a module of this package, and
-# every command (`projector sql`, `projector run`) would otherwise load the supervisor and its
-# settings too (about 0.2 s of CPU each start; the integration suite starts hundreds).
+# Loaded on first use: `projector` loads devstack.cli, a module of this package, on every start
+# (its commands), and every command (`projector sql`, `projector run`) would otherwise load the
+# supervisor and its settings too (about 0.2 s of CPU each start; the integration suite starts
+# hundreds).
 _LAZY = {
     "StackSettings": "devstack.settings",
     "ComponentStatus": "devstack.supervisor",

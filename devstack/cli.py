@@ -1,6 +1,7 @@
-"""The `projector` command: the engine's commands (projector/cli/) plus the development tools —
-the local real stack, the demo and its shop, benchmarks, and `chdb-server`. One entry point, a
-sub-command per job, `--help` everywhere.
+"""The development tools as `projector` commands — the local real stack, the demo and its shop,
+benchmarks, and `chdb-server` — added to the engine's command line (projector/cli/) by
+`register`, the entry point `devstack` of the group `projector.commands` (pyproject.toml). One
+command, a sub-command per job, `--help` everywhere.
 
 The tools live here, above the engine, so that the engine never depends on them.
 """
@@ -17,16 +18,15 @@ from rich.console import Console
 from rich.table import Table
 
 # The stack (devstack.supervisor and its settings) and the connectors package (psycopg) are
-# imported by the commands that use them: every `projector` command starts through this module,
-# and `projector sql` or `projector run` should not pay for them (a few hundred ms of CPU each;
-# the integration suite starts such commands hundreds of times).
-from projector.cli import app, connector_environment, console, fail
+# imported by the commands that use them: every `projector` command loads this module, and
+# `projector sql` or `projector run` should not pay for them (a few hundred ms of CPU each; the
+# integration suite starts such commands hundreds of times).
+from projector.cli import connector_environment, console, fail
 from projector.errors import ProjectorError
 
 stack_app = typer.Typer(
     help="Run the local real stack (Postgres, Kafka, Connect, registry).", no_args_is_help=True
 )
-app.add_typer(stack_app, name="stack")
 
 
 @stack_app.command("up")
@@ -114,7 +114,6 @@ def stack_fetch() -> None:
     console.print(f"cached under {paths.kafka_classpath_dir.parent}", highlight=False)
 
 
-@app.command("demo")
 def demo(
     duration: float | None = typer.Option(
         None, help="Stop after this many seconds (default: run until Ctrl-C)."
@@ -135,7 +134,6 @@ def demo(
     raise typer.Exit(code)
 
 
-@app.command("bench")
 def bench(
     events: int = typer.Option(1_000_000, min=1000, help="Change events to generate."),
     seed: int = typer.Option(1, help="Random seed of the generated events."),
@@ -164,7 +162,6 @@ def bench(
         fail(str(exc))
 
 
-@app.command("read-model-bench")
 def read_model_bench(
     orders: int = typer.Option(10_000_000, min=1000, help="Orders in the generated replicas."),
     write_events: int = typer.Option(
@@ -200,7 +197,6 @@ def read_model_bench(
         fail(str(exc))
 
 
-@app.command("rebuild-bench")
 def rebuild_bench(
     orders: int = typer.Option(1_000_000, min=1000, help="Orders in the generated replicas."),
     report: Path = typer.Option(Path("docs/benchmarks.md"), help="Append the results here."),
@@ -215,7 +211,6 @@ def rebuild_bench(
                       f"projector rebuild-bench --orders {orders}")  # fmt: skip
 
 
-@app.command("freshness")
 def freshness(
     rates: str = typer.Option("1000,5000", help="Write rates to measure, rows/s, comma-separated."),
     duration: float = typer.Option(20.0, min=1, help="Seconds of writing per rate."),
@@ -243,7 +238,6 @@ def freshness(
         fail(str(exc))
 
 
-@app.command("query-bench")
 def query_bench(
     transactions: int = typer.Option(5_000, min=100, help="Shop transactions to project first."),
     requests: int = typer.Option(200, min=10, help="Sequential requests per query and mode."),
@@ -266,7 +260,6 @@ def query_bench(
         fail(str(exc))
 
 
-@app.command("chdb-server")
 def chdb_server(
     port: int = typer.Option(18123, help="Port on 127.0.0.1."),
     path: Path = typer.Option(Path(".stack/chdb-server"), help="chDB data directory."),
@@ -299,7 +292,6 @@ def chdb_server(
 shop_app = typer.Typer(
     help="The demo shop: an application that writes plain SQL to Postgres.", no_args_is_help=True
 )
-app.add_typer(shop_app, name="shop")
 
 
 def _admin_dsn() -> str:
@@ -344,5 +336,21 @@ def shop_write(
     console.print(f"{writer.stats.transactions} transactions: {kinds}", highlight=False)
 
 
-if __name__ == "__main__":
+def register(app: typer.Typer) -> None:
+    """Add the tools to the engine's `app`, after its own commands, in the order `projector
+    --help` lists them."""
+    app.add_typer(stack_app, name="stack")
+    app.command("demo")(demo)
+    app.command("bench")(bench)
+    app.command("read-model-bench")(read_model_bench)
+    app.command("rebuild-bench")(rebuild_bench)
+    app.command("freshness")(freshness)
+    app.command("query-bench")(query_bench)
+    app.command("chdb-server")(chdb_server)
+    app.add_typer(shop_app, name="shop")
+
+
+if __name__ == "__main__":  # `python -m devstack.cli ...`: the whole `projector` command
+    from projector.cli import app
+
     app()

@@ -81,8 +81,8 @@ class DemoView:
         lag = self.lag_seconds()
         return (
             f"{time.monotonic() - self.started:5.0f}s  writer: {writer.stats.transactions} tx  "
-            f"projector: {projector.applied_events} events applied, "
-            f"{projector.dead_letters} dead letters  lag: "
+            f"projector: {projector.batches.applied_events} events applied, "
+            f"{projector.batches.dead_letters} dead letters  lag: "
             + ("-" if lag is None else f"{lag:.1f}s")
         )
 
@@ -177,8 +177,8 @@ def run_demo(console: Console, duration_s: float | None = None, rate: float = 20
     )
     thread.start()
     view = DemoView(
-        projector.ch, config.read_model_database,
-        projector.applier.catalog.database_for(config.read_model_schema),
+        projector.parts.ch, config.read_model_database,
+        projector.parts.applier.catalog.database_for(config.read_model_schema),
     )  # fmt: skip
     stop_at = None if duration_s is None else time.monotonic() + duration_s
     out = Console()  # standard output: the view
@@ -216,7 +216,7 @@ def run_demo(console: Console, duration_s: float | None = None, rate: float = 20
     console.print(
         f"{datetime.now(tz=UTC):%H:%M:%S} demo stopped: the shop wrote "
         f"{writer.stats.transactions} transactions, the projector applied "
-        f"{projector.applied_events} events ({projector.dead_letters} dead letters), "
+        f"{projector.batches.applied_events} events ({projector.batches.dead_letters} dead letters), "
         f"last lag {'-' if lag is None else f'{lag:.1f}s'}. Query on: projector sql "
         f'"SELECT * FROM {config.read_model_database}.order_summary LIMIT 10" '
         "(the stack keeps running: projector stack down)",

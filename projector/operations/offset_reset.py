@@ -52,9 +52,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from projector.commit.checkpoint import CheckpointStore
+from confluent_kafka import KafkaException, TopicPartition
+
+from projector import kafka
+from projector.clickhouse import ClickHouse, quote
+from projector.commit.checkpoint import PROJECTION, CheckpointStore
+from projector.config import ProjectorConfig, open_backend
 from projector.errors import ResetRefused
 from projector.operations.pauses import TablePauses
+from projector.operations.replica_jobs import open_replica_rebuilds
 
 MEMBER = "projector reset"
 
@@ -169,6 +175,142 @@ def plan(
         at = current.get(partition)
         moves.append(PartitionMove(partition, low if at is None else at, target, low, high))
     return ResetPlan(table, topic, moves)
+
+
+@dataclass(frozen=True)
+class PreparedReset:
+    """A reset ready to move: its plan, the live checkpoints, and the pause tables when a
+    projector runs beside the command (None: chDB, whose data only one process opens, or no
+    member in the group)."""
+
+    plan: ResetPlan
+    checkpoints: CheckpointStore
+    pauses: TablePauses | None
+
+
+def prepare(
+    config: ProjectorConfig,
+    table: str,
+    to_offset: int | None,
+    to_time: str | None,
+    partitions: list[int] | None,
+) -> PreparedReset:
+    """The plan to move `table` (SCHEMA.TABLE) to `to_offset`, or to the first event at or after
+    `to_time`, on `partitions` (None or empty: every one); ResetRefused when it cannot be done
+    as asked (an unknown table or partition, an offset or time Kafka no longer holds, item 4 of
+    the module docstring, a rebuild chasing the table)."""
+    when_ms = None if to_time is None else int(parse_time(to_time).timestamp() * 1000)
+    topic = kafka.table_topic(config.topic_prefix, table)
+    retained, found, earliest = kafka_positions(config, topic, table, partitions, when_ms)
+    ch, checkpoints, pauses = open_stores(config)
+    keys = [(topic, p) for p in retained]
+    current: dict[int, int | None] = {
+        p: c.resume_offset for (_, p), c in checkpoints.load(keys).items()
+    }
+    targets = {
+        p: resolve_target(topic, p, low, high, to_offset, when_ms, found.get(p), earliest.get(p))
+        for p, (low, high) in retained.items()
+    }
+    the_plan = plan(table, topic, retained, current, targets)
+    refuse_unsafe(config, ch, the_plan)
+    return PreparedReset(the_plan, checkpoints, pauses)
+
+
+def kafka_positions(
+    config: ProjectorConfig, topic: str, table: str, only: list[int] | None, when_ms: int | None
+) -> tuple[dict[int, tuple[int, int]], dict[int, int], dict[int, int]]:
+    """Per partition of `topic` (or of `only`): Kafka's retained offsets (low, end); for a time,
+    the first offset at or after it (-1: none) and the earliest retained message's timestamp."""
+    consumer = kafka.consumer(
+        config.kafka_bootstrap, f"{config.group_id}-reset", enable_auto_commit=False
+    )
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error is not None or not metadata.partitions:
+            raise ResetRefused(
+                f"unknown table {table}: Kafka has no topic {topic} (name the source table as "
+                "SCHEMA.TABLE; `projector status` lists them)"
+            )
+        partitions = sorted(metadata.partitions)
+        if only:
+            unknown = sorted(set(only) - set(partitions))
+            if unknown:
+                raise ResetRefused(
+                    f"{topic} has no partition {', '.join(map(str, unknown))} (its partitions: "
+                    f"{', '.join(map(str, partitions))})"
+                )
+            partitions = sorted(set(only))
+        retained = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            for p in partitions
+        }
+        found: dict[int, int] = {}
+        earliest: dict[int, int] = {}
+        if when_ms is not None:
+            asked = [TopicPartition(topic, p, when_ms) for p in partitions]
+            found = {
+                tp.partition: tp.offset for tp in consumer.offsets_for_times(asked, timeout=10)
+            }
+            for p, (low, high) in retained.items():
+                if low > 0 and found[p] == low and high > low:  # did retention delete newer ones?
+                    consumer.assign([TopicPartition(topic, p, low)])
+                    message = consumer.consume(1, timeout=10)
+                    if message and message[0].error() is None:
+                        earliest[p] = message[0].timestamp()[1]
+                    consumer.unassign()
+    except KafkaException as exc:
+        raise ResetRefused(f"cannot read {topic}'s offsets from Kafka: {exc}") from exc
+    finally:
+        consumer.close()
+    return {p: (int(lo), int(hi)) for p, (lo, hi) in retained.items()}, found, earliest
+
+
+def open_stores(config: ProjectorConfig) -> tuple[ClickHouse, CheckpointStore, TablePauses | None]:
+    """ClickHouse, the checkpoint store, and the pause tables when a projector runs beside the
+    command (None: chDB, whose data only one process opens, or no member in the group)."""
+    ch = open_backend(config)
+    checkpoints = CheckpointStore(ch, config.control_database, PROJECTION)
+    checkpoints.create()
+    if config.backend == "chdb":
+        return ch, checkpoints, None
+    admin = kafka.admin(config.kafka_bootstrap)
+    futures = admin.describe_consumer_groups([config.group_id], request_timeout=10)
+    members = futures[config.group_id].result(timeout=15).members
+    if not members:
+        return ch, checkpoints, None
+    pauses = TablePauses(ch, config.control_database)
+    pauses.create()
+    return ch, checkpoints, pauses
+
+
+def refuse_unsafe(config: ProjectorConfig, ch: ClickHouse, the_plan: ResetPlan) -> None:
+    """Refuses (ResetRefused) a table whose replica cannot be moved as asked: none yet,
+    append-only moved back (item 4), or a rebuild chasing it (its shadow follows the live
+    position, which must only grow)."""
+    schema, name = the_plan.table.split(".", 1)
+    database = config.replica_prefix + schema
+    engines = ch.rows(
+        f"SELECT engine FROM system.tables WHERE database = {quote(database)} "
+        f"AND name = {quote(name)}"
+    )
+    if not engines:
+        raise ResetRefused(
+            f"unknown table {the_plan.table}: ClickHouse has no replica {database}.{name} (the "
+            "projector has applied nothing of it yet)"
+        )
+    if "Replacing" not in engines[0]["engine"] and any(m.replayed for m in the_plan.moves):
+        raise ResetRefused(
+            f"{the_plan.table} has no primary key: its replica keeps every event, and re-reading "
+            f"would add them again; `projector rebuild {the_plan.table} --from kafka` rebuilds it"
+        )
+    rebuilds = open_replica_rebuilds(config, ch)
+    chasing = [j for j in rebuilds.job_store.jobs() if j.table == the_plan.table]
+    if chasing:
+        job = chasing[-1]
+        raise ResetRefused(
+            f"a rebuild of {the_plan.table} (job {job.id}, {job.state}) keeps a table following "
+            f"the live one: let it finish and `projector rebuild {the_plan.table} --drop-old` first"
+        )
 
 
 def wait_for(

@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+from projector.clickhouse import ident
 from projector.errors import RebuildRefused
 from projector.operations.requests import (
     DONE,
@@ -94,3 +95,12 @@ def run_here(
             lines.append(step)
         on_step(building)
     return lines
+
+
+def entity_rows(maintainer: ReadModelMaintainer, family: str, version: str) -> int:
+    """The rows of a version's entity table (`<entity>__<version>`, FINAL): what a rebuild of
+    `family` built."""
+    entity = maintainer.family_versions.family_named(family).entity.name
+    table = f"{ident(maintainer.database)}.{ident(f'{entity}__{version}')}"
+    (rows,) = maintainer.ch.rows(f"SELECT count() AS n FROM {table} FINAL")
+    return int(rows["n"])

@@ -96,7 +96,7 @@ from collections.abc import Callable
 from functools import partial
 
 from projector.clickhouse import ClickHouse, ident, quote
-from projector.commit.checkpoint import DONE, INTENT, BatchRange, CheckpointStore
+from projector.commit.checkpoint import DONE, INTENT, BatchRange
 from projector.config import ProjectorConfig
 from projector.errors import RebuildRefused, SourceUnavailable, VerifyError
 from projector.operations.rebuild_topics import RebuildTopics
@@ -104,7 +104,6 @@ from projector.operations.replica_rebuild_jobs import (
     AUTO,
     BUILDING,
     CATCHING_UP,
-    CHASED,
     DROPPED,
     FAILED,
     KAFKA,
@@ -197,28 +196,6 @@ class ReplicaRebuilds:
 
     def create(self) -> None:
         self.job_store.create()
-
-    # ---- handed on, for the CLI and the runner until they call `job_store` and `topics` ----
-
-    def jobs(self, states: tuple[str, ...] = CHASED) -> list[ReplicaRebuild]:
-        """`job_store.jobs`."""
-        return self.job_store.jobs(states)
-
-    def job(self, job_id: str) -> ReplicaRebuild | None:
-        """`job_store.job`."""
-        return self.job_store.job(job_id)
-
-    def checkpoints(self, job: ReplicaRebuild) -> CheckpointStore:
-        """`job_store.checkpoints`: the shadow's position, per partition."""
-        return self.job_store.checkpoints(job)
-
-    def partitions(self, topic: str) -> list[int]:
-        """`topics.partitions`."""
-        return self.topics.partitions(topic)
-
-    def _earliest(self, topic: str) -> dict[int, int]:
-        """`topics.earliest`."""
-        return self.topics.earliest(topic)
 
     # ---- starting ----
 
@@ -485,7 +462,7 @@ def _act(request: Request, rebuilds: ReplicaRebuilds, live_next: LiveNext) -> tu
         origin = "a Debezium snapshot" if job.source == SNAPSHOT else "Kafka"
         line = f"rebuilding {request.target} from {origin} (job {job.id})"
         return TAKEN, job.id, line + (f": {job.detail}" if job.detail else "")
-    kept = [j for j in rebuilds.jobs((SWAPPED, ROLLED_BACK)) if j.table == request.target]
+    kept = [j for j in rebuilds.job_store.jobs((SWAPPED, ROLLED_BACK)) if j.table == request.target]
     if not kept:
         raise RebuildRefused(f"{request.target} keeps no previous table (never rebuilt, "
                              "or dropped with --drop-old)")  # fmt: skip
@@ -516,7 +493,7 @@ def run_replica_jobs_here(
     """The projector's part in this process (chDB: no projector runs): take the requests and
     catch every rebuilding job up, verify and swap it. The live table does not move here."""
     lines = take_replica_requests(requests, rebuilds, live_next)
-    for job in rebuilds.jobs((CATCHING_UP,)):
+    for job in rebuilds.job_store.jobs((CATCHING_UP,)):
         if job.source == SNAPSHOT:
             continue  # the live table must move for its reads to arrive: `projector run` does it
         while True:

@@ -42,8 +42,10 @@ from typing import Any
 from projector.clickhouse import ClickHouse, ident, literal_chunks, quote
 from projector.commit.checkpoint import PROJECTION
 from projector.commit.ledger import ConsistencyTracker, TransactionLedger, lsn_text, parse_lsn
-from projector.config import ProjectorConfig
-from projector.errors import VerifyError
+from projector.config import ProjectorConfig, open_backend
+from projector.errors import ProjectorError, VerifyError
+from projector.read_models.maintenance import ReadModelMaintainer, maintainer_for
+from projector.read_models.versions import SERVING
 from schemas.canonical_text import CanonicalText, canonical_text
 from schemas.canonical_text import field as text_field
 
@@ -500,6 +502,44 @@ LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
 WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
 """
+
+
+def open_clickhouse(config: ProjectorConfig) -> ClickHouse:
+    """The configured ClickHouse, answering; VerifyError when it cannot be opened or reached."""
+    try:
+        ch = open_backend(config)
+        ch.rows("SELECT 1")
+    except RuntimeError as exc:  # chDB's only error type; a held directory says no more
+        raise VerifyError(
+            f"cannot open the embedded ClickHouse at {config.chdb_path} ({exc}); most likely a "
+            "projector owns it: on chDB, verify runs while no projector runs (stop it, or verify "
+            "beside it on a ClickHouse server, PROJECTOR_BACKEND=server)"
+        ) from exc
+    except ProjectorError as exc:
+        raise VerifyError(f"cannot reach ClickHouse: {exc}") from exc
+    return ch
+
+
+def read_model_maintainer(config: ProjectorConfig, ch: ClickHouse) -> ReadModelMaintainer | None:
+    """The read models' maintainer, knowing their versions (None: this configuration keeps no
+    read models)."""
+    maintainer = maintainer_for(config, ch)
+    if maintainer is not None:
+        maintainer.family_versions.ensure_known()
+    return maintainer
+
+
+def serving_read_models(maintainer: ReadModelMaintainer | None) -> list[str]:
+    """The names of the read models a serving version holds: the ones verify compares."""
+    if maintainer is None:
+        return []
+    return sorted(
+        model.name
+        for versions in maintainer.active.values()
+        for version in versions
+        if version.state == SERVING
+        for model in version.family.models
+    )
 
 
 def verify_read_models(

@@ -54,7 +54,6 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 from projector.clickhouse import ClickHouse, ident, quote
 from projector.commit.checkpoint import DONE, INTENT, BatchRange
@@ -62,7 +61,6 @@ from projector.config import ProjectorConfig
 from projector.errors import StatementRejected
 from projector.read_models.definitions import (
     AggregateModel,
-    Family,
     IndexModel,
     ReadModelDefinitions,
     load_definitions,
@@ -305,28 +303,6 @@ class ReadModelMaintainer:
             self.family_versions.swap(version)
             return f"{version.family.name} version {version.version}: built, now serving"
         return f"{version.family.name} version {version.version}: {chunk}/{version.chunks} chunks"
-
-    # ---- handed on to `family_versions` -------------------------------------------------------
-
-    def ensure(self) -> list[str]:
-        """`family_versions.ensure`: start every family whose sources all have replica tables."""
-        return self.family_versions.ensure()
-
-    def ensure_known(self) -> None:
-        """`family_versions.ensure_known`."""
-        self.family_versions.ensure_known()
-
-    def versions(self) -> list[dict[str, Any]]:
-        """`family_versions.versions`."""
-        return self.family_versions.versions()
-
-    def reconcile(self, limit: int = 10) -> dict[str, list[dict[str, Any]]]:
-        """`family_versions.reconcile`."""
-        return self.family_versions.reconcile(limit)
-
-    def family_named(self, name: str) -> Family:
-        """`family_versions.family_named`."""
-        return self.family_versions.family_named(name)
 
 
 def maintainer_for(config: ProjectorConfig, ch: ClickHouse) -> ReadModelMaintainer | None:

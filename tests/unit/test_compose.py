@@ -137,7 +137,7 @@ def _projector_commands() -> set[tuple[str, ...]]:
     """Every command path the installed `projector` CLI accepts, from the CLI itself."""
     import typer.main
 
-    from devstack.cli import app
+    from projector.cli import app
 
     found: set[tuple[str, ...]] = set()
 

@@ -7,7 +7,7 @@ import io
 
 from rich.console import Console
 
-from projector.cli import _status_view
+from projector.cli.status import status_view
 from projector.config import ProjectorConfig
 from projector.operations.status import projection_rows
 from projector.read_models.definitions import load_read_models
@@ -80,7 +80,7 @@ def test_names_sharing_a_long_prefix_never_look_the_same() -> None:
         ],
     }  # fmt: skip
     out = io.StringIO()
-    Console(file=out, width=80, color_system=None).print(_status_view(report))
+    Console(file=out, width=80, color_system=None).print(status_view(report))
     text = out.getvalue()
     # Folded, never cut: joining each line's first cell gives the names back whole.
     cells = [line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│")]
