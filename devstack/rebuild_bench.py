@@ -5,7 +5,7 @@ On one chDB engine in this process: replicas of `orders` orders (three lines eac
 customers and products; read_model_bench's generator) straight into replica tables; the read
 models built by the projector's backfill (the baseline: what `projector run` does when it meets
 the definitions first); then every family rebuilt through `projector rebuild`'s own path (a
-request, taken and built by `run_here`: backfill, verification against the definition over the
+request, taken and built by `keep_read_models_here`: backfill, verification against the definition over the
 replicas, swap). Reported: seconds, replica rows per second, and rebuild / first build.
 """
 
@@ -22,10 +22,10 @@ from typing import Any
 
 from devstack.read_model_bench import CONTROL, READ_MODELS, REPLICA, generate_replicas
 from projector.clickhouse import ChdbBackend
-from projector.operations.read_model_rebuild import run_here
 from projector.operations.requests import REBUILD, OpsRequests
 from projector.read_models.definitions import load_definitions
 from projector.read_models.maintenance import ReadModelMaintainer
+from projector.run.upkeep import keep_read_models_here
 
 
 def run_rebuild_bench(orders: int, log: Any, report: Path | None, command: str) -> str:
@@ -55,7 +55,7 @@ def run_rebuild_bench(orders: int, log: Any, report: Path | None, command: str) 
         log(f"rebuilding {', '.join(families)} through `projector rebuild`'s path ...")
         started = time.perf_counter()
         while requests.pending() or maintainer.building:  # one build per family at a time
-            run_here(requests, maintainer)
+            keep_read_models_here(maintainer, requests)
         rebuild_s = time.perf_counter() - started
         states = {
             v["family"]: v["state"]

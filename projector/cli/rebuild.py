@@ -57,7 +57,6 @@ def rebuild(
     `--rollback` until `--drop-old`. With a ClickHouse server the running projector does the
     work between batches (this command asks and follows); with chDB (no projector may run) this
     command does it itself."""
-    from projector.operations.read_model_rebuild import run_here
     from projector.operations.requests import (
         DROP_OLD,
         REBUILD,
@@ -65,6 +64,7 @@ def rebuild(
         SWAP,
         OpsRequests,
     )
+    from projector.run.upkeep import keep_read_models_here
 
     actions = [a for a, on in ((SWAP, swap), (ROLLBACK, rollback), (DROP_OLD, drop_old)) if on]
     if len(actions) > 1 or (actions and no_swap):
@@ -102,7 +102,7 @@ def rebuild(
         # One process owns the data directory: no projector runs beside us; do its part here.
         started = time.monotonic()
         if action != REBUILD:  # done at once: no progress to show
-            run_here(requests, maintainer)
+            keep_read_models_here(maintainer, requests)
             _rebuild_report(requests, maintainer, request.id, family.name, 0)
             return
         with _rebuild_progress() as progress:
@@ -115,7 +115,7 @@ def rebuild(
                             progress, task, row, config.read_model_backfill_chunk_keys, started
                         )
 
-            run_here(requests, maintainer, step)
+            keep_read_models_here(maintainer, requests, step)
         _rebuild_report(requests, maintainer, request.id, family.name, time.monotonic() - started)
         return
     console.print(
@@ -154,13 +154,9 @@ def _rebuild_replica(
         live_positions,
         open_replica_rebuilds,
     )
-    from projector.operations.replica_rebuild import (
-        BUILDING,
-        SNAPSHOT,
-        SNAPSHOTTING,
-        run_replica_jobs_here,
-    )
+    from projector.operations.replica_rebuild_jobs import BUILDING, SNAPSHOT, SNAPSHOTTING
     from projector.operations.requests import REBUILD, OpsRequests
+    from projector.run.upkeep import rebuild_replicas_here
 
     if action == REBUILD and source not in ("kafka", "snapshot", "auto"):
         fail(
@@ -213,7 +209,7 @@ def _rebuild_replica(
     if config.backend == "chdb":  # no projector runs beside us: its part here, the table still
         try:
             if action != REBUILD:  # done at once, no progress to show
-                run_replica_jobs_here(requests, rebuilds, live_next)
+                rebuild_replicas_here(rebuilds, requests, live_next)
             else:
                 with _rebuild_progress() as progress:
                     task = progress.add_task(table, total=None, rate="")
@@ -227,7 +223,7 @@ def _rebuild_replica(
                                 progress, task, rebuilds, job, live_next, started
                             )
 
-                    run_replica_jobs_here(requests, rebuilds, live_next, show)
+                    rebuild_replicas_here(rebuilds, requests, live_next, show)
         finally:
             rebuilds.close()  # its reading threads end before the interpreter does
     else:

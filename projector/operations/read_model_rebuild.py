@@ -12,8 +12,8 @@ request, the version's row in `read_model_versions` and its backfill checkpoint,
 the command leaves the job running and a SIGKILL of the projector resumes it.
 
 With the embedded chDB backend one process owns the data directory and no projector runs
-beside the command; there it records the request and runs the same job in-process
-(`run_here`).
+beside the command; there it records the request and drives the same duty in-process
+(projector/run/upkeep.py, `keep_read_models_here`).
 
 A request's states:
 
@@ -29,7 +29,6 @@ A request's states:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 
 from projector.clickhouse import ident
@@ -45,7 +44,6 @@ from projector.operations.requests import (
     Request,
 )
 from projector.read_models.maintenance import ReadModelMaintainer
-from projector.read_models.versions import BUILDING
 
 
 def take_requests(requests: OpsRequests, maintainer: ReadModelMaintainer) -> list[str]:
@@ -74,27 +72,6 @@ def _act(request: Request, maintainer: ReadModelMaintainer) -> tuple[str, str, s
     else:
         raise RebuildRefused(f"unknown request {request.action!r}")
     return DONE, line, line
-
-
-def run_here(
-    requests: OpsRequests, maintainer: ReadModelMaintainer,
-    on_step: Callable[[str], None] = lambda version: None,
-) -> list[str]:  # fmt: skip
-    """The projector's part, in this process (chDB: no projector runs beside the command):
-    take the pending requests and build until nothing builds, calling `on_step` with the
-    version building after each chunk. The same steps, in the same order as `projector run`
-    takes them."""
-    lines = list(maintainer.family_versions.ensure())
-    lines += maintainer.finish_open_backfill()
-    lines += take_requests(requests, maintainer)
-    while maintainer.building:
-        building = next(v.version for vs in maintainer.active.values() for v in vs
-                        if v.state == BUILDING)  # fmt: skip
-        step = maintainer.backfill_step()
-        if step is not None:
-            lines.append(step)
-        on_step(building)
-    return lines
 
 
 def entity_rows(maintainer: ReadModelMaintainer, family: str, version: str) -> int:

@@ -82,7 +82,8 @@ States (`replica_rebuilds`, latest row per id: projector/operations/replica_rebu
     (a snapshot Debezium stopped or could not take fails the job too)
 
 Here: the protocol (`ReplicaRebuilds`) and the requests naming a replica table
-(`take_replica_requests`; `run_replica_jobs_here` with chDB). Its parts, each in a module of
+(`take_replica_requests`; with chDB the command drives the same duty in-process:
+`rebuild_replicas_here`, projector/run/upkeep.py). Its parts, each in a module of
 its own under projector/operations/: the job records (replica_rebuild_jobs.py), what is done
 to a shadow table (shadow_tables.py), the topics read (rebuild_topics.py, on read_ahead.py),
 Debezium's notifications (snapshot_notifications.py).
@@ -484,24 +485,3 @@ def _source(options: str) -> str:
         if option.startswith("from-"):
             return option[len("from-") :]
     return KAFKA  # requests from before --from snapshot existed
-
-
-def run_replica_jobs_here(
-    requests: OpsRequests, rebuilds: ReplicaRebuilds, live_next: LiveNext,
-    on_step: Callable[[ReplicaRebuild], None] = lambda job: None,
-) -> list[str]:  # fmt: skip
-    """The projector's part in this process (chDB: no projector runs): take the requests and
-    catch every rebuilding job up, verify and swap it. The live table does not move here."""
-    lines = take_replica_requests(requests, rebuilds, live_next)
-    for job in rebuilds.job_store.jobs((CATCHING_UP,)):
-        if job.source == SNAPSHOT:
-            continue  # the live table must move for its reads to arrive: `projector run` does it
-        while True:
-            caught_up = rebuilds.step(job, live_next)
-            on_step(job)
-            if caught_up:
-                break
-        line = rebuilds.finish_step(job, True)
-        if line:
-            lines.append(line)
-    return lines

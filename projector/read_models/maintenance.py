@@ -254,6 +254,10 @@ class ReadModelMaintainer:
     def building(self) -> bool:
         return any(v.state == BUILDING for vs in self.active.values() for v in vs)
 
+    def building_version(self) -> str:
+        """The version the next backfill chunk builds (call while `building`)."""
+        return next(v.version for vs in self.active.values() for v in vs if v.state == BUILDING)
+
     def backfill_step(self) -> str | None:
         """Recompute the next chunk of one building version (its own intent, then done); swap
         it in when it was the last. Returns a line of progress, or None when nothing builds."""

@@ -83,6 +83,18 @@ class Duties:
             action()
 
 
+def drive_here(duties: Sequence[Duty], busy: Callable[[], bool]) -> None:
+    """The projector's part, done by a command in its own process where no projector runs beside
+    it (chDB gives its data directory to one process): the same duties `projector run` does,
+    round after round until `busy` says their work is done. No batch is ever in flight here and
+    no replay pending, so the rule holds by itself."""
+    rounds = Duties(duties)
+    while True:
+        rounds.run_due()
+        if not busy():
+            return
+
+
 @dataclass
 class Chore:
     """A report or clean-up: `action` at most every `every_s` seconds (the first time after

@@ -46,7 +46,7 @@ from projector.run.parts import open_parts
 from projector.run.pausing import TablePausing
 from projector.run.reports import chores
 from projector.run.retries import TRANSIENT, with_retries
-from projector.run.upkeep import ReadModelUpkeep, ReplicaRebuildJobs
+from projector.run.upkeep import ReadModelUpkeep, ReplicaRebuildJobs, holds_whole
 
 log = logging.getLogger("projector")
 T = TypeVar("T")
@@ -141,12 +141,13 @@ class Projector:
                 parts.read_models, parts.requests, self.main_retries
             )
             duties.append(self.read_model_upkeep)
+        rebuilds = parts.replica_rebuilds
+        may_step = holds_whole(rebuilds, lambda: list(self.next_offset))
         duties.append(
             ReplicaRebuildJobs(
-                parts.replica_rebuilds, parts.requests, self.applied_to,
-                lambda: [topic for topic, _ in self.next_offset], self.main_retries,
+                rebuilds, parts.requests, self.applied_to, may_step, self.main_retries
             )
-        )  # fmt: skip
+        )
         return Duties(duties, settle=self._wait_for_batch, replay_pending=self._replay_pending)
 
     # ---- assignment --------------------------------------------------------------------------

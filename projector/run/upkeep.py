@@ -22,9 +22,10 @@ from typing import Protocol, TypeVar
 from projector.errors import RebuildRefused
 from projector.operations.read_model_rebuild import take_requests
 from projector.operations.replica_rebuild import ReplicaRebuilds, take_replica_requests
-from projector.operations.replica_rebuild_jobs import ReplicaRebuild
+from projector.operations.replica_rebuild_jobs import CATCHING_UP, SNAPSHOT, ReplicaRebuild
 from projector.operations.requests import OpsRequests
 from projector.read_models.maintenance import ReadModelMaintainer
+from projector.run.duties import drive_here
 from projector.run.retries import TRANSIENT
 
 log = logging.getLogger("projector")
@@ -50,22 +51,22 @@ class ReadModelUpkeep:
         maintainer: ReadModelMaintainer,
         requests: OpsRequests,
         retries: MainRetries,
+        on_step: Callable[[str], None] = lambda version: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.maintainer, self.requests, self.retries, self.clock = (
-            maintainer,
-            requests,
-            retries,
-            clock,
-        )
+        """`on_step`: called with the version that built after each backfill chunk."""
+        self.maintainer, self.requests, self.retries = maintainer, requests, retries
+        self.on_step, self.clock = on_step, clock
         self._next_check = 0.0
 
     def start(self) -> None:
         """Before any batch: a backfill chunk left open by a crash is finished before anything
-        else changes what it read (replay first)."""
-        self.run()
+        else changes what it read (replay first); then the first round."""
+        for line in self.retries(self.maintainer.family_versions.ensure, "starting read models"):
+            log.info("read models: %s", line)
         for line in self.retries(self.maintainer.finish_open_backfill, "finishing a backfill"):
             log.info("read models: %s", line)
+        self.run()
 
     def due(self, now: float) -> bool:
         return now >= self._next_check  # stays due while a version builds: a chunk a round
@@ -80,9 +81,11 @@ class ReadModelUpkeep:
         for line in taken:
             log.info("read models: %s", line)
         if maintainer.building:
+            building = maintainer.building_version()
             progress = self.retries(maintainer.backfill_step, "backfilling read models")
             if progress is not None:
                 log.info("read models: %s", progress)
+            self.on_step(building)
             return  # the next chunk on the next round, between batches
         self._next_check = self.clock() + READ_MODEL_CHECK_S
 
@@ -106,12 +109,14 @@ class ReplicaRebuildJobs:
         rebuilds: ReplicaRebuilds,
         requests: OpsRequests,
         applied_to: AppliedTo,
-        held_topics: Callable[[], Collection[str]],
+        may_step: Callable[[ReplicaRebuild], bool],
         retries: MainRetries,
-        clock: Callable[[], float] = time.monotonic,
+        on_step: Callable[[ReplicaRebuild], None] = lambda job: None,
     ) -> None:
+        """`may_step`: whether this process moves the job (`projector run`: when it holds the
+        job's topic whole, `holds_whole`); `on_step`: called after each step."""
         self.rebuilds, self.requests, self.applied_to = rebuilds, requests, applied_to
-        self.held_topics, self.retries, self.clock = held_topics, retries, clock
+        self.may_step, self.retries, self.on_step = may_step, retries, on_step
         self._jobs: list[ReplicaRebuild] = []
         self._requests_pending = False
         self._next_request_check = 0.0
@@ -141,15 +146,7 @@ class ReplicaRebuildJobs:
             self._step(job)
 
     def _steppable(self) -> list[ReplicaRebuild]:
-        """The jobs whose topic this member holds whole."""
-        held: dict[str, int] = defaultdict(int)
-        for topic in self.held_topics():
-            held[topic] += 1
-        return [
-            job
-            for job in self._jobs
-            if held.get(job.topic) and held[job.topic] == len(self.rebuilds.topics.partitions(job.topic))
-        ]
+        return [job for job in self._jobs if self.may_step(job)]
 
     def _step(self, job: ReplicaRebuild) -> None:
         rebuilds = self.rebuilds
@@ -163,8 +160,61 @@ class ReplicaRebuildJobs:
             rebuilds.forget(job)
             self._jobs = [j for j in self._jobs if j is not job]
             return
+        self.on_step(job)
         swapped = self.retries(
             partial(rebuilds.finish_step, job, caught_up), "swapping a replica"
         )
         if swapped is not None:
             log.info("replica rebuild: %s", swapped)
+
+
+def holds_whole(
+    rebuilds: ReplicaRebuilds, held_partitions: Callable[[], Collection[Key]]
+) -> Callable[[ReplicaRebuild], bool]:
+    """A member moves a rebuild job when it holds every partition of the job's topic."""
+
+    def may_step(job: ReplicaRebuild) -> bool:
+        held: dict[str, int] = defaultdict(int)
+        for topic, _ in held_partitions():
+            held[topic] += 1
+        return bool(held.get(job.topic)) and held[job.topic] == len(
+            rebuilds.topics.partitions(job.topic)
+        )
+
+    return may_step
+
+
+def keep_read_models_here(
+    maintainer: ReadModelMaintainer,
+    requests: OpsRequests,
+    on_step: Callable[[str], None] = lambda version: None,
+) -> None:
+    """The read-model duty in this process, where no projector runs (chDB): the pending
+    requests taken and every version built, `on_step` after each chunk."""
+    upkeep = ReadModelUpkeep(maintainer, requests, call_directly, on_step)
+    upkeep.start()
+    drive_here([upkeep], busy=lambda: maintainer.building)
+
+
+def rebuild_replicas_here(
+    rebuilds: ReplicaRebuilds,
+    requests: OpsRequests,
+    live_next: AppliedTo,
+    on_step: Callable[[ReplicaRebuild], None] = lambda job: None,
+) -> None:
+    """The replica-rebuild duty in this process, where no projector runs (chDB): the pending
+    requests taken, and every job rebuilding from Kafka caught up, verified and swapped. A
+    snapshot's job waits for `projector run`: the live table must move for its reads to arrive."""
+
+    def from_kafka(job: ReplicaRebuild) -> bool:
+        return job.state == CATCHING_UP and job.source != SNAPSHOT
+
+    duty = ReplicaRebuildJobs(rebuilds, requests, live_next, from_kafka, call_directly, on_step)
+    drive_here(
+        [duty], busy=lambda: any(from_kafka(j) for j in rebuilds.job_store.jobs((CATCHING_UP,)))
+    )
+
+
+def call_directly(action: Callable[[], T], what: str) -> T:
+    """No retries: a command in its own process lets a failure reach its operator."""
+    return action()
