@@ -142,10 +142,16 @@ def plan_apply(
     joining = () if publication.created else publication.added
     keyless = without_primary_key(conn, list(joining))
     return ApplyPlan(
-        name, config, config_change, tables, publication, left_out, identity_full,
+        name,
+        config,
+        config_change,
+        tables,
+        publication,
+        left_out,
+        identity_full,
         snapshot=tuple(t for t in joining if t not in keyless),
         not_snapshotted=tuple(t for t in joining if t in keyless),
-    )  # fmt: skip
+    )
 
 
 def apply_connector(
@@ -160,14 +166,19 @@ def apply_connector(
         ensure_control_tables(conn, plan.config["database.user"])
         set_replica_identity_full(conn, list(plan.identity_full))
         grant_select(
-            conn, CaptureSpec.parse(env.get("CAPTURE")), list(plan.tables),
+            conn,
+            CaptureSpec.parse(env.get("CAPTURE")),
+            list(plan.tables),
             plan.config["database.user"],
-        )  # fmt: skip
+        )
         change = sync_publication(conn, plan.config["publication.name"], list(plan.tables))
         follows_new_tables = install_capture_trigger(
-            conn, plan.config["publication.name"], CaptureSpec.parse(env.get("CAPTURE")),
-            [gap.table for gap in plan.left_out], plan.config["database.user"],
-        )  # fmt: skip
+            conn,
+            plan.config["publication.name"],
+            CaptureSpec.parse(env.get("CAPTURE")),
+            [gap.table for gap in plan.left_out],
+            plan.config["database.user"],
+        )
         # 2. Kafka Connect
         changed = client.put_config(plan.connector, plan.config)
         client.wait_running(plan.connector)
@@ -179,9 +190,16 @@ def apply_connector(
             keyed = [t for t in change.added if t not in plan.not_snapshotted]
             signal = request_incremental_snapshot(conn, keyed) if keyed else None
     return ApplyResult(
-        plan.connector, changed, plan.tables, change, signal, plan.left_out,
-        plan.identity_full, plan.not_snapshotted, follows_new_tables,
-    )  # fmt: skip
+        plan.connector,
+        changed,
+        plan.tables,
+        change,
+        signal,
+        plan.left_out,
+        plan.identity_full,
+        plan.not_snapshotted,
+        follows_new_tables,
+    )
 
 
 def dry_run(

@@ -122,9 +122,11 @@ class ConnectClient:
                 traces = [t.get("trace", "") for t in last.get("tasks", []) if t.get("trace")]
                 trace = last["connector"].get("trace") or (traces[0] if traces else "")
                 raise ConnectRequestFailed(
-                    "GET", f"/connectors/{name}/status", 200,
+                    "GET",
+                    f"/connectors/{name}/status",
+                    200,
                     f"connector FAILED:\n{failure_summary(trace)}",
-                )  # fmt: skip
+                )
             if last.get("tasks") and all(s == "RUNNING" for s in states):
                 return last
             time.sleep(0.5)

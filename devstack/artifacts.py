@@ -115,12 +115,16 @@ def _maven_copy_dependencies(pom_name: str, target: Path, props: dict[str, str])
     pom = resources.files("devstack") / "maven" / pom_name
     with resources.as_file(pom) as pom_path:
         cmd = [
-            "mvn", "-q", "-B", "-f", str(pom_path),
+            "mvn",
+            "-q",
+            "-B",
+            "-f",
+            str(pom_path),
             "dependency:copy-dependencies",
             "-DincludeScope=runtime",
             f"-DoutputDirectory={target}",
             *(f"-D{k}={v}" for k, v in props.items()),
-        ]  # fmt: skip
+        ]
         _run(cmd, f"mvn dependency:copy-dependencies ({pom_name})")
 
 

@@ -92,9 +92,15 @@ def prepare(env: dict[str, str], log: Any) -> Schemas:
 
 
 def _first_message(bootstrap: str, topic: str, timeout_s: float = 120) -> tuple[bytes, bytes]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4()}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                         "topic.metadata.refresh.interval.ms": 1000})  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-{uuid.uuid4()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "topic.metadata.refresh.interval.ms": 1000,
+        }
+    )
     consumer.subscribe([topic])
     deadline = time.monotonic() + timeout_s
     try:
@@ -135,10 +141,14 @@ def generate(
             op, key = ("r" if roll < 0.05 else "c"), next_id
             next_id += 1
             before = None
-            after = {"id": key, "customer_id": rng.randint(1, 50_000), "status": "PENDING",
-                     "amount": cents(rng.randint(100, 10**7)),
-                     "created_at": (start + timedelta(seconds=key)).isoformat().replace("+00:00", "Z"),
-                     "note": rng.choice([None, "gift wrap", "leave at the door"])}  # fmt: skip
+            after = {
+                "id": key,
+                "customer_id": rng.randint(1, 50_000),
+                "status": "PENDING",
+                "amount": cents(rng.randint(100, 10**7)),
+                "created_at": (start + timedelta(seconds=key)).isoformat().replace("+00:00", "Z"),
+                "note": rng.choice([None, "gift wrap", "leave at the door"]),
+            }
         else:
             key = rng.choice(list(live)) if len(live) < 5000 else next_id - rng.randint(1, 5000)
             if key not in live:
@@ -146,16 +156,27 @@ def generate(
             before = live[key]
             if roll < 0.88:
                 op = "u"
-                after = {**before, "status": rng.choice(STATUSES),
-                         "amount": cents(rng.randint(100, 10**7))}  # fmt: skip
+                after = {
+                    **before,
+                    "status": rng.choice(STATUSES),
+                    "amount": cents(rng.randint(100, 10**7)),
+                }
             else:
                 op, after = "d", None
         envelope = {
-            **schemas.template, "before": before, "after": after, "op": op,
-            "source": {**schemas.template["source"], "lsn": lsn, "txId": lsn // 1000,
-                       "snapshot": "incremental" if op == "r" else "false", "table": TABLE},
+            **schemas.template,
+            "before": before,
+            "after": after,
+            "op": op,
+            "source": {
+                **schemas.template["source"],
+                "lsn": lsn,
+                "txId": lsn // 1000,
+                "snapshot": "incremental" if op == "r" else "false",
+                "table": TABLE,
+            },
             "transaction": None,
-        }  # fmt: skip
+        }
         key_bytes = key_prefix + encode(schemas.key, {"id": key})
         out.append((key_bytes, value_prefix + encode(schemas.value, envelope)))
         if op == "d":
@@ -172,8 +193,14 @@ def cents(amount: int) -> Decimal:
 
 
 def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes | None]]) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 100,
-                         "batch.size": 1_000_000, "compression.type": "lz4"})  # fmt: skip
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": 100,
+            "batch.size": 1_000_000,
+            "compression.type": "lz4",
+        }
+    )
     for key, value in messages:
         while True:
             try:
@@ -238,8 +265,14 @@ def baseline_main(bootstrap: str, topic: str, registry_url: str, chdb_dir: str) 
         "ENGINE = MergeTree ORDER BY id"
     )
     deserialize = AvroDeserializer(SchemaRegistryClient({"url": registry_url, "timeout": 10}))
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"baseline-{uuid.uuid4()}",
-                         "enable.auto.commit": False, "enable.partition.eof": True})  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"baseline-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
     consumer.assign([TopicPartition(topic, 0, 0)])
     rows: list[str] = []
     inserted = 0
@@ -267,8 +300,16 @@ def baseline_main(bootstrap: str, topic: str, registry_url: str, chdb_dir: str) 
             # ctx=None: decode by the message's schema id only (no subject lookups).
             event = deserialize(value, None)
             image = event["after"] or event["before"]
-            rows.append(json.dumps({**image, "amount": str(image["amount"]), "op": event["op"],
-                                    "lsn": event["source"]["lsn"] or 0}))  # fmt: skip
+            rows.append(
+                json.dumps(
+                    {
+                        **image,
+                        "amount": str(image["amount"]),
+                        "op": event["op"],
+                        "lsn": event["source"]["lsn"] or 0,
+                    }
+                )
+            )
             if len(rows) >= BASELINE_BATCH:
                 flush()
         if done:
@@ -343,19 +384,32 @@ def run_bench(
             if label[1] not in only:
                 continue
             log(f"{name} ...")
-            run_env = {**env, "PROJECTOR_TOPIC_PREFIX": prefix, "PROJECTOR_SCHEMAS": SCHEMA,
-                       "PROJECTOR_TABLE_PATTERN": TABLE,
-                       "PROJECTOR_CHDB_PATH": str(work / label.strip("()")),
-                       "PROJECTOR_GROUP_ID": f"{prefix}-{label.strip('()')}",
-                       "PROJECTOR_MAX_BATCH_MESSAGES": str(batch_messages),
-                       "PROJECTOR_FAST_PATH": str(fast).lower(),
-                       "PROJECTOR_TRANSACTION_METADATA": "false"}  # fmt: skip
+            run_env = {
+                **env,
+                "PROJECTOR_TOPIC_PREFIX": prefix,
+                "PROJECTOR_SCHEMAS": SCHEMA,
+                "PROJECTOR_TABLE_PATTERN": TABLE,
+                "PROJECTOR_CHDB_PATH": str(work / label.strip("()")),
+                "PROJECTOR_GROUP_ID": f"{prefix}-{label.strip('()')}",
+                "PROJECTOR_MAX_BATCH_MESSAGES": str(batch_messages),
+                "PROJECTOR_FAST_PATH": str(fast).lower(),
+                "PROJECTOR_TRANSACTION_METADATA": "false",
+            }
             # The events were produced to Kafka directly: its end is the whole backlog.
             command = [projector, "run", "--until-kafka-end"]
             if profile is not None:  # sampled by py-spy: where the time goes (slows the run a bit)
-                command = [str(Path(python).parent / "py-spy"), "record", "--format", "raw",
-                           "--rate", "50", "-o", f"{profile}.{label.strip('()')}", "--",
-                           *command]  # fmt: skip
+                command = [
+                    str(Path(python).parent / "py-spy"),
+                    "record",
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "50",
+                    "-o",
+                    f"{profile}.{label.strip('()')}",
+                    "--",
+                    *command,
+                ]
             result = timed_process(name, command, run_env, events)
             fast_applied = re.search(r"\((\d+) by the fast path\)", result.stderr)
             results.append(
@@ -365,10 +419,18 @@ def run_bench(
                 )
             )
             check = subprocess.run(
-                [projector, "sql", "--format", "csv",
-                 f"SELECT count() FROM replica_{SCHEMA}.{TABLE} FINAL"],
-                env=run_env, capture_output=True, text=True, check=True,
-            )  # fmt: skip
+                [
+                    projector,
+                    "sql",
+                    "--format",
+                    "csv",
+                    f"SELECT count() FROM replica_{SCHEMA}.{TABLE} FINAL",
+                ],
+                env=run_env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             replica_rows = int(check.stdout.strip().splitlines()[-1])
             if replica_rows != live_keys:
                 raise RuntimeError(
@@ -378,26 +440,59 @@ def run_bench(
                 log("(e) projector rebuild --from kafka ...")
                 command = [projector, "rebuild", f"{SCHEMA}.{TABLE}", "--from", "kafka"]
                 if profile is not None:
-                    command = [str(Path(python).parent / "py-spy"), "record", "--format", "raw",
-                               "--idle", "--rate", "50", "-o", f"{profile}.e", "--", *command]  # fmt: skip
-                results.append(timed_process(
-                    "(e) projector rebuild --from kafka (fast path, verified, swapped)",
-                    command,
-                    {**run_env, "PROJECTOR_REPLICA_REBUILD_CHUNK_MESSAGES": str(batch_messages)},
-                    events,
-                ))  # fmt: skip
+                    command = [
+                        str(Path(python).parent / "py-spy"),
+                        "record",
+                        "--format",
+                        "raw",
+                        "--idle",
+                        "--rate",
+                        "50",
+                        "-o",
+                        f"{profile}.e",
+                        "--",
+                        *command,
+                    ]
+                results.append(
+                    timed_process(
+                        "(e) projector rebuild --from kafka (fast path, verified, swapped)",
+                        command,
+                        {
+                            **run_env,
+                            "PROJECTOR_REPLICA_REBUILD_CHUNK_MESSAGES": str(batch_messages),
+                        },
+                        events,
+                    )
+                )
         if "c" in only:
             log("(c) naive baseline ...")
-            results.append(timed_process(
-                "(c) naive: AvroDeserializer + batched inserts",
-                [python, "-m", "devstack.bench", "baseline", env["KAFKA_BOOTSTRAP"], topic,
-                 env["REGISTRY_URL"], str(work / "baseline")], env, events))  # fmt: skip
+            results.append(
+                timed_process(
+                    "(c) naive: AvroDeserializer + batched inserts",
+                    [
+                        python,
+                        "-m",
+                        "devstack.bench",
+                        "baseline",
+                        env["KAFKA_BOOTSTRAP"],
+                        topic,
+                        env["REGISTRY_URL"],
+                        str(work / "baseline"),
+                    ],
+                    env,
+                    events,
+                )
+            )
         if "d" in only:
             log("(d) ClickHouse decoding the bytes itself ...")
-            results.append(timed_process(
-                "(d) C++ ceiling: chDB AvroConfluent from a file",
-                [python, "-m", "devstack.bench", "ceiling", str(values), env["REGISTRY_URL"]],
-                env, events))  # fmt: skip
+            results.append(
+                timed_process(
+                    "(d) C++ ceiling: chDB AvroConfluent from a file",
+                    [python, "-m", "devstack.bench", "ceiling", str(values), env["REGISTRY_URL"]],
+                    env,
+                    events,
+                )
+            )
     finally:
         AdminClient({"bootstrap.servers": env["KAFKA_BOOTSTRAP"]}).delete_topics([topic])
         shutil.rmtree(work, ignore_errors=True)  # the bytes and every contender's engine: GBs

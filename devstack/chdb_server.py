@@ -60,10 +60,26 @@ log = logging.getLogger("devstack.chdb_server")
 
 # URL parameters a ClickHouse server reads for the HTTP layer, never as settings.
 RESERVED_PARAMETERS = frozenset(
-    {"query", "database", "default_format", "compress", "decompress", "user", "password",
-     "quota_key", "query_id", "stacktrace", "buffer_size", "wait_end_of_query", "session_id",
-     "session_timeout", "session_check", "client_protocol_version", "close_session"}
-)  # fmt: skip
+    {
+        "query",
+        "database",
+        "default_format",
+        "compress",
+        "decompress",
+        "user",
+        "password",
+        "quota_key",
+        "query_id",
+        "stacktrace",
+        "buffer_size",
+        "wait_end_of_query",
+        "session_id",
+        "session_timeout",
+        "session_check",
+        "client_protocol_version",
+        "close_session",
+    }
+)
 EXTERNAL_DATA_SUFFIXES = ("_format", "_types", "_structure")  # reserved with external data only
 SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -86,18 +102,29 @@ def check_request(headers: Any, params: dict[str, str], password: str) -> None:
     host = (headers.get("Host") or "").strip().lower()
     name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
     if name not in LOOPBACK_HOSTS:
-        raise Refused(403, f"Code: 516. DB::Exception: requests for host {host!r} are refused: "
-                           "this server answers requests to 127.0.0.1 or localhost only")  # fmt: skip
+        raise Refused(
+            403,
+            f"Code: 516. DB::Exception: requests for host {host!r} are refused: "
+            "this server answers requests to 127.0.0.1 or localhost only",
+        )
     if headers.get("Origin") is not None:
-        raise Refused(403, "Code: 516. DB::Exception: requests from web pages (with an Origin "
-                           "header) are refused")  # fmt: skip
+        raise Refused(
+            403,
+            "Code: 516. DB::Exception: requests from web pages (with an Origin header) are refused",
+        )
     content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
     if content_type in REFUSED_CONTENT_TYPES:
-        raise Refused(415, f"Code: 516. DB::Exception: {content_type} bodies are refused "
-                           "(send the statement as the body, as ClickHouse clients do)")  # fmt: skip
+        raise Refused(
+            415,
+            f"Code: 516. DB::Exception: {content_type} bodies are refused "
+            "(send the statement as the body, as ClickHouse clients do)",
+        )
     if not check_password(headers, params, password):
-        raise Refused(401, "Code: 516. DB::Exception: default: Authentication failed: password "
-                           "is incorrect, or there is no user with such name. (AUTHENTICATION_FAILED)")  # fmt: skip
+        raise Refused(
+            401,
+            "Code: 516. DB::Exception: default: Authentication failed: password "
+            "is incorrect, or there is no user with such name. (AUTHENTICATION_FAILED)",
+        )
 
 
 def check_password(headers: Any, params: dict[str, str], password: str) -> bool:

@@ -188,11 +188,14 @@ def read_model_bench(
     unknown = wanted - {"read", "api", "write", "freshness"}
     if unknown:
         fail(f"--parts: unknown {', '.join(sorted(unknown))} (read, api, write, freshness)")
-    command = (f"projector read-model-bench --orders {orders} --write-events {write_events} "
-               f"--rate {rate} --parts {','.join(sorted(wanted))}")  # fmt: skip
+    command = (
+        f"projector read-model-bench --orders {orders} --write-events {write_events} "
+        f"--rate {rate} --parts {','.join(sorted(wanted))}"
+    )
     try:
-        run_read_model_bench(orders, write_events, rate, log, None if no_report else report,
-                             command, wanted)  # fmt: skip
+        run_read_model_bench(
+            orders, write_events, rate, log, None if no_report else report, command, wanted
+        )
     except (StackError, ConnectorError, ProjectorError, RuntimeError) as exc:
         fail(str(exc))
 
@@ -207,8 +210,9 @@ def rebuild_bench(
     from devstack.rebuild_bench import run_rebuild_bench
 
     log = lambda m: console.print(m, highlight=False)  # noqa: E731
-    run_rebuild_bench(orders, log, None if no_report else report,
-                      f"projector rebuild-bench --orders {orders}")  # fmt: skip
+    run_rebuild_bench(
+        orders, log, None if no_report else report, f"projector rebuild-bench --orders {orders}"
+    )
 
 
 def freshness(
@@ -254,8 +258,9 @@ def query_bench(
 
     log = lambda m: console.print(m, highlight=False)  # noqa: E731
     try:
-        run_query_bench(transactions, requests, clients, seconds, log,
-                        None if no_report else report)  # fmt: skip
+        run_query_bench(
+            transactions, requests, clients, seconds, log, None if no_report else report
+        )
     except (StackError, ConnectorError, ProjectorError, RuntimeError) as exc:
         fail(str(exc))
 

@@ -387,9 +387,11 @@ class Kafka(Component):
     def command(self) -> list[str]:
         return [
             *_java("768m", self.home / "log4j2.properties"),
-            "-cp", self._classpath(),
-            "kafka.Kafka", str(self.config_file),
-        ]  # fmt: skip
+            "-cp",
+            self._classpath(),
+            "kafka.Kafka",
+            str(self.config_file),
+        ]
 
     def bootstrap(self) -> str:
         return f"{self.settings.host}:{self.port}"
@@ -509,9 +511,11 @@ class KafkaConnect(Component):
     def command(self) -> list[str]:
         return [
             *_java("1g", self.home / "log4j2.properties"),
-            "-cp", str(self.artifacts.kafka_classpath_dir / "*"),
-            "org.apache.kafka.connect.cli.ConnectDistributed", str(self.config_file),
-        ]  # fmt: skip
+            "-cp",
+            str(self.artifacts.kafka_classpath_dir / "*"),
+            "org.apache.kafka.connect.cli.ConnectDistributed",
+            str(self.config_file),
+        ]
 
     def url(self) -> str:
         return f"http://{self.settings.host}:{self.port}"
@@ -538,8 +542,11 @@ class KafkaConnect(Component):
         for name in client.connectors():
             failure = client.restart_failed(name)
             if failure is not None:
-                print(f"connect: restarted the failed parts of connector {name}; they had failed "
-                      f"with:\n  " + failure.replace("\n", "\n  "), flush=True)  # fmt: skip
+                print(
+                    f"connect: restarted the failed parts of connector {name}; they had failed "
+                    f"with:\n  " + failure.replace("\n", "\n  "),
+                    flush=True,
+                )
 
     def endpoint(self) -> dict[str, str]:
         return {"url": self.url()}

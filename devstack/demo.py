@@ -162,13 +162,17 @@ def run_demo(console: Console, duration_s: float | None = None, rate: float = 20
     console.print(f"connector {result.connector} is RUNNING, capturing {len(result.tables)} tables")
 
     log_file = stack.settings.logs_dir / "demo-projector.log"
-    logging.basicConfig(filename=log_file, level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s")  # fmt: skip
+    logging.basicConfig(
+        filename=log_file, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
+    )
     console.print(f"projector log: {log_file}", highlight=False)
     config = load_config()
     tables = f" (tables matching {config.table_pattern})" if config.table_pattern != "[^.]+" else ""
-    console.print(f"projecting schemas {', '.join(config.schemas)}{tables} of the stack in "
-                  f"{stack.settings.state_dir}", highlight=False)  # fmt: skip
+    console.print(
+        f"projecting schemas {', '.join(config.schemas)}{tables} of the stack in "
+        f"{stack.settings.state_dir}",
+        highlight=False,
+    )
     projector = Projector(config, open_backend(config))
     writer = ShopWriter(env["ADMIN_DSN"], seed=random.randrange(1 << 30))
     stop_writer = threading.Event()
@@ -177,9 +181,10 @@ def run_demo(console: Console, duration_s: float | None = None, rate: float = 20
     )
     thread.start()
     view = DemoView(
-        projector.parts.ch, config.read_model_database,
+        projector.parts.ch,
+        config.read_model_database,
         projector.parts.applier.catalog.database_for(config.read_model_schema),
-    )  # fmt: skip
+    )
     stop_at = None if duration_s is None else time.monotonic() + duration_s
     out = Console()  # standard output: the view
     if out.is_terminal:

@@ -102,8 +102,13 @@ def debezium_latencies(
     from schemas.registry import SchemaCache
 
     schemas = SchemaCache(registry_url)
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"fresh-{uuid.uuid4()}",
-                         "enable.auto.commit": False})  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"fresh-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+        }
+    )
     latencies: dict[str, list[int]] = {}
     spans: dict[str, tuple[int, int]] = {}
     try:
@@ -148,10 +153,15 @@ def run_freshness(
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     tag = uuid.uuid4().hex[:6]
-    run_env = {**env, "PROJECTOR_SCHEMAS": SCHEMA, "PROJECTOR_TABLE_PATTERN": TABLE,
-               "PROJECTOR_CHDB_PATH": str(work / "chdb"), "PROJECTOR_GROUP_ID": f"fresh-{tag}",
-               "PROJECTOR_TRANSACTION_METADATA": "false",
-               "PROJECTOR_METRICS_PORT": str(port)}  # fmt: skip
+    run_env = {
+        **env,
+        "PROJECTOR_SCHEMAS": SCHEMA,
+        "PROJECTOR_TABLE_PATTERN": TABLE,
+        "PROJECTOR_CHDB_PATH": str(work / "chdb"),
+        "PROJECTOR_GROUP_ID": f"fresh-{tag}",
+        "PROJECTOR_TRANSACTION_METADATA": "false",
+        "PROJECTOR_METRICS_PORT": str(port),
+    }
     projector = str(Path(sys.executable).parent / "projector")
     log_file = (work / "projector.log").open("wb")
     process = subprocess.Popen([projector, "run"], env=run_env, stdout=log_file, stderr=log_file)
@@ -183,17 +193,40 @@ def run_freshness(
         process.wait(timeout=120)
         log_file.close()
     try:  # the latencies are read from the stopped projector's chDB directory
-        return _report(projector, run_env, runs, tag, table, env, first_offset, burst,
-                       writer_rate, duration_s, batches, log, report_path)  # fmt: skip
+        return _report(
+            projector,
+            run_env,
+            runs,
+            tag,
+            table,
+            env,
+            first_offset,
+            burst,
+            writer_rate,
+            duration_s,
+            batches,
+            log,
+            report_path,
+        )
     finally:
         shutil.rmtree(work / "chdb", ignore_errors=True)  # the log stays, to look at
 
 
 def _report(
-    projector: str, run_env: dict[str, str], runs: list[tuple[str, int, float]], tag: str,
-    table: str, env: dict[str, str], first_offset: int, burst: int, writer_rate: float,
-    duration_s: float, batches: tuple[float, float], log: Any, report_path: Path | None,
-) -> list[RunResult]:  # fmt: skip
+    projector: str,
+    run_env: dict[str, str],
+    runs: list[tuple[str, int, float]],
+    tag: str,
+    table: str,
+    env: dict[str, str],
+    first_offset: int,
+    burst: int,
+    writer_rate: float,
+    duration_s: float,
+    batches: tuple[float, float],
+    log: Any,
+    report_path: Path | None,
+) -> list[RunResult]:
     """Latencies per run from the replica (`projector sql` on the run's chDB directory) and
     Debezium's own from the topic; the report, logged and appended to `report_path`."""
     latencies, spans = debezium_latencies(
@@ -209,10 +242,13 @@ def _report(
     ]
     results.append(quantiles(projector, run_env, f"{tag}-burst", "burst", 0, writer_rate, burst))
     results = [
-        replace(r, debezium_p50_ms=percentile(latencies.get(run, []), 0.5),
-                debezium_p99_ms=percentile(latencies.get(run, []), 0.99))
+        replace(
+            r,
+            debezium_p50_ms=percentile(latencies.get(run, []), 0.5),
+            debezium_p99_ms=percentile(latencies.get(run, []), 0.99),
+        )
         for r, run in zip(results, [run for run, _, _ in runs] + [f"{tag}-burst"], strict=True)
-    ]  # fmt: skip
+    ]
     report = render(results, duration_s, debezium_rate, writer_rate, burst, batches)
     log(report)
     if report_path is not None:
@@ -268,8 +304,13 @@ def quantiles(
         "max(dateDiff('millisecond', _commit_ts, _ingested_at)) AS worst "
         f"FROM replica_{SCHEMA}.{TABLE} WHERE run = '{run}'"
     )
-    done = subprocess.run([projector, "sql", "--format", "json", query], env=env,
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    done = subprocess.run(
+        [projector, "sql", "--format", "json", query],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     row = json.loads(done.stdout.strip().splitlines()[-1])
     if int(row["n"]) != expected:
         raise RuntimeError(f"{name}: {row['n']} rows in ClickHouse, {expected} written")
@@ -301,12 +342,16 @@ def render(
         for r in results
     ]
     if debezium_rate >= 0.95 * writer_rate:
-        ceiling = (f"Debezium kept up with the burst's writer ({writer_rate:,.0f} commits/s, "
-                   f"{debezium_rate:,.0f} events/s over the events' Kafka timestamps): its ceiling "
-                   "on this machine is above what one writer connection commits")  # fmt: skip
+        ceiling = (
+            f"Debezium kept up with the burst's writer ({writer_rate:,.0f} commits/s, "
+            f"{debezium_rate:,.0f} events/s over the events' Kafka timestamps): its ceiling "
+            "on this machine is above what one writer connection commits"
+        )
     else:
-        ceiling = (f"Debezium source ceiling: {debezium_rate:,.0f} events/s (Kafka timestamps of "
-                   f"the {burst:,}-row burst; the writer committed {writer_rate:,.0f}/s)")  # fmt: skip
+        ceiling = (
+            f"Debezium source ceiling: {debezium_rate:,.0f} events/s (Kafka timestamps of "
+            f"the {burst:,}-row burst; the writer committed {writer_rate:,.0f}/s)"
+        )
     lines += [
         "",
         f"{ceiling}. Latency = ClickHouse "

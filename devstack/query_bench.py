@@ -82,14 +82,28 @@ def load(url: str, params: dict[str, str], clients: int, seconds: float) -> floa
     `seconds` seconds, then it stops) to 127.0.0.1."""
     wrk = shutil.which("wrk")
     if wrk is None:
-        raise RuntimeError("the load generator `wrk` is missing: `make system-deps` (or "
-                           "`apt-get install wrk`) installs it")  # fmt: skip
+        raise RuntimeError(
+            "the load generator `wrk` is missing: `make system-deps` (or "
+            "`apt-get install wrk`) installs it"
+        )
     target = str(httpx.URL(url, params=params))
     done = subprocess.run(
-        [wrk, "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
-         "-H", f"Authorization: Bearer {TOKEN}", target],
-        capture_output=True, text=True, timeout=seconds + 120, check=False,
-    )  # fmt: skip
+        [
+            wrk,
+            "-t1",
+            f"-c{clients}",
+            f"-d{max(1, round(seconds))}s",
+            "--timeout",
+            "30s",
+            "-H",
+            f"Authorization: Bearer {TOKEN}",
+            target,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 120,
+        check=False,
+    )
     return wrk_rate(done.stdout + done.stderr)
 
 
@@ -129,8 +143,9 @@ def start_service(
     }
     projector = str(Path(sys.executable).parent / "projector")
     with log_file.open("ab") as out:
-        process = subprocess.Popen([projector, "run", "--serve"], env=run_env, stdout=out,
-                                   stderr=subprocess.STDOUT)  # fmt: skip
+        process = subprocess.Popen(
+            [projector, "run", "--serve"], env=run_env, stdout=out, stderr=subprocess.STDOUT
+        )
     return process, f"http://127.0.0.1:{port}"
 
 
@@ -141,8 +156,12 @@ def wait_caught_up(
     headers = {"Authorization": f"Bearer {TOKEN}"}
     while True:
         try:
-            answer = httpx.get(f"{url}/queries/order_counts_by_status",
-                               params={"min_lsn": min_lsn}, headers=headers, timeout=60)  # fmt: skip
+            answer = httpx.get(
+                f"{url}/queries/order_counts_by_status",
+                params={"min_lsn": min_lsn},
+                headers=headers,
+                timeout=60,
+            )
             if answer.status_code == 200:
                 return
         except httpx.HTTPError:
@@ -213,9 +232,13 @@ def direct(chdb: Path, requests: int) -> dict[str, Latency]:
 
 
 def run_query_bench(
-    transactions: int, requests: int, clients: int, seconds: float, log: Callable[[str], None],
+    transactions: int,
+    requests: int,
+    clients: int,
+    seconds: float,
+    log: Callable[[str], None],
     report_path: Path | None,
-) -> str:  # fmt: skip
+) -> str:
     env = client_environment()
     if "ADMIN_DSN" not in env:
         raise RuntimeError("no local stack: run `projector stack up` first")
@@ -254,9 +277,13 @@ def run_query_bench(
 
 
 def render(
-    results: dict[str, dict[str, Any]], transactions: int, orders: int, requests: int,
-    clients: int, seconds: float,
-) -> str:  # fmt: skip
+    results: dict[str, dict[str, Any]],
+    transactions: int,
+    orders: int,
+    requests: int,
+    clients: int,
+    seconds: float,
+) -> str:
     on, off, floor = results["cache on"], results["cache off"], results["direct"]
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [

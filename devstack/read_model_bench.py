@@ -49,11 +49,17 @@ STATUSES = "['PENDING', 'CONFIRMED', 'SHIPPED', 'DELIVERED', 'CANCELLED']"
 SOURCE_COLUMNS = {
     "customers": (["id"], "id Int64, name String, email String, created_at DateTime64(6, 'UTC')"),
     "products": (["id"], "id Int64, name String, price Decimal(10, 2)"),
-    "orders": (["id"], "id Int64, customer_id Int64, status String, "
-                       "created_at DateTime64(6, 'UTC'), updated_at DateTime64(6, 'UTC')"),
-    "order_items": (["order_id", "line_no"], "order_id Int64, line_no Int32, product_id Int64, "
-                                             "quantity Int32, unit_price Decimal(10, 2)"),
-}  # fmt: skip
+    "orders": (
+        ["id"],
+        "id Int64, customer_id Int64, status String, "
+        "created_at DateTime64(6, 'UTC'), updated_at DateTime64(6, 'UTC')",
+    ),
+    "order_items": (
+        ["order_id", "line_no"],
+        "order_id Int64, line_no Int32, product_id Int64, "
+        "quantity Int32, unit_price Decimal(10, 2)",
+    ),
+}
 # The statements the named queries ran before the read models had indexes and a per-day
 # statistics aggregate (each scanned or sorted order_summary or customer_lifetime_value whole):
 # measured beside the shipped ones, on the same engine, as the API part's baseline.
@@ -71,8 +77,13 @@ BEFORE_INDEXES = {
     "top_customers": "SELECT customer_id, name, orders, revenue "
     "FROM read_models.customer_lifetime_value ORDER BY revenue DESC, customer_id LIMIT {top:UInt32}",
 }
-TARGETS_MS = {"point": 10.0, "daily_sales": 50.0, "monthly_sales": 50.0,
-              "customer_lifetime_value": 100.0, "product_popularity": 100.0}  # fmt: skip
+TARGETS_MS = {
+    "point": 10.0,
+    "daily_sales": 50.0,
+    "monthly_sales": 50.0,
+    "customer_lifetime_value": 100.0,
+    "product_popularity": 100.0,
+}
 
 
 # ---- 1. the read side -------------------------------------------------------------------------
@@ -89,8 +100,9 @@ def generate_replicas(ch: ChdbBackend, orders: int, customers: int, products: in
             f"ReplacingMergeTree(_version, _is_deleted) ORDER BY ({', '.join(key)})"
         )
 
-    def insert(table: str, columns: str, select: str, rows: int, version_base: int,
-               deleted: int = 0) -> None:  # fmt: skip
+    def insert(
+        table: str, columns: str, select: str, rows: int, version_base: int, deleted: int = 0
+    ) -> None:
         op = "'d'" if deleted else "'r'"
         ch.execute(
             f"INSERT INTO {REPLICA}.{table} ({columns}, _version, _is_deleted, _op, _partition, "
@@ -100,14 +112,22 @@ def generate_replicas(ch: ChdbBackend, orders: int, customers: int, products: in
         )
 
     day0 = "toDateTime64('2023-01-01 00:00:00', 6, 'UTC')"
-    insert("customers", "id, name, email, created_at",
-           f"SELECT number + 1, concat('Customer ', toString(number + 1)), "
-           f"concat('c', toString(number + 1), '@example.com'), {day0} FROM numbers({customers})",
-           customers, 0)  # fmt: skip
-    insert("products", "id, name, price",
-           f"SELECT number + 1, concat('Product ', toString(number + 1)), "
-           f"toDecimal64(1 + number % 19999 / 100, 2) FROM numbers({products})",
-           products, 0)  # fmt: skip
+    insert(
+        "customers",
+        "id, name, email, created_at",
+        f"SELECT number + 1, concat('Customer ', toString(number + 1)), "
+        f"concat('c', toString(number + 1), '@example.com'), {day0} FROM numbers({customers})",
+        customers,
+        0,
+    )
+    insert(
+        "products",
+        "id, name, price",
+        f"SELECT number + 1, concat('Product ', toString(number + 1)), "
+        f"toDecimal64(1 + number % 19999 / 100, 2) FROM numbers({products})",
+        products,
+        0,
+    )
     order_row = (
         "SELECT number + 1, 1 + cityHash64(number, 1) % {customers}, "
         "{statuses}[1 + cityHash64(number, {salt}) % 5], "
@@ -115,24 +135,47 @@ def generate_replicas(ch: ChdbBackend, orders: int, customers: int, products: in
         "FROM numbers({orders}) {where}"
     )
     fill = {"customers": customers, "statuses": STATUSES, "day0": day0, "orders": orders}
-    insert("orders", "id, customer_id, status, created_at, updated_at",
-           order_row.format(**fill, salt=2, where=""), orders, 0)  # fmt: skip
-    insert("order_items", "order_id, line_no, product_id, quantity, unit_price",
-           f"SELECT intDiv(number, 3) + 1, toInt32(number % 3 + 1), "
-           f"1 + cityHash64(number, 5) % {products}, toInt32(1 + cityHash64(number, 6) % 5), "
-           f"toDecimal64(1 + cityHash64(number, 7) % 19999 / 100, 2) FROM numbers({orders * 3})",
-           orders * 3, 0)  # fmt: skip
+    insert(
+        "orders",
+        "id, customer_id, status, created_at, updated_at",
+        order_row.format(**fill, salt=2, where=""),
+        orders,
+        0,
+    )
+    insert(
+        "order_items",
+        "order_id, line_no, product_id, quantity, unit_price",
+        f"SELECT intDiv(number, 3) + 1, toInt32(number % 3 + 1), "
+        f"1 + cityHash64(number, 5) % {products}, toInt32(1 + cityHash64(number, 6) % 5), "
+        f"toDecimal64(1 + cityHash64(number, 7) % 19999 / 100, 2) FROM numbers({orders * 3})",
+        orders * 3,
+        0,
+    )
     # ~10% updated (a newer version with another status), ~3% deleted with their lines
-    insert("orders", "id, customer_id, status, created_at, updated_at",
-           order_row.format(**fill, salt=8, where="WHERE cityHash64(number, 4) % 10 = 0"),
-           0, 10 * orders)  # fmt: skip
-    insert("orders", "id, customer_id, status, created_at, updated_at",
-           order_row.format(**fill, salt=2, where="WHERE cityHash64(number, 9) % 33 = 0"),
-           0, 20 * orders, deleted=1)  # fmt: skip
-    insert("order_items", "order_id, line_no, product_id, quantity, unit_price",
-           f"SELECT intDiv(number, 3) + 1, toInt32(number % 3 + 1), 0, 0, 0 "
-           f"FROM numbers({orders * 3}) WHERE cityHash64(intDiv(number, 3), 9) % 33 = 0",
-           0, 20 * orders, deleted=1)  # fmt: skip
+    insert(
+        "orders",
+        "id, customer_id, status, created_at, updated_at",
+        order_row.format(**fill, salt=8, where="WHERE cityHash64(number, 4) % 10 = 0"),
+        0,
+        10 * orders,
+    )
+    insert(
+        "orders",
+        "id, customer_id, status, created_at, updated_at",
+        order_row.format(**fill, salt=2, where="WHERE cityHash64(number, 9) % 33 = 0"),
+        0,
+        20 * orders,
+        deleted=1,
+    )
+    insert(
+        "order_items",
+        "order_id, line_no, product_id, quantity, unit_price",
+        f"SELECT intDiv(number, 3) + 1, toInt32(number % 3 + 1), 0, 0, 0 "
+        f"FROM numbers({orders * 3}) WHERE cityHash64(intDiv(number, 3), 9) % 33 = 0",
+        0,
+        20 * orders,
+        deleted=1,
+    )
 
 
 def definition_over_replicas(name: str) -> str:
@@ -153,24 +196,35 @@ def read_side_queries(ch: ChdbBackend) -> dict[str, tuple[str, str]]:
     order = ch.rows(f"SELECT id FROM {REPLICA}.orders FINAL WHERE id % 1000 = 7 LIMIT 1")[0]["id"]
     day = "2024-06-01"
     return {
-        "order_summary": (f"SELECT * FROM {{m}} WHERE order_id = {order}",
-                          "SELECT count(), sum(total) FROM {m}"),
-        "order_lines": (f"SELECT * FROM {{m}} WHERE order_id = {order}",
-                        "SELECT count(), sum(quantity) FROM {m}"),
-        "order_status": (f"SELECT * FROM {{m}} WHERE order_id = {order}",
-                         "SELECT count() FROM {m}"),
+        "order_summary": (
+            f"SELECT * FROM {{m}} WHERE order_id = {order}",
+            "SELECT count(), sum(total) FROM {m}",
+        ),
+        "order_lines": (
+            f"SELECT * FROM {{m}} WHERE order_id = {order}",
+            "SELECT count(), sum(quantity) FROM {m}",
+        ),
+        "order_status": (
+            f"SELECT * FROM {{m}} WHERE order_id = {order}",
+            "SELECT count() FROM {m}",
+        ),
         "daily_sales": (f"SELECT * FROM {{m}} WHERE day = '{day}'", "SELECT * FROM {m}"),
         "monthly_sales": (f"SELECT * FROM {{m}} WHERE month = '{day}'", "SELECT * FROM {m}"),
-        "customer_lifetime_value": ("SELECT * FROM {m} WHERE customer_id = 4242",
-                                    "SELECT * FROM {m} ORDER BY revenue DESC LIMIT 100"),
-        "product_popularity": ("SELECT * FROM {m} WHERE product_id = 4242",
-                               "SELECT * FROM {m} ORDER BY revenue DESC LIMIT 100"),
+        "customer_lifetime_value": (
+            "SELECT * FROM {m} WHERE customer_id = 4242",
+            "SELECT * FROM {m} ORDER BY revenue DESC LIMIT 100",
+        ),
+        "product_popularity": (
+            "SELECT * FROM {m} WHERE product_id = 4242",
+            "SELECT * FROM {m} ORDER BY revenue DESC LIMIT 100",
+        ),
         "orders_by_status": ("SELECT * FROM {m} WHERE status = 'PENDING'", "SELECT * FROM {m}"),
-    }  # fmt: skip
+    }
 
 
-def measure_api(ch: ChdbBackend, requests: int, clients: int, seconds: float, log: Any
-                ) -> dict[str, dict[str, Any]]:  # fmt: skip
+def measure_api(
+    ch: ChdbBackend, requests: int, clients: int, seconds: float, log: Any
+) -> dict[str, dict[str, Any]]:
     """The shipped named queries through the HTTP API over these read models (query_bench's
     measurement) with the cache off — every request runs in ClickHouse (cache hits do not depend
     on the data's size: `projector query-bench` measures them) — and each query's SQL straight
@@ -184,9 +238,13 @@ def measure_api(ch: ChdbBackend, requests: int, clients: int, seconds: float, lo
     TransactionLedger(ch, CONTROL, "replica").create()
     results: dict[str, dict[str, Any]] = {}
     for label, entries in (("cache off", 0),):
-        config = ProjectorConfig(api_token=query_bench.TOKEN, query_cache_entries=entries,
-                                 metrics_port=0, transaction_metadata=False,
-                                 ops_sample_s=3600)  # fmt: skip
+        config = ProjectorConfig(
+            api_token=query_bench.TOKEN,
+            query_cache_entries=entries,
+            metrics_port=0,
+            transaction_metadata=False,
+            ops_sample_s=3600,
+        )
         server = BackgroundServer(config, ch, "127.0.0.1", _free_port())
         server.start()
         try:
@@ -241,11 +299,14 @@ def run_read_side(
     work = Path(tempfile.mkdtemp(prefix="projector-rm-bench-"))
     ch = ChdbBackend(str(work / "chdb"))
     try:
-        log(f"generating replicas: {orders:,} orders, {orders * 3:,} lines, {customers:,} "
-            f"customers, {products:,} products ...")  # fmt: skip
+        log(
+            f"generating replicas: {orders:,} orders, {orders * 3:,} lines, {customers:,} "
+            f"customers, {products:,} products ..."
+        )
         generate_replicas(ch, orders, customers, products)
-        maintainer = ReadModelMaintainer(ch, load_definitions(), "shop", REPLICA, READ_MODELS,
-                                         CONTROL)  # fmt: skip
+        maintainer = ReadModelMaintainer(
+            ch, load_definitions(), "shop", REPLICA, READ_MODELS, CONTROL
+        )
         log("building the read models with the projector's backfill ...")
         started = time.perf_counter()
         maintainer.family_versions.ensure()
@@ -329,26 +390,47 @@ def run_write_side(events: int, log: Any) -> dict[str, float]:
     rates: dict[str, float] = {}
     try:
         # Wait until Debezium has streamed everything: one throw-away run to the commit LSN.
-        base = {**env, "PROJECTOR_SCHEMAS": schema,
-                "PROJECTOR_TABLE_PATTERN": "(customers|products|orders|order_items)",
-                "PROJECTOR_READ_MODEL_SCHEMA": schema, "PROJECTOR_METRICS_PORT": "0",
-                "PROJECTOR_MAX_BATCH_MESSAGES": "50000",
-                "PROJECTOR_TRANSACTION_METADATA": "false"}  # fmt: skip
+        base = {
+            **env,
+            "PROJECTOR_SCHEMAS": schema,
+            "PROJECTOR_TABLE_PATTERN": "(customers|products|orders|order_items)",
+            "PROJECTOR_READ_MODEL_SCHEMA": schema,
+            "PROJECTOR_METRICS_PORT": "0",
+            "PROJECTOR_MAX_BATCH_MESSAGES": "50000",
+            "PROJECTOR_TRANSACTION_METADATA": "false",
+        }
         log("waiting for Debezium to stream the workload (a first run to the commit's LSN) ...")
-        warm = {**base, "PROJECTOR_CHDB_PATH": str(work / "warm"),
-                "PROJECTOR_GROUP_ID": f"{schema}-warm", "PROJECTOR_MAINTAIN_READ_MODELS": "false",
-                "PROJECTOR_TRANSACTION_METADATA": "true"}  # fmt: skip
-        subprocess.run([projector, "run", "--until-lsn", lsn], env=warm, check=True,
-                       capture_output=True, timeout=3600)  # fmt: skip
+        warm = {
+            **base,
+            "PROJECTOR_CHDB_PATH": str(work / "warm"),
+            "PROJECTOR_GROUP_ID": f"{schema}-warm",
+            "PROJECTOR_MAINTAIN_READ_MODELS": "false",
+            "PROJECTOR_TRANSACTION_METADATA": "true",
+        }
+        subprocess.run(
+            [projector, "run", "--until-lsn", lsn],
+            env=warm,
+            check=True,
+            capture_output=True,
+            timeout=3600,
+        )
         applied = _applied_events(projector, warm)
         for label, maintain in (("off", False), ("on", True)):
             log(f"projecting {applied:,} events with read-model maintenance {label} ...")
-            run_env = {**base, "PROJECTOR_CHDB_PATH": str(work / label),
-                       "PROJECTOR_GROUP_ID": f"{schema}-{label}",
-                       "PROJECTOR_MAINTAIN_READ_MODELS": str(maintain).lower()}  # fmt: skip
+            run_env = {
+                **base,
+                "PROJECTOR_CHDB_PATH": str(work / label),
+                "PROJECTOR_GROUP_ID": f"{schema}-{label}",
+                "PROJECTOR_MAINTAIN_READ_MODELS": str(maintain).lower(),
+            }
             started = time.perf_counter()
-            subprocess.run([projector, "run", "--until-kafka-end"], env=run_env, check=True,
-                           capture_output=True, timeout=3600)  # fmt: skip
+            subprocess.run(
+                [projector, "run", "--until-kafka-end"],
+                env=run_env,
+                check=True,
+                capture_output=True,
+                timeout=3600,
+            )
             rates[label] = applied / (time.perf_counter() - started)
         rates["events"] = applied
         return rates
@@ -360,10 +442,18 @@ def _applied_events(projector: str, env: dict[str, str]) -> int:
     total = 0
     for table in ("customers", "products", "orders", "order_items"):
         done = subprocess.run(
-            [projector, "sql", "--format", "csv",
-             f"SELECT count() FROM replica_{env['PROJECTOR_SCHEMAS']}.{table}"],
-            env=env, capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            [
+                projector,
+                "sql",
+                "--format",
+                "csv",
+                f"SELECT count() FROM replica_{env['PROJECTOR_SCHEMAS']}.{table}",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         total += int(done.stdout.strip().splitlines()[-1])
     return total
 
@@ -386,17 +476,25 @@ def run_freshness(rate: int, duration_s: float, probe_every_s: float, log: Any) 
         _probe(conn, schema, date(2119, 12, 31))
     port = _free_port()
     work = Path(tempfile.mkdtemp(prefix="projector-rm-fresh-"))
-    run_env = {**env, "PROJECTOR_SCHEMAS": schema, "PROJECTOR_CHDB_PATH": str(work / "chdb"),
-               "PROJECTOR_TABLE_PATTERN": "(customers|products|orders|order_items)",
-               "PROJECTOR_READ_MODEL_SCHEMA": schema, "PROJECTOR_GROUP_ID": f"{schema}-fresh",
-               "PROJECTOR_METRICS_PORT": "0", "PROJECTOR_API_TOKEN": "bench",
-               "PROJECTOR_QUERY_PORT": str(port), "PROJECTOR_QUERY_CACHE_ENTRIES": "0",
-               "PROJECTOR_TRANSACTION_METADATA": "false"}  # fmt: skip
+    run_env = {
+        **env,
+        "PROJECTOR_SCHEMAS": schema,
+        "PROJECTOR_CHDB_PATH": str(work / "chdb"),
+        "PROJECTOR_TABLE_PATTERN": "(customers|products|orders|order_items)",
+        "PROJECTOR_READ_MODEL_SCHEMA": schema,
+        "PROJECTOR_GROUP_ID": f"{schema}-fresh",
+        "PROJECTOR_METRICS_PORT": "0",
+        "PROJECTOR_API_TOKEN": "bench",
+        "PROJECTOR_QUERY_PORT": str(port),
+        "PROJECTOR_QUERY_CACHE_ENTRIES": "0",
+        "PROJECTOR_TRANSACTION_METADATA": "false",
+    }
     projector = str(Path(sys.executable).parent / "projector")
     log_file = work / "projector.log"
     with log_file.open("ab") as out:
-        process = subprocess.Popen([projector, "run", "--serve"], env=run_env, stdout=out,
-                                   stderr=subprocess.STDOUT)  # fmt: skip
+        process = subprocess.Popen(
+            [projector, "run", "--serve"], env=run_env, stdout=out, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{port}/sql"
     headers = {"Authorization": "Bearer bench"}
     samples: list[float] = []
@@ -404,8 +502,9 @@ def run_freshness(rate: int, duration_s: float, probe_every_s: float, log: Any) 
     try:
         with httpx.Client(headers=headers, timeout=30) as http:
             _wait_serving(http, url, process, log_file)
-            writer = threading.Thread(target=_paced_orders, args=(env["ADMIN_DSN"], schema, rate,
-                                                                  stop), daemon=True)  # fmt: skip
+            writer = threading.Thread(
+                target=_paced_orders, args=(env["ADMIN_DSN"], schema, rate, stop), daemon=True
+            )
             writer.start()
             log(f"freshness at {rate} orders/s for {duration_s:.0f}s ...")
             # days of their own, inside ClickHouse Date's range (up to 2149)
@@ -492,9 +591,11 @@ def _free_port() -> int:
 
 
 def render(
-    read: ReadSide | None, write: dict[str, float] | None, fresh: tuple[int, Latency] | None,
+    read: ReadSide | None,
+    write: dict[str, float] | None,
+    fresh: tuple[int, Latency] | None,
     command: str,
-) -> str:  # fmt: skip
+) -> str:
     lines = [
         f"### {datetime.now(tz=UTC):%Y-%m-%d %H:%M} UTC — read models: materialized vs views",
         "",
@@ -517,8 +618,10 @@ def render(
         for name, (m_point, m_full) in read.materialized.items():
             v_point, v_full = read.views.get(name, (NOT_MEASURED, NOT_MEASURED))
             target = TARGETS_MS.get(name)
-            verdict = [f"point p99 ≤ {TARGETS_MS['point']:.0f}: "
-                       f"{'met' if m_point.p99_ms <= TARGETS_MS['point'] else 'MISSED'}"]  # fmt: skip
+            verdict = [
+                f"point p99 ≤ {TARGETS_MS['point']:.0f}: "
+                f"{'met' if m_point.p99_ms <= TARGETS_MS['point'] else 'MISSED'}"
+            ]
             if target is not None:
                 verdict.append(
                     f"full p99 ≤ {target:.0f}: {'met' if m_full.p99_ms <= target else 'MISSED'}"
@@ -548,10 +651,13 @@ def render(
             lines.append(
                 f"| {name} | {latency.p50_ms:.1f} | {latency.p99_ms:.1f} | {floor.p50_ms:.1f} | "
                 f"{latency.p50_ms / max(floor.p50_ms, 1e-3):.1f} | "
-                + (f"{_l(old)} | {old.p50_ms / max(floor.p50_ms, 1e-3):,.0f}x | " if old else
-                   "| | ")
+                + (
+                    f"{_l(old)} | {old.p50_ms / max(floor.p50_ms, 1e-3):,.0f}x | "
+                    if old
+                    else "| | "
+                )
                 + f"{'met' if latency.p99_ms <= 50 else 'MISSED'} |"
-            )  # fmt: skip
+            )
         health = off["health"]
         lines += [
             "",
@@ -599,12 +705,28 @@ def _l(latency: Latency) -> str:
 
 
 def run_read_model_bench(
-    orders: int, write_events: int, rate: int, log: Any, report: Path | None, command: str,
+    orders: int,
+    write_events: int,
+    rate: int,
+    log: Any,
+    report: Path | None,
+    command: str,
     parts: set[str],
-) -> str:  # fmt: skip
-    read = (run_read_side(orders, max(1000, orders // 10), max(100, orders // 100), 50, 3, log,
-                          with_views="read" in parts, api="api" in parts)
-            if parts & {"read", "api"} else None)  # fmt: skip
+) -> str:
+    read = (
+        run_read_side(
+            orders,
+            max(1000, orders // 10),
+            max(100, orders // 100),
+            50,
+            3,
+            log,
+            with_views="read" in parts,
+            api="api" in parts,
+        )
+        if parts & {"read", "api"}
+        else None
+    )
     write = run_write_side(write_events, log) if "write" in parts else None
     fresh = (rate, run_freshness(rate, 30, 0.2, log)) if "freshness" in parts else None
     text = render(read, write, fresh, command)

@@ -39,8 +39,9 @@ def run_rebuild_bench(orders: int, log: Any, report: Path | None, command: str) 
             int(ch.rows(f"SELECT count() AS n FROM {REPLICA}.{t}")[0]["n"])
             for t in ("orders", "order_items", "customers", "products")
         )
-        maintainer = ReadModelMaintainer(ch, load_definitions(), "shop", REPLICA, READ_MODELS,
-                                         CONTROL)  # fmt: skip
+        maintainer = ReadModelMaintainer(
+            ch, load_definitions(), "shop", REPLICA, READ_MODELS, CONTROL
+        )
         log("first build (the baseline) ...")
         started = time.perf_counter()
         maintainer.family_versions.ensure()
@@ -66,19 +67,21 @@ def run_rebuild_bench(orders: int, log: Any, report: Path | None, command: str) 
     finally:
         ch.close()
         shutil.rmtree(work, ignore_errors=True)
-    text = "\n".join([
-        f"### {datetime.now(tz=UTC):%Y-%m-%d %H:%M} UTC — rebuild: {orders:,} orders",
-        "",
-        f"Command: `{command}`. Machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}.",
-        "",
-        f"Replicas: {rows:,} rows ({orders:,} orders, {orders * 3:,} lines, customers, products). "
-        f"First build of the {len(families)} read-model families by the backfill: {first_s:.1f} s "
-        f"({rows / first_s:,.0f} replica rows/s). `projector rebuild` of all of them (backfill, "
-        f"verification against the definitions, swap): {rebuild_s:.1f} s "
-        f"({rows / rebuild_s:,.0f} replica rows/s): rebuild / first build = "
-        f"{rebuild_s / first_s:.2f}.",
-    ])  # fmt: skip
+    text = "\n".join(
+        [
+            f"### {datetime.now(tz=UTC):%Y-%m-%d %H:%M} UTC — rebuild: {orders:,} orders",
+            "",
+            f"Command: `{command}`. Machine: {platform.machine()}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}.",
+            "",
+            f"Replicas: {rows:,} rows ({orders:,} orders, {orders * 3:,} lines, customers, products). "
+            f"First build of the {len(families)} read-model families by the backfill: {first_s:.1f} s "
+            f"({rows / first_s:,.0f} replica rows/s). `projector rebuild` of all of them (backfill, "
+            f"verification against the definitions, swap): {rebuild_s:.1f} s "
+            f"({rows / rebuild_s:,.0f} replica rows/s): rebuild / first build = "
+            f"{rebuild_s / first_s:.2f}.",
+        ]
+    )
     log(text)
     if report is not None:
         with report.open("a") as out:

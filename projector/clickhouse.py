@@ -151,9 +151,15 @@ class Topology:
         return f"replicated_deduplication_window = {window}"
 
     def create_table(
-        self, qualified: str, columns: list[str], family: str, args: str, order_by: str,
-        deduplicate: bool = True, settings: str = "",
-    ) -> str:  # fmt: skip
+        self,
+        qualified: str,
+        columns: list[str],
+        family: str,
+        args: str,
+        order_by: str,
+        deduplicate: bool = True,
+        settings: str = "",
+    ) -> str:
         """CREATE TABLE IF NOT EXISTS with the engine of `family`; insert deduplication on, or
         explicitly off (a table whose re-inserted rows must always land); `settings`: more
         table settings."""
@@ -260,8 +266,10 @@ class ChdbBackend:
         `kafka_offset`). One thread reads each in order, so `rowNumberInAllBlocks()` pairs them
         up. The engine infers the columns from the data itself (`sample`, one of the messages, is
         for a server). A statement ClickHouse refuses raises `StatementRejected`."""
-        sources = {AVRO_SOURCE: (data, "'AvroConfluent'"),
-                   OFFSETS_SOURCE: (offsets, f"'RowBinary', {quote(OFFSETS_STRUCTURE)}")}  # fmt: skip
+        sources = {
+            AVRO_SOURCE: (data, "'AvroConfluent'"),
+            OFFSETS_SOURCE: (offsets, f"'RowBinary', {quote(OFFSETS_STRUCTURE)}"),
+        }
         for marker, (content, format_args) in sources.items():
             path = self._scratch / marker
             path.write_bytes(content)
@@ -348,9 +356,11 @@ class ServerBackend:
 
         settings = {"format_avro_schema_registry_url": registry_url, "max_threads": 1}
         external = ExternalData(
-            file_name=AVRO_SOURCE, data=data, fmt="AvroConfluent",
+            file_name=AVRO_SOURCE,
+            data=data,
+            fmt="AvroConfluent",
             structure=self._avro_structure(sample, registry_url),
-        )  # fmt: skip
+        )
         if offsets:
             external.add_file(
                 file_name=OFFSETS_SOURCE, data=offsets, fmt="RowBinary", structure=OFFSETS_STRUCTURE
@@ -364,10 +374,13 @@ class ServerBackend:
         if cache_key not in self._structures:
             literal = "'" + "".join(f"\\x{byte:02X}" for byte in sample) + "'"
             described = self._rejectable(
-                f"DESCRIBE format('AvroConfluent', {literal})", "JSONEachRow",
-                {"format_avro_schema_registry_url": registry_url,
-                 "max_query_size": len(literal) + 1000},
-            )  # fmt: skip
+                f"DESCRIBE format('AvroConfluent', {literal})",
+                "JSONEachRow",
+                {
+                    "format_avro_schema_registry_url": registry_url,
+                    "max_query_size": len(literal) + 1000,
+                },
+            )
             self._structures[cache_key] = ", ".join(
                 f"{ident(column['name'])} {column['type']}" for column in parse_rows(described)
             )

@@ -268,6 +268,8 @@ def open_backend(config: ProjectorConfig) -> ChdbBackend | ServerBackend:
         config.chdb_path.mkdir(parents=True, exist_ok=True)
         return ChdbBackend(str(config.chdb_path))
     return ServerBackend(
-        config.clickhouse_url, config.clickhouse_user, config.clickhouse_password,
+        config.clickhouse_url,
+        config.clickhouse_user,
+        config.clickhouse_password,
         config.clickhouse_cluster,
-    )  # fmt: skip
+    )

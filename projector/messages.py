@@ -38,8 +38,9 @@ class KafkaMessages(Sequence[RawMessage]):
         if isinstance(index, slice):
             return KafkaMessages(self._messages[index])
         m = self._messages[index]
-        return RawMessage(m.topic(), m.partition(), m.offset(), m.key(), m.value(),
-                          m.timestamp()[1])  # fmt: skip
+        return RawMessage(
+            m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.timestamp()[1]
+        )
 
     def __iter__(self) -> Iterator[RawMessage]:
         return (self[i] for i in range(len(self._messages)))

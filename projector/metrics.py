@@ -31,50 +31,69 @@ class ProjectorMetrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
         self.events_applied = Counter(
-            "projector_events_applied", "Change events applied to replica tables.",
-            ["table", "path"], registry=registry,
-        )  # fmt: skip
+            "projector_events_applied",
+            "Change events applied to replica tables.",
+            ["table", "path"],
+            registry=registry,
+        )
         self.events_reread = Counter(
             "projector_events_reread",
             "Change events applied again after `projector reset` moved a table back (also in "
             "projector_events_applied).",
-            ["table"], registry=registry,
-        )  # fmt: skip
+            ["table"],
+            registry=registry,
+        )
         self.batch_seconds = Histogram(
-            "projector_batch_seconds", "Time to apply one batch, intent to done record.",
-            ["path"], buckets=BATCH_BUCKETS, registry=registry,
-        )  # fmt: skip
+            "projector_batch_seconds",
+            "Time to apply one batch, intent to done record.",
+            ["path"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
         self.read_model_seconds = Histogram(
             "projector_read_model_seconds",
             "Time to keep the read models for one batch of a source table.",
-            ["table"], buckets=BATCH_BUCKETS, registry=registry,
-        )  # fmt: skip
+            ["table"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
         self.lag_offsets = Gauge(
-            "projector_consumer_lag_offsets", "End offset minus the next offset to apply.",
-            ["topic", "partition"], registry=registry,
-        )  # fmt: skip
+            "projector_consumer_lag_offsets",
+            "End offset minus the next offset to apply.",
+            ["topic", "partition"],
+            registry=registry,
+        )
         self.lag_seconds = Gauge(
             "projector_consumer_lag_seconds",
             "Now minus the Kafka timestamp of the oldest event read but not applied "
             "(0 when applied to the end).",
-            ["topic", "partition"], registry=registry,
-        )  # fmt: skip
-        self.dead_letters = Counter(
-            "projector_dead_letters", "Messages sent to the dead-letter queue.", ["topic"],
+            ["topic", "partition"],
             registry=registry,
-        )  # fmt: skip
+        )
+        self.dead_letters = Counter(
+            "projector_dead_letters",
+            "Messages sent to the dead-letter queue.",
+            ["topic"],
+            registry=registry,
+        )
         self.chore_failures = Counter(
-            "projector_chore_failures", "Failures of a between-batch chore (logged, retried).",
-            ["chore"], registry=registry,
-        )  # fmt: skip
+            "projector_chore_failures",
+            "Failures of a between-batch chore (logged, retried).",
+            ["chore"],
+            registry=registry,
+        )
         self.watermark_lsn = Gauge(
-            "projector_watermark_lsn", "LSN of the read model's consistency watermark.",
-            ["read_model"], registry=registry,
-        )  # fmt: skip
+            "projector_watermark_lsn",
+            "LSN of the read model's consistency watermark.",
+            ["read_model"],
+            registry=registry,
+        )
         self.table_paused = Gauge(
-            "projector_table_paused", "1 while `projector pause` holds the table back here.",
-            ["table"], registry=registry,
-        )  # fmt: skip
+            "projector_table_paused",
+            "1 while `projector pause` holds the table back here.",
+            ["table"],
+            registry=registry,
+        )
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -25,15 +25,28 @@ SECRET_NAME = r"\w*(?:password|passwd|pwd|api_token)"
 # (what a credential looks like, what is left of it): the user stays, the password goes.
 _RULES = [
     # scheme://user:password@host (registry URLs, postgresql:// DSNs, ClickHouse URLs)
-    (re.compile(r"(?P<keep>\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):[^@/\s]*@"), rf"\g<keep>:{HIDDEN}@"),
+    (
+        re.compile(r"(?P<keep>\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):[^@/\s]*@"),
+        rf"\g<keep>:{HIDDEN}@",
+    ),
     # password=secret, PGPASSWORD=secret, CDC_PASSWORD: secret in a key=value DSN, an environment
     # or settings dump (quoted or not)
-    (re.compile(rf"(?P<keep>\b{SECRET_NAME}\s*[=:]\s*)(?:'[^']*'|\"[^\"]*\"|[^\s,;&'\"]+)",
-                re.IGNORECASE), rf"\g<keep>{HIDDEN}"),
+    (
+        re.compile(
+            rf"(?P<keep>\b{SECRET_NAME}\s*[=:]\s*)(?:'[^']*'|\"[^\"]*\"|[^\s,;&'\"]+)",
+            re.IGNORECASE,
+        ),
+        rf"\g<keep>{HIDDEN}",
+    ),
     # "clickhouse_password": "secret" in JSON, 'password': 'secret' in a Python repr
-    (re.compile(rf"(?P<keep>([\"']){SECRET_NAME}\2\s*:\s*)(?:\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*')",
-                re.IGNORECASE), rf"\g<keep>\g<2>{HIDDEN}\g<2>"),
-]  # fmt: skip
+    (
+        re.compile(
+            rf"(?P<keep>([\"']){SECRET_NAME}\2\s*:\s*)(?:\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*')",
+            re.IGNORECASE,
+        ),
+        rf"\g<keep>\g<2>{HIDDEN}\g<2>",
+    ),
+]
 _SECRET_KEY = re.compile(rf"^{SECRET_NAME}$", re.IGNORECASE)
 
 
@@ -50,8 +63,12 @@ def redact_values(value: Any) -> Any:
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, dict):
-        return {key: HIDDEN if isinstance(key, str) and _SECRET_KEY.match(key) and val
-                else redact_values(val) for key, val in value.items()}  # fmt: skip
+        return {
+            key: HIDDEN
+            if isinstance(key, str) and _SECRET_KEY.match(key) and val
+            else redact_values(val)
+            for key, val in value.items()
+        }
     if isinstance(value, (list, tuple)):
         return [redact_values(item) for item in value]
     return value

@@ -90,9 +90,10 @@ def canonical_statement(ch: ParameterisedClickHouse, text: str) -> str:
         raise InvalidSql(f"the statement is longer than {MAX_STATEMENT_LENGTH:,} characters")
     try:
         out = ch.query(
-            "SELECT formatQuerySingleLine({statement:String}) AS s", "JSONEachRow",
+            "SELECT formatQuerySingleLine({statement:String}) AS s",
+            "JSONEachRow",
             {"statement": text},
-        )  # fmt: skip
+        )
     except Exception as exc:
         if clickhouse_code(exc) == 62:
             raise InvalidSql(f"not one valid statement: {first_line(exc)}") from exc
@@ -166,6 +167,7 @@ def run_read_only(
 
 
 def _databases(ch: ParameterisedClickHouse) -> set[str]:
-    return {str(r["name"]) for r in parse_rows(
-        ch.query("SELECT name FROM system.databases", "JSONEachRow", {})
-    )}  # fmt: skip
+    return {
+        str(r["name"])
+        for r in parse_rows(ch.query("SELECT name FROM system.databases", "JSONEachRow", {}))
+    }

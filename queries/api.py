@@ -88,16 +88,20 @@ class ApiMetrics:
             "query_requests", "HTTP requests answered.", ["route", "status"], registry=registry
         )
         self.latency = Histogram(
-            "query_request_seconds", "Time to answer one HTTP request.", ["route"],
-            buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
+            "query_request_seconds",
+            "Time to answer one HTTP request.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.cache = Counter(
             "query_cache", "Named-query cache lookups.", ["result"], registry=registry
         )
         self.pending = Counter(
-            "query_pending", "Answers 202: the read model had not reached min_lsn in time.",
+            "query_pending",
+            "Answers 202: the read model had not reached min_lsn in time.",
             registry=registry,
-        )  # fmt: skip
+        )
 
     def observe(self, event: str) -> None:
         if event == "pending":
@@ -161,10 +165,12 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = error_response(BodyTooLarge(
-            f"the request body is larger than {self.max_bytes:,} bytes "
-            "(PROJECTOR_QUERY_MAX_BODY_BYTES)"
-        ))  # fmt: skip
+        too_large = error_response(
+            BodyTooLarge(
+                f"the request body is larger than {self.max_bytes:,} bytes "
+                "(PROJECTOR_QUERY_MAX_BODY_BYTES)"
+            )
+        )
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             await too_large(scope, receive, send)
@@ -263,9 +269,13 @@ class CacheHits:
          a cache hit) as the path through FastAPI."""
 
     def __init__(
-        self, app: ASGIApp, service: QueryService, token: str, metrics: ApiMetrics,
+        self,
+        app: ASGIApp,
+        service: QueryService,
+        token: str,
+        metrics: ApiMetrics,
         memo_entries: int = 10_000,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.app = app
         self.service = service
         self.token = token
@@ -324,8 +334,9 @@ class CacheHits:
             or (rendered.position != answer.watermark)
         ):
             response = rows_response(answer, "json")
-            rendered = _Rendered(answer.rows, answer.watermark, response.raw_headers,
-                                 bytes(response.body))  # fmt: skip
+            rendered = _Rendered(
+                answer.rows, answer.watermark, response.raw_headers, bytes(response.body)
+            )
             if len(self._rendered) >= self.memo_entries:
                 self._rendered.clear()
             self._rendered[memo] = rendered
@@ -384,10 +395,12 @@ def create_app(
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unexpected failure answering %s %s", request.method, request.url.path)
         return JSONResponse(
-            {"error": "internal", "message": f"the service failed: {type(exc).__name__}; "
-                                             "see its log"},
+            {
+                "error": "internal",
+                "message": f"the service failed: {type(exc).__name__}; see its log",
+            },
             status_code=500,
-        )  # fmt: skip
+        )
 
     # On the event loop itself (async): never queued behind requests that hold the worker
     # threads (waits for min_lsn, slow statements).
@@ -422,9 +435,13 @@ def create_app(
             summary=query.description,
             name=f"query_{query.name}",
             openapi_extra={"parameters": _openapi_parameters(query, service.limits.max_page)},
-            responses={202: {"description": "still processing: the read model has not reached "
-                                            "min_lsn; retry after Retry-After seconds"}},
-        )  # fmt: skip
+            responses={
+                202: {
+                    "description": "still processing: the read model has not reached "
+                    "min_lsn; retry after Retry-After seconds"
+                }
+            },
+        )
 
     @app.get("/queries/{name}", include_in_schema=False)
     def unknown_query(name: str, request: Request) -> Response:
@@ -462,27 +479,53 @@ def _openapi_parameters(query: NamedQuery, max_page: int) -> list[dict[str, Any]
     kinds = {int: "integer", str: "string"}
     params = []
     for p in query.parameters:
-        schema: dict[str, Any] = {"type": kinds.get(PARAMETER_TYPES[p.clickhouse_type].python,
-                                                    "string")}  # fmt: skip
+        schema: dict[str, Any] = {
+            "type": kinds.get(PARAMETER_TYPES[p.clickhouse_type].python, "string")
+        }
         if p.spec.choices:
             schema["enum"] = p.spec.choices
         if p.spec.default is not None:
             schema["default"] = p.spec.default
-        params.append({"name": p.name, "in": "query", "required": p.required,
-                       "description": f"{p.spec.description} ({p.clickhouse_type})",
-                       "schema": schema})  # fmt: skip
+        params.append(
+            {
+                "name": p.name,
+                "in": "query",
+                "required": p.required,
+                "description": f"{p.spec.description} ({p.clickhouse_type})",
+                "schema": schema,
+            }
+        )
     params += [
-        {"name": "limit", "in": "query", "required": False,
-         "description": f"rows per page (1-{max_page})", "schema": {"type": "integer", "default": 100}},
-        {"name": "offset", "in": "query", "required": False, "description": "rows to skip",
-         "schema": {"type": "integer", "default": 0}},
-        {"name": "min_lsn", "in": "query", "required": False,
-         "description": "the writer's pg_current_wal_lsn() after its commit: wait until the read "
-                        "model shows it", "schema": {"type": "string"}},
-        {"name": "wait_ms", "in": "query", "required": False,
-         "description": "how long to wait for min_lsn (capped by the service)",
-         "schema": {"type": "integer"}},
-    ]  # fmt: skip
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "description": f"rows per page (1-{max_page})",
+            "schema": {"type": "integer", "default": 100},
+        },
+        {
+            "name": "offset",
+            "in": "query",
+            "required": False,
+            "description": "rows to skip",
+            "schema": {"type": "integer", "default": 0},
+        },
+        {
+            "name": "min_lsn",
+            "in": "query",
+            "required": False,
+            "description": "the writer's pg_current_wal_lsn() after its commit: wait until the read "
+            "model shows it",
+            "schema": {"type": "string"},
+        },
+        {
+            "name": "wait_ms",
+            "in": "query",
+            "required": False,
+            "description": "how long to wait for min_lsn (capped by the service)",
+            "schema": {"type": "integer"},
+        },
+    ]
     return params
 
 

@@ -255,9 +255,13 @@ def _sample(parameter: Parameter) -> Any:
     spec, kind = parameter.spec, PARAMETER_TYPES[parameter.clickhouse_type]
     if spec.choices:
         return spec.choices[0]
-    samples: dict[type, Any] = {int: spec.minimum if spec.minimum is not None else 1, str: "x",
-                                dt.date: "2000-01-01", dt.datetime: "2000-01-01T00:00:00",
-                                Decimal: "1"}  # fmt: skip
+    samples: dict[type, Any] = {
+        int: spec.minimum if spec.minimum is not None else 1,
+        str: "x",
+        dt.date: "2000-01-01",
+        dt.datetime: "2000-01-01T00:00:00",
+        Decimal: "1",
+    }
     return samples[kind.python]
 
 

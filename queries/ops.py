@@ -104,11 +104,13 @@ class OpsMonitor:
             "replication_slot": unreachable_or(self._slot),
         }
         self.latest = sample
-        self.history.append({
-            "t_ms": now_ms,
-            "events": lag.get("total") if isinstance(lag, dict) else None,
-            "seconds": seconds.get("max") if isinstance(seconds, dict) else None,
-        })  # fmt: skip
+        self.history.append(
+            {
+                "t_ms": now_ms,
+                "events": lag.get("total") if isinstance(lag, dict) else None,
+                "seconds": seconds.get("max") if isinstance(seconds, dict) else None,
+            }
+        )
 
     def _projections(self, now_ms: int) -> dict[str, Any]:
         positions = self.positions.current(fresh=True)
@@ -135,8 +137,12 @@ class OpsMonitor:
         from confluent_kafka import Consumer, TopicPartition
 
         if self._consumer is None:
-            self._consumer = Consumer({"bootstrap.servers": self.kafka_bootstrap,
-                                       "group.id": f"projector-ops-{uuid.uuid4()}"})  # fmt: skip
+            self._consumer = Consumer(
+                {
+                    "bootstrap.servers": self.kafka_bootstrap,
+                    "group.id": f"projector-ops-{uuid.uuid4()}",
+                }
+            )
         partitions = []
         for (topic, partition), checkpoint in sorted(self.checkpoints.load().items()):
             _, end = self._consumer.get_watermark_offsets(
@@ -153,8 +159,10 @@ class OpsMonitor:
 
         report = collect_live_status_at(self.metrics_url)
         if report is None:
-            return {"max": None, "note": f"the projector's metrics at {self.metrics_url} "
-                                         "do not answer"}  # fmt: skip
+            return {
+                "max": None,
+                "note": f"the projector's metrics at {self.metrics_url} do not answer",
+            }
         values = [p.get("lag_seconds", 0.0) for p in report["partitions"]]
         return {"max": max(values, default=0.0)}
 

@@ -58,25 +58,37 @@ def build_service(config: ProjectorConfig, ch: ParameterisedClickHouse) -> Query
         queries,
         ReadPositions(ledger, sources),
         ResultCache[Rows](config.query_cache_entries, config.query_cache_ttl_s),
-        Limits(config.query_wait_ms, config.query_max_page, sql_limits(config),
-               sql_max_concurrent=config.sql_max_concurrent,
-               max_waiters=config.query_max_waiters, max_body_bytes=config.query_max_body_bytes),
+        Limits(
+            config.query_wait_ms,
+            config.query_max_page,
+            sql_limits(config),
+            sql_max_concurrent=config.sql_max_concurrent,
+            max_waiters=config.query_max_waiters,
+            max_body_bytes=config.query_max_body_bytes,
+        ),
         read_your_writes=config.transaction_metadata,
         sql_scope=token_scope(config),
-    )  # fmt: skip
+    )
 
 
 def sql_limits(config: ProjectorConfig) -> SqlLimits:
-    return SqlLimits(config.sql_max_rows, config.sql_max_seconds, config.sql_max_memory_bytes,
-                     config.sql_max_result_bytes, config.sql_max_bytes_to_read)  # fmt: skip
+    return SqlLimits(
+        config.sql_max_rows,
+        config.sql_max_seconds,
+        config.sql_max_memory_bytes,
+        config.sql_max_result_bytes,
+        config.sql_max_bytes_to_read,
+    )
 
 
 def token_scope(config: ProjectorConfig) -> Scope:
     """What a query token reads: the read models and the replicas, not the projector's control
     database (checkpoints, the ledger, the DLQ with its raw messages)."""
     read_models, prefix = config.read_model_database, config.replica_prefix
-    return Scope(lambda database: database == read_models or database.startswith(prefix),
-                 f"the read models ({read_models}) and the replicas ({prefix}*)")  # fmt: skip
+    return Scope(
+        lambda database: database == read_models or database.startswith(prefix),
+        f"the read models ({read_models}) and the replicas ({prefix}*)",
+    )
 
 
 def build_server(config: ProjectorConfig, ch: ParameterisedClickHouse) -> QueryServer:
@@ -91,10 +103,15 @@ def build_server(config: ProjectorConfig, ch: ParameterisedClickHouse) -> QueryS
         f"http://127.0.0.1:{config.metrics_port}/metrics" if config.metrics_port else None
     )
     monitor = OpsMonitor(
-        ch, service.positions, config.control_database, config.kafka_bootstrap, metrics_url,
-        client_environment(), interval_s=config.ops_sample_s,
+        ch,
+        service.positions,
+        config.control_database,
+        config.kafka_bootstrap,
+        metrics_url,
+        client_environment(),
+        interval_s=config.ops_sample_s,
         wal_warning_bytes=config.wal_retained_warning_bytes,
-    )  # fmt: skip
+    )
     app = create_app(service, config.api_token, monitor.status)
     app.router.on_startup.append(monitor.start)
     app.router.on_shutdown.append(monitor.stop)

@@ -203,9 +203,13 @@ class QueryService:
             self._waiters.release()
 
     def cached(
-        self, name: str, params: dict[str, ParamValue], limit: int, offset: int,
+        self,
+        name: str,
+        params: dict[str, ParamValue],
+        limit: int,
+        offset: int,
         min_lsn: int | None,
-    ) -> Answer | None:  # fmt: skip
+    ) -> Answer | None:
         """Steps 2-3 of `named` when they need neither waiting nor ClickHouse: the cached answer
         under the position the read models stand at now, if that is known without a refresh, is
         at least `min_lsn`, and has a live entry; else None (`named` then does it all). `params`
@@ -290,9 +294,11 @@ def csv_body(lines: list[str]) -> bytes:
         writer.writerow(list(rows[0]))
     for row in rows:
         writer.writerow(
-            [json.dumps(v) if isinstance(v, list | dict) else "" if v is None else v
-             for v in row.values()]
-        )  # fmt: skip
+            [
+                json.dumps(v) if isinstance(v, list | dict) else "" if v is None else v
+                for v in row.values()
+            ]
+        )
     return out.getvalue().encode()
 
 

@@ -44,42 +44,97 @@ from typing import Any
 from queries.errors import RejectedStatement
 
 # Functions that reach beyond the statement's tables or stall the engine.
-REFUSED_FUNCTIONS = frozenset(name.lower() for name in (
-    "file",  # reads any file the process can (chDB does not confine it)
-    "sleep", "sleepEachRow",  # holds the engine, and on chDB every other reader and ingestion
-    "getSetting", "getSettingOrDefault", "getServerSetting", "getMergeTreeSetting",  # secrets
-    "getMacro", "getServerPort", "tcpPort", "hostName", "FQDN", "serverUUID", "buildId",
-    "getOSKernelVersion", "filesystemAvailable", "filesystemCapacity", "filesystemUnreserved",
-    "globalVariable", "getClientHTTPHeader", "currentRequestURL", "showCertificate",
-    "zookeeperSessionUptime", "currentUser", "authenticatedUser", "currentProfiles",
-    "enabledProfiles", "defaultProfiles", "currentRoles", "enabledRoles", "defaultRoles",
-    "joinGet", "joinGetOrNull",  # read a table named in a string, past the table check
-    "hasColumnInTable",  # the same
-    "catboostEvaluate", "modelEvaluate",  # load model files
-    "fuzzQuery", "transactionID", "transactionLatestSnapshot", "transactionOldestSnapshot",
-))  # fmt: skip
+REFUSED_FUNCTIONS = frozenset(
+    name.lower()
+    for name in (
+        "file",  # reads any file the process can (chDB does not confine it)
+        "sleep",
+        "sleepEachRow",  # holds the engine, and on chDB every other reader and ingestion
+        "getSetting",
+        "getSettingOrDefault",
+        "getServerSetting",
+        "getMergeTreeSetting",  # secrets
+        "getMacro",
+        "getServerPort",
+        "tcpPort",
+        "hostName",
+        "FQDN",
+        "serverUUID",
+        "buildId",
+        "getOSKernelVersion",
+        "filesystemAvailable",
+        "filesystemCapacity",
+        "filesystemUnreserved",
+        "globalVariable",
+        "getClientHTTPHeader",
+        "currentRequestURL",
+        "showCertificate",
+        "zookeeperSessionUptime",
+        "currentUser",
+        "authenticatedUser",
+        "currentProfiles",
+        "enabledProfiles",
+        "defaultProfiles",
+        "currentRoles",
+        "enabledRoles",
+        "defaultRoles",
+        "joinGet",
+        "joinGetOrNull",  # read a table named in a string, past the table check
+        "hasColumnInTable",  # the same
+        "catboostEvaluate",
+        "modelEvaluate",  # load model files
+        "fuzzQuery",
+        "transactionID",
+        "transactionLatestSnapshot",
+        "transactionOldestSnapshot",
+    )
+)
 # Categories of system.functions refused whole: dictionaries (they may read files, URLs or other
 # databases), introspection (addresses and symbols of the server's code), AI (calls the
 # network), and the engine's internals.
-REFUSED_CATEGORIES = frozenset({"Dictionary", "Embedded Dictionary", "Introspection", "AI",
-                                "Internal"})  # fmt: skip
+REFUSED_CATEGORIES = frozenset(
+    {"Dictionary", "Embedded Dictionary", "Introspection", "AI", "Internal"}
+)
 # Table functions that compute rows from numbers alone. Not `values`, `format`, `null` or
 # `generateRandom`: their structure argument is a string the engine parses later (a column's
 # DEFAULT expression in it is a function the guard never sees); not `view`: the query tree hides
 # the tables inside it.
-TABLE_FUNCTIONS = frozenset(name.lower() for name in (
-    "numbers", "numbers_mt", "zeros", "zeros_mt", "generate_series", "generateSeries", "primes",
-))  # fmt: skip
+TABLE_FUNCTIONS = frozenset(
+    name.lower()
+    for name in (
+        "numbers",
+        "numbers_mt",
+        "zeros",
+        "zeros_mt",
+        "generate_series",
+        "generateSeries",
+        "primes",
+    )
+)
 # Prefixes of refused function families (also where system.functions has no categories).
 REFUSED_PREFIXES = ("dictget", "dicthas", "dictisin", "region")
 # Syntax that applies functions the tree does not name: `SELECT * APPLY(file) FROM ...`.
 REFUSED_NODES = {"ColumnsApplyTransformer": "APPLY(...) is not allowed: name the functions"}
 # System tables a token holder may read: the catalogue (what BI tools ask for) and constants.
-SYSTEM_TABLES = frozenset({
-    "one", "numbers", "numbers_mt", "zeros", "zeros_mt", "databases", "tables", "columns",
-    "functions", "table_functions", "data_type_families", "formats", "time_zones",
-    "table_engines", "collations",
-})  # fmt: skip
+SYSTEM_TABLES = frozenset(
+    {
+        "one",
+        "numbers",
+        "numbers_mt",
+        "zeros",
+        "zeros_mt",
+        "databases",
+        "tables",
+        "columns",
+        "functions",
+        "table_functions",
+        "data_type_families",
+        "formats",
+        "time_zones",
+        "table_engines",
+        "collations",
+    }
+)
 CATALOGUE_DATABASES = frozenset({"system", "information_schema"})
 
 
@@ -146,9 +201,12 @@ def _catalogue(rows: Callable[[str], list[dict[str, Any]]], key: int) -> _Catalo
 
 
 def check_statement(
-    ast: str, rows: Callable[[str], list[dict[str, Any]]], key: int, scope: Scope,
+    ast: str,
+    rows: Callable[[str], list[dict[str, Any]]],
+    key: int,
+    scope: Scope,
     databases: Callable[[], set[str]],
-) -> None:  # fmt: skip
+) -> None:
     """Refuse (`RejectedStatement`, naming the culprit) a statement whose `EXPLAIN AST` text is
     `ast` unless it keeps to the rules of the module docstring. `rows` runs a catalogue query on
     the engine (cached per `key`), `databases` names the engine's databases now."""
@@ -228,8 +286,9 @@ _RESOLVED = re.compile(
 )
 
 
-def check_resolved(tree: str, rows: Callable[[str], list[dict[str, Any]]], key: int,
-                   scope: Scope) -> None:  # fmt: skip
+def check_resolved(
+    tree: str, rows: Callable[[str], list[dict[str, Any]]], key: int, scope: Scope
+) -> None:
     """The second look, at `EXPLAIN QUERY TREE` of a statement `check_statement` let through:
     ClickHouse's analyzer has resolved every name there -- a table of the current database or of
     a WITH clause to its database and table, an alias of a function to the function -- so the

@@ -374,7 +374,12 @@ def _follow_request(
             if request.state != "taken":
                 return
             version = next(
-                (v for v in maintainer.family_versions.versions() if v["version"] == request.detail), None
+                (
+                    v
+                    for v in maintainer.family_versions.versions()
+                    if v["version"] == request.detail
+                ),
+                None,
             )
             if version is None or version["state"] != "building":
                 return

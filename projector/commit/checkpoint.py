@@ -186,17 +186,26 @@ class CheckpointStore:
         self.ch.execute(
             topology.create_table(
                 self.table,
-                ["`projection` String", "topic String", "`partition` Int32",
-                 "first_offset Int64", "last_offset Int64", "state LowCardinality(String)",
-                 "version UInt64", "generation UInt64 DEFAULT 0",
-                 # The newest record wins: a newer owner's (generation) over a stale member's,
-                 # then the later state of one owner (version).
-                 "ordering UInt128 MATERIALIZED bitShiftLeft(toUInt128(generation), 64) + version",
-                 "recorded_at DateTime64(3) DEFAULT now64(3)"],
-                "ReplacingMergeTree", "ordering", "(`projection`, topic, `partition`)",
+                [
+                    "`projection` String",
+                    "topic String",
+                    "`partition` Int32",
+                    "first_offset Int64",
+                    "last_offset Int64",
+                    "state LowCardinality(String)",
+                    "version UInt64",
+                    "generation UInt64 DEFAULT 0",
+                    # The newest record wins: a newer owner's (generation) over a stale member's,
+                    # then the later state of one owner (version).
+                    "ordering UInt128 MATERIALIZED bitShiftLeft(toUInt128(generation), 64) + version",
+                    "recorded_at DateTime64(3) DEFAULT now64(3)",
+                ],
+                "ReplacingMergeTree",
+                "ordering",
+                "(`projection`, topic, `partition`)",
                 deduplicate=False,  # re-recording is idempotent by version, never dropped
             )
-        )  # fmt: skip
+        )
         if self._columns("checkpoints_unfenced"):  # idempotent: re-run after a crash mid-way
             kept = "`projection`, topic, `partition`, first_offset, last_offset, state, version"
             self.ch.execute(f"INSERT INTO {self.table} ({kept}) SELECT {kept} FROM {unfenced}")
@@ -204,23 +213,39 @@ class CheckpointStore:
         self.ch.execute(
             topology.create_table(
                 self.owners,
-                ["`projection` String", "topic String", "`partition` Int32",
-                 "generation UInt64", "member String",
-                 "claimed_at DateTime64(3) DEFAULT now64(3)"],
-                "ReplacingMergeTree", "generation", "(`projection`, topic, `partition`)",
+                [
+                    "`projection` String",
+                    "topic String",
+                    "`partition` Int32",
+                    "generation UInt64",
+                    "member String",
+                    "claimed_at DateTime64(3) DEFAULT now64(3)",
+                ],
+                "ReplacingMergeTree",
+                "generation",
+                "(`projection`, topic, `partition`)",
                 deduplicate=False,  # every claim must land
             )
-        )  # fmt: skip
+        )
         self.ch.execute(
             topology.create_table(
                 self.resets,
-                ["`projection` String", "topic String", "`partition` Int32", "generation UInt64",
-                 "previous Int64", "`offset` Int64", "member String",
-                 "reset_at DateTime64(3) DEFAULT now64(3)"],
-                "ReplacingMergeTree", "", "(`projection`, topic, `partition`, generation)",
+                [
+                    "`projection` String",
+                    "topic String",
+                    "`partition` Int32",
+                    "generation UInt64",
+                    "previous Int64",
+                    "`offset` Int64",
+                    "member String",
+                    "reset_at DateTime64(3) DEFAULT now64(3)",
+                ],
+                "ReplacingMergeTree",
+                "",
+                "(`projection`, topic, `partition`, generation)",
                 deduplicate=False,  # every reset must land
             )
-        )  # fmt: skip
+        )
 
     def _columns(self, table: str) -> set[str]:
         rows = self.ch.rows(
@@ -263,10 +288,15 @@ class CheckpointStore:
     def record(self, batch: BatchRange, state: str, generation: int = 0) -> None:
         version = batch.last * 2 + (1 if state == DONE else 0)
         row = {
-            "projection": self.projection, "topic": batch.topic, "partition": batch.partition,
-            "first_offset": batch.first, "last_offset": batch.last, "state": state,
-            "version": version, "generation": generation,
-        }  # fmt: skip
+            "projection": self.projection,
+            "topic": batch.topic,
+            "partition": batch.partition,
+            "first_offset": batch.first,
+            "last_offset": batch.last,
+            "state": state,
+            "version": version,
+            "generation": generation,
+        }
         # No dedup token: re-recording is idempotent by version, and must not be dropped.
         self.ch.execute(
             insert_statement(
@@ -285,16 +315,25 @@ class CheckpointStore:
         (claimed,) = self.claim([(topic, partition)], member).values()  # R1.
         token = f"cp|reset|{topic}|{partition}|{claimed.generation}"
         logged = {  # R2. (previous: where it would have resumed; 0 if it never applied any)
-            "projection": self.projection, "topic": topic, "partition": partition,
-            "generation": claimed.generation, "previous": previous, "offset": offset,
+            "projection": self.projection,
+            "topic": topic,
+            "partition": partition,
+            "generation": claimed.generation,
+            "previous": previous,
+            "offset": offset,
             "member": member,
-        }  # fmt: skip
+        }
         self.ch.execute(insert_statement(self.resets, list(logged), [logged], token=token))
         row = {  # R3. sorted like a done batch ending at offset - 1 (`record`)
-            "projection": self.projection, "topic": topic, "partition": partition,
-            "first_offset": offset, "last_offset": offset - 1, "state": RESET,
-            "version": max(0, offset * 2 - 1), "generation": claimed.generation,
-        }  # fmt: skip
+            "projection": self.projection,
+            "topic": topic,
+            "partition": partition,
+            "first_offset": offset,
+            "last_offset": offset - 1,
+            "state": RESET,
+            "version": max(0, offset * 2 - 1),
+            "generation": claimed.generation,
+        }
         self.ch.execute(insert_statement(self.table, list(row), [row], token=token))
         return claimed
 
@@ -353,10 +392,15 @@ class CheckpointStore:
             for t, p in partitions
         }
         rows = [
-            {"projection": self.projection, "topic": t, "partition": p,
-             "generation": c.generation, "member": c.member}
+            {
+                "projection": self.projection,
+                "topic": t,
+                "partition": p,
+                "generation": c.generation,
+                "member": c.member,
+            }
             for (t, p), c in claimed.items()
-        ]  # fmt: skip
+        ]
         self.ch.execute(insert_statement(self.owners, list(rows[0]), rows, token=f"claim|{member}"))
         return claimed
 

@@ -32,8 +32,15 @@ class DeadLetter:
 
     @classmethod
     def of(cls, message: RawMessage, exc: PoisonMessage) -> DeadLetter:
-        return cls(message.topic, message.partition, message.offset, message.key, message.value,
-                   exc.stage, redact(exc.reason))  # fmt: skip
+        return cls(
+            message.topic,
+            message.partition,
+            message.offset,
+            message.key,
+            message.value,
+            exc.stage,
+            redact(exc.reason),
+        )
 
     def row(self) -> dict[str, Any]:
         return {
@@ -67,13 +74,23 @@ class DeadLetterStore:
         self.ch.execute(
             topology.create_table(
                 self.table,
-                ["topic String", "`partition` Int32", "`offset` Int64",
-                 "key_b64 Nullable(String)", "value_b64 Nullable(String)",
-                 "stage LowCardinality(String)", "error String",
-                 "dead_at DateTime64(3, 'UTC')", "replayed UInt8", "version UInt64"],
-                "ReplacingMergeTree", "version", "(topic, partition, offset)",
+                [
+                    "topic String",
+                    "`partition` Int32",
+                    "`offset` Int64",
+                    "key_b64 Nullable(String)",
+                    "value_b64 Nullable(String)",
+                    "stage LowCardinality(String)",
+                    "error String",
+                    "dead_at DateTime64(3, 'UTC')",
+                    "replayed UInt8",
+                    "version UInt64",
+                ],
+                "ReplacingMergeTree",
+                "version",
+                "(topic, partition, offset)",
             )
-        )  # fmt: skip
+        )
 
     def add(self, batch: BatchRange, letters: list[DeadLetter]) -> None:
         rows = [letter.row() for letter in letters]

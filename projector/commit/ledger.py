@@ -207,8 +207,12 @@ class EventSpan:
         return xid_of(tx_id), cls(lsn, lsn, frozenset((int(order),)))
 
     def __add__(self, other: EventSpan) -> EventSpan:
-        return EventSpan(min(self.first_lsn, other.first_lsn), max(self.last_lsn, other.last_lsn),
-                         self.orders | other.orders, self.unnamed + other.unnamed)  # fmt: skip
+        return EventSpan(
+            min(self.first_lsn, other.first_lsn),
+            max(self.last_lsn, other.last_lsn),
+            self.orders | other.orders,
+            self.unnamed + other.unnamed,
+        )
 
 
 @dataclass(frozen=True)
@@ -246,11 +250,13 @@ NEVER_WAITED_FOR = f"{CONTROL_SCHEMA}."
 # another token) by union, so an event is one order however often it arrives.
 ORDERS_TYPE = "SimpleAggregateFunction(groupUniqArrayArray, Array(UInt64))"
 ORDER_COLUMNS = [
-    f"applied_orders {ORDERS_TYPE}", f"dead_orders {ORDERS_TYPE}",
+    f"applied_orders {ORDERS_TYPE}",
+    f"dead_orders {ORDERS_TYPE}",
     # Events that carry no order, counted as they came. A row written before the orders were kept
     # carries none: all its events are such (the DEFAULT, for old rows and for the copy below).
-    "applied_unnamed UInt64 DEFAULT applied", "dead_unnamed UInt64 DEFAULT dead_lettered",
-]  # fmt: skip
+    "applied_unnamed UInt64 DEFAULT applied",
+    "dead_unnamed UInt64 DEFAULT dead_lettered",
+]
 
 
 class TransactionLedger:
@@ -267,11 +273,19 @@ class TransactionLedger:
         self.ch.execute(
             topology.create_table(
                 self.ends,
-                ["tx_id String", "lsn UInt64", "`offset` Int64", "data_collection String",
-                 "expected UInt64", "commit_ms Int64 DEFAULT 0"],
-                "ReplacingMergeTree", "", "(`offset`, data_collection)",
+                [
+                    "tx_id String",
+                    "lsn UInt64",
+                    "`offset` Int64",
+                    "data_collection String",
+                    "expected UInt64",
+                    "commit_ms Int64 DEFAULT 0",
+                ],
+                "ReplacingMergeTree",
+                "",
+                "(`offset`, data_collection)",
             )
-        )  # fmt: skip
+        )
         # Summed per transaction, table and span: rows of two transactions that share an xid
         # (after wraparound) have different spans and stay apart. `applied` and `dead_lettered`
         # count the events as they came; what counts is who they are (module docstring,
@@ -279,11 +293,20 @@ class TransactionLedger:
         self.ch.execute(
             topology.create_table(
                 self.progress,
-                ["tx_id String", "data_collection String", "first_lsn UInt64", "last_lsn UInt64",
-                 "applied UInt64", "dead_lettered UInt64", *ORDER_COLUMNS],
-                "SummingMergeTree", "", "(tx_id, data_collection, first_lsn, last_lsn)",
+                [
+                    "tx_id String",
+                    "data_collection String",
+                    "first_lsn UInt64",
+                    "last_lsn UInt64",
+                    "applied UInt64",
+                    "dead_lettered UInt64",
+                    *ORDER_COLUMNS,
+                ],
+                "SummingMergeTree",
+                "",
+                "(tx_id, data_collection, first_lsn, last_lsn)",
             )
-        )  # fmt: skip
+        )
         for column in ORDER_COLUMNS:  # a ledger from before "Counted once"
             self.ch.execute(
                 topology.alter_table(self.progress, f"ADD COLUMN IF NOT EXISTS {column}")
@@ -297,29 +320,40 @@ class TransactionLedger:
         counts for the oldest END of its xid (what the old ledger matched too). Each table is
         copied only while its new one is empty, the counts first: a copy cut short by a crash
         is redone, or was done."""
-        found = {row["name"] for row in self.ch.rows(
-            f"SELECT name FROM system.tables WHERE database = {quote(self.database)} "
-            "AND name IN ('transactions', 'transaction_progress')"
-        )}  # fmt: skip
+        found = {
+            row["name"]
+            for row in self.ch.rows(
+                f"SELECT name FROM system.tables WHERE database = {quote(self.database)} "
+                "AND name IN ('transactions', 'transaction_progress')"
+            )
+        }
         if found != {"transactions", "transaction_progress"}:
             return
         old = ident(self.database)
         copies = [
-            (self.progress, "tx_id, data_collection, first_lsn, last_lsn, applied, dead_lettered",
-             f"SELECT tx_id, data_collection, 0, 0, applied, dead_lettered "
-             f"FROM {old}.transaction_progress"),
-            (self.ends, "tx_id, lsn, `offset`, data_collection, expected, commit_ms",
-             f"SELECT tx_id, lsn, `offset`, data_collection, expected, commit_ms "
-             f"FROM {old}.transactions FINAL"),
-        ]  # fmt: skip
+            (
+                self.progress,
+                "tx_id, data_collection, first_lsn, last_lsn, applied, dead_lettered",
+                f"SELECT tx_id, data_collection, 0, 0, applied, dead_lettered "
+                f"FROM {old}.transaction_progress",
+            ),
+            (
+                self.ends,
+                "tx_id, lsn, `offset`, data_collection, expected, commit_ms",
+                f"SELECT tx_id, lsn, `offset`, data_collection, expected, commit_ms "
+                f"FROM {old}.transactions FINAL",
+            ),
+        ]
         for table, columns, select in copies:
             if int(self.ch.rows(f"SELECT count() AS n FROM {table}")[0]["n"]) == 0:
                 self.ch.execute(f"INSERT INTO {table} ({columns}) {select}")
 
     def record_ends(
-        self, batch: BatchRange, events: list[tuple[int, dict[str, Any] | None]],
+        self,
+        batch: BatchRange,
+        events: list[tuple[int, dict[str, Any] | None]],
         projection: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Events of the transaction topic (offset, decoded value; None for one that could not
         be decoded), in offset order: a row per END and table, and a row that holds every
         watermark for an END that could not be read. BEGINs are skipped, and so is an END that
@@ -336,9 +370,16 @@ class TransactionLedger:
             if value is None:
                 # Committed after the END before it: its LSN is at least one past that one's.
                 newest += 1
-                rows.append({"tx_id": f"unreadable@{offset}", "lsn": newest, "offset": offset,
-                             "data_collection": UNREADABLE, "expected": 1,
-                             "commit_ms": 0})  # fmt: skip
+                rows.append(
+                    {
+                        "tx_id": f"unreadable@{offset}",
+                        "lsn": newest,
+                        "offset": offset,
+                        "data_collection": UNREADABLE,
+                        "expected": 1,
+                        "commit_ms": 0,
+                    }
+                )
                 continue
             if value.get("status") != "END":
                 continue
@@ -348,11 +389,16 @@ class TransactionLedger:
                 continue  # sent again: its first copy, earlier on the topic, is the one counted
             newest = lsn
             rows += [
-                {"tx_id": xid_of(value["id"]), "lsn": lsn, "offset": offset,
-                 "data_collection": c["data_collection"], "expected": int(c["event_count"]),
-                 "commit_ms": int(value.get("ts_ms") or 0)}
+                {
+                    "tx_id": xid_of(value["id"]),
+                    "lsn": lsn,
+                    "offset": offset,
+                    "data_collection": c["data_collection"],
+                    "expected": int(c["event_count"]),
+                    "commit_ms": int(value.get("ts_ms") or 0),
+                }
                 for c in value.get("data_collections") or []
-            ]  # fmt: skip
+            ]
         later = self._copies_elsewhere(rows, first, last)
         if later:
             # A DLQ replay records an END at its own offset after a copy of it, sent again by
@@ -364,8 +410,13 @@ class TransactionLedger:
                 f"({', '.join(str(o) for o in sorted(offsets))})"
             )
         if skipped:
-            log.info("transaction ledger: %d END event(s) at offsets %d-%d were sent again "
-                     "(a Connect restart); counted once", skipped, first, last)  # fmt: skip
+            log.info(
+                "transaction ledger: %d END event(s) at offsets %d-%d were sent again "
+                "(a Connect restart); counted once",
+                skipped,
+                first,
+                last,
+            )
         if rows:
             token = batch.token(projection or self.projection, "transaction_ends")
             self.ch.execute(insert_statement(self.ends, list(rows[0]), rows, token))
@@ -387,8 +438,11 @@ class TransactionLedger:
         )
         earlier = {int(r["lsn"]) for r in found if int(r["off"]) < first}
         rows[:] = [r for r in rows if int(r["lsn"]) not in earlier]
-        return {int(r["off"]): int(r["lsn"]) for r in found
-                if int(r["off"]) > last and int(r["lsn"]) in lsns}  # fmt: skip
+        return {
+            int(r["off"]): int(r["lsn"])
+            for r in found
+            if int(r["off"]) > last and int(r["lsn"]) in lsns
+        }
 
     def newest_lsn(self, before: int) -> int:
         """The largest LSN of the ENDs recorded at transaction-topic offsets below `before` (0:
@@ -421,14 +475,20 @@ class TransactionLedger:
             done, dead = applied.get(key), dead_lettered.get(key)
             span = done + dead if done and dead else done or dead
             assert span is not None  # the key is in one of the two
-            rows.append({"tx_id": key[0], "data_collection": key[1],
-                         "first_lsn": span.first_lsn, "last_lsn": span.last_lsn,
-                         "applied": done.events if done else 0,
-                         "dead_lettered": dead.events if dead else 0,
-                         "applied_orders": sorted(done.orders) if done else [],
-                         "dead_orders": sorted(dead.orders) if dead else [],
-                         "applied_unnamed": done.unnamed if done else 0,
-                         "dead_unnamed": dead.unnamed if dead else 0})  # fmt: skip
+            rows.append(
+                {
+                    "tx_id": key[0],
+                    "data_collection": key[1],
+                    "first_lsn": span.first_lsn,
+                    "last_lsn": span.last_lsn,
+                    "applied": done.events if done else 0,
+                    "dead_lettered": dead.events if dead else 0,
+                    "applied_orders": sorted(done.orders) if done else [],
+                    "dead_orders": sorted(dead.orders) if dead else [],
+                    "applied_unnamed": done.unnamed if done else 0,
+                    "dead_unnamed": dead.unnamed if dead else 0,
+                }
+            )
         if rows:
             token = batch.token(projection or self.projection, "transaction_events")
             self.ch.execute(insert_statement(self.progress, list(rows[0]), rows, token))
@@ -522,8 +582,13 @@ class TransactionLedger:
         if not rows or not int(rows[0]["gaps"]):
             return None
         row = rows[0]
-        return Unfinished(int(row["gaps"]), row["gap_tx"], row["gap_collection"],
-                          int(row["gap_expected"]), int(row["gap_settled"]))  # fmt: skip
+        return Unfinished(
+            int(row["gaps"]),
+            row["gap_tx"],
+            row["gap_collection"],
+            int(row["gap_expected"]),
+            int(row["gap_settled"]),
+        )
 
     def first_incomplete(self, collections: Sequence[str], after: int) -> dict[str, int]:
         """Per collection, the transaction-topic offset of its first incomplete transaction
@@ -592,8 +657,11 @@ class TransactionLedger:
             # The ENDs first: a crash before their spans go leaves spans no END claims, never
             # a complete END that lost its counts.
             self.ch.execute(f"DELETE FROM {self.ends}{cluster} WHERE `offset` IN ({offsets})")
-            keys = [f"({quote(s['tx_id'])}, {quote(s['collection'])}, {int(s['first_lsn'])}, "
-                    f"{int(s['last_lsn'])})" for s in spans]  # fmt: skip
+            keys = [
+                f"({quote(s['tx_id'])}, {quote(s['collection'])}, {int(s['first_lsn'])}, "
+                f"{int(s['last_lsn'])})"
+                for s in spans
+            ]
             for group in literal_chunks(keys):
                 self.ch.execute(
                     f"DELETE FROM {self.progress}{cluster} "

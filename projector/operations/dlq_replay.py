@@ -40,10 +40,12 @@ def replay_dead_letters(
     ledger.create()
     schemas = SchemaCache(config.registry_url)
     applier = BatchApplier(
-        ch, schemas,
+        ch,
+        schemas,
         ReplicaCatalog(ch, config.replica_prefix, SignalTable(config.source_dsn).request),
-        projection=REPLAY, upcasters=Upcasters.load(config.upcasters_file),
-    )  # fmt: skip
+        projection=REPLAY,
+        upcasters=Upcasters.load(config.upcasters_file),
+    )
     read_models = maintainer_for(config, ch)
     if read_models is not None:
         read_models.family_versions.ensure()
@@ -55,9 +57,12 @@ def replay_dead_letters(
         if letter is None:
             continue
         message = RawMessage(
-            letter["topic"], int(letter["partition"]), int(letter["offset"]),
-            store.decode_bytes(letter["key_b64"]), store.decode_bytes(letter["value_b64"]),
-        )  # fmt: skip
+            letter["topic"],
+            int(letter["partition"]),
+            int(letter["offset"]),
+            store.decode_bytes(letter["key_b64"]),
+            store.decode_bytes(letter["value_b64"]),
+        )
         batch = BatchRange(message.topic, message.partition, message.offset, message.offset)
         if message.topic == config.transaction_topic:
             if not _record_transaction_event(ledger, schemas, batch, message):

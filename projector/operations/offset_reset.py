@@ -99,14 +99,23 @@ class ResetPlan:
         """The plan as the prompt and `--dry-run` show it."""
         lines = [f"{self.table} (topic {self.topic}):"]
         for m in self.moves:
-            what = (f"re-reads {m.replayed:,} event(s)" if m.replayed else
-                    f"SKIPS {m.skipped:,} event(s)" if m.skipped else "stays")  # fmt: skip
-            lines.append(f"  partition {m.partition}: offset {m.current:,} -> {m.target:,}  "
-                         f"{what}  (Kafka retains {m.low:,} to {m.high:,})")  # fmt: skip
+            what = (
+                f"re-reads {m.replayed:,} event(s)"
+                if m.replayed
+                else f"SKIPS {m.skipped:,} event(s)"
+                if m.skipped
+                else "stays"
+            )
+            lines.append(
+                f"  partition {m.partition}: offset {m.current:,} -> {m.target:,}  "
+                f"{what}  (Kafka retains {m.low:,} to {m.high:,})"
+            )
         replayed = sum(m.replayed for m in self.moves)
         if replayed:
-            lines.append(f"{replayed:,} event(s) re-read: the replica and the read models it "
-                         "feeds stay exact meanwhile (newer rows win over re-read ones)")  # fmt: skip
+            lines.append(
+                f"{replayed:,} event(s) re-read: the replica and the read models it "
+                "feeds stay exact meanwhile (newer rows win over re-read ones)"
+            )
         if self.forward:
             skipped = sum(m.skipped for m in self.moves)
             back = ", ".join(f"{m.partition}: {m.current}" for m in self.moves if m.skipped)
@@ -138,9 +147,15 @@ def millis_text(ms: int) -> str:
 
 
 def resolve_target(
-    topic: str, partition: int, low: int, high: int, to_offset: int | None = None,
-    when_ms: int | None = None, found: int | None = None, earliest_ms: int | None = None,
-) -> int:  # fmt: skip
+    topic: str,
+    partition: int,
+    low: int,
+    high: int,
+    to_offset: int | None = None,
+    when_ms: int | None = None,
+    found: int | None = None,
+    earliest_ms: int | None = None,
+) -> int:
     """The offset a partition moves to: `to_offset`, or for a time `when_ms` the first offset
     at or after it that Kafka `found` (-1: none, the end), refused when retention deleted
     messages that may be newer than the time (the earliest retained one, at `low` > 0, is from
@@ -164,9 +179,12 @@ def resolve_target(
 
 
 def plan(
-    table: str, topic: str, retained: dict[int, tuple[int, int]],
-    current: dict[int, int | None], targets: dict[int, int],
-) -> ResetPlan:  # fmt: skip
+    table: str,
+    topic: str,
+    retained: dict[int, tuple[int, int]],
+    current: dict[int, int | None],
+    targets: dict[int, int],
+) -> ResetPlan:
     """The moves of the given partitions; one that never applied anything is at its earliest
     retained offset (where it would start)."""
     moves = []
@@ -314,9 +332,11 @@ def refuse_unsafe(config: ProjectorConfig, ch: ClickHouse, the_plan: ResetPlan) 
 
 
 def wait_for(
-    done: Callable[[], bool], timeout_s: float, poll_s: float = 0.5,
+    done: Callable[[], bool],
+    timeout_s: float,
+    poll_s: float = 0.5,
     sleep: Callable[[float], None] = time.sleep,
-) -> bool:  # fmt: skip
+) -> bool:
     deadline = time.monotonic() + timeout_s
     while not done():
         if time.monotonic() >= deadline:
@@ -326,9 +346,12 @@ def wait_for(
 
 
 def move(
-    plan: ResetPlan, store: CheckpointStore, pauses: TablePauses | None,
-    timeout_s: float = 60, say: Callable[[str], None] = lambda line: None,
-) -> ResetPlan:  # fmt: skip
+    plan: ResetPlan,
+    store: CheckpointStore,
+    pauses: TablePauses | None,
+    timeout_s: float = 60,
+    say: Callable[[str], None] = lambda line: None,
+) -> ResetPlan:
     """Steps 1-4 of the module docstring (`pauses` None: no projector runs, steps 2-3). Returns
     the plan as done (positions re-read once the table held still)."""
     table, keys = plan.table, [(plan.topic, m.partition) for m in plan.moves]
@@ -347,16 +370,28 @@ def move(
             )
     try:
         found = store.load(keys)  # 2.
-        done = ResetPlan(table, plan.topic, [
-            PartitionMove(m.partition, found[k].resume_offset if k in found else m.low,
-                          m.target, m.low, m.high)
-            for m, k in zip(plan.moves, keys, strict=True)
-        ])  # fmt: skip
+        done = ResetPlan(
+            table,
+            plan.topic,
+            [
+                PartitionMove(
+                    m.partition,
+                    found[k].resume_offset if k in found else m.low,
+                    m.target,
+                    m.low,
+                    m.high,
+                )
+                for m, k in zip(plan.moves, keys, strict=True)
+            ],
+        )
         for m in done.moves:
             store.reset_to(plan.topic, m.partition, m.target, m.current, MEMBER)
         after = store.load(keys)  # 3.
-        wrong = [m for m, k in zip(done.moves, keys, strict=True)
-                 if k not in after or after[k].resume_offset != m.target]  # fmt: skip
+        wrong = [
+            m
+            for m, k in zip(done.moves, keys, strict=True)
+            if k not in after or after[k].resume_offset != m.target
+        ]
         if wrong:
             raise ResetRefused(
                 "a member recorded over the reset (a rebalance raced it): partition(s) "

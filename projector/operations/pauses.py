@@ -28,11 +28,19 @@ class TablePauses:
         for table in (self.wanted_table, self.state_table):
             self.ch.execute(
                 topology.create_table(
-                    table, ["table String", "paused UInt8", "seq UInt64",
-                            "recorded_at DateTime64(3) DEFAULT now64(3)"],
-                    "ReplacingMergeTree", "seq", "table", deduplicate=False,
+                    table,
+                    [
+                        "table String",
+                        "paused UInt8",
+                        "seq UInt64",
+                        "recorded_at DateTime64(3) DEFAULT now64(3)",
+                    ],
+                    "ReplacingMergeTree",
+                    "seq",
+                    "table",
+                    deduplicate=False,
                 )
-            )  # fmt: skip
+            )
 
     def want(self, table: str, paused: bool) -> None:
         self._write(self.wanted_table, table, paused)

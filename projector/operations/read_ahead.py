@@ -46,9 +46,13 @@ class PartitionReader:
     applied, and when, is the caller's choice."""
 
     def __init__(
-        self, consumer: Consumer, topic: str, partition: int, chunk: int,
+        self,
+        consumer: Consumer,
+        topic: str,
+        partition: int,
+        chunk: int,
         prepare: Callable[[list[Any]], Any] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.consumer = consumer
         self.topic = topic
         self.partition = partition
@@ -102,8 +106,10 @@ class PartitionReader:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._position = None  # not where it was asked to be: start afresh next time
-                    raise RebuildRefused(f"could not read {self.topic}[{self.partition}] "
-                                         f"{first}-{end - 1} in {timeout_s:.0f} s")  # fmt: skip
+                    raise RebuildRefused(
+                        f"could not read {self.topic}[{self.partition}] "
+                        f"{first}-{end - 1} in {timeout_s:.0f} s"
+                    )
                 self._changed.wait(min(left, 1.0))
 
     def _take(self, first: int, end: int, found: list[Any]) -> None:

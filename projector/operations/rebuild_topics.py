@@ -61,12 +61,15 @@ class RebuildTopics:
         return self._consumers[topic]
 
     def _new_consumer(self, topic: str) -> Consumer:
-        return Consumer({
-            "bootstrap.servers": self.kafka_bootstrap,
-            "group.id": f"projector-rebuild-{topic}",  # assigned, never subscribed
-            "enable.auto.commit": False, "enable.partition.eof": True,
-            "max.partition.fetch.bytes": 16 * 1024 * 1024,
-        })  # fmt: skip
+        return Consumer(
+            {
+                "bootstrap.servers": self.kafka_bootstrap,
+                "group.id": f"projector-rebuild-{topic}",  # assigned, never subscribed
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "max.partition.fetch.bytes": 16 * 1024 * 1024,
+            }
+        )
 
     def reader(
         self, topic: str, partition: int, prepare: Callable[[list[Any]], Any] | None = None

@@ -142,11 +142,18 @@ class ReplicaRebuilds:
     `topics`, for the CLI and the runner until they call those directly."""
 
     def __init__(
-        self, ch: ClickHouse, control_database: str, replica_prefix: str, topic_prefix: str,
-        kafka_bootstrap: str, make_applier: Callable[[ReplicaCatalog, str], BatchApplier],
-        chunk_messages: int = CHUNK_MESSAGES, source_dsn: str | None = None,
-        notification_topic: str = "", schemas: SchemaCache | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        ch: ClickHouse,
+        control_database: str,
+        replica_prefix: str,
+        topic_prefix: str,
+        kafka_bootstrap: str,
+        make_applier: Callable[[ReplicaCatalog, str], BatchApplier],
+        chunk_messages: int = CHUNK_MESSAGES,
+        source_dsn: str | None = None,
+        notification_topic: str = "",
+        schemas: SchemaCache | None = None,
+    ) -> None:
         """`source_dsn`, `notification_topic` and `schemas` (to decode the notifications): for
         rebuilds from a snapshot (S1-S5)."""
         self.ch = ch
@@ -169,9 +176,13 @@ class ReplicaRebuilds:
 
     @classmethod
     def for_config(
-        cls, config: ProjectorConfig, ch: ClickHouse, schemas: SchemaCache,
-        upcasters: Upcasters, partitions: Callable[[str], int | None],
-    ) -> ReplicaRebuilds:  # fmt: skip
+        cls,
+        config: ProjectorConfig,
+        ch: ClickHouse,
+        schemas: SchemaCache,
+        upcasters: Upcasters,
+        partitions: Callable[[str], int | None],
+    ) -> ReplicaRebuilds:
         """The rebuilds of `config`'s replica tables, in the projector or the chDB command alike.
 
         A shadow is applied by the live table's apply code (upcasters, the fast path, deletes,
@@ -185,15 +196,28 @@ class ReplicaRebuilds:
 
         def applier(catalog: ReplicaCatalog, projection: str) -> BatchApplier:
             sweep = SnapshotSweep(ch, config.control_database, projection, partitions)
-            return BatchApplier(ch, schemas, catalog, projection, upcasters=upcasters,
-                                fast_path=fast_path, sweep=sweep)  # fmt: skip
+            return BatchApplier(
+                ch,
+                schemas,
+                catalog,
+                projection,
+                upcasters=upcasters,
+                fast_path=fast_path,
+                sweep=sweep,
+            )
 
         return cls(
-            ch, config.control_database, config.replica_prefix, config.topic_prefix,
-            config.kafka_bootstrap, applier, chunk_messages=config.replica_rebuild_chunk_messages,
-            source_dsn=config.source_dsn, notification_topic=config.notification_topic,
+            ch,
+            config.control_database,
+            config.replica_prefix,
+            config.topic_prefix,
+            config.kafka_bootstrap,
+            applier,
+            chunk_messages=config.replica_rebuild_chunk_messages,
+            source_dsn=config.source_dsn,
+            notification_topic=config.notification_topic,
             schemas=schemas,
-        )  # fmt: skip
+        )
 
     def create(self) -> None:
         self.job_store.create()
@@ -216,8 +240,10 @@ class ReplicaRebuilds:
         if busy and busy[0].state in BUILDING:
             raise RebuildRefused(f"{table} is already being rebuilt (job {busy[0].id})")
         if busy:  # one kept table per replica: a rollback has one meaning
-            raise RebuildRefused(f"{table} still keeps the table its last rebuild replaced: "
-                                 f"`projector rebuild {table} --drop-old` first")  # fmt: skip
+            raise RebuildRefused(
+                f"{table} still keeps the table its last rebuild replaced: "
+                f"`projector rebuild {table} --drop-old` first"
+            )
         job = ReplicaRebuild(request_id, table, f"{self.topic_prefix}.{table}", CATCHING_UP)
         lows = self.topics.earliest(job.topic)
         if not lows:
@@ -244,25 +270,34 @@ class ReplicaRebuilds:
         return job
 
     def _start_snapshot(
-        self, job: ReplicaRebuild, lows: dict[int, int], live_next: LiveNext | None,
+        self,
+        job: ReplicaRebuild,
+        lows: dict[int, int],
+        live_next: LiveNext | None,
         late: dict[int, int],
-    ) -> ReplicaRebuild:  # fmt: skip
+    ) -> ReplicaRebuild:
         """S1 and S2."""
         if not self.source_dsn:
-            raise RebuildRefused("a rebuild from a snapshot asks Debezium through the signal table "
-                                 "and compares with Postgres, and no source database is "
-                                 "configured (PROJECTOR_SOURCE_DSN, or the connector's PG_* / "
-                                 "CDC_* variables)")  # fmt: skip
+            raise RebuildRefused(
+                "a rebuild from a snapshot asks Debezium through the signal table "
+                "and compares with Postgres, and no source database is "
+                "configured (PROJECTOR_SOURCE_DSN, or the connector's PG_* / "
+                "CDC_* variables)"
+            )
         if not self.notification_topic or self.schemas is None or live_next is None:
             raise RebuildRefused("a rebuild from a snapshot runs in the projector")
         live_database, name = self.replica_prefix + job.schema, job.name
-        engine = self.ch.rows(f"SELECT engine FROM system.tables WHERE database = "
-                              f"{quote(live_database)} AND name = {quote(name)}")  # fmt: skip
+        engine = self.ch.rows(
+            f"SELECT engine FROM system.tables WHERE database = "
+            f"{quote(live_database)} AND name = {quote(name)}"
+        )
         if not engine:
             raise RebuildRefused(f"no replica table {live_database}.{name} to rebuild")
         if "Replacing" not in engine[0]["engine"]:
-            raise RebuildRefused(f"{job.table} has no primary key: Debezium's incremental snapshot "
-                                 "reads a table by its key, and its replica keeps every event")  # fmt: skip
+            raise RebuildRefused(
+                f"{job.table} has no primary key: Debezium's incremental snapshot "
+                "reads a table by its key, and its replica keeps every event"
+            )
         job.source = SNAPSHOT
         job.state = SNAPSHOTTING
         partitions = sorted(lows)
@@ -273,21 +308,31 @@ class ReplicaRebuilds:
         self.ch.execute(
             self.ch.topology.create_database(self.job_store.shadow_prefix(job) + job.schema)
         )
-        self.ch.execute(f"CREATE TABLE IF NOT EXISTS {self.job_store.shadow(job)}"
-                        f"{self.ch.topology.on_cluster()} AS {self.job_store.live(job)}")  # fmt: skip
+        self.ch.execute(
+            f"CREATE TABLE IF NOT EXISTS {self.job_store.shadow(job)}"
+            f"{self.ch.topology.on_cluster()} AS {self.job_store.live(job)}"
+        )
         store = self.job_store.checkpoints(job)
         store.create()
         for p, offset in start.items():
             if offset > 0:  # [0, offset) counts as applied: the shadow reads from `offset`
                 store.record(BatchRange(job.topic, p, 0, offset - 1), DONE)
         notes_end = self.topics.end_offsets(self.notification_topic).get(0, 0)
-        job.snapshot = {"signal": f"projector-rebuild-{job.id}", "notifications_from": notes_end,
-                        "start": {str(p): o for p, o in start.items()}}  # fmt: skip
+        job.snapshot = {
+            "signal": f"projector-rebuild-{job.id}",
+            "notifications_from": notes_end,
+            "start": {str(p): o for p, o in start.items()},
+        }
         why = f"Kafka no longer holds its whole history (earliest offsets {late}); " if late else ""
         self.job_store.record(job, SNAPSHOTTING, f"{why}rebuilding from a Debezium snapshot")
         self._ask_for_snapshot(job)  # S2, after the record: asked again on resume, harmlessly
-        log.info("rebuilding %s from a Debezium snapshot into %s (from %s offsets %s)",
-                 job.table, self.job_store.shadow(job), job.topic, start)  # fmt: skip
+        log.info(
+            "rebuilding %s from a Debezium snapshot into %s (from %s offsets %s)",
+            job.table,
+            self.job_store.shadow(job),
+            job.topic,
+            start,
+        )
         return job
 
     def _ask_for_snapshot(self, job: ReplicaRebuild) -> None:
@@ -303,15 +348,18 @@ class ReplicaRebuilds:
                 request_incremental_snapshot(conn, [job.table], job.snapshot["signal"])
         except psycopg.OperationalError as exc:
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise SourceUnavailable(f"cannot ask Postgres for a snapshot of {job.table}: "
-                                    f"{first_line}") from exc  # fmt: skip
+            raise SourceUnavailable(
+                f"cannot ask Postgres for a snapshot of {job.table}: {first_line}"
+            ) from exc
         self._asked.add(job.id)
 
     # ---- between batches ----
 
     def step(
-        self, job: ReplicaRebuild, live_next: Callable[[list[tuple[str, int]]], dict[tuple[str, int], int | None]]
-    ) -> bool:  # fmt: skip
+        self,
+        job: ReplicaRebuild,
+        live_next: Callable[[list[tuple[str, int]]], dict[tuple[str, int], int | None]],
+    ) -> bool:
         """Move every partition of the shadow at most one chunk towards the live position
         (`live_next`: per partition, the next offset the live table applies; call with no batch
         in flight). True when the shadow is caught up."""
@@ -325,10 +373,19 @@ class ReplicaRebuilds:
                 # includes them.
                 ends = self.topics.end_offsets(job.topic)
                 job.snapshot["end"] = {str(p): o for p, o in ends.items()}
-                self.job_store.record(job, CATCHING_UP, f"Debezium read {job.table} whole "
-                                      f"({progress.rows} rows); catching up to {ends}")  # fmt: skip
-                log.info("rebuilding %s: Debezium's snapshot read it whole (%s rows); the shadow "
-                         "catches up to %s", job.table, progress.rows, ends)  # fmt: skip
+                self.job_store.record(
+                    job,
+                    CATCHING_UP,
+                    f"Debezium read {job.table} whole "
+                    f"({progress.rows} rows); catching up to {ends}",
+                )
+                log.info(
+                    "rebuilding %s: Debezium's snapshot read it whole (%s rows); the shadow "
+                    "catches up to %s",
+                    job.table,
+                    progress.rows,
+                    ends,
+                )
         partitions = self.topics.partitions(job.topic)
         keys = [(job.topic, p) for p in partitions]
         live = live_next(keys)
@@ -355,8 +412,9 @@ class ReplicaRebuilds:
         if caught_up and job.state == CATCHING_UP and job.source == SNAPSHOT:
             # S5 compares with Postgres *now*: not while the pipeline is far behind Kafka.
             ends = self.topics.end_offsets(job.topic)
-            self._lag[job.id] = sum(max(0, ends.get(p, 0) - (live.get(k) or 0))
-                                    for k in keys for p in [k[1]])  # fmt: skip
+            self._lag[job.id] = sum(
+                max(0, ends.get(p, 0) - (live.get(k) or 0)) for k in keys for p in [k[1]]
+            )
         return caught_up
 
     def fail(self, job: ReplicaRebuild, reason: str) -> None:
@@ -394,24 +452,35 @@ class ReplicaRebuilds:
         if drift:
             if checks >= len(RECHECK_DELAYS_S):
                 shown = "; ".join(drift[:5])
-                reason = (f"{len(drift)} key(s) differ from Postgres after {checks + 1} "
-                          f"comparisons: {shown}")  # fmt: skip
+                reason = (
+                    f"{len(drift)} key(s) differ from Postgres after {checks + 1} "
+                    f"comparisons: {shown}"
+                )
                 self.job_store.record(job, FAILED, reason)
                 return f"rebuild of {job.table} failed verification (not swapped): {reason}"
             self._drift[job.id] = drift
             self._checks[job.id] = (checks + 1, time.monotonic() + RECHECK_DELAYS_S[checks])
-            log.info("rebuild of %s: %d key(s) differ from Postgres; compared again in %.0f s "
-                     "(writes may be on their way)", job.table, len(drift),
-                     RECHECK_DELAYS_S[checks])  # fmt: skip
+            log.info(
+                "rebuild of %s: %d key(s) differ from Postgres; compared again in %.0f s "
+                "(writes may be on their way)",
+                job.table,
+                len(drift),
+                RECHECK_DELAYS_S[checks],
+            )
             return None
         self._drift.pop(job.id, None)
         self._checks.pop(job.id, None)
         against_live = self.shadows.compare_with_live(job)
         self.shadows.exchange(job)
-        live_note = (f"; it differed from the live table ({against_live})" if against_live
-                     else "; equal to the live table")  # fmt: skip
-        detail = (f"verified against Postgres ({rows} rows){live_note}; previous table kept as "
-                  f"{self.job_store.shadow(job)}")  # fmt: skip
+        live_note = (
+            f"; it differed from the live table ({against_live})"
+            if against_live
+            else "; equal to the live table"
+        )
+        detail = (
+            f"verified against Postgres ({rows} rows){live_note}; previous table kept as "
+            f"{self.job_store.shadow(job)}"
+        )
         self.job_store.record(job, SWAPPED, detail)
         return f"{job.table} rebuilt from a Debezium snapshot and swapped in: {detail}"
 
@@ -465,8 +534,9 @@ def _act(request: Request, rebuilds: ReplicaRebuilds, live_next: LiveNext) -> tu
         return TAKEN, job.id, line + (f": {job.detail}" if job.detail else "")
     kept = [j for j in rebuilds.job_store.jobs((SWAPPED, ROLLED_BACK)) if j.table == request.target]
     if not kept:
-        raise RebuildRefused(f"{request.target} keeps no previous table (never rebuilt, "
-                             "or dropped with --drop-old)")  # fmt: skip
+        raise RebuildRefused(
+            f"{request.target} keeps no previous table (never rebuilt, or dropped with --drop-old)"
+        )
     job = kept[-1]
     if request.action == ROLLBACK:
         while not rebuilds.step(job, live_next):

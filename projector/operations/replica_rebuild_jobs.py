@@ -58,15 +58,27 @@ class ReplicaRebuildJobs:
         self.ch.execute(
             topology.create_table(
                 self.table,
-                ["id String", "table String", "topic String", "state LowCardinality(String)",
-                 "detail String", "seq UInt64", "recorded_at DateTime64(3) DEFAULT now64(3)",
-                 f"source LowCardinality(String) DEFAULT {quote(KAFKA)}",
-                 "snapshot String DEFAULT '{}'"],
-                "ReplacingMergeTree", "seq", "id", deduplicate=False,
+                [
+                    "id String",
+                    "table String",
+                    "topic String",
+                    "state LowCardinality(String)",
+                    "detail String",
+                    "seq UInt64",
+                    "recorded_at DateTime64(3) DEFAULT now64(3)",
+                    f"source LowCardinality(String) DEFAULT {quote(KAFKA)}",
+                    "snapshot String DEFAULT '{}'",
+                ],
+                "ReplacingMergeTree",
+                "seq",
+                "id",
+                deduplicate=False,
             )
-        )  # fmt: skip
-        for column in (f"source LowCardinality(String) DEFAULT {quote(KAFKA)}",
-                       "snapshot String DEFAULT '{}'"):  # fmt: skip  # a table from before them
+        )
+        for column in (
+            f"source LowCardinality(String) DEFAULT {quote(KAFKA)}",
+            "snapshot String DEFAULT '{}'",
+        ):  # a table from before them
             self.ch.execute(
                 f"ALTER TABLE {self.table}{topology.on_cluster()} ADD COLUMN IF NOT EXISTS {column}"
             )

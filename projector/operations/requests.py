@@ -53,12 +53,22 @@ class OpsRequests:
         self.ch.execute(
             topology.create_table(
                 self.table,
-                ["id String", "action LowCardinality(String)", "target String", "options String",
-                 "state LowCardinality(String)", "detail String", "seq UInt64",
-                 "recorded_at DateTime64(3) DEFAULT now64(3)"],
-                "ReplacingMergeTree", "seq", "id", deduplicate=False,
+                [
+                    "id String",
+                    "action LowCardinality(String)",
+                    "target String",
+                    "options String",
+                    "state LowCardinality(String)",
+                    "detail String",
+                    "seq UInt64",
+                    "recorded_at DateTime64(3) DEFAULT now64(3)",
+                ],
+                "ReplacingMergeTree",
+                "seq",
+                "id",
+                deduplicate=False,
             )
-        )  # fmt: skip
+        )
 
     def ask(self, action: str, target: str, options: str = "") -> Request:
         request = Request(uuid.uuid4().hex[:8], action, target, options, REQUESTED, "")

@@ -64,8 +64,13 @@ class ShadowTables:
         log.info("rebuilding %s: %s[%d] %d-%d", job.table, job.topic, partition, first, end - 1)
         messages, segments = chunk.prepared or (KafkaMessages(chunk.messages), None)
         # Dead letters were recorded when the live table met them: the shadow drops them alike.
-        applier.apply(batch, messages, lambda _batch, _letters: None, segments,
-                      planned=chunk.prepared is not None)  # fmt: skip
+        applier.apply(
+            batch,
+            messages,
+            lambda _batch, _letters: None,
+            segments,
+            planned=chunk.prepared is not None,
+        )
         store.record(batch, DONE)
 
     def _applier(self, job: ReplicaRebuild) -> BatchApplier:
@@ -84,11 +89,12 @@ class ShadowTables:
         ):
             database, name = (p.strip("`") for p in table.split(".", 1))
             columns = [
-                (r["name"], r["type"]) for r in self.ch.rows(
+                (r["name"], r["type"])
+                for r in self.ch.rows(
                     f"SELECT name, type FROM system.columns WHERE database = {quote(database)} "
                     f"AND table = {quote(name)} ORDER BY position"
                 )
-            ]  # fmt: skip
+            ]
             engine = self.ch.rows(
                 f"SELECT engine FROM system.tables WHERE database = {quote(database)} "
                 f"AND name = {quote(name)}"
@@ -124,9 +130,11 @@ class ShadowTables:
         from projector.config import ProjectorConfig
         from projector.operations.verify import PostgresSnapshot, TableVerifier
 
-        config = ProjectorConfig(replica_prefix=self.replica_prefix,
-                                 control_database=self.control_database,
-                                 transaction_metadata=False)  # fmt: skip
+        config = ProjectorConfig(
+            replica_prefix=self.replica_prefix,
+            control_database=self.control_database,
+            transaction_metadata=False,
+        )
         postgres = PostgresSnapshot(str(self.source_dsn))
         try:
             verifier = TableVerifier(config, self.ch, postgres, projector_may_run=False)

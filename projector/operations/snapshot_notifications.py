@@ -57,8 +57,7 @@ def snapshot_progress(notifications: Sequence[dict[str, Any]], table: str) -> Sn
                 status = str(data.get("status"))
                 rows = data.get("total_rows_scanned")
                 if status not in SCANNED:
-                    return SnapshotProgress(failed=f"Debezium could not snapshot {table}: "
-                                                   f"{status}")  # fmt: skip
+                    return SnapshotProgress(failed=f"Debezium could not snapshot {table}: {status}")
                 return SnapshotProgress(done=True, rows=int(rows) if rows else None)
             began_after = True  # that scan began before N0; the one asked for comes next
             continue
@@ -68,8 +67,9 @@ def snapshot_progress(notifications: Sequence[dict[str, Any]], table: str) -> Sn
         if kind == "ABORTED":
             stopped = [c for c in str(data.get("data_collections") or "").split(",") if c]
             if not stopped or any(_same_table(c, table) for c in stopped):
-                return SnapshotProgress(failed=f"Debezium's snapshot of {table} was stopped "
-                                               "(ABORTED)")  # fmt: skip
+                return SnapshotProgress(
+                    failed=f"Debezium's snapshot of {table} was stopped (ABORTED)"
+                )
         began_after = True
     return SnapshotProgress(at=at if began_after else "")
 

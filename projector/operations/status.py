@@ -63,11 +63,16 @@ def collect_status(
             except KafkaException as exc:
                 raise ProjectorError(f"Kafka at {config.kafka_bootstrap}: {exc}") from exc
             applied_through = checkpoint.resume_offset - 1
-            partitions.append({
-                "topic": topic, "partition": partition, "applied_through": applied_through,
-                "end": end, "lag": max(0, end - applied_through - 1),
-                "lag_seconds": (lag_seconds or {}).get((topic, partition)),
-            })  # fmt: skip
+            partitions.append(
+                {
+                    "topic": topic,
+                    "partition": partition,
+                    "applied_through": applied_through,
+                    "end": end,
+                    "lag": max(0, end - applied_through - 1),
+                    "lag_seconds": (lag_seconds or {}).get((topic, partition)),
+                }
+            )
     finally:
         consumer.close()
     sources = read_model_sources(config)
@@ -76,12 +81,15 @@ def collect_status(
     marks = tracker.refresh()
     now_ms = time.time() * 1000
     watermarks = {
-        name: None if not mark.watermark else {
-            "tx_id": mark.watermark.tx_id, "lsn": mark.watermark.lsn_text,
+        name: None
+        if not mark.watermark
+        else {
+            "tx_id": mark.watermark.tx_id,
+            "lsn": mark.watermark.lsn_text,
             "age_s": round((now_ms - mark.commit_ms) / 1000, 1) if mark.commit_ms else None,
         }
         for name, mark in marks.items()
-    }  # fmt: skip
+    }
     read_models = {
         name: {"sources": collections, "watermark": watermarks.get(name)}
         for name, collections in sources.items()
@@ -95,9 +103,14 @@ def collect_status(
         "paused_tables": sorted(paused),
     }
     report["projections"] = projection_rows(
-        config, partitions, watermarks, dlq.by_topic(), guard.stopped_topics(),
-        _read_model_states(config, ch), paused,
-    )  # fmt: skip
+        config,
+        partitions,
+        watermarks,
+        dlq.by_topic(),
+        guard.stopped_topics(),
+        _read_model_states(config, ch),
+        paused,
+    )
     return report
 
 
@@ -164,8 +177,10 @@ def status_report(config: ProjectorConfig) -> dict[str, Any]:
     live = collect_live_status(config.metrics_port) if config.metrics_port else None
     report: dict[str, Any] | None = None
     if live is None or config.backend == "server":  # ClickHouse answers (beside a projector)
-        seconds = {(p["topic"], p["partition"]): p.get("lag_seconds")
-                   for p in (live or {}).get("partitions", [])}  # fmt: skip
+        seconds = {
+            (p["topic"], p["partition"]): p.get("lag_seconds")
+            for p in (live or {}).get("partitions", [])
+        }
         try:
             stored = collect_status(config, seconds)
         except ProjectorError:
@@ -176,8 +191,12 @@ def status_report(config: ProjectorConfig) -> dict[str, Any]:
     if report is None and live is not None:
         marks = {name: model["watermark"] for name, model in live["read_models"].items()}
         dead = live["dead_letters_by_topic"]
-        report = {**live, "projections": projection_rows(config, live["partitions"], marks, dead,
-                                                         {}, None, set(live["paused_tables"]))}  # fmt: skip
+        report = {
+            **live,
+            "projections": projection_rows(
+                config, live["partitions"], marks, dead, {}, None, set(live["paused_tables"])
+            ),
+        }
     assert report is not None
     env = client_environment()
     report["source_side"] = {
@@ -208,13 +227,23 @@ def projection_rows(
         table = _table_of(config, p["topic"])
         if table is None:
             continue
-        row = by_table.setdefault(table, {
-            "name": table, "kind": "replica", "topic": p["topic"],
-            "state": "stopped" if p["topic"] in stopped else "paused" if table in paused else "live",
-            "lag_events": 0, "lag_seconds": None,
-            "dead_letters": dead_letters.get(p["topic"], (0, ""))[0],
-            "last_error": stopped.get(p["topic"]) or dead_letters.get(p["topic"], (0, ""))[1],
-        })  # fmt: skip
+        row = by_table.setdefault(
+            table,
+            {
+                "name": table,
+                "kind": "replica",
+                "topic": p["topic"],
+                "state": "stopped"
+                if p["topic"] in stopped
+                else "paused"
+                if table in paused
+                else "live",
+                "lag_events": 0,
+                "lag_seconds": None,
+                "dead_letters": dead_letters.get(p["topic"], (0, ""))[0],
+                "last_error": stopped.get(p["topic"]) or dead_letters.get(p["topic"], (0, ""))[1],
+            },
+        )
         row["lag_events"] += int(p.get("lag") or 0)
         if p.get("lag_seconds") is not None:
             row["lag_seconds"] = max(row["lag_seconds"] or 0.0, float(p["lag_seconds"]))
@@ -226,13 +255,18 @@ def projection_rows(
         unknown = ("live", "") if model_states is None else ("not built", "")
         state, error = (model_states or {}).get(name, unknown)
         seconds = [r["lag_seconds"] for r in feeding if r["lag_seconds"] is not None]
-        rows.append({
-            "name": name, "kind": "read model", "state": state,
-            "lag_events": sum(r["lag_events"] for r in feeding),
-            "lag_seconds": max(seconds) if seconds else None,
-            "dead_letters": sum(r["dead_letters"] for r in feeding),
-            "last_error": error or next((r["last_error"] for r in feeding if r["last_error"]), ""),
-        })  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "kind": "read model",
+                "state": state,
+                "lag_events": sum(r["lag_events"] for r in feeding),
+                "lag_seconds": max(seconds) if seconds else None,
+                "dead_letters": sum(r["dead_letters"] for r in feeding),
+                "last_error": error
+                or next((r["last_error"] for r in feeding if r["last_error"]), ""),
+            }
+        )
     for row in rows:
         mark = watermarks.get(row["name"])
         row["watermark_lsn"] = mark["lsn"] if mark else None
@@ -298,16 +332,27 @@ def replication_slot(env: Mapping[str, str], warn_bytes: int) -> dict[str, Any]:
             [name],
         ).fetchone()
     if row is None:
-        return {"name": name, "state": "missing", "healthy": False,
-                "note": "no such slot: the connector is not running or was deleted"}  # fmt: skip
+        return {
+            "name": name,
+            "state": "missing",
+            "healthy": False,
+            "note": "no such slot: the connector is not running or was deleted",
+        }
     active, retained, unconfirmed = row
     over = retained is not None and retained > warn_bytes
-    return {"name": name, "state": "active" if active else "inactive",
-            "retained_wal_bytes": retained, "unconfirmed_bytes": unconfirmed,
-            "warning": (f"retains {format_bytes(retained)} of WAL, over {format_bytes(warn_bytes)}: "
-                        "Postgres cannot recycle it while the connector lags or is stopped"
-                        if over else ""),
-            "healthy": bool(active) and not over}  # fmt: skip
+    return {
+        "name": name,
+        "state": "active" if active else "inactive",
+        "retained_wal_bytes": retained,
+        "unconfirmed_bytes": unconfirmed,
+        "warning": (
+            f"retains {format_bytes(retained)} of WAL, over {format_bytes(warn_bytes)}: "
+            "Postgres cannot recycle it while the connector lags or is stopped"
+            if over
+            else ""
+        ),
+        "healthy": bool(active) and not over,
+    }
 
 
 def connector_state(env: Mapping[str, str]) -> dict[str, Any]:

@@ -92,12 +92,17 @@ class Verdict:
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "name": self.name, "kind": self.kind, "equal": self.equal,
-            "postgres_rows": self.postgres_rows, "clickhouse_rows": self.clickhouse_rows,
-            "ranges": self.ranges, "drift": [d.as_json() for d in self.drift],
-            "read_model_rows": self.rows, "not_compared": self.not_compared,
+            "name": self.name,
+            "kind": self.kind,
+            "equal": self.equal,
+            "postgres_rows": self.postgres_rows,
+            "clickhouse_rows": self.clickhouse_rows,
+            "ranges": self.ranges,
+            "drift": [d.as_json() for d in self.drift],
+            "read_model_rows": self.rows,
+            "not_compared": self.not_compared,
             "ranges_not_listed": self.ranges_not_listed,
-        }  # fmt: skip
+        }
 
 
 def pg_ident(name: str) -> str:
@@ -185,9 +190,13 @@ class TableVerifier:
 
     # `progress(step, completed=n)`: the step verify is at; `completed`, the tables done so far.
     def __init__(
-        self, config: ProjectorConfig, ch: ClickHouse, postgres: PostgresSnapshot,
-        projector_may_run: bool, progress: Callable[..., None] = lambda *_, **__: None,
-    ) -> None:  # fmt: skip
+        self,
+        config: ProjectorConfig,
+        ch: ClickHouse,
+        postgres: PostgresSnapshot,
+        projector_may_run: bool,
+        progress: Callable[..., None] = lambda *_, **__: None,
+    ) -> None:
         self.config = config
         self.ch = ch
         self.pg = postgres
@@ -242,8 +251,7 @@ class TableVerifier:
             return "no primary key: its replica keeps every event, not rows to compare"
         if len(keys) != len(key_names):
             return "a key column has no canonical text"
-        return TablePlan(schema, table, f"{ident(database)}.{ident(table)}", keys, columns,
-                         skipped)  # fmt: skip
+        return TablePlan(schema, table, f"{ident(database)}.{ident(table)}", keys, columns, skipped)
 
     # ---- steps ---------------------------------------------------------------------------------
 
@@ -434,9 +442,14 @@ class TableVerifier:
 
     def _key_conditions(self, plan: TablePlan, keys: list[str]) -> list[Condition]:
         """The rows of `keys` (key texts), a bounded group of keys per condition."""
-        return [(f"({plan.key_text('postgres')}) = ANY(%s)",
-                 f"{plan.key_text('clickhouse')} IN ({', '.join(map(quote, group))})", group)
-                for group in literal_chunks(keys, quote)]  # fmt: skip
+        return [
+            (
+                f"({plan.key_text('postgres')}) = ANY(%s)",
+                f"{plan.key_text('clickhouse')} IN ({', '.join(map(quote, group))})",
+                group,
+            )
+            for group in literal_chunks(keys, quote)
+        ]
 
     def _compare_rows(self, plan: TablePlan, conditions: list[Condition]) -> dict[str, Drift]:
         """Step 4's row-by-row comparison of the rows the `conditions` select on both sides."""

@@ -272,10 +272,13 @@ def family_to_json(family: Family) -> str:
     """A family's definitions as text, kept with each built version (so the version serving
     while its successor builds is maintained by the definition it was built from)."""
     return json.dumps(
-        {"entity": family.entity.model_dump(),
-         "aggregates": [a.model_dump() for a in family.aggregates],
-         "indexes": [i.model_dump() for i in family.indexes]}, sort_keys=True,
-    )  # fmt: skip
+        {
+            "entity": family.entity.model_dump(),
+            "aggregates": [a.model_dump() for a in family.aggregates],
+            "indexes": [i.model_dump() for i in family.indexes],
+        },
+        sort_keys=True,
+    )
 
 
 def family_from_json(text: str) -> Family:
@@ -333,16 +336,35 @@ class ReadModelDefinitions:
         found = []
         for family in self.families:
             entity = family.entity
-            found.append(ReadModel(name=entity.name, description=entity.description,
-                                   sources=entity.sources, key=entity.key, kind="entity"))  # fmt: skip
+            found.append(
+                ReadModel(
+                    name=entity.name,
+                    description=entity.description,
+                    sources=entity.sources,
+                    key=entity.key,
+                    kind="entity",
+                )
+            )
             for aggregate in family.aggregates:
-                found.append(ReadModel(name=aggregate.name, description=aggregate.description,
-                                       sources=entity.sources, key=aggregate.key,
-                                       kind="aggregate"))  # fmt: skip
+                found.append(
+                    ReadModel(
+                        name=aggregate.name,
+                        description=aggregate.description,
+                        sources=entity.sources,
+                        key=aggregate.key,
+                        kind="aggregate",
+                    )
+                )
             for index in family.indexes:
-                found.append(ReadModel(name=index.name, description=index.description,
-                                       sources=entity.sources, key=family.indexed(index).key,
-                                       kind="index"))  # fmt: skip
+                found.append(
+                    ReadModel(
+                        name=index.name,
+                        description=index.description,
+                        sources=entity.sources,
+                        key=family.indexed(index).key,
+                        kind="index",
+                    )
+                )
         return found
 
 

@@ -95,10 +95,15 @@ class ReadModelMaintainer:
     until they call it directly."""
 
     def __init__(
-        self, ch: ClickHouse, definitions: ReadModelDefinitions, source_schema: str,
-        replica_database: str, database: str, control_database: str,
+        self,
+        ch: ClickHouse,
+        definitions: ReadModelDefinitions,
+        source_schema: str,
+        replica_database: str,
+        database: str,
+        control_database: str,
         chunk_keys: int = 250_000,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.ch = ch
         self.definitions = definitions
         self.source_schema = source_schema
@@ -136,8 +141,12 @@ class ReadModelMaintainer:
         try:
             work()
         except StatementRejected as exc:
-            log.error("read model family %s version %s failed and is no longer maintained: %s",
-                      version.family.name, version.version, exc)  # fmt: skip
+            log.error(
+                "read model family %s version %s failed and is no longer maintained: %s",
+                version.family.name,
+                version.version,
+                exc,
+            )
             self.family_versions.record(version, FAILED, str(exc))
 
     def _recompute(
@@ -167,8 +176,14 @@ class ReadModelMaintainer:
             if indexes:
                 self._stage_aggregate(version, aggregate)
                 for index in indexes:
-                    self._write_index(version, index, version.aggregate_stage(aggregate.name),
-                                      new_version, batch, projection)  # fmt: skip
+                    self._write_index(
+                        version,
+                        index,
+                        version.aggregate_stage(aggregate.name),
+                        new_version,
+                        batch,
+                        projection,
+                    )
             self.ch.execute(
                 f"INSERT INTO {target} SETTINGS insert_deduplication_token = "
                 f"{quote(batch.token(projection, target))}, {ONE_BLOCK} {aggregate.deltas(stage)}"
@@ -205,9 +220,14 @@ class ReadModelMaintainer:
         )
 
     def _write_index(
-        self, version: FamilyVersion, index: IndexModel, stage: str, new_version: int,
-        batch: BatchRange, projection: str,
-    ) -> None:  # fmt: skip
+        self,
+        version: FamilyVersion,
+        index: IndexModel,
+        stage: str,
+        new_version: int,
+        batch: BatchRange,
+        projection: str,
+    ) -> None:
         """An index from a stage of its model's rows: each +1 row at its position, and a deletion
         marker at each -1 row's position that no +1 row takes (one block, under its token)."""
         target = version.table(index.name)
@@ -298,8 +318,10 @@ class ReadModelMaintainer:
                     return f"{version.family.name} version {version.version}: verification failed: {drifted}"
                 self.backfills.record(batch, DONE)
                 if step < version.chunks:
-                    return (f"{version.family.name} version {version.version}: verified "
-                            f"{step + 1}/{version.chunks} chunks")  # fmt: skip
+                    return (
+                        f"{version.family.name} version {version.version}: verified "
+                        f"{step + 1}/{version.chunks} chunks"
+                    )
             if NO_SWAP in version.options.split(","):
                 self.family_versions.record(version, BUILT)
                 return f"{version.family.name} version {version.version}: built and verified, not serving (--no-swap)"
@@ -315,8 +337,11 @@ def maintainer_for(config: ProjectorConfig, ch: ClickHouse) -> ReadModelMaintain
     if not config.maintain_read_models:
         return None
     return ReadModelMaintainer(
-        ch, load_definitions(config.read_models_file), config.read_model_schema,
+        ch,
+        load_definitions(config.read_models_file),
+        config.read_model_schema,
         replica_database=f"{config.replica_prefix}{config.read_model_schema}",
-        database=config.read_model_database, control_database=config.control_database,
+        database=config.read_model_database,
+        control_database=config.control_database,
         chunk_keys=config.read_model_backfill_chunk_keys,
-    )  # fmt: skip
+    )

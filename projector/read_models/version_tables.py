@@ -117,10 +117,13 @@ class VersionTables:
         key = ", ".join(ident(k) for k in entity.key)
         self.ch.execute(
             topology.create_table(
-                version.entity_table, [*columns, "_version UInt64", "_is_deleted UInt8"],
-                "ReplacingMergeTree", "_version, _is_deleted", f"({key})",
+                version.entity_table,
+                [*columns, "_version UInt64", "_is_deleted UInt8"],
+                "ReplacingMergeTree",
+                "_version, _is_deleted",
+                f"({key})",
             )
-        )  # fmt: skip
+        )
         # The stage is scratch for one recompute at a time: local to the server we talk to.
         self.ch.execute(
             f"CREATE TABLE IF NOT EXISTS {version.stage} "
@@ -164,10 +167,12 @@ class VersionTables:
             self.ch.topology.create_table(
                 version.table(index.name),
                 [*(f"{ident(n)} {t}" for n, t in columns), "_version UInt64", "_is_deleted UInt8"],
-                "ReplacingMergeTree", "_version, _is_deleted", f"({', '.join(index.order_by)})",
+                "ReplacingMergeTree",
+                "_version, _is_deleted",
+                f"({', '.join(index.order_by)})",
                 settings=f"index_granularity = {index.granularity}, allow_nullable_key = 1",
             )
-        )  # fmt: skip
+        )
 
     def _create_aggregate_stage(
         self, version: FamilyVersion, aggregate: str, columns: list[tuple[str, str]]
@@ -200,9 +205,10 @@ class VersionTables:
         for aggregate in version.family.aggregates:  # and the aggregates' stages (step 3a)
             if version.family.indexes_of(aggregate.name):
                 self._create_aggregate_stage(
-                    version, aggregate.name,
+                    version,
+                    aggregate.name,
                     self._describe(aggregate.served(version.table(aggregate.name))),
-                )  # fmt: skip
+                )
         return [r["name"] for r in rows if r["name"] not in ("_version", "_is_deleted")]
 
     def point_views(self, version: FamilyVersion) -> None:

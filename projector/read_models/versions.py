@@ -88,13 +88,26 @@ class FamilyVersions:
         self.ch.execute(
             topology.create_table(
                 self.state_table,
-                ["family String", "version String", "state LowCardinality(String)",
-                 "chunks UInt32", "key_min Nullable(Int64)", "key_max Nullable(Int64)",
-                 "build UInt64", "definition String", "error String", "seq UInt64", "recorded_at DateTime64(3) DEFAULT now64(3)",
-                 "options String DEFAULT ''"],
-                "ReplacingMergeTree", "seq", "(family, version)", deduplicate=False,
+                [
+                    "family String",
+                    "version String",
+                    "state LowCardinality(String)",
+                    "chunks UInt32",
+                    "key_min Nullable(Int64)",
+                    "key_max Nullable(Int64)",
+                    "build UInt64",
+                    "definition String",
+                    "error String",
+                    "seq UInt64",
+                    "recorded_at DateTime64(3) DEFAULT now64(3)",
+                    "options String DEFAULT ''",
+                ],
+                "ReplacingMergeTree",
+                "seq",
+                "(family, version)",
+                deduplicate=False,
             )
-        )  # fmt: skip
+        )
         # A deployment whose table predates rebuilds gains the column.
         self.ch.execute(
             topology.alter_table(
@@ -125,9 +138,15 @@ class FamilyVersions:
             # This definition has a version unless the only ones are rebuilds not serving yet
             # (a failed version stays failed: a rebuild brings it back).
             current = next(
-                (v for v in mine if v.family.version == family.version and v.state != RETIRED
-                 and (not v.rebuild or v.state in (SERVING, PREVIOUS, BUILT))), None,
-            )  # fmt: skip
+                (
+                    v
+                    for v in mine
+                    if v.family.version == family.version
+                    and v.state != RETIRED
+                    and (not v.rebuild or v.state in (SERVING, PREVIOUS, BUILT))
+                ),
+                None,
+            )
             started = []
             if current is None:
                 started = [self.start(family)]
@@ -135,10 +154,11 @@ class FamilyVersions:
             # The serving version serves, and is kept current, until a new one is built; a
             # building version of an older definition is abandoned (retired at the next swap).
             active = [
-                v for v in [*mine, *started]
+                v
+                for v in [*mine, *started]
                 if v.state in (SERVING, BUILT, PREVIOUS)
                 or (v.state == BUILDING and v.family.version == family.version)
-            ]  # fmt: skip
+            ]
             for version in active:
                 version.columns = self.tables.entity_columns(version)
             self.active[family.name] = active
@@ -162,10 +182,18 @@ class FamilyVersions:
         ):
             family = family_from_json(row["definition"])
             found.setdefault(row["family"], []).append(
-                FamilyVersion(family, row["version"], self.database, row["state"],
-                              int(row["chunks"]), _int(row["key_min"]), _int(row["key_max"]),
-                              int(row["build"]), options=row["options"])
-            )  # fmt: skip
+                FamilyVersion(
+                    family,
+                    row["version"],
+                    self.database,
+                    row["state"],
+                    int(row["chunks"]),
+                    _int(row["key_min"]),
+                    _int(row["key_max"]),
+                    int(row["build"]),
+                    options=row["options"],
+                )
+            )
         return found
 
     def record(self, version: FamilyVersion, state: str, error: str = "") -> None:
@@ -182,8 +210,14 @@ class FamilyVersions:
     def start(self, family: Family, name: str | None = None, options: str = "") -> FamilyVersion:
         """Create a version's tables (empty) and plan its backfill; `name` names its tables
         (default: the definition's hash)."""
-        version = FamilyVersion(family, name or family.version, self.database, BUILDING,
-                                build=time.time_ns(), options=options)  # fmt: skip
+        version = FamilyVersion(
+            family,
+            name or family.version,
+            self.database,
+            BUILDING,
+            build=time.time_ns(),
+            options=options,
+        )
         described = self.tables.create(version)
         entity = family.entity
         types = dict(described)
@@ -199,8 +233,13 @@ class FamilyVersions:
         if int(stats["n"]):
             version.key_min, version.key_max = _int(stats["lo"]), _int(stats["hi"])
         self.record(version, BUILDING)
-        log.info("read-model family %s version %s: %d keys to backfill in %d chunks",
-                 family.name, version.version, int(stats["n"]), version.chunks)  # fmt: skip
+        log.info(
+            "read-model family %s version %s: %d keys to backfill in %d chunks",
+            family.name,
+            version.version,
+            int(stats["n"]),
+            version.chunks,
+        )
         return version
 
     # ---- building: swapped in when built (the backfill is maintenance.py's) ---------------------
@@ -217,21 +256,32 @@ class FamilyVersions:
         if step < version.chunks:
             where = version.chunk_predicate(step)
             keys = f"SELECT {ident(entity.by)} FROM ({entity.all_keys(self.replica_database)}) AS k WHERE {where}"
-            pairs = [(entity.name,
-                      f"SELECT {columns} FROM {version.entity_table} FINAL WHERE {where}",
-                      f"SELECT {columns} FROM ({entity.select(self.replica_database, keys)})")]  # fmt: skip
+            pairs = [
+                (
+                    entity.name,
+                    f"SELECT {columns} FROM {version.entity_table} FINAL WHERE {where}",
+                    f"SELECT {columns} FROM ({entity.select(self.replica_database, keys)})",
+                )
+            ]
         else:
             rows = f"(SELECT {columns} FROM {version.entity_table} FINAL)"
-            pairs = [(a.name, a.served(version.table(a.name)), a.evaluated(rows))
-                     for a in version.family.aggregates]  # fmt: skip
+            pairs = [
+                (a.name, a.served(version.table(a.name)), a.evaluated(rows))
+                for a in version.family.aggregates
+            ]
             # an index holds its model's rows, no more, no less (the model checked above)
             model_rows = {entity.name: rows[1:-1]} | {
                 a.name: a.served(version.table(a.name)) for a in version.family.aggregates
             }
             for index in version.family.indexes:
                 served = ", ".join(ident(c) for c in version.served_columns(index.of))
-                pairs.append((index.name, f"SELECT {served} FROM {version.table(index.name)} FINAL",
-                              model_rows[index.of]))  # fmt: skip
+                pairs.append(
+                    (
+                        index.name,
+                        f"SELECT {served} FROM {version.table(index.name)} FINAL",
+                        model_rows[index.of],
+                    )
+                )
         drifted = []
         for name, stored, defined in pairs:
             diff = self.ch.rows(
@@ -249,15 +299,19 @@ class FamilyVersions:
         both complete."""
         family = version.family
         self.tables.point_views(version)
-        old = [v for v in self.recorded().get(family.name, [])
-               if v.version != version.version and v.state in (*MAINTAINED, FAILED)]  # fmt: skip
+        old = [
+            v
+            for v in self.recorded().get(family.name, [])
+            if v.version != version.version and v.state in (*MAINTAINED, FAILED)
+        ]
         self.record(version, SERVING)
         kept: list[FamilyVersion] = []
         for previous in old:
             if version.rebuild and previous.state == SERVING:
                 self.record(previous, PREVIOUS)
-                kept.extend(v for v in self.active.get(family.name, [])
-                            if v.version == previous.version)  # fmt: skip
+                kept.extend(
+                    v for v in self.active.get(family.name, []) if v.version == previous.version
+                )
                 for v in kept:
                     v.state = PREVIOUS
                 continue
@@ -291,8 +345,10 @@ class FamilyVersions:
             return existing
         building = [v for v in versions if v.state == BUILDING]
         if building:
-            raise RebuildRefused(f"{family.name} is already building version "
-                                 f"{building[0].version}: wait for it (`projector read-models list`)")  # fmt: skip
+            raise RebuildRefused(
+                f"{family.name} is already building version "
+                f"{building[0].version}: wait for it (`projector read-models list`)"
+            )
         options = ",".join([REBUILD, NO_SWAP] if no_swap else [REBUILD])
         version = self.start(family, label, options)
         version.columns = self.tables.entity_columns(version)
@@ -304,8 +360,10 @@ class FamilyVersions:
         family = self.family_named(name)
         built = [v for v in self.active.get(family.name, []) if v.state == BUILT]
         if not built:
-            raise RebuildRefused(f"{family.name} has no built version waiting to serve "
-                                 f"(`projector rebuild {name} --no-swap` builds one)")  # fmt: skip
+            raise RebuildRefused(
+                f"{family.name} has no built version waiting to serve "
+                f"(`projector rebuild {name} --no-swap` builds one)"
+            )
         self.swap(built[-1])
         return f"{family.name} version {built[-1].version} serving"
 
@@ -316,8 +374,10 @@ class FamilyVersions:
         versions = self.active.get(family.name, [])
         previous = [v for v in versions if v.state == PREVIOUS]
         if not previous:
-            raise RebuildRefused(f"{family.name} keeps no previous version (never rebuilt, or "
-                                 "dropped with --drop-old)")  # fmt: skip
+            raise RebuildRefused(
+                f"{family.name} keeps no previous version (never rebuilt, or "
+                "dropped with --drop-old)"
+            )
         back = previous[-1]
         self.tables.point_views(back)
         for version in versions:
@@ -358,12 +418,21 @@ class FamilyVersions:
             backfill = f"{min(done, chunks)}/{chunks} chunks"
             if done > chunks:
                 backfill += f", verified {min(done - chunks, chunks)}/{chunks}"
-            found.append({
-                "family": row["family"], "version": row["version"], "state": row["state"],
-                "backfill": backfill, "models": [m.name for m in family.models],
-                "error": row["error"], "options": row["options"], "chunks": chunks,
-                "done_chunks": min(done, chunks), "steps": steps, "done_steps": min(done, steps),
-            })  # fmt: skip
+            found.append(
+                {
+                    "family": row["family"],
+                    "version": row["version"],
+                    "state": row["state"],
+                    "backfill": backfill,
+                    "models": [m.name for m in family.models],
+                    "error": row["error"],
+                    "options": row["options"],
+                    "chunks": chunks,
+                    "done_chunks": min(done, chunks),
+                    "steps": steps,
+                    "done_steps": min(done, steps),
+                }
+            )
         return found
 
     def reconcile(self, limit: int = 10) -> dict[str, list[dict[str, Any]]]:
@@ -389,16 +458,31 @@ class FamilyVersions:
         entity = version.family.entity
         columns = ", ".join(ident(c) for c in version.columns)
         defined_rows = entity.select(self.replica_database, entity.all_keys(self.replica_database))
-        pairs = [(entity.name, f"SELECT {columns} FROM {version.entity_table} FINAL",
-                  f"SELECT {columns} FROM ({defined_rows})")]  # fmt: skip
+        pairs = [
+            (
+                entity.name,
+                f"SELECT {columns} FROM {version.entity_table} FINAL",
+                f"SELECT {columns} FROM ({defined_rows})",
+            )
+        ]
         for aggregate in version.family.aggregates:
-            pairs.append((aggregate.name, aggregate.served(version.table(aggregate.name)),
-                          aggregate.evaluated(f"({defined_rows})")))  # fmt: skip
+            pairs.append(
+                (
+                    aggregate.name,
+                    aggregate.served(version.table(aggregate.name)),
+                    aggregate.evaluated(f"({defined_rows})"),
+                )
+            )
         defined = dict((name, sql) for name, _, sql in pairs)
         for index in version.family.indexes:  # an index holds its model's rows, no more, no less
             served = ", ".join(ident(c) for c in version.served_columns(index.of))
-            pairs.append((index.name, f"SELECT {served} FROM {version.table(index.name)} FINAL",
-                          defined[index.of]))  # fmt: skip
+            pairs.append(
+                (
+                    index.name,
+                    f"SELECT {served} FROM {version.table(index.name)} FINAL",
+                    defined[index.of],
+                )
+            )
         return pairs
 
 

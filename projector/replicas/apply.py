@@ -221,12 +221,20 @@ class BatchApplier:
                 except FastPathUnsupported as exc:
                     log.debug("%s: per-message path (%s)", batch, exc)
                 except FastPathRejected as exc:
-                    log.info("%s: ClickHouse rejected the fast insert, finding the poison "
-                             "messages with the per-message path: %s", batch, exc)  # fmt: skip
+                    log.info(
+                        "%s: ClickHouse rejected the fast insert, finding the poison "
+                        "messages with the per-message path: %s",
+                        batch,
+                        exc,
+                    )
                 except Exception as exc:
                     _raise_unless_the_messages(exc)
-                    log.warning("%s: the fast path failed (%s: %s), the per-message path "
-                                "applies the batch", batch, type(exc).__name__, exc)  # fmt: skip
+                    log.warning(
+                        "%s: the fast path failed (%s: %s), the per-message path applies the batch",
+                        batch,
+                        type(exc).__name__,
+                        exc,
+                    )
         outcome = self._apply_isolating(batch, messages, "")
         if outcome.dead:
             dead_letter(batch, outcome.dead)
@@ -244,8 +252,12 @@ class BatchApplier:
             _raise_unless_the_messages(exc)
             if len(messages) == 1:
                 message = messages[0]
-                log.error("%s: offset %d could not be applied; dead-lettered", batch,
-                          message.offset, exc_info=exc)  # fmt: skip
+                log.error(
+                    "%s: offset %d could not be applied; dead-lettered",
+                    batch,
+                    message.offset,
+                    exc_info=exc,
+                )
                 reason = f"{type(exc).__name__}: {exc}"[:2000]
                 outcome = BatchOutcome(0, [DeadLetter.of(message, PoisonMessage("apply", reason))])
                 place = self._place_of(message)
@@ -253,8 +265,12 @@ class BatchApplier:
                     outcome.count_dead_letter(place, table_of(batch.topic))
                 return outcome
             if not chunk:
-                log.warning("%s: applying failed (%s: %s); isolating the message(s) at fault",
-                            batch, type(exc).__name__, exc)  # fmt: skip
+                log.warning(
+                    "%s: applying failed (%s: %s); isolating the message(s) at fault",
+                    batch,
+                    type(exc).__name__,
+                    exc,
+                )
         middle = len(messages) // 2
         outcome = BatchOutcome(0, [])
         for part in (messages[:middle], messages[middle:]):
@@ -337,11 +353,13 @@ class BatchApplier:
         """The replica table, created or altered to hold events of this writer schema."""
         schema_name, table_name = source_table_of(topic)
         return self.catalog.ensure(
-            schema_name, table_name, key_columns(key_schema.raw if key_schema else None),
+            schema_name,
+            table_name,
+            key_columns(key_schema.raw if key_schema else None),
             list(self._columns_by_source_name(topic, schema).values()),
             self.upcasters.for_table(schema_name, table_name),
             previous=partial(self._previous_version_columns, topic, schema),
-        )  # fmt: skip
+        )
 
     def _columns_by_source_name(self, topic: str, schema: WriterSchema) -> dict[str, SourceColumn]:
         """The replica columns of a writer schema, under the table's declared upcaster, by the
@@ -382,10 +400,14 @@ class BatchApplier:
                 raise FastPathUnsupported(str(exc)) from exc
             token = batch.token(self.projection, replica.qualified, f"fast{number}")
             per_transaction = self.fast_path.insert(
-                replica, self._columns_by_source_name(batch.topic, schema), upcaster, segment,
-                batch.partition, token,
+                replica,
+                self._columns_by_source_name(batch.topic, schema),
+                upcaster,
+                segment,
+                batch.partition,
+                token,
                 transaction_fields=transaction_fields(schema.raw),
-            )  # fmt: skip
+            )
             outcome.applied += len(segment.offsets)
             for xid, span in per_transaction.items():
                 key = (xid, f"{schema_name}.{table_name}")
@@ -543,10 +565,13 @@ class BatchApplier:
             ["__wanted UInt32", *(f"{ident(c.input_name)} {c.ctype.clickhouse}" for c in keys)]
         )
         lines = [
-            json.dumps({"__wanted": n, **dict(zip(key_inputs, values, strict=True))},
-                       ensure_ascii=False, separators=(",", ":"))
+            json.dumps(
+                {"__wanted": n, **dict(zip(key_inputs, values, strict=True))},
+                ensure_ascii=False,
+                separators=(",", ":"),
+            )
             for n, values in enumerate(wanted.values())
-        ]  # fmt: skip
+        ]
         matched = ", ".join(
             f"{(c.ctype.clickhouse_input_expr or '{}').format(ident(c.input_name))} AS __k{n}"
             for n, c in enumerate(keys)

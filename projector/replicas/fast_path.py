@@ -120,9 +120,14 @@ def plan_segments(
             if len(value_header) < 5 or len(key_header) < 5 or value[0] or key[0]:
                 return None  # not Confluent-framed
             segment_offsets, segment_values = [], []
-            segments.append(Segment(int.from_bytes(value_header[1:], "big"),
-                                    int.from_bytes(key_header[1:], "big"),
-                                    segment_offsets, segment_values))  # fmt: skip
+            segments.append(
+                Segment(
+                    int.from_bytes(value_header[1:], "big"),
+                    int.from_bytes(key_header[1:], "big"),
+                    segment_offsets,
+                    segment_values,
+                )
+            )
         segment_offsets.append(offset)
         segment_values.append(value)
     for segment in segments:
@@ -196,16 +201,21 @@ class FastPath:
             "toUInt64OrZero(splitByChar(':', tupleElement(transaction, 'id'))[2]) AS lsn, "
             f"{order} AS position "
             f"FROM {AVRO_SOURCE} WHERE isNotNull(transaction)) GROUP BY xid",
-            data, self.registry_url, sample=sample, fmt="TSV",
-        )  # fmt: skip
+            data,
+            self.registry_url,
+            sample=sample,
+            fmt="TSV",
+        )
         spans = {}
         for line in counted.splitlines():
             if line:
                 xid, orders, unnamed, first_lsn, last_lsn = line.split("\t")
                 spans[xid] = EventSpan(
-                    int(first_lsn), int(last_lsn),
-                    frozenset(int(o) for o in orders.split(",") if o), int(unnamed),
-                )  # fmt: skip
+                    int(first_lsn),
+                    int(last_lsn),
+                    frozenset(int(o) for o in orders.split(",") if o),
+                    int(unnamed),
+                )
         return spans
 
     def _select_list(

@@ -36,8 +36,10 @@ class SignalTable:
                 "to ask Debezium for it (PROJECTOR_SOURCE_DSN, or the connector's PG_* / "
                 "CDC_* variables). Rows not changed since show NULL in the changed column "
                 "until then. Request the snapshot by hand: %s",
-                table, reason, manual_request(table),
-            )  # fmt: skip
+                table,
+                reason,
+                manual_request(table),
+            )
             return
         import psycopg
 
@@ -54,8 +56,10 @@ class SignalTable:
         log.warning(
             "%s: %s; requested an incremental snapshot (signal %s): its rows are re-read "
             "from Postgres while streaming goes on",
-            table, reason, signal,
-        )  # fmt: skip
+            table,
+            reason,
+            signal,
+        )
 
 
 def manual_request(table: str) -> str:

@@ -164,11 +164,19 @@ class SnapshotSweep:
         self.ch.execute(
             self.ch.topology.create_table(
                 self.table,
-                ["`projection` String", "topic String", "`partition` Int32", "`offset` Int64",
-                 "kind LowCardinality(String)", "recorded_at DateTime64(3) DEFAULT now64(3)"],
-                "ReplacingMergeTree", "", "(`projection`, topic, `partition`, `offset`)",
+                [
+                    "`projection` String",
+                    "topic String",
+                    "`partition` Int32",
+                    "`offset` Int64",
+                    "kind LowCardinality(String)",
+                    "recorded_at DateTime64(3) DEFAULT now64(3)",
+                ],
+                "ReplacingMergeTree",
+                "",
+                "(`projection`, topic, `partition`, `offset`)",
             )
-        )  # fmt: skip
+        )
 
     def after_batch(
         self,
@@ -193,10 +201,15 @@ class SnapshotSweep:
             self._warn_partitioned(batch, replica, bounds[0], table, count)
             return
         rows = [
-            {"projection": self.projection, "topic": batch.topic, "partition": batch.partition,
-             "offset": b.offset, "kind": b.kind}
+            {
+                "projection": self.projection,
+                "topic": batch.topic,
+                "partition": batch.partition,
+                "offset": b.offset,
+                "kind": b.kind,
+            }
             for b in bounds
-        ]  # fmt: skip
+        ]
         token = batch.token(self.projection, self.table, "bounds")
         self.ch.execute(insert_statement(self.table, list(rows[0]), rows, token))  # 2.
         for bound in bounds:
@@ -216,9 +229,16 @@ class SnapshotSweep:
             f"SELECT count() AS n FROM {replica.qualified} WHERE _partition = {batch.partition} "
             f"AND _offset = {last.offset} AND _is_deleted = 1"
         )
-        log.info("%s: Debezium snapshotted the table again (reads %d-%d of %s[%d]): %d key(s) "
-                 "it did not read were deleted meanwhile and are marked deleted", table, first,
-                 last.offset, batch.topic, batch.partition, int(swept[0]["n"]))  # fmt: skip
+        log.info(
+            "%s: Debezium snapshotted the table again (reads %d-%d of %s[%d]): %d key(s) "
+            "it did not read were deleted meanwhile and are marked deleted",
+            table,
+            first,
+            last.offset,
+            batch.topic,
+            batch.partition,
+            int(swept[0]["n"]),
+        )
 
     def _first_read(self, batch: BatchRange, last: int) -> int:
         """Step 3: the offset of the first read of the snapshot that ends at `last`."""
@@ -250,11 +270,18 @@ class SnapshotSweep:
         if table in self._warned or not self._rows_before(replica, batch.partition, bound.offset):
             return
         self._warned.add(table)
-        log.warning("%s: Debezium snapshotted the table again (%s[%d]@%d), and its topic has %d "
-                    "partitions: rows of keys deleted while it was not captured may remain in "
-                    "the replica (ghost rows; removed automatically only with one partition). "
-                    "Rebuild the table with `projector table reset %s` (docs/troubleshooting.md)",
-                    table, batch.topic, batch.partition, bound.offset, count, table)  # fmt: skip
+        log.warning(
+            "%s: Debezium snapshotted the table again (%s[%d]@%d), and its topic has %d "
+            "partitions: rows of keys deleted while it was not captured may remain in "
+            "the replica (ghost rows; removed automatically only with one partition). "
+            "Rebuild the table with `projector table reset %s` (docs/troubleshooting.md)",
+            table,
+            batch.topic,
+            batch.partition,
+            bound.offset,
+            count,
+            table,
+        )
 
     def forget(self, topic: str) -> None:
         """A table's rebuild: the topic's bounds describe offsets it will not apply again."""

@@ -106,11 +106,21 @@ class TopicGuard:
         self.ch.execute(
             self.ch.topology.create_table(
                 self.table,
-                ["`projection` String", "topic String", "topic_id String", "partitions UInt32",
-                 "key_schema_id Int64", "stopped String", "version UInt64"],
-                "ReplacingMergeTree", "version", "(`projection`, topic)", deduplicate=False,
+                [
+                    "`projection` String",
+                    "topic String",
+                    "topic_id String",
+                    "partitions UInt32",
+                    "key_schema_id Int64",
+                    "stopped String",
+                    "version UInt64",
+                ],
+                "ReplacingMergeTree",
+                "version",
+                "(`projection`, topic)",
+                deduplicate=False,
             )
-        )  # fmt: skip
+        )
 
     def stopped_reason(self, topic: str, key_schema_ids: Iterable[int]) -> str | None:
         """None when a batch of `topic` with these key schema ids may be applied; else why its
@@ -128,8 +138,12 @@ class TopicGuard:
         reason = broken_versions(topic, recorded, now, keys)
         if reason is not None:
             stopped = f"{reason}; {remedy(topic)}"
-            self._record(topic, TopicIdentity(recorded.topic_id, recorded.partitions,
-                                              recorded.key_schema_id, stopped))  # fmt: skip
+            self._record(
+                topic,
+                TopicIdentity(
+                    recorded.topic_id, recorded.partitions, recorded.key_schema_id, stopped
+                ),
+            )
             return stopped
         if recorded.key_schema_id == NO_KEY_SCHEMA and keys:
             self._record(topic, TopicIdentity(recorded.topic_id, recorded.partitions, min(keys)))
@@ -157,10 +171,15 @@ class TopicGuard:
                 f"WHERE `projection` = {quote(self.projection)} AND topic = {quote(topic)}"
             )
             identity = (
-                TopicIdentity(rows[0]["topic_id"], int(rows[0]["partitions"]),
-                              int(rows[0]["key_schema_id"]), rows[0]["stopped"])
-                if rows else None
-            )  # fmt: skip
+                TopicIdentity(
+                    rows[0]["topic_id"],
+                    int(rows[0]["partitions"]),
+                    int(rows[0]["key_schema_id"]),
+                    rows[0]["stopped"],
+                )
+                if rows
+                else None
+            )
             cached = (time.monotonic(), identity)
             self._recorded[topic] = cached
         return cached[1]
@@ -183,10 +202,14 @@ class TopicGuard:
 
     def _record(self, topic: str, identity: TopicIdentity) -> None:
         row = {
-            "projection": self.projection, "topic": topic, "topic_id": identity.topic_id,
-            "partitions": identity.partitions, "key_schema_id": identity.key_schema_id,
-            "stopped": identity.stopped, "version": time.time_ns(),
-        }  # fmt: skip
+            "projection": self.projection,
+            "topic": topic,
+            "topic_id": identity.topic_id,
+            "partitions": identity.partitions,
+            "key_schema_id": identity.key_schema_id,
+            "stopped": identity.stopped,
+            "version": time.time_ns(),
+        }
         self.ch.execute(insert_statement(self.table, list(row), [row], token=""))
         self._recorded[topic] = (time.monotonic(), identity)
 

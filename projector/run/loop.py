@@ -120,9 +120,18 @@ class Projector:
         )
         self.producer = kafka.producer(config.kafka_bootstrap, linger_ms=50)
         self.batches = BatchWork(
-            config, parts.committer, parts.applier, parts.ledger, parts.guard, parts.read_models,
-            parts.dlq, self.producer, parts.schemas, self.metrics, lambda: self.stopping,
-        )  # fmt: skip
+            config,
+            parts.committer,
+            parts.applier,
+            parts.ledger,
+            parts.guard,
+            parts.read_models,
+            parts.dlq,
+            self.producer,
+            parts.schemas,
+            self.metrics,
+            lambda: self.stopping,
+        )
         self.duties = self._duties()
 
     def _duties(self) -> Duties:
@@ -132,9 +141,14 @@ class Projector:
         self.pausing = TablePausing(parts.pauses, self, self.metrics, wanted)
         duties: list[Duty] = [self.pausing]
         duties += chores(
-            self.config, self.metrics, self.consumer, self.next_offset, self.partitions,
-            parts.ledger, parts.read_model_list,
-        )  # fmt: skip
+            self.config,
+            self.metrics,
+            self.consumer,
+            self.next_offset,
+            self.partitions,
+            parts.ledger,
+            parts.read_model_list,
+        )
         self.read_model_upkeep = None
         if parts.read_models is not None:
             self.read_model_upkeep = ReadModelUpkeep(
@@ -159,8 +173,9 @@ class Projector:
         except TRANSIENT as exc:
             # Never wait for ClickHouse inside a rebalance: the whole group would wait for us.
             # The partitions wait, paused, until the main loop can position them.
-            log.warning("cannot position %d assigned partition(s) yet, they wait: %s",
-                        len(keys), exc)  # fmt: skip
+            log.warning(
+                "cannot position %d assigned partition(s) yet, they wait: %s", len(keys), exc
+            )
             consumer.incremental_assign(partitions)
             consumer.pause(partitions)
             self._unpositioned.update(keys)
@@ -206,8 +221,9 @@ class Projector:
         recreated = {topic for topic in topics if self.parts.guard.recreated(topic)}
         for index, resume in enumerate(resumes):
             if resume.topic in recreated:
-                log.error("%s was re-created: its table stops (see `projector dlq list`)",
-                          resume.topic)  # fmt: skip
+                log.error(
+                    "%s was re-created: its table stops (see `projector dlq list`)", resume.topic
+                )
                 self.committer.forget_checkpoint(resume.topic, resume.partition)
                 resume = resumes[index] = Resume(resume.topic, resume.partition, 0, None)
             state = self.partitions[(resume.topic, resume.partition)]
@@ -217,16 +233,26 @@ class Projector:
             state.counted = counted_ranges(history.get((resume.topic, resume.partition), []))
             checkpoint = self.committer.checkpoints.get((resume.topic, resume.partition))
             if checkpoint is not None and checkpoint.state == RESET:
-                log.info("%s[%d]: `projector reset` moved it to offset %d; reading from there "
-                         "(offsets counted before: %s)", resume.topic, resume.partition,
-                         resume.offset, state.counted or "none")  # fmt: skip
+                log.info(
+                    "%s[%d]: `projector reset` moved it to offset %d; reading from there "
+                    "(offsets counted before: %s)",
+                    resume.topic,
+                    resume.partition,
+                    resume.offset,
+                    state.counted or "none",
+                )
             self.next_offset[(resume.topic, resume.partition)] = resume.offset
             log.info(
                 "assigned %s[%d] from offset %d", resume.topic, resume.partition, resume.offset
             )
             if resume.replay is not None:
-                log.info("replaying the open intent %d-%d of %s[%d] (the last run stopped inside it)",
-                         resume.replay.first, resume.replay.last, resume.topic, resume.partition)  # fmt: skip
+                log.info(
+                    "replaying the open intent %d-%d of %s[%d] (the last run stopped inside it)",
+                    resume.replay.first,
+                    resume.replay.last,
+                    resume.topic,
+                    resume.partition,
+                )
         return resumes
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -240,8 +266,10 @@ class Projector:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """The group already gave these partitions to others (we missed its deadline): nothing
         to wait for; a batch of theirs still in flight fails at the fence."""
-        log.warning("lost %s to the group (no poll or heartbeat in time)",
-                    ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))  # fmt: skip
+        log.warning(
+            "lost %s to the group (no poll or heartbeat in time)",
+            ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions),
+        )
         self._forget(partitions)
         consumer.incremental_unassign(partitions)
 
@@ -280,9 +308,11 @@ class Projector:
         if self.read_model_upkeep is not None:
             self.read_model_upkeep.start()
         self.consumer.subscribe(
-            self.config.subscription(), on_assign=self._on_assign, on_revoke=self._on_revoke,
+            self.config.subscription(),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
             on_lost=self._on_lost,
-        )  # fmt: skip
+        )
         next_finish_check = time.monotonic()
         next_waiting_report = next_finish_check + FIRST_WAITING_REPORT_S
         try:
@@ -300,8 +330,11 @@ class Projector:
                     break
                 # Checked when the poll found the buffers drained (no full backlog waiting) and
                 # at most every FINISH_CHECK_S; with no batch in flight, positions are settled.
-                if (finish_line is not None and fresh < self.config.max_batch_messages
-                        and now >= next_finish_check):  # fmt: skip
+                if (
+                    finish_line is not None
+                    and fresh < self.config.max_batch_messages
+                    and now >= next_finish_check
+                ):
                     self._wait_for_batch()
                     if self.main_retries(finish_line.reached, "checking the finish line"):
                         if self.read_model_upkeep is not None:
@@ -321,8 +354,10 @@ class Projector:
                 self.parts.replica_rebuilds.close()
         log.info(
             "stopped: %d events applied (%d by the fast path), %d dead letters",
-            self.batches.applied_events, self.batches.fast_events, self.batches.dead_letters,
-        )  # fmt: skip
+            self.batches.applied_events,
+            self.batches.fast_events,
+            self.batches.dead_letters,
+        )
         return 0
 
     def _consume(self, timeout_s: float) -> int:
@@ -391,8 +426,13 @@ class Projector:
                 if batch.first < expected and state.replay is None:
                     # Kafka went back (offsets out of range, reset to the earliest): the topic
                     # was re-created under us. Position it afresh (and so detect that).
-                    log.warning("%s[%d] went back from offset %d to %d; positioning it afresh",
-                                topic, partition, expected, batch.first)  # fmt: skip
+                    log.warning(
+                        "%s[%d] went back from offset %d to %d; positioning it afresh",
+                        topic,
+                        partition,
+                        expected,
+                        batch.first,
+                    )
                     self._wait_for_batch()
                     self._reposition(topic, partition)
                     break
@@ -466,8 +506,9 @@ class Projector:
     def _reposition(self, topic: str, partition: int) -> None:
         """Steps A-C again for one partition we hold (its batch was refused, or Kafka went
         back), then continue it from there."""
-        (resume,) = self.main_retries(lambda: self._position([(topic, partition)]),
-                                       "reading checkpoints")  # fmt: skip
+        (resume,) = self.main_retries(
+            lambda: self._position([(topic, partition)]), "reading checkpoints"
+        )
         held = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
         if (topic, partition) not in held:  # revoked while we retried: not ours to continue
             self._forget([TopicPartition(topic, partition)])
@@ -482,8 +523,10 @@ class Projector:
         if self._in_flight is None:
             return
         if wait_s is not None and not wait([self._in_flight], timeout=wait_s).done:
-            log.warning("handing over while a batch is still in flight (ClickHouse unavailable?); "
-                        "the fence keeps it out if it finishes later")  # fmt: skip
+            log.warning(
+                "handing over while a batch is still in flight (ClickHouse unavailable?); "
+                "the fence keeps it out if it finishes later"
+            )
             return
         future, self._in_flight = self._in_flight, None
         try:
@@ -520,9 +563,7 @@ class Projector:
             # Steps A-C again: while held, its checkpoint may have moved (`projector reset`,
             # checkpoint.py R1-R3); our claim then lost, and this one is newer.
             self._reposition(topic, partition)
-        self.consumer.resume(
-            [TopicPartition(t, p) for t, p in keys if (t, p) in self.next_offset]
-        )
+        self.consumer.resume([TopicPartition(t, p) for t, p in keys if (t, p) in self.next_offset])
 
     def applied_to(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int | None]:
         """Per partition, the next offset to apply: everything before it is applied. Ours from
@@ -547,7 +588,6 @@ class Projector:
             checkpoint = checkpoints.get(key)
             applied[key] = None if checkpoint is None else checkpoint.resume_offset
         return applied
-
 
 
 class _RunProgress:

@@ -161,9 +161,7 @@ class ReplicaRebuildJobs:
             self._jobs = [j for j in self._jobs if j is not job]
             return
         self.on_step(job)
-        swapped = self.retries(
-            partial(rebuilds.finish_step, job, caught_up), "swapping a replica"
-        )
+        swapped = self.retries(partial(rebuilds.finish_step, job, caught_up), "swapping a replica")
         if swapped is not None:
             log.info("replica rebuild: %s", swapped)
 

@@ -86,8 +86,13 @@ class StackHandle:
     ) -> list[Message]:
         """Every message of `topic[partition]` from offset 0 up to its end offset now."""
         end = self.end_offset(topic, partition)
-        consumer = Consumer({"bootstrap.servers": self.env["KAFKA_BOOTSTRAP"],
-                             "group.id": f"reader-{uuid.uuid4()}", "enable.auto.commit": False})  # fmt: skip
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.env["KAFKA_BOOTSTRAP"],
+                "group.id": f"reader-{uuid.uuid4()}",
+                "enable.auto.commit": False,
+            }
+        )
         consumer.assign([TopicPartition(topic, partition, 0)])
         messages: list[Message] = []
         deadline = time.monotonic() + timeout_s

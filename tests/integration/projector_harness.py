@@ -98,9 +98,11 @@ class ProjectorProcess:
         `env`), logging to `log`."""
         with self.log.open("ab") as out:
             return subprocess.Popen(
-                [PROJECTOR, "run"], env={**self.env, **(env or {})}, stdout=out,
+                [PROJECTOR, "run"],
+                env={**self.env, **(env or {})},
+                stdout=out,
                 stderr=subprocess.STDOUT,
-            )  # fmt: skip
+            )
 
     def start_in_a_group_of_its_own(self, run: int) -> tuple[subprocess.Popen[bytes], int]:
         """`projector run` in a consumer group of its own (the deployment's group with `-run`
@@ -142,9 +144,12 @@ class ProjectorProcess:
         while True:
             with self.log.open("ab") as out:
                 done = subprocess.run(
-                    [PROJECTOR, "run", "--until-kafka-end"], env=self.env, stdout=out,
-                    stderr=subprocess.STDOUT, timeout=max(1.0, deadline - time.monotonic()),
-                )  # fmt: skip
+                    [PROJECTOR, "run", "--until-kafka-end"],
+                    env=self.env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    timeout=max(1.0, deadline - time.monotonic()),
+                )
             assert done.returncode == 0, self.log.read_text()[-3000:]
             if self.fence_applied(fence):
                 return
@@ -185,9 +190,12 @@ class ProjectorProcess:
     ) -> subprocess.CompletedProcess[str]:
         """`projector ARGS` as this deployment (its environment, overlaid by `env`)."""
         return subprocess.run(
-            [PROJECTOR, *args], env={**self.env, **(env or {})}, capture_output=True, text=True,
+            [PROJECTOR, *args],
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
             timeout=timeout_s,
-        )  # fmt: skip
+        )
 
     def sql(self, query: str) -> list[dict[str, Any]]:
         """`projector sql --format json QUERY`. On a server, the same checked read-only SELECT
@@ -222,9 +230,10 @@ def start_chdb_server(path: Path) -> tuple[subprocess.Popen[bytes], str]:
     log = (path.parent / f"{path.name}.log").open("wb")
     process = subprocess.Popen(
         [PROJECTOR, "chdb-server", "--port", str(port), "--path", str(path)],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         env={**os.environ, "PROJECTOR_CLICKHOUSE_PASSWORD": CHDB_SERVER_PASSWORD},
-    )  # fmt: skip
+    )
     url = f"http://default:{CHDB_SERVER_PASSWORD}@127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:

@@ -115,8 +115,10 @@ def assert_equal_to_postgres(
         if actual != expected:
             missing = [r for r in expected if r not in actual][:3]
             extra = [r for r in actual if r not in expected][:3]
-            raise AssertionError(f"{name} differs from Postgres: only in Postgres {missing}, "
-                                 f"only in ClickHouse {extra}")  # fmt: skip
+            raise AssertionError(
+                f"{name} differs from Postgres: only in Postgres {missing}, "
+                f"only in ClickHouse {extra}"
+            )
 
 
 def assert_reconciled(projector: ProjectorProcess) -> None:

@@ -39,9 +39,12 @@ def catch_up_measured(stack: StackHandle, projector: ProjectorProcess) -> int:
         with projector.log.open("ab") as log:
             done = subprocess.run(
                 [sys.executable, "-c", PEAK_RSS, PROJECTOR, "run", "--until-kafka-end"],
-                env=projector.env, stdout=subprocess.PIPE, stderr=log, text=True,
+                env=projector.env,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
                 timeout=max(1.0, deadline - time.monotonic()),
-            )  # fmt: skip
+            )
         assert done.returncode == 0, projector.log.read_text()[-3000:]
         peak = max(peak, int(done.stdout.strip().splitlines()[-1]))
         if projector.fence_applied(fence):

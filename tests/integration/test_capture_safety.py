@@ -19,9 +19,12 @@ from tests.integration.projector_harness import ProjectorProcess
 def apply_cli(stack: StackHandle, *args: str) -> subprocess.CompletedProcess[str]:
     """`projector connectors apply ARGS` as an operator runs it (schema public captured)."""
     return subprocess.run(
-        [PROJECTOR, "connectors", "apply", *args], env={**os.environ, **stack.env},
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [PROJECTOR, "connectors", "apply", *args],
+        env={**os.environ, **stack.env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def published(stack: StackHandle) -> set[str]:
@@ -115,8 +118,10 @@ def test_replica_identity_full_on_request_captures_the_table_append_only(
     # value comes from the event's before-image (REPLICA IDENTITY FULL logs the whole old row),
     # never Debezium's placeholder.
     assert [(r["at"], r["msg"], r["n"], r["_op"]) for r in rows] == [
-        (1, "a!", 6400, "u"), (2, "b", 6400, "d"), (4, "d", None, "c"),
-    ]  # fmt: skip
+        (1, "a!", 6400, "u"),
+        (2, "b", 6400, "d"),
+        (4, "d", None, "c"),
+    ]
 
 
 def test_dry_run_shows_the_changes_and_touches_nothing(stack: StackHandle) -> None:

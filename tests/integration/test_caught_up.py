@@ -110,8 +110,9 @@ def test_a_dead_letter_settles_its_transaction(stack: StackHandle, tmp_path: Pat
     # more lines of its column, never cut with an ellipsis.
     shown = projector.cli("dlq", "list").stdout
     assert "…" not in shown, shown
-    folded = "".join(line.split("│")[1].strip() for line in shown.splitlines()
-                     if line.count("│") > 2)  # fmt: skip
+    folded = "".join(
+        line.split("│")[1].strip() for line in shown.splitlines() if line.count("│") > 2
+    )
     assert f"cdc.public.{table}" in folded, shown
 
 

@@ -132,8 +132,10 @@ def test_rows_of_a_table_created_after_the_connector_are_snapshotted(stack: Stac
 
     assert ops(events) == ["r", "r", "r"]
     assert sorted((e.after["a"], e.after["b"]) for e in events if e.after) == [
-        (1, "x"), (2, "y"), (3, "z"),
-    ]  # fmt: skip
+        (1, "x"),
+        (2, "y"),
+        (3, "z"),
+    ]
     assert all(e.key == {"a": e.after["a"], "b": e.after["b"]} for e in events if e.after)
 
 

@@ -61,17 +61,29 @@ class Tables:
     ) -> tuple[int, int, int]:
         """Each table equals its replica row by row; their row counts."""
         accounts = assert_replica_equals_source(
-            stack, projector, self.accounts, ["id"],
-            render={"seen_at": TIMESTAMP_TEXT, "blob": ("encode({}, 'hex')", "lower(hex({}))"),
-                    "score": ("lower({}::text)", "toString({})"), "doc": ("{}::text", "{}"),
-                    "balance": ("trim_scale({})::text", "toString({})"),
-                    "tags": ("to_json({})::text", "toJSONString({})")},
-        )  # fmt: skip
+            stack,
+            projector,
+            self.accounts,
+            ["id"],
+            render={
+                "seen_at": TIMESTAMP_TEXT,
+                "blob": ("encode({}, 'hex')", "lower(hex({}))"),
+                "score": ("lower({}::text)", "toString({})"),
+                "doc": ("{}::text", "{}"),
+                "balance": ("trim_scale({})::text", "toString({})"),
+                "tags": ("to_json({})::text", "toJSONString({})"),
+            },
+        )
         lines = assert_replica_equals_source(
-            stack, projector, self.lines, ["tenant", "seq"],
-            render={"at": ("to_char({}, 'YYYY-MM-DD HH24:MI:SS.US')", "toString({})"),
-                    "amount": ("trim_scale({})::text", "{}")},
-        )  # fmt: skip
+            stack,
+            projector,
+            self.lines,
+            ["tenant", "seq"],
+            render={
+                "at": ("to_char({}, 'YYYY-MM-DD HH24:MI:SS.US')", "toString({})"),
+                "amount": ("trim_scale({})::text", "{}"),
+            },
+        )
         notes = assert_replica_equals_source(stack, projector, self.notes, ["id"])
         return accounts, lines, notes
 
@@ -115,13 +127,19 @@ class Workload(threading.Thread):
             key = rng.randint(1, 300)
             if roll < 0.5:
                 columns = "id, name, balance, score, active, born, seen_at, tags, doc, blob, ref"
-                values = [key, f"name {rng.random():.6f}", f"{rng.uniform(-1e6, 1e6):.2f}",
-                          rng.choice([rng.uniform(-1, 1), float("nan"), float("inf")]),
-                          rng.choice([True, False, None]), f"19{rng.randint(10, 99)}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}",
-                          f"2026-11-{rng.randint(10, 28)} {rng.randint(0, 23)}:{rng.randint(0, 59)}:07.{rng.randint(0, 999999):06d}+01",
-                          [f"t{rng.randint(0, 9)}" for _ in range(rng.randint(0, 3))],
-                          f'{{"n": {rng.randint(0, 99)}, "s": "x"}}', rng.randbytes(rng.randint(0, 16)),
-                          str(uuid.UUID(int=rng.getrandbits(128)))]  # fmt: skip
+                values = [
+                    key,
+                    f"name {rng.random():.6f}",
+                    f"{rng.uniform(-1e6, 1e6):.2f}",
+                    rng.choice([rng.uniform(-1, 1), float("nan"), float("inf")]),
+                    rng.choice([True, False, None]),
+                    f"19{rng.randint(10, 99)}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}",
+                    f"2026-11-{rng.randint(10, 28)} {rng.randint(0, 23)}:{rng.randint(0, 59)}:07.{rng.randint(0, 999999):06d}+01",
+                    [f"t{rng.randint(0, 9)}" for _ in range(rng.randint(0, 3))],
+                    f'{{"n": {rng.randint(0, 99)}, "s": "x"}}',
+                    rng.randbytes(rng.randint(0, 16)),
+                    str(uuid.UUID(int=rng.getrandbits(128))),
+                ]
                 if self.altered.is_set():
                     columns += ", region"
                     values.append(rng.choice(["us", "apac", "eu"]))
@@ -144,9 +162,14 @@ class Workload(threading.Thread):
             if roll < 0.6:
                 conn.execute(
                     f"INSERT INTO {t.lines} VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    [tenant, seq, f"{rng.uniform(-1e4, 1e4):.{rng.randint(0, 9)}f}",
-                     rng.choice(["sale", "refund", None]), f"2025-0{rng.randint(1, 9)}-11 08:00:0{rng.randint(0, 9)}"],
-                )  # fmt: skip
+                    [
+                        tenant,
+                        seq,
+                        f"{rng.uniform(-1e4, 1e4):.{rng.randint(0, 9)}f}",
+                        rng.choice(["sale", "refund", None]),
+                        f"2025-0{rng.randint(1, 9)}-11 08:00:0{rng.randint(0, 9)}",
+                    ],
+                )
             elif roll < 0.85:
                 conn.execute(
                     f"UPDATE {t.lines} SET amount = amount * 2, kind = 'adjusted' "
@@ -305,9 +328,11 @@ def test_registry_outage_is_retried_logged_once_and_loses_nothing(
     stack.apply()
     stack.sql(f"INSERT INTO {table} SELECT g, 'v' || g FROM generate_series(1, 300) g")
     events = read_topic_until(
-        stack.env["KAFKA_BOOTSTRAP"], f"cdc.public.{table}", stack.decoder(),
+        stack.env["KAFKA_BOOTSTRAP"],
+        f"cdc.public.{table}",
+        stack.decoder(),
         done=lambda evs: len({e.key["id"] for e in evs if e.key}) >= 300,
-    )  # fmt: skip
+    )
     assert len(events) >= 300, "Debezium did not deliver the rows"
 
     registry = urlsplit(stack.env["REGISTRY_URL"])

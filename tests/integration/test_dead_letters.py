@@ -38,9 +38,12 @@ def produce_framed(stack: StackHandle, topic: str, schema: dict, datum: dict) ->
     offsets: list[int] = []
     producer = Producer({"bootstrap.servers": stack.env["KAFKA_BOOTSTRAP"]})
     producer.produce(
-        topic, key=framed, value=framed, partition=0,
+        topic,
+        key=framed,
+        value=framed,
+        partition=0,
         on_delivery=lambda err, msg: offsets.append(msg.offset()) if err is None else None,
-    )  # fmt: skip
+    )
     producer.flush(10)
     assert len(offsets) == 1, "the crafted message was not delivered"
     return offsets[0]

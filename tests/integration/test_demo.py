@@ -38,13 +38,21 @@ def test_demo_runs_the_shop_and_fills_the_read_models(stack: StackHandle, tmp_pa
 def test_shop_commands_create_the_tables_and_write_the_story(stack: StackHandle) -> None:
     schema = f"shop_cli_{uuid.uuid4().hex[:8]}"
     env = {**os.environ, **stack.env}
-    init = subprocess.run([PROJECTOR, "shop", "init", "--schema", schema], env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    init = subprocess.run(
+        [PROJECTOR, "shop", "init", "--schema", schema],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert init.returncode == 0, init.stderr
     write = subprocess.run(
         [PROJECTOR, "shop", "write", "--schema", schema, "--rate", "0", "--transactions", "60"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert write.returncode == 0, write.stderr
     assert "60 transactions" in write.stderr, write.stderr
     (orders,) = stack.sql(f"SELECT count(*) FROM {schema}.orders")[0]
@@ -52,8 +60,13 @@ def test_shop_commands_create_the_tables_and_write_the_story(stack: StackHandle)
         f"SELECT relreplident FROM pg_class WHERE oid = '{schema}.orders'::regclass"
     )
     assert orders > 0 and identity == "f"  # REPLICA IDENTITY FULL: complete before-images
-    bad = subprocess.run([PROJECTOR, "shop", "write", "--rate", "-1"], env=env,
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    bad = subprocess.run(
+        [PROJECTOR, "shop", "write", "--rate", "-1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "--rate" in bad.stderr
 
 

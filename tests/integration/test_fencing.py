@@ -98,10 +98,14 @@ def test_a_member_cut_off_from_clickhouse_past_its_poll_interval_applies_nothing
         stack.apply()
 
         a_log, b_log = tmp_path / "member-a.log", tmp_path / "member-b.log"
-        member_a = start(deployment, a_log, {
-            "PROJECTOR_CLICKHOUSE_URL": f"http://127.0.0.1:{proxy.port}",
-            "PROJECTOR_MAX_POLL_INTERVAL_MS": str(POLL_INTERVAL_MS),
-        })  # fmt: skip
+        member_a = start(
+            deployment,
+            a_log,
+            {
+                "PROJECTOR_CLICKHOUSE_URL": f"http://127.0.0.1:{proxy.port}",
+                "PROJECTOR_MAX_POLL_INTERVAL_MS": str(POLL_INTERVAL_MS),
+            },
+        )
         members.append(member_a)
         writer = Writer(stack.admin_dsn, items, log)
         writer.start()

@@ -55,8 +55,10 @@ class Writer(threading.Thread):
                 while not self.stopped.is_set():
                     kind = rng.random()
                     if kind < 0.5 or next_id < 10:
-                        statement, args = (f"INSERT INTO {self.table} VALUES (%s, %s)",
-                                           [next_id, rng.randint(0, 1000)])  # fmt: skip
+                        statement, args = (
+                            f"INSERT INTO {self.table} VALUES (%s, %s)",
+                            [next_id, rng.randint(0, 1000)],
+                        )
                         next_id += 1
                     elif kind < 0.85:
                         statement, args = (
@@ -65,8 +67,10 @@ class Writer(threading.Thread):
                             [rng.randrange(1, next_id), rng.randint(0, 1000)],
                         )
                     else:
-                        statement, args = (f"DELETE FROM {self.table} WHERE id = %s",
-                                           [rng.randrange(1, next_id)])  # fmt: skip
+                        statement, args = (
+                            f"DELETE FROM {self.table} WHERE id = %s",
+                            [rng.randrange(1, next_id)],
+                        )
                     changed = conn.execute(statement, args).rowcount
                     (xid,) = conn.execute("SELECT txid_current() % (2^32)::bigint").fetchone()  # type: ignore[misc]
                     conn.commit()
@@ -169,8 +173,13 @@ def _transaction_topic(stack: StackHandle) -> list[bytes]:
     topic = "cdc.transaction"
     end = stack.end_offset(topic)
     start = max(0, end - 200_000)
-    consumer = Consumer({"bootstrap.servers": stack.env["KAFKA_BOOTSTRAP"],
-                         "group.id": "ledger-fault-reader", "enable.auto.commit": False})  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": stack.env["KAFKA_BOOTSTRAP"],
+            "group.id": "ledger-fault-reader",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.assign([TopicPartition(topic, 0, start)])
     values: list[bytes] = []
     last = start - 1
@@ -192,9 +201,11 @@ def watermark_deployment(
 ) -> tuple[ProjectorProcess, str, str]:
     projector = ProjectorProcess(stack, tmp_path, server_url=server_url)
     table, model = projector.table(prefix), projector.table(f"{prefix}_model")
-    projector.env |= {"PROJECTOR_TRANSACTION_METADATA": "true",
-                      "PROJECTOR_READ_MODEL_SCHEMA": "public",
-                      "PROJECTOR_READ_MODELS_FILE": str(read_model_over(tmp_path, model, table))}  # fmt: skip
+    projector.env |= {
+        "PROJECTOR_TRANSACTION_METADATA": "true",
+        "PROJECTOR_READ_MODEL_SCHEMA": "public",
+        "PROJECTOR_READ_MODELS_FILE": str(read_model_over(tmp_path, model, table)),
+    }
     stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, n int)")
     stack.apply()
     return projector, table, model

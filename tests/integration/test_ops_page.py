@@ -22,8 +22,14 @@ from tests.integration.projector_harness import ProjectorProcess, free_port
 
 TOKEN = "ops-page-token"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-READ_MODELS = ["customer_lifetime_value", "daily_sales", "monthly_sales", "order_summary",
-               "orders_by_status", "product_popularity"]  # fmt: skip
+READ_MODELS = [
+    "customer_lifetime_value",
+    "daily_sales",
+    "monthly_sales",
+    "order_summary",
+    "orders_by_status",
+    "product_popularity",
+]
 
 
 def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -47,8 +53,9 @@ def deployment(stack: StackHandle, tmp_path: Path) -> Iterator[dict[str, object]
     server_port = free_port()
     chdb_server = start(
         ["chdb-server", "--port", str(server_port), "--path", str(tmp_path / "chdb-server")],
-        {**ProjectorProcess(stack, tmp_path).env}, tmp_path / "chdb-server.log",
-    )  # fmt: skip
+        {**ProjectorProcess(stack, tmp_path).env},
+        tmp_path / "chdb-server.log",
+    )
     wait_until("chdb-server", lambda: _answers(f"http://127.0.0.1:{server_port}/ping"), 60)
     projector = ProjectorProcess(stack, tmp_path, server_url=f"http://127.0.0.1:{server_port}")
     schema = f"shop_{projector.unique}"
@@ -66,12 +73,19 @@ def deployment(stack: StackHandle, tmp_path: Path) -> Iterator[dict[str, object]
         "PROJECTOR_OPS_SAMPLE_S": "0.5",
     }
     processes = {"run": start(["run"], projector.env, projector.log)}
-    processes["serve"] = start(["serve", "--port", str(api_port)], projector.env,
-                               tmp_path / "serve.log")  # fmt: skip
+    processes["serve"] = start(
+        ["serve", "--port", str(api_port)], projector.env, tmp_path / "serve.log"
+    )
     url = f"http://127.0.0.1:{api_port}"
     wait_until("the query service", lambda: _answers(url + "/health"), 60, tmp_path / "serve.log")
-    yield {"url": url, "projector": projector, "processes": processes, "schema": schema,
-           "stack": stack, "tmp": tmp_path}  # fmt: skip
+    yield {
+        "url": url,
+        "projector": projector,
+        "processes": processes,
+        "schema": schema,
+        "stack": stack,
+        "tmp": tmp_path,
+    }
     for process in (*processes.values(), chdb_server):
         process.send_signal(signal.SIGTERM)
     for process in (*processes.values(), chdb_server):

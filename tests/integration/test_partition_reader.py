@@ -42,9 +42,14 @@ def prepare(messages: list[Any]) -> tuple[int, int]:
 @pytest.fixture
 def reader(stack: StackHandle) -> Iterator[PartitionReader]:
     topic = f"reader-{uuid.uuid4().hex[:8]}"
-    consumer = Consumer({"bootstrap.servers": stack.env["KAFKA_BOOTSTRAP"],
-                         "group.id": f"reader-{topic}", "enable.auto.commit": False,
-                         "enable.partition.eof": True})  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": stack.env["KAFKA_BOOTSTRAP"],
+            "group.id": f"reader-{topic}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
     reader = PartitionReader(consumer, topic, 0, chunk=30, prepare=prepare)
     yield reader
     reader.close()

@@ -80,8 +80,10 @@ def service(stack: StackHandle, tmp_path_factory: pytest.TempPathFactory) -> Ite
     with projector.log.open("ab") as out:
         process = subprocess.Popen(
             [PROJECTOR, "run", "--serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=projector.env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            env=projector.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     running = Service(url, schema, projector, process)
     deadline = time.monotonic() + 120
@@ -101,13 +103,27 @@ def service(stack: StackHandle, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 def test_a_written_row_is_read_back_with_its_lsn(service: Service, stack: StackHandle) -> None:
     s = service.schema
-    (customer, order, *_), lsn = write(stack, [
-        (f"INSERT INTO {s}.customers (name, email) VALUES ('Ada', 'ada@example.com') RETURNING id", []),
-        (f"INSERT INTO {s}.orders (customer_id, created_at) VALUES (currval('{s}.customers_id_seq'), now()) RETURNING id", []),
-        # three lines in the order's transaction: read at its LSN, never one or two of them
-        *((f"INSERT INTO {s}.order_items VALUES (currval('{s}.orders_id_seq'), {n}, (SELECT min(id) FROM {s}.products), 1, 19.99)", [])
-          for n in (1, 2, 3)),
-    ])  # fmt: skip
+    (customer, order, *_), lsn = write(
+        stack,
+        [
+            (
+                f"INSERT INTO {s}.customers (name, email) VALUES ('Ada', 'ada@example.com') RETURNING id",
+                [],
+            ),
+            (
+                f"INSERT INTO {s}.orders (customer_id, created_at) VALUES (currval('{s}.customers_id_seq'), now()) RETURNING id",
+                [],
+            ),
+            # three lines in the order's transaction: read at its LSN, never one or two of them
+            *(
+                (
+                    f"INSERT INTO {s}.order_items VALUES (currval('{s}.orders_id_seq'), {n}, (SELECT min(id) FROM {s}.products), 1, 19.99)",
+                    [],
+                )
+                for n in (1, 2, 3)
+            ),
+        ],
+    )
     answer = service.read_your_write("/queries/order_by_id", {"order_id": str(order)}, lsn)
     assert answer.status_code == 200, answer.text
     body = answer.json()
@@ -172,14 +188,21 @@ def test_named_queries_answer_what_postgres_answers(service: Service, stack: Sta
     ((customer,),) = stack.sql(
         f"SELECT customer_id FROM {s}.orders GROUP BY 1 ORDER BY count(*) DESC LIMIT 1"
     )
-    expected = [r[0] for r in stack.sql(
-        f"SELECT id FROM {s}.orders WHERE customer_id = %s ORDER BY created_at DESC, id DESC", [customer])]  # fmt: skip
+    expected = [
+        r[0]
+        for r in stack.sql(
+            f"SELECT id FROM {s}.orders WHERE customer_id = %s ORDER BY created_at DESC, id DESC",
+            [customer],
+        )
+    ]
     answer = service.read_your_write(
         "/queries/orders_of_customer", {"customer_id": str(customer)}, lsn
     )
     assert [int(r["order_id"]) for r in answer.json()["rows"]] == expected
-    page = service.get("/queries/orders_of_customer",
-                       params={"customer_id": str(customer), "limit": "1", "offset": "1"})  # fmt: skip
+    page = service.get(
+        "/queries/orders_of_customer",
+        params={"customer_id": str(customer), "limit": "1", "offset": "1"},
+    )
     assert [int(r["order_id"]) for r in page.json()["rows"]] == expected[1:2]
     csv_answer = service.get("/queries/order_counts_by_status", headers={"Accept": "text/csv"})
     assert csv_answer.text.splitlines()[0] == "status,orders"
@@ -210,9 +233,12 @@ def test_ad_hoc_sql_cannot_write_or_escape(service: Service, statement: str) -> 
 def test_ad_hoc_select_answers_with_rows(service: Service) -> None:
     answer = httpx.post(
         service.url + "/sql",
-        json={"sql": "SELECT status, orders FROM read_models.orders_by_status ORDER BY status -- x"},
-        headers=AUTH, timeout=60,
-    )  # fmt: skip
+        json={
+            "sql": "SELECT status, orders FROM read_models.orders_by_status ORDER BY status -- x"
+        },
+        headers=AUTH,
+        timeout=60,
+    )
     assert answer.status_code == 200, answer.text
     assert answer.json()["rows"] and "lsn" in answer.json()["watermark"]
 
@@ -230,13 +256,21 @@ def test_every_endpoint_but_health_needs_the_token(service: Service) -> None:
 def test_projector_query_asks_the_running_service(service: Service, stack: StackHandle) -> None:
     (order,), lsn = write(stack, [(f"SELECT max(id) FROM {service.schema}.orders", [])])
     result = service.projector.cli(
-        "query", "order_by_id", "--param", f"order_id={order}", "--format", "json",
-        "--min-lsn", lsn, env={"PROJECTOR_API_URL": service.url},
-    )  # fmt: skip
+        "query",
+        "order_by_id",
+        "--param",
+        f"order_id={order}",
+        "--format",
+        "json",
+        "--min-lsn",
+        lsn,
+        env={"PROJECTOR_API_URL": service.url},
+    )
     assert result.returncode == 0, result.stderr
     assert f'"order_id": {order}' in result.stdout
-    refused = service.projector.cli("query", "order_by_id", "--param", "order_id=x",
-                                    env={"PROJECTOR_API_URL": service.url})  # fmt: skip
+    refused = service.projector.cli(
+        "query", "order_by_id", "--param", "order_id=x", env={"PROJECTOR_API_URL": service.url}
+    )
     assert refused.returncode == 2 and "order_id" in refused.stderr
 
 

@@ -60,8 +60,9 @@ class RandomChanges:
         if not back:
             self.run(
                 "UPDATE {t0} SET status = 'CANCELLED' WHERE id = "
-                "(SELECT id FROM {t0} ORDER BY random() LIMIT 1)", "orders",
-            )  # fmt: skip
+                "(SELECT id FROM {t0} ORDER BY random() LIMIT 1)",
+                "orders",
+            )
         return back
 
     def one(self) -> None:
@@ -74,48 +75,59 @@ class RandomChanges:
                 "SELECT o.id, coalesce((SELECT max(line_no) FROM {t0} WHERE order_id = o.id), 0) + 1,"
                 " p.id, 2, p.price FROM (SELECT id FROM {t1} ORDER BY random() LIMIT 1) o, "
                 "(SELECT id, price FROM {t2} ORDER BY random() LIMIT 1) p",
-                "order_items", "orders", "products",
+                "order_items",
+                "orders",
+                "products",
             ),
             "changed quantity": lambda: self.run(
                 "UPDATE {t0} SET quantity = quantity + 1 WHERE (order_id, line_no) = "
-                "(SELECT order_id, line_no FROM {t0} ORDER BY random() LIMIT 1)", "order_items",
+                "(SELECT order_id, line_no FROM {t0} ORDER BY random() LIMIT 1)",
+                "order_items",
             ),
             "deleted line": lambda: self.run(
                 "DELETE FROM {t0} WHERE (order_id, line_no) = "
-                "(SELECT order_id, line_no FROM {t0} ORDER BY random() LIMIT 1)", "order_items",
+                "(SELECT order_id, line_no FROM {t0} ORDER BY random() LIMIT 1)",
+                "order_items",
             ),
             "status change": lambda: self.run(
                 "UPDATE {t0} SET status = %s, updated_at = now() WHERE id = "
-                "(SELECT id FROM {t0} ORDER BY random() LIMIT 1)", "orders",
+                "(SELECT id FROM {t0} ORDER BY random() LIMIT 1)",
+                "orders",
                 params=[self.rng.choice(STATUSES)],
             ),
             "back from cancelled": self.back_from_cancelled,
             "moved day or month": lambda: self.run(
                 "UPDATE {t0} SET created_at = created_at + make_interval(days => %s) WHERE id = "
-                "(SELECT id FROM {t0} ORDER BY random() LIMIT 1)", "orders",
+                "(SELECT id FROM {t0} ORDER BY random() LIMIT 1)",
+                "orders",
                 params=[self.rng.choice([-40, -1, 1, 33])],
             ),
             "moved customer": lambda: self.run(
                 "UPDATE {t0} SET customer_id = (SELECT id FROM {t1} ORDER BY random() LIMIT 1) "
-                "WHERE id = (SELECT id FROM {t0} ORDER BY random() LIMIT 1)", "orders", "customers",
+                "WHERE id = (SELECT id FROM {t0} ORDER BY random() LIMIT 1)",
+                "orders",
+                "customers",
             ),
             "renamed customer": lambda: self.run(
                 "UPDATE {t0} SET name = name || '*' WHERE id = "
-                "(SELECT id FROM {t0} ORDER BY random() LIMIT 1)", "customers",
+                "(SELECT id FROM {t0} ORDER BY random() LIMIT 1)",
+                "customers",
             ),
             "renamed product": lambda: self.run(
                 "UPDATE {t0} SET name = name || '+' WHERE id = "
-                "(SELECT id FROM {t0} ORDER BY random() LIMIT 1)", "products",
+                "(SELECT id FROM {t0} ORDER BY random() LIMIT 1)",
+                "products",
             ),
             "price change": lambda: self.run(
                 "UPDATE {t0} SET price = price + 1 WHERE id = "
-                "(SELECT id FROM {t0} ORDER BY random() LIMIT 1)", "products",
+                "(SELECT id FROM {t0} ORDER BY random() LIMIT 1)",
+                "products",
             ),
             "deleted order": lambda: self.run(
                 "DELETE FROM {t0} WHERE id = (SELECT id FROM {t0} ORDER BY random() LIMIT 1)",
                 "orders",
             ),
-        }  # fmt: skip
+        }
         weights = {"new order": 6, "new customer": 1, "new product": 1}
         kind = self.rng.choices(list(kinds), [weights.get(k, 2) for k in kinds])[0]
         with self.conn.transaction():
@@ -166,7 +178,15 @@ def test_read_models_stay_exact_under_every_change_with_kills(
             assert_equal_to_postgres(stack, projector, schema)
             assert_reconciled(projector)
     kinds = {k for k, n in changes.done.items() if n}
-    missing = {"added line", "changed quantity", "deleted line", "back from cancelled",
-               "moved day or month", "moved customer", "renamed customer", "renamed product",
-               "deleted order"} - kinds  # fmt: skip
+    missing = {
+        "added line",
+        "changed quantity",
+        "deleted line",
+        "back from cancelled",
+        "moved day or month",
+        "moved customer",
+        "renamed customer",
+        "renamed product",
+        "deleted order",
+    } - kinds
     assert not missing, f"the workload never made these changes: {missing}"

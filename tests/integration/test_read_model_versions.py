@@ -53,10 +53,14 @@ def test_a_changed_definition_builds_beside_the_serving_one_and_resumes_after_a_
 
     # daily_sales gains a column: its family (order_summary and what it feeds) is a new version
     changed = tmp_path / "read_models.toml"
-    changed.write_text(DEFINITIONS_FILE.read_text().replace(
-        '  { name = "revenue", sum = "total" },\n  { name = "average_order_value"',
-        '  { name = "revenue", sum = "total" },\n  { name = "units", sum = "units" },\n'
-        '  { name = "average_order_value"', 1))  # fmt: skip
+    changed.write_text(
+        DEFINITIONS_FILE.read_text().replace(
+            '  { name = "revenue", sum = "total" },\n  { name = "average_order_value"',
+            '  { name = "revenue", sum = "total" },\n  { name = "units", sum = "units" },\n'
+            '  { name = "average_order_value"',
+            1,
+        )
+    )
     assert changed.read_text() != DEFINITIONS_FILE.read_text()
     projector.env["PROJECTOR_READ_MODELS_FILE"] = str(changed)
     seen = len(projector.log.read_bytes())

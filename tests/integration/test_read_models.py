@@ -79,8 +79,14 @@ def test_read_models_equal_postgres_after_a_shop_workload_with_crashes(
     thread.join(300)
     assert done.is_set(), "the shop writer did not finish"
     kinds = writer.stats.by_kind
-    for kind in ("status change", "cancellation", "customer rename", "price change",
-                 "removed line", "deleted order"):  # fmt: skip
+    for kind in (
+        "status change",
+        "cancellation",
+        "customer rename",
+        "price change",
+        "removed line",
+        "deleted order",
+    ):
         assert kinds.get(kind, 0) > 0, f"the workload never did a {kind}: {kinds}"
 
     projector.catch_up()
@@ -98,16 +104,17 @@ def test_read_models_equal_postgres_after_a_shop_workload_with_crashes(
     # that need order_items stop before the first transaction that wrote it.
     # A deployment of its own (group, chDB directory or databases on the server).
     partial = ProjectorProcess(stack, tmp_path / "partial", server_url=projector.server_url)
-    partial.env |= {**workload,
-                    "PROJECTOR_TABLE_PATTERN": f"({FENCE_TABLE}|customers|products|orders)"}  # fmt: skip
+    partial.env |= {
+        **workload,
+        "PROJECTOR_TABLE_PATTERN": f"({FENCE_TABLE}|customers|products|orders)",
+    }
     (tmp_path / "partial").mkdir()
     partial.catch_up()
     partial_marks = watermarks(partial)
     assert partial_marks["orders_by_status"] == marks["orders_by_status"]
     first_with_items = next(off for off, _, tables in ends if f"{schema}.order_items" in tables)
     summary_tables = {f"{schema}.{t}" for t in SOURCES["order_summary"]}
-    before = [tx for off, tx, tables in ends
-              if off < first_with_items and tables & summary_tables]  # fmt: skip
+    before = [tx for off, tx, tables in ends if off < first_with_items and tables & summary_tables]
     assert partial_marks["order_summary"] == (before[-1] if before else None), partial_marks
 
 

@@ -65,8 +65,10 @@ def topic_messages(stack: StackHandle, topic: str) -> int:
         metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if metadata is None or metadata.error is not None:
             return 0
-        marks = [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                 for p in metadata.partitions]  # fmt: skip
+        marks = [
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            for p in metadata.partitions
+        ]
         return sum(end - low for low, end in marks)
     finally:
         consumer.close()
@@ -85,8 +87,10 @@ def wait_for_messages(stack: StackHandle, topic: str, count: int, timeout_s: flo
 
 def wait_for_rows(projector: ProjectorProcess, table: str, count: int, timeout_s: float) -> None:
     """Until the replica `table` (DATABASE.TABLE) holds `count` rows."""
-    exists = (f"SELECT count() AS n FROM system.tables WHERE database = '{table.split('.')[0]}' "
-              f"AND name = '{table.split('.')[1]}'")  # fmt: skip
+    exists = (
+        f"SELECT count() AS n FROM system.tables WHERE database = '{table.split('.')[0]}' "
+        f"AND name = '{table.split('.')[1]}'"
+    )
     deadline = time.monotonic() + timeout_s
     held = 0
     while True:
@@ -105,8 +109,10 @@ def table_uuid(projector: ProjectorProcess, table: str) -> str:
     """The UUID of the table named `table` (DATABASE.TABLE) now: `EXCHANGE TABLES` swaps names,
     each table keeps its UUID, so it tells which table serves under the name."""
     database, name = table.split(".")
-    (row,) = projector.sql(f"SELECT toString(uuid) AS uuid FROM system.tables "
-                           f"WHERE database = '{database}' AND name = '{name}'")  # fmt: skip
+    (row,) = projector.sql(
+        f"SELECT toString(uuid) AS uuid FROM system.tables "
+        f"WHERE database = '{database}' AND name = '{name}'"
+    )
     return str(row["uuid"])
 
 
@@ -198,9 +204,11 @@ def versions(projector: ProjectorProcess, family: str) -> list[dict[str, object]
 
 
 def test_a_read_model_rebuild_serves_throughout_resumes_after_a_kill_and_rolls_back(
-    stack: StackHandle, projector: ProjectorProcess, server_url: str,
+    stack: StackHandle,
+    projector: ProjectorProcess,
+    server_url: str,
     started: list[subprocess.Popen[bytes]],
-) -> None:  # fmt: skip
+) -> None:
     schema = shop_projection(stack, projector)
     NewOrdersOnly(stack.admin_dsn, schema, seed=5).run(rate_per_s=0, transactions=ORDERS)
     projector.catch_up()
@@ -215,8 +223,9 @@ def test_a_read_model_rebuild_serves_throughout_resumes_after_a_kill_and_rolls_b
     writing = threading.Event()
     writer = threading.Thread(
         target=NewOrdersOnly(stack.admin_dsn, schema, seed=6).run,
-        kwargs={"rate_per_s": 50, "stop": writing.is_set}, daemon=True,
-    )  # fmt: skip
+        kwargs={"rate_per_s": 50, "stop": writing.is_set},
+        daemon=True,
+    )
     reader = Reader(
         server_url,
         f"SELECT count() AS n, toFloat64(sum(total)) AS s FROM {projector.read_model_db}.order_summary",
@@ -226,9 +235,11 @@ def test_a_read_model_rebuild_serves_throughout_resumes_after_a_kill_and_rolls_b
     seen = len(projector.log.read_bytes())
     with (projector.log.parent / "rebuild.log").open("wb") as out:
         rebuild = subprocess.Popen(  # follows the request across the projector's crash
-            [PROJECTOR, "rebuild", "order_summary"], env=projector.env, stdout=out,
+            [PROJECTOR, "rebuild", "order_summary"],
+            env=projector.env,
+            stdout=out,
             stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        )
     started.append(rebuild)
     deadline = time.monotonic() + 240
     while not re.search(
@@ -239,8 +250,9 @@ def test_a_read_model_rebuild_serves_throughout_resumes_after_a_kill_and_rolls_b
     process.send_signal(signal.SIGKILL)  # in the middle of the rebuild's backfill
     process.wait(30)
     assert sorted(str(v["state"]) for v in versions(projector, "order_summary")) == [
-        "building", "serving"
-    ]  # fmt: skip
+        "building",
+        "serving",
+    ]
     process, since = start(projector, started)
     assert rebuild.wait(300) == 0, (projector.log.parent / "rebuild.log").read_text()
     report = (projector.log.parent / "rebuild.log").read_text()
@@ -250,7 +262,9 @@ def test_a_read_model_rebuild_serves_throughout_resumes_after_a_kill_and_rolls_b
     writer.join(60)
     (new,) = [v for v in versions(projector, "order_summary") if v["state"] == "serving"]
     assert new["version"] != old["version"]
-    assert [v["state"] for v in versions(projector, "order_summary") if v["version"] == old["version"]] == ["previous"]  # fmt: skip
+    assert [
+        v["state"] for v in versions(projector, "order_summary") if v["version"] == old["version"]
+    ] == ["previous"]
     reader.stop.set()
     threads[1].join(30)
     assert reader.wrong == [], reader.wrong[:5]
@@ -328,9 +342,11 @@ def test_a_paused_table_holds_until_resumed(
 
 
 def test_a_replica_table_rebuilt_from_kafka_serves_throughout_resumes_and_rolls_back(
-    stack: StackHandle, projector: ProjectorProcess, server_url: str,
+    stack: StackHandle,
+    projector: ProjectorProcess,
+    server_url: str,
     started: list[subprocess.Popen[bytes]],
-) -> None:  # fmt: skip
+) -> None:
     """EVENTS (1M) events in the table's topic, the whole of it rebuilt in chunks of a tenth."""
     phases = Phases()
     table = projector.table("ledger")
@@ -342,16 +358,19 @@ def test_a_replica_table_rebuilt_from_kafka_serves_throughout_resumes_and_rolls_
     # The projector applies the load while Debezium streams it (Debezium is the slower one).
     process, since = start(projector, started)
     for first in range(0, EVENTS, INSERT_ROWS):
-        stack.sql(f"INSERT INTO {table} (amount) SELECT n % 100 "
-                  f"FROM generate_series({first + 1}, {min(EVENTS, first + INSERT_ROWS)}) n")  # fmt: skip
+        stack.sql(
+            f"INSERT INTO {table} (amount) SELECT n % 100 "
+            f"FROM generate_series({first + 1}, {min(EVENTS, first + INSERT_ROWS)}) n"
+        )
     phases.done("insert")
     wait_for_messages(stack, topic, EVENTS, timeout_s=400)
     assert topic_messages(stack, topic) >= EVENTS
     phases.done("in Kafka")
     wait_for_rows(projector, live, EVENTS, timeout_s=300)  # only inserts so far: all applied
     stop(projector, process, since)
-    applied = re.search(rb"(\d+) events applied \((\d+) by the fast path\)",
-                        projector.log.read_bytes()[since:])  # fmt: skip
+    applied = re.search(
+        rb"(\d+) events applied \((\d+) by the fast path\)", projector.log.read_bytes()[since:]
+    )
     assert applied and int(applied[1]) == int(applied[2]) >= EVENTS, applied
     phases.done("applied")
     loaded = table_uuid(projector, live)
@@ -377,9 +396,11 @@ def test_a_replica_table_rebuilt_from_kafka_serves_throughout_resumes_and_rolls_
     seen = len(projector.log.read_bytes())
     with (projector.log.parent / "rebuild.log").open("wb") as out:
         rebuild = subprocess.Popen(
-            [PROJECTOR, "rebuild", f"public.{table}", "--from", "kafka"], env=projector.env,
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [PROJECTOR, "rebuild", f"public.{table}", "--from", "kafka"],
+            env=projector.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     started.append(rebuild)
     chunk = re.compile(rf"rebuilding public\.{table}: \S+\[\d+\] (\d+)-".encode())
     deadline = time.monotonic() + 240

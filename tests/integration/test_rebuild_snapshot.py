@@ -54,8 +54,14 @@ def scans_completed(stack: StackHandle, table: str, since: int) -> list[dict[str
 def last_read(stack: StackHandle, topic: str) -> int:
     """The offset of the last snapshot read (`op = r`) in `topic[0]`, from its earliest offset."""
     end = stack.end_offset(topic)
-    consumer = Consumer({"bootstrap.servers": stack.env["KAFKA_BOOTSTRAP"], "group.id": "probe",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": stack.env["KAFKA_BOOTSTRAP"],
+            "group.id": "probe",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
     decoder, last, offset = stack.decoder(), -1, -1
     deadline = time.monotonic() + 60
@@ -73,9 +79,11 @@ def last_read(stack: StackHandle, topic: str) -> int:
 
 
 def test_a_replica_table_past_retention_is_rebuilt_from_a_snapshot_and_resumes_after_a_kill(
-    stack: StackHandle, projector: ProjectorProcess, server_url: str,
+    stack: StackHandle,
+    projector: ProjectorProcess,
+    server_url: str,
     started: list[subprocess.Popen[bytes]],
-) -> None:  # fmt: skip
+) -> None:
     table = projector.table("stock")
     stack.sql(f"CREATE TABLE {table} (id bigserial PRIMARY KEY, qty int NOT NULL)")
     stack.sql(f"INSERT INTO {table} (qty) SELECT n FROM generate_series(1, {ROWS}) n")
@@ -90,8 +98,11 @@ def test_a_replica_table_past_retention_is_rebuilt_from_a_snapshot_and_resumes_a
         future.result(timeout=30)
     # The live table is wrong: a row of a key Postgres never had (what a rebuild is for).
     live = f"{projector.replica_db}.{table}"
-    httpx.post(server_url, content=f"INSERT INTO {live} (id, qty, _version) VALUES ({GHOST}, 1, 1)",
-               timeout=30).raise_for_status()  # fmt: skip
+    httpx.post(
+        server_url,
+        content=f"INSERT INTO {live} (id, qty, _version) VALUES ({GHOST}, 1, 1)",
+        timeout=30,
+    ).raise_for_status()
 
     process, since = start(projector, started)
     writing = threading.Event()
@@ -112,9 +123,11 @@ def test_a_replica_table_past_retention_is_rebuilt_from_a_snapshot_and_resumes_a
     rebuild_log = projector.log.parent / "rebuild.log"
     with rebuild_log.open("wb") as out:
         rebuild = subprocess.Popen(  # no --from: Kafka lacks the history, a snapshot is chosen
-            [PROJECTOR, "rebuild", f"public.{table}"], env=projector.env, stdout=out,
+            [PROJECTOR, "rebuild", f"public.{table}"],
+            env=projector.env,
+            stdout=out,
             stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        )
     started.append(rebuild)
     deadline = time.monotonic() + 120
     asked = f"rebuilding public.{table} from a Debezium snapshot".encode()
@@ -138,8 +151,13 @@ def test_a_replica_table_past_retention_is_rebuilt_from_a_snapshot_and_resumes_a
     stop(projector, process, since)
     projector.catch_up()
     assert assert_replica_equals_source(stack, projector, table, ["id"]) > ROWS * 0.8
-    assert projector.sql(f"SELECT id FROM {live} WHERE id = {GHOST} OR id % 10 = 0 AND id <= "
-                         f"{ROWS} AND NOT _is_deleted") == []  # fmt: skip
+    assert (
+        projector.sql(
+            f"SELECT id FROM {live} WHERE id = {GHOST} OR id % 10 = 0 AND id <= "
+            f"{ROWS} AND NOT _is_deleted"
+        )
+        == []
+    )
     # The request survived the kill once: Debezium scanned the table once since it was asked.
     notes_from = int(json.loads(job["snapshot"])["notifications_from"])
     assert len(scans_completed(stack, f"public.{table}", notes_from)) == 1

@@ -25,8 +25,10 @@ def test_crud_compound_key_and_reinsert_in_one_batch(
     stack.apply()
     with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
         for i in range(50):
-            conn.execute(f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s)",
-                         ["eu" if i % 2 else "us", i, i * 3, f"{i}.05", f"row {i}"])  # fmt: skip
+            conn.execute(
+                f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s)",
+                ["eu" if i % 2 else "us", i, i * 3, f"{i}.05", f"row {i}"],
+            )
         conn.execute(f"UPDATE {table} SET qty = qty + 100, price = price * 2 WHERE id % 5 = 0")
         conn.execute(f"DELETE FROM {table} WHERE id % 7 = 0")
         # Delete then re-insert the same compound key: the row must end up present.
@@ -90,13 +92,22 @@ def test_unchanged_toast_values_of_every_type_under_every_key_type(
 ) -> None:
     rng = random.Random(20261124)
     tables = {  # table → (key definition, key columns, key values of three rows)
-        projector.table("rs_toast_num"): ("id numeric(10,2) PRIMARY KEY", ["id"],
-                                          [("12.50",), ("7.00",), ("0.10",)]),
-        projector.table("rs_toast_text"): ("id text PRIMARY KEY", ["id"],
-                                           [("a",), ("b b",), ("ü",)]),
-        projector.table("rs_toast_comp"): ("region text, id int, PRIMARY KEY (region, id)",
-                                           ["region", "id"], [("eu", 1), ("us", 1), ("eu", 2)]),
-    }  # fmt: skip
+        projector.table("rs_toast_num"): (
+            "id numeric(10,2) PRIMARY KEY",
+            ["id"],
+            [("12.50",), ("7.00",), ("0.10",)],
+        ),
+        projector.table("rs_toast_text"): (
+            "id text PRIMARY KEY",
+            ["id"],
+            [("a",), ("b b",), ("ü",)],
+        ),
+        projector.table("rs_toast_comp"): (
+            "region text, id int, PRIMARY KEY (region, id)",
+            ["region", "id"],
+            [("eu", 1), ("us", 1), ("eu", 2)],
+        ),
+    }
     for table, (key_definition, _, _) in tables.items():
         stack.sql(f"CREATE TABLE {table} ({key_definition}, {TOASTED_COLUMNS})")
         for column in TOASTED:
@@ -106,16 +117,18 @@ def test_unchanged_toast_values_of_every_type_under_every_key_type(
         for table, (_, key, keys) in tables.items():
             marks = ", ".join(["%s"] * (len(key) + 5))
             for values in keys[:2]:
-                conn.execute(f"INSERT INTO {table} VALUES ({marks})",
-                             [*values, 0, *toasted_values(rng)])  # fmt: skip
+                conn.execute(
+                    f"INSERT INTO {table} VALUES ({marks})", [*values, 0, *toasted_values(rng)]
+                )
     projector.catch_up()  # the TOASTed values are stored before the updates that omit them
     with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
         for table, (_, key, keys) in tables.items():
             for _ in range(2):  # placeholders resolved from the stored row, then from the batch
                 conn.execute(f"UPDATE {table} SET counter = counter + 1")
             marks = ", ".join(["%s"] * (len(key) + 5))
-            conn.execute(f"INSERT INTO {table} VALUES ({marks})",
-                         [*keys[2], 0, *toasted_values(rng)])  # fmt: skip
+            conn.execute(
+                f"INSERT INTO {table} VALUES ({marks})", [*keys[2], 0, *toasted_values(rng)]
+            )
             conn.execute(f"UPDATE {table} SET counter = 7 WHERE counter = 0")
     projector.catch_up()  # exits non-zero if the projector died on the way
     for table, (_, key, _) in tables.items():
@@ -174,9 +187,11 @@ def test_added_column_and_several_schema_versions_in_one_topic(
     # created; or read by apply's snapshot): a snapshot read after the DROP below would
     # legitimately carry the newest schema (no `a`) and make the assertion on `a` moot.
     first = read_topic_until(
-        stack.env["KAFKA_BOOTSTRAP"], f"cdc.public.{table}", stack.decoder(),
+        stack.env["KAFKA_BOOTSTRAP"],
+        f"cdc.public.{table}",
+        stack.decoder(),
         done=lambda events: any(e.op in ("c", "r") for e in events),
-    )  # fmt: skip
+    )
     assert any(e.op in ("c", "r") for e in first), "row 1 never reached its topic"
     stack.sql(f"ALTER TABLE {table} ADD COLUMN b int")
     stack.sql(f"INSERT INTO {table} VALUES (2, 'v2', 20)")

@@ -120,9 +120,13 @@ def test_reset_to_a_time_rereads_forward_skips_and_back_repairs(
     assert plan.returncode == 0, plan.stderr
     assert "partition 0: offset 25 -> 10  re-reads 15 event(s)" in plan.stderr, plan.stderr
     declined = subprocess.run(
-        [PROJECTOR, "reset", qualified, "--to-time", between], env=projector.env, input="n\n",
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [PROJECTOR, "reset", qualified, "--to-time", between],
+        env=projector.env,
+        input="n\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert declined.returncode == 1, declined.stdout + declined.stderr  # nothing moved
     assert f"reset {qualified}? [y/N]" in declined.stdout
     moved = projector.cli("reset", qualified, "--to-time", between, "--yes")

@@ -34,11 +34,16 @@ class OwnCapture:
         self.name, self.slot = f"ghosts-{unique}", f"ghosts_{unique}"
         self.prefix = f"ghosts{unique}"
         stack.sql(f"CREATE PUBLICATION {self.slot} FOR TABLE {', '.join(tables)}")
-        definition = render_connector({
-            **stack.env, "CONNECTOR_NAME": self.name, "SLOT_NAME": self.slot,
-            "PUBLICATION_NAME": self.slot, "TOPIC_PREFIX": self.prefix,
-            "TABLE_INCLUDE_LIST": ",".join(tables),
-        })  # fmt: skip
+        definition = render_connector(
+            {
+                **stack.env,
+                "CONNECTOR_NAME": self.name,
+                "SLOT_NAME": self.slot,
+                "PUBLICATION_NAME": self.slot,
+                "TOPIC_PREFIX": self.prefix,
+                "TABLE_INCLUDE_LIST": ",".join(tables),
+            }
+        )
         self.config = definition["config"]
         for shared in ("signal.data.collection", "signal.enabled.channels"):
             self.config.pop(shared)  # the signal table is the shared connector's
@@ -121,8 +126,10 @@ def test_keys_deleted_while_capture_was_lost_are_gone_after_each_re_snapshot(
     assert_replica_equals_source(stack, projector, table, ["id"])
 
     # Twice, once per apply path; the second snapshot's bounds follow the first one's.
-    rounds = [("fast path", "true", "id BETWEEN 11 AND 20 OR id = 3", 11, range(41, 46)),
-              ("per-message path", "false", "id BETWEEN 26 AND 30 OR id = 11", 26, range(46, 48))]  # fmt: skip
+    rounds = [
+        ("fast path", "true", "id BETWEEN 11 AND 20 OR id = 3", 11, range(41, 46)),
+        ("per-message path", "false", "id BETWEEN 26 AND 30 OR id = 11", 26, range(46, 48)),
+    ]
     for path, fast_path, deleted, comes_back, inserted in rounds:
         projector.env["PROJECTOR_FAST_PATH"] = fast_path
         own.lose_slot_and_offsets()

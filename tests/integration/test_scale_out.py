@@ -51,8 +51,9 @@ def test_three_members_share_partitions_through_leaves_crashes_and_joins(
         def start_member() -> None:
             log = tmp_path / f"member-{len(members)}.log"
             with log.open("wb") as out:
-                process = subprocess.Popen([PROJECTOR, "run"], env=deployment.env, stdout=out,
-                                           stderr=subprocess.STDOUT)  # fmt: skip
+                process = subprocess.Popen(
+                    [PROJECTOR, "run"], env=deployment.env, stdout=out, stderr=subprocess.STDOUT
+                )
             members.append((process, log))
 
         for _ in range(3):

@@ -54,9 +54,13 @@ def test_a_retype_re_reads_the_table_from_postgres(
     """`USING qty * 1000`: the stored values change inside Postgres, and no event says so. A
     cast of the replica's values would keep 1 and 2; only a re-read gives 1000 and 2000."""
     table = created_and_projected(
-        stack, projector, "sc_retype", "id int PRIMARY KEY, qty int NOT NULL, note text",
-        "(1, 1, 'a')", "(2, 2, 'b')",
-    )  # fmt: skip
+        stack,
+        projector,
+        "sc_retype",
+        "id int PRIMARY KEY, qty int NOT NULL, note text",
+        "(1, 1, 'a')",
+        "(2, 2, 'b')",
+    )
     stack.sql(f"ALTER TABLE {table} ALTER COLUMN qty TYPE bigint USING qty * 1000")
     stack.sql(f"INSERT INTO {table} VALUES (3, 9000000000, 'c')")
     assert catch_up_until_equal(stack, projector, table) == 3
@@ -69,9 +73,12 @@ def test_a_dropped_not_null_column_is_null_for_later_rows(
     stack: StackHandle, projector: ProjectorProcess
 ) -> None:
     table = created_and_projected(
-        stack, projector, "sc_drop", "id int PRIMARY KEY, qty int NOT NULL, note text",
+        stack,
+        projector,
+        "sc_drop",
+        "id int PRIMARY KEY, qty int NOT NULL, note text",
         "(1, 5, 'a')",
-    )  # fmt: skip
+    )
     # A column added with a default (the replica column gets it, for rows stored before)
     stack.sql(f"ALTER TABLE {table} ADD COLUMN flag int NOT NULL DEFAULT 7")
     stack.sql(f"INSERT INTO {table} VALUES (2, 6, 'b', 8)")
@@ -97,9 +104,13 @@ def test_a_dropped_and_an_added_column_in_one_step_are_not_refused_as_a_rename(
     """The added column is appended where the dropped last one was: by position it looks like
     a rename. Either way the replica takes the new column and re-reads the stored rows."""
     table = created_and_projected(
-        stack, projector, "sc_swap", "id int PRIMARY KEY, note text, qty int",
-        "(1, 'a', 1)", "(2, 'b', 2)",
-    )  # fmt: skip
+        stack,
+        projector,
+        "sc_swap",
+        "id int PRIMARY KEY, note text, qty int",
+        "(1, 'a', 1)",
+        "(2, 'b', 2)",
+    )
     stack.sql(f"ALTER TABLE {table} DROP COLUMN qty, ADD COLUMN amount int DEFAULT 42")
     stack.sql(f"INSERT INTO {table} VALUES (3, 'c', 3)")
     assert catch_up_until_equal(stack, projector, table) == 3

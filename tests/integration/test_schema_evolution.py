@@ -18,9 +18,14 @@ def dead_letters(projector: ProjectorProcess, topic: str) -> list[dict[str, str]
 
 
 def project_then_change(
-    stack: StackHandle, projector: ProjectorProcess, table: str, columns: str,
-    first_row: str, change: str, *then: str,
-) -> list[dict[str, str]]:  # fmt: skip
+    stack: StackHandle,
+    projector: ProjectorProcess,
+    table: str,
+    columns: str,
+    first_row: str,
+    change: str,
+    *then: str,
+) -> list[dict[str, str]]:
     """Create and project `table` with one row, apply the schema `change` and the statements
     `then`, project again: the dead letters of the table that the change caused."""
     stack.sql(f"CREATE TABLE {table} ({columns})")
@@ -52,10 +57,15 @@ def test_renamed_column_is_refused_then_applied_under_a_declared_rename(
 ) -> None:
     table = projector.table("ev_rename")
     refused = project_then_change(
-        stack, projector, table, "id int PRIMARY KEY, note text, qty int", "(1, 'first', 1)",
-        "RENAME COLUMN note TO remark", "INSERT INTO {table} VALUES (2, 'second', 2)",
+        stack,
+        projector,
+        table,
+        "id int PRIMARY KEY, note text, qty int",
+        "(1, 'first', 1)",
+        "RENAME COLUMN note TO remark",
+        "INSERT INTO {table} VALUES (2, 'second', 2)",
         "UPDATE {table} SET remark = 'first, edited' WHERE id = 1",
-    )  # fmt: skip
+    )
     assert len(refused) == 2, refused
     assert all(
         d["stage"] == "schema" and "looks renamed to remark" in d["error"] for d in refused
@@ -84,9 +94,14 @@ def test_a_declared_retype_converts_the_stored_values_in_place(
     upcasters.write_text(f'[[upcaster]]\ntable = "public.{table}"\nretypes = {{ qty = "Int64" }}\n')
     projector.env["PROJECTOR_UPCASTERS_FILE"] = str(upcasters)
     refused = project_then_change(
-        stack, projector, table, "id int PRIMARY KEY, qty int NOT NULL", "(1, 10)",
-        "ALTER COLUMN qty TYPE bigint", "INSERT INTO {table} VALUES (2, 9000000000)",
-    )  # fmt: skip
+        stack,
+        projector,
+        table,
+        "id int PRIMARY KEY, qty int NOT NULL",
+        "(1, 10)",
+        "ALTER COLUMN qty TYPE bigint",
+        "INSERT INTO {table} VALUES (2, 9000000000)",
+    )
     assert refused == []
     assert assert_replica_equals_source(stack, projector, table, ["id"]) == 2
     assert "requested an incremental snapshot" not in projector.log.read_text()

@@ -52,8 +52,12 @@ def test_down_leaves_no_process_and_up_resumes_with_data_intact(stack: StackHand
     for name, pid in pids.items():
         assert pid is not None and not process_running(pid), f"{name} survived down"
     settings = stack.stack.settings
-    for port in (settings.postgres_port, settings.kafka_port, settings.connect_port,
-                 settings.registry_port):  # fmt: skip
+    for port in (
+        settings.postgres_port,
+        settings.kafka_port,
+        settings.connect_port,
+        settings.registry_port,
+    ):
         assert not port_open(settings.host, port), f"port {port} still open after down"
     status = cli("stack", "status")
     assert status.returncode == 1  # not healthy while stopped

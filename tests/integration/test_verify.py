@@ -35,8 +35,9 @@ def write_clickhouse(projector: ProjectorProcess, statements: list[str]) -> None
     )
     subprocess.run(
         [sys.executable, "-c", script, projector.env["PROJECTOR_CHDB_PATH"], *statements],
-        check=True, timeout=120,
-    )  # fmt: skip
+        check=True,
+        timeout=120,
+    )
 
 
 def verify(projector: ProjectorProcess, *args: str) -> tuple[int, dict[str, Any]]:
@@ -70,10 +71,13 @@ def test_verify_finds_exactly_the_injected_drift(stack: StackHandle, tmp_path: P
         "AND name LIKE 'order\\\\_summary\\\\_\\\\_%' AND engine LIKE '%MergeTree'"
     )
     # A read-model row altered: only that read model drifts, by that row.
-    write_clickhouse(projector, [
-        f"ALTER TABLE `{projector.read_model_db}`.`{summary['name']}` UPDATE customer_name = "
-        f"'drift' WHERE order_id = {changed} SETTINGS mutations_sync = 2",
-    ])  # fmt: skip
+    write_clickhouse(
+        projector,
+        [
+            f"ALTER TABLE `{projector.read_model_db}`.`{summary['name']}` UPDATE customer_name = "
+            f"'drift' WHERE order_id = {changed} SETTINGS mutations_sync = 2",
+        ],
+    )
     code, report = verify(projector, "--all")
     assert code == 1, report
     assert [r["name"] for r in report["results"] if not r["equal"]] == ["order_summary"]
@@ -83,19 +87,22 @@ def test_verify_finds_exactly_the_injected_drift(stack: StackHandle, tmp_path: P
         ("definition only", changed),
     }, model
 
-    write_clickhouse(projector, [
-        # a row lost: gone from the replica, still in Postgres
-        f"ALTER TABLE {orders} DELETE WHERE id = {gone} SETTINGS mutations_sync = 2",
-        # a newer version that Postgres never had: a changed status
-        f"INSERT INTO {orders} SELECT * REPLACE ('BOGUS' AS status, _version + 1 AS _version) "
-        f"FROM {orders} FINAL WHERE id = {changed}",
-        # a phantom key, with a version above every other
-        f"INSERT INTO {orders} SELECT * REPLACE ({phantom} AS id, _version + 1 AS _version) "
-        f"FROM (SELECT * FROM {orders} FINAL WHERE id = {changed})",
-        # a column value changed in place, in a table with a composite key
-        f"ALTER TABLE {items} UPDATE quantity = quantity + 1 WHERE order_id = {lines[-1][0]} "
-        f"AND line_no = {lines[-1][1]} SETTINGS mutations_sync = 2",
-    ])  # fmt: skip
+    write_clickhouse(
+        projector,
+        [
+            # a row lost: gone from the replica, still in Postgres
+            f"ALTER TABLE {orders} DELETE WHERE id = {gone} SETTINGS mutations_sync = 2",
+            # a newer version that Postgres never had: a changed status
+            f"INSERT INTO {orders} SELECT * REPLACE ('BOGUS' AS status, _version + 1 AS _version) "
+            f"FROM {orders} FINAL WHERE id = {changed}",
+            # a phantom key, with a version above every other
+            f"INSERT INTO {orders} SELECT * REPLACE ({phantom} AS id, _version + 1 AS _version) "
+            f"FROM (SELECT * FROM {orders} FINAL WHERE id = {changed})",
+            # a column value changed in place, in a table with a composite key
+            f"ALTER TABLE {items} UPDATE quantity = quantity + 1 WHERE order_id = {lines[-1][0]} "
+            f"AND line_no = {lines[-1][1]} SETTINGS mutations_sync = 2",
+        ],
+    )
     code, report = verify(projector, "--all")
     assert code == 1, report
     assert drifting_keys(report, f"{schema}.orders") == {
@@ -163,13 +170,17 @@ def test_verify_names_every_key_of_a_wide_drift(
     projector.catch_up()
     code, report = verify(projector, f"public.{table}")
     assert code == 0, report
-    write_clickhouse(projector, [
-        f"ALTER TABLE {projector.replica_db}.{table} DELETE WHERE n % 1000 != 7 "
-        "SETTINGS mutations_sync = 2",
-    ])  # fmt: skip
+    write_clickhouse(
+        projector,
+        [
+            f"ALTER TABLE {projector.replica_db}.{table} DELETE WHERE n % 1000 != 7 "
+            "SETTINGS mutations_sync = 2",
+        ],
+    )
     code, report = verify(projector, f"public.{table}")
     assert code == 1, report
     lost = drifting_keys(report, f"public.{table}")
-    expected = {(f"key-{i:010d}-{'k' * 40}", "postgres only", ()) for i in range(1, 6001)
-                if i % 1000 != 7}  # fmt: skip
+    expected = {
+        (f"key-{i:010d}-{'k' * 40}", "postgres only", ()) for i in range(1, 6001) if i % 1000 != 7
+    }
     assert lost == expected

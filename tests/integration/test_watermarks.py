@@ -50,9 +50,11 @@ def test_a_replayed_dead_letter_releases_the_watermark(stack: StackHandle, tmp_p
     projector = ProjectorProcess(stack, tmp_path)
     table, model = projector.table("wm_replay"), projector.table("wm_model")
     models = read_model_over(tmp_path, model, table)
-    projector.env |= {"PROJECTOR_TRANSACTION_METADATA": "true",
-                      "PROJECTOR_READ_MODEL_SCHEMA": "public",
-                      "PROJECTOR_READ_MODELS_FILE": str(models)}  # fmt: skip
+    projector.env |= {
+        "PROJECTOR_TRANSACTION_METADATA": "true",
+        "PROJECTOR_READ_MODEL_SCHEMA": "public",
+        "PROJECTOR_READ_MODELS_FILE": str(models),
+    }
     # Two value columns: a rename of the only one would be read as a drop and an add.
     stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, note text, qty int)")
     stack.apply()
@@ -93,10 +95,12 @@ def test_an_unreadable_end_holds_the_watermark(stack: StackHandle, tmp_path: Pat
     table, model = projector.table("wm_unreadable"), projector.table("wm_model")
     prefix = f"wm{projector.unique}"
     models = read_model_over(tmp_path, model, table)
-    projector.env |= {"PROJECTOR_TRANSACTION_METADATA": "true",
-                      "PROJECTOR_READ_MODEL_SCHEMA": "public",
-                      "PROJECTOR_READ_MODELS_FILE": str(models),
-                      "PROJECTOR_TOPIC_PREFIX": prefix}  # fmt: skip
+    projector.env |= {
+        "PROJECTOR_TRANSACTION_METADATA": "true",
+        "PROJECTOR_READ_MODEL_SCHEMA": "public",
+        "PROJECTOR_READ_MODELS_FILE": str(models),
+        "PROJECTOR_TOPIC_PREFIX": prefix,
+    }
     stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, note text)")
     stack.apply()
     xids = [commit(stack, f"INSERT INTO {table} VALUES ({n}, 'row {n}')") for n in (1, 2, 3)]
@@ -156,9 +160,11 @@ def test_the_running_projector_prunes_its_ledger_and_keeps_the_watermark(
     projector = ProjectorProcess(stack, tmp_path)
     table, model = projector.table("wm_prune"), projector.table("wm_model")
     models = read_model_over(tmp_path, model, table)
-    projector.env |= {"PROJECTOR_TRANSACTION_METADATA": "true",
-                      "PROJECTOR_READ_MODEL_SCHEMA": "public",
-                      "PROJECTOR_READ_MODELS_FILE": str(models)}  # fmt: skip
+    projector.env |= {
+        "PROJECTOR_TRANSACTION_METADATA": "true",
+        "PROJECTOR_READ_MODEL_SCHEMA": "public",
+        "PROJECTOR_READ_MODELS_FILE": str(models),
+    }
     stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, note text)")
     stack.apply()
     # A backlog of 12,000 single-row transactions (an application at 40 tx/s for five minutes):
@@ -168,8 +174,12 @@ def test_the_running_projector_prunes_its_ledger_and_keeps_the_watermark(
             conn.execute(f"INSERT INTO {table} VALUES ({n}, 'row {n}')")
             conn.commit()
         last_xid = commit(stack, f"INSERT INTO {table} VALUES ({TRANSACTIONS}, 'the last')")
-    run = projector.cli("run", "--until-caught-up", timeout_s=600,
-                        env={"PROJECTOR_LEDGER_PRUNE_INTERVAL_S": "86400"})  # fmt: skip
+    run = projector.cli(
+        "run",
+        "--until-caught-up",
+        timeout_s=600,
+        env={"PROJECTOR_LEDGER_PRUNE_INTERVAL_S": "86400"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     collection = f"public.{table}"
 

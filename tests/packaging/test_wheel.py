@@ -31,9 +31,19 @@ pytestmark = pytest.mark.packaging
 CHECKOUT = Path(__file__).resolve().parents[2]
 # Not part of the source a wheel is built from: local state, caches, earlier builds.
 NOT_SOURCE = shutil.ignore_patterns(
-    ".git", ".venv", ".stack", ".stack-tests", "build", "dist", "*.egg-info", "__pycache__", ".mypy_cache",
-    ".ruff_cache", ".pytest_cache", "env.sh",
-)  # fmt: skip
+    ".git",
+    ".venv",
+    ".stack",
+    ".stack-tests",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+    "env.sh",
+)
 BUILD_REQUIREMENTS = ["setuptools>=68", "wheel"]  # pyproject's [build-system] requires
 
 # Run by the installed interpreter from a directory outside the checkout: everything a deployed
@@ -66,8 +76,11 @@ def pip(
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(python), "-m", "pip", "--disable-pip-version-check", *args],
-        capture_output=True, text=True, cwd=cwd, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
 
 
 def offline(wheelhouse: Path) -> list[str]:
@@ -130,18 +143,31 @@ def test_the_wheel_installed_in_a_fresh_virtualenv_runs_outside_the_checkout(
         "KAFKA_BOOTSTRAP",
         "REGISTRY_URL",
     )
-    env = {k: v for k, v in os.environ.items()
-           if k not in unwanted and not k.startswith("PROJECTOR_")}  # fmt: skip
+    env = {
+        k: v for k, v in os.environ.items() if k not in unwanted and not k.startswith("PROJECTOR_")
+    }
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
 
     for command in ([], ["stack"], ["run"]):
-        shown = subprocess.run([str(projector), *command, "--help"], cwd=elsewhere, env=env,
-                               capture_output=True, text=True, timeout=120)  # fmt: skip
+        shown = subprocess.run(
+            [str(projector), *command, "--help"],
+            cwd=elsewhere,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert shown.returncode == 0, (command, shown.stderr)
         assert "Usage: projector" in shown.stdout, (command, shown.stdout)
 
-    checked = subprocess.run([str(python), "-c", CHECK_INSTALLED], cwd=elsewhere, env=env,
-                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    checked = subprocess.run(
+        [str(python), "-c", CHECK_INSTALLED],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert checked.returncode == 0, checked.stderr
     found = json.loads(checked.stdout)
     site = str(venv)

@@ -105,8 +105,9 @@ def running_service(engine: ChdbBackend | ServerBackend, **settings: Any) -> Ite
 
     TransactionLedger(engine, "projector", PROJECTION).create()  # what read positions read
     port = free_port()
-    config = ProjectorConfig(**{"api_token": TOKEN, "kafka_bootstrap": "127.0.0.1:9",
-                                "ops_sample_s": 60.0, **settings})  # fmt: skip
+    config = ProjectorConfig(
+        **{"api_token": TOKEN, "kafka_bootstrap": "127.0.0.1:9", "ops_sample_s": 60.0, **settings}
+    )
     server = BackgroundServer(config, engine, "127.0.0.1", port)
     server.start()
     url = f"http://127.0.0.1:{port}"

@@ -16,8 +16,9 @@ from queries.server import token_scope
 from tests.security.conftest import CONFIG, SECRET
 
 Engine = ChdbBackend | ServerBackend
-LIMITS = SqlLimits(max_rows=1000, max_seconds=3.0, max_memory_bytes=256 * 1024**2,
-                   max_result_bytes=8 * 1024**2)  # fmt: skip
+LIMITS = SqlLimits(
+    max_rows=1000, max_seconds=3.0, max_memory_bytes=256 * 1024**2, max_result_bytes=8 * 1024**2
+)
 SCOPE = token_scope(CONFIG)
 
 
@@ -119,6 +120,8 @@ def test_a_huge_result_is_refused_quickly_and_bounded(engine: Engine) -> None:
 
 def test_a_statement_cannot_take_the_engines_memory(engine: Engine) -> None:
     with pytest.raises(QueryError) as refused:
-        ask(engine, "SELECT count() FROM (SELECT groupArray(repeat('x', 1000)) AS a "
-                    "FROM numbers(2000000))")  # fmt: skip
+        ask(
+            engine,
+            "SELECT count() FROM (SELECT groupArray(repeat('x', 1000)) AS a FROM numbers(2000000))",
+        )
     assert refused.value.status in (400, 413), refused.value.message

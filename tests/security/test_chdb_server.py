@@ -49,12 +49,21 @@ def test_a_web_page_cannot_run_a_statement(chdb_server: str, tmp_path: Path) -> 
     """What `fetch(url, {method: 'POST', mode: 'no-cors', body})` from any page sends: a
     text/plain body with the page's Origin -- refused even were the password guessed."""
     target = tmp_path / "from-a-page"
-    answer = httpx.post(chdb_server, content=write_file_statement(target),
-                        headers={"Origin": "http://evil.example", "Content-Type": "text/plain",
-                                 **basic(CHDB_SERVER_PASSWORD)})  # fmt: skip
+    answer = httpx.post(
+        chdb_server,
+        content=write_file_statement(target),
+        headers={
+            "Origin": "http://evil.example",
+            "Content-Type": "text/plain",
+            **basic(CHDB_SERVER_PASSWORD),
+        },
+    )
     assert answer.status_code == 403, answer.text
-    form = httpx.post(chdb_server, data={"query": write_file_statement(target)},
-                      headers=basic(CHDB_SERVER_PASSWORD))  # fmt: skip
+    form = httpx.post(
+        chdb_server,
+        data={"query": write_file_statement(target)},
+        headers=basic(CHDB_SERVER_PASSWORD),
+    )
     assert form.status_code == 415, form.text
     assert not target.exists()
 
@@ -64,8 +73,11 @@ def test_a_rebound_host_name_is_refused(chdb_server: str, tmp_path: Path) -> Non
     carry that name as Host."""
     target = tmp_path / "rebound"
     port = chdb_server.rsplit(":", 1)[1]
-    answer = httpx.post(chdb_server, content=write_file_statement(target),
-                        headers={"Host": f"evil.example:{port}", **basic(CHDB_SERVER_PASSWORD)})  # fmt: skip
+    answer = httpx.post(
+        chdb_server,
+        content=write_file_statement(target),
+        headers={"Host": f"evil.example:{port}", **basic(CHDB_SERVER_PASSWORD)},
+    )
     assert answer.status_code == 403, answer.text
     assert not target.exists()
 
@@ -95,9 +107,17 @@ def test_external_data_that_fails_to_load_leaves_nothing_behind(chdb_server: str
     left in the one session, and every later request naming that table failed ("Temporary
     table ... already exists") -- the fast path's every batch, on every projector sharing it."""
     asked = {"query": "SELECT sum(x) FROM t", "t_structure": "x UInt8", "t_format": "CSV"}
-    cut = httpx.post(chdb_server, params=asked, headers=basic(CHDB_SERVER_PASSWORD),
-                     files={"t": ("t", b"1\n2\nnot a number")})  # fmt: skip
+    cut = httpx.post(
+        chdb_server,
+        params=asked,
+        headers=basic(CHDB_SERVER_PASSWORD),
+        files={"t": ("t", b"1\n2\nnot a number")},
+    )
     assert cut.status_code == 500, cut.text
-    whole = httpx.post(chdb_server, params=asked, headers=basic(CHDB_SERVER_PASSWORD),
-                       files={"t": ("t", b"1\n2\n")})  # fmt: skip
+    whole = httpx.post(
+        chdb_server,
+        params=asked,
+        headers=basic(CHDB_SERVER_PASSWORD),
+        files={"t": ("t", b"1\n2\n")},
+    )
     assert whole.status_code == 200 and whole.text.strip() == "3", whole.text

@@ -21,15 +21,20 @@ WAITERS = 2
 @pytest.fixture
 def service(engine: ChdbBackend | ServerBackend) -> Iterator[str]:
     with running_service(
-        engine, query_max_body_bytes=MAX_BODY, sql_max_concurrent=1, query_max_waiters=WAITERS,
-        query_wait_ms=8_000, sql_max_seconds=6.0,
-    ) as url:  # fmt: skip
+        engine,
+        query_max_body_bytes=MAX_BODY,
+        sql_max_concurrent=1,
+        query_max_waiters=WAITERS,
+        query_wait_ms=8_000,
+        sql_max_seconds=6.0,
+    ) as url:
         yield url
 
 
 def test_a_body_beyond_the_limit_is_refused_before_it_is_read(service: str) -> None:
-    declared = httpx.post(f"{service}/sql", headers=AUTH,
-                          json={"sql": "SELECT 1 -- " + "x" * (2 * MAX_BODY)})  # fmt: skip
+    declared = httpx.post(
+        f"{service}/sql", headers=AUTH, json={"sql": "SELECT 1 -- " + "x" * (2 * MAX_BODY)}
+    )
     assert declared.status_code == 413, declared.text
     assert declared.json()["error"] == "body_too_large"
 
@@ -55,12 +60,16 @@ def test_ad_hoc_statements_beyond_the_cap_get_429_at_once(service: str) -> None:
     refused, first, runner = None, [], threading.Thread()
     for _attempt in range(5):  # the slow one may lose the race for the slot to a probe: again
         first.clear()
-        runner = threading.Thread(target=lambda: first.append(
-            httpx.post(f"{service}/sql", headers=AUTH, json={"sql": slow}, timeout=60)))  # fmt: skip
+        runner = threading.Thread(
+            target=lambda: first.append(
+                httpx.post(f"{service}/sql", headers=AUTH, json={"sql": slow}, timeout=60)
+            )
+        )
         runner.start()
         while runner.is_alive() and refused is None:  # until the slow one holds its slot
-            answer = httpx.post(f"{service}/sql", headers=AUTH, json={"sql": "SELECT 1 AS one"},
-                                timeout=60)  # fmt: skip
+            answer = httpx.post(
+                f"{service}/sql", headers=AUTH, json={"sql": "SELECT 1 AS one"}, timeout=60
+            )
             if answer.status_code == 429:
                 refused = answer
                 assert runner.is_alive()  # answered while the first still runs
@@ -79,8 +88,12 @@ def test_waiters_beyond_the_cap_are_answered_at_once_and_health_never_waits(serv
     lock = threading.Lock()
 
     def wait_for_far_lsn() -> None:
-        answer = httpx.get(f"{service}/queries/order_by_id", headers=AUTH, timeout=60,
-                           params={"order_id": "1", "min_lsn": far, "wait_ms": "8000"})  # fmt: skip
+        answer = httpx.get(
+            f"{service}/queries/order_by_id",
+            headers=AUTH,
+            timeout=60,
+            params={"order_id": "1", "min_lsn": far, "wait_ms": "8000"},
+        )
         with lock:
             answers.append(answer)
 

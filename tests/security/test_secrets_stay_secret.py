@@ -19,9 +19,10 @@ def test_the_ops_status_shows_no_password(
 ) -> None:
     monkeypatch.setenv("CONNECT_URL", f"http://admin:{CONNECT_SECRET}@127.0.0.1:9")
     with running_service(
-        engine, projector_metrics_url=f"http://m:{METRICS_SECRET}@127.0.0.1:9/metrics",
+        engine,
+        projector_metrics_url=f"http://m:{METRICS_SECRET}@127.0.0.1:9/metrics",
         ops_sample_s=0.2,
-    ) as url:  # fmt: skip
+    ) as url:
         text = ""
         for _ in range(100):  # until a sample with the connector's and the metrics' notes
             text = httpx.get(f"{url}/ops/status", headers=AUTH).text
@@ -50,8 +51,12 @@ def test_every_form_of_a_password_is_redacted(text: str, secret: str) -> None:
 
 
 def test_a_report_is_redacted_through_and_through() -> None:
-    report = {"connector": {"error": "Kafka Connect at http://a:s1@h:8083 is not reachable"},
-              "env": [{"CDC_PASSWORD": "s2"}], "cdc_password": "s3", "lag": 7}  # fmt: skip
+    report = {
+        "connector": {"error": "Kafka Connect at http://a:s1@h:8083 is not reachable"},
+        "env": [{"CDC_PASSWORD": "s2"}],
+        "cdc_password": "s3",
+        "lag": 7,
+    }
     shown = str(redact_values(report))
     assert all(secret not in shown for secret in ("s1", "s2", "s3")), shown
     assert redact_values(report)["lag"] == 7

@@ -19,9 +19,15 @@ from tests.integration.test_type_roundtrip import CASES
 
 # The roundtrip test's SQL type spellings → pg_type.typname (what verify reads from Postgres).
 TYPNAME = {
-    "smallint": "int2", "integer": "int4", "bigint": "int8", "real": "float4",
-    "double precision": "float8", "boolean": "bool", "char": "bpchar", "{enum}": "enum",
-}  # fmt: skip
+    "smallint": "int2",
+    "integer": "int4",
+    "bigint": "int8",
+    "real": "float4",
+    "double precision": "float8",
+    "boolean": "bool",
+    "char": "bpchar",
+    "{enum}": "enum",
+}
 
 
 def typname(sql_type: str) -> tuple[str, str | None]:
@@ -47,8 +53,13 @@ AGREEING = [
     ("numeric", None, "Decimal(12, 3)", "'-0.010'", "-0.01"),  # trim_scale(-0.010)
     ("numeric", None, "Decimal(12, 3)", "'0.000'", "0"),
     ("numeric", None, "Nullable(String)", "NULL", None),  # NaN: Debezium sends NULL
-    ("numeric", None, "Decimal(40, 10)", "'123456789012345678901234567890.0123456789'",
-     "123456789012345678901234567890.0123456789"),
+    (
+        "numeric",
+        None,
+        "Decimal(40, 10)",
+        "'123456789012345678901234567890.0123456789'",
+        "123456789012345678901234567890.0123456789",
+    ),
     ("money", None, "Decimal(38, 2)", "'-0.01'", "-0.01"),
     ("float8", None, "Float64", "0.1", "3fb999999999999a"),  # encode(float8send(0.1), 'hex')
     ("float8", None, "Float64", "-inf", "fff0000000000000"),
@@ -58,21 +69,36 @@ AGREEING = [
     ("bpchar", None, "String", "'ab   '", "ab"),  # 'ab'::char(5)::text
     ("bytea", None, "String", "unhex('00FF10')", "00ff10"),
     ("date", None, "Date32", "'2299-12-31'", "2299-12-31"),  # also 'infinity'
-    ("timestamp", None, "DateTime64(6, 'UTC')", "'1969-12-31 23:59:59'",
-     "1969-12-31 23:59:59.000000"),
-    ("timestamptz", None, "DateTime64(6, 'UTC')", "'1900-01-01 00:00:00'",
-     "1900-01-01 00:00:00.000000"),  # '-infinity'
+    (
+        "timestamp",
+        None,
+        "DateTime64(6, 'UTC')",
+        "'1969-12-31 23:59:59'",
+        "1969-12-31 23:59:59.000000",
+    ),
+    (
+        "timestamptz",
+        None,
+        "DateTime64(6, 'UTC')",
+        "'1900-01-01 00:00:00'",
+        "1900-01-01 00:00:00.000000",
+    ),  # '-infinity'
     ("interval", None, "String", "'P1Y2M3DT4H5M6.5S'", "1 2 3 4 5 6.5"),
     ("interval", None, "String", "'P0Y0M-7DT0H0M0S'", "0 0 -7 0 0 0"),
-    ("uuid", None, "UUID", "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'",
-     "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+    (
+        "uuid",
+        None,
+        "UUID",
+        "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'",
+        "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+    ),
     ("enum", None, "LowCardinality(String)", "'PENDING'", "PENDING"),
     ("inet", None, "Nullable(String)", "'192.168.0.1'", "192.168.0.1"),
     ("text", None, "Nullable(String)", "''", ""),
     ("", "text", "Array(Nullable(String))", "['x', NULL, '']", "1:x,-,0:"),
     ("", "int4", "Array(Int32)", "[]", ""),  # also a NULL array: ClickHouse stores it empty
     ("", "date", "Array(Date32)", "['2024-02-29']", "10:2024-02-29"),
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")

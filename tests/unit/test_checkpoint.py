@@ -127,9 +127,10 @@ class Run:
             self.tokens.setdefault(batch, []).append(token)
             rows = [{"offset": o, "token": token} for o in part]
             fenced.execute(
-                insert_statement(f"{ident(self.database)}.{TARGET}", ["offset", "token"], rows,
-                                 token=token)
-            )  # fmt: skip
+                insert_statement(
+                    f"{ident(self.database)}.{TARGET}", ["offset", "token"], rows, token=token
+                )
+            )
 
     def consume(self, max_messages: int) -> Resume:
         """Steps A-C, then cut, commit and acknowledge every batch up to the log's end, as the

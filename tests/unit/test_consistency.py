@@ -39,10 +39,12 @@ class MemoryLedger:
     ) -> RecordedEnd | None:
         self.reads += 1
         found = [
-            e for e in self.ends
-            if e.offset > after and (before is None or e.offset < before)
+            e
+            for e in self.ends
+            if e.offset > after
+            and (before is None or e.offset < before)
             and (collections is None or set(e.events) & set(collections))
-        ]  # fmt: skip
+        ]
         if not found:
             return None
         e = found[-1]

@@ -28,8 +28,15 @@ def test_a_failing_chore_is_logged_and_tried_again_later(caplog: pytest.LogCaptu
             raise StatementRejected("Max query size exceeded: failed at position 262140")
 
     counted: list[str] = []
-    chore = Chore("pruning the transaction ledger", prune, every_s=300, first_after_s=300,
-                  retry_s=60, clock=clock, failed=counted.append)  # fmt: skip
+    chore = Chore(
+        "pruning the transaction ledger",
+        prune,
+        every_s=300,
+        first_after_s=300,
+        retry_s=60,
+        clock=clock,
+        failed=counted.append,
+    )
     chores = Duties([chore], clock=clock)
     chores.run_due()
     assert calls == []  # not before its first time
@@ -91,10 +98,13 @@ class Recorder:
 def test_a_duty_runs_only_after_the_batch_in_flight_is_settled() -> None:
     log: list[str] = []
     duties = Duties(
-        [Recorder("pauses", log), Recorder("read models", log, is_due=False),
-         Recorder("rebuilds", log)],
+        [
+            Recorder("pauses", log),
+            Recorder("read models", log, is_due=False),
+            Recorder("rebuilds", log),
+        ],
         settle=lambda: log.append("settled"),
-    )  # fmt: skip
+    )
     duties.run_due()
     assert log == ["settled", "pauses", "rebuilds"]  # once, before the first; in their order
 

@@ -13,8 +13,14 @@ def framed(schema_id: int, body: bytes = b"\x02ab") -> bytes:
 def test_segments_follow_schema_changes_and_drop_tombstones() -> None:
     offsets = [10, 11, 12, 13, 14, 15]
     keys = [framed(1), framed(1), framed(1), framed(1), framed(1), framed(9)]
-    values = [framed(5, b"a"), framed(5, b"b"), None, framed(6, b"c"), framed(6, b"d"),
-              framed(6, b"e")]  # fmt: skip
+    values = [
+        framed(5, b"a"),
+        framed(5, b"b"),
+        None,
+        framed(6, b"c"),
+        framed(6, b"d"),
+        framed(6, b"e"),
+    ]
     segments = plan_segments(offsets, keys, values)
     assert segments is not None
     assert [(s.value_schema_id, s.key_schema_id, s.offsets) for s in segments] == [

@@ -123,8 +123,13 @@ def test_configured_source_dsn_wins_and_none_is_a_clear_error(tmp_path: object) 
     no_stack = {"PROJECTOR_STATE_DIR": str(tmp_path)}  # no .stack/client.env there
     assert load_config(env=no_stack).source_dsn is None
     mine = "postgresql://reader@db/app"
-    env = {**no_stack, "PROJECTOR_SOURCE_DSN": mine, "PG_HOST": "other", "PG_DATABASE": "app",
-           "CDC_USER": "cdc"}  # fmt: skip
+    env = {
+        **no_stack,
+        "PROJECTOR_SOURCE_DSN": mine,
+        "PG_HOST": "other",
+        "PG_DATABASE": "app",
+        "CDC_USER": "cdc",
+    }
     assert load_config(env=env).source_dsn == mine
     with pytest.raises(ConfigError, match="PROJECTOR_SOURCE_DSN"):
         source_position(None)

@@ -47,8 +47,9 @@ def ledger(engine: ChdbBackend) -> TransactionLedger:
 
 
 def end(offset: int, xid: int, lsn: int, **events: int) -> tuple[int, dict]:
-    collections = [{"data_collection": c.replace("__", "."), "event_count": n}
-                   for c, n in events.items()]  # fmt: skip
+    collections = [
+        {"data_collection": c.replace("__", "."), "event_count": n} for c, n in events.items()
+    ]
     return offset, {"status": "END", "id": f"{xid}:{lsn}", "data_collections": collections}
 
 
@@ -66,10 +67,14 @@ def test_two_transactions_with_one_xid_stay_apart(ledger: TransactionLedger) -> 
     """xid 7 commits at LSN 1000 (complete); 2^32 transactions later xid 7 again, at LSN
     9,000,000, with one of its two events applied: it is not complete, and the first one's
     events do not make it so."""
-    ledger.record_ends(batch("cdc.transaction"), [
-        end(1, 7, 1000, public__a=2), end(3, 8, 2000, public__a=1),
-        end(5, 7, 9_000_000, public__a=2),
-    ])  # fmt: skip
+    ledger.record_ends(
+        batch("cdc.transaction"),
+        [
+            end(1, 7, 1000, public__a=2),
+            end(3, 8, 2000, public__a=1),
+            end(5, 7, 9_000_000, public__a=2),
+        ],
+    )
     applied(ledger, A, "7:900", "7:950")
     applied(ledger, A, "8:1900")
     applied(ledger, A, "7:8999000")
@@ -85,9 +90,13 @@ def test_two_transactions_with_one_xid_stay_apart(ledger: TransactionLedger) -> 
 def test_a_span_across_two_transactions_with_one_xid_counts_for_neither(
     ledger: TransactionLedger,
 ) -> None:
-    ledger.record_ends(batch("cdc.transaction"), [
-        end(1, 7, 1000, public__a=1), end(5, 7, 9_000_000, public__a=1),
-    ])  # fmt: skip
+    ledger.record_ends(
+        batch("cdc.transaction"),
+        [
+            end(1, 7, 1000, public__a=1),
+            end(5, 7, 9_000_000, public__a=1),
+        ],
+    )
     applied(ledger, A, "7:900", "7:8999000")  # one batch, both: the span cannot tell them apart
     assert ledger.watermark([A]) is None  # held (truthful), never claimed
 
@@ -95,9 +104,14 @@ def test_a_span_across_two_transactions_with_one_xid_counts_for_neither(
 def test_an_unreadable_end_holds_every_watermark_until_it_is_recorded(
     ledger: TransactionLedger,
 ) -> None:
-    ledger.record_ends(batch("cdc.transaction"), [
-        end(1, 10, 1000, public__a=1), (3, None), end(5, 12, 3000, public__b=1),
-    ])  # fmt: skip
+    ledger.record_ends(
+        batch("cdc.transaction"),
+        [
+            end(1, 10, 1000, public__a=1),
+            (3, None),
+            end(5, 12, 3000, public__b=1),
+        ],
+    )
     applied(ledger, A, "10:900")
     applied(ledger, B, "12:2900")
     for tables in ([A], [B], [A, B]):
@@ -117,9 +131,14 @@ def test_an_unreadable_end_holds_every_watermark_until_it_is_recorded(
 def test_the_watermark_from_the_last_one_equals_the_watermark_from_scratch(
     ledger: TransactionLedger,
 ) -> None:
-    ledger.record_ends(batch("cdc.transaction"), [
-        end(1, 1, 100, public__a=1), end(3, 2, 200, public__a=1), end(5, 3, 300, public__a=1),
-    ])  # fmt: skip
+    ledger.record_ends(
+        batch("cdc.transaction"),
+        [
+            end(1, 1, 100, public__a=1),
+            end(3, 2, 200, public__a=1),
+            end(5, 3, 300, public__a=1),
+        ],
+    )
     applied(ledger, A, "1:90", "2:190")
     first = ledger.watermark([A])
     assert first is not None and first.offset == 3
@@ -179,8 +198,16 @@ def test_pruning_changes_no_answer(ledger: TransactionLedger) -> None:
 
 
 def test_rows_to_keep() -> None:
-    rows = [(1, A, True), (1, B, True), (3, A, True), (5, B, False), (7, A, True),
-            (9, A, True), (11, "c", False), (13, A, True)]  # fmt: skip
+    rows = [
+        (1, A, True),
+        (1, B, True),
+        (3, A, True),
+        (5, B, False),
+        (7, A, True),
+        (9, A, True),
+        (11, "c", False),
+        (13, A, True),
+    ]
     # incomplete: 5, 11; newest before 5: 3 (a), 1 (b); before 11: 9 (a), 1 (b);
     # newest of all: 13 (a), 1 (b), 11 (c)
     assert rows_to_keep(rows) == {1, 3, 5, 9, 11, 13}
@@ -205,8 +232,10 @@ def test_a_ledger_of_the_earlier_layout_is_carried_over(engine: ChdbBackend) -> 
         f"INSERT INTO {database}.transactions VALUES ('5', 500, 1, 'public.a', 1, 0), "
         "('6', 600, 3, 'public.a', 2, 0)"
     )
-    engine.execute(f"INSERT INTO {database}.transaction_progress VALUES ('5', 'public.a', 1, 0), "
-                   "('6', 'public.a', 1, 0)")  # fmt: skip
+    engine.execute(
+        f"INSERT INTO {database}.transaction_progress VALUES ('5', 'public.a', 1, 0), "
+        "('6', 'public.a', 1, 0)"
+    )
     ledger = TransactionLedger(engine, database, "replica")
     ledger.create()
     ledger.create()  # again: copied once
@@ -261,14 +290,23 @@ def test_an_end_kafka_holds_twice_counts_once(ledger: TransactionLedger) -> None
     """Kafka Connect restarted: Debezium sent the ENDs of xids 20 and 21 again, after the END
     of xid 22 (and BEGINs between). The copies are not transactions of their own: the watermark
     passes them once the transactions are complete, and nothing waits for them."""
-    ledger.record_ends(batch("cdc.transaction"), [
-        end(1, 20, 2000, public__a=2), end(3, 21, 2100, public__a=1),
-        end(5, 22, 2200, public__a=1),
-    ])  # fmt: skip
-    ledger.record_ends(batch("cdc.transaction"), [
-        (6, {"status": "BEGIN", "id": "20:1990"}), end(7, 20, 2000, public__a=2),
-        end(9, 21, 2100, public__a=1), end(11, 23, 2300, public__a=1),
-    ])  # fmt: skip
+    ledger.record_ends(
+        batch("cdc.transaction"),
+        [
+            end(1, 20, 2000, public__a=2),
+            end(3, 21, 2100, public__a=1),
+            end(5, 22, 2200, public__a=1),
+        ],
+    )
+    ledger.record_ends(
+        batch("cdc.transaction"),
+        [
+            (6, {"status": "BEGIN", "id": "20:1990"}),
+            end(7, 20, 2000, public__a=2),
+            end(9, 21, 2100, public__a=1),
+            end(11, 23, 2300, public__a=1),
+        ],
+    )
     applied_in_order(ledger, A, ("20:1990", 1), ("20:1995", 2), ("21:2090", 1))
     applied_in_order(ledger, A, ("22:2190", 1), ("20:1990", 1), ("20:1995", 2))  # sent again
     applied_in_order(ledger, A, ("21:2090", 1), ("23:2290", 1))  # sent again, then new
@@ -319,14 +357,17 @@ def test_pruning_a_backlog_larger_than_a_statement(ledger: TransactionLedger) ->
     more ENDs and spans than one statement of ClickHouse (max_query_size, 262,144 bytes by
     default) could name, and keeps every answer."""
     transactions = 12_000
-    ends = [end(2 * n + 1, 100_000 + n, 1_000_000 + 100 * n, public__a=1)
-            for n in range(transactions)]  # fmt: skip
+    ends = [
+        end(2 * n + 1, 100_000 + n, 1_000_000 + 100 * n, public__a=1) for n in range(transactions)
+    ]
     ledger.record_ends(batch("cdc.transaction"), ends)
     events = [(f"{100_000 + n}:{1_000_000 + 100 * n - 50}", 1) for n in range(transactions - 1)]
     applied_in_order(ledger, A, *events)  # all but the last one complete
     # What the spans' keys alone would take in one statement:
-    key_bytes = sum(len(f"('{100_000 + n}', '{A}', {1_000_000 + 100 * n - 50}, "
-                        f"{1_000_000 + 100 * n - 50}), ") for n in range(transactions))  # fmt: skip
+    key_bytes = sum(
+        len(f"('{100_000 + n}', '{A}', {1_000_000 + 100 * n - 50}, {1_000_000 + 100 * n - 50}), ")
+        for n in range(transactions)
+    )
     limit = ledger.ch.rows("SELECT getSetting('max_query_size') AS n")[0]["n"]
     assert key_bytes > int(limit)
     before = (ledger.watermark([A]), ledger.first_incomplete([A], -1), ledger.newest_end())
@@ -356,8 +397,9 @@ def test_spans_from_before_the_orders_still_count_after_the_upgrade(engine: Chdb
         "first_lsn UInt64, last_lsn UInt64, applied UInt64, dead_lettered UInt64) "
         "ENGINE = SummingMergeTree ORDER BY (tx_id, data_collection, first_lsn, last_lsn)"
     )
-    engine.execute(f"INSERT INTO {database}.transaction_events VALUES "
-                   "('50', 'public.a', 4900, 4900, 1, 0)")  # fmt: skip
+    engine.execute(
+        f"INSERT INTO {database}.transaction_events VALUES ('50', 'public.a', 4900, 4900, 1, 0)"
+    )
     ledger = TransactionLedger(engine, database, "replica")
     ledger.create()
     ledger.record_ends(batch("cdc.transaction"), [end(1, 50, 5000, public__a=2)])
@@ -373,9 +415,14 @@ def test_a_replayed_end_takes_its_place_from_a_copy_recorded_later(
     """The END of xid 61 at offset 3 could not be read (dead-lettered); Connect sent it again
     and the copy was recorded at offset 9. `dlq replay` records it at 3, its place in commit
     order, and the copy goes: one END, complete once its event is applied."""
-    ledger.record_ends(batch("cdc.transaction"), [
-        end(1, 60, 6000, public__a=1), (3, None), end(5, 62, 6200, public__b=1),
-    ])  # fmt: skip
+    ledger.record_ends(
+        batch("cdc.transaction"),
+        [
+            end(1, 60, 6000, public__a=1),
+            (3, None),
+            end(5, 62, 6200, public__b=1),
+        ],
+    )
     ledger.record_ends(batch("cdc.transaction"), [end(9, 61, 6100, public__a=1)])
     applied(ledger, A, "60:5990", "61:6090")
     applied(ledger, B, "62:6190")

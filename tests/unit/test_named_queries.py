@@ -15,8 +15,16 @@ SHIPPED = load_named_queries()
 
 
 def test_the_seed_queries_are_shipped() -> None:
-    assert {"order_by_id", "orders_of_customer", "orders_in_status", "order_statistics",
-            "daily_sales", "monthly_sales", "top_products", "top_customers"} <= set(SHIPPED)  # fmt: skip
+    assert {
+        "order_by_id",
+        "orders_of_customer",
+        "orders_in_status",
+        "order_statistics",
+        "daily_sales",
+        "monthly_sales",
+        "top_products",
+        "top_customers",
+    } <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
@@ -41,14 +49,17 @@ def test_shipped_query_reads_only_declared_read_models(name: str) -> None:
         ("order_by_id", {"order_id": "99999999999999999999"}, "order_id"),  # beyond Int64
         ("orders_in_status", {"status": "PENDING' OR '1'='1"}, "status"),
         ("orders_in_status", {"status": "pending"}, "status"),
-        ("daily_sales", {"start_date": "2026-01-01' OR 1=1 --", "end_date": "2026-01-31"},
-         "start_date"),
+        (
+            "daily_sales",
+            {"start_date": "2026-01-01' OR 1=1 --", "end_date": "2026-01-31"},
+            "start_date",
+        ),
         ("daily_sales", {"start_date": "2026-02-30", "end_date": "2026-03-01"}, "start_date"),
         ("top_products", {"top": "5000"}, "top"),
         ("order_by_id", {"order_id": "1", "extra": "x"}, "extra"),
         ("daily_sales", {"start_date": "2026-01-01"}, "end_date"),  # missing
     ],
-)  # fmt: skip
+)
 def test_bad_values_are_refused_naming_the_parameter(
     name: str, params: dict[str, str], wrong: str
 ) -> None:
@@ -91,16 +102,21 @@ HEADER = '-- description = "d"\n-- read_models = ["order_summary"]\n'
         (HEADER + "SELECT {id:Int64}", "must be the same"),  # undeclared placeholder
         (HEADER + '-- [params.id]\n-- description = "i"\nSELECT 1', "must be the same"),
         (HEADER + '-- [params.id]\n-- description = "i"\nSELECT {id:Float64}', "supported types"),
-        (HEADER + '-- [params.id]\n-- description = "i"\nSELECT {id:Int64}, {id:String}',
-         "used as"),
+        (
+            HEADER + '-- [params.id]\n-- description = "i"\nSELECT {id:Int64}, {id:String}',
+            "used as",
+        ),
         (HEADER + '-- [params.limit]\n-- description = "i"\nSELECT {limit:Int64}', "reserved"),
-        (HEADER + '-- [params.id]\nSELECT {id:Int64}', "description"),
+        (HEADER + "-- [params.id]\nSELECT {id:Int64}", "description"),
         (HEADER + "SELECT 1; SELECT 2", "one statement"),
         ('-- read_models = ["x"]\nSELECT 1', "description"),
-        (HEADER + '-- [params.n]\n-- description = "n"\n-- default = 0\n-- minimum = 1\n'
-         "SELECT {n:UInt32}", "default"),
+        (
+            HEADER + '-- [params.n]\n-- description = "n"\n-- default = 0\n-- minimum = 1\n'
+            "SELECT {n:UInt32}",
+            "default",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_broken_definition_is_refused_at_load(text: str, problem: str) -> None:
     with pytest.raises(QueryDefinitionError) as refused:
         parse_named_query("q", text, "q.sql")

@@ -80,9 +80,12 @@ class FakePositions:
 def parts() -> tuple[TestClient, FakeClickHouse, FakePositions, QueryService]:
     ch, positions = FakeClickHouse(), FakePositions()
     service = QueryService(
-        ch, load_named_queries(), positions,  # type: ignore[arg-type]
-        ResultCache[Rows](100), Limits(wait_ms=50),
-    )  # fmt: skip
+        ch,
+        load_named_queries(),
+        positions,  # type: ignore[arg-type]
+        ResultCache[Rows](100),
+        Limits(wait_ms=50),
+    )
     return TestClient(create_app(service, TOKEN)), ch, positions, service
 
 
@@ -141,11 +144,14 @@ def test_a_named_query_answers_rows_with_its_watermark(parts: Any) -> None:
         ("/queries/order_by_id?order_id=1&limit=x", 400, "invalid_parameters"),
         ("/queries/order_by_id?order_id=1&min_lsn=yesterday", 400, "invalid_parameters"),
         ("/queries/order_by_id?order_id=1&format=xml", 400, "invalid_parameters"),
-        ("/queries/orders_in_status?status=PENDING%27%3B%20DROP%20TABLE%20x", 400,
-         "invalid_parameters"),
+        (
+            "/queries/orders_in_status?status=PENDING%27%3B%20DROP%20TABLE%20x",
+            400,
+            "invalid_parameters",
+        ),
         ("/nowhere", 404, "not_found"),
     ],
-)  # fmt: skip
+)
 def test_bad_input_answers_4xx_json_and_never_reaches_clickhouse(
     parts: Any, path: str, status: int, error: str
 ) -> None:
@@ -250,7 +256,10 @@ def test_a_cache_hit_is_answered_before_fastapi_with_the_same_bytes(
     positions.refresh_due = False
     fast = client.get(url, headers=AUTH)
     assert (miss.headers["x-cache"], slow.headers["x-cache"], fast.headers["x-cache"]) == (
-        "miss", "hit", "hit")  # fmt: skip
+        "miss",
+        "hit",
+        "hit",
+    )
     assert asked == ["orders_of_customer"] * 2, "the last hit never reached FastAPI's route"
     assert fast.content == slow.content and dict(fast.headers) == dict(slow.headers)
     assert len(ch.calls) == 1
@@ -285,8 +294,9 @@ def test_pages_and_csv(parts: Any) -> None:
     assert csv_answer.headers["content-type"].startswith("text/csv")
     assert csv_answer.text == 'order_id,note\r\n0,"a,""b""\n0"\r\n1,"a,""b""\n1"\r\n'
     assert csv_answer.headers["x-next-offset"] == "2"
-    refused = client.get("/queries/orders_of_customer?customer_id=1",
-                         headers=AUTH | {"Accept": "application/xml"})  # fmt: skip
+    refused = client.get(
+        "/queries/orders_of_customer?customer_id=1", headers=AUTH | {"Accept": "application/xml"}
+    )
     assert refused.status_code == 406
 
 

@@ -30,8 +30,9 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChdbBackend]:
 def rebuilding(ch: ChdbBackend, request: str) -> tuple[ReadModelMaintainer, object]:
     """The shop's read models built, then a rebuild of `order_summary` started (its version
     planned in 4 chunks)."""
-    maintainer = ReadModelMaintainer(ch, load_definitions(), "shop", REPLICA, READ_MODELS, CONTROL,
-                                     chunk_keys=ORDERS // 4)  # fmt: skip
+    maintainer = ReadModelMaintainer(
+        ch, load_definitions(), "shop", REPLICA, READ_MODELS, CONTROL, chunk_keys=ORDERS // 4
+    )
     maintainer.family_versions.ensure()
     while maintainer.building:
         maintainer.backfill_step()

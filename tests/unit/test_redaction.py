@@ -12,11 +12,15 @@ from projector.redaction import RedactingFormatter, redact
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("GET http://probe:s3cret@127.0.0.1:18081/apis/ccompat/v7/schemas/ids/4",
-         "GET http://probe:***@127.0.0.1:18081/apis/ccompat/v7/schemas/ids/4"),
+        (
+            "GET http://probe:s3cret@127.0.0.1:18081/apis/ccompat/v7/schemas/ids/4",
+            "GET http://probe:***@127.0.0.1:18081/apis/ccompat/v7/schemas/ids/4",
+        ),
         ("postgresql://cdc:p%40ss@db:5432/app failed", "postgresql://cdc:***@db:5432/app failed"),
-        ("SETTINGS format_avro_schema_registry_url = 'https://u:pw@reg/x', max_threads = 1",
-         "SETTINGS format_avro_schema_registry_url = 'https://u:***@reg/x', max_threads = 1"),
+        (
+            "SETTINGS format_avro_schema_registry_url = 'https://u:pw@reg/x', max_threads = 1",
+            "SETTINGS format_avro_schema_registry_url = 'https://u:***@reg/x', max_threads = 1",
+        ),
         ("host=db user=cdc password=s3cret dbname=app", "host=db user=cdc password=*** dbname=app"),
         ("PASSWORD = 'two words'", "PASSWORD = ***"),
         # nothing to hide: unchanged
@@ -24,7 +28,7 @@ from projector.redaction import RedactingFormatter, redact
         ("http://user@host/x", "http://user@host/x"),
         ("column ratio: 12:30 is not a number", "column ratio: 12:30 is not a number"),
     ],
-)  # fmt: skip
+)
 def test_redact(text: str, expected: str) -> None:
     assert redact(text) == expected
 
@@ -34,9 +38,14 @@ def test_a_log_line_and_its_traceback_are_redacted() -> None:
         raise ConnectionError("http://probe:s3cret@reg:1/x refused")
     except ConnectionError as exc:
         record = logging.LogRecord(
-            "projector", logging.WARNING, __file__, 1, "fetching %s failed",
-            ("http://probe:s3cret@reg:1/x",), (type(exc), exc, exc.__traceback__),
-        )  # fmt: skip
+            "projector",
+            logging.WARNING,
+            __file__,
+            1,
+            "fetching %s failed",
+            ("http://probe:s3cret@reg:1/x",),
+            (type(exc), exc, exc.__traceback__),
+        )
     line = RedactingFormatter("%(message)s").format(record)
     assert "s3cret" not in line
     assert line.startswith("fetching http://probe:***@reg:1/x failed")

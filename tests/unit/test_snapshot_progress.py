@@ -16,8 +16,9 @@ def note(kind: str, **data: str) -> dict[str, Any]:
 
 
 def scanned(table: str = TABLE, status: str = "SUCCEEDED", rows: str = "10") -> dict[str, Any]:
-    return note("TABLE_SCAN_COMPLETED", scanned_collection=table, status=status,
-                total_rows_scanned=rows)  # fmt: skip
+    return note(
+        "TABLE_SCAN_COMPLETED", scanned_collection=table, status=status, total_rows_scanned=rows
+    )
 
 
 def in_progress(table: str = TABLE, key: str = "5") -> dict[str, Any]:
@@ -52,8 +53,9 @@ def test_an_empty_table_is_read_whole_and_failures_are_named() -> None:
     assert not failed.done and "NO_PRIMARY_KEY" in failed.failed
     stopped = snapshot_progress([note("STARTED"), note("ABORTED")], TABLE)
     assert "stopped" in stopped.failed
-    others = snapshot_progress([note("STARTED"), note("ABORTED", data_collections="public.x")],
-                               TABLE)  # fmt: skip
+    others = snapshot_progress(
+        [note("STARTED"), note("ABORTED", data_collections="public.x")], TABLE
+    )
     assert not others.failed
 
 

@@ -39,13 +39,26 @@ SOURCE_SCHEMA = {
     "name": "Envelope",
     "fields": [
         {"name": "op", "type": "string"},
-        {"name": "source", "type": {"type": "record", "name": "Source", "fields": [
-            {"name": "snapshot", "type": [{"type": "string", "connect.name": "io.debezium.data.Enum"},
-                                          "null"], "default": "false"},
-            {"name": "lsn", "type": ["null", "long"], "default": None},
-        ]}},
+        {
+            "name": "source",
+            "type": {
+                "type": "record",
+                "name": "Source",
+                "fields": [
+                    {
+                        "name": "snapshot",
+                        "type": [
+                            {"type": "string", "connect.name": "io.debezium.data.Enum"},
+                            "null",
+                        ],
+                        "default": "false",
+                    },
+                    {"name": "lsn", "type": ["null", "long"], "default": None},
+                ],
+            },
+        },
     ],
-}  # fmt: skip
+}
 
 
 def encoded(op: str, snapshot: str | None) -> bytes:
@@ -61,14 +74,24 @@ def decoded(value: bytes) -> Any:
 
 def test_only_reads_marked_first_or_last_are_bounds() -> None:
     values = [
-        encoded("r", "first"), encoded("r", "true"), encoded("r", "last_in_data_collection"),
-        encoded("r", "incremental"), encoded("c", None), encoded("r", "first_in_data_collection"),
-        encoded("u", "false"), encoded("r", "last"), None,
-    ]  # fmt: skip
+        encoded("r", "first"),
+        encoded("r", "true"),
+        encoded("r", "last_in_data_collection"),
+        encoded("r", "incremental"),
+        encoded("c", None),
+        encoded("r", "first_in_data_collection"),
+        encoded("u", "false"),
+        encoded("r", "last"),
+        None,
+    ]
     messages = [RawMessage(TOPIC, 0, offset, b"k", v) for offset, v in enumerate(values)]
     bounds = snapshot_bounds(messages, decoded)
-    assert [(b.offset, b.kind) for b in bounds] == [(0, "first"), (2, "last"), (5, "first"),
-                                                    (7, "last")]  # fmt: skip
+    assert [(b.offset, b.kind) for b in bounds] == [
+        (0, "first"),
+        (2, "last"),
+        (5, "first"),
+        (7, "last"),
+    ]
 
 
 def test_bounds_are_found_in_the_fast_paths_segments_too() -> None:
@@ -117,8 +140,10 @@ class Table:
 
     def __init__(self, engine: ChdbBackend, name: str, partitions: int = 1) -> None:
         self.ch = engine
-        columns = [SourceColumn("id", column_type("int")),
-                   SourceColumn("v", column_type(["null", "string"]))]  # fmt: skip
+        columns = [
+            SourceColumn("id", column_type("int")),
+            SourceColumn("v", column_type(["null", "string"])),
+        ]
         self.replica: ReplicaTable = ReplicaCatalog(engine, "replica_").ensure(
             "public", name, ["id"], columns
         )

@@ -22,21 +22,27 @@ def partition(topic: str, p: int, lag: int, seconds: float | None = None) -> dic
 def test_replica_lines_sum_partitions_and_read_models_sum_their_sources() -> None:
     rows = projection_rows(
         CONFIG,
-        [partition("cdc.shop.orders", 0, 3, 1.5), partition("cdc.shop.orders", 1, 4, 0.5),
-         partition("cdc.shop.order_items", 0, 10, 2.0), partition("cdc.transaction", 0, 99),
-         partition("cdc.shop.customers", 0, 0)],
+        [
+            partition("cdc.shop.orders", 0, 3, 1.5),
+            partition("cdc.shop.orders", 1, 4, 0.5),
+            partition("cdc.shop.order_items", 0, 10, 2.0),
+            partition("cdc.transaction", 0, 99),
+            partition("cdc.shop.customers", 0, 0),
+        ],
         {"shop.orders": {"lsn": "0/10", "age_s": 4.0}, "daily_sales": {"lsn": "0/8"}},
         {"cdc.shop.order_items": (2, "bad value")},
         {"cdc.shop.customers": "topic re-created; rebuild it"},
         {"daily_sales": ("rebuilding 40%", "")},
-    )  # fmt: skip
+    )
     by_name = {row["name"]: row for row in rows}
     assert "transaction" not in " ".join(by_name)  # the transaction topic is no projection
     orders = by_name["shop.orders"]
     assert (orders["kind"], orders["state"], orders["lag_events"]) == ("replica", "live", 7)
     assert (orders["lag_seconds"], orders["watermark_lsn"], orders["watermark_age_s"]) == (
-        1.5, "0/10", 4.0,
-    )  # fmt: skip
+        1.5,
+        "0/10",
+        4.0,
+    )
     customers = by_name["shop.customers"]
     assert customers["state"] == "stopped" and "re-created" in customers["last_error"]
     items = by_name["shop.order_items"]
@@ -47,8 +53,10 @@ def test_replica_lines_sum_partitions_and_read_models_sum_their_sources() -> Non
     expected_lag = sum(by_name[t]["lag_events"] for t in fed_by if t in by_name)
     assert expected_lag > 0
     assert (daily["kind"], daily["state"], daily["lag_events"]) == (
-        "read model", "rebuilding 40%", expected_lag,
-    )  # fmt: skip
+        "read model",
+        "rebuilding 40%",
+        expected_lag,
+    )
     assert daily["watermark_lsn"] == "0/8"
     # Every read model has a line; one with no recorded version is not built yet.
     assert {n for n, r in by_name.items() if r["kind"] == "read model"} == set(models)
@@ -73,12 +81,20 @@ def test_names_sharing_a_long_prefix_never_look_the_same() -> None:
         "source": "clickhouse",
         "dead_letters": 0,
         "projections": [
-            {"name": n, "kind": "replica", "state": "live", "watermark_lsn": None,
-             "watermark_age_s": None, "lag_events": 0, "lag_seconds": None, "dead_letters": 0,
-             "last_error": ""}
+            {
+                "name": n,
+                "kind": "replica",
+                "state": "live",
+                "watermark_lsn": None,
+                "watermark_age_s": None,
+                "lag_events": 0,
+                "lag_seconds": None,
+                "dead_letters": 0,
+                "last_error": "",
+            }
             for n in names
         ],
-    }  # fmt: skip
+    }
     out = io.StringIO()
     Console(file=out, width=80, color_system=None).print(status_view(report))
     text = out.getvalue()

@@ -54,8 +54,9 @@ def all_ddl(topology: Topology) -> list[str]:
     catalog._load = lambda database, table: ReplicaTable(database, table, [])  # type: ignore[method-assign]
     text = column_type({"type": "string"})
     number = column_type({"type": "long"})
-    catalog._create("replica_public", "orders", ["id"], [SourceColumn("id", number),
-                                                         SourceColumn("note", text)])  # fmt: skip
+    catalog._create(
+        "replica_public", "orders", ["id"], [SourceColumn("id", number), SourceColumn("note", text)]
+    )
     catalog._create("replica_public", "events", [], [SourceColumn("payload", text)])
     # a column added later: the ALTER goes through the same topology
     ch.statements.append(
@@ -102,9 +103,13 @@ def parse_errors(statements: list[str]) -> dict[str, str]:
         "print(json.dumps(bad))\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", program], input=json.dumps(statements), capture_output=True,
-        text=True, timeout=120, check=True,
-    )  # fmt: skip
+        [sys.executable, "-c", program],
+        input=json.dumps(statements),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
