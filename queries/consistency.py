@@ -15,12 +15,8 @@ import threading
 import time
 from collections.abc import Sequence
 
-from projector.commit.ledger import (
-    NOTHING_KNOWN,
-    Consistency,
-    ConsistencyTracker,
-    TransactionLedger,
-)
+from projector.commit.consistency import NOTHING_KNOWN, Consistency, ConsistencyTracker
+from projector.commit.ledger import TransactionLedger
 
 log = logging.getLogger("queries")
 

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from projector.clickhouse import ParameterisedClickHouse, ParamValue
-from projector.commit.ledger import Consistency, lsn_text, parse_lsn
+from projector.commit.consistency import Consistency
+from projector.commit.transactions import lsn_text, parse_lsn
 from projector.errors import ClickHouseUnavailable
 from queries.adhoc import SqlLimits, clickhouse_code, first_line, run_read_only
 from queries.cache import CacheKey, ResultCache

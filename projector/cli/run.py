@@ -107,7 +107,7 @@ def _finish(
 ) -> Finish | None:
     """The finish line the options ask for (projector/commit/finish_line.py), None: run until stopped."""
     from projector.commit.finish_line import Finish, source_position
-    from projector.commit.ledger import parse_lsn
+    from projector.commit.transactions import parse_lsn
 
     chosen = [until_caught_up, until_lsn is not None, until_kafka_end]
     if sum(chosen) > 1:

@@ -48,7 +48,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from projector.commit.ledger import Unfinished, lsn_text, parse_lsn
+from projector.commit.transactions import Unfinished, lsn_text, parse_lsn
 from projector.errors import ConfigError, ProjectorError
 
 TopicPartitionKey = tuple[str, int]

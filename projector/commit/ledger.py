@@ -116,129 +116,23 @@ END without its counts.
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from connectors.config import CONTROL_SCHEMA
 from projector.clickhouse import ClickHouse, ident, insert_statement, literal_chunks, quote
 from projector.commit.checkpoint import BatchRange
-from projector.errors import NotAnLsn
+from projector.commit.transactions import (
+    EventCounts,
+    RecordedEnd,
+    Unfinished,
+    Watermark,
+    lsn_of,
+    xid_of,
+)
 
 log = logging.getLogger("projector")
 
-
-@dataclass(frozen=True)
-class Watermark:
-    tx_id: str
-    lsn: int
-    offset: int  # of the END event on the transaction topic
-
-    @property
-    def lsn_text(self) -> str:
-        return lsn_text(self.lsn)
-
-
-def lsn_text(lsn: int) -> str:
-    """Postgres' spelling of an LSN, e.g. 0/1A2B3C4."""
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
-
-
-_LSN_TEXT = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
-
-
-def parse_lsn(text: str) -> int:
-    """An LSN from Postgres' spelling (`pg_current_wal_lsn()`, e.g. 0/16B3748)."""
-    match = _LSN_TEXT.fullmatch(text.strip())
-    if match is None:
-        raise NotAnLsn(
-            f"{text!r} is not a Postgres LSN: expected two hexadecimal numbers like 0/16B3748, "
-            "as SELECT pg_current_wal_lsn() prints it"
-        )
-    return int(match.group(1), 16) << 32 | int(match.group(2), 16)
-
-
-@dataclass(frozen=True)
-class Unfinished:
-    """Transactions ended by the fence that still miss events on a projected table."""
-
-    transactions: int
-    tx_id: str  # one of them, for the log
-    data_collection: str
-    expected: int
-    settled: int  # applied or dead-lettered
-
-
-def lsn_of(tx_id: str) -> int:
-    """Debezium's Postgres transaction id is `<txId>:<lsn>`."""
-    _, _, lsn = tx_id.partition(":")
-    return int(lsn) if lsn.isdigit() else 0
-
-
-def xid_of(tx_id: str) -> str:
-    """The Postgres transaction id alone. Debezium's `<txId>:<lsn>` is not one string per
-    transaction: change events carry their own LSN after the colon, the END event another."""
-    return tx_id.partition(":")[0]
-
-
-@dataclass(frozen=True)
-class EventSpan:
-    """Events of one transaction on one table within one batch: who they are (their
-    `data_collection_order`, module docstring "Counted once"), and the smallest and largest of
-    their LSNs (what ties them to their END: module docstring, "Which END")."""
-
-    first_lsn: int
-    last_lsn: int
-    orders: frozenset[int] = frozenset()  # the events' data_collection_order
-    unnamed: int = 0  # events that carry no data_collection_order: counted as they come
-
-    @property
-    def events(self) -> int:
-        return len(self.orders) + self.unnamed
-
-    @classmethod
-    def of(cls, tx_id: str, order: int | None = None) -> tuple[str, EventSpan]:
-        """The transaction (xid) and span of one change event's Debezium transaction id and
-        `data_collection_order` (None when the event has none)."""
-        lsn = lsn_of(tx_id)
-        if order is None:
-            return xid_of(tx_id), cls(lsn, lsn, unnamed=1)
-        return xid_of(tx_id), cls(lsn, lsn, frozenset((int(order),)))
-
-    def __add__(self, other: EventSpan) -> EventSpan:
-        return EventSpan(
-            min(self.first_lsn, other.first_lsn),
-            max(self.last_lsn, other.last_lsn),
-            self.orders | other.orders,
-            self.unnamed + other.unnamed,
-        )
-
-
-@dataclass(frozen=True)
-class EventPlace:
-    """Where a change event stands in its source transaction: Debezium's transaction id
-    (`<xid>:<lsn>`) and its `data_collection_order` (its number among the transaction's events on
-    its table, 1, 2, ...; None when the event carries none)."""
-
-    tx_id: str
-    order: int | None
-
-    @classmethod
-    def of(cls, value: Mapping[str, Any] | None) -> EventPlace | None:
-        """The place of a decoded change event; None when it names no transaction."""
-        block = (value or {}).get("transaction") or {}
-        if not block.get("id"):
-            return None
-        order = block.get("data_collection_order")
-        return cls(str(block["id"]), None if order is None else int(order))
-
-    def span(self) -> tuple[str, EventSpan]:
-        return EventSpan.of(self.tx_id, self.order)
-
-
-# Per (xid, schema.table): the events a batch applied, or dead-lettered.
-EventCounts = Mapping[tuple[str, str], EventSpan]
 
 # The data collection of an END the projector could not decode: it touches every table, and
 # nothing ever completes it (module docstring, "An END that cannot be read").
@@ -690,77 +584,3 @@ def rows_to_keep(rows: Sequence[tuple[int, str, bool]]) -> set[int]:
         newest[collection] = newest[None] = offset
     keep.update(newest.values())  # before the end of the ledger
     return keep
-
-
-@dataclass(frozen=True)
-class RecordedEnd:
-    """One transaction's END as the ledger holds it."""
-
-    offset: int
-    tx_id: str
-    lsn: int
-    commit_ms: int  # Postgres commit time (Debezium's ts_ms); 0 when unknown
-
-    def watermark(self) -> Watermark:
-        return Watermark(self.tx_id, self.lsn, self.offset)
-
-
-@dataclass(frozen=True)
-class Consistency:
-    """Where a group of tables (a read model's sources) stands for readers (module docstring)."""
-
-    lsn: int  # every transaction on the tables committed at or before it is applied; 0: none known
-    commit_ms: int  # commit time of the newest END at or before `lsn`; 0 when unknown
-    watermark: Watermark | None  # the newest complete transaction on the tables
-    waiting_for: str | None  # the first incomplete transaction on the tables (its tx id)
-
-    @property
-    def lsn_text(self) -> str:
-        return lsn_text(self.lsn)
-
-
-NOTHING_KNOWN = Consistency(0, 0, None, None)
-
-
-class ConsistencyTracker:
-    """The consistency LSN of named groups of tables, kept up to date by `refresh` (steps of the
-    module docstring). Each refresh reads only ENDs recorded after the earliest point some group
-    could still be waiting at, so its cost follows the new transactions, not the ledger's size."""
-
-    def __init__(self, ledger: TransactionLedger, groups: Mapping[str, Sequence[str]]) -> None:
-        self.ledger = ledger
-        self.groups = {name: list(tables) for name, tables in groups.items()}
-        self.current: dict[str, Consistency] = dict.fromkeys(self.groups, NOTHING_KNOWN)
-        # Every END at or before this one is complete for every group (None: none known yet).
-        self._settled: RecordedEnd | None = None
-
-    def refresh(self) -> dict[str, Consistency]:
-        after = -1 if self._settled is None else self._settled.offset
-        newest = self.ledger.newest_end(after) or self._settled
-        if newest is None:
-            return self.current  # nothing recorded yet
-        if newest == self._settled:
-            return self.current  # nothing recorded since, and nothing was incomplete
-        every = sorted({t for tables in self.groups.values() for t in tables})
-        blocked = self.ledger.first_incomplete(every, after) if every else {}
-        settled: RecordedEnd | None = newest
-        for name, tables in self.groups.items():
-            first = min((blocked[t] for t in tables if t in blocked), default=None)
-            # The newest complete transaction on the tables: before the first incomplete one.
-            mark = self.ledger.newest_end(after, first, tables)
-            watermark = mark.watermark() if mark is not None else self.current[name].watermark
-            if first is None:  # step 4, nothing incomplete: the newest END of any table
-                self.current[name] = Consistency(newest.lsn, newest.commit_ms, watermark, None)
-                continue
-            waiting = self.ledger.newest_end(first - 1, first + 1)  # the incomplete END itself
-            preceding = self.ledger.newest_end(after, first) or self._settled
-            self.current[name] = Consistency(  # step 4: just before the first incomplete one
-                max(0, waiting.lsn - 1) if waiting else 0,
-                preceding.commit_ms if preceding else 0,
-                watermark,
-                waiting.tx_id if waiting else None,
-            )
-            if settled is not None and (preceding is None or preceding.offset < settled.offset):
-                settled = preceding
-        self._settled = settled
-        return self.current

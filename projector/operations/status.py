@@ -29,8 +29,10 @@ from confluent_kafka import KafkaException, TopicPartition
 
 from projector import kafka
 from projector.commit.checkpoint import PROJECTION, CheckpointStore
+from projector.commit.consistency import ConsistencyTracker
 from projector.commit.dead_letters import DeadLetterStore
-from projector.commit.ledger import ConsistencyTracker, TransactionLedger, lsn_text
+from projector.commit.ledger import TransactionLedger
+from projector.commit.transactions import lsn_text
 from projector.config import ProjectorConfig, client_environment, open_backend
 from projector.errors import ProjectorError
 from projector.operations.pauses import TablePauses

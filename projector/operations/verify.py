@@ -41,7 +41,9 @@ from typing import Any
 
 from projector.clickhouse import ClickHouse, ident, literal_chunks, quote
 from projector.commit.checkpoint import PROJECTION
-from projector.commit.ledger import ConsistencyTracker, TransactionLedger, lsn_text, parse_lsn
+from projector.commit.consistency import ConsistencyTracker
+from projector.commit.ledger import TransactionLedger
+from projector.commit.transactions import lsn_text, parse_lsn
 from projector.config import ProjectorConfig, open_backend
 from projector.errors import ProjectorError, VerifyError
 from projector.read_models.maintenance import ReadModelMaintainer, maintainer_for

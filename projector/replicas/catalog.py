@@ -23,14 +23,13 @@ Version arithmetic (`_version`), the argument in four steps:
 
 from __future__ import annotations
 
-import base64
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from projector.clickhouse import ClickHouse, ident, insert_statement, quote
+from projector.clickhouse import ClickHouse, ident, quote
 from projector.errors import PoisonMessage
 from schemas.type_map import ColumnType, UnconvertibleValue, UnsupportedType, column_type
 from schemas.upcasters import NO_UPCASTER, Upcaster
@@ -530,12 +529,6 @@ def _default_clause(column: SourceColumn) -> str:
     return f" DEFAULT CAST({quote(str(value).lower() if isinstance(value, bool) else str(value))} AS {column.ctype.clickhouse})"
 
 
-def is_toast_placeholder(value: Any) -> bool:
-    if value in (TOAST_PLACEHOLDER, TOAST_PLACEHOLDER_BYTES):
-        return True
-    return isinstance(value, list) and any(is_toast_placeholder(v) for v in value)
-
-
 def commit_ts(source: dict[str, Any]) -> str:
     return _millis_text(int(source.get("ts_ms") or 0))
 
@@ -544,65 +537,3 @@ def commit_ts(source: dict[str, Any]) -> str:
 def _millis_text(millis: int) -> str:
     """Many events share a commit millisecond: format each one once."""
     return datetime.fromtimestamp(millis / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-
-
-def encode_key(key: dict[str, Any] | None) -> str:
-    return base64.b64encode(repr(sorted((key or {}).items())).encode()).decode()
-
-
-def insert_rows(
-    ch: ClickHouse, replica: ReplicaTable, rows: Iterable[dict[str, Any]], token: str
-) -> int:
-    batch = list(rows)
-    if not batch:
-        return 0
-    columns = sorted({c for row in batch for c in row})
-    ch.execute(insert_statement(replica.qualified, columns, batch, token))
-    return len(batch)
-
-
-# Deletion markers are streamed in small blocks on one thread: flat memory on the embedded engine
-# too, whatever the table's size.
-MARKER_STREAMING = (
-    "max_block_size = 65536, max_insert_block_size = 65536, min_insert_block_size_rows = 65536, "
-    "min_insert_block_size_bytes = 0, max_threads = 1"
-)
-
-
-def insert_deletion_markers(
-    ch: ClickHouse, replica: ReplicaTable, marker: dict[str, Any], below: int, live_only: bool
-) -> None:
-    """Insert, inside ClickHouse (no key travels through Python), a deletion marker with the
-    metadata `marker` for every key of a keyed replica that has a row with a version below
-    `below` (a truncate's), or, `live_only`, whose newest row is below `below` and is not a
-    deletion (a re-snapshot's ghosts, projector/replicas/snapshot_sweep.py).
-
-    The markers carry no deduplication token, on purpose: they are idempotent (same key, same
-    version, same content), and the set of keys they cover may differ between a first attempt
-    and a replay (merges may by then have folded a key's older rows into its marker), so
-    token-ed blocks of a replay could be dropped wrongly. Without `live_only` there is no FINAL
-    and no DISTINCT: a key with several versions gets several identical markers, which merge
-    into one. With it, FINAL keeps each key's newest row and drops deleted keys *before* the
-    version filter: the filter must not become a PREWHERE, which would run before the merge
-    (`optimize_move_to_prewhere_if_final = 0`, ClickHouse's default, stated here because the
-    result depends on it)."""
-    keys = [ident(k) for k in replica.key_columns]
-    columns = ", ".join(keys + [ident(c) for c in marker])
-    # Positional, no aliases: an alias `… AS _version` would shadow the column in WHERE.
-    values = ", ".join(_sql_literal(v) for v in marker.values())
-    final, settings = "", MARKER_STREAMING
-    if live_only:
-        final, settings = " FINAL", f"{settings}, optimize_move_to_prewhere_if_final = 0"
-    ch.execute(
-        f"INSERT INTO {replica.qualified} ({columns}) SETTINGS insert_deduplicate = 0 "
-        f"SELECT {', '.join(keys)}, {values} FROM {replica.qualified}{final} "
-        f"WHERE _version < {int(below)} SETTINGS {settings}"
-    )
-
-
-def _sql_literal(value: Any) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int | float):
-        return repr(value)
-    return quote(str(value))

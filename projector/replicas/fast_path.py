@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from projector.clickhouse import AVRO_SOURCE, OFFSETS_SOURCE, ident, quote
-from projector.commit.ledger import EventSpan
+from projector.commit.transactions import EventSpan
 from projector.errors import StatementRejected
 from projector.replicas.catalog import (
     INPUT_SUFFIX,

@@ -59,7 +59,8 @@ from projector.commit.checkpoint import BatchRange
 from projector.errors import KafkaUnavailable
 from projector.kafka import table_of
 from projector.messages import RawMessage, message_columns
-from projector.replicas.catalog import ReplicaTable, insert_deletion_markers, metadata
+from projector.replicas.catalog import ReplicaTable, metadata
+from projector.replicas.rows import insert_deletion_markers
 from schemas.registry import SchemaCache
 
 log = logging.getLogger("projector")

@@ -14,14 +14,16 @@ from confluent_kafka import Producer
 
 from projector.commit.checkpoint import BatchCommitter, BatchRange
 from projector.commit.dead_letters import DeadLetter, DeadLetterStore
-from projector.commit.ledger import EventPlace, TransactionLedger
+from projector.commit.ledger import TransactionLedger
+from projector.commit.transactions import EventPlace
 from projector.config import ProjectorConfig
 from projector.errors import PoisonMessage
 from projector.kafka import source_table_of, table_of
 from projector.messages import KafkaMessages, RawMessage
 from projector.metrics import ProjectorMetrics
 from projector.read_models.maintenance import ReadModelMaintainer
-from projector.replicas.apply import BatchApplier, BatchOutcome, decode
+from projector.replicas.apply import BatchApplier
+from projector.replicas.events import BatchOutcome, decode
 from projector.replicas.fast_path import Segment
 from projector.replicas.topic_guard import TopicGuard
 from projector.run.retries import with_retries

@@ -18,10 +18,9 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from projector import kafka
 from projector.clickhouse import ClickHouse
@@ -35,15 +34,16 @@ from projector.commit.checkpoint import (
     cut_batch,
 )
 from projector.commit.finish_line import Finish, FinishLine
-from projector.commit.ledger import Unfinished
 from projector.config import ProjectorConfig
 from projector.errors import PartitionLost
 from projector.messages import KafkaMessages
 from projector.metrics import ProjectorMetrics
 from projector.run.batch import BatchWork
 from projector.run.duties import Duties, Duty
+from projector.run.partitions import PartitionState, offset_of
 from projector.run.parts import open_parts
 from projector.run.pausing import TablePausing
+from projector.run.progress import RunProgress
 from projector.run.reports import chores
 from projector.run.retries import TRANSIENT, with_retries
 from projector.run.upkeep import ReadModelUpkeep, ReplicaRebuildJobs, holds_whole
@@ -53,24 +53,6 @@ T = TypeVar("T")
 KEEP_POLLING_S = 1.0  # how often a member waiting long for its batch polls (stays in the group)
 FINISH_CHECK_S = 0.5  # how often a run asked to finish looks at its finish line, at most
 FIRST_WAITING_REPORT_S, WAITING_REPORT_S = 5.0, 30.0  # when it logs what it still waits for
-
-
-def offset_of(message: Message) -> int:
-    """A consumed message's offset (only error events have none)."""
-    offset = message.offset()
-    assert offset is not None
-    return offset
-
-
-@dataclass
-class PartitionState:
-    buffer: list[Message] = field(default_factory=list)  # consumed, not yet in a batch
-    replay: BatchRange | None = None  # an open intent to replay exactly
-    positioned: int = 0  # times steps A-C placed it: a batch cut before the last one is stale
-    high_watermark: int = 0
-    # Offsets whose events the ledger counted before a `projector reset` moved the partition
-    # back (checkpoint.py, R2): batches are cut at their edges and those inside count nothing.
-    counted: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Projector:
@@ -119,6 +101,14 @@ class Projector:
             max_partition_fetch_bytes=16 * 1024 * 1024,
         )
         self.producer = kafka.producer(config.kafka_bootstrap, linger_ms=50)
+        self.progress = RunProgress(
+            config,
+            self.consumer,
+            self.next_offset,
+            self.partitions,
+            parts.checkpoints,
+            parts.ledger,
+        )
         self.batches = BatchWork(
             config,
             parts.committer,
@@ -138,7 +128,16 @@ class Projector:
         """What this member does between batches, in this order (projector/run/duties.py)."""
         parts = self.parts
         wanted = with_retries(parts.pauses.wanted, "reading paused tables")
-        self.pausing = TablePausing(parts.pauses, self, self.metrics, wanted)
+        self.pausing = TablePausing(
+            parts.pauses,
+            self.consumer,
+            self.partitions,
+            self.next_offset,
+            self.release,
+            self.main_retries,
+            self.metrics,
+            wanted,
+        )
         duties: list[Duty] = [self.pausing]
         duties += chores(
             self.config,
@@ -159,10 +158,14 @@ class Projector:
         may_step = holds_whole(rebuilds, lambda: list(self.next_offset))
         duties.append(
             ReplicaRebuildJobs(
-                rebuilds, parts.requests, self.applied_to, may_step, self.main_retries
+                rebuilds, parts.requests, self.progress.applied_to, may_step, self.main_retries
             )
         )
-        return Duties(duties, settle=self._wait_for_batch, replay_pending=self._replay_pending)
+
+        def replay_pending() -> bool:
+            return any(state.replay is not None for state in self.partitions.values())
+
+        return Duties(duties, settle=self._wait_for_batch, replay_pending=replay_pending)
 
     # ---- assignment --------------------------------------------------------------------------
 
@@ -300,7 +303,7 @@ class Projector:
         signal.signal(signal.SIGINT, self.request_stop)
         # Fixed now, once: a line read afresh at every check moves on (heartbeats) and is never
         # reached.
-        finish_line = None if finish is None else FinishLine(finish, _RunProgress(self))
+        finish_line = None if finish is None else FinishLine(finish, self.progress)
         if finish is not None:
             log.info("running until %s is applied", finish.describe())
         # Before any batch: a serving read model must see every batch, and a backfill chunk left
@@ -489,17 +492,18 @@ class Projector:
                 [tp for tp in self.consumer.assignment() if (tp.topic, tp.partition) not in waiting]
             )
 
-    def _sleep_polling(self, seconds: float) -> None:
-        """The main thread's back-off: it keeps polling while it sleeps."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            self._poll_paused()
-            time.sleep(min(left, KEEP_POLLING_S))
-
     def main_retries(self, action: Callable[[], T], what: str) -> T:
-        """`with_retries` on the main thread: never so long that Kafka drops the member."""
+        """`with_retries` on the main thread: never so long that Kafka drops the member (its
+        back-off keeps polling while it sleeps)."""
+
+        def sleep_polling(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while (left := deadline - time.monotonic()) > 0:
+                self._poll_paused()
+                time.sleep(min(left, KEEP_POLLING_S))
+
         try:
-            return with_retries(action, what, sleep=self._sleep_polling)
+            return with_retries(action, what, sleep=sleep_polling)
         finally:
             self._resume_paused()
 
@@ -544,81 +548,9 @@ class Projector:
 
     # ---- what the duties ask of the loop (projector/run/pausing.py, upkeep.py) ------------------
 
-    def _replay_pending(self) -> bool:
-        return any(state.replay is not None for state in self.partitions.values())
-
-    def positioned(self) -> dict[tuple[str, int], bool]:
-        """The partitions it applies, each with whether a replay is pending."""
-        return {
-            key: state.replay is not None
-            for key, state in self.partitions.items()
-            if key in self.next_offset
-        }
-
-    def hold(self, keys: list[tuple[str, int]]) -> None:
-        self.consumer.pause([TopicPartition(topic, partition) for topic, partition in keys])
-
     def release(self, keys: list[tuple[str, int]]) -> None:
         for topic, partition in keys:
             # Steps A-C again: while held, its checkpoint may have moved (`projector reset`,
             # checkpoint.py R1-R3); our claim then lost, and this one is newer.
             self._reposition(topic, partition)
         self.consumer.resume([TopicPartition(t, p) for t, p in keys if (t, p) in self.next_offset])
-
-    def applied_to(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int | None]:
-        """Per partition, the next offset to apply: everything before it is applied. Ours from
-        this process (call with no batch in flight), the others' from their checkpoints, read
-        afresh (the checkpoint table, not the group's offsets, is the truth: step B)."""
-        applied: dict[tuple[str, int], int | None] = {}
-        theirs = []
-        for topic, partition in partitions:
-            next_offset = self.next_offset.get((topic, partition))
-            if next_offset is None:
-                theirs.append((topic, partition))
-                continue
-            state = self.partitions.get((topic, partition))
-            if state is None or not state.buffer:
-                # Nothing consumed waits to be applied: the consumer's position is past what
-                # Kafka skipped (gaps at the end: transaction markers, compaction) too.
-                (position,) = self.consumer.position([TopicPartition(topic, partition)])
-                next_offset = max(next_offset, position.offset)
-            applied[(topic, partition)] = next_offset
-        checkpoints = self.checkpoints.load(theirs) if theirs else {}
-        for key in theirs:
-            checkpoint = checkpoints.get(key)
-            applied[key] = None if checkpoint is None else checkpoint.resume_offset
-        return applied
-
-
-class _RunProgress:
-    """The finish line's view of a running projector (projector/commit/finish_line.py, `Progress`)."""
-
-    def __init__(self, projector: Projector) -> None:
-        self.projector = projector
-
-    def end_offsets(self) -> dict[tuple[str, int], int]:
-        """End offsets of every subscribed partition, from fresh metadata (a topic created a
-        moment ago counts)."""
-        consumer, config = self.projector.consumer, self.projector.config
-        ends = {}
-        for topic, topic_metadata in consumer.list_topics(timeout=10).topics.items():
-            if not config.subscribes_to(topic):
-                continue
-            for partition in topic_metadata.partitions:
-                tp = TopicPartition(topic, partition)
-                _, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
-                if high > 0:
-                    ends[(topic, partition)] = high
-        return ends
-
-    def applied_to(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int | None]:
-        return self.projector.applied_to(partitions)
-
-    def fence_offset(self, lsn: int) -> int | None:
-        return self.projector.ledger.fence_offset(lsn)
-
-    def unfinished(self, fence_offset: int) -> Unfinished | None:
-        config = self.projector.config
-        return self.projector.ledger.unfinished(
-            fence_offset, config.topic_pattern(), config.topic_prefix
-        )

@@ -13,37 +13,22 @@ inside a rebalance).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
+
+from confluent_kafka import Consumer, TopicPartition
 
 from projector.kafka import table_of
 from projector.metrics import ProjectorMetrics
 from projector.operations.pauses import TablePauses
+from projector.run.partitions import PartitionState
 from projector.run.retries import TRANSIENT
 
 log = logging.getLogger("projector")
 T = TypeVar("T")
 Key = tuple[str, int]
 PAUSE_CHECK_S = 1.0  # how often it reads which tables `projector pause` paused
-
-
-class PartitionControl(Protocol):
-    """What pausing needs of the run loop."""
-
-    def positioned(self) -> dict[Key, bool]:
-        """The partitions it applies, each with whether a replay is pending."""
-        ...
-
-    def hold(self, keys: list[Key]) -> None:
-        """Stop fetching `keys`; what they fetched waits in their buffers."""
-        ...
-
-    def release(self, keys: list[Key]) -> None:
-        """Position `keys` afresh (steps A-C) and fetch them again."""
-        ...
-
-    def main_retries(self, action: Callable[[], T], what: str) -> T: ...
 
 
 class TablePausing:
@@ -54,11 +39,19 @@ class TablePausing:
     def __init__(
         self,
         pauses: TablePauses,
-        loop: PartitionControl,
+        consumer: Consumer,
+        partitions: Mapping[Key, PartitionState],
+        next_offset: Mapping[Key, int],
+        release: Callable[[list[Key]], None],
+        retries: Callable[[Callable[[], Any], str], Any],
         metrics: ProjectorMetrics,
         wanted: set[str],
     ) -> None:
-        self.pauses, self.loop, self.metrics = pauses, loop, metrics
+        """`partitions`, `next_offset`: the loop's own, read here; `release`: positions partitions
+        afresh (steps A-C) and fetches them again; `retries`: the loop's, polling meanwhile."""
+        self.pauses, self.consumer, self.metrics = pauses, consumer, metrics
+        self.partitions, self.next_offset = partitions, next_offset
+        self.release, self.retries = release, retries
         self.wanted = wanted  # SCHEMA.TABLE asked to be paused, as last read
         self.paused: set[Key] = set()  # partitions held back by `projector pause`
         self._recorded: dict[str, bool] = {}  # what this member recorded it did
@@ -87,9 +80,9 @@ class TablePausing:
     def run(self) -> None:
         to_pause, to_resume = self._moves()
         if to_pause or to_resume:
-            self.loop.hold(to_pause)
+            self.consumer.pause([TopicPartition(topic, partition) for topic, partition in to_pause])
             self.paused.update(to_pause)
-            self.loop.release(to_resume)  # still counted paused: no retry inside resumes them early
+            self.release(to_resume)  # still counted paused: no retry inside resumes them early
             self.paused.difference_update(to_resume)
         for table, paused in sorted(self._unrecorded().items()):
             log.info(
@@ -98,16 +91,18 @@ class TablePausing:
                 table,
                 "pause" if paused else "resume",
             )
-            self.loop.main_retries(partial(self.pauses.record, table, paused), "recording a pause")
+            self.retries(partial(self.pauses.record, table, paused), "recording a pause")
             self._recorded[table] = paused
             self.metrics.table_paused.labels(table).set(int(paused))
 
     def _moves(self) -> tuple[list[Key], list[Key]]:
-        positioned = self.loop.positioned()
         pause = [
             key
-            for key, replay_pending in positioned.items()
-            if key not in self.paused and not replay_pending and table_of(key[0]) in self.wanted
+            for key, state in self.partitions.items()
+            if key in self.next_offset
+            and key not in self.paused
+            and state.replay is None
+            and table_of(key[0]) in self.wanted
         ]
         resume = [key for key in self.paused if table_of(key[0]) not in self.wanted]
         return pause, resume

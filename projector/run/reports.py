@@ -11,7 +11,8 @@ from typing import Protocol
 
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
-from projector.commit.ledger import TransactionLedger, Watermark
+from projector.commit.ledger import TransactionLedger
+from projector.commit.transactions import Watermark
 from projector.config import ProjectorConfig
 from projector.metrics import ProjectorMetrics
 from projector.read_models.definitions import ReadModel

@@ -27,7 +27,7 @@ from pathlib import Path
 import psycopg
 from confluent_kafka import Consumer, TopicPartition
 
-from projector.commit.ledger import parse_lsn
+from projector.commit.transactions import parse_lsn
 from tests.integration.conftest import PROJECTOR, StackHandle, one_backend
 from tests.integration.projector_harness import ProjectorProcess, assert_replica_equals_source
 from tests.integration.test_watermarks import read_model_over

@@ -7,7 +7,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from projector.commit.ledger import ConsistencyTracker, RecordedEnd, parse_lsn
+from projector.commit.consistency import ConsistencyTracker
+from projector.commit.transactions import RecordedEnd, parse_lsn
 from queries.cache import CacheKey, ResultCache
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from projector.commit.finish_line import Finish, FinishLine, partitions_behind, source_position
-from projector.commit.ledger import Unfinished, lsn_text, parse_lsn
+from projector.commit.transactions import Unfinished, lsn_text, parse_lsn
 from projector.config import connector_source_dsn, load_config
 from projector.errors import ConfigError
 

@@ -14,7 +14,8 @@ from projector.commit.checkpoint import BatchRange
 from projector.commit.dead_letters import DeadLetter
 from projector.errors import CheckpointError, ClickHouseUnavailable, not_the_message
 from projector.messages import RawMessage
-from projector.replicas.apply import BatchApplier, BatchOutcome
+from projector.replicas.apply import BatchApplier
+from projector.replicas.events import BatchOutcome
 from schemas.errors import RegistryUnavailable
 
 BATCH = BatchRange("cdc.public.t", 0, 100, 131)

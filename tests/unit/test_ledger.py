@@ -14,7 +14,8 @@ import pytest
 
 from projector.clickhouse import ChdbBackend, literal_chunks
 from projector.commit.checkpoint import BatchRange
-from projector.commit.ledger import EventPlace, EventSpan, TransactionLedger, rows_to_keep
+from projector.commit.ledger import TransactionLedger, rows_to_keep
+from projector.commit.transactions import EventPlace, EventSpan
 
 A, B, HEARTBEAT = "public.a", "public.b", "debezium.heartbeat"
 

@@ -13,7 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from projector.clickhouse import ParamValue, Topology
-from projector.commit.ledger import Consistency, Watermark
+from projector.commit.consistency import Consistency
+from projector.commit.transactions import Watermark
 from queries.api import create_app
 from queries.cache import ResultCache
 from queries.named import load_named_queries

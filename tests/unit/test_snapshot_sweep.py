@@ -16,13 +16,8 @@ import pytest
 from projector.clickhouse import ChdbBackend
 from projector.commit.checkpoint import BatchRange
 from projector.messages import RawMessage
-from projector.replicas.catalog import (
-    ReplicaCatalog,
-    ReplicaTable,
-    SourceColumn,
-    insert_rows,
-    metadata,
-)
+from projector.replicas.catalog import ReplicaCatalog, ReplicaTable, SourceColumn, metadata
+from projector.replicas.rows import insert_rows
 from projector.replicas.snapshot_sweep import (
     AVRO_MARKS,
     SNAPSHOT_MARKS,
