@@ -24,8 +24,7 @@ FLOORS = [
 ]  # fmt: skip
 MAX_LINES, MAX_METHODS = 600, 20
 # Rooms larger than the rule, each with its reason.
-LARGER: dict[str, str] = {
-}
+LARGER: dict[str, str] = {}
 
 
 def _modules() -> dict[str, Path]:
