@@ -38,6 +38,9 @@ class ProjectorConfig(BaseModel):
     # Which tables of those schemas (a regular expression for the whole table name).
     table_pattern: str = "[^.]+"
     group_id: str = "projector"
+    # The connector's publication (`publication.name`, PUBLICATION_NAME): the captured tables, whose
+    # replicas exist before their first event (projector/replicas/source_tables.py).
+    publication: str = "projector_pub"
 
     backend: Literal["chdb", "server"] = "chdb"
     chdb_path: Path = Field(default_factory=lambda: Path.cwd() / ".stack" / "chdb")
@@ -213,12 +216,16 @@ def client_environment(env: dict[str, str] | None = None) -> dict[str, str]:
     return merged
 
 
-_ENV_ALIASES = {"KAFKA_BOOTSTRAP": "kafka_bootstrap", "REGISTRY_URL": "registry_url"}
+_ENV_ALIASES = {
+    "KAFKA_BOOTSTRAP": "kafka_bootstrap",
+    "REGISTRY_URL": "registry_url",
+    "PUBLICATION_NAME": "publication",
+}
 
 
 def load_config(path: Path | None = None, env: dict[str, str] | None = None) -> ProjectorConfig:
     """Defaults, then the TOML file at `path`, then the environment by `client_environment`'s
-    rule (`PROJECTOR_<FIELD>`, and `KAFKA_BOOTSTRAP` / `REGISTRY_URL`)."""
+    rule (`PROJECTOR_<FIELD>`, and `KAFKA_BOOTSTRAP` / `REGISTRY_URL` / `PUBLICATION_NAME`)."""
     env = client_environment(env)
     values: dict[str, object] = {}
     if path is not None:

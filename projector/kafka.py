@@ -54,6 +54,15 @@ def _librdkafka(settings: dict[str, Any]) -> dict[str, Any]:
     return {name.replace("_", "."): value for name, value in settings.items()}
 
 
+def topic_names(admin: AdminClient) -> set[str] | None:
+    """Every topic Kafka has now (None: Kafka cannot say right now)."""
+    try:
+        return set(admin.list_topics(timeout=10).topics)
+    except KafkaException as exc:
+        log.warning("cannot list topics: %s", exc)
+        return None
+
+
 def describe_topic(admin: AdminClient, topic: str) -> tuple[str, int] | None:
     """Kafka's id and partition count of `topic` now (None: Kafka cannot say right now)."""
     try:

@@ -39,7 +39,7 @@ from projector.errors import PartitionLost
 from projector.messages import KafkaMessages
 from projector.metrics import ProjectorMetrics
 from projector.run.batch import BatchWork
-from projector.run.duties import Duties, Duty
+from projector.run.duties import Chore, Duties, Duty
 from projector.run.partitions import PartitionState, offset_of
 from projector.run.parts import open_parts
 from projector.run.pausing import TablePausing
@@ -51,6 +51,7 @@ from projector.run.upkeep import ReadModelUpkeep, ReplicaRebuildJobs, holds_whol
 log = logging.getLogger("projector")
 T = TypeVar("T")
 KEEP_POLLING_S = 1.0  # how often a member waiting long for its batch polls (stays in the group)
+SOURCE_REPLICAS_CHECK_S = 30.0  # how often it looks for captured tables without a replica
 FINISH_CHECK_S = 0.5  # how often a run asked to finish looks at its finish line, at most
 FIRST_WAITING_REPORT_S, WAITING_REPORT_S = 5.0, 30.0  # when it logs what it still waits for
 
@@ -148,6 +149,19 @@ class Projector:
             parts.ledger,
             parts.read_model_list,
         )
+
+        def create_source_replicas() -> None:
+            for line in parts.source_replicas.create_missing():
+                log.info(line)
+
+        # Before the read models: a family starts once each of its sources has a replica.
+        self.source_replicas = Chore(
+            "creating replicas of captured tables",
+            create_source_replicas,
+            every_s=SOURCE_REPLICAS_CHECK_S,
+            failed=lambda name: self.metrics.chore_failures.labels(name).inc(),
+        )
+        duties.append(self.source_replicas)
         self.read_model_upkeep = None
         if parts.read_models is not None:
             self.read_model_upkeep = ReadModelUpkeep(
@@ -308,6 +322,7 @@ class Projector:
             log.info("running until %s is applied", finish.describe())
         # Before any batch: a serving read model must see every batch, and a backfill chunk left
         # open by a crash is finished before anything else changes what it read (replay first).
+        self.source_replicas.run()  # a read model over a table still empty exists from the start
         if self.read_model_upkeep is not None:
             self.read_model_upkeep.start()
         self.consumer.subscribe(

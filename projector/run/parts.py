@@ -27,6 +27,7 @@ from projector.replicas.catalog import ReplicaCatalog
 from projector.replicas.fast_path import FastPath
 from projector.replicas.signal_table import SignalTable
 from projector.replicas.snapshot_sweep import SnapshotSweep
+from projector.replicas.source_tables import SourceReplicas
 from projector.replicas.topic_guard import TopicGuard, TopicShape
 from projector.run.retries import with_retries
 from schemas.registry import SchemaCache
@@ -50,6 +51,7 @@ class RunParts:
     read_model_list: list[ReadModel]
     requests: OpsRequests  # rebuilds and rollbacks, asked through a control table
     pauses: TablePauses
+    source_replicas: SourceReplicas  # replicas of captured tables that never changed
 
 
 def open_parts(config: ProjectorConfig, ch: ClickHouse, admin: AdminClient) -> RunParts:
@@ -99,6 +101,16 @@ def open_parts(config: ProjectorConfig, ch: ClickHouse, admin: AdminClient) -> R
         read_model_list=load_read_models(config.read_models_file),
         requests=requests,
         pauses=pauses,
+        source_replicas=SourceReplicas(
+            config.source_dsn,
+            config.publication,
+            config.schemas,
+            config.table_pattern,
+            catalog,
+            upcasters,
+            partial(kafka.table_topic, config.topic_prefix),
+            partial(kafka.topic_names, admin),
+        ),
     )
 
 

@@ -12,6 +12,11 @@ import json
 import re
 from dataclasses import dataclass
 
+import psycopg
+
+from projector.config import load_config
+from projector.replicas.source_tables import captured_tables, debezium_type
+from schemas.type_map import column_type
 from tests.integration.conftest import StackHandle
 from tests.integration.projector_harness import ProjectorProcess
 
@@ -221,6 +226,25 @@ def test_every_type_round_trips_through_the_real_stack(
             if canonical(case, pg_value) != canonical(case, ch_value):
                 mismatches.append(f"{case.column} row {pg_row[0]}: pg={pg_value!r} ch={ch_value!r}")
     assert not mismatches, "\n".join(mismatches)
+
+    # A replica created before a table's first event (projector/replicas/source_tables.py) has
+    # the types this one got from Debezium's real schema: every column it maps, the same type.
+    with psycopg.connect(stack.admin_dsn) as conn:
+        publication = load_config(env=projector.env).publication
+        (source,) = captured_tables(conn, publication, ["public"], re.escape(table))
+    derived = {
+        c.name: column_type(avro).clickhouse
+        for c in source.columns
+        if (avro := debezium_type(c)) is not None
+    }
+    types = projector.sql(
+        "SELECT "
+        + ", ".join(f"toTypeName({name}) AS {name}" for name in derived)
+        + f" FROM {projector.replica_db}.{table} LIMIT 1"
+    )[0]
+    assert derived == types
+    unmapped = {c.name for c in source.columns} - set(derived)
+    assert unmapped <= {c.column for c in CASES if "[]" in c.pg_type}, unmapped
 
     # `projector verify` computes the same text on both sides for every type here
     # (schemas/canonical_text.py): it finds the table equal, every column compared.
