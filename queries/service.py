@@ -239,8 +239,9 @@ class QueryService:
             if clickhouse_code(exc) in UNKNOWN_OBJECT:
                 raise ReadModelMissing(
                     f"query {query.name} reads {', '.join(query.read_models)}, which does not "
-                    f"exist yet: the projector creates a read model once its source tables have "
-                    f"replicas ({first_line(exc)})"
+                    "exist yet: the projector creates a read model once its source tables have "
+                    "replicas and serves it once it is backfilled (`projector read-models list` "
+                    f"shows its progress; pass min_lsn to wait for it) ({first_line(exc)})"
                 ) from exc
             raise
         lines = [line for line in out.splitlines() if line.strip()]

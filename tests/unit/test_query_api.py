@@ -192,6 +192,7 @@ def test_a_missing_read_model_says_so(parts: Any) -> None:
     answer = client.get("/queries/order_by_id?order_id=1", headers=AUTH)
     assert answer.status_code == 503
     assert "order_summary" in answer.json()["message"]
+    assert "backfilled" in answer.json()["message"] and "min_lsn" in answer.json()["message"]
     # A client waiting for its write (min_lsn passed) hears "behind, coming": 202, Retry-After,
     # and the watermark reached, not an error.
     waiting = client.get("/queries/order_by_id?order_id=1&min_lsn=0/3E8", headers=AUTH)
