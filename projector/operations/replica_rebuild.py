@@ -136,10 +136,7 @@ RECHECK_DELAYS_S = (1.0, 2.0, 4.0, 8.0)  # S5: keys that differ from Postgres, c
 class ReplicaRebuilds:
     """The protocol above, between batches: a job started, stepped, verified and exchanged,
     rolled back, or its old table dropped. Its parts: `job_store` (the records, and the names
-    of a job's tables), `topics`, `notifications` and `shadows` (the modules named above).
-
-    `jobs`, `job`, `checkpoints`, `partitions` and `_earliest` only hand on to `job_store` and
-    `topics`, for the CLI and the runner until they call those directly."""
+    of a job's tables), `topics`, `notifications` and `shadows` (the modules named above)."""
 
     def __init__(
         self,

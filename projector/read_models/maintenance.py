@@ -90,9 +90,7 @@ class ReadModelMaintainer:
     above), and a building version's keys recomputed chunk by chunk (its backfill). Which
     versions there are, and their states, is `family_versions`' (versions.py).
 
-    `ensure`, `ensure_known`, `versions`, `reconcile` and `family_named` only hand on to
-    `family_versions` (and `active` is its dict), for the CLI, the runner and the DLQ replay
-    until they call it directly."""
+    `active` is `family_versions`' dict of the versions batches keep."""
 
     def __init__(
         self,

@@ -39,6 +39,7 @@ from typing import Protocol
 
 log = logging.getLogger("projector")
 LOG_REPEAT_S = 60.0  # a chore that keeps failing is logged once a minute, not every round
+IDLE_ROUND_S = 0.05  # how long `drive_here` waits when no duty was due
 
 
 class Duty(Protocol):
@@ -62,19 +63,23 @@ class Duties:
     replay_pending: Callable[[], bool] = lambda: False
     clock: Callable[[], float] = time.monotonic
 
-    def run_due(self) -> None:
+    def run_due(self) -> bool:
+        """Run the due duties; whether any ran."""
         if self.replay_pending():
-            return
+            return False
         due = [duty for duty in self.duties if duty.due(self.clock())]
         if not due:
-            return
+            return False
         self.settle()
+        ran = False
         for duty in due:
             # Settling can re-position a partition (a refused batch) and a duty's retries poll
             # Kafka (an assignment): either may open a replay, which then goes first.
             if self.replay_pending():
-                return
+                return ran
             duty.run()
+            ran = True
+        return ran
 
     def run_now(self, action: Callable[[], None]) -> None:
         """Work that cannot wait for its turn (at the finish line), under the same rule."""
@@ -90,9 +95,11 @@ def drive_here(duties: Sequence[Duty], busy: Callable[[], bool]) -> None:
     no replay pending, so the rule holds by itself."""
     rounds = Duties(duties)
     while True:
-        rounds.run_due()
+        ran = rounds.run_due()
         if not busy():
             return
+        if not ran:
+            time.sleep(IDLE_ROUND_S)  # nothing due yet: no busy loop of `busy` queries
 
 
 @dataclass

@@ -6,8 +6,10 @@ a replica rebuild, never interleave with a batch that writes what they read. Wha
 and why it is exact is the owners' (projector/read_models/maintenance.py and
 projector/operations/replica_rebuild.py); here is only when it runs.
 
-Transient failures are retried while the member keeps polling (`MainRetries`); a rebuild that is
-refused fails alone.
+Transient failures are retried while the member keeps polling (`MainRetries`); a rebuild step
+that is refused (`RebuildRefused`: its verification failed, Debezium's snapshot failed, Kafka
+stopped answering a read for a minute) fails its job alone, in `projector run` and in a chDB
+command alike (`projector rebuild` again starts a new job); the pipeline goes on.
 """
 
 from __future__ import annotations
