@@ -53,6 +53,10 @@ class ProjectorConfig(BaseModel):
     clickhouse_cluster: str | None = None
     # Replica of source schema S lives in ClickHouse database `<replica_prefix>S`.
     replica_prefix: str = "replica_"
+    # Analysts' views of the replicas' current rows (docs/analysts.md) live in database
+    # `<view_prefix>S`. Unset: the replica prefix without its `replica_` (`shop.orders` beside
+    # `replica_shop.orders`), else the replica prefix and `current_`.
+    view_prefix: str | None = None
     control_database: str = "projector"
 
     # Consume Debezium's transaction topic to compute consistency watermarks.
@@ -176,6 +180,14 @@ class ProjectorConfig(BaseModel):
         return bool(re.match(self.topic_pattern(), topic)) or (
             self.transaction_metadata and topic == self.transaction_topic
         )
+
+    @property
+    def analyst_view_prefix(self) -> str:
+        if self.view_prefix is not None:
+            return self.view_prefix
+        if self.replica_prefix.endswith("replica_"):
+            return self.replica_prefix.removesuffix("replica_")
+        return f"{self.replica_prefix}current_"
 
     @property
     def transaction_topic(self) -> str:

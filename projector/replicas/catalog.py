@@ -23,7 +23,7 @@ Version arithmetic (`_version`), the argument in four steps:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -187,12 +187,15 @@ class ReplicaCatalog:
         ch: ClickHouse,
         database_prefix: str,
         reread: Callable[[str, str], None] = lambda table, reason: None,
+        views: AnalystViews | None = None,
     ) -> None:
         """`reread(table, reason)` asks for the source table (`schema.table`) to be read again
-        from Postgres (projector/replicas/signal_table.py)."""
+        from Postgres (projector/replicas/signal_table.py); `views`: the analysts' view of each
+        replica, kept with its shape (the live replicas' catalog only, not a rebuild's shadow)."""
         self.ch = ch
         self.prefix = database_prefix
         self.reread = reread
+        self.views = views
         self.tables: dict[tuple[str, str], ReplicaTable] = {}
 
     def database_for(self, source_schema: str) -> str:
@@ -271,6 +274,8 @@ class ReplicaCatalog:
         for column in step.converted:
             self._alter(replica, f"MODIFY COLUMN {ident(column.name)} {column.ctype.clickhouse}")
             replica.columns[column.name] = column.ctype.clickhouse
+        if self.views is not None:
+            self.views.keep(source_schema, replica)
         return replica
 
     def _alter(self, replica: ReplicaTable, action: str) -> None:
@@ -364,6 +369,46 @@ class ReplicaCatalog:
         loaded = self._load(database, table)
         assert loaded is not None
         return loaded
+
+
+class AnalystViews:
+    """For every replica, a view of its current rows for analysts and BI tools:
+    `<view prefix><schema>.<table>` = the source table's columns, one row per live key, no
+    `FINAL` to remember and no metadata columns (an append-only replica: every row). Kept with
+    the replica's shape: (re)made when `ensure` creates or changes the table, and the first time
+    a process meets it. docs/analysts.md."""
+
+    def __init__(self, ch: ClickHouse, prefix: str, reserved: Collection[str] = ()) -> None:
+        """`reserved`: databases a view never goes to (the control and read-model databases)."""
+        self.ch, self.prefix = ch, prefix
+        self.reserved = {*reserved, "system", "information_schema", "INFORMATION_SCHEMA"}
+        self._shapes: dict[str, tuple[str, ...]] = {}  # view → the columns it was made with
+
+    def database_for(self, source_schema: str) -> str:
+        return f"{self.prefix}{source_schema}"
+
+    def keep(self, source_schema: str, replica: ReplicaTable) -> None:
+        database = self.database_for(source_schema)
+        if database in self.reserved or database == replica.database:
+            return
+        view = f"{ident(database)}.{ident(replica.name)}"
+        columns = tuple(
+            name
+            for name in replica.columns
+            if name not in META_COLUMNS and not name.endswith(INPUT_SUFFIX)
+        )
+        if self._shapes.get(view) == columns:
+            return
+        selected = ", ".join(ident(c) for c in columns)
+        rows = (
+            f"SELECT {selected} FROM {replica.qualified}"
+            if replica.append_only
+            else f"SELECT {selected} FROM {replica.qualified} FINAL WHERE NOT _is_deleted"
+        )
+        topology = self.ch.topology
+        self.ch.execute(topology.create_database(database))
+        self.ch.execute(topology.create_or_replace_view(view, rows))
+        self._shapes[view] = columns
 
 
 UPCASTERS_FILE_HINT = "schemas/upcasters.toml"
