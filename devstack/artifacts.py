@@ -92,6 +92,20 @@ def fetch_all(settings: StackSettings, log: Callable[[str], None] = print) -> Ja
     return paths
 
 
+JDBC_DRIVER_VERSION = "0.10.0"  # com.clickhouse:clickhouse-jdbc (v2), as BI tools bundle it
+
+
+def fetch_jdbc_driver(settings: StackSettings) -> Path:
+    """The ClickHouse JDBC driver v2 and what it needs, as jars in one folder (fetched once): for
+    the test that connects a BI tool's driver (tests/integration/test_analyst_views.py)."""
+    folder = settings.cache_dir / f"clickhouse-jdbc-{JDBC_DRIVER_VERSION}"
+    if not is_complete(folder):
+        _require_tool("mvn", "Maven (apt-get install maven)")
+        _maven_copy_dependencies("jdbc.xml", folder, {"jdbc.version": JDBC_DRIVER_VERSION})
+        _mark_complete(folder)
+    return folder
+
+
 def _require_tool(name: str, hint: str) -> None:
     if shutil.which(name) is None:
         raise StackError(f"'{name}' is not on PATH; install {hint} (make test does this for you)")

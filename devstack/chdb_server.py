@@ -9,7 +9,8 @@ uses, the way a server answers it:
 
 - `GET /ping`; `POST /` with the statement in the `query` parameter and/or the body (a server
   joins them with a line break), run with the output format the statement names (`FORMAT Native`
-  from clickhouse-connect) or `default_format`;
+  from clickhouse-connect), `default_format`, or the header `X-ClickHouse-Format` (the Java
+  client's); answers are never compressed (`compress=1` is not honoured);
 - every other URL parameter is a setting for this one statement (`format_avro_schema_registry_url`,
   `max_threads`, `date_time_input_format`, ...), except the ones a server reserves for the HTTP
   layer (`query_id`, `wait_end_of_query`, `compress`, ...);
@@ -295,7 +296,12 @@ class _Handler(BaseHTTPRequestHandler):
         if not sql.strip():
             self._send(400, b"Code: 62. DB::Exception: Empty query. (SYNTAX_ERROR)")
             return
-        fmt = params.get("default_format", "TabSeparated")
+        # The output format: `default_format`, or the header the ClickHouse Java client sends.
+        fmt = (
+            params.get("default_format")
+            or self.headers.get("X-ClickHouse-Format")
+            or "TabSeparated"
+        )
         try:
             bound = {k[len("param_") :]: v for k, v in params.items() if k.startswith("param_")}
             out = self.server.run_statement(sql, fmt, settings, external, bound)

@@ -2,18 +2,22 @@
 writes to, runs the metadata queries tools issue, and reads a replica's current rows through its
 view: no `FINAL`, no metadata columns, the same rows Postgres has.
 
-clickhouse-connect is the driver Superset uses; here it talks to `projector chdb-server` (or the
-server PROJECTOR_TEST_CLICKHOUSE_URL names) over ClickHouse's HTTP interface.
+clickhouse-connect is the driver Superset uses, the ClickHouse JDBC driver v2 the one Metabase,
+DBeaver and DataGrip use (driven by tests/integration/jdbc/AnalystProbe.java, the calls those tools
+make to browse); both talk to `projector chdb-server` (or the server PROJECTOR_TEST_CLICKHOUSE_URL
+names) over ClickHouse's HTTP interface.
 """
 
 from __future__ import annotations
 
+import subprocess
 from decimal import Decimal
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import clickhouse_connect
 
+from devstack.artifacts import fetch_jdbc_driver
 from tests.integration.conftest import StackHandle
 from tests.integration.projector_harness import ProjectorProcess
 
@@ -63,3 +67,42 @@ def test_a_bi_driver_reads_current_rows_through_the_views(
     # Without the view, the same count needs FINAL and the deletion flag: what it saves.
     raw = client.command(f"SELECT count() FROM {projector.replica_db}.{table}")
     assert int(raw) > count
+
+    # The JDBC driver, browsing as Metabase and DBeaver do: databases, tables, columns, a query.
+    # (`compress=false`: `projector chdb-server` does not compress answers; a server does.)
+    jars = fetch_jdbc_driver(stack.stack.settings)
+    probe = Path(__file__).parent / "jdbc" / "AnalystProbe.java"
+    classes = tmp_path / "classes"
+    compiled = subprocess.run(
+        ["javac", "-d", str(classes), "-cp", f"{jars}/*", str(probe)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert compiled.returncode == 0, compiled.stderr
+    jdbc_url = f"jdbc:clickhouse://{url.hostname}:{url.port}?compress=false"
+    ran = subprocess.run(
+        [
+            "java",
+            "-cp",
+            f"{jars}/*:{classes}",
+            "AnalystProbe",
+            jdbc_url,
+            url.username or "default",
+            url.password or "",
+            view_database,
+            table,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    facts: dict[str, list[str]] = {}
+    for line in ran.stdout.splitlines():
+        kind, _, value = line.partition("\t")
+        facts.setdefault(kind, []).append(value)
+    assert facts["product"][0].startswith("ClickHouse")
+    assert view_database in facts["schema"] and table in facts["table"]
+    assert facts["column"] == ["id", "name", "price"]
+    assert (int(facts["count"][0]), Decimal(facts["total"][0])) == (count, total)
