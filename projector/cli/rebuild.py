@@ -149,12 +149,12 @@ def _rebuild_replica(
     """`projector rebuild SCHEMA.TABLE [--from kafka|snapshot]` (projector/operations/replica_rebuild.py)."""
     from projector.config import open_backend
     from projector.kafka import table_topic
-    from projector.operations.replica_jobs import (
+    from projector.operations.replica_rebuild_jobs import BUILDING, SNAPSHOT, SNAPSHOTTING
+    from projector.operations.replica_rebuild_progress import (
         kafka_history,
         live_positions,
         open_replica_rebuilds,
     )
-    from projector.operations.replica_rebuild_jobs import BUILDING, SNAPSHOT, SNAPSHOTTING
     from projector.operations.requests import REBUILD, OpsRequests
     from projector.run.upkeep import rebuild_replicas_here
 
@@ -290,7 +290,7 @@ def _show_replica_progress(
     live_next: LiveNext,
     started: float,
 ) -> None:
-    from projector.operations.replica_jobs import job_progress
+    from projector.operations.replica_rebuild_progress import job_progress
 
     applied, total = job_progress(rebuilds, job, live_next)
     rate = applied / max(1e-3, time.monotonic() - started)

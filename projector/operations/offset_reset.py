@@ -60,7 +60,7 @@ from projector.commit.checkpoint import PROJECTION, CheckpointStore
 from projector.config import ProjectorConfig, open_backend
 from projector.errors import ResetRefused
 from projector.operations.pauses import TablePauses
-from projector.operations.replica_jobs import open_replica_rebuilds
+from projector.operations.replica_rebuild_progress import open_replica_rebuilds
 
 MEMBER = "projector reset"
 
