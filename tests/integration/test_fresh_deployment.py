@@ -9,17 +9,14 @@ the same read model.
 
 from __future__ import annotations
 
-import subprocess
-import time
 from pathlib import Path
 
-import httpx
 import psycopg
 
 from devstack.shop import create_shop
-from tests.integration.conftest import FENCE_TABLE, PROJECTOR, StackHandle
-from tests.integration.projector_harness import ProjectorProcess, free_port
-from tests.integration.test_query_service import TOKEN, Service, write
+from tests.integration.conftest import StackHandle
+from tests.integration.projector_harness import ProjectorProcess
+from tests.integration.test_query_service import serve_shop, write
 
 
 def test_an_order_without_lines_is_served_at_its_lsn_on_a_fresh_shop(
@@ -43,32 +40,9 @@ def test_an_order_without_lines_is_served_at_its_lsn_on_a_fresh_shop(
             ),
         ],
     )
-    port = free_port()
-    projector.env |= {
-        "PROJECTOR_SCHEMAS": f"public,{s}",
-        "PROJECTOR_TABLE_PATTERN": f"({FENCE_TABLE}|customers|products|orders|order_items)",
-        "PROJECTOR_READ_MODEL_SCHEMA": s,
-        "PROJECTOR_TRANSACTION_METADATA": "true",
-        "PROJECTOR_API_TOKEN": TOKEN,
-    }
-    with projector.log.open("ab") as out:
-        process = subprocess.Popen(
-            [PROJECTOR, "run", "--serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=projector.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    service = Service(f"http://127.0.0.1:{port}", s, projector, process)
+    service = serve_shop(projector, s)
+    process = service.process
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                service.get("/health")
-                break
-            except httpx.HTTPError:
-                assert process.poll() is None, projector.log.read_text()[-3000:]
-                assert time.monotonic() < deadline, projector.log.read_text()[-3000:]
-                time.sleep(1)
         # Before: order_summary needs order_items and products, which never changed: 202 for
         # as long as the client waits.
         answer = service.read_your_write("/queries/order_by_id", {"order_id": str(order)}, lsn)

@@ -59,14 +59,9 @@ def write(stack: StackHandle, statements: list[tuple[str, list[Any]]]) -> tuple[
     return results, str(lsn)
 
 
-@pytest.fixture(scope="module")
-def service(stack: StackHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    workdir = tmp_path_factory.mktemp("query-service")
-    projector = ProjectorProcess(stack, workdir)
-    schema = f"shop_{projector.unique}"
-    create_shop(stack.admin_dsn, schema)
-    stack.apply(capture=f"public,{schema}")
-    ShopWriter(stack.admin_dsn, schema, seed=11).run(rate_per_s=0, transactions=200)
+def serve_shop(projector: ProjectorProcess, schema: str, ready: str = "/health") -> Service:
+    """`projector run --serve` over the shop in `schema` (its read models, a token), once `ready`
+    answers 200 (the default: up; a query: its read models created too)."""
     port = free_port()
     projector.env |= {
         "PROJECTOR_SCHEMAS": f"public,{schema}",
@@ -84,19 +79,30 @@ def service(stack: StackHandle, tmp_path_factory: pytest.TempPathFactory) -> Ite
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    url = f"http://127.0.0.1:{port}"
-    running = Service(url, schema, projector, process)
+    running = Service(f"http://127.0.0.1:{port}", schema, projector, process)
     deadline = time.monotonic() + 120
-    while True:  # up, and the read models created over the shop's replicas
+    while True:
         try:
-            if running.get("/queries/order_counts_by_status").status_code == 200:
-                break
+            if running.get(ready).status_code == 200:
+                return running
         except httpx.HTTPError:
             pass
         assert process.poll() is None, projector.log.read_text()[-3000:]
         assert time.monotonic() < deadline, projector.log.read_text()[-3000:]
         time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def service(stack: StackHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    workdir = tmp_path_factory.mktemp("query-service")
+    projector = ProjectorProcess(stack, workdir)
+    schema = f"shop_{projector.unique}"
+    create_shop(stack.admin_dsn, schema)
+    stack.apply(capture=f"public,{schema}")
+    ShopWriter(stack.admin_dsn, schema, seed=11).run(rate_per_s=0, transactions=200)
+    running = serve_shop(projector, schema, ready="/queries/order_counts_by_status")
     yield running
+    process = running.process
     process.terminate()
     assert process.wait(60) == 0, projector.log.read_text()[-3000:]
 
