@@ -2,7 +2,7 @@
 
 1. start the stack (idempotent), create the shop's tables, apply the connector (schemas `public`
    and `shop`);
-2. run the shop writer (projector/shop.py) in a thread: an unchanged application writing SQL;
+2. run the shop writer (devstack/shop.py) in a thread: an unchanged application writing SQL;
 3. run the projector in this process on chDB; a reader thread of its own reads a few read models
    (precomputed tables: milliseconds) and the lag every second, and the projector's loop only
    hands the newest snapshot to the terminal between rounds of batches — it never waits for a
