@@ -41,6 +41,8 @@ class ProjectorConfig(BaseModel):
     # The connector's publication (`publication.name`, PUBLICATION_NAME): the captured tables, whose
     # replicas exist before their first event (projector/replicas/source_tables.py).
     publication: str = "projector_pub"
+    # The connector's replication slot (`slot.name`, SLOT_NAME): its health in the metrics.
+    slot_name: str = "projector_slot"
 
     backend: Literal["chdb", "server"] = "chdb"
     chdb_path: Path = Field(default_factory=lambda: Path.cwd() / ".stack" / "chdb")
@@ -232,6 +234,7 @@ _ENV_ALIASES = {
     "KAFKA_BOOTSTRAP": "kafka_bootstrap",
     "REGISTRY_URL": "registry_url",
     "PUBLICATION_NAME": "publication",
+    "SLOT_NAME": "slot_name",
 }
 
 

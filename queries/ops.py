@@ -26,6 +26,7 @@ from typing import Any
 from projector.clickhouse import ClickHouse
 from projector.commit.checkpoint import PROJECTION, CheckpointStore
 from projector.commit.dead_letters import DeadLetterStore
+from projector.kafka import table_of
 from projector.operations.status import connector_state, replication_slot, unreachable_or
 from projector.redaction import redact_values
 from queries.consistency import ReadPositions
@@ -45,6 +46,7 @@ class OpsMonitor:
         interval_s: float = 2.0,
         history_s: float = 600.0,
         wal_warning_bytes: int = 1 << 30,
+        transaction_topic: str | None = None,
     ) -> None:
         self.ch = ch
         self.positions = positions
@@ -54,6 +56,7 @@ class OpsMonitor:
         self.metrics_url = metrics_url
         self.env = dict(env)
         self.wal_warning_bytes = wal_warning_bytes
+        self.transaction_topic = transaction_topic
         self.interval_s = interval_s
         self.history: deque[dict[str, Any]] = deque(maxlen=max(2, int(history_s / interval_s)))
         self.latest: dict[str, Any] = {"sampled_at_ms": None}
@@ -109,6 +112,7 @@ class OpsMonitor:
                 "t_ms": now_ms,
                 "events": lag.get("total") if isinstance(lag, dict) else None,
                 "seconds": seconds.get("max") if isinstance(seconds, dict) else None,
+                "tables": lag.get("tables", {}) if isinstance(lag, dict) else {},
             }
         )
 
@@ -150,7 +154,16 @@ class OpsMonitor:
             )
             behind = max(0, end - checkpoint.resume_offset)
             partitions.append({"topic": topic, "partition": partition, "lag": behind})
-        return {"total": sum(p["lag"] for p in partitions), "partitions": partitions}
+        tables: dict[str, int] = {}  # events behind per source table (SCHEMA.TABLE)
+        for p in partitions:
+            if p["topic"] != self.transaction_topic and p["topic"].count(".") >= 2:
+                table = table_of(p["topic"])
+                tables[table] = tables.get(table, 0) + p["lag"]
+        return {
+            "total": sum(p["lag"] for p in partitions),
+            "partitions": partitions,
+            "tables": tables,
+        }
 
     def _lag_seconds(self) -> dict[str, Any]:
         if not self.metrics_url:

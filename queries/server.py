@@ -111,6 +111,7 @@ def build_server(config: ProjectorConfig, ch: ParameterisedClickHouse) -> QueryS
         client_environment(),
         interval_s=config.ops_sample_s,
         wal_warning_bytes=config.wal_retained_warning_bytes,
+        transaction_topic=config.transaction_topic,
     )
     app = create_app(service, config.api_token, monitor.status)
     app.router.on_startup.append(monitor.start)

@@ -49,11 +49,13 @@ class BatchWork:
         schemas: SchemaCache,
         metrics: ProjectorMetrics,
         stopping: Callable[[], bool],
+        after_commit: Callable[[BatchRange], None] = lambda batch: None,
     ) -> None:
+        """`after_commit`: a report on each committed batch (never its failure)."""
         self.config, self.committer, self.applier = config, committer, applier
         self.ledger, self.guard, self.read_models = ledger, guard, read_models
         self.dlq, self.producer, self.schemas = dlq, producer, schemas
-        self.metrics, self.stopping = metrics, stopping
+        self.metrics, self.stopping, self.after_commit = metrics, stopping, after_commit
         self.applied_events = 0
         self.fast_events = 0  # of which applied by the fast path
         self.dead_letters = 0
@@ -76,6 +78,7 @@ class BatchWork:
             f"applying {batch.topic}[{batch.partition}] {batch.first}-{batch.last}",
             stop=self.stopping,
         )
+        self.after_commit(batch)
         return batch
 
     def _apply(

@@ -47,6 +47,7 @@ from projector.run.progress import RunProgress
 from projector.run.reports import chores
 from projector.run.retries import TRANSIENT, with_retries
 from projector.run.upkeep import ReadModelUpkeep, ReplicaRebuildJobs, holds_whole
+from projector.run.visibility import VisibilityReport
 
 log = logging.getLogger("projector")
 T = TypeVar("T")
@@ -122,6 +123,9 @@ class Projector:
             parts.schemas,
             self.metrics,
             lambda: self.stopping,
+            VisibilityReport(
+                parts.ch, parts.applier.catalog, self.metrics, config, parts.read_model_list
+            ).after_commit,
         )
         self.duties = self._duties()
 

@@ -6,6 +6,7 @@ replica and read model exact.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -42,6 +43,11 @@ def chores(
 
     lag = lag_reporter(metrics, consumer, next_offset, partitions)
     found = [Chore("reporting lag", lag, every_s=1, failed=failed)]
+    if config.source_dsn:
+        slot = SlotReport(config.source_dsn, config.slot_name, metrics)
+        found.append(
+            Chore("reporting the replication slot", slot.report, every_s=15, failed=failed)
+        )
     if config.transaction_metadata:
         marks = WatermarkReport(config, metrics, ledger, read_models)
         every_s = config.ledger_prune_interval_s
@@ -116,6 +122,64 @@ class WatermarkReport:
                 self.metrics.watermark_lsn.labels(model.name).set(mark.lsn)
         if failure is not None:
             raise failure
+
+
+class SlotReport:
+    """The connector's replication slot into the metrics: active (and for how long not), the WAL
+    it retains, and the headroom before Postgres would invalidate it (`safe_wal_size` over
+    `max_slot_wal_keep_size`; NaN when that is unlimited). Read with the projector's source login:
+    `pg_replication_slots` is readable by every role."""
+
+    def __init__(
+        self,
+        dsn: str,
+        slot: str,
+        metrics: ProjectorMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.dsn, self.slot, self.metrics, self.clock = dsn, slot, metrics, clock
+        self._inactive_since: float | None = None
+
+    def report(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.dsn, connect_timeout=5, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT active, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
+                "safe_wal_size, current_setting('max_slot_wal_keep_size') "
+                "FROM pg_replication_slots WHERE slot_name = %s",
+                [self.slot],
+            ).fetchone()
+        active, retained, safe, keep = row if row is not None else (False, 0, None, "-1")
+        self.record(bool(active), int(retained or 0), safe, keep)
+
+    def record(self, active: bool, retained: int, safe: int | None, keep_setting: str) -> None:
+        now = self.clock()
+        if active:
+            self._inactive_since = None
+        elif self._inactive_since is None:
+            self._inactive_since = now
+        labels = self.metrics.slot_active.labels(self.slot)
+        labels.set(int(active))
+        inactive_s = 0.0 if self._inactive_since is None else now - self._inactive_since
+        self.metrics.slot_inactive_seconds.labels(self.slot).set(inactive_s)
+        self.metrics.slot_retained_wal_bytes.labels(self.slot).set(retained)
+        keep = setting_bytes(keep_setting)
+        ratio = float("nan") if keep is None or safe is None else max(0.0, safe / keep)
+        self.metrics.slot_wal_headroom_ratio.labels(self.slot).set(ratio)
+
+
+def setting_bytes(text: str) -> int | None:
+    """A Postgres size setting as `current_setting` shows it (`-1`, `1024MB`, `10GB`, `512kB`)
+    in bytes; None when unlimited."""
+    text = text.strip()
+    if text in ("-1", ""):
+        return None
+    units = {"kB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text) * 1024**2  # a bare number is in megabytes (the setting's unit)
 
 
 def prune_ledger(ledger: TransactionLedger) -> None:

@@ -31,6 +31,7 @@ def test_metrics_count_events_lag_and_dead_letters(
     projector.env["PROJECTOR_METRICS_PORT"] = str(port)
     table = projector.table("mx_orders")
     topic = f"cdc.public.{table}"
+    started = time.monotonic()
     stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, placed date, qty int)")
     stack.apply()
     for i in range(30):
@@ -57,6 +58,29 @@ def test_metrics_count_events_lag_and_dead_letters(
         assert metrics[("projector_consumer_lag_offsets", labels)] == 0
         assert metrics[("projector_consumer_lag_seconds", labels)] == 0
         assert metrics[("projector_batch_seconds_count", (("path", path),))] >= 1
+        # Commit to visible: one observation per event the replica holds (from its own rows),
+        # each no older than this test, in buckets that only grow.
+        visible = (("table", f"public.{table}"),)
+        assert metrics[("projector_commit_to_visible_seconds_count", visible)] == expected_events
+        buckets = sorted(
+            (float(dict(labels)["le"]), value)
+            for (name, labels), value in metrics.items()
+            if name == "projector_commit_to_visible_seconds_bucket"
+            and dict(labels)["table"] == f"public.{table}"
+        )
+        counts = [value for _, value in buckets]
+        assert counts == sorted(counts) and counts[-1] == expected_events, buckets
+        elapsed = time.monotonic() - started
+        assert (
+            0
+            < metrics[("projector_commit_to_visible_seconds_sum", visible)]
+            <= (expected_events * elapsed)
+        )
+        # The connector's slot, read from Postgres every 15 s.
+        slot = (("slot", "projector_slot"),)
+        assert metrics[("projector_slot_active", slot)] == 1
+        assert metrics[("projector_slot_inactive_seconds", slot)] == 0
+        assert metrics[("projector_slot_retained_wal_bytes", slot)] >= 0
         # `projector status` reads the same endpoint while the projector runs.
         status = projector.cli("status", "--json")
         assert status.returncode == 0, status.stderr

@@ -145,6 +145,21 @@ def test_the_ops_page_shows_projections_and_follows_the_lag(
         wait_until("lag > 0 on the page", lambda: (lag() or 0) > 0, 120)
         page.screenshot(path=str(tmp / "ops-page-lagging.png"), full_page=True)
         assert page.locator('#chart polyline[data-series="events"]').count() == 1
+        # per table: the shop's tables each a line, with its name and how far behind it is
+        orders = f"{deployment['schema']}.orders"
+        wait_until(
+            "the orders table behind on the per-table chart",
+            lambda: (
+                page.locator(f'#table-chart polyline[data-table="{orders}"]').count() == 1
+                and int(
+                    page.inner_text(f'#table-legend span[data-table="{orders}"]')
+                    .rsplit(" ", 1)[-1]
+                    .replace(",", "")
+                )
+                > 0
+            ),
+            60,
+        )
 
         processes["run"] = start(["run"], projector.env, projector.log)  # and runs again
         wait_until("lag back to 0 on the page", lambda: lag() == 0, 240, projector.log)
