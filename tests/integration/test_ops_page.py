@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.shop import ShopWriter, create_shop
 from tests.integration.conftest import FENCE_TABLE, PROJECTOR, StackHandle
@@ -85,6 +86,7 @@ def deployment(stack: StackHandle, tmp_path: Path) -> Iterator[dict[str, object]
         "schema": schema,
         "stack": stack,
         "tmp": tmp_path,
+        "metrics_port": metrics_port,
     }
     for process in (*processes.values(), chdb_server):
         process.send_signal(signal.SIGTERM)
@@ -136,7 +138,39 @@ def test_the_ops_page_shows_projections_and_follows_the_lag(
         # backlog of other tests' transactions): the state follows within a few samples.
         wait_until("orders_by_status current", lambda: state() == "current", 120, projector.log)
         assert page.inner_text("#connector").startswith("RUNNING")
+        # Commit to visible, per read model: every event of its source tables, each observed
+        # once (the read models are kept in the batch that writes the replica rows).
+        schema = str(deployment["schema"])
+        metrics_url = f"http://127.0.0.1:{deployment['metrics_port']}/metrics"
 
+        def visible_counts() -> dict[tuple[str, str], float]:
+            exposition = httpx.get(metrics_url, timeout=5).text
+            return {
+                (sample.name, next(iter(sample.labels.values()))): sample.value
+                for family in text_string_to_metric_families(exposition)
+                for sample in family.samples
+                if sample.name.endswith("commit_to_visible_seconds_count")
+            }
+
+        def consistent(counts: dict[tuple[str, str], float]) -> bool:
+            def table(name: str) -> float:
+                return counts.get(
+                    ("projector_commit_to_visible_seconds_count", f"{schema}.{name}"), 0
+                )
+
+            def model(name: str) -> float:
+                return counts.get(("projector_read_model_commit_to_visible_seconds_count", name), 0)
+
+            sources = sum(table(t) for t in ("orders", "customers", "order_items", "products"))
+            return (
+                table("orders") > 0
+                and model("orders_by_status") == table("orders")
+                and model("order_summary") == sources
+            )
+
+        wait_until(
+            "commit-to-visible counted per read model", lambda: consistent(visible_counts()), 30
+        )
         processes["run"].send_signal(signal.SIGTERM)  # the projector stops; the shop goes on
         assert processes["run"].wait(60) == 0
         ShopWriter(stack.admin_dsn, str(deployment["schema"]), seed=6).run(
