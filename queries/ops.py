@@ -112,7 +112,7 @@ class OpsMonitor:
                 "t_ms": now_ms,
                 "events": lag.get("total") if isinstance(lag, dict) else None,
                 "seconds": seconds.get("max") if isinstance(seconds, dict) else None,
-                "tables": lag.get("tables", {}) if isinstance(lag, dict) else {},
+                "tables": _furthest_behind(lag.get("tables", {}) if isinstance(lag, dict) else {}),
             }
         )
 
@@ -187,3 +187,10 @@ class OpsMonitor:
 
     def _slot(self) -> dict[str, Any]:
         return replication_slot(self.env, self.wal_warning_bytes)
+
+
+HISTORY_TABLES = 50  # tables kept per history sample (the furthest behind): bounded payloads
+
+
+def _furthest_behind(tables: dict[str, int]) -> dict[str, int]:
+    return dict(sorted(tables.items(), key=lambda item: (-item[1], item[0]))[:HISTORY_TABLES])
