@@ -1,13 +1,15 @@
 """Commit to visible, per table and per read model, counted from ClickHouse's own rows.
 
 After each batch of a table is committed, one query over that batch's rows in the replica (found
-by `_partition` and `_offset`, the minmax index every replica has) counts per event its
+by `_partition` and `_offset`, the minmax index every replica has) counts per row version its
 `_commit_ts` (Postgres' commit, Debezium's `ts_ms`) until `_ingested_at` (ClickHouse's clock when
 the row was inserted: when a reader of the replica can see it) and until now (the batch's read
 models were kept in the same commit, so a reader sees them from now on), already bucketed, into
 `projector_commit_to_visible_seconds{table}` and `projector_read_model_commit_to_visible_seconds
-{read_model}`. An event is one offset: the deletion markers of one truncate count once. The
-alert rules (projector/alerts.yml) read the histograms' p99.
+{read_model}`. One observation per version a reader could see: versions of a key superseded
+inside the same batch never were (ClickHouse applies the replica's ReplacingMergeTree to each
+insert, `optimize_on_insert`), and the deletion markers of one truncate are one event. The alert
+rules (projector/alerts.yml) read the histograms' p99.
 
 A report only: a failing query is logged (once a minute) and counted as a chore failure, never
 the batch's.
