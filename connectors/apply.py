@@ -38,6 +38,7 @@ from connectors.columns import (
     ColumnLists,
     ColumnRules,
     changed_tables,
+    drop_column_lists,
     install_column_guard,
     plan_column_lists,
     sync_column_lists,
@@ -132,6 +133,9 @@ class ApplyResult:
     # trigger of `install_capture_trigger`); False: the admin role may not create it.
     follows_new_tables: bool = True
     reread: tuple[str, ...] = ()  # tables re-read because their excluded/masked columns changed
+    # False: no event triggers (not a superuser), so no column lists: excluded columns are left
+    # out by the connector alone (they reach Kafka Connect, never Kafka)
+    column_lists: bool = True
 
 
 def opted_in(env: Mapping[str, str], flag: bool = False) -> bool:
@@ -159,14 +163,11 @@ def plan_apply(
     current = client.config(name)
     config_change = ConfigChange.between(current, {**config, "name": name})
     joining = () if publication.created else publication.added
-    keyless = without_primary_key(conn, list(joining))
     rules = ColumnRules.from_env(env)
     column_lists = plan_column_lists(conn, config["publication.name"], rules, list(tables))
-    reread = tuple(
-        t
-        for t in changed_tables(rules, current)
-        if t in tables and t not in joining and t not in keyless
-    )
+    changed = [t for t in changed_tables(rules, current) if t in tables and t not in joining]
+    keyless = without_primary_key(conn, [*joining, *changed])
+    reread = tuple(t for t in changed if t not in keyless)
     return ApplyPlan(
         name,
         config,
@@ -201,9 +202,13 @@ def apply_connector(
             plan.config["database.user"],
         )
         change = sync_publication(conn, plan.config["publication.name"], list(plan.tables))
-        # the excluded columns stay home: column lists, kept across the application's DDL
-        sync_column_lists(conn, plan.config["publication.name"], plan.column_lists)
-        install_column_guard(conn, plan.config["publication.name"], plan.rules)
+        # the excluded columns stay home: column lists, kept right across the application's
+        # DDL by event triggers (without them a list would fail its DROP COLUMN: none then)
+        column_lists = install_column_guard(conn, plan.config["publication.name"], plan.rules)
+        keep = plan.column_lists.lists if column_lists else {}
+        drop_column_lists(conn, plan.config["publication.name"], keep)
+        if column_lists:
+            sync_column_lists(conn, plan.config["publication.name"], plan.column_lists)
         follows_new_tables = install_capture_trigger(
             conn,
             plan.config["publication.name"],
@@ -234,6 +239,7 @@ def apply_connector(
         plan.not_snapshotted,
         follows_new_tables,
         plan.reread,
+        column_lists or not plan.rules.excluded,
     )
 
 

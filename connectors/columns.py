@@ -29,7 +29,7 @@ before stay in Kafka's history (docs/operations.md, "Keeping PII out").
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import psycopg
@@ -213,6 +213,28 @@ def sync_column_lists(conn: psycopg.Connection, publication: str, plan: ColumnLi
             conn.execute(
                 sql.SQL("ALTER PUBLICATION {} ADD TABLE {} ({})").format(name, qualified, columns)
             )
+
+
+def drop_column_lists(
+    conn: psycopg.Connection, publication: str, keep: Collection[str] = ()
+) -> None:
+    """The publication's tables with a column list, but those of `keep`, published whole again
+    (no rule excludes a column of theirs any more; or there are no event triggers to keep lists
+    right across the application's DDL, and a list would fail its DROP COLUMN)."""
+    name = sql.Identifier(publication)
+    listed = conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_publication_rel r JOIN pg_publication p ON "
+        "p.oid = r.prpubid JOIN pg_class c ON c.oid = r.prrelid JOIN pg_namespace n ON "
+        "n.oid = c.relnamespace WHERE p.pubname = %s AND r.prattrs IS NOT NULL",
+        [publication],
+    ).fetchall()
+    for schema, table in listed:
+        if f"{schema}.{table}" in keep:
+            continue
+        with conn.transaction():
+            qualified = sql.Identifier(schema, table)
+            conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(name, qualified))
+            conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(name, qualified))
 
 
 # Around the application's ALTER TABLE (and after its CREATE TABLE): see the module docstring.

@@ -114,6 +114,15 @@ def connectors_apply(
         console.print(
             f"publication: removed {', '.join(result.publication.removed)}", highlight=False
         )
+    if not result.column_lists:
+        console.print(
+            "[yellow]warning:[/yellow] the admin role may not create event triggers (only a "
+            "superuser may), which keep publication column lists right across the application's "
+            "ALTER TABLE: excluded columns are left out by the connector alone (they reach Kafka "
+            "Connect, never Kafka)",
+            highlight=False,
+            soft_wrap=True,
+        )
     if result.reread:
         console.print(
             f"re-reading {', '.join(result.reread)}: its excluded or masked columns changed",

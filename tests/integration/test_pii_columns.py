@@ -57,11 +57,6 @@ def test_excluded_and_masked_columns_never_reach_kafka_the_replica_the_dlq_or_th
         f"CREATE TABLE {table} (id int PRIMARY KEY, name text, email text, ssn text, "
         "born date, note text)"
     )
-    stack.sql(
-        f"INSERT INTO {table} SELECT i, 'Fullname' || lpad(i::text, 4, '0') || 'Zq', "
-        "'person' || (i % 30) || '@pii.example', 'SSN-' || lpad(i::text, 4, '0') || '-7d1f', "
-        f"'1990-01-01', 'n' FROM generate_series(1, {PEOPLE}) i"
-    )
     try:
         shown = subprocess.run(
             [PROJECTOR, "connectors", "apply", "--dry-run"],
@@ -80,6 +75,12 @@ def test_excluded_and_masked_columns_never_reach_kafka_the_replica_the_dlq_or_th
             "SELECT attnames FROM pg_publication_tables WHERE tablename = %s", [table]
         )
         assert "ssn" not in published and "email" in published, published
+        # The rules hold before the first row is written (what Kafka has, it keeps).
+        stack.sql(
+            f"INSERT INTO {table} SELECT i, 'Fullname' || lpad(i::text, 4, '0') || 'Zq', "
+            "'person' || (i % 30) || '@pii.example', 'SSN-' || lpad(i::text, 4, '0') || '-7d1f', "
+            f"'1990-01-01', 'n' FROM generate_series(1, {PEOPLE}) i"
+        )
 
         # The workload, the application's migrations among it.
         stack.sql(
