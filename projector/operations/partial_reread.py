@@ -138,7 +138,7 @@ class PartialRereads:
             "start": {str(p): o or 0 for (_, p), o in live.items()},
         }
         self.job_store.record(
-            job, SNAPSHOTTING, f"re-reading the {matching} row(s) where {where} (R2)"
+            job, SNAPSHOTTING, f"re-reading the {matching} row(s) where {where}"
         )
         self.ask_for_snapshot(job)  # after the record: asked again on resume, harmlessly
         log.info(

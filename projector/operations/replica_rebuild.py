@@ -269,7 +269,7 @@ class ReplicaRebuilds:
                 f"`projector table reset {table}`)"
             )
         if where:
-            if live_next is None:
+            if live_next is None or not self.notification_topic or self.schemas is None:
                 raise RebuildRefused("a partial re-read runs in the projector")
             self._keyed_replica(job)
             live = live_next([(job.topic, p) for p in sorted(lows)])
