@@ -137,9 +137,7 @@ class PartialRereads:
             "matching": matching,
             "start": {str(p): o or 0 for (_, p), o in live.items()},
         }
-        self.job_store.record(
-            job, SNAPSHOTTING, f"re-reading the {matching} row(s) where {where}"
-        )
+        self.job_store.record(job, SNAPSHOTTING, f"re-reading the {matching} row(s) where {where}")
         self.ask_for_snapshot(job)  # after the record: asked again on resume, harmlessly
         log.info(
             "re-reading the %d row(s) of %s where %s through a Debezium snapshot",
@@ -160,12 +158,12 @@ class PartialRereads:
                 return False
             ends = self.topics.end_offsets(job.topic)
             job.snapshot["end"] = {str(p): o for p, o in ends.items()}
-            self.job_store.record(
-                job,
-                CATCHING_UP,
+            detail = (
                 f"Debezium read the rows where {job.where} ({progress.rows} rows); the live "
-                f"table catches up to {ends}",
+                f"table catches up to {ends}"
             )
+            self.job_store.record(job, CATCHING_UP, detail)
+            log.info("re-read of %s: %s", job.table, detail)
         if job.state != CATCHING_UP:
             return False  # ended (re-read or failed) since the job list was read
         partitions = self.topics.partitions(job.topic)

@@ -97,7 +97,7 @@ def test_a_partial_reread_repairs_the_matching_rows_only_while_writes_go_on(
         assert reason in refused.stdout + refused.stderr, refused.stdout + refused.stderr
     assert stack.sql(f"SELECT count(*) FROM {table}") == [(ROWS,)]  # nothing dropped
     dry = projector.cli("rebuild", f"public.{table}", "--where", INSIDE, "--dry-run")
-    assert dry.returncode == 0 and "1,000 row(s)" in dry.stdout, dry.stdout + dry.stderr
+    assert dry.returncode == 0 and "1,000 row(s)" in dry.stderr, dry.stdout + dry.stderr
 
     writing = threading.Event()
 
