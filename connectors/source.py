@@ -280,15 +280,25 @@ def sync_publication(
 
 
 def request_incremental_snapshot(
-    conn: psycopg.Connection, tables: list[str], signal_id: str | None = None
+    conn: psycopg.Connection,
+    tables: list[str],
+    signal_id: str | None = None,
+    where: str | None = None,
 ) -> str:
-    """Ask Debezium (through the signal table) to snapshot `tables` while streaming goes on.
+    """Ask Debezium (through the signal table) to snapshot `tables` while streaming goes on;
+    with `where`, only their rows matching that Postgres condition (Debezium's
+    `additional-conditions`, added to each chunk's SELECT).
 
     With a `signal_id` of the caller's, asking again is a no-op: the row exists, `ON CONFLICT DO
     NOTHING` writes nothing to the WAL, and Debezium (which reads signals from the WAL) sees
     one request. Debezium's notifications about the snapshot carry the signal's id."""
     signal_id = signal_id or str(uuid.uuid4())
-    payload = json.dumps({"data-collections": tables, "type": "incremental"})
+    request: dict[str, object] = {"data-collections": tables, "type": "incremental"}
+    if where:
+        request["additional-conditions"] = [
+            {"data-collection": table, "filter": where} for table in tables
+        ]
+    payload = json.dumps(request)
     conn.execute(
         sql.SQL(
             "INSERT INTO {} (id, type, data) VALUES (%s, 'execute-snapshot', %s) "

@@ -35,6 +35,11 @@ def rebuild(
         "--from",
         help="Where to rebuild from: replicas (a read model, the default); kafka or snapshot (a replica table, SCHEMA.TABLE; by default kafka when Kafka holds the table's whole history, else snapshot).",
     ),
+    where: str | None = typer.Option(
+        None,
+        "--where",
+        help='A replica table only: re-read just its rows matching this Postgres condition (e.g. "id BETWEEN 100 AND 200"), through a Debezium snapshot into the live table, then verify those rows; implies --from snapshot.',
+    ),
     no_swap: bool = typer.Option(
         False, "--no-swap", help="Build and verify it, but leave the serving version serving."
     ),
@@ -54,9 +59,11 @@ def rebuild(
     """Rebuild a read model's family from the replicas while the projection keeps serving: a
     new version is built beside the serving one, kept by every batch, verified against its
     definition, then swapped in (each view in one statement); the replaced version is kept for
-    `--rollback` until `--drop-old`. With a ClickHouse server the running projector does the
-    work between batches (this command asks and follows); with chDB (no projector may run) this
-    command does it itself."""
+    `--rollback` until `--drop-old`. A replica table (SCHEMA.TABLE) is rebuilt the same way from
+    Kafka or a Debezium snapshot; with `--where`, only its rows matching the condition are read
+    again, into the live table. With a ClickHouse server the running projector does the work
+    between batches (this command asks and follows); with chDB (no projector may run) this
+    command does it itself, or records it for the next `projector run`."""
     from projector.operations.requests import (
         DROP_OLD,
         REBUILD,
@@ -74,8 +81,18 @@ def rebuild(
         )
     action = actions[0] if actions else REBUILD
     config = load_settings(config_file)
+    if where is not None:
+        if "." not in name or action != REBUILD:
+            fail("--where re-reads rows of a replica table (SCHEMA.TABLE): no other option", code=2)
+        if (source or "snapshot") != "snapshot":
+            fail(
+                f"--where re-reads rows from Postgres: --from snapshot, not --from {source}", code=2
+            )
+        if not where.strip():
+            fail("--where needs a Postgres condition", code=2)
+        source = "snapshot"
     if "." in name:  # SCHEMA.TABLE: a replica table
-        _rebuild_replica(name, source or "auto", action, no_swap, dry_run, follow, config)
+        _rebuild_replica(name, source or "auto", action, no_swap, dry_run, follow, config, where)
         return
     if (source or "replicas") != "replicas":
         fail(
@@ -145,11 +162,15 @@ def _rebuild_replica(
     dry_run: bool,
     follow: bool,
     config: ProjectorConfig,
+    where: str | None = None,
 ) -> None:
-    """`projector rebuild SCHEMA.TABLE [--from kafka|snapshot]` (projector/operations/replica_rebuild.py)."""
+    """`projector rebuild SCHEMA.TABLE [--from kafka|snapshot] [--where CONDITION]`
+    (projector/operations/replica_rebuild.py, partial_reread.py)."""
     from projector.config import open_backend
     from projector.kafka import table_topic
-    from projector.operations.replica_rebuild_jobs import BUILDING, SNAPSHOT, SNAPSHOTTING
+    from projector.operations.partial_reread import count_matching
+    from projector.operations.replica_rebuild import rebuild_options
+    from projector.operations.replica_rebuild_jobs import BUILDING, REREAD, SNAPSHOT, SNAPSHOTTING
     from projector.operations.replica_rebuild_progress import (
         kafka_history,
         live_positions,
@@ -177,7 +198,23 @@ def _rebuild_replica(
             f"{table}: " + (", ".join(f"job {j.id} {j.state}" for j in jobs) or "no rebuild kept"),
             highlight=False,
         )
-        if action == REBUILD:
+        if action == REBUILD and where:
+            if not config.source_dsn:
+                fail("--where compares with Postgres: no source database is configured", code=2)
+            try:
+                matching = count_matching(str(config.source_dsn), table, where)
+            except ProjectorError as exc:
+                fail(str(exc), code=2)
+                raise
+            console.print(
+                f"would ask Debezium for an incremental snapshot of the {matching:,} row(s) of "
+                f"{table} where {where} (as Postgres has them now), apply them to the live "
+                "table as they arrive, then compare those rows with Postgres; nothing is "
+                "swapped, and rows Postgres no longer has are not removed (`projector verify` "
+                "finds them)",
+                highlight=False,
+            )
+        elif action == REBUILD:
             lows, complete = kafka_history(rebuilds, topic)
             if source == "snapshot" or (source == "auto" and not complete):
                 console.print(
@@ -204,7 +241,7 @@ def _rebuild_replica(
         else:
             console.print(f"would {action} (done by the projector between batches)")
         return
-    request = requests.ask(action, table, f"from-{source}")
+    request = requests.ask(action, table, rebuild_options(source, where or ""))
     started = time.monotonic()
     if config.backend == "chdb":  # no projector runs beside us: its part here, the table still
         try:
@@ -259,11 +296,13 @@ def _rebuild_replica(
     job = rebuilds.job_store.job(taken.detail)
     assert job is not None
     if job.state == SNAPSHOTTING and config.backend == "chdb":
+        what = "re-reads and verifies the rows" if job.where else "builds, verifies and swaps it"
         console.print(
-            f"{table} job {job.id}: Debezium was asked for a snapshot of the table; "
+            f"{table} job {job.id}: Debezium was asked for a snapshot of the "
+            f"{'rows where ' + job.where if job.where else 'table'}; "
             "with chDB the command cannot apply it (the live table must move for the "
             "snapshot's reads to arrive, and one process owns the data): the next "
-            "`projector run` builds, verifies and swaps it",
+            f"`projector run` {what}",
             highlight=False,
         )
         return
@@ -275,6 +314,8 @@ def _rebuild_replica(
     )
     if job.state == "failed":
         raise typer.Exit(1)
+    if job.state == REREAD:
+        return
     console.print(
         f"`projector rebuild {table} --rollback` serves the previous table again, "
         f"`projector rebuild {table} --drop-old` drops it",

@@ -49,8 +49,8 @@ on the same machinery. In order:
       that position at or past E. The shadow is then compared with Postgres
       (projector/operations/verify.py's key-range hashes, in a fresh REPEATABLE READ snapshot) once the
       live table is within `LAG_TO_VERIFY` messages of Kafka's end; keys that differ are
-      compared again after the pipeline moved on (`RECHECK_DELAYS_S`) until they agree or the
-      checks run out (failed). The live table is compared too, for the report
+      compared again after the pipeline moved on until they agree or the rounds run out
+      (failed): projector/operations/postgres_rounds.py. The live table is compared too, for the report
       only: it may be what was wrong. Then the exchange, as above.
 
 Why applying in topic order is exact (Debezium's incremental snapshot, DBLog): each chunk is
@@ -92,14 +92,15 @@ Debezium's notifications (snapshot_notifications.py).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from functools import partial
 
 from projector.clickhouse import ClickHouse, ident, quote
 from projector.commit.checkpoint import DONE, INTENT, BatchRange
 from projector.config import ProjectorConfig
-from projector.errors import RebuildRefused, SourceUnavailable, VerifyError
+from projector.errors import RebuildRefused, SourceUnavailable
+from projector.operations.partial_reread import PartialRereads
+from projector.operations.postgres_rounds import ComparisonRounds
 from projector.operations.rebuild_topics import RebuildTopics
 from projector.operations.replica_rebuild_jobs import (
     AUTO,
@@ -129,8 +130,6 @@ from schemas.upcasters import Upcasters
 log = logging.getLogger("projector.replica_rebuild")
 
 CHUNK_MESSAGES = 50_000  # messages a shadow partition moves per step, at most (config's default)
-LAG_TO_VERIFY = 1_000  # S5: messages the live table may be behind Kafka's end when compared
-RECHECK_DELAYS_S = (1.0, 2.0, 4.0, 8.0)  # S5: keys that differ from Postgres, compared again
 
 
 class ReplicaRebuilds:
@@ -167,9 +166,16 @@ class ReplicaRebuilds:
         )
         self.notifications = SnapshotNotifications(self.topics, notification_topic, schemas)
         self._asked: set[str] = set()  # S2 done by this process, per job
-        self._drift: dict[str, list[str]] = {}  # S5: keys that differed from Postgres, per job
-        self._checks: dict[str, tuple[int, float]] = {}  # S5: checks done, when the next is due
-        self._lag: dict[str, int] = {}  # S5: messages the live table is behind Kafka's end
+        self.rounds = ComparisonRounds()  # S5
+        self.partial = PartialRereads(
+            ch,
+            self.job_store,
+            self.topics,
+            self.notifications,
+            self.rounds,
+            source_dsn,
+            self._ask_for_snapshot,
+        )
 
     @classmethod
     def for_config(
@@ -222,12 +228,18 @@ class ReplicaRebuilds:
     # ---- starting ----
 
     def start(
-        self, table: str, request_id: str, source: str = KAFKA, live_next: LiveNext | None = None
+        self,
+        table: str,
+        request_id: str,
+        source: str = KAFKA,
+        live_next: LiveNext | None = None,
+        where: str = "",
     ) -> ReplicaRebuild:
         """Start rebuilding `table` (SCHEMA.TABLE) as job `request_id` (a request taken twice
         finds its job), from `source`: KAFKA, SNAPSHOT or AUTO (Kafka when it holds the topic's
         whole history, else a snapshot). From Kafka is refused when it does not; a snapshot
-        starts at the live position (`live_next`, with no batch in flight)."""
+        starts at the live position (`live_next`, with no batch in flight). With `where`, only
+        the rows matching that Postgres condition are re-read (projector/operations/partial_reread.py)."""
         existing = self.job_store.job(request_id)
         if existing is not None:
             return existing
@@ -236,7 +248,9 @@ class ReplicaRebuilds:
         busy = [j for j in self.job_store.jobs() if j.table == table]
         if busy and busy[0].state in BUILDING:
             raise RebuildRefused(f"{table} is already being rebuilt (job {busy[0].id})")
-        if busy:  # one kept table per replica: a rollback has one meaning
+        if where and source == KAFKA:
+            raise RebuildRefused("--where re-reads rows from Postgres: give --from snapshot")
+        if busy and not where:  # one kept table per replica: a rollback has one meaning
             raise RebuildRefused(
                 f"{table} still keeps the table its last rebuild replaced: "
                 f"`projector rebuild {table} --drop-old` first"
@@ -254,6 +268,12 @@ class ReplicaRebuilds:
                 f"offsets {late}); rebuild it from a snapshot instead (--from snapshot, or "
                 f"`projector table reset {table}`)"
             )
+        if where:
+            if live_next is None or not self.notification_topic or self.schemas is None:
+                raise RebuildRefused("a partial re-read runs in the projector")
+            self._keyed_replica(job)
+            live = live_next([(job.topic, p) for p in sorted(lows)])
+            return self.partial.start(job, where, live, self.notification_topic)
         if source == SNAPSHOT:
             return self._start_snapshot(job, lows, live_next, late)
         self.ch.execute(
@@ -283,18 +303,7 @@ class ReplicaRebuilds:
             )
         if not self.notification_topic or self.schemas is None or live_next is None:
             raise RebuildRefused("a rebuild from a snapshot runs in the projector")
-        live_database, name = self.replica_prefix + job.schema, job.name
-        engine = self.ch.rows(
-            f"SELECT engine FROM system.tables WHERE database = "
-            f"{quote(live_database)} AND name = {quote(name)}"
-        )
-        if not engine:
-            raise RebuildRefused(f"no replica table {live_database}.{name} to rebuild")
-        if "Replacing" not in engine[0]["engine"]:
-            raise RebuildRefused(
-                f"{job.table} has no primary key: Debezium's incremental snapshot "
-                "reads a table by its key, and its replica keeps every event"
-            )
+        self._keyed_replica(job)
         job.source = SNAPSHOT
         job.state = SNAPSHOTTING
         partitions = sorted(lows)
@@ -332,6 +341,21 @@ class ReplicaRebuilds:
         )
         return job
 
+    def _keyed_replica(self, job: ReplicaRebuild) -> None:
+        """Refuse a snapshot of a table with no replica, or with no key."""
+        live_database, name = self.replica_prefix + job.schema, job.name
+        engine = self.ch.rows(
+            f"SELECT engine FROM system.tables WHERE database = "
+            f"{quote(live_database)} AND name = {quote(name)}"
+        )
+        if not engine:
+            raise RebuildRefused(f"no replica table {live_database}.{name} to rebuild")
+        if "Replacing" not in engine[0]["engine"]:
+            raise RebuildRefused(
+                f"{job.table} has no primary key: Debezium's incremental snapshot "
+                "reads a table by its key, and its replica keeps every event"
+            )
+
     def _ask_for_snapshot(self, job: ReplicaRebuild) -> None:
         """S2: once per process per job; the signal's id makes a repeat a no-op."""
         if job.id in self._asked:
@@ -342,7 +366,9 @@ class ReplicaRebuilds:
 
         try:
             with psycopg.connect(str(self.source_dsn), autocommit=True, connect_timeout=10) as conn:
-                request_incremental_snapshot(conn, [job.table], job.snapshot["signal"])
+                request_incremental_snapshot(
+                    conn, [job.table], job.snapshot["signal"], job.where or None
+                )
         except psycopg.OperationalError as exc:
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise SourceUnavailable(
@@ -360,6 +386,8 @@ class ReplicaRebuilds:
         """Move every partition of the shadow at most one chunk towards the live position
         (`live_next`: per partition, the next offset the live table applies; call with no batch
         in flight). True when the shadow is caught up."""
+        if job.where:
+            return self.partial.step(job, live_next)
         if job.state == SNAPSHOTTING:
             self._ask_for_snapshot(job)  # S2 (a no-op when asked before)
             progress = self.notifications.progress(job)  # S4
@@ -409,8 +437,8 @@ class ReplicaRebuilds:
         if caught_up and job.state == CATCHING_UP and job.source == SNAPSHOT:
             # S5 compares with Postgres *now*: not while the pipeline is far behind Kafka.
             ends = self.topics.end_offsets(job.topic)
-            self._lag[job.id] = sum(
-                max(0, ends.get(p, 0) - (live.get(k) or 0)) for k in keys for p in [k[1]]
+            self.rounds.behind(
+                job.id, sum(max(0, ends.get(k[1], 0) - (live.get(k) or 0)) for k in keys)
             )
         return caught_up
 
@@ -422,6 +450,8 @@ class ReplicaRebuilds:
         """After a step: a caught-up job still catching up is verified and swapped in."""
         if job.state != CATCHING_UP or not caught_up:
             return None
+        if job.where:
+            return self.partial.finish(job)
         if job.source == SNAPSHOT:
             return self._finish_snapshot(job)
         drift = self.shadows.compare_with_live(job)
@@ -434,39 +464,16 @@ class ReplicaRebuilds:
         return f"{job.table} rebuilt from Kafka and swapped in (previous kept: {kept})"
 
     def _finish_snapshot(self, job: ReplicaRebuild) -> str | None:
-        """S5: the shadow against Postgres (keys that differ compared again on later rounds,
-        after the pipeline moved on), then against the live table for the report, then the
-        exchange. None while the keys are still being checked."""
-        checks, due = self._checks.get(job.id, (0, 0.0))
-        if time.monotonic() < due or self._lag.get(job.id, 0) > LAG_TO_VERIFY:
-            return None  # a lagging pipeline's keys differ from Postgres: not counted as checks
-        try:
-            rows, drift = self.shadows.compare_with_postgres(job, self._drift.get(job.id))
-        except (VerifyError, SourceUnavailable) as exc:  # checked again next round
-            log.warning("rebuild of %s: cannot compare with Postgres now: %s", job.table, exc)
-            self._checks[job.id] = (checks, time.monotonic() + RECHECK_DELAYS_S[0])
+        """S5: the shadow against Postgres in rounds (projector/operations/postgres_rounds.py),
+        then against the live table for the report, then the exchange. None while unsettled."""
+        outcome = self.rounds.round(
+            job.id, f"rebuild of {job.table}", partial(self.shadows.compare_with_postgres, job)
+        )
+        if outcome.failed:
+            self.job_store.record(job, FAILED, outcome.failed)
+            return f"rebuild of {job.table} failed verification (not swapped): {outcome.failed}"
+        if not outcome.equal:
             return None
-        if drift:
-            if checks >= len(RECHECK_DELAYS_S):
-                shown = "; ".join(drift[:5])
-                reason = (
-                    f"{len(drift)} key(s) differ from Postgres after {checks + 1} "
-                    f"comparisons: {shown}"
-                )
-                self.job_store.record(job, FAILED, reason)
-                return f"rebuild of {job.table} failed verification (not swapped): {reason}"
-            self._drift[job.id] = drift
-            self._checks[job.id] = (checks + 1, time.monotonic() + RECHECK_DELAYS_S[checks])
-            log.info(
-                "rebuild of %s: %d key(s) differ from Postgres; compared again in %.0f s "
-                "(writes may be on their way)",
-                job.table,
-                len(drift),
-                RECHECK_DELAYS_S[checks],
-            )
-            return None
-        self._drift.pop(job.id, None)
-        self._checks.pop(job.id, None)
         against_live = self.shadows.compare_with_live(job)
         self.shadows.exchange(job)
         live_note = (
@@ -475,7 +482,7 @@ class ReplicaRebuilds:
             else "; equal to the live table"
         )
         detail = (
-            f"verified against Postgres ({rows} rows){live_note}; previous table kept as "
+            f"verified against Postgres ({outcome.rows} rows){live_note}; previous table kept as "
             f"{self.job_store.shadow(job)}"
         )
         self.job_store.record(job, SWAPPED, detail)
@@ -498,8 +505,8 @@ class ReplicaRebuilds:
 
     def forget(self, job: ReplicaRebuild) -> None:
         """Drop what this process holds about `job` (it failed, or ended)."""
-        for held in (self._asked, self._drift, self._checks, self._lag):
-            held.discard(job.id) if isinstance(held, set) else held.pop(job.id, None)
+        self._asked.discard(job.id)
+        self.rounds.forget(job.id)
         self.notifications.forget(job.id)
         self.topics.close_readers(job.topic)  # its reading threads
 
@@ -525,7 +532,8 @@ def take_replica_requests(
 
 def _act(request: Request, rebuilds: ReplicaRebuilds, live_next: LiveNext) -> tuple[str, str, str]:
     if request.action == REBUILD:
-        job = rebuilds.start(request.target, request.id, _source(request.options), live_next)
+        source, where = parse_options(request.options)
+        job = rebuilds.start(request.target, request.id, source, live_next, where)
         origin = "a Debezium snapshot" if job.source == SNAPSHOT else "Kafka"
         line = f"rebuilding {request.target} from {origin} (job {job.id})"
         return TAKEN, job.id, line + (f": {job.detail}" if job.detail else "")
@@ -546,9 +554,16 @@ def _act(request: Request, rebuilds: ReplicaRebuilds, live_next: LiveNext) -> tu
     return REQUEST_DONE, line, line
 
 
-def _source(options: str) -> str:
-    """Where a request asks to rebuild from (`from-kafka`, `from-snapshot`, `from-auto`)."""
-    for option in options.split(","):
+def rebuild_options(source: str, where: str = "") -> str:
+    """A replica rebuild request's options: where from, and a partial re-read's condition
+    (last, on a line of its own: a condition may hold commas)."""
+    return f"from-{source}" + (f"\nwhere={where}" if where else "")
+
+
+def parse_options(options: str) -> tuple[str, str]:
+    """(where a request asks to rebuild from, the condition of a partial re-read or "")."""
+    head, _, where = options.partition("\nwhere=")
+    for option in head.split(","):
         if option.startswith("from-"):
-            return option[len("from-") :]
-    return KAFKA  # requests from before --from snapshot existed
+            return option[len("from-") :], where
+    return KAFKA, where  # requests from before --from snapshot existed

@@ -16,6 +16,7 @@ from projector.commit.checkpoint import CheckpointStore
 
 SNAPSHOTTING, CATCHING_UP = "snapshotting", "catching-up"
 SWAPPED, ROLLED_BACK, DROPPED, FAILED = "swapped", "rolled-back", "dropped", "failed"
+REREAD = "re-read"  # a partial re-read (--where) ended: its rows verified, no table kept
 BUILDING = (SNAPSHOTTING, CATCHING_UP)  # not swapped in yet
 CHASED = (*BUILDING, SWAPPED, ROLLED_BACK)  # the shadow database's table is kept current
 KAFKA, SNAPSHOT, AUTO = "kafka", "snapshot", "auto"  # where a rebuild reads from
@@ -31,8 +32,14 @@ class ReplicaRebuild:
     detail: str = ""
     source: str = KAFKA  # KAFKA or SNAPSHOT
     # --from snapshot (S1, S4): "signal", "notifications_from" (N0), "start" and, once the table
-    # is read whole, "end" (per partition, as text keys: it is stored as JSON)
+    # is read whole, "end" (per partition, as text keys: it is stored as JSON); a partial
+    # re-read's (projector/operations/partial_reread.py) "where" and "matching" too
     snapshot: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        """The Postgres condition of a partial re-read ("": the whole table)."""
+        return str(self.snapshot.get("where") or "")
 
     @property
     def schema(self) -> str:

@@ -50,8 +50,14 @@ def job_progress(
     rebuilds: ReplicaRebuilds, job: ReplicaRebuild, live_next: LiveNext
 ) -> tuple[int, int]:
     """(events the job's shadow has applied, events up to the live table's position). A snapshot
-    rebuild counts from where its shadow started (S1)."""
+    rebuild counts from where its shadow started (S1); a partial re-read, the events the live
+    table applied since it started, of those up to the end of the snapshot's reads once known."""
     keys = [(job.topic, p) for p in rebuilds.topics.partitions(job.topic)]
+    if job.where:
+        first = sum(int(o) for o in job.snapshot.get("start", {}).values())
+        applied = sum(v or 0 for v in live_next(keys).values()) - first
+        end = sum(int(o) for o in job.snapshot.get("end", {}).values()) - first
+        return applied, max(applied, end)
     done = rebuilds.job_store.checkpoints(job).load(keys)
     first = sum(int(o) for o in job.snapshot.get("start", {}).values())
     applied = sum(c.resume_offset for c in done.values()) - first

@@ -476,22 +476,25 @@ class TableVerifier:
             f"WHERE {ch_where}"
         )
         replica = {row.pop("__key"): row for row in ch_rows}
-        key_names = [c.name for c in plan.keys]
-        drift: dict[str, Drift] = {}
-        for key in source.keys() | replica.keys():
-            ours, theirs = source.get(key), replica.get(key)
-            shown = ours if ours is not None else theirs
-            assert shown is not None
-            key_values = {name: shown[name] for name in key_names}
-            if theirs is None:
-                drift[key] = Drift(key_values, POSTGRES_ONLY)
-            elif ours is None:
-                drift[key] = Drift(key_values, CLICKHOUSE_ONLY)
-            else:
-                columns = tuple(n for n in names if _text(ours[n]) != _text(theirs[n]))
-                if columns:
-                    drift[key] = Drift(key_values, DIFFERENT, columns)
-        return drift
+        return differences(plan, source, replica)
+
+
+def differences(
+    plan: TablePlan, source: dict[str, dict[str, Any]], replica: dict[str, dict[str, Any]]
+) -> dict[str, Drift]:
+    """Step 4's verdict per key, from both sides' rows (key text: column: canonical text)."""
+    names, key_names = [c.name for c in plan.columns], [c.name for c in plan.keys]
+    drift: dict[str, Drift] = {}
+    for key in source.keys() | replica.keys():
+        ours, theirs = source.get(key), replica.get(key)
+        key_values = {name: (ours or theirs or {})[name] for name in key_names}
+        if theirs is None:
+            drift[key] = Drift(key_values, POSTGRES_ONLY)
+        elif ours is None:
+            drift[key] = Drift(key_values, CLICKHOUSE_ONLY)
+        elif columns := tuple(n for n in names if _text(ours[n]) != _text(theirs[n])):
+            drift[key] = Drift(key_values, DIFFERENT, columns)
+    return drift
 
 
 def _text(value: Any) -> str | None:
