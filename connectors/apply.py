@@ -50,6 +50,7 @@ from connectors.source import (
     captured_tables,
     ensure_control_tables,
     grant_select,
+    has_rows,
     identity_gaps,
     install_capture_trigger,
     plan_publication,
@@ -167,7 +168,7 @@ def plan_apply(
     column_lists = plan_column_lists(conn, config["publication.name"], rules, list(tables))
     changed = [t for t in changed_tables(rules, current) if t in tables and t not in joining]
     keyless = without_primary_key(conn, [*joining, *changed])
-    reread = tuple(t for t in changed if t not in keyless)
+    reread = tuple(t for t in changed if t not in keyless and has_rows(conn, t))
     return ApplyPlan(
         name,
         config,

@@ -180,7 +180,7 @@ def test_excluded_and_masked_columns_never_reach_kafka_the_replica_the_dlq_or_th
             timeout=300,
         )
         assert applied.returncode == 0, applied.stdout + applied.stderr
-        assert f"re-reading {qualified}" in applied.stdout, applied.stdout
+        assert f"re-reading {qualified}" in applied.stderr, applied.stdout + applied.stderr
         names = [name(i) for i in range(1, PEOPLE + 1) if i != 2] + ["Fullname0100Zq"]
         deadline_rows: list[dict] = []
         for _ in range(60):
