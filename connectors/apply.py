@@ -28,11 +28,21 @@ time):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg
 
 from connectors.client import ConnectClient
+from connectors.columns import (
+    MASK_KEY_PREFIX,
+    ColumnLists,
+    ColumnRules,
+    changed_tables,
+    drop_column_lists,
+    install_column_guard,
+    plan_column_lists,
+    sync_column_lists,
+)
 from connectors.config import CaptureSpec, render_connector
 from connectors.source import (
     IdentityGap,
@@ -40,6 +50,7 @@ from connectors.source import (
     captured_tables,
     ensure_control_tables,
     grant_select,
+    has_rows,
     identity_gaps,
     install_capture_trigger,
     plan_publication,
@@ -68,10 +79,10 @@ class ConfigChange:
         now = dict(current or {})
         return cls(
             current is None,
-            {k: _shown(k, v) for k, v in desired.items() if k not in now},
-            {k: _shown(k, v) for k, v in now.items() if k not in desired},
+            {_key(k): _shown(k, v) for k, v in desired.items() if k not in now},
+            {_key(k): _shown(k, v) for k, v in now.items() if k not in desired},
             {
-                k: (_shown(k, now[k]), _shown(k, v))
+                _key(k): (_shown(k, now[k]), _shown(k, v))
                 for k, v in desired.items()
                 if k in now and now[k] != v
             },
@@ -84,6 +95,11 @@ class ConfigChange:
 def _shown(key: str, value: str) -> str:
     """A config value as a diff may print it: secrets masked."""
     return SECRET_MASK if "password" in key or "secret" in key else value
+
+
+def _key(key: str) -> str:
+    """A config key as a diff may print it: the masking salt is in its name."""
+    return MASK_KEY_PREFIX + SECRET_MASK if key.startswith(MASK_KEY_PREFIX) else key
 
 
 @dataclass(frozen=True)
@@ -99,6 +115,9 @@ class ApplyPlan:
     # Tables joining a running capture whose existing rows will not arrive: Debezium's
     # incremental snapshot needs a primary key (only their changes from now on are captured).
     not_snapshotted: tuple[str, ...] = ()
+    rules: ColumnRules = field(default_factory=ColumnRules)  # excluded and masked columns
+    column_lists: ColumnLists = field(default_factory=lambda: ColumnLists({}, {}))
+    reread: tuple[str, ...] = ()  # captured tables whose rules changed: snapshotted again
 
 
 @dataclass(frozen=True)
@@ -114,6 +133,10 @@ class ApplyResult:
     # Tables created later in a captured schema join the publication by themselves (the event
     # trigger of `install_capture_trigger`); False: the admin role may not create it.
     follows_new_tables: bool = True
+    reread: tuple[str, ...] = ()  # tables re-read because their excluded/masked columns changed
+    # False: no event triggers (not a superuser), so no column lists: excluded columns are left
+    # out by the connector alone (they reach Kafka Connect, never Kafka)
+    column_lists: bool = True
 
 
 def opted_in(env: Mapping[str, str], flag: bool = False) -> bool:
@@ -138,9 +161,14 @@ def plan_apply(
     definition = render_connector(env, left_out=skipped)  # A.
     name, config = definition["name"], definition["config"]
     publication = plan_publication(conn, config["publication.name"], list(tables))  # C.
-    config_change = ConfigChange.between(client.config(name), {**config, "name": name})
+    current = client.config(name)
+    config_change = ConfigChange.between(current, {**config, "name": name})
     joining = () if publication.created else publication.added
-    keyless = without_primary_key(conn, list(joining))
+    rules = ColumnRules.from_env(env)
+    column_lists = plan_column_lists(conn, config["publication.name"], rules, list(tables))
+    changed = [t for t in changed_tables(rules, current) if t in tables and t not in joining]
+    keyless = without_primary_key(conn, [*joining, *changed])
+    reread = tuple(t for t in changed if t not in keyless and has_rows(conn, t))
     return ApplyPlan(
         name,
         config,
@@ -151,6 +179,9 @@ def plan_apply(
         identity_full,
         snapshot=tuple(t for t in joining if t not in keyless),
         not_snapshotted=tuple(t for t in joining if t in keyless),
+        rules=rules,
+        column_lists=column_lists,
+        reread=reread,
     )
 
 
@@ -172,6 +203,13 @@ def apply_connector(
             plan.config["database.user"],
         )
         change = sync_publication(conn, plan.config["publication.name"], list(plan.tables))
+        # the excluded columns stay home: column lists, kept right across the application's
+        # DDL by event triggers (without them a list would fail its DROP COLUMN: none then)
+        column_lists = install_column_guard(conn, plan.config["publication.name"], plan.rules)
+        keep = plan.column_lists.lists if column_lists else {}
+        drop_column_lists(conn, plan.config["publication.name"], keep)
+        if column_lists:
+            sync_column_lists(conn, plan.config["publication.name"], plan.column_lists)
         follows_new_tables = install_capture_trigger(
             conn,
             plan.config["publication.name"],
@@ -185,9 +223,11 @@ def apply_connector(
         # 3. existing rows of tables that joined a running capture (not `plan.snapshot`: the
         # publication is what it is now, and a table without a key cannot be snapshotted)
         signal = None
-        if change.added and not change.created:
+        if (change.added and not change.created) or plan.reread:
             client.bounce(plan.connector)
             keyed = [t for t in change.added if t not in plan.not_snapshotted]
+            # and tables whose excluded or masked columns changed: their rows as the rules say
+            keyed += [t for t in plan.reread if t not in keyed]
             signal = request_incremental_snapshot(conn, keyed) if keyed else None
     return ApplyResult(
         plan.connector,
@@ -199,6 +239,8 @@ def apply_connector(
         plan.identity_full,
         plan.not_snapshotted,
         follows_new_tables,
+        plan.reread,
+        column_lists or not plan.rules.excluded,
     )
 
 

@@ -110,4 +110,7 @@ def render_connector(
     definition = json.loads(substitute(text, values))
     if set(definition) != {"name", "config"}:
         raise ConnectorConfigError(f"{template} must have exactly the keys 'name' and 'config'")
+    from connectors.columns import ColumnRules  # excluded and masked columns
+
+    definition["config"].update(ColumnRules.from_env(values).connector_config())
     return definition

@@ -191,6 +191,13 @@ def set_replica_identity_full(conn: psycopg.Connection, gaps: list[IdentityGap])
                 ) from exc
 
 
+def has_rows(conn: psycopg.Connection, table: str) -> bool:
+    """Whether `table` (schema.table) holds a row: a snapshot of an empty table reads nothing."""
+    return conn.execute(
+        sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(_ident(table))
+    ).fetchone() == (True,)
+
+
 def grant_select(
     conn: psycopg.Connection, capture: CaptureSpec, tables: list[str], cdc_user: str
 ) -> None:

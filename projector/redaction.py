@@ -20,10 +20,12 @@ HIDDEN = "***"
 
 # Names whose value is a secret: `password`, `CDC_PASSWORD`, `PGPASSWORD`, `admin_pwd`,
 # `PROJECTOR_API_TOKEN`, `clickhouse_password` ...
-SECRET_NAME = r"\w*(?:password|passwd|pwd|api_token)"
+SECRET_NAME = r"\w*(?:password|passwd|pwd|api_token|salt)"
 
 # (what a credential looks like, what is left of it): the user stays, the password goes.
 _RULES = [
+    # Debezium's masking setting carries its salt in its name: column.mask.hash.v2.…with.salt.<salt>
+    (re.compile(r"(?P<keep>\bwith\.salt\.)[A-Za-z0-9_-]+"), rf"\g<keep>{HIDDEN}"),
     # scheme://user:password@host (registry URLs, postgresql:// DSNs, ClickHouse URLs)
     (
         re.compile(r"(?P<keep>\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):[^@/\s]*@"),

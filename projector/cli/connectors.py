@@ -114,6 +114,20 @@ def connectors_apply(
         console.print(
             f"publication: removed {', '.join(result.publication.removed)}", highlight=False
         )
+    if not result.column_lists:
+        console.print(
+            "[yellow]warning:[/yellow] the admin role may not create event triggers (only a "
+            "superuser may), which keep publication column lists right across the application's "
+            "ALTER TABLE: excluded columns are left out by the connector alone (they reach Kafka "
+            "Connect, never Kafka)",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if result.reread:
+        console.print(
+            f"re-reading {', '.join(result.reread)}: its excluded or masked columns changed",
+            highlight=False,
+        )
     if result.snapshot_signal:
         console.print(
             f"incremental snapshot requested (signal {result.snapshot_signal})", highlight=False
@@ -192,11 +206,37 @@ def _print_plan(plan: ApplyPlan) -> None:
             f"({gap.reason})",
             highlight=False,
         )
+    _print_column_rules(out, plan)
     if plan.snapshot:
         out.print(
             f"would request an incremental snapshot of {', '.join(plan.snapshot)}", highlight=False
         )
+    if plan.reread:
+        out.print(
+            f"would re-read {', '.join(plan.reread)} (its excluded or masked columns changed)",
+            highlight=False,
+        )
     out.print("dry run: nothing was changed", highlight=False)
+
+
+def _print_column_rules(out: Console, plan: ApplyPlan) -> None:
+    """Which columns stay in Postgres, and how; which arrive masked."""
+    lists, connector_only = plan.column_lists.lists, plan.column_lists.connector_only
+    for column in plan.rules.excluded:
+        table = column.rsplit(".", 1)[0]
+        how = (
+            f"connector only: {connector_only[table]}"
+            if table in connector_only
+            else "not in the publication's column list"
+            + (" (list would change)" if table in plan.column_lists.changing else "")
+            if table in lists
+            else "not captured"
+        )
+        out.print(f"excluded {column}: {how}", highlight=False, markup=False)
+    for column in plan.rules.masked:
+        out.print(
+            f"masked {column}: salted SHA-256 (MASK_SALT), hex", highlight=False, markup=False
+        )
 
 
 @connectors_app.command("status")
