@@ -18,11 +18,11 @@ import time
 import httpx
 import psycopg
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from tests.integration.conftest import StackHandle
 from tests.integration.projector_harness import ProjectorProcess
 from tests.integration.test_rebuild import start, stop
+from tests.integration.test_rebuild_snapshot import snapshot_reads
 
 ROWS = 3_000
 INSIDE = "id <= 1000"  # the condition re-read
@@ -34,32 +34,6 @@ BROKEN_OUTSIDE = range(2010, 2030)  # and outside it: must stay as wrong as they
 def server_url(clickhouse_server: str) -> str:
     """The command runs beside a running projector: the server backend only."""
     return clickhouse_server
-
-
-def reads_after(stack: StackHandle, topic: str, offset: int) -> list[int]:
-    """The ids of the snapshot reads (`op = r`) in `topic[0]` from `offset` on."""
-    end = stack.end_offset(topic)
-    consumer = Consumer(
-        {
-            "bootstrap.servers": stack.env["KAFKA_BOOTSTRAP"],
-            "group.id": "probe",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.assign([TopicPartition(topic, 0, offset or OFFSET_BEGINNING)])
-    decoder, ids, last = stack.decoder(), [], offset - 1
-    deadline = time.monotonic() + 60
-    while last < end - 1:
-        assert time.monotonic() < deadline, f"{topic} not read to {end - 1}"
-        for message in consumer.consume(5000, 1.0):
-            if message.error():
-                continue
-            last = message.offset() or 0
-            value = message.value()
-            if value and decoder.decode_part(value)["op"] == "r":
-                ids.append(int(decoder.decode_part(value)["after"]["id"]))
-    consumer.close()
-    return ids
 
 
 def test_a_partial_reread_repairs_the_matching_rows_only_while_writes_go_on(
@@ -132,7 +106,7 @@ def test_a_partial_reread_repairs_the_matching_rows_only_while_writes_go_on(
     projector.catch_up()
 
     # Debezium read the matching rows only.
-    reads = reads_after(stack, topic, start_offset)
+    reads = [int(read["after"]["id"]) for _, read in snapshot_reads(stack, topic, start_offset)]
     assert reads and all(i <= 1000 for i in reads), sorted(set(reads))[-10:]
     # Inside the condition the replica equals Postgres again; outside, what was wrong still is.
     source = {

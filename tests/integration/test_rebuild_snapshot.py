@@ -51,8 +51,9 @@ def scans_completed(stack: StackHandle, table: str, since: int) -> list[dict[str
     return found
 
 
-def last_read(stack: StackHandle, topic: str) -> int:
-    """The offset of the last snapshot read (`op = r`) in `topic[0]`, from its earliest offset."""
+def snapshot_reads(stack: StackHandle, topic: str, since: int = 0) -> list[tuple[int, dict]]:
+    """The snapshot reads (`op = r`) in `topic[0]` from offset `since` (or its earliest) on:
+    (offset, decoded value) each."""
     end = stack.end_offset(topic)
     consumer = Consumer(
         {
@@ -62,8 +63,8 @@ def last_read(stack: StackHandle, topic: str) -> int:
             "enable.auto.commit": False,
         }
     )
-    consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
-    decoder, last, offset = stack.decoder(), -1, -1
+    consumer.assign([TopicPartition(topic, 0, since or OFFSET_BEGINNING)])
+    decoder, reads, offset = stack.decoder(), [], since - 1
     deadline = time.monotonic() + 60
     while offset < end - 1:
         assert time.monotonic() < deadline, f"{topic} not read to {end - 1}"
@@ -72,10 +73,23 @@ def last_read(stack: StackHandle, topic: str) -> int:
                 continue
             offset = message.offset() or 0
             value = message.value()
-            if value and b"incremental" in value and decoder.decode_part(value)["op"] == "r":
-                last = offset
+            decoded = decoder.decode_part(value) if value else None
+            if decoded is not None and decoded["op"] == "r":
+                reads.append((offset, decoded))
     consumer.close()
-    return last
+    return reads
+
+
+def last_read(stack: StackHandle, topic: str) -> int:
+    """The offset of the last incremental snapshot read in `topic[0]` (-1: none)."""
+    return max(
+        (
+            o
+            for o, read in snapshot_reads(stack, topic)
+            if read["source"]["snapshot"] == "incremental"
+        ),
+        default=-1,
+    )
 
 
 def test_a_replica_table_past_retention_is_rebuilt_from_a_snapshot_and_resumes_after_a_kill(
