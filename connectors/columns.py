@@ -7,8 +7,9 @@ Two settings, in the form of CAPTURE (comma-separated, each `schema.table.column
   Debezium's `column.exclude.list` leaves it out of its snapshots too, and of everything it writes
   to Kafka, the registry and so to the replicas, read models, dead letters and logs. A column list
   cannot leave out a column of the table's replica identity (Postgres would refuse the
-  application's UPDATEs and DELETEs): excluding a key column is refused; on a table with REPLICA
-  IDENTITY FULL the connector's exclusion alone applies (the WAL must carry every column).
+  application's UPDATEs and DELETEs), and a key column is in every message's key: excluding or
+  masking a key column is refused; on a table with REPLICA IDENTITY FULL the connector's
+  exclusion alone applies (the WAL must carry every column).
 - `MASK_COLUMNS` (with the secret `MASK_SALT`): the column arrives as the hex SHA-256 of its value
   with the salt (Debezium's `column.mask.hash.v2`), the same value always the same hash, so
   analysts still join and count by it. Text columns only (char, varchar, text).
@@ -164,11 +165,12 @@ def plan_column_lists(
                     "(exclude it instead)"
                 )
         excluded = rules.excluded_in(table)
-        keys = [c for c in excluded if columns[c][1]]
+        keys = [c for c in (*excluded, *rules.masked_in(table)) if columns[c][1]]
         if keys:
             raise ConnectorConfigError(
                 f"{table}: {', '.join(keys)} identifies its rows (primary key or replica "
-                "identity) and cannot be excluded; mask it instead"
+                "identity): Postgres publishes it with every UPDATE and DELETE and it is every "
+                "message's key, so it can be neither excluded nor masked"
             )
         if not excluded:
             continue

@@ -58,6 +58,20 @@ def test_excluded_and_masked_columns_never_reach_kafka_the_replica_the_dlq_or_th
         "born date, note text)"
     )
     try:
+        for wrong, says in (
+            ({"EXCLUDE_COLUMNS": f"{qualified}.id"}, "can be neither excluded nor masked"),
+            ({"MASK_COLUMNS": f"{qualified}.born", "MASK_SALT": SALT}, "only text columns"),
+            ({"EXCLUDE_COLUMNS": f"{qualified}.no_such"}, "has no column 'no_such'"),
+        ):
+            refused = subprocess.run(
+                [PROJECTOR, "connectors", "apply", "--dry-run"],
+                env={**projector.env, **stack.env, **wrong},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert refused.returncode != 0, refused.stdout + refused.stderr
+            assert says in refused.stdout + refused.stderr, refused.stdout + refused.stderr
         shown = subprocess.run(
             [PROJECTOR, "connectors", "apply", "--dry-run"],
             env={**projector.env, **rules},
