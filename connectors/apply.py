@@ -17,7 +17,9 @@ time):
    identity before publication, so no moment exists at which the application's statements fail;
    and the event trigger that adds tables created later in a captured schema (those with a key)
    to the publication in the transaction that creates them, so nobody runs apply for them;
-2. on Kafka Connect: PUT the config (a no-op when unchanged) and wait until every task RUNS;
+2. on Kafka Connect: PUT the config (a no-op when unchanged) and wait until every task RUNS —
+   after a change, RUNS the new config: Connect passes it to the tasks asynchronously, so apply
+   waits for the stored task configs and restarts the tasks (a masking rule holds from then on);
 3. tables that joined an already existing publication get their existing rows through a Debezium
    incremental snapshot (a row in the signal table), so nobody restarts anything by hand. Debezium
    3.6 cannot snapshot a table whose schema it has not loaded yet (it fails building the schema
@@ -218,13 +220,22 @@ def apply_connector(
             plan.config["database.user"],
         )
         # 2. Kafka Connect
+        before = client.config(plan.connector)
         changed = client.put_config(plan.connector, plan.config)
+        updated = changed and not plan.config_change.created
+        if updated:
+            # Connect hands a changed config to the tasks asynchronously: until a task restarts
+            # with it, the old one streams on under the old rules (a masked column in plain
+            # text). Once the stored task configs are the new ones, a bounce makes them run.
+            removed = [k for k in before or {} if k not in plan.config and k != "name"]
+            client.wait_tasks_configured(plan.connector, plan.config, removed)
         client.wait_running(plan.connector)
         # 3. existing rows of tables that joined a running capture (not `plan.snapshot`: the
         # publication is what it is now, and a table without a key cannot be snapshotted)
         signal = None
-        if (change.added and not change.created) or plan.reread:
+        if updated or (change.added and not change.created) or plan.reread:
             client.bounce(plan.connector)
+        if (change.added and not change.created) or plan.reread:
             keyed = [t for t in change.added if t not in plan.not_snapshotted]
             # and tables whose excluded or masked columns changed: their rows as the rules say
             keyed += [t for t in plan.reread if t not in keyed]

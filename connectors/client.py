@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import httpx
@@ -101,6 +102,39 @@ class ConnectClient:
         self.wait_state(name, "STOPPED")
         self.resume(name)
         self.wait_running(name)
+
+    def wait_tasks_configured(
+        self,
+        name: str,
+        config: Mapping[str, str],
+        removed: Iterable[str] = (),
+        timeout_s: float = 60.0,
+    ) -> None:
+        """Wait until every task's stored config carries `config` and none of the `removed` keys
+        (Connect writes a changed config's task configs asynchronously after the PUT; until then
+        a task may still run, and stream, with the old one). Values a config provider fills in
+        (`${...}`) are not compared: Connect may store them either way."""
+        wanted = {k: v for k, v in config.items() if "${" not in v}
+        gone = list(removed)
+
+        def configured(task: Mapping[str, Any]) -> bool:
+            stored = task.get("config", {})
+            return all(stored.get(k) == v for k, v in wanted.items()) and not any(
+                k in stored for k in gone
+            )
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            tasks = self._request("GET", f"/connectors/{name}/tasks") or []
+            if tasks and all(configured(task) for task in tasks):
+                return
+            time.sleep(0.3)
+        raise ConnectRequestFailed(
+            "GET",
+            f"/connectors/{name}/tasks",
+            200,
+            f"the tasks did not take the new config in {timeout_s:.0f}s",
+        )
 
     def delete(self, name: str) -> None:
         self._request("DELETE", f"/connectors/{name}")
