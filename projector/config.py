@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 from urllib.parse import quote
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -21,6 +22,47 @@ from projector.clickhouse import ChdbBackend, ServerBackend
 from projector.errors import ConfigError
 from schemas.errors import SchemaError
 from schemas.upcasters import Upcasters
+
+# What a delete means for a table (projector/replicas/delete_policy.py says what each does).
+DeletePolicy = Literal["hard", "soft", "history"]
+POLICIES: tuple[DeletePolicy, ...] = ("hard", "soft", "history")
+DELETE_POLICY_SETTING = "DELETE_POLICY"
+
+_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$]*$")
+
+
+def parse_policies(value: object) -> dict[str, DeletePolicy]:
+    """`schema.table=policy` pairs, comma-separated (the environment's form) or a mapping (a
+    TOML table). Raises ValueError naming what is wrong."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        pairs: dict[str, str] = {}
+        for item in (part.strip() for part in value.split(",")):
+            if not item:
+                continue
+            table, sep, policy = item.partition("=")
+            if not sep:
+                raise ValueError(f"{DELETE_POLICY_SETTING}: {item!r} is not schema.table=policy")
+            if table.strip() in pairs:
+                raise ValueError(f"{DELETE_POLICY_SETTING}: {table.strip()} is named twice")
+            pairs[table.strip()] = policy.strip()
+    elif isinstance(value, Mapping):
+        pairs = {str(k): str(v) for k, v in value.items()}
+    else:
+        raise ValueError(
+            f"{DELETE_POLICY_SETTING}: expected schema.table=policy pairs, got {value!r}"
+        )
+    found: dict[str, DeletePolicy] = {}
+    for table, policy in pairs.items():
+        if not _TABLE.match(table):
+            raise ValueError(f"{DELETE_POLICY_SETTING}: {table!r} is not schema.table")
+        if policy not in POLICIES:
+            raise ValueError(
+                f"{DELETE_POLICY_SETTING}: {table} has policy {policy!r}; one of {', '.join(POLICIES)}"
+            )
+        found[table] = cast(DeletePolicy, policy)
+    return found
 
 
 class ProjectorConfig(BaseModel):
@@ -43,6 +85,12 @@ class ProjectorConfig(BaseModel):
     publication: str = "projector_pub"
     # The connector's replication slot (`slot.name`, SLOT_NAME): its health in the metrics.
     slot_name: str = "projector_slot"
+
+    # What a delete means per source table (projector/replicas/delete_policy.py): `schema.table`
+    # → hard (default), soft or history; env DELETE_POLICY="shop.orders=soft,shop.prices=history".
+    delete_policy: dict[str, DeletePolicy] = Field(default_factory=dict)
+    # The `history` tables of source schema S live in ClickHouse database `<history_prefix>S`.
+    history_prefix: str = "history_"
 
     backend: Literal["chdb", "server"] = "chdb"
     chdb_path: Path = Field(default_factory=lambda: Path.cwd() / ".stack" / "chdb")
@@ -144,6 +192,11 @@ class ProjectorConfig(BaseModel):
     # `projector status` and the ops page warn when the replication slot keeps more WAL than this.
     wal_retained_warning_bytes: int = Field(default=1 << 30, ge=0)
 
+    @field_validator("delete_policy", mode="before")
+    @classmethod
+    def _policies(cls, value: object) -> dict[str, DeletePolicy]:
+        return parse_policies(value)
+
     @field_validator("schemas")
     @classmethod
     def _no_control_schema(cls, value: list[str]) -> list[str]:
@@ -235,6 +288,7 @@ _ENV_ALIASES = {
     "REGISTRY_URL": "registry_url",
     "PUBLICATION_NAME": "publication",
     "SLOT_NAME": "slot_name",
+    DELETE_POLICY_SETTING: "delete_policy",
 }
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from projector.cli.common import console, fail
-from projector.config import client_environment
+from projector.config import DELETE_POLICY_SETTING as DELETE_POLICY
+from projector.config import DeletePolicy, client_environment, parse_policies
+from projector.replicas.delete_policy import describe
 
 if TYPE_CHECKING:
     from connectors import ApplyPlan, ConnectClient, IdentityGap
@@ -87,10 +90,17 @@ def connectors_apply(
     client = ConnectClient(env["CONNECT_URL"])
     try:
         if dry_run:
+            try:
+                policies = parse_policies(
+                    env.get(DELETE_POLICY) or env.get(f"PROJECTOR_{DELETE_POLICY}")
+                )
+            except ValueError as exc:
+                fail(str(exc))
+                return
             plan = plan_dry_run(client, env["ADMIN_DSN"], env, set_identity_full)
             _warn_left_out(plan.left_out)
             _warn_not_snapshotted(plan.not_snapshotted)
-            _print_plan(plan)
+            _print_plan(plan, policies)
             return
         result = apply_connector(client, env["ADMIN_DSN"], env, set_identity_full)
     except ConnectorError as exc:
@@ -167,7 +177,7 @@ def _warn_not_snapshotted(tables: tuple[str, ...]) -> None:
         )
 
 
-def _print_plan(plan: ApplyPlan) -> None:
+def _print_plan(plan: ApplyPlan, policies: Mapping[str, DeletePolicy]) -> None:
     """What `connectors apply` would do, as a diff (secrets masked; lines never wrapped)."""
     from connectors import display_name
 
@@ -207,6 +217,9 @@ def _print_plan(plan: ApplyPlan) -> None:
             highlight=False,
         )
     _print_column_rules(out, plan)
+    for table, policy in policies.items():  # what the projector makes of a delete there
+        captured = "" if table in plan.tables else " -- not captured"
+        out.print(f"{describe(table, policy)}{captured}", highlight=False, markup=False)
     if plan.snapshot:
         out.print(
             f"would request an incremental snapshot of {', '.join(plan.snapshot)}", highlight=False

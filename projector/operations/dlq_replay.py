@@ -42,7 +42,13 @@ def replay_dead_letters(
     applier = BatchApplier(
         ch,
         schemas,
-        ReplicaCatalog(ch, config.replica_prefix, SignalTable(config.source_dsn).request),
+        ReplicaCatalog(
+            ch,
+            config.replica_prefix,
+            SignalTable(config.source_dsn).request,
+            delete_policies=config.delete_policy,
+            history_prefix=config.history_prefix,
+        ),
         projection=REPLAY,
         upcasters=Upcasters.load(config.upcasters_file),
     )

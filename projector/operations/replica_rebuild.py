@@ -199,6 +199,9 @@ class ReplicaRebuilds:
 
         def applier(catalog: ReplicaCatalog, projection: str) -> BatchApplier:
             sweep = SnapshotSweep(ch, config.control_database, projection, partitions)
+            # A shadow keeps deleted rows as the live table does (soft, history), and writes no
+            # history: the live table's has every version of the events it re-applies.
+            catalog.delete_policies = dict(config.delete_policy)
             return BatchApplier(
                 ch,
                 schemas,

@@ -13,6 +13,8 @@ Messages are decoded in Python (fastavro, writer schemas from the registry) and 
                into chunks at truncates, inserted in order, so the markers see the rows before
 - r, last    → when it ends a Debezium re-snapshot, after the batch's rows (either path): every
                key the snapshot did not read gets a deletion marker (projector/replicas/snapshot_sweep.py)
+- d, on a table whose policy keeps deleted rows (soft, history: projector/replicas/delete_policy.py)
+  → the marker carries the key's previous values, found as a TOAST placeholder's are (below)
 - a column holding Debezium's unchanged-TOAST placeholder takes the key's previous value: its
   row earlier in the batch, else its newest stored version below the messages being written
   (read back in the form an insert takes: bytea as hex), matched to the key by ClickHouse itself
@@ -57,6 +59,7 @@ from projector.replicas.catalog import (
     upcast,
     value_columns,
 )
+from projector.replicas.delete_policy import keeps_deleted_rows
 from projector.replicas.events import BatchOutcome, Event, decode, transaction_fields
 from projector.replicas.fast_path import (
     FastPath,
@@ -130,7 +133,11 @@ class BatchApplier:
         segments: list[Segment] | None,
         planned: bool,
     ) -> BatchOutcome:
-        if self.fast_path is not None:
+        # ClickHouse's decoding cannot fill a delete with the row's last values (a soft or
+        # history table: projector/replicas/delete_policy.py): the per-message path does
+        if self.fast_path is not None and not keeps_deleted_rows(
+            self.catalog.policy_of(*source_table_of(batch.topic))
+        ):
             if not planned:
                 segments = self.plan(messages)
             if segments is not None:
@@ -348,7 +355,7 @@ class BatchApplier:
         key_inputs = [columns[k].input_name for k in replica.key_columns]
         latest: dict[tuple[str, ...], dict[str, Any]] = {}  # key → newest full row in this batch
         below = events[0].message.offset if events else 0
-        stored = self._stored_rows_for_toast(replica, events, columns, key_inputs, below)
+        stored = self._stored_rows(replica, events, columns, key_inputs, below)
         written: list[Event] = []
 
         def insert(rows: list[dict[str, Any]]) -> None:
@@ -383,6 +390,9 @@ class BatchApplier:
                         row[column] = previous.get(column)
                 latest[key] = row
             elif op == "d":
+                if replica.keeps_deleted_rows:  # the marker keeps the row's last values
+                    previous = latest.get(key) or stored.get(key) or {}
+                    row = {**previous, **row}
                 latest.pop(key, None)
                 stored.pop(key, None)
             chunk.append(row)
@@ -444,7 +454,7 @@ class BatchApplier:
             raise PoisonMessage("decode", f"undecodable key: {type(exc).__name__}: {exc}") from exc
         return datum if isinstance(datum, dict) else {}
 
-    def _stored_rows_for_toast(
+    def _stored_rows(
         self,
         replica: ReplicaTable,
         events: list[Event],
@@ -452,8 +462,9 @@ class BatchApplier:
         key_inputs: list[str],
         below: int,
     ) -> dict[tuple[str, ...], dict[str, Any]]:
-        """The stored values of the columns that events carry a TOAST placeholder in, per key:
-        the key's newest version below offset `below` (the first message being written, so a
+        """The stored values the events need, per key: of the columns an update carries a TOAST
+        placeholder in, and (a table that keeps deleted rows) of every column of a deleted key.
+        The key's newest version below offset `below` (the first message being written, so a
         replay, which may find this batch's own rows stored already, reads the same; when
         merges left no version below, its newest), unless that is a deletion."""
         if not replica.key_columns:
@@ -461,17 +472,23 @@ class BatchApplier:
         wanted: dict[tuple[str, ...], list[Any]] = {}  # key → its values, as inserts carry them
         needed: set[str] = set()  # input names of the columns to read back
         for event in events:
-            after = event.value.get("after")
-            if event.value["op"] != "u" or not after:
-                continue
-            if not any(is_toast_placeholder(v) for v in after.values()):
+            op, after = event.value["op"], event.value.get("after")
+            if op == "d" and replica.keeps_deleted_rows:
+                keys_only = True
+            elif op == "u" and after and any(is_toast_placeholder(v) for v in after.values()):
+                keys_only = False
+            else:
                 continue
             try:
                 row = self._row(replica, event)
             except PoisonMessage:
                 continue  # dead-lettered by `_write`
-            needed.update(c for c, v in row.items() if is_toast_placeholder(v))
+            if keys_only:
+                needed.update(c.input_name for c in columns.values())
+            else:
+                needed.update(c for c, v in row.items() if is_toast_placeholder(v))
             wanted.setdefault(_key(row, key_inputs), [row.get(k) for k in key_inputs])
+        needed.difference_update(key_inputs)
         by_input = {c.input_name: c for c in columns.values()}
         reads = [by_input[name].stored_value("s") for name in sorted(needed) if name in by_input]
         if not wanted or not reads:

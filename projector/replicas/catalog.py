@@ -23,14 +23,16 @@ Version arithmetic (`_version`), the argument in four steps:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 from projector.clickhouse import ClickHouse, ident, quote
+from projector.config import DeletePolicy
 from projector.errors import PoisonMessage
+from projector.replicas.delete_policy import create_history_table, keeps_deleted_rows
 from schemas.type_map import ColumnType, UnconvertibleValue, UnsupportedType, column_type
 from schemas.upcasters import NO_UPCASTER, Upcaster
 
@@ -121,10 +123,26 @@ class ReplicaTable:
     name: str
     key_columns: list[str]
     columns: dict[str, str] = field(default_factory=dict)  # existing ClickHouse name → type
+    # What a delete means (projector/replicas/delete_policy.py); `history`: where every version
+    # goes too (a database of its own, so nothing that lists replicas meets it)
+    delete_policy: DeletePolicy = "hard"
+    history_database: str | None = None
 
     @property
     def qualified(self) -> str:
         return f"{ident(self.database)}.{ident(self.name)}"
+
+    @property
+    def history(self) -> str | None:
+        """The history table (`history` policy), qualified; None otherwise."""
+        if self.delete_policy != "history" or self.history_database is None or not self.key_columns:
+            return None
+        return f"{ident(self.history_database)}.{ident(self.name)}"
+
+    @property
+    def keeps_deleted_rows(self) -> bool:
+        """Its deletion markers carry the row's last values (a keyed soft or history table)."""
+        return bool(self.key_columns) and keeps_deleted_rows(self.delete_policy)
 
     @property
     def append_only(self) -> bool:
@@ -179,6 +197,10 @@ def key_columns(key_schema: dict[str, Any] | None) -> list[str]:
     return [f["name"] for f in key_schema["fields"]]
 
 
+class ViewKeeper(Protocol):  # projector/replicas/analyst_views.py
+    def keep(self, source_schema: str, replica: ReplicaTable) -> None: ...
+
+
 class ReplicaCatalog:
     """Knows which replica tables exist with which columns, and creates/extends them."""
 
@@ -187,15 +209,22 @@ class ReplicaCatalog:
         ch: ClickHouse,
         database_prefix: str,
         reread: Callable[[str, str], None] = lambda table, reason: None,
-        views: AnalystViews | None = None,
+        views: ViewKeeper | None = None,
+        delete_policies: Mapping[str, DeletePolicy] | None = None,
+        history_prefix: str | None = None,
     ) -> None:
         """`reread(table, reason)` asks for the source table (`schema.table`) to be read again
         from Postgres (projector/replicas/signal_table.py); `views`: the analysts' view of each
-        replica, kept with its shape (the live replicas' catalog only, not a rebuild's shadow)."""
+        replica, kept with its shape (the live replicas' catalog only, not a rebuild's shadow);
+        `delete_policies`: `schema.table` → policy (default hard); `history_prefix`: the
+        databases of the `history` tables (None: none written, e.g. a rebuild's shadow, whose
+        events the live history holds already)."""
         self.ch = ch
         self.prefix = database_prefix
         self.reread = reread
         self.views = views
+        self.delete_policies = dict(delete_policies or {})
+        self.history_prefix = history_prefix
         self.tables: dict[tuple[str, str], ReplicaTable] = {}
 
     def database_for(self, source_schema: str) -> str:
@@ -221,8 +250,27 @@ class ReplicaCatalog:
             loaded = self._load(self.database_for(source_schema), table)
             if loaded is None:
                 return None
+            self._with_policy(source_schema, loaded)
             self.tables[cache_key] = loaded
         return self.tables[cache_key]
+
+    def policy_of(self, source_schema: str, table: str) -> DeletePolicy:
+        return self.delete_policies.get(f"{source_schema}.{table}", "hard")
+
+    def _with_policy(self, source_schema: str, replica: ReplicaTable) -> None:
+        """The table's delete policy, and its history table made if the policy wants one (with
+        the replica's columns as they are: from then on every ALTER is done to both)."""
+        replica.delete_policy = self.policy_of(source_schema, replica.name)
+        if self.history_prefix is not None:
+            replica.history_database = f"{self.history_prefix}{source_schema}"
+        if replica.history is not None and replica.history_database is not None:
+            create_history_table(
+                self.ch,
+                replica.database,
+                replica.name,
+                replica.history_database,
+                replica.key_columns,
+            )
 
     def ensure(
         self,
@@ -250,6 +298,7 @@ class ReplicaCatalog:
         replica = self.existing(source_schema, table)
         if replica is None:
             replica = self._create(self.database_for(source_schema), table, keys, columns)
+            self._with_policy(source_schema, replica)
             self.tables[(source_schema, table)] = replica
         # 1.
         for old, new in upcaster.renames.items():
@@ -279,6 +328,11 @@ class ReplicaCatalog:
         return replica
 
     def _alter(self, replica: ReplicaTable, action: str) -> None:
+        """An ALTER of the replica, and first of its history table (the same columns, always):
+        the replica's shape is what marks a schema step done, so a replay after a crash in
+        between does both again (every action here can be done twice)."""
+        if replica.history is not None:
+            self.ch.execute(self.ch.topology.alter_table(replica.history, action))
         self.ch.execute(self.ch.topology.alter_table(replica.qualified, action))
 
     def _replace(self, replica: ReplicaTable, column: SourceColumn) -> None:
@@ -340,11 +394,8 @@ class ReplicaCatalog:
                 "schema", f"key column {replica.name}.{old} was renamed: rebuild the replica"
             )
         for suffix in ("", INPUT_SUFFIX) if old + INPUT_SUFFIX in replica.columns else ("",):
-            self.ch.execute(
-                self.ch.topology.alter_table(
-                    replica.qualified,
-                    f"RENAME COLUMN {ident(old + suffix)} TO {ident(new + suffix)}",
-                )
+            self._alter(
+                replica, f"RENAME COLUMN IF EXISTS {ident(old + suffix)} TO {ident(new + suffix)}"
             )
             replica.columns[new + suffix] = replica.columns.pop(old + suffix)
 
@@ -369,46 +420,6 @@ class ReplicaCatalog:
         loaded = self._load(database, table)
         assert loaded is not None
         return loaded
-
-
-class AnalystViews:
-    """For every replica, a view of its current rows for analysts and BI tools:
-    `<view prefix><schema>.<table>` = the source table's columns, one row per live key, no
-    `FINAL` to remember and no metadata columns (an append-only replica: every row). Kept with
-    the replica's shape: (re)made when `ensure` creates or changes the table, and the first time
-    a process meets it. docs/analysts.md."""
-
-    def __init__(self, ch: ClickHouse, prefix: str, reserved: Collection[str] = ()) -> None:
-        """`reserved`: databases a view never goes to (the control and read-model databases)."""
-        self.ch, self.prefix = ch, prefix
-        self.reserved = {*reserved, "system", "information_schema", "INFORMATION_SCHEMA"}
-        self._shapes: dict[str, tuple[str, ...]] = {}  # view → the columns it was made with
-
-    def database_for(self, source_schema: str) -> str:
-        return f"{self.prefix}{source_schema}"
-
-    def keep(self, source_schema: str, replica: ReplicaTable) -> None:
-        database = self.database_for(source_schema)
-        if database in self.reserved or database == replica.database:
-            return
-        view = f"{ident(database)}.{ident(replica.name)}"
-        columns = tuple(
-            name
-            for name in replica.columns
-            if name not in META_COLUMNS and not name.endswith(INPUT_SUFFIX)
-        )
-        if self._shapes.get(view) == columns:
-            return
-        selected = ", ".join(ident(c) for c in columns)
-        rows = (
-            f"SELECT {selected} FROM {replica.qualified}"
-            if replica.append_only
-            else f"SELECT {selected} FROM {replica.qualified} FINAL WHERE NOT _is_deleted"
-        )
-        topology = self.ch.topology
-        self.ch.execute(topology.create_database(database))
-        self.ch.execute(topology.create_or_replace_view(view, rows))
-        self._shapes[view] = columns
 
 
 UPCASTERS_FILE_HINT = "schemas/upcasters.toml"

@@ -8,7 +8,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from projector.clickhouse import ClickHouse, ident, insert_statement, quote
-from projector.replicas.catalog import TOAST_PLACEHOLDER, TOAST_PLACEHOLDER_BYTES, ReplicaTable
+from projector.replicas.catalog import (
+    INPUT_SUFFIX,
+    TOAST_PLACEHOLDER,
+    TOAST_PLACEHOLDER_BYTES,
+    ReplicaTable,
+)
 
 
 def is_toast_placeholder(value: Any) -> bool:
@@ -20,10 +25,14 @@ def is_toast_placeholder(value: Any) -> bool:
 def insert_rows(
     ch: ClickHouse, replica: ReplicaTable, rows: Iterable[dict[str, Any]], token: str
 ) -> int:
+    """The rows into the replica, and into its history table first (`history` policy; its own
+    token: a table's token is named after it)."""
     batch = list(rows)
     if not batch:
         return 0
     columns = sorted({c for row in batch for c in row})
+    if replica.history is not None:
+        ch.execute(insert_statement(replica.history, columns, batch, f"{token}.history"))
     ch.execute(insert_statement(replica.qualified, columns, batch, token))
     return len(batch)
 
@@ -54,17 +63,30 @@ def insert_deletion_markers(
     (`optimize_move_to_prewhere_if_final = 0`, ClickHouse's default, stated here because the
     result depends on it)."""
     keys = [ident(k) for k in replica.key_columns]
+    if replica.keeps_deleted_rows:
+        # soft, history (projector/replicas/delete_policy.py): the marker carries the row's last
+        # values, so it is made from the key's newest row (FINAL: one marker per live key; the
+        # keys whose newest row is at or past `below` need none, it wins over the marker)
+        keys += [
+            ident(c)
+            for c in replica.columns
+            if c not in replica.key_columns and c not in marker and not c.endswith(INPUT_SUFFIX)
+        ]
+        live_only = True
     columns = ", ".join(keys + [ident(c) for c in marker])
     # Positional, no aliases: an alias `… AS _version` would shadow the column in WHERE.
     values = ", ".join(_sql_literal(v) for v in marker.values())
     final, settings = "", MARKER_STREAMING
     if live_only:
         final, settings = " FINAL", f"{settings}, optimize_move_to_prewhere_if_final = 0"
-    ch.execute(
-        f"INSERT INTO {replica.qualified} ({columns}) SETTINGS insert_deduplicate = 0 "
-        f"SELECT {', '.join(keys)}, {values} FROM {replica.qualified}{final} "
-        f"WHERE _version < {int(below)} SETTINGS {settings}"
-    )
+    # Into the history table first: the replica's markers hide the rows they are made from.
+    # (A replay's second copy there is the same key and version: one row.)
+    for target in [t for t in (replica.history, replica.qualified) if t is not None]:
+        ch.execute(
+            f"INSERT INTO {target} ({columns}) SETTINGS insert_deduplicate = 0 "
+            f"SELECT {', '.join(keys)}, {values} FROM {replica.qualified}{final} "
+            f"WHERE _version < {int(below)} SETTINGS {settings}"
+        )
 
 
 def _sql_literal(value: Any) -> str:

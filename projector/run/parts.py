@@ -22,8 +22,9 @@ from projector.operations.replica_rebuild import ReplicaRebuilds
 from projector.operations.requests import OpsRequests
 from projector.read_models.definitions import ReadModel, load_read_models
 from projector.read_models.maintenance import ReadModelMaintainer, maintainer_for
+from projector.replicas.analyst_views import AnalystViews
 from projector.replicas.apply import BatchApplier
-from projector.replicas.catalog import AnalystViews, ReplicaCatalog
+from projector.replicas.catalog import ReplicaCatalog
 from projector.replicas.fast_path import FastPath
 from projector.replicas.signal_table import SignalTable
 from projector.replicas.snapshot_sweep import SnapshotSweep
@@ -78,7 +79,12 @@ def open_parts(config: ProjectorConfig, ch: ClickHouse, admin: AdminClient) -> R
         ch, config.analyst_view_prefix, {config.control_database, config.read_model_database}
     )
     catalog = ReplicaCatalog(
-        ch, config.replica_prefix, SignalTable(config.source_dsn).request, views
+        ch,
+        config.replica_prefix,
+        SignalTable(config.source_dsn).request,
+        views,
+        config.delete_policy,
+        config.history_prefix,
     )
     applier = BatchApplier(
         ch, schemas, catalog, PROJECTION, upcasters=upcasters, fast_path=fast_path, sweep=sweep
