@@ -40,12 +40,18 @@ from connectors.columns import (
     ColumnLists,
     ColumnRules,
     changed_tables,
-    drop_column_lists,
     install_column_guard,
     plan_column_lists,
-    sync_column_lists,
+    sync_published_tables,
 )
 from connectors.config import CaptureSpec, render_connector
+from connectors.row_filters import (
+    FILTER_SETTING,
+    RowFilters,
+    parse_row_filters,
+    plan_row_filters,
+    snapshot_overrides,
+)
 from connectors.source import (
     IdentityGap,
     PublicationChange,
@@ -120,6 +126,7 @@ class ApplyPlan:
     rules: ColumnRules = field(default_factory=ColumnRules)  # excluded and masked columns
     column_lists: ColumnLists = field(default_factory=lambda: ColumnLists({}, {}))
     reread: tuple[str, ...] = ()  # captured tables whose rules changed: snapshotted again
+    row_filters: RowFilters = field(default_factory=lambda: RowFilters({}))
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,7 @@ class ApplyResult:
     # False: no event triggers (not a superuser), so no column lists: excluded columns are left
     # out by the connector alone (they reach Kafka Connect, never Kafka)
     column_lists: bool = True
+    row_filters_changed: tuple[str, ...] = ()  # re-read with a new filter (not a removed one)
 
 
 def opted_in(env: Mapping[str, str], flag: bool = False) -> bool:
@@ -149,10 +157,12 @@ def opted_in(env: Mapping[str, str], flag: bool = False) -> bool:
 def plan_apply(
     client: ConnectClient,
     conn: psycopg.Connection,
+    admin_dsn: str,
     env: Mapping[str, str],
     set_identity_full: bool = False,
 ) -> ApplyPlan:
-    """Steps A-C: what apply would do. Reads Postgres and Kafka Connect, changes nothing."""
+    """Steps A-C: what apply would do. Reads Postgres and Kafka Connect, changes nothing (row
+    filters are tried in a session of their own, each try rolled back)."""
     capture = CaptureSpec.parse(env.get("CAPTURE"))
     covered = captured_tables(conn, capture)  # B.
     gaps = tuple(identity_gaps(conn, covered))
@@ -162,6 +172,13 @@ def plan_apply(
     tables = tuple(t for t in covered if t not in skipped)
     definition = render_connector(env, left_out=skipped)  # A.
     name, config = definition["name"], definition["config"]
+    row_filters = plan_row_filters(
+        admin_dsn,
+        config["publication.name"],
+        parse_row_filters(env.get(FILTER_SETTING)),
+        list(tables),
+    )
+    config.update(snapshot_overrides(row_filters.filters))
     publication = plan_publication(conn, config["publication.name"], list(tables))  # C.
     current = client.config(name)
     config_change = ConfigChange.between(current, {**config, "name": name})
@@ -169,6 +186,7 @@ def plan_apply(
     rules = ColumnRules.from_env(env)
     column_lists = plan_column_lists(conn, config["publication.name"], rules, list(tables))
     changed = [t for t in changed_tables(rules, current) if t in tables and t not in joining]
+    changed += [t for t in row_filters.changing if t not in changed and t not in joining]
     keyless = without_primary_key(conn, [*joining, *changed])
     reread = tuple(t for t in changed if t not in keyless and has_rows(conn, t))
     return ApplyPlan(
@@ -184,6 +202,7 @@ def plan_apply(
         rules=rules,
         column_lists=column_lists,
         reread=reread,
+        row_filters=row_filters,
     )
 
 
@@ -194,7 +213,7 @@ def apply_connector(
     set_identity_full: bool = False,
 ) -> ApplyResult:
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        plan = plan_apply(client, conn, env, set_identity_full)
+        plan = plan_apply(client, conn, admin_dsn, env, set_identity_full)
         # 1. Postgres: an identity before the publication, or the application's UPDATEs fail
         ensure_control_tables(conn, plan.config["database.user"])
         set_replica_identity_full(conn, list(plan.identity_full))
@@ -207,11 +226,14 @@ def apply_connector(
         change = sync_publication(conn, plan.config["publication.name"], list(plan.tables))
         # the excluded columns stay home: column lists, kept right across the application's
         # DDL by event triggers (without them a list would fail its DROP COLUMN: none then)
-        column_lists = install_column_guard(conn, plan.config["publication.name"], plan.rules)
-        keep = plan.column_lists.lists if column_lists else {}
-        drop_column_lists(conn, plan.config["publication.name"], keep)
-        if column_lists:
-            sync_column_lists(conn, plan.config["publication.name"], plan.column_lists)
+        # and the rows a filter leaves out (connectors/row_filters.py): lists and filters set
+        # together, one table at a time; kept right across the DDL by the same triggers
+        filters = plan.row_filters.filters
+        column_lists = install_column_guard(
+            conn, plan.config["publication.name"], plan.rules, filters
+        )
+        lists = plan.column_lists.lists if column_lists else {}
+        sync_published_tables(conn, plan.config["publication.name"], lists, filters)
         follows_new_tables = install_capture_trigger(
             conn,
             plan.config["publication.name"],
@@ -239,7 +261,13 @@ def apply_connector(
             keyed = [t for t in change.added if t not in plan.not_snapshotted]
             # and tables whose excluded or masked columns changed: their rows as the rules say
             keyed += [t for t in plan.reread if t not in keyed]
-            signal = request_incremental_snapshot(conn, keyed) if keyed else None
+            signal = (
+                request_incremental_snapshot(
+                    conn, keyed, publication=plan.config["publication.name"]
+                )
+                if keyed
+                else None
+            )
     return ApplyResult(
         plan.connector,
         changed,
@@ -252,6 +280,7 @@ def apply_connector(
         follows_new_tables,
         plan.reread,
         column_lists or not plan.rules.excluded,
+        tuple(t for t in plan.row_filters.changing if t in plan.row_filters.filters),
     )
 
 
@@ -262,4 +291,4 @@ def dry_run(
     only reads Kafka Connect."""
     options = "-c default_transaction_read_only=on"
     with psycopg.connect(admin_dsn, autocommit=True, options=options) as conn:
-        return plan_apply(client, conn, env, set_identity_full)
+        return plan_apply(client, conn, admin_dsn, env, set_identity_full)

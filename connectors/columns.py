@@ -30,7 +30,7 @@ before stay in Kafka's history (docs/operations.md, "Keeping PII out").
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import psycopg
@@ -196,47 +196,47 @@ def plan_column_lists(
     return ColumnLists(lists, connector_only, tuple(changing))
 
 
-def sync_column_lists(conn: psycopg.Connection, publication: str, plan: ColumnLists) -> None:
-    """Give each table of `plan.changing` its column list: dropped from the publication and
-    added again with the list in one transaction (no change of another transaction is decoded
-    in between)."""
-    name = sql.Identifier(publication)
-    for table in plan.changing:
-        qualified = sql.Identifier(*table.split(".", 1))
-        columns = sql.SQL(", ").join(map(sql.Identifier, plan.lists[table]))
-        with conn.transaction():
-            in_publication = conn.execute(
-                "SELECT 1 FROM pg_publication_tables WHERE pubname = %s AND schemaname = %s "
-                "AND tablename = %s",
-                [publication, *table.split(".", 1)],
-            ).fetchone()
-            if in_publication:
-                conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(name, qualified))
-            conn.execute(
-                sql.SQL("ALTER PUBLICATION {} ADD TABLE {} ({})").format(name, qualified, columns)
-            )
-
-
-def drop_column_lists(
-    conn: psycopg.Connection, publication: str, keep: Collection[str] = ()
+def sync_published_tables(
+    conn: psycopg.Connection,
+    publication: str,
+    lists: Mapping[str, tuple[str, ...]],
+    filters: Mapping[str, str],
 ) -> None:
-    """The publication's tables with a column list, but those of `keep`, published whole again
-    (no rule excludes a column of theirs any more; or there are no event triggers to keep lists
-    right across the application's DDL, and a list would fail its DROP COLUMN)."""
+    """Give every table of the publication its column list (`lists`, tables with excluded
+    columns) and its row filter (`filters`, connectors/row_filters.py, in Postgres's spelling),
+    and neither to the others: each table that differs is dropped from the publication and added
+    again with both, in one transaction (no change of another transaction is decoded in
+    between)."""
     name = sql.Identifier(publication)
-    listed = conn.execute(
-        "SELECT n.nspname, c.relname FROM pg_publication_rel r JOIN pg_publication p ON "
-        "p.oid = r.prpubid JOIN pg_class c ON c.oid = r.prrelid JOIN pg_namespace n ON "
-        "n.oid = c.relnamespace WHERE p.pubname = %s AND r.prattrs IS NOT NULL",
+    published = conn.execute(
+        "SELECT n.nspname, c.relname, r.prattrs IS NOT NULL, pg_get_expr(r.prqual, r.prrelid), "
+        "(SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a "
+        " WHERE a.attrelid = c.oid AND a.attnum = ANY(r.prattrs)) "
+        "FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid "
+        "JOIN pg_class c ON c.oid = r.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE p.pubname = %s",
         [publication],
     ).fetchall()
-    for schema, table in listed:
-        if f"{schema}.{table}" in keep:
+    for schema, table, listed, condition, columns in published:
+        qualified_name = f"{schema}.{table}"
+        wanted_list, wanted_filter = lists.get(qualified_name), filters.get(qualified_name)
+        now_list = tuple(columns or ()) if listed else None
+        if now_list == wanted_list and condition == wanted_filter:
             continue
+        spec: sql.Composable = sql.Identifier(schema, table)
+        if wanted_list is not None:
+            spec = sql.SQL("{} ({})").format(
+                spec, sql.SQL(", ").join(map(sql.Identifier, wanted_list))
+            )
+        if wanted_filter is not None:
+            spec = sql.SQL("{} WHERE ({})").format(spec, sql.SQL(wanted_filter))
         with conn.transaction():
-            qualified = sql.Identifier(schema, table)
-            conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(name, qualified))
-            conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(name, qualified))
+            conn.execute(
+                sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+                    name, sql.Identifier(schema, table)
+                )
+            )
+            conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(name, spec))
 
 
 # Around the application's ALTER TABLE (and after its CREATE TABLE): see the module docstring.
@@ -249,7 +249,7 @@ BEGIN
     SELECT n.nspname, c.relname FROM pg_publication_rel r
     JOIN pg_publication p ON p.oid = r.prpubid JOIN pg_class c ON c.oid = r.prrelid
     JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE p.pubname = {publication} AND r.prattrs IS NOT NULL
+    WHERE p.pubname = {publication} AND (r.prattrs IS NOT NULL OR r.prqual IS NOT NULL)
   LOOP
     EXECUTE format('ALTER PUBLICATION %I DROP TABLE %I.%I', {publication}, listed.nspname,
                    listed.relname);
@@ -257,7 +257,7 @@ BEGIN
                    listed.relname);
   END LOOP;
 EXCEPTION WHEN OTHERS THEN
-  RAISE WARNING 'projector: lifting column lists failed: % (run projector connectors apply)',
+  RAISE WARNING 'projector: lifting column lists and row filters failed: % (run projector connectors apply)',
                 SQLERRM;
 END
 """
@@ -265,47 +265,74 @@ LIST_FUNCTION_BODY = """
 DECLARE
   published record;
   wanted text;
+  wanted_attnums text;
+  condition text;
+  spec text;
 BEGIN
   FOR published IN
-    SELECT n.nspname, c.relname, c.oid, c.relreplident, r.prattrs FROM pg_publication_rel r
+    SELECT n.nspname, c.relname, c.oid, c.relreplident, r.prattrs,
+           pg_get_expr(r.prqual, r.prrelid) AS qual FROM pg_publication_rel r
     JOIN pg_publication p ON p.oid = r.prpubid JOIN pg_class c ON c.oid = r.prrelid
     JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE p.pubname = {publication} AND c.relreplident <> 'f'
+    WHERE p.pubname = {publication}
       AND format('%s.%s', n.nspname, c.relname) = ANY ({tables}::text[])
   LOOP
-    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO wanted
-    FROM pg_attribute a
-    WHERE a.attrelid = published.oid AND a.attnum > 0 AND NOT a.attisdropped
-      AND format('%s.%s.%s', published.nspname, published.relname, a.attname)
-          <> ALL ({excluded}::text[]);
-    IF published.prattrs IS NULL OR published.prattrs::text IS DISTINCT FROM (
-         SELECT string_agg(a.attnum::text, ' ' ORDER BY a.attnum) FROM pg_attribute a
-         WHERE a.attrelid = published.oid AND a.attnum > 0 AND NOT a.attisdropped
-           AND format('%s.%s.%s', published.nspname, published.relname, a.attname)
-               <> ALL ({excluded}::text[])) THEN
+    condition := ({conditions}::text[])[
+      array_position({filtered}::text[], format('%s.%s', published.nspname, published.relname))];
+    wanted := NULL;
+    wanted_attnums := NULL;
+    IF published.relreplident <> 'f' AND EXISTS (
+         SELECT 1 FROM unnest({excluded}::text[]) e
+         WHERE e LIKE format('%s.%s.%%', published.nspname, published.relname)) THEN
+      SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum),
+             string_agg(a.attnum::text, ' ' ORDER BY a.attnum)
+      INTO wanted, wanted_attnums
+      FROM pg_attribute a
+      WHERE a.attrelid = published.oid AND a.attnum > 0 AND NOT a.attisdropped
+        AND format('%s.%s.%s', published.nspname, published.relname, a.attname)
+            <> ALL ({excluded}::text[]);
+    END IF;
+    IF published.prattrs::text IS DISTINCT FROM wanted_attnums
+       OR published.qual IS DISTINCT FROM condition THEN
+      spec := format('%I.%I', published.nspname, published.relname);
+      IF wanted IS NOT NULL THEN
+        spec := spec || ' (' || wanted || ')';
+      END IF;
+      IF condition IS NOT NULL THEN
+        spec := spec || ' WHERE (' || condition || ')';
+      END IF;
       EXECUTE format('ALTER PUBLICATION %I DROP TABLE %I.%I', {publication},
                      published.nspname, published.relname);
-      EXECUTE format('ALTER PUBLICATION %I ADD TABLE %I.%I (%s)', {publication},
-                     published.nspname, published.relname, wanted);
+      EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', {publication}, spec);
     END IF;
   END LOOP;
 EXCEPTION WHEN OTHERS THEN
-  RAISE WARNING 'projector: setting column lists failed: % (run projector connectors apply)',
+  RAISE WARNING 'projector: setting column lists and row filters failed: % (run projector connectors apply)',
                 SQLERRM;
 END
 """
 
 
-def install_column_guard(conn: psycopg.Connection, publication: str, rules: ColumnRules) -> bool:
+def install_column_guard(
+    conn: psycopg.Connection,
+    publication: str,
+    rules: ColumnRules,
+    filters: Mapping[str, str] | None = None,
+) -> bool:
     """The two event triggers of the module docstring (replaced on every apply, dropped when no
-    column is excluded). False when the admin role may not create event triggers."""
+    column is excluded and no row is filtered: a row filter, connectors/row_filters.py, is lost
+    by the same DROP and ADD, and set again the same way). False when the admin role may not
+    create event triggers."""
     excluded = list(rules.excluded)
+    filters = dict(filters or {})
     bodies = {
         LIFT_TRIGGER: sql.SQL(LIFT_FUNCTION_BODY).format(publication=sql.Literal(publication)),
         LIST_TRIGGER: sql.SQL(LIST_FUNCTION_BODY).format(
             publication=sql.Literal(publication),
-            tables=sql.Literal(sorted({c.rsplit(".", 1)[0] for c in excluded})),
+            tables=sql.Literal(sorted({c.rsplit(".", 1)[0] for c in excluded} | set(filters))),
             excluded=sql.Literal(excluded),
+            filtered=sql.Literal(list(filters)),
+            conditions=sql.Literal(list(filters.values())),
         ),
     }
     events = {
@@ -319,7 +346,7 @@ def install_column_guard(conn: psycopg.Connection, publication: str, rules: Colu
                 conn.execute(
                     sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(trigger))
                 )
-                if not excluded:
+                if not excluded and not filters:
                     continue
                 conn.execute(
                     sql.SQL(

@@ -18,6 +18,7 @@ from psycopg import sql
 
 from connectors.config import CONTROL_SCHEMA, HEARTBEAT_TABLE, SIGNAL_TABLE, CaptureSpec
 from connectors.errors import ConnectorError
+from connectors.row_filters import current_filters
 
 
 @dataclass(frozen=True)
@@ -291,6 +292,7 @@ def request_incremental_snapshot(
     tables: list[str],
     signal_id: str | None = None,
     where: str | None = None,
+    publication: str | None = None,
 ) -> str:
     """Ask Debezium (through the signal table) to snapshot `tables` while streaming goes on;
     with `where`, only their rows matching that Postgres condition (Debezium's
@@ -301,10 +303,16 @@ def request_incremental_snapshot(
     one request. Debezium's notifications about the snapshot carry the signal's id."""
     signal_id = signal_id or str(uuid.uuid4())
     request: dict[str, object] = {"data-collections": tables, "type": "incremental"}
-    if where:
-        request["additional-conditions"] = [
-            {"data-collection": table, "filter": where} for table in tables
-        ]
+    # a table's row filter in the `publication` (connectors/row_filters.py) holds for every
+    # snapshot of it, read here so that no caller can forget it
+    filters = current_filters(conn, publication) if publication else {}
+    conditions = []
+    for table in tables:
+        both = [f"({c})" for c in (where, filters.get(table)) if c]
+        if both:
+            conditions.append({"data-collection": table, "filter": " AND ".join(both)})
+    if conditions:
+        request["additional-conditions"] = conditions
     payload = json.dumps(request)
     conn.execute(
         sql.SQL(

@@ -135,8 +135,16 @@ def connectors_apply(
         )
     if result.reread:
         console.print(
-            f"re-reading {', '.join(result.reread)}: its excluded or masked columns changed",
+            f"re-reading {', '.join(result.reread)}: its excluded or masked columns or its row "
+            "filter changed",
             highlight=False,
+        )
+    for table in result.row_filters_changed:
+        console.print(
+            f"[yellow]warning:[/yellow] the row filter of {table} changed: rows it no longer "
+            f"matches stay in the replica until `projector rebuild {table} --from snapshot`",
+            highlight=False,
+            soft_wrap=True,
         )
     if result.snapshot_signal:
         console.print(
@@ -217,6 +225,11 @@ def _print_plan(plan: ApplyPlan, policies: Mapping[str, DeletePolicy]) -> None:
             highlight=False,
         )
     _print_column_rules(out, plan)
+    for table, condition in plan.row_filters.filters.items():
+        changing = " (filter would change)" if table in plan.row_filters.changing else ""
+        out.print(f"row filter {table}: WHERE {condition}{changing}", highlight=False, markup=False)
+    for table in plan.row_filters.not_captured:
+        out.print(f"row filter {table}: not captured", highlight=False, markup=False)
     for table, policy in policies.items():  # what the projector makes of a delete there
         captured = "" if table in plan.tables else " -- not captured"
         out.print(f"{describe(table, policy)}{captured}", highlight=False, markup=False)
@@ -226,7 +239,8 @@ def _print_plan(plan: ApplyPlan, policies: Mapping[str, DeletePolicy]) -> None:
         )
     if plan.reread:
         out.print(
-            f"would re-read {', '.join(plan.reread)} (its excluded or masked columns changed)",
+            f"would re-read {', '.join(plan.reread)} (its excluded or masked columns or its "
+            "row filter changed)",
             highlight=False,
         )
     out.print("dry run: nothing was changed", highlight=False)

@@ -43,7 +43,7 @@ def table_reset(
             "no ADMIN_DSN: ask Debezium for an incremental snapshot of the table yourself "
             "(a row in its signal table, docs/troubleshooting.md)"
         )
-    signal = request_snapshot(dsn, table)
+    signal = request_snapshot(dsn, table, config.publication)
     console.print(f"incremental snapshot of {table} requested (signal {signal})", highlight=False)
 
 

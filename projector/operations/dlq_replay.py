@@ -45,7 +45,7 @@ def replay_dead_letters(
         ReplicaCatalog(
             ch,
             config.replica_prefix,
-            SignalTable(config.source_dsn).request,
+            SignalTable(config.source_dsn, config.publication).request,
             delete_policies=config.delete_policy,
             history_prefix=config.history_prefix,
         ),

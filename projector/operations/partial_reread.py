@@ -51,14 +51,8 @@ from projector.operations.replica_rebuild_jobs import (
     ReplicaRebuildJobs,
 )
 from projector.operations.snapshot_notifications import SnapshotNotifications
-from projector.operations.verify import (
-    Drift,
-    PostgresSnapshot,
-    TablePlan,
-    TableVerifier,
-    differences,
-    pg_ident,
-)
+from projector.operations.verify import Drift, PostgresSnapshot, TableVerifier, differences
+from projector.operations.verify_plan import TablePlan, pg_ident
 
 log = logging.getLogger("projector.replica_rebuild")
 
@@ -206,8 +200,7 @@ class PartialRereads:
             if keys is not None:  # compare_now takes a new snapshot; the count is in it
                 _, drift = verifier.compare_now(plan, keys)
                 ((matching,),) = postgres.rows(
-                    f"SELECT count(*) FROM {pg_ident(plan.schema)}.{pg_ident(plan.table)} "
-                    f"WHERE ({_escaped(job.where)})"
+                    f"SELECT count(*) FROM {plan.source} WHERE ({_escaped(job.where)})"
                 )
                 return int(matching), sorted(drift)
             postgres.renew()
@@ -229,7 +222,7 @@ class PartialRereads:
         with postgres.conn.cursor(name="projector_partial_reread") as cursor:
             cursor.execute(
                 f"SELECT {plan.key_text('postgres')}, {', '.join(plan.column_texts('postgres'))} "
-                f"FROM {pg_ident(plan.schema)}.{pg_ident(plan.table)} WHERE ({_escaped(where)})",
+                f"FROM {plan.source} WHERE ({_escaped(where)})",
                 (),
             )
             while chunk := cursor.fetchmany(CHUNK_ROWS):

@@ -149,9 +149,11 @@ class ReplicaRebuilds:
         source_dsn: str | None = None,
         notification_topic: str = "",
         schemas: SchemaCache | None = None,
+        publication: str | None = None,
     ) -> None:
         """`source_dsn`, `notification_topic` and `schemas` (to decode the notifications): for
-        rebuilds from a snapshot (S1-S5)."""
+        rebuilds from a snapshot (S1-S5); `publication`: whose row filters a snapshot keeps."""
+        self.publication = publication
         self.ch = ch
         self.replica_prefix = replica_prefix
         self.topic_prefix = topic_prefix
@@ -223,6 +225,7 @@ class ReplicaRebuilds:
             source_dsn=config.source_dsn,
             notification_topic=config.notification_topic,
             schemas=schemas,
+            publication=config.publication,
         )
 
     def create(self) -> None:
@@ -370,7 +373,11 @@ class ReplicaRebuilds:
         try:
             with psycopg.connect(str(self.source_dsn), autocommit=True, connect_timeout=10) as conn:
                 request_incremental_snapshot(
-                    conn, [job.table], job.snapshot["signal"], job.where or None
+                    conn,
+                    [job.table],
+                    job.snapshot["signal"],
+                    job.where or None,
+                    publication=self.publication,
                 )
         except psycopg.OperationalError as exc:
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -64,12 +64,12 @@ def reset_stopped_table(
     return TableReset(replica, topic, ends)
 
 
-def request_snapshot(admin_dsn: str, table: str) -> str:
-    """Step 3: ask Debezium, through its signal table, for an incremental snapshot of `table`;
-    returns the signal's id."""
+def request_snapshot(admin_dsn: str, table: str, publication: str | None = None) -> str:
+    """Step 3: ask Debezium, through its signal table, for an incremental snapshot of `table`
+    (with its row filter in `publication`); returns the signal's id."""
     import psycopg
 
     from connectors import request_incremental_snapshot
 
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        return request_incremental_snapshot(conn, [table])
+        return request_incremental_snapshot(conn, [table], publication=publication)

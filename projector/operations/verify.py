@@ -46,10 +46,10 @@ from projector.commit.ledger import TransactionLedger
 from projector.commit.transactions import lsn_text, parse_lsn
 from projector.config import ProjectorConfig, open_backend
 from projector.errors import ProjectorError, VerifyError
+from projector.operations.verify_plan import Column, TablePlan
 from projector.read_models.maintenance import ReadModelMaintainer, maintainer_for
 from projector.read_models.versions import SERVING
-from schemas.canonical_text import CanonicalText, canonical_text
-from schemas.canonical_text import field as text_field
+from schemas.canonical_text import canonical_text
 
 LEAF_ROWS = 1000  # a range this small is compared row by row
 MAX_ROWS_COMPARED = 100_000  # row by row per table; differing ranges beyond are only counted
@@ -105,57 +105,6 @@ class Verdict:
             "not_compared": self.not_compared,
             "ranges_not_listed": self.ranges_not_listed,
         }
-
-
-def pg_ident(name: str) -> str:
-    """A Postgres identifier inside a query sent with parameters (`%` doubled)."""
-    return '"' + name.replace('"', '""').replace("%", "%%") + '"'
-
-
-@dataclass(frozen=True)
-class Column:
-    name: str
-    text: CanonicalText  # its canonical text, `{0}` the column
-
-
-@dataclass
-class TablePlan:
-    """What is compared for one source table, and the SQL of its texts on each side."""
-
-    schema: str
-    table: str
-    replica: str  # the ClickHouse table, qualified
-    keys: list[Column]
-    columns: list[Column]  # every compared column (the keys among them)
-    not_compared: list[str]
-
-    @property
-    def name(self) -> str:
-        return f"{self.schema}.{self.table}"
-
-    def key_text(self, side: str) -> str:
-        return _concat(side, [text_field(c.text) for c in self.keys], [c.name for c in self.keys])
-
-    def row_text(self, side: str) -> str:
-        columns = self.columns
-        return _concat(side, [text_field(c.text) for c in columns], [c.name for c in columns])
-
-    def column_texts(self, side: str) -> list[str]:
-        quoted = pg_ident if side == "postgres" else ident
-        rule = (lambda c: c.text.postgres) if side == "postgres" else (lambda c: c.text.clickhouse)
-        return [f"{rule(c).format(quoted(c.name))} AS {quoted(c.name)}" for c in self.columns]
-
-
-def _concat(side: str, texts: list[CanonicalText], names: list[str]) -> str:
-    if side == "postgres":
-        return " || ".join(
-            t.postgres.format(pg_ident(n)) for t, n in zip(texts, names, strict=True)
-        )
-    return (
-        "concat('', "
-        + ", ".join(t.clickhouse.format(ident(n)) for t, n in zip(texts, names, strict=True))
-        + ")"
-    )
 
 
 class PostgresSnapshot:
@@ -253,7 +202,20 @@ class TableVerifier:
             return "no primary key: its replica keeps every event, not rows to compare"
         if len(keys) != len(key_names):
             return "a key column has no canonical text"
-        return TablePlan(schema, table, f"{ident(database)}.{ident(table)}", keys, columns, skipped)
+        filtered = self.pg.rows(
+            "SELECT rowfilter FROM pg_publication_tables WHERE pubname = %s AND schemaname = %s "
+            "AND tablename = %s AND rowfilter IS NOT NULL",
+            (self.config.publication, schema, table),
+        )
+        return TablePlan(
+            schema,
+            table,
+            f"{ident(database)}.{ident(table)}",
+            keys,
+            columns,
+            skipped,
+            filtered[0][0] if filtered else None,
+        )
 
     # ---- steps ---------------------------------------------------------------------------------
 
@@ -353,8 +315,7 @@ class TableVerifier:
         return False
 
     def _count(self, plan: TablePlan) -> tuple[int, int]:
-        source = f"{pg_ident(plan.schema)}.{pg_ident(plan.table)}"
-        ((pg_count,),) = self.pg.rows(f"SELECT count(*) FROM {source}")
+        ((pg_count,),) = self.pg.rows(f"SELECT count(*) FROM {plan.source}")
         ch_count = self.ch.rows(f"SELECT count() AS n FROM {plan.replica} FINAL")[0]["n"]
         return int(pg_count), int(ch_count)
 
@@ -390,7 +351,7 @@ class TableVerifier:
         pg = self.pg.rows(
             f"SELECT substr({pg_key}, 1, {digits}), count(*), "
             f"sum(('x' || substr(md5({plan.row_text('postgres')}), 1, 15))::bit(60)::bigint) "
-            f"FROM {pg_ident(plan.schema)}.{pg_ident(plan.table)} {pg_where} GROUP BY 1",
+            f"FROM {plan.source} {pg_where} GROUP BY 1",
             (within,) if within else (),
         )
         ch = self.ch.rows(
@@ -466,7 +427,7 @@ class TableVerifier:
         names = [c.name for c in plan.columns]
         pg_rows = self.pg.rows(
             f"SELECT {plan.key_text('postgres')}, {', '.join(plan.column_texts('postgres'))} "
-            f"FROM {pg_ident(plan.schema)}.{pg_ident(plan.table)} WHERE {pg_where}",
+            f"FROM {plan.source} WHERE {pg_where}",
             params,
         )
         source = {row[0]: dict(zip(names, row[1:], strict=True)) for row in pg_rows}

@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 class SignalTable:
     """Requests incremental snapshots of source tables (`schema.table`)."""
 
-    def __init__(self, dsn: str | None) -> None:
-        self.dsn = dsn
+    def __init__(self, dsn: str | None, publication: str | None = None) -> None:
+        """`publication`: whose row filter a re-read keeps (connectors/row_filters.py)."""
+        self.dsn, self.publication = dsn, publication
 
     def request(self, table: str, reason: str) -> None:
         if not self.dsn:
@@ -47,7 +48,7 @@ class SignalTable:
 
         try:
             with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
-                signal = request_incremental_snapshot(conn, [table])
+                signal = request_incremental_snapshot(conn, [table], publication=self.publication)
         except psycopg.OperationalError as exc:
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise SourceUnavailable(

@@ -81,7 +81,7 @@ def open_parts(config: ProjectorConfig, ch: ClickHouse, admin: AdminClient) -> R
     catalog = ReplicaCatalog(
         ch,
         config.replica_prefix,
-        SignalTable(config.source_dsn).request,
+        SignalTable(config.source_dsn, config.publication).request,
         views,
         config.delete_policy,
         config.history_prefix,

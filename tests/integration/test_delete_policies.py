@@ -14,11 +14,10 @@ model of what it wrote, and then:
 
 from __future__ import annotations
 
-import subprocess
 from decimal import Decimal
 from itertools import pairwise
 
-from tests.integration.conftest import PROJECTOR, StackHandle, one_backend
+from tests.integration.conftest import StackHandle, one_backend
 from tests.integration.projector_harness import ProjectorProcess, assert_replica_equals_source
 
 
@@ -55,22 +54,12 @@ def test_soft_and_history_policies_keep_deleted_rows_and_every_version(
     for table in (soft, hist):
         stack.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, name text, amount numeric(10,2))")
 
-    shown = subprocess.run(
-        [PROJECTOR, "connectors", "apply", "--dry-run"],
-        env=projector.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    shown = projector.cli("connectors", "apply", "--dry-run")
     assert shown.returncode == 0, shown.stdout + shown.stderr
     assert f"delete policy public.{soft}: soft" in shown.stdout, shown.stdout
     assert f"delete policy public.{hist}: history" in shown.stdout, shown.stdout
-    wrong = subprocess.run(
-        [PROJECTOR, "connectors", "apply", "--dry-run"],
-        env={**projector.env, "DELETE_POLICY": f"public.{soft}=archive"},
-        capture_output=True,
-        text=True,
-        timeout=120,
+    wrong = projector.cli(
+        "connectors", "apply", "--dry-run", env={"DELETE_POLICY": f"public.{soft}=archive"}
     )
     assert wrong.returncode != 0
     assert "one of hard, soft, history" in " ".join((wrong.stdout + wrong.stderr).split())
