@@ -11,14 +11,42 @@ the time is up. A query over several read models stands where the least advanced
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from projector.commit.consistency import NOTHING_KNOWN, Consistency, ConsistencyTracker
 from projector.commit.ledger import TransactionLedger
+from projector.read_models.versions import failed_read_models
 
 log = logging.getLogger("queries")
+
+
+class ReadModelHealth:
+    """Which read models have failed (projector/read_models/versions.py `failed_read_models`),
+    read at most every `max_age_s`; a read that fails (no versions table yet, ClickHouse away)
+    keeps what was known."""
+
+    def __init__(self, ch: Any, control_database: str, max_age_s: float = 1.0) -> None:
+        self.ch, self.control_database, self.max_age_s = ch, control_database, max_age_s
+        self._failed: dict[str, str] = {}
+        self._read = -math.inf
+        self._lock = threading.Lock()
+
+    def failure(self, read_models: Sequence[str]) -> str | None:
+        """Why one of `read_models` has failed, or None."""
+        with self._lock:
+            if time.monotonic() - self._read >= self.max_age_s:
+                try:
+                    self._failed = failed_read_models(self.ch, self.control_database)
+                except Exception as exc:
+                    log.debug("read model states not read: %s", exc)
+                self._read = time.monotonic()
+            failed = dict(self._failed)
+        reasons = [f"{m}: {failed[m]}" for m in read_models if m in failed]
+        return "; ".join(reasons) or None
 
 
 class ReadPositions:

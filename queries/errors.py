@@ -69,6 +69,15 @@ class ReadModelMissing(QueryError):
     status, code = 503, "read_model_missing"
 
 
+class ReadModelFailed(QueryError):
+    """A read model the query reads has failed (its family serves no version: a definition met
+    a value it cannot take, or a verification found a difference). Its rows are no longer kept,
+    so no answer would be right: a 503 with the reason until a rebuild brings it back, never a
+    stale 200, whatever `min_lsn` says."""
+
+    status, code = 503, "read_model_failed"
+
+
 class Unavailable(QueryError):
     """ClickHouse cannot be reached right now."""
 

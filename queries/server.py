@@ -23,7 +23,7 @@ from projector.read_models.definitions import load_read_models
 from queries.adhoc import SqlLimits
 from queries.api import create_app
 from queries.cache import ResultCache
-from queries.consistency import ReadPositions
+from queries.consistency import ReadModelHealth, ReadPositions
 from queries.errors import QueryDefinitionError
 from queries.named import load_named_queries
 from queries.ops import OpsMonitor
@@ -68,6 +68,9 @@ def build_service(config: ProjectorConfig, ch: ParameterisedClickHouse) -> Query
         ),
         read_your_writes=config.transaction_metadata,
         sql_scope=token_scope(config),
+        health=ReadModelHealth(ch, config.control_database)
+        if config.maintain_read_models
+        else None,
     )
 
 

@@ -35,11 +35,12 @@ from projector.commit.transactions import lsn_text, parse_lsn
 from projector.errors import ClickHouseUnavailable
 from queries.adhoc import SqlLimits, clickhouse_code, first_line, run_read_only
 from queries.cache import CacheKey, ResultCache
-from queries.consistency import ReadPositions
+from queries.consistency import ReadModelHealth, ReadPositions
 from queries.errors import (
     Busy,
     InvalidParameters,
     NotAcceptable,
+    ReadModelFailed,
     ReadModelMissing,
     Unauthorised,
     Unavailable,
@@ -140,6 +141,7 @@ class QueryService:
     observe: Callable[[str], None] = lambda event: None  # "hit", "miss", "pending"
     # The databases ad-hoc SQL may read (the read models' and the replicas').
     sql_scope: Scope = EVERY_DATABASE
+    health: ReadModelHealth | None = None  # which read models failed (None: not asked)
 
     def __post_init__(self) -> None:
         self._sql_slots = threading.BoundedSemaphore(self.limits.sql_max_concurrent)
@@ -160,6 +162,7 @@ class QueryService:
                 f"no named query {name!r}; GET /queries lists them: {', '.join(self.queries)}"
             )
         params = query.bind(raw)  # 1
+        self._refuse_failed(query)
         if min_lsn is not None and not self.read_your_writes:
             raise InvalidParameters(
                 "min_lsn needs watermarks, and this deployment runs without transaction metadata "
@@ -192,6 +195,15 @@ class QueryService:
         self.cache.put(key, rows)
         return Answer(name, rows, position, limit, offset)  # 5
 
+    def _refuse_failed(self, query: NamedQuery) -> None:
+        """A failed read model answers 503 with its reason, never its stale rows."""
+        failure = self.health.failure(query.read_models) if self.health is not None else None
+        if failure is not None:
+            raise ReadModelFailed(
+                f"query {query.name} reads a read model that has failed and is no longer kept "
+                f"({failure}); `projector rebuild` brings it back"
+            )
+
     def _wait_for(self, read_models: list[str], lsn: int, timeout_s: float) -> Consistency:
         """Step 2's wait, bounded: at most `max_waiters` requests wait at once (each holds a
         worker thread); beyond them a request gets the position now (202 if behind), so the
@@ -218,6 +230,8 @@ class QueryService:
         query = self.queries[name]
         if min_lsn is not None and not self.read_your_writes:
             return None
+        if self.health is not None and self.health.failure(query.read_models):
+            return None  # `named` answers it: 503
         position = self.positions.of_now(query.read_models)
         if position is None or (min_lsn is not None and position.lsn < min_lsn):
             return None

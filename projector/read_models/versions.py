@@ -55,6 +55,31 @@ MAINTAINED = (SERVING, BUILDING, BUILT, PREVIOUS)
 INTEGER_TYPES = ("Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64")
 
 
+def failed_read_models(ch: ClickHouse, control_database: str) -> dict[str, str]:
+    """The read models whose family serves no version and has a failed one, each with the
+    newest failure's reason (what the query service answers instead of their stale rows). A
+    family still building its first version has not failed."""
+    families: dict[str, tuple[bool, str, list[str]]] = {}  # family: serving, error, models
+    for row in ch.rows(
+        f"SELECT family, state, error, definition FROM {ident(control_database)}"
+        f".read_model_versions FINAL WHERE state IN ({quote(SERVING)}, {quote(FAILED)}) "
+        "ORDER BY build"
+    ):
+        serving, error, models = families.get(row["family"], (False, "", []))
+        if row["state"] == SERVING:
+            serving = True
+        else:
+            error = row["error"] or "failed"
+            models = [m.name for m in family_from_json(row["definition"]).models]
+        families[row["family"]] = (serving, error, models)
+    return {
+        model: error
+        for serving, error, models in families.values()
+        if not serving and error
+        for model in models
+    }
+
+
 class FamilyVersions:
     """Every family's versions: their records, the versions batches maintain (`active`), and
     the moves between states (start, verify, swap, rollback, drop)."""

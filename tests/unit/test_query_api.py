@@ -201,6 +201,36 @@ def test_a_missing_read_model_says_so(parts: Any) -> None:
     assert waiting.json()["watermark"]["lsn"] == "0/3E8"
 
 
+class FailedModels:
+    """The read models' health as `ReadModelHealth` gives it: `failed` maps model → reason."""
+
+    def __init__(self) -> None:
+        self.failed: dict[str, str] = {}
+
+    def failure(self, read_models: list[str]) -> str | None:
+        reasons = [f"{m}: {self.failed[m]}" for m in read_models if m in self.failed]
+        return "; ".join(reasons) or None
+
+
+def test_a_failed_read_model_answers_503_with_its_reason_never_its_stale_rows(parts: Any) -> None:
+    client, ch, _, service = parts
+    health = FailedModels()
+    service.health = health
+    url = "/queries/order_by_id?order_id=1"
+    assert client.get(url, headers=AUTH).status_code == 200  # cached now
+    health.failed["order_summary"] = "Code: 395. throwIf: value is non-zero"
+    for query in (url, f"{url}&min_lsn=0/3E8", f"{url}&min_lsn=0/3E9"):
+        answer = client.get(query, headers=AUTH)
+        assert answer.status_code == 503, (query, answer.text)
+        assert answer.json()["error"] == "read_model_failed"
+        assert "order_summary: Code: 395" in answer.json()["message"]
+        assert "projector rebuild" in answer.json()["message"]
+    calls = len(ch.calls)
+    health.failed.clear()  # rebuilt
+    assert client.get(url, headers=AUTH).status_code == 200
+    assert len(ch.calls) == calls  # and its cached answer is served again
+
+
 def test_behind_min_lsn_answers_202_with_the_watermark_and_retry_after(parts: Any) -> None:
     client, ch, positions, _ = parts
     answer = client.get("/queries/order_by_id?order_id=1&min_lsn=0/3E9", headers=AUTH)
