@@ -66,12 +66,14 @@ EVENTS ?= 1000000
 RATES ?= 1000,5000
 SHOP_TRANSACTIONS ?= 5000
 ORDERS ?= 10000000
+INITIAL_LOAD_ROWS ?= 1000000
 
 bench: setup  ## throughput, freshness, the query service and the read models into docs/benchmarks.md
 	$(BIN)/projector bench --events $(EVENTS)
 	$(BIN)/projector freshness --rates $(RATES)
 	$(BIN)/projector query-bench --transactions $(SHOP_TRANSACTIONS)
 	$(BIN)/projector read-model-bench --orders $(ORDERS) --write-events $(EVENTS)
+	$(BIN)/projector bench --initial-load $(INITIAL_LOAD_ROWS)
 
 stack-up: setup  ## start the local stack
 	$(BIN)/projector stack up

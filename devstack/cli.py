@@ -148,15 +148,29 @@ def bench(
     only: str = typer.Option(
         "abcde", help="The contenders to run, by letter (e.g. `ae`; (e) needs (a))."
     ),
+    initial_load: int | None = typer.Option(
+        None,
+        "--initial-load",
+        min=1000,
+        help="Instead: the first load of a Postgres table of this many rows (16 columns) through "
+        "Debezium's snapshot into a replica and read models, end to end and per stage.",
+    ),
 ) -> None:
     """Measure the projector against a naive baseline and ClickHouse's own decoder, on the same
-    generated events, in one run (starts the stack if needed)."""
+    generated events, in one run (starts the stack if needed); or, with --initial-load, the first
+    load of a big table."""
     from connectors import ConnectorError
     from devstack import StackError
     from devstack.bench import run_bench
 
     log = lambda m: console.print(m, highlight=False)  # noqa: E731
     try:
+        if initial_load is not None:
+            from devstack.initial_load_bench import run_initial_load_bench
+
+            command = f"projector bench --initial-load {initial_load}"
+            run_initial_load_bench(initial_load, log, None if no_report else report, command)
+            return
         run_bench(events, seed, log, None if no_report else report, profile, batch_messages, only)
     except (StackError, ConnectorError, ProjectorError, RuntimeError) as exc:
         fail(str(exc))
