@@ -10,6 +10,8 @@ import httpx
 
 from connectors.errors import ConnectRequestFailed, ConnectUnavailable
 
+REBALANCE_WAIT_S = 60.0
+
 
 class ConnectClient:
     def __init__(self, url: str, timeout_s: float = 30.0) -> None:
@@ -17,18 +19,24 @@ class ConnectClient:
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s)
 
     def _request(self, method: str, path: str, json: Any = None) -> Any:
-        try:
-            response = self._http.request(method, path, json=json)
-        except httpx.HTTPError as exc:
-            raise ConnectUnavailable(
-                f"Kafka Connect at {self.url} is not reachable ({type(exc).__name__}); "
-                "is the stack up? (projector stack up)"
-            ) from exc
-        if response.status_code >= 400:
-            raise ConnectRequestFailed(method, path, response.status_code, response.text)
-        if not response.content:
-            return None
-        return response.json()
+        """One REST call; asked again for up to REBALANCE_WAIT_S while Connect's workers
+        rebalance (they answer 409, or 500 "a rebalance is expected", meanwhile: after every
+        config change, for instance)."""
+        deadline = time.monotonic() + REBALANCE_WAIT_S
+        while True:
+            try:
+                response = self._http.request(method, path, json=json)
+            except httpx.HTTPError as exc:
+                raise ConnectUnavailable(
+                    f"Kafka Connect at {self.url} is not reachable ({type(exc).__name__}); "
+                    "is the stack up? (projector stack up)"
+                ) from exc
+            if response.status_code < 400:
+                return response.json() if response.content else None
+            failed = ConnectRequestFailed(method, path, response.status_code, response.text)
+            if not _rebalancing(failed) or time.monotonic() > deadline:
+                raise failed
+            time.sleep(0.5)
 
     def connectors(self) -> list[str]:
         return list(self._request("GET", "/connectors"))
@@ -167,6 +175,11 @@ class ConnectClient:
         raise ConnectRequestFailed(
             "GET", f"/connectors/{name}/status", 200, f"not RUNNING after {timeout_s:.0f}s: {last}"
         )
+
+
+def _rebalancing(exc: ConnectRequestFailed) -> bool:
+    """Connect answers 409, or 500 "a rebalance is expected", while its workers rebalance."""
+    return exc.status == 409 or (exc.status == 500 and "rebalance" in str(exc).lower())
 
 
 def _states(status: dict[str, Any]) -> list[str]:
