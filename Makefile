@@ -57,8 +57,17 @@ integration: setup  ## the real-stack tests (starts the stack itself)
 packaging: venv  ## build the wheel, install it into a fresh virtualenv, run it outside the checkout
 	$(BIN)/pytest tests/packaging
 
+# The tests that need no stack (unit, security, packaging) run beside the real-stack ones, which
+# mostly wait on Debezium and Kafka: the suite's wall time is the integration tests' alone. Their
+# output follows the integration tests'; the target fails if either group fails.
 test: setup lint typecheck  ## set-up, lint, types, and the whole suite
-	$(BIN)/pytest --durations=25
+	@$(BIN)/pytest -p no:cacheprovider --durations=10 tests/unit tests/security tests/packaging \
+		> .test-without-stack.log 2>&1 & without_stack=$$!; \
+	$(BIN)/pytest --durations=25 tests/integration; integration=$$?; \
+	wait $$without_stack; others=$$?; \
+	echo "--- tests/unit, tests/security, tests/packaging (run beside the integration tests) ---"; \
+	cat .test-without-stack.log; \
+	test $$integration -eq 0 -a $$others -eq 0
 
 # Benchmark sizes (override on the command line: `make bench RATES=1000 ORDERS=1000000`). Not
 # `$(or $(RATES),1000,5000)`: `or` splits its arguments at commas and would keep `1000` alone.
