@@ -41,7 +41,9 @@ from psycopg import sql
 from projector.config import client_environment
 
 SCHEMA, TABLE = "bench_load", "wide"
-CONNECTOR, PREFIX = "bench-load", "bload"
+# A connector name of its own each run: Kafka Connect keeps a deleted connector's offsets, and a
+# connector re-created under the same name would resume from them instead of snapshotting.
+CONNECTOR, PREFIX = f"bench-load-{uuid.uuid4().hex[:8]}", "bload"
 SLOT, PUBLICATION = "bench_load_slot", "bench_load_pub"
 TOPIC = f"{PREFIX}.{SCHEMA}.{TABLE}"
 DDL = f"""
@@ -53,13 +55,13 @@ CREATE TABLE {SCHEMA}.{TABLE} (
 """
 FILL = f"""
 INSERT INTO {SCHEMA}.{TABLE}
-SELECT i, i % 100000, 'cat' || (i % 50), 'item ' || i, (i % 10000) / 100.0 + 1, i % 17 + 1,
-       i * 0.25, (i % 1000) / 7.0, i % 3 = 0, date '2020-01-01' + (i % 2000),
+SELECT i, i %% 100000, 'cat' || (i %% 50), 'item ' || i, (i %% 10000) / 100.0 + 1, i %% 17 + 1,
+       i * 0.25, (i %% 1000) / 7.0, i %% 3 = 0, date '2020-01-01' + (i %% 2000)::int,
        timestamptz '2024-01-01 00:00:00+00' + i * interval '1 second',
        timestamp '2024-01-01 00:00:00' + i * interval '1 minute', md5(i::text)::uuid,
-       jsonb_build_object('k', i % 10, 'tag', 't' || (i % 7)), lpad((i % 99999999)::text, 8, '0'),
-       (i % 30000)::smallint
-FROM generate_series(%s, %s) AS i
+       jsonb_build_object('k', i %% 10, 'tag', 't' || (i %% 7)), lpad((i %% 99999999)::text, 8, '0'),
+       (i %% 30000)::smallint
+FROM generate_series(%s::bigint, %s::bigint) AS i
 """
 READ_MODELS = f"""
 [[entity]]
@@ -110,8 +112,11 @@ def run_initial_load_bench(rows: int, log: Any, report: Path | None, command: st
         _fill(env, rows, log)
         stages = _measure(env, rows, work, models, log)
     finally:
-        _drop_connector(env)
-        shutil.rmtree(work, ignore_errors=True)
+        if os.environ.get("PROJECTOR_BENCH_KEEP"):  # to look at what went wrong
+            log(f"kept: {work}, connector {CONNECTOR}, schema {SCHEMA}")
+        else:
+            _drop_connector(env)
+            shutil.rmtree(work, ignore_errors=True)
     text = _report(stages, rows, command)
     log(text)
     if report is not None:
@@ -197,13 +202,15 @@ def _measure(env: dict[str, str], rows: int, work: Path, models: Path, log: Any)
     debezium = Stage("Debezium snapshot (Kafka timestamps)", (last_ts - first_ts) / 1000, rows)
     _check_counts(first, rows, run)
     verified = subprocess.run(
-        [projector, "verify", f"{SCHEMA}.{TABLE}"],
+        [projector, "verify", f"{SCHEMA}.{TABLE}", "--json"],
         env=_projector_env(env, first, models, maintain=True),
         capture_output=True,
         text=True,
     )
     if verified.returncode != 0:
-        raise RuntimeError(f"the replica differs from Postgres:\n{verified.stdout[-2000:]}")
+        raise RuntimeError(
+            f"the replica differs from Postgres:\n{verified.stdout[-4000:]}\n{verified.stderr[-2000:]}"
+        )
     log("  replica verified equal to Postgres")
     # 3. the projector alone, over the finished topic, read models off
     log("the projector alone (a fresh deployment over the finished topic, read models off) ...")
@@ -321,8 +328,10 @@ def _drop_connector(env: dict[str, str]) -> None:
     from connectors import ConnectClient
 
     client = ConnectClient(env["CONNECT_URL"])
-    if CONNECTOR in client.connectors():
-        client.delete(CONNECTOR)
+    ours = [c for c in client.connectors() if c.startswith("bench-load")]
+    for name in ours:
+        client.delete(name)
+    if ours:
         time.sleep(2)  # the task lets go of the slot
     with psycopg.connect(env["ADMIN_DSN"], autocommit=True) as conn:
         for _ in range(30):

@@ -64,7 +64,7 @@ INTERVAL_ISO = r"P(-?\\d+)Y(-?\\d+)M(-?\\d+)DT(-?\\d+)H(-?\\d+)M(-?[0-9.]+)S"
 def _float(width: int) -> CanonicalText:
     return CanonicalText(
         f"CASE WHEN {{0}} = 'NaN' THEN 'nan' ELSE encode(float{width}send({{0}}), 'hex') END",
-        "if(isNaN({0}), 'nan', lower(hex(reverse(reinterpretAsString({0})))))",
+        "if(isNaN({0}), 'nan', lower(hex(reverse(reinterpretAsFixedString({0})))))",
     )
 
 

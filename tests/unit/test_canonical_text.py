@@ -65,6 +65,10 @@ AGREEING = [
     ("float8", None, "Float64", "-inf", "fff0000000000000"),
     ("float8", None, "Float64", "nan", "nan"),
     ("float4", None, "Float32", "3.25", "40500000"),
+    # zero's bytes are all zero: reinterpretAsString would drop them (encode(float4send(0), 'hex'))
+    ("float4", None, "Float32", "0", "00000000"),
+    ("float8", None, "Float64", "0", "0000000000000000"),
+    ("float8", None, "Float64", "-0.0", "8000000000000000"),
     ("bool", None, "Bool", "true", "true"),
     ("bpchar", None, "String", "'ab   '", "ab"),  # 'ab'::char(5)::text
     ("bytea", None, "String", "unhex('00FF10')", "00ff10"),
