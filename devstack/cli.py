@@ -155,6 +155,12 @@ def bench(
         help="Instead: the first load of a Postgres table of this many rows (16 columns) through "
         "Debezium's snapshot into a replica and read models, end to end and per stage.",
     ),
+    connector_setting: list[str] = typer.Option(
+        [],
+        "--connector-setting",
+        help="With --initial-load: KEY=VALUE set on the benchmark's connector (repeatable), "
+        "e.g. max.batch.size=8192, to compare Debezium's settings.",
+    ),
 ) -> None:
     """Measure the projector against a naive baseline and ClickHouse's own decoder, on the same
     generated events, in one run (starts the stack if needed); or, with --initial-load, the first
@@ -168,8 +174,18 @@ def bench(
         if initial_load is not None:
             from devstack.initial_load_bench import run_initial_load_bench
 
-            command = f"projector bench --initial-load {initial_load}"
-            run_initial_load_bench(initial_load, log, None if no_report else report, command)
+            settings = {}
+            for item in connector_setting:
+                key, sep, value = item.partition("=")
+                if not sep or not key.strip():
+                    fail(f"--connector-setting takes KEY=VALUE, got {item!r}", code=2)
+                settings[key.strip()] = value.strip()
+            command = f"projector bench --initial-load {initial_load}" + "".join(
+                f" --connector-setting {k}={v}" for k, v in settings.items()
+            )
+            run_initial_load_bench(
+                initial_load, log, None if no_report else report, command, settings
+            )
             return
         run_bench(events, seed, log, None if no_report else report, profile, batch_messages, only)
     except (StackError, ConnectorError, ProjectorError, RuntimeError) as exc:

@@ -98,7 +98,15 @@ class Stage:
         return self.rows / self.seconds if self.seconds else 0.0
 
 
-def run_initial_load_bench(rows: int, log: Any, report: Path | None, command: str) -> list[Stage]:
+def run_initial_load_bench(
+    rows: int,
+    log: Any,
+    report: Path | None,
+    command: str,
+    connector_settings: dict[str, str] | None = None,
+) -> list[Stage]:
+    """`connector_settings`: set on the benchmark's connector over the shipped ones (to compare
+    Debezium's snapshot settings)."""
     from devstack import Stack
 
     stack = Stack()
@@ -110,7 +118,7 @@ def run_initial_load_bench(rows: int, log: Any, report: Path | None, command: st
     try:
         _drop_connector(env)
         _fill(env, rows, log)
-        stages = _measure(env, rows, work, models, log)
+        stages = _measure(env, rows, work, models, log, connector_settings or {})
     finally:
         if os.environ.get("PROJECTOR_BENCH_KEEP"):  # to look at what went wrong
             log(f"kept: {work}, connector {CONNECTOR}, schema {SCHEMA}")
@@ -180,12 +188,20 @@ def _projector_env(env: dict[str, str], chdb: Path, models: Path, maintain: bool
     }
 
 
-def _measure(env: dict[str, str], rows: int, work: Path, models: Path, log: Any) -> list[Stage]:
+def _measure(
+    env: dict[str, str],
+    rows: int,
+    work: Path,
+    models: Path,
+    log: Any,
+    connector_settings: dict[str, str],
+) -> list[Stage]:
     from connectors import ConnectClient, render_connector
 
     projector = str(Path(sys.executable).parent / "projector")
     client = ConnectClient(env["CONNECT_URL"])
     definition = render_connector(_connector_env(env))
+    definition["config"].update(connector_settings)
     # 2. end to end: the connector and the projector start together
     first = work / "end-to-end"
     log(f"end to end: connector {CONNECTOR} snapshots {rows:,} rows, the projector applies ...")
