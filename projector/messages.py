@@ -24,6 +24,8 @@ class KafkaMessages(Sequence[RawMessage]):
 
     def __init__(self, messages: Sequence[Any]) -> None:
         self._messages = messages
+        self._columns: tuple[list[int], list[bytes | None], list[bytes | None]] | None = None
+        self._key_schema_ids: set[int] | None = None
 
     def __len__(self) -> int:
         return len(self._messages)
@@ -46,8 +48,25 @@ class KafkaMessages(Sequence[RawMessage]):
         return (self[i] for i in range(len(self._messages)))
 
     def columns(self) -> tuple[list[int], list[bytes | None], list[bytes | None]]:
-        ms = self._messages
-        return [m.offset() for m in ms], [m.key() for m in ms], [m.value() for m in ms]
+        """Offsets, keys and values, made once (when the batch is planned, off the applying
+        thread) and kept: every later reader of the batch takes the same lists."""
+        if self._columns is None:
+            ms = self._messages
+            self._columns = (
+                [m.offset() for m in ms],
+                [m.key() for m in ms],
+                [m.value() for m in ms],
+            )
+        return self._columns
+
+    def key_schema_ids(self) -> set[int]:
+        """The registry ids of the Confluent-framed keys (made once, like `columns`)."""
+        if self._key_schema_ids is None:
+            keys = self.columns()[1]
+            self._key_schema_ids = {
+                int.from_bytes(k[1:5], "big") for k in keys if k and len(k) >= 5 and k[0] == 0
+            }
+        return self._key_schema_ids
 
 
 def message_columns(

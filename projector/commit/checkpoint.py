@@ -489,14 +489,26 @@ class BatchCommitter:
         checkpoint = self.checkpoints.get((topic, partition))
         return None if checkpoint is None else checkpoint.resume_offset
 
-    def check_ownership(self, topic: str, partition: int) -> None:
-        """The fence: the partition's newest claim must be ours, else `PartitionLost`."""
-        ours = self.claims.get((topic, partition))
+    def check_ownership(self, topic: str, partition: int, ours: Claim | None = None) -> None:
+        """The fence: the partition's newest claim must be ours (`ours`, or our current claim),
+        else `PartitionLost`."""
+        if ours is None:
+            ours = self.claims.get((topic, partition))
         newest = self.store.claims([(topic, partition)]).get((topic, partition))
         if ours is None or newest != ours:
             raise PartitionLost(topic, partition, ours, newest)
 
-    def commit(self, batch: BatchRange, apply: Callable[[BatchRange], None]) -> None:
+    def commit(
+        self, batch: BatchRange, apply: Callable[[BatchRange], None], claim: Claim | None = None
+    ) -> None:
+        """Steps 1-4 for `batch`. `claim`: the claim the batch was cut under, when the caller
+        cuts batches ahead of their commit (the run loop reads ahead): the batch is committed
+        under that claim or not at all — after a re-claim (the partition re-positioned), a batch
+        cut before it is refused like a stale member's, never applied from the old position."""
+        key = (batch.topic, batch.partition)
+        if claim is not None and self.claims.get(key) != claim:
+            raise PartitionLost(batch.topic, batch.partition, claim, self.claims.get(key))
+        ours = claim if claim is not None else self.claims.get(key)
         # 1. the batch must continue where the partition stopped (or replay the open intent)
         previous = self.checkpoints.get((batch.topic, batch.partition))
         if previous is not None:
@@ -514,37 +526,38 @@ class BatchCommitter:
                     f"the last applied offset {previous.last}"
                 )
         # 2. still ours? then the intent, before any effect
-        self.check_ownership(batch.topic, batch.partition)
-        generation = self.claims[(batch.topic, batch.partition)].generation
+        self.check_ownership(batch.topic, batch.partition, ours)
+        assert ours is not None  # the check passed
+        generation = ours.generation
         self.store.record(batch, INTENT, generation)
         self.checkpoints[(batch.topic, batch.partition)] = PartitionCheckpoint(
             INTENT, batch.first, batch.last
         )
         # 3. effects, deduplicated by tokens derived from the batch; every statement through
         # `fenced` checks the partition is still ours first (the invariant in the docstring)
-        with self._fencing(batch):
+        with self._fencing(batch, ours):
             apply(batch)
         # 4. still ours? then done
-        self.check_ownership(batch.topic, batch.partition)
+        self.check_ownership(batch.topic, batch.partition, ours)
         self.store.record(batch, DONE, generation)
         self.checkpoints[(batch.topic, batch.partition)] = PartitionCheckpoint(
             DONE, batch.first, batch.last
         )
 
     @contextmanager
-    def _fencing(self, batch: BatchRange) -> Iterator[None]:
-        self._committing.batch = batch
+    def _fencing(self, batch: BatchRange, claim: Claim) -> Iterator[None]:
+        self._committing.batch, self._committing.claim = batch, claim
         try:
             yield
         finally:
-            self._committing.batch = None
+            self._committing.batch = self._committing.claim = None
 
     def check_fence(self) -> None:
         """Step 3's check, before a statement of the batch this thread is committing (none: no
         check — the main thread's own statements are not a batch's)."""
         batch: BatchRange | None = getattr(self._committing, "batch", None)
         if batch is not None:
-            self.check_ownership(batch.topic, batch.partition)
+            self.check_ownership(batch.topic, batch.partition, self._committing.claim)
 
     def fenced(self, clickhouse: ClickHouse) -> FencedClickHouse:
         """`clickhouse` for everything a batch's apply function writes with (step 3)."""

@@ -108,8 +108,8 @@ def snapshot_bounds(
     """The snapshot bounds among `messages` (step 1), in offset order; `decode` reads a message
     value's datum, `joined` are the values already concatenated (the fast path's segments). A
     message that does not decode is no bound (the apply path dead-letters it)."""
-    offsets, _, values = message_columns(messages)  # no per-message tuples: the fast path's way
     if joined is None:
+        values = message_columns(messages)[2]  # no per-message tuples: the fast path's way
         joined = [b"".join([v for v in values if v is not None])]
     # The marks are searched in the batch's bytes in C; only the messages holding one are looked
     # at (found by where they lie in those bytes), not every message of a batch that has one.
@@ -123,6 +123,7 @@ def snapshot_bounds(
         base += len(data)
     if not found:
         return []
+    offsets, _, values = message_columns(messages)
     present = [(o, v) for o, v in zip(offsets, values, strict=True) if v is not None]
     ends = list(accumulate(len(v) for _, v in present))  # where each value ends in the bytes
     holding = sorted({bisect_right(ends, at) for at in found})  # a mark across two: a miss

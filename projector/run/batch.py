@@ -12,7 +12,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from projector.commit.checkpoint import BatchCommitter, BatchRange
+from projector.commit.checkpoint import BatchCommitter, BatchRange, Claim
 from projector.commit.dead_letters import DeadLetter, DeadLetterStore
 from projector.commit.ledger import TransactionLedger
 from projector.commit.transactions import EventPlace
@@ -66,12 +66,16 @@ class BatchWork:
         messages: KafkaMessages,
         segments: list[Segment] | None,
         counted: bool = False,
+        claim: Claim | None = None,
     ) -> BatchRange:
         """Apply `batch` under its intent, retrying transient failures until it is done or the
-        run stops (then the intent is replayed by whoever positions the partition next)."""
+        run stops (then the intent is replayed by whoever positions the partition next);
+        `claim`: the claim it was cut under (`BatchCommitter.commit`)."""
 
         def attempt() -> None:
-            self.committer.commit(batch, lambda rng: self._apply(rng, messages, segments, counted))
+            self.committer.commit(
+                batch, lambda rng: self._apply(rng, messages, segments, counted), claim
+            )
 
         with_retries(
             attempt,
@@ -94,7 +98,7 @@ class BatchWork:
         if batch.topic == self.config.transaction_topic:
             self.ledger.record_ends(batch, self._transaction_events(batch, messages))
             return
-        stopped = self.guard.stopped_reason(batch.topic, _key_schema_ids(messages))
+        stopped = self.guard.stopped_reason(batch.topic, messages.key_schema_ids())
         if stopped is not None:
             self._refuse(batch, messages, stopped)
             return
@@ -212,9 +216,3 @@ class BatchWork:
                 },
             )
         self.producer.poll(0)
-
-
-def _key_schema_ids(messages: KafkaMessages) -> set[int]:
-    """The registry ids of the batch's Confluent-framed keys."""
-    _, keys, _ = messages.columns()
-    return {int.from_bytes(k[1:5], "big") for k in keys if k and len(k) >= 5 and k[0] == 0}

@@ -9,8 +9,12 @@ runs the due ones in the order the loop gave them, and enforces the rule, here a
 **A duty runs only with no batch in flight and no replay pending.**
 
 - No batch in flight: a duty may change what a batch reads or writes (a pause moves partitions,
-  a backfill chunk reads the replicas a batch writes, a rebuild swaps a table), so the batch in
-  flight is settled first; a duty that only reports then sees settled positions.
+  a backfill chunk reads the replicas a batch writes, a rebuild swaps a table), so the batches
+  in flight are settled first. The one exception is a report (`Chore(..., settles=False)`: lag,
+  the slot, watermarks), which only reads: it runs beside the batches in flight and sees the
+  positions of those settled so far (a lag a batch higher, a watermark a batch lower: never
+  more than is true). Draining the loop's read-ahead every second for a lag report would leave
+  ClickHouse idle while the next batch is consumed and planned.
 - No replay pending: an open intent is replayed exactly before anything else changes the state it
   saw (projector/commit/checkpoint.py, step 2; a half-applied batch's read-model deltas are exact
   only against that state). While one waits, no duty runs.
@@ -43,7 +47,7 @@ IDLE_ROUND_S = 0.05  # how long `drive_here` waits when no duty was due
 
 
 class Duty(Protocol):
-    name: str
+    name: str  # (and optionally `settles = False`: a report, run beside the batches in flight)
 
     def due(self, now: float) -> bool:
         """Whether it has work now (may read, changes nothing)."""
@@ -70,7 +74,8 @@ class Duties:
         due = [duty for duty in self.duties if duty.due(self.clock())]
         if not due:
             return False
-        self.settle()
+        if any(getattr(duty, "settles", True) for duty in due):
+            self.settle()
         ran = False
         for duty in due:
             # Settling can re-position a partition (a refused batch) and a duty's retries poll
@@ -115,6 +120,7 @@ class Chore:
     clock: Callable[[], float] = time.monotonic
     failed: Callable[[str], None] = lambda name: None  # counts a failure (the metrics)
     failures: int = 0  # in a row
+    settles: bool = True  # False: a report, which runs beside the batches in flight
     _due: float = field(init=False)
     _logged: float = field(init=False, default=-1e18)  # when a failure was last logged
 

@@ -1,7 +1,11 @@
 """The consume → batch → apply loop behind `projector run`.
 
-One consumer-group member: it consumes, buffers per partition, cuts batches, plans each on this
-thread while the previous one applies on the apply thread, and reports metrics. Where partitions
+One consumer-group member: it consumes, buffers per partition, cuts batches and plans each on this
+thread, and hands them to the apply thread, which applies them one after the other in the order
+they were cut. The loop reads ahead: up to `READ_AHEAD_BATCHES` batches are handed over at once,
+so ClickHouse always has the next batch ready while this thread consumes, cuts and plans (chDB
+and the HTTP client release the GIL). Each batch is committed under the claim it was cut under
+(`BatchCommitter.commit`): after a re-claim, a batch cut before it is refused, never applied. Where partitions
 resume, how batches are cut and replayed, and how a batch is committed are the commit protocol's
 (projector/commit/checkpoint.py, steps A-C and 1-5); this loop calls it in that order.
 
@@ -15,7 +19,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
@@ -55,6 +59,9 @@ KEEP_POLLING_S = 1.0  # how often a member waiting long for its batch polls (sta
 SOURCE_REPLICAS_CHECK_S = 30.0  # how often it looks for captured tables without a replica
 FINISH_CHECK_S = 0.5  # how often a run asked to finish looks at its finish line, at most
 FIRST_WAITING_REPORT_S, WAITING_REPORT_S = 5.0, 30.0  # when it logs what it still waits for
+# Batches handed to the apply thread at once: one applying, one planned and waiting (more buys
+# nothing with one apply thread, and each holds a batch of messages in memory).
+READ_AHEAD_BATCHES = 2
 
 
 class Projector:
@@ -75,7 +82,8 @@ class Projector:
         # The next offset to apply per assigned partition (after the last batch done).
         self.next_offset: dict[tuple[str, int], int] = {}
         self._apply_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apply")
-        self._in_flight: Future[BatchRange] | None = None
+        self._in_flight: deque[Future[BatchRange]] = deque()  # handed over, oldest first
+        self._lost: set[tuple[str, int]] = set()  # a batch was refused: claim again when settled
         self._waiting = False  # partitions paused while the main thread waits for ClickHouse
         self._unpositioned: set[tuple[str, int]] = set()  # assigned, paused: steps A-C failed
         self._last_poll = time.monotonic()
@@ -297,6 +305,7 @@ class Projector:
     def _forget(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._unpositioned.discard((tp.topic, tp.partition))
+            self._lost.discard((tp.topic, tp.partition))
             self.pausing.forget((tp.topic, tp.partition))
             self.metrics.forget(tp.topic, tp.partition)
             self.next_offset.pop((tp.topic, tp.partition), None)
@@ -341,8 +350,8 @@ class Projector:
             while not self.stopping:
                 fresh = self._consume(self.config.max_batch_wait_ms / 1000)
                 self._flush(drain=fresh < self.config.max_batch_messages)
-                if self._in_flight is not None and self._in_flight.done():
-                    self._wait_for_batch()  # an idle loop still records the last batch
+                if self._lost or (self._in_flight and self._in_flight[0].done()):
+                    self._settle_batch()  # an idle loop still records the last batch
                 self._position_waiting()
                 self.duties.run_due()
                 if tick is not None:
@@ -422,6 +431,8 @@ class Projector:
                 continue
             if (topic, partition) in self.pausing.paused:
                 continue  # what it fetched before the pause waits in its buffer
+            if (topic, partition) in self._lost:
+                continue  # claimed again and re-positioned once the batches in flight are in
             # More than a poll takes (max_batch_messages) for the transaction topic, when set:
             # its buffer then fills over several polls, or is cut when one finds nothing newer.
             limit = self.config.batch_messages(topic)
@@ -459,38 +470,46 @@ class Projector:
                     self._reposition(topic, partition)
                     break
                 messages = KafkaMessages(batch_msgs)
-                segments = self.parts.applier.plan(messages)  # while the batch in flight applies
+                # Made while the batch in flight applies: its plan, and the columns and key
+                # schema ids every later step reads (kept by `messages`).
+                segments = self.parts.applier.plan(messages)
+                messages.key_schema_ids()
                 positioned = state.positioned
-                self._wait_for_batch()  # at most one batch in flight
-                if self.partitions.get((topic, partition)) is not state or (
-                    state.positioned != positioned
+                self._wait_for_batch(keep=READ_AHEAD_BATCHES - 1)  # room for this one
+                if (
+                    self.partitions.get((topic, partition)) is not state
+                    or state.positioned != positioned
+                    or (topic, partition) in self._lost
                 ):
                     break  # revoked or re-positioned meanwhile: this batch is not ours to apply
-                self._in_flight = self._apply_thread.submit(
-                    self.batches.commit, batch, messages, segments, counted
+                claim = self.committer.claims.get((topic, partition))
+                self._in_flight.append(
+                    self._apply_thread.submit(
+                        self.batches.commit, batch, messages, segments, counted, claim
+                    )
                 )
                 state.replay = None
                 if self.stopping:
                     return
 
-    def _wait_for_batch(self) -> None:
-        """Wait for the batch in flight (re-raising its failure), then tell Kafka. While it
-        waits (ClickHouse may be down for minutes), the member keeps polling with every partition
-        paused: it stays in the group and follows rebalances instead of being thrown out after
-        max.poll.interval.ms with a batch still to write."""
+    def _wait_for_batch(self, keep: int = 0) -> None:
+        """Wait until at most `keep` batches are in flight (re-raising a failure), then take the
+        outcomes of those done and tell Kafka. While it waits (ClickHouse may be down for
+        minutes), the member keeps polling with every partition paused: it stays in the group
+        and follows rebalances instead of being thrown out after max.poll.interval.ms with a
+        batch still to write."""
         # Waiting a tenth of the poll interval after the last poll (an ordinary batch is done
         # by then, and pausing drops what librdkafka fetched ahead), it polls, paused.
         patience_s = self.config.max_poll_interval_ms / 1000 / 10
-        if self._in_flight is not None:
-            wait(
-                [self._in_flight], timeout=max(0.0, self._last_poll + patience_s - time.monotonic())
-            )
+
+        def awaited() -> list[Future[BatchRange]]:  # the batches to be done (oldest first)
+            return list(self._in_flight)[: max(0, len(self._in_flight) - keep)]
+
+        if awaited():
+            wait(awaited(), timeout=max(0.0, self._last_poll + patience_s - time.monotonic()))
         try:
-            while (
-                self._in_flight is not None
-                and not wait([self._in_flight], timeout=KEEP_POLLING_S).done
-            ):
-                self._poll_paused()
+            while awaited() and wait(awaited(), timeout=KEEP_POLLING_S).not_done:
+                self._poll_paused()  # (a rebalance callback may settle batches meanwhile)
         finally:
             self._resume_paused()
         self._settle_batch()
@@ -539,31 +558,37 @@ class Projector:
         self.consumer.seek(TopicPartition(topic, partition, resume.offset))
 
     def _settle_batch(self, wait_s: float | None = None, reclaim: bool = True) -> None:
-        """Take the batch in flight's outcome (waiting up to `wait_s`; None: until it is done).
-        A batch the fence refused is dropped: if Kafka still gives us its partition (and we may
-        `reclaim`: not inside a revoke), we claim it anew and resume from its checkpoint (steps
-        A-C); if not, its new owner applies it."""
-        if self._in_flight is None:
-            return
-        if wait_s is not None and not wait([self._in_flight], timeout=wait_s).done:
+        """Take the outcomes of the batches in flight that are done, oldest first (with `wait_s`:
+        first waiting up to that long for all of them). A batch the fence refused is dropped,
+        and so are the batches of its partition behind it (cut under the same claim): once none
+        is in flight, if Kafka still gives us the partition (and we may `reclaim`: not inside a
+        revoke), we claim it anew and resume from its checkpoint (steps A-C); if not, its new
+        owner applies them."""
+        if wait_s is not None and wait(list(self._in_flight), timeout=wait_s).not_done:
             log.warning(
                 "handing over while a batch is still in flight (ClickHouse unavailable?); "
                 "the fence keeps it out if it finishes later"
             )
             return
-        future, self._in_flight = self._in_flight, None
-        try:
-            batch = future.result()
-        except PartitionLost as lost:
-            key = (lost.topic, lost.partition)
-            log.warning("dropped a batch of %s[%d]: %s", lost.topic, lost.partition, lost)
-            if reclaim and key in self.next_offset:  # Kafka still says ours: claim it again
-                self._reposition(lost.topic, lost.partition)
-            return
-        key = (batch.topic, batch.partition)
-        if key in self.next_offset:
-            self.next_offset[key] = batch.last + 1
-            acknowledge(self.consumer, batch)
+        while self._in_flight and self._in_flight[0].done():
+            future = self._in_flight.popleft()
+            try:
+                batch = future.result()
+            except PartitionLost as refused:
+                key = (refused.topic, refused.partition)
+                if key not in self._lost:
+                    log.warning("dropped a batch of %s[%d]: %s", *key, refused)
+                self._lost.add(key)
+                continue
+            key = (batch.topic, batch.partition)
+            if key in self.next_offset and key not in self._lost:
+                self.next_offset[key] = batch.last + 1
+                acknowledge(self.consumer, batch)
+        if self._lost and reclaim and not self._in_flight:
+            lost, self._lost = sorted(self._lost), set()
+            for topic, partition in lost:
+                if (topic, partition) in self.next_offset:  # Kafka still says ours: claim again
+                    self._reposition(topic, partition)
 
     # ---- what the duties ask of the loop (projector/run/pausing.py, upkeep.py) ------------------
 

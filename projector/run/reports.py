@@ -42,11 +42,18 @@ def chores(
         metrics.chore_failures.labels(chore).inc()
 
     lag = lag_reporter(metrics, consumer, next_offset, partitions)
-    found = [Chore("reporting lag", lag, every_s=1, failed=failed)]
+    # Lag and the slot read nothing a batch writes: they run beside the batches in flight.
+    found = [Chore("reporting lag", lag, every_s=1, failed=failed, settles=False)]
     if config.source_dsn:
         slot = SlotReport(config.source_dsn, config.slot_name, metrics)
         found.append(
-            Chore("reporting the replication slot", slot.report, every_s=15, failed=failed)
+            Chore(
+                "reporting the replication slot",
+                slot.report,
+                every_s=15,
+                failed=failed,
+                settles=False,
+            )
         )
     if config.transaction_metadata:
         marks = WatermarkReport(config, metrics, ledger, read_models)

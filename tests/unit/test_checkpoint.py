@@ -442,6 +442,44 @@ def test_a_claim_between_two_chunks_stops_the_stale_member_and_the_owner_replays
     assert target_counts(engine, database) == dict.fromkeys(LOG, 1)
 
 
+def test_a_batch_cut_under_an_earlier_claim_of_our_own_is_refused_before_its_intent(
+    engine: ChdbBackend, database: str
+) -> None:
+    """The run loop reads ahead: batches are cut (under the claim of the moment) before they are
+    committed. A batch refused at the fence makes the member claim the partition again and
+    resume from its checkpoint; a batch cut before that re-claim, further along the partition,
+    must then be refused too, not committed under the new claim from the old position (it would
+    skip the refused batch's offsets)."""
+    run = Run(engine, database)
+    run.committer.assign([(TOPIC, 0)])
+    cut_under = run.committer.claims[(TOPIC, 0)]
+    run.committer.commit(BatchRange(TOPIC, 0, 0, 9), run.apply, cut_under)
+    ahead = BatchRange(TOPIC, 0, 12, 19)  # cut, waiting behind a batch that the fence refused
+    run.committer.assign([(TOPIC, 0)])  # ... so the member claimed the partition again
+    applied: list[BatchRange] = []
+    with pytest.raises(PartitionLost, match=r"cdc\.shop\.orders\[0\] is no longer ours"):
+        run.committer.commit(ahead, applied.append, cut_under)
+    assert applied == []
+    assert run.store.load() == {(TOPIC, 0): PartitionCheckpoint(DONE, 0, 9)}
+    # under the claim it holds now, the same range goes through
+    run.committer.commit(ahead, run.apply, run.committer.claims[(TOPIC, 0)])
+    assert run.store.load() == {(TOPIC, 0): PartitionCheckpoint(DONE, 12, 19)}
+
+
+def test_a_batch_cut_under_a_claim_another_member_overtook_writes_nothing(
+    engine: ChdbBackend, database: str
+) -> None:
+    """The fence checks the claim a batch was cut under at every step (here: before the intent)."""
+    run = Run(engine, database)
+    run.committer.assign([(TOPIC, 0)])
+    cut_under = run.committer.claims[(TOPIC, 0)]
+    Run(engine, database).committer.assign([(TOPIC, 0)])  # the group moved the partition
+    applied: list[BatchRange] = []
+    with pytest.raises(PartitionLost):
+        run.committer.commit(BatchRange(TOPIC, 0, 0, 9), applied.append, cut_under)
+    assert applied == [] and run.store.load() == {}
+
+
 def test_a_stale_members_late_records_never_become_the_checkpoint(
     engine: ChdbBackend, database: str
 ) -> None:

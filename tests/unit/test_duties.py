@@ -144,3 +144,19 @@ def test_a_replay_opened_while_settling_goes_first() -> None:
     duties = Duties([Recorder("rebuilds", log)], settle=settle, replay_pending=lambda: pending[0])
     duties.run_due()
     assert log == ["settled"]
+
+
+def test_a_report_runs_beside_the_batches_in_flight() -> None:
+    """A chore that only reads (lag) does not drain the loop's read-ahead; one that changes
+    state (pruning), due in the same round, still settles first."""
+    clock, log = Clock(), []
+    lag = Chore("reporting lag", lambda: log.append("lag"), every_s=1, clock=clock, settles=False)
+    prune = Chore(
+        "pruning", lambda: log.append("prune"), every_s=300, first_after_s=300, clock=clock
+    )
+    duties = Duties([lag, prune], settle=lambda: log.append("settled"), clock=clock)
+    duties.run_due()
+    assert log == ["lag"]  # no settling for a report alone
+    clock.now += 300
+    duties.run_due()
+    assert log == ["lag", "settled", "lag", "prune"]
