@@ -251,11 +251,17 @@ def freshness(
     burst: int = typer.Option(
         50_000, min=100, help="Rows of the unpaced burst (Debezium ceiling)."
     ),
+    ceiling: bool = typer.Option(
+        True,
+        "--ceiling/--no-ceiling",
+        help="After the burst, a run paced at the rate Debezium sustained in it.",
+    ),
     report: Path = typer.Option(Path("docs/benchmarks.md"), help="Append the results here."),
     no_report: bool = typer.Option(False, "--no-report", help="Only print the results."),
 ) -> None:
     """Commit-to-visible latency (p50/p95/p99) at fixed write rates into Postgres, through
-    Debezium, Kafka and the projector into ClickHouse; and Debezium's source rate ceiling."""
+    Debezium, Kafka and the projector into a replica and a read model kept beside it; Debezium's
+    source rate ceiling, and the latency at that ceiling."""
     from connectors import ConnectorError
     from devstack import StackError
     from devstack.freshness import run_freshness
@@ -267,7 +273,7 @@ def freshness(
         fail(f"--rates must be whole numbers separated by commas, got {rates!r}")
         return
     try:
-        run_freshness(wanted, duration, burst, log, None if no_report else report)
+        run_freshness(wanted, duration, burst, log, None if no_report else report, ceiling)
     except (StackError, ConnectorError, ProjectorError, RuntimeError) as exc:
         fail(str(exc))
 

@@ -62,6 +62,7 @@ FIRST_WAITING_REPORT_S, WAITING_REPORT_S = 5.0, 30.0  # when it logs what it sti
 # Batches handed to the apply thread at once: one applying, one planned and waiting (more buys
 # nothing with one apply thread, and each holds a batch of messages in memory).
 READ_AHEAD_BATCHES = 2
+CONSUME_SLICE = 1_000  # messages per consume call (`_consume`)
 
 
 class Projector:
@@ -394,7 +395,15 @@ class Projector:
     def _consume(self, timeout_s: float) -> int:
         """Poll the consumer (which also keeps this member in the group and runs rebalance
         callbacks), buffer what came; how many messages came."""
-        messages = self.consumer.consume(self.config.max_batch_messages, timeout_s)
+        # In slices: librdkafka's consume holds the GIL while it makes a slice's messages, and
+        # the apply thread needs it between its ClickHouse statements.
+        wanted = self.config.max_batch_messages
+        messages = self.consumer.consume(min(wanted, CONSUME_SLICE), timeout_s)
+        while len(messages) < wanted and len(messages) % CONSUME_SLICE == 0:
+            more = self.consumer.consume(min(wanted - len(messages), CONSUME_SLICE), 0)
+            if not more:
+                break
+            messages += more
         self._last_poll = time.monotonic()
         fresh = 0
         for msg in messages:
