@@ -42,6 +42,27 @@ def consumer(bootstrap: str, group_id: str | None = None, **settings: Any) -> Co
     return Consumer(conf)
 
 
+def group_member(
+    bootstrap: str, group_id: str, session_timeout_ms: int, max_poll_interval_ms: int
+) -> Consumer:
+    """`projector run`'s consumer: a member of `group_id` that commits nothing itself (the
+    checkpoints in ClickHouse say where a partition resumes), reads a new partition from its
+    start, reports each partition's end, and hands partitions over one by one
+    (cooperative-sticky)."""
+    return consumer(
+        bootstrap,
+        group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        enable_partition_eof=True,
+        topic_metadata_refresh_interval_ms=2000,
+        partition_assignment_strategy="cooperative-sticky",
+        session_timeout_ms=session_timeout_ms,
+        max_poll_interval_ms=max_poll_interval_ms,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+    )
+
+
 def producer(bootstrap: str, **settings: Any) -> Producer:
     return Producer({"bootstrap.servers": bootstrap, **_librdkafka(settings)})
 

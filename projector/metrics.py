@@ -26,6 +26,7 @@ not the age of its last event, so an idle projector shows no lag.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -175,6 +176,16 @@ class ProjectorMetrics:
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)
+
+    def serve_or_warn(self, port: int, host: str) -> None:
+        """`serve`, or a warning when the port is taken (the run goes on without metrics)."""
+        try:
+            self.serve(port, host)
+            logging.getLogger("projector").info("metrics at http://127.0.0.1:%d/metrics", port)
+        except OSError as exc:
+            logging.getLogger("projector").warning(
+                "no metrics endpoint: port %d: %s (set PROJECTOR_METRICS_PORT)", port, exc
+            )
 
     def set_lag(
         self, topic: str, partition: int, end: int, next_offset: int, oldest_waiting_ms: int | None

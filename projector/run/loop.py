@@ -2,10 +2,7 @@
 
 One consumer-group member: it consumes, buffers per partition, cuts batches and plans each on this
 thread, and hands them to the apply thread, which applies them one after the other in the order
-they were cut. The loop reads ahead: up to `READ_AHEAD_BATCHES` batches are handed over at once,
-so ClickHouse always has the next batch ready while this thread consumes, cuts and plans (chDB
-and the HTTP client release the GIL). Each batch is committed under the claim it was cut under
-(`BatchCommitter.commit`): after a re-claim, a batch cut before it is refused, never applied. Where partitions
+they were cut, reading ahead during a backlog (the rules: projector/run/in_flight.py). Where partitions
 resume, how batches are cut and replayed, and how a batch is committed are the commit protocol's
 (projector/commit/checkpoint.py, steps A-C and 1-5); this loop calls it in that order.
 
@@ -19,9 +16,9 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -44,6 +41,12 @@ from projector.messages import KafkaMessages
 from projector.metrics import ProjectorMetrics
 from projector.run.batch import BatchWork
 from projector.run.duties import Chore, Duties, Duty
+from projector.run.in_flight import (
+    PARTIAL_BATCH_WAIT_S,
+    READ_AHEAD_BATCHES,
+    BatchesInFlight,
+    consume_sliced,
+)
 from projector.run.partitions import PartitionState, offset_of
 from projector.run.parts import open_parts
 from projector.run.pausing import TablePausing
@@ -59,10 +62,6 @@ KEEP_POLLING_S = 1.0  # how often a member waiting long for its batch polls (sta
 SOURCE_REPLICAS_CHECK_S = 30.0  # how often it looks for captured tables without a replica
 FINISH_CHECK_S = 0.5  # how often a run asked to finish looks at its finish line, at most
 FIRST_WAITING_REPORT_S, WAITING_REPORT_S = 5.0, 30.0  # when it logs what it still waits for
-# Batches handed to the apply thread at once: one applying, one planned and waiting (more buys
-# nothing with one apply thread, and each holds a batch of messages in memory).
-READ_AHEAD_BATCHES = 2
-CONSUME_SLICE = 1_000  # messages per consume call (`_consume`)
 
 
 class Projector:
@@ -83,33 +82,19 @@ class Projector:
         # The next offset to apply per assigned partition (after the last batch done).
         self.next_offset: dict[tuple[str, int], int] = {}
         self._apply_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apply")
-        self._in_flight: deque[Future[BatchRange]] = deque()  # handed over, oldest first
+        self._in_flight = BatchesInFlight()  # handed to the apply thread, oldest first
         self._lost: set[tuple[str, int]] = set()  # a batch was refused: claim again when settled
         self._waiting = False  # partitions paused while the main thread waits for ClickHouse
         self._unpositioned: set[tuple[str, int]] = set()  # assigned, paused: steps A-C failed
         self._last_poll = time.monotonic()
         self.metrics = ProjectorMetrics()
         if config.metrics_port:
-            try:
-                self.metrics.serve(config.metrics_port, config.metrics_host)
-                log.info("metrics at http://127.0.0.1:%d/metrics", config.metrics_port)
-            except OSError as exc:
-                log.warning(
-                    "no metrics endpoint: port %d: %s (set PROJECTOR_METRICS_PORT)",
-                    config.metrics_port,
-                    exc,
-                )
-        self.consumer = kafka.consumer(
+            self.metrics.serve_or_warn(config.metrics_port, config.metrics_host)
+        self.consumer = kafka.group_member(
             config.kafka_bootstrap,
             config.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            enable_partition_eof=True,
-            topic_metadata_refresh_interval_ms=2000,
-            partition_assignment_strategy="cooperative-sticky",
-            session_timeout_ms=config.session_timeout_ms,
-            max_poll_interval_ms=config.max_poll_interval_ms,
-            max_partition_fetch_bytes=16 * 1024 * 1024,
+            config.session_timeout_ms,
+            config.max_poll_interval_ms,
         )
         self.producer = kafka.producer(config.kafka_bootstrap, linger_ms=50)
         self.progress = RunProgress(
@@ -349,9 +334,13 @@ class Projector:
         next_waiting_report = next_finish_check + FIRST_WAITING_REPORT_S
         try:
             while not self.stopping:
-                fresh = self._consume(self.config.max_batch_wait_ms / 1000)
+                # A partial batch waits for the one applying: look again soon.
+                wait_s = self.config.max_batch_wait_ms / 1000
+                if self._in_flight.applying() and any(s.buffer for s in self.partitions.values()):
+                    wait_s = min(wait_s, PARTIAL_BATCH_WAIT_S)
+                fresh = self._consume(wait_s)
                 self._flush(drain=fresh < self.config.max_batch_messages)
-                if self._lost or (self._in_flight and self._in_flight[0].done()):
+                if self._lost or self._in_flight.oldest_done():
                     self._settle_batch()  # an idle loop still records the last batch
                 self._position_waiting()
                 self.duties.run_due()
@@ -395,15 +384,7 @@ class Projector:
     def _consume(self, timeout_s: float) -> int:
         """Poll the consumer (which also keeps this member in the group and runs rebalance
         callbacks), buffer what came; how many messages came."""
-        # In slices: librdkafka's consume holds the GIL while it makes a slice's messages, and
-        # the apply thread needs it between its ClickHouse statements.
-        wanted = self.config.max_batch_messages
-        messages = self.consumer.consume(min(wanted, CONSUME_SLICE), timeout_s)
-        while len(messages) < wanted and len(messages) % CONSUME_SLICE == 0:
-            more = self.consumer.consume(min(wanted - len(messages), CONSUME_SLICE), 0)
-            if not more:
-                break
-            messages += more
+        messages = consume_sliced(self.consumer, self.config.max_batch_messages, timeout_s)
         self._last_poll = time.monotonic()
         fresh = 0
         for msg in messages:
@@ -429,7 +410,10 @@ class Projector:
     def _flush(self, drain: bool) -> None:
         """Cut every batch that is ready and hand it to the apply thread, one at a time and in
         order: while ClickHouse applies one batch (chDB releases the GIL), this thread consumes
-        and prepares the next.
+        and prepares the next. Only a full batch is handed over behind one still applying (a
+        backlog: the read-ahead); what is buffered short of a batch waits until none applies, and
+        goes then, with whatever came meanwhile (queued behind a batch, it would wait as long,
+        and pay a batch's fixed cost more).
 
         Replay first: while an open intent waits for its replay, no other batch is applied (the
         read models' deltas of a half-applied batch are exact only against the state it saw:
@@ -447,7 +431,11 @@ class Projector:
             limit = self.config.batch_messages(topic)
             while state.buffer:
                 batch_msgs, state.buffer = cut_batch(  # type: ignore[assignment]
-                    state.buffer, offset_of, state.replay, limit, drain
+                    state.buffer,
+                    offset_of,
+                    state.replay,
+                    limit,
+                    drain and not self._in_flight.applying(),
                 )
                 if not batch_msgs:
                     break
@@ -492,7 +480,7 @@ class Projector:
                 ):
                     break  # revoked or re-positioned meanwhile: this batch is not ours to apply
                 claim = self.committer.claims.get((topic, partition))
-                self._in_flight.append(
+                self._in_flight.add(
                     self._apply_thread.submit(
                         self.batches.commit, batch, messages, segments, counted, claim
                     )
@@ -511,13 +499,15 @@ class Projector:
         # by then, and pausing drops what librdkafka fetched ahead), it polls, paused.
         patience_s = self.config.max_poll_interval_ms / 1000 / 10
 
-        def awaited() -> list[Future[BatchRange]]:  # the batches to be done (oldest first)
-            return list(self._in_flight)[: max(0, len(self._in_flight) - keep)]
-
-        if awaited():
-            wait(awaited(), timeout=max(0.0, self._last_poll + patience_s - time.monotonic()))
+        if self._in_flight.beyond(keep):
+            wait(
+                self._in_flight.beyond(keep),
+                timeout=max(0.0, self._last_poll + patience_s - time.monotonic()),
+            )
         try:
-            while awaited() and wait(awaited(), timeout=KEEP_POLLING_S).not_done:
+            while (awaited := self._in_flight.beyond(keep)) and wait(
+                awaited, timeout=KEEP_POLLING_S
+            ).not_done:
                 self._poll_paused()  # (a rebalance callback may settle batches meanwhile)
         finally:
             self._resume_paused()
@@ -573,14 +563,14 @@ class Projector:
         is in flight, if Kafka still gives us the partition (and we may `reclaim`: not inside a
         revoke), we claim it anew and resume from its checkpoint (steps A-C); if not, its new
         owner applies them."""
-        if wait_s is not None and wait(list(self._in_flight), timeout=wait_s).not_done:
+        if wait_s is not None and wait(self._in_flight.beyond(0), timeout=wait_s).not_done:
             log.warning(
                 "handing over while a batch is still in flight (ClickHouse unavailable?); "
                 "the fence keeps it out if it finishes later"
             )
             return
-        while self._in_flight and self._in_flight[0].done():
-            future = self._in_flight.popleft()
+        while self._in_flight.oldest_done():
+            future = self._in_flight.take_oldest()
             try:
                 batch = future.result()
             except PartitionLost as refused:
