@@ -254,7 +254,8 @@ def freshness(
     ceiling: bool = typer.Option(
         True,
         "--ceiling/--no-ceiling",
-        help="After the burst, a run paced at the rate Debezium sustained in it.",
+        help="After the burst, runs paced from its rate down until Debezium keeps up for a "
+        "whole run (its sustained ceiling).",
     ),
     report: Path = typer.Option(Path("docs/benchmarks.md"), help="Append the results here."),
     no_report: bool = typer.Option(False, "--no-report", help="Only print the results."),
