@@ -534,6 +534,12 @@ def render_report(results: list[Result], events: int, live_keys: int) -> str:
             f"verifies the same events the first projection applied); 10M events would take "
             f"{10_000_000 / e.rate:.0f} s at (e)'s rate (target ≤ 60 s).",
         ]
+    if "(a)" in by and "(d)" in by:  # the live path's read-ahead (issue 23, item 1)
+        a, d = by["(a)"], by["(d)"]
+        live = f"Live path: (a)/(d) = {a.rate / d.rate:.2f} (target ≥ 0.35 at 10M events)"
+        if "(e)" in by:
+            live += f", (a)/(e) = {a.rate / by['(e)'].rate:.2f} (target ≥ 1)"
+        lines += ["", live + "; docs/benchmarks.md has the profile of what separates (a) from (d)."]
     return "\n".join(lines)
 
 
