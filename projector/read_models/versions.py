@@ -35,7 +35,7 @@ from typing import Any
 
 from projector.clickhouse import ClickHouse, ident, quote
 from projector.commit.checkpoint import DONE, CheckpointStore
-from projector.errors import RebuildRefused
+from projector.errors import RebuildRefused, not_the_message
 from projector.read_models.definitions import (
     Family,
     ReadModelDefinitions,
@@ -186,8 +186,54 @@ class FamilyVersions:
             ]
             for version in active:
                 version.columns = self.tables.entity_columns(version)
-            self.active[family.name] = active
+            incomplete = self.incomplete_affects(family)
+            for version in active if incomplete else []:
+                log.error("read model family %s cannot be kept exact: %s", family.name, incomplete)
+                self.record(version, FAILED, incomplete)
+            self.active[family.name] = [v for v in active if v.state != FAILED]
         return done
+
+    def incomplete_affects(self, family: Family) -> str:
+        """Why `affects` would miss keys, or "" when it cannot.
+
+        A delete carries only its key (Postgres sends the replica identity, the primary key by
+        default, and the replica's deletion marker holds nothing else), and an update only its
+        new image: an `affects` that reads any other column of `{changed}` misses the keys a
+        deleted row touched, or the parent a row moved away from. So each source's `affects` is
+        tried on ClickHouse with `{changed}` standing for an empty table of the source's key
+        columns and row metadata only; a statement ClickHouse refuses names the column. (Map a
+        non-key column through the parent instead: `SELECT order_id FROM {order_items}` needs
+        `order_id` in the line's key.)"""
+        for source in family.entity.affects:
+            described = self.ch.rows(
+                f"SELECT name, is_in_sorting_key AS k FROM system.columns "
+                f"WHERE database = {quote(self.replica_database)} AND table = {quote(source)}"
+            )
+            keys = [r["name"] for r in described if r["k"] and not r["name"].startswith("_")]
+            if not keys:
+                continue  # no key (an append-only history): nothing is deleted by key
+            carried = [r["name"] for r in described if r["k"] or r["name"].startswith("_")]
+            changed = (
+                f"SELECT {', '.join(ident(c) for c in carried)} "
+                f"FROM {ident(self.replica_database)}.{ident(source)} LIMIT 0"
+            )
+            try:
+                self.ch.rows(
+                    "SELECT count() AS n FROM "
+                    f"({family.entity.affected_keys(source, self.replica_database, changed)})"
+                )
+            except Exception as exc:
+                infrastructure = not_the_message(exc)
+                if infrastructure is exc:
+                    raise
+                if infrastructure is not None:
+                    raise infrastructure from exc
+                return (
+                    f"affects of {source} reads a column a delete does not carry (a delete "
+                    f"carries the key {', '.join(keys)} only; an update, its new image only): "
+                    f"{str(exc).strip().splitlines()[0][:300]}"
+                )
+        return ""
 
     def ensure_known(self) -> None:
         """Load the recorded versions to report on, creating nothing new."""

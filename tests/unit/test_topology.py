@@ -73,7 +73,10 @@ def all_ddl(topology: Topology) -> list[str]:
                 {"name": n, "type": "Int64"} for n in dict.fromkeys(re.findall(r"AS (\w+)", sql))
             ]
         if "system.columns" in sql:
-            return [{"name": "order_id", "type": "Int64"}, {"name": "status", "type": "String"}]
+            return [
+                {"name": "order_id", "type": "Int64", "k": 0},
+                {"name": "status", "type": "String", "k": 0},
+            ]
         if "count() AS n" in sql:
             return [{"n": 0, "lo": None, "hi": None}]
         if "system.tables" in sql and "endsWith" not in sql:
