@@ -103,6 +103,17 @@ INFRASTRUCTURE_ERROR_CODES: dict[int, str] = {
 CLICKHOUSE_ERROR_CODE = re.compile(r"Code: (\d+)\. DB::Exception")
 
 
+def raise_unless_refused(exc: Exception) -> None:
+    """Re-raise what `not_the_message` says is not the statement's fault (unavailability, a
+    broken invariant: the caller's caller retries or stops); return when ClickHouse refused the
+    statement itself (a definition it cannot run: the caller fails what ran it, nothing else)."""
+    infrastructure = not_the_message(exc)
+    if infrastructure is exc:
+        raise exc
+    if infrastructure is not None:
+        raise infrastructure from exc
+
+
 def not_the_message(exc: Exception) -> Exception | None:
     """The exception to raise instead of blaming the message being applied, or None when `exc`
     may well be the message's (then it goes to the dead-letter queue with `exc` as its reason).

@@ -58,7 +58,7 @@ from functools import partial
 from projector.clickhouse import ClickHouse, ident, quote
 from projector.commit.checkpoint import DONE, INTENT, BatchRange
 from projector.config import ProjectorConfig
-from projector.errors import not_the_message
+from projector.errors import raise_unless_refused
 from projector.read_models.definitions import (
     AggregateModel,
     IndexModel,
@@ -135,17 +135,13 @@ class ReadModelMaintainer:
     def _guarded(self, version: FamilyVersion, work: Callable[[], None]) -> None:
         """A statement ClickHouse rejects (a value a definition cannot take) fails that family
         version, never the pipeline: it stops being maintained, status shows the error, and a
-        rebuild brings it back. Unavailability (`not_the_message`'s judgement, the same as for a
-        replica's rows: the server backend's errors come as StatementRejected, chDB's as its
-        own) is the caller's to retry."""
+        rebuild brings it back. Unavailability (`raise_unless_refused` judges, as for a replica's
+        rows: the server backend's errors come as StatementRejected, chDB's as its own) is the
+        caller's to retry."""
         try:
             work()
         except Exception as exc:
-            infrastructure = not_the_message(exc)
-            if infrastructure is exc:
-                raise
-            if infrastructure is not None:
-                raise infrastructure from exc
+            raise_unless_refused(exc)
             log.error(
                 "read model family %s version %s failed and is no longer maintained: %s",
                 version.family.name,

@@ -35,7 +35,7 @@ from typing import Any
 
 from projector.clickhouse import ClickHouse, ident, quote
 from projector.commit.checkpoint import DONE, CheckpointStore
-from projector.errors import RebuildRefused, not_the_message
+from projector.errors import RebuildRefused, raise_unless_refused
 from projector.read_models.definitions import (
     Family,
     ReadModelDefinitions,
@@ -223,11 +223,7 @@ class FamilyVersions:
                     f"({family.entity.affected_keys(source, self.replica_database, changed)})"
                 )
             except Exception as exc:
-                infrastructure = not_the_message(exc)
-                if infrastructure is exc:
-                    raise
-                if infrastructure is not None:
-                    raise infrastructure from exc
+                raise_unless_refused(exc)
                 return (
                     f"affects of {source} reads a column a delete does not carry (a delete "
                     f"carries the key {', '.join(keys)} only; an update, its new image only): "
