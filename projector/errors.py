@@ -49,6 +49,28 @@ class CheckpointError(ProjectorError):
     """The checkpoint table contradicts what the consumer sees (an invariant is broken)."""
 
 
+class IntentGone(CheckpointError):
+    """An open intent (a batch a crash left half applied, to be replayed exactly before anything
+    else: projector/commit/checkpoint.py, step C) whose first messages Kafka no longer holds:
+    retention (or compaction) removed them while the projector was away. Nothing can replay it,
+    and waiting would stall every partition of the member silently; the run stops with the
+    remedy instead."""
+
+    def __init__(self, topic: str, partition: int, first: int, last: int, found: int) -> None:
+        table = ".".join(topic.split(".")[-2:])
+        super().__init__(
+            f"{topic}[{partition}]: the open intent {first}-{last} (a batch a crash left half "
+            f"applied) cannot be replayed: Kafka no longer holds offset {first} (the partition "
+            f"now starts at {found}: retention or compaction removed the messages), so its "
+            "rows may be half applied and nothing after it can be applied. Remedy: skip to "
+            f"what Kafka holds, `projector reset {table} --to-offset {found} --partition "
+            f"{partition}` (with chDB, stop the projector first); then re-read the table from "
+            f"Postgres, `projector rebuild {table} --from snapshot`, and check the read models "
+            "with `projector read-models reconcile` (`projector rebuild FAMILY` if one "
+            "drifted)."
+        )
+
+
 class PartitionLost(ProjectorError):
     """Another member claimed the partition after this one did (the commit protocol's fence,
     projector/commit/checkpoint.py): this member's view of its assignment is stale — ClickHouse stalled

@@ -83,7 +83,7 @@ from typing import Any, TypeVar
 from confluent_kafka import Consumer, TopicPartition
 
 from projector.clickhouse import ClickHouse, Topology, ident, insert_statement, quote
-from projector.errors import CheckpointError, PartitionLost
+from projector.errors import CheckpointError, IntentGone, PartitionLost
 
 # The projection whose checkpoints these are: the replica tables (and, in their batches, the read
 # models). Part of every checkpoint key and deduplication token.
@@ -155,9 +155,13 @@ def cut_batch(
 ) -> tuple[Sequence[M], Sequence[M]]:
     """(the next batch, what stays buffered) of one partition's consumed messages, in offset
     order. C: while an open intent waits for replay, the batch is exactly its range — nothing
-    until the buffer reaches the intent's last offset. Otherwise a batch is `max_messages`
-    messages, or whatever is buffered when `drain` (nothing newer is waiting)."""
+    until the buffer reaches the intent's last offset (`IntentGone` when Kafka no longer holds
+    its first offset: nothing could replay it). Otherwise a batch is `max_messages` messages, or
+    whatever is buffered when `drain` (nothing newer is waiting)."""
     if replay is not None:
+        if buffer and offset_of(buffer[0]) > replay.first:
+            gone = (replay.topic, replay.partition, replay.first, replay.last)
+            raise IntentGone(*gone, offset_of(buffer[0]))
         if not buffer or offset_of(buffer[-1]) < replay.last:
             return [], buffer
         size = sum(1 for m in buffer if offset_of(m) <= replay.last)
@@ -501,14 +505,11 @@ class BatchCommitter:
     def commit(
         self, batch: BatchRange, apply: Callable[[BatchRange], None], claim: Claim | None = None
     ) -> None:
-        """Steps 1-4 for `batch`. `claim`: the claim the batch was cut under, when the caller
-        cuts batches ahead of their commit (the run loop reads ahead): the batch is committed
-        under that claim or not at all — after a re-claim (the partition re-positioned), a batch
-        cut before it is refused like a stale member's, never applied from the old position."""
-        key = (batch.topic, batch.partition)
-        if claim is not None and self.claims.get(key) != claim:
-            raise PartitionLost(batch.topic, batch.partition, claim, self.claims.get(key))
-        ours = claim if claim is not None else self.claims.get(key)
+        """Steps 1-4 for `batch`; under `claim`, the one it was cut under (the run loop reads
+        ahead), or not at all: a batch cut before a re-claim is refused like a stale member's."""
+        ours = self.claims.get((batch.topic, batch.partition))
+        if claim is not None and ours != claim:
+            raise PartitionLost(batch.topic, batch.partition, claim, ours)
         # 1. the batch must continue where the partition stopped (or replay the open intent)
         previous = self.checkpoints.get((batch.topic, batch.partition))
         if previous is not None:

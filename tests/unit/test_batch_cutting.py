@@ -4,6 +4,7 @@ projector/commit/checkpoint.py): full batches, draining, and an open intent cut 
 from __future__ import annotations
 
 from projector.commit.checkpoint import BatchRange, cut_batch
+from projector.errors import IntentGone
 
 
 def cut(
@@ -25,3 +26,22 @@ def test_an_open_intent_is_cut_exactly_again_over_gaps() -> None:
     assert cut([10, 12], intent, drain=True) == ([], [10, 12])  # not yet at its last offset
     assert cut([10, 12, 20, 21, 22], intent, size=2) == ([10, 12, 20], [21, 22])
     assert cut([10, 15, 21], intent) == ([10, 15], [21])  # offset 20 compacted away
+
+
+def test_an_open_intent_whose_first_offset_kafka_lost_is_named_not_waited_for() -> None:
+    """Retention removed the intent's first messages while the projector was away: the consumer
+    starts where Kafka now begins. Waiting for the exact range would stall the member silently;
+    cutting a shorter range would break the replay's tokens. It stops with the remedy."""
+    intent = BatchRange("cdc.shop.orders", 2, 10, 20)
+    for buffer in ([14, 15, 21], [25, 26]):  # inside the range, or past it
+        try:
+            cut(buffer, intent, drain=True)
+        except IntentGone as gone:
+            text = str(gone)
+            assert "cdc.shop.orders[2]: the open intent 10-20" in text
+            assert f"now starts at {buffer[0]}" in text
+            assert f"projector reset shop.orders --to-offset {buffer[0]} --partition 2" in text
+            assert "projector rebuild shop.orders --from snapshot" in text
+        else:
+            raise AssertionError(f"{buffer}: no IntentGone")
+    assert cut([10, 15, 21], intent) == ([10, 15], [21])  # its first offset there: replayed
