@@ -122,7 +122,7 @@ class BatchApplier:
         if self.sweep is not None:
             replica = self.catalog.existing(*source_table_of(batch.topic))
             joined = [s.data for s in segments] if outcome.fast and segments else None
-            self.sweep.after_batch(batch, messages, replica, self.schemas, joined)
+            outcome.stop = self.sweep.after_batch(batch, messages, replica, self.schemas, joined)
         return outcome
 
     def _apply_rows(

@@ -33,6 +33,7 @@ class BatchOutcome:
     # `--until-caught-up`, never applied for the watermark.
     dead_transactions: dict[tuple[str, str], EventSpan] = field(default_factory=dict)
     fast: bool = False  # applied by the fast path
+    stop: str | None = None  # why the table must stop after this batch (the snapshot sweep's)
 
     def count_transaction(self, place: EventPlace, collection: str) -> None:
         """One more applied event, at `place` in its transaction, on `schema.table`."""

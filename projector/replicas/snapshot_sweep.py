@@ -56,7 +56,7 @@ from typing import Any
 
 from projector.clickhouse import ClickHouse, ident, insert_statement, quote
 from projector.commit.checkpoint import BatchRange
-from projector.errors import KafkaUnavailable
+from projector.errors import KafkaUnavailable, not_the_message
 from projector.kafka import table_of
 from projector.messages import RawMessage, message_columns
 from projector.replicas.catalog import ReplicaTable, metadata
@@ -66,6 +66,7 @@ from schemas.registry import SchemaCache
 log = logging.getLogger("projector")
 
 FIRST, LAST = "first", "last"
+UNREADABLE = "unreadable"  # a message holding a mark's bytes that does not decode
 # `source.snapshot` values that bound one table's reads in a snapshot.
 SNAPSHOT_MARKS: dict[str, str] = {
     "first": FIRST,
@@ -107,7 +108,9 @@ def snapshot_bounds(
 ) -> list[SnapshotBound]:
     """The snapshot bounds among `messages` (step 1), in offset order; `decode` reads a message
     value's datum, `joined` are the values already concatenated (the fast path's segments). A
-    message that does not decode is no bound (the apply path dead-letters it)."""
+    message that holds a mark's bytes and does not decode (the apply path dead-letters it) is an
+    `UNREADABLE` bound: it may be a snapshot's first read, and sweeping without it would start
+    from the wrong offset (`SnapshotSweep.after_batch` stops the table instead)."""
     if joined is None:
         values = message_columns(messages)[2]  # no per-message tuples: the fast path's way
         joined = [b"".join([v for v in values if v is not None])]
@@ -134,7 +137,10 @@ def snapshot_bounds(
             continue
         try:
             event = decode(value)
-        except Exception:  # undecodable: the apply path judges it
+        except Exception as exc:
+            if not_the_message(exc) is not None:
+                raise  # the registry away: the batch is tried again
+            bounds.append(SnapshotBound(offset, UNREADABLE, {}))
             continue
         if not isinstance(event, dict) or event.get("op") != "r":
             continue
@@ -187,21 +193,30 @@ class SnapshotSweep:
         replica: ReplicaTable | None,
         schemas: SchemaCache,
         joined: Sequence[bytes] | None = None,
-    ) -> None:
+    ) -> str | None:
         """Steps 1-4 for a batch whose rows are all written (before the read models are kept);
-        `joined`: its message values, already concatenated."""
+        `joined`: its message values, already concatenated. Returns why the table must stop
+        instead (a bound that does not decode: which keys a snapshot read cannot be known), or
+        None."""
         if replica is None or replica.append_only:
-            return  # nothing stored, or a history: a re-read appends, nothing is replaced
+            return None  # nothing stored, or a history: a re-read appends, nothing is replaced
         bounds = snapshot_bounds(messages, lambda value: schemas.decode(value)[1], joined)  # 1.
+        unreadable = [b.offset for b in bounds if b.kind == UNREADABLE]
+        if unreadable:
+            return (
+                f"the message at offset {unreadable[0]} of {batch.topic}[{batch.partition}] may "
+                "bound a Debezium snapshot of the table but does not decode (it is in the DLQ): "
+                "the keys the snapshot did not read cannot be told, so none is marked deleted"
+            )
         if not bounds:
-            return
+            return None
         table = table_of(batch.topic)
         count = self.partitions(batch.topic)
         if count is None:
             raise KafkaUnavailable(f"cannot learn the partition count of {batch.topic}")
         if count > 1:
             self._warn_partitioned(batch, replica, bounds[0], table, count)
-            return
+            return None
         rows = [
             {
                 "projection": self.projection,
@@ -217,6 +232,7 @@ class SnapshotSweep:
         for bound in bounds:
             if bound.kind == LAST:
                 self._sweep(batch, replica, bound, table)
+        return None
 
     def _sweep(
         self, batch: BatchRange, replica: ReplicaTable, last: SnapshotBound, table: str

@@ -149,6 +149,17 @@ class TopicGuard:
             self._record(topic, TopicIdentity(recorded.topic_id, recorded.partitions, min(keys)))
         return None
 
+    def stop(self, topic: str, reason: str) -> str:
+        """Stop `topic`'s table for `reason` (another check's: the snapshot sweep's); the
+        reason recorded, with the remedy, is returned."""
+        recorded = self.recorded(topic, fresh=True) or TopicIdentity("", 0)
+        stopped = f"{reason}; {remedy(topic)}"
+        identity = TopicIdentity(
+            recorded.topic_id, recorded.partitions, recorded.key_schema_id, stopped
+        )
+        self._record(topic, identity)
+        return stopped
+
     def stopped_topics(self) -> dict[str, str]:
         """Every stopped table's topic with the reason (for `projector status`)."""
         rows = self.ch.rows(

@@ -104,6 +104,10 @@ class BatchWork:
             return
         started = time.monotonic()
         outcome = self.applier.apply(batch, messages, self.dead_letter, segments, planned=True)
+        if outcome.stop is not None:  # every later message of the table goes to the DLQ
+            log.error(
+                "%s stops: %s", table_of(batch.topic), self.guard.stop(batch.topic, outcome.stop)
+            )
         if self.read_models is not None:
             kept = time.monotonic()
             schema, table = source_table_of(batch.topic)

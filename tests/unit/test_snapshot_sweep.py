@@ -22,8 +22,10 @@ from projector.replicas.snapshot_sweep import (
     AVRO_MARKS,
     SNAPSHOT_MARKS,
     SnapshotSweep,
+    avro_string,
     snapshot_bounds,
 )
+from schemas.errors import RegistryUnavailable, UnknownSchema
 from schemas.type_map import column_type
 
 TOPIC = "cdc.public.items"
@@ -116,10 +118,15 @@ def test_the_byte_search_skips_other_values(value: str) -> None:
     assert not any(bytes_ in encoded("r", value) for bytes_ in AVRO_MARKS)
 
 
+BROKEN = b"\x00\x00\x0f\x42\x3f"  # Confluent framing with a schema id the registry lacks
+
+
 class Schemas:
-    """What the sweep asks of the schema cache: a value's datum."""
+    """What the sweep asks of the schema cache: a value's datum (a `BROKEN` one: unknown)."""
 
     def decode(self, value: bytes) -> tuple[None, Any]:
+        if value.startswith(BROKEN):
+            raise UnknownSchema("schema 999999 is not in the registry")
         return None, decoded(value)
 
 
@@ -152,13 +159,18 @@ class Table:
         first = self.offset
         messages, rows = [], []
         for op, key, mark in events:
+            if op == "broken":  # a read that does not decode: the apply path dead-letters it
+                value = BROKEN + avro_string(mark or "")
+                messages.append(RawMessage(self.topic, 0, self.offset, b"k", value))
+                self.offset += 1
+                continue
             messages.append(RawMessage(self.topic, 0, self.offset, b"k", encoded(op, mark)))
             row = {"id": key, **metadata(op, {"lsn": 7}, 0, self.offset)}
             rows.append(row if op == "d" else {**row, "v": f"{op}@{self.offset}"})
             self.offset += 1
         batch = BatchRange(self.topic, 0, first, self.offset - 1)
         insert_rows(self.ch, self.replica, rows, batch.token("replica", self.replica.qualified))
-        self.sweep.after_batch(batch, messages, self.replica, Schemas())  # type: ignore[arg-type]
+        self.stopped = self.sweep.after_batch(batch, messages, self.replica, Schemas())  # type: ignore[arg-type]
         self.messages = messages
         return batch
 
@@ -233,3 +245,31 @@ def test_a_partitioned_topic_is_not_swept_and_warns_once(
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     assert "projector table reset public.spread" in warnings[0], warnings
+
+
+def test_a_snapshot_whose_first_read_does_not_decode_stops_the_table_and_marks_nothing(
+    engine: ChdbBackend,
+) -> None:
+    """Without its first bound, the snapshot would seem to begin at its last read: every key it
+    read before that would be taken for a ghost and marked deleted. The table stops instead
+    (BatchWork records it through the topic guard: later messages go to the DLQ)."""
+    table = Table(engine, "unreadable")
+    table.batch(*snapshot([1, 2, 3, 4]))
+    assert table.stopped is None
+    again = snapshot([1, 2, 4])  # 3 deleted unseen; the new snapshot's first read is broken
+    table.batch(("broken", 1, "first_in_data_collection"), *again[1:])
+    assert table.stopped is not None
+    assert "offset 4 of cdc.public.unreadable[0] may bound a Debezium snapshot" in table.stopped
+    assert "does not decode" in table.stopped
+    assert table.markers() == []  # 2 and 4 were read: nothing may be swept from offset 6
+    assert sorted(table.live()) == [1, 2, 3, 4]
+
+
+def test_a_bound_that_cannot_be_read_because_the_registry_is_away_is_tried_again() -> None:
+    class Away:
+        def decode(self, value: bytes) -> Any:
+            raise RegistryUnavailable("registry unreachable")
+
+    messages = [RawMessage(TOPIC, 0, 0, b"k", encoded("r", "first"))]
+    with pytest.raises(RegistryUnavailable):
+        snapshot_bounds(messages, Away().decode)
