@@ -12,7 +12,7 @@ from typing import Any
 
 from projector.clickhouse import ClickHouse, ident, quote
 from projector.commit.checkpoint import DONE, INTENT, BatchRange
-from projector.errors import VerifyError
+from projector.errors import RebuildRefused, VerifyError
 from projector.messages import KafkaMessages
 from projector.operations.rebuild_topics import RebuildTopics
 from projector.operations.replica_rebuild_jobs import ReplicaRebuild, ReplicaRebuildJobs
@@ -64,13 +64,15 @@ class ShadowTables:
         log.info("rebuilding %s: %s[%d] %d-%d", job.table, job.topic, partition, first, end - 1)
         messages, segments = chunk.prepared or (KafkaMessages(chunk.messages), None)
         # Dead letters were recorded when the live table met them: the shadow drops them alike.
-        applier.apply(
+        outcome = applier.apply(
             batch,
             messages,
             lambda _batch, _letters: None,
             segments,
             planned=chunk.prepared is not None,
         )
+        if outcome.stop is not None:  # the live table stops on it too: rebuild from a snapshot
+            raise RebuildRefused(f"{job.table}: {outcome.stop}")
         store.record(batch, DONE)
 
     def _applier(self, job: ReplicaRebuild) -> BatchApplier:

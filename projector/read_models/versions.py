@@ -186,10 +186,11 @@ class FamilyVersions:
             ]
             for version in active:
                 version.columns = self.tables.entity_columns(version)
-            incomplete = self.incomplete_affects(family)
-            for version in active if incomplete else []:
-                log.error("read model family %s cannot be kept exact: %s", family.name, incomplete)
-                self.record(version, FAILED, incomplete)
+            for version in active:  # each by its own definition (a new one may differ)
+                incomplete = self.incomplete_affects(version.family)
+                if incomplete:
+                    log.error("read model %s cannot be kept exact: %s", version.version, incomplete)
+                    self.record(version, FAILED, incomplete)
             self.active[family.name] = [v for v in active if v.state != FAILED]
         return done
 

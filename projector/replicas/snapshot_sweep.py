@@ -201,19 +201,22 @@ class SnapshotSweep:
         if replica is None or replica.append_only:
             return None  # nothing stored, or a history: a re-read appends, nothing is replaced
         bounds = snapshot_bounds(messages, lambda value: schemas.decode(value)[1], joined)  # 1.
+        if not bounds:
+            return None
+        count = self.partitions(batch.topic)
+        if count is None:
+            raise KafkaUnavailable(f"cannot learn the partition count of {batch.topic}")
         unreadable = [b.offset for b in bounds if b.kind == UNREADABLE]
-        if unreadable:
+        if unreadable and count == 1:  # (a topic of several partitions is never swept: below)
             return (
                 f"the message at offset {unreadable[0]} of {batch.topic}[{batch.partition}] may "
                 "bound a Debezium snapshot of the table but does not decode (it is in the DLQ): "
                 "the keys the snapshot did not read cannot be told, so none is marked deleted"
             )
+        bounds = [b for b in bounds if b.kind != UNREADABLE]
         if not bounds:
             return None
         table = table_of(batch.topic)
-        count = self.partitions(batch.topic)
-        if count is None:
-            raise KafkaUnavailable(f"cannot learn the partition count of {batch.topic}")
         if count > 1:
             self._warn_partitioned(batch, replica, bounds[0], table, count)
             return None

@@ -152,7 +152,10 @@ class TopicGuard:
     def stop(self, topic: str, reason: str) -> str:
         """Stop `topic`'s table for `reason` (another check's: the snapshot sweep's); the
         reason recorded, with the remedy, is returned."""
-        recorded = self.recorded(topic, fresh=True) or TopicIdentity("", 0)
+        recorded = self.recorded(topic, fresh=True)
+        if recorded is None:  # as Kafka describes it now (else: nothing to compare, recreated())
+            now = self.shape(topic, fresh=True)
+            recorded = TopicIdentity(now.topic_id if now else "", now.partitions if now else 0)
         stopped = f"{reason}; {remedy(topic)}"
         identity = TopicIdentity(
             recorded.topic_id, recorded.partitions, recorded.key_schema_id, stopped
@@ -172,7 +175,7 @@ class TopicGuard:
         """Kafka's topic id differs from the recorded one (checked at assignment: the
         checkpoints of the old topic mean nothing for the new one)."""
         recorded, now = self.recorded(topic, fresh=True), self.shape(topic, fresh=True)
-        return recorded is not None and now is not None and now.topic_id != recorded.topic_id
+        return bool(recorded and recorded.topic_id and now and now.topic_id != recorded.topic_id)
 
     def recorded(self, topic: str, fresh: bool = False) -> TopicIdentity | None:
         cached = self._recorded.get(topic)

@@ -16,6 +16,8 @@ them to one apply thread, which commits them in the order they were handed over.
   projector/commit/checkpoint.py): after the fence refuses a batch, the loop waits until none is
   in flight and claims the partition again; a batch cut before that re-claim is refused too, so
   the partition resumes from its checkpoint, never past the refused batch.
+- **A batch whose predecessor failed is not started** (`after`): otherwise the next batch of the
+  same partition, already handed over, would be applied past the failed one's offsets.
 - **Consumed in slices** of `CONSUME_SLICE` messages: librdkafka holds the GIL while it makes a
   call's messages, and the apply thread needs it between its ClickHouse statements (one call for
   a whole batch made every small statement of the apply thread wait ~15 ms longer).
@@ -24,12 +26,14 @@ them to one apply thread, which commits them in the order they were handed over.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
 from confluent_kafka import Consumer
 
 from projector.commit.checkpoint import BatchRange
+from projector.errors import PartitionLost
 
 READ_AHEAD_BATCHES = 2
 PARTIAL_BATCH_WAIT_S = 0.005  # the consume wait while a partial batch waits for one applying
@@ -48,6 +52,9 @@ class BatchesInFlight:
     def add(self, future: Future[BatchRange]) -> None:
         self._futures.append(future)
 
+    def newest(self) -> Future[BatchRange] | None:
+        return self._futures[-1] if self._futures else None
+
     def applying(self) -> bool:
         """Whether one is not done yet."""
         return any(not future.done() for future in self._futures)
@@ -63,13 +70,33 @@ class BatchesInFlight:
         return list(self._futures)[: max(0, len(self._futures) - keep)]
 
 
-def consume_sliced(consumer: Consumer, wanted: int, timeout_s: float) -> list[Any]:
-    """Up to `wanted` messages (waiting up to `timeout_s` for the first slice), slice by slice
-    while full slices come."""
-    messages: list[Any] = consumer.consume(min(wanted, CONSUME_SLICE), timeout_s)
-    while len(messages) < wanted and len(messages) % CONSUME_SLICE == 0:
-        more = consumer.consume(min(wanted - len(messages), CONSUME_SLICE), 0)
-        if not more:
-            break
-        messages += more
-    return messages
+def consume_slices(consumer: Consumer, wanted: int, timeout_s: float) -> Iterator[list[Any]]:
+    """Up to `wanted` messages, slice by slice while full slices come (waiting up to `timeout_s`
+    for the first). Each slice is handed over before the next is asked for: the caller buffers
+    it before a rebalance served inside the next call can move its partition."""
+    got, wait_s = 0, timeout_s
+    while got < wanted:
+        asked = min(wanted - got, CONSUME_SLICE)
+        messages: list[Any] = consumer.consume(asked, wait_s)
+        yield messages
+        got, wait_s = got + len(messages), 0.0
+        if len(messages) < asked:
+            return
+
+
+class NotApplied(Exception):
+    """A batch the apply thread did not start: one handed over before it failed (`after`)."""
+
+
+def after(previous: Future[BatchRange] | None, commit: Callable[[], BatchRange]) -> BatchRange:
+    """`commit()` on the apply thread, unless the batch handed over before it failed otherwise
+    than by the fence (a batch refused by the fence refuses its partition's later ones itself:
+    they carry its claim). The apply thread takes batches in order, so `previous` is done here;
+    without this, a batch whose predecessor of the same partition failed before its intent
+    (retries given up at a stop, a statement refused) would be applied past it, and the
+    predecessor's offsets skipped for good."""
+    if previous is not None:
+        failure = previous.exception()
+        if failure is not None and not isinstance(failure, PartitionLost):
+            raise NotApplied(f"not applied: a batch before it failed ({failure})")
+    return commit()

@@ -19,6 +19,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -45,7 +46,9 @@ from projector.run.in_flight import (
     PARTIAL_BATCH_WAIT_S,
     READ_AHEAD_BATCHES,
     BatchesInFlight,
-    consume_sliced,
+    NotApplied,
+    after,
+    consume_slices,
 )
 from projector.run.partitions import PartitionState, offset_of
 from projector.run.parts import open_parts
@@ -384,41 +387,39 @@ class Projector:
     def _consume(self, timeout_s: float) -> int:
         """Poll the consumer (which also keeps this member in the group and runs rebalance
         callbacks), buffer what came; how many messages came."""
-        messages = consume_sliced(self.consumer, self.config.max_batch_messages, timeout_s)
-        self._last_poll = time.monotonic()
         fresh = 0
-        for msg in messages:
-            error = msg.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    continue
-                if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                    continue
-                if error.code() == KafkaError._MAX_POLL_EXCEEDED:
-                    # The group dropped us (on_lost follows); we rejoin with this poll. Our
-                    # batches of the lost partitions fail at the fence.
-                    log.warning("missed the group's poll deadline: %s", error.str())
-                    continue
-                raise KafkaException(error)
-            key = (msg.topic(), msg.partition())
-            if key not in self.next_offset:
-                continue  # revoked since it was fetched: the next owner reads it
-            fresh += 1
-            self.partitions[key].buffer.append(msg)
+        for messages in consume_slices(self.consumer, self.config.max_batch_messages, timeout_s):
+            self._last_poll = time.monotonic()
+            for msg in messages:
+                error = msg.error()
+                if error is not None:
+                    if error.code() in (
+                        KafkaError._PARTITION_EOF,
+                        KafkaError.UNKNOWN_TOPIC_OR_PART,
+                    ):
+                        continue
+                    if error.code() == KafkaError._MAX_POLL_EXCEEDED:
+                        # The group dropped us (on_lost follows); we rejoin with this poll. Our
+                        # batches of the lost partitions fail at the fence.
+                        log.warning("missed the group's poll deadline: %s", error.str())
+                        continue
+                    raise KafkaException(error)
+                key = (msg.topic(), msg.partition())
+                if key not in self.next_offset:
+                    continue  # revoked since it was fetched: the next owner reads it
+                fresh += 1
+                self.partitions[key].buffer.append(msg)
         return fresh
 
     def _flush(self, drain: bool) -> None:
-        """Cut every batch that is ready and hand it to the apply thread, one at a time and in
-        order: while ClickHouse applies one batch (chDB releases the GIL), this thread consumes
-        and prepares the next. Only a full batch is handed over behind one still applying (a
-        backlog: the read-ahead); what is buffered short of a batch waits until none applies, and
-        goes then, with whatever came meanwhile (queued behind a batch, it would wait as long,
-        and pay a batch's fixed cost more).
+        """Cut every batch that is ready and hand it to the apply thread, in order, by the
+        read-ahead's rules (projector/run/in_flight.py: a partial batch waits until none applies).
 
         Replay first: while an open intent waits for its replay, no other batch is applied (the
         read models' deltas of a half-applied batch are exact only against the state it saw:
         projector/read_models/maintenance.py)."""
         replaying = [key for key, state in self.partitions.items() if state.replay is not None]
+        idle = not self._in_flight.applying()  # for every partition alike: none starves
         for (topic, partition), state in list(self.partitions.items()):
             if replaying and (topic, partition) not in replaying:
                 continue
@@ -435,7 +436,7 @@ class Projector:
                     offset_of,
                     state.replay,
                     limit,
-                    drain and not self._in_flight.applying(),
+                    drain and idle,
                 )
                 if not batch_msgs:
                     break
@@ -480,11 +481,9 @@ class Projector:
                 ):
                     break  # revoked or re-positioned meanwhile: this batch is not ours to apply
                 claim = self.committer.claims.get((topic, partition))
-                self._in_flight.add(
-                    self._apply_thread.submit(
-                        self.batches.commit, batch, messages, segments, counted, claim
-                    )
-                )
+                commit = partial(self.batches.commit, batch, messages, segments, counted, claim)
+                previous = self._in_flight.newest()
+                self._in_flight.add(self._apply_thread.submit(after, previous, commit))
                 state.replay = None
                 if self.stopping:
                     return
@@ -578,6 +577,8 @@ class Projector:
                 if key not in self._lost:
                     log.warning("dropped a batch of %s[%d]: %s", *key, refused)
                 self._lost.add(key)
+                continue
+            except NotApplied:  # the failure before it is what ends the run
                 continue
             key = (batch.topic, batch.partition)
             if key in self.next_offset and key not in self._lost:

@@ -89,3 +89,26 @@ def test_a_mapping_through_the_key_is_kept(replicas: ChdbBackend, tmp_path: Path
     maintainer = started(replicas, path)
     assert states(maintainer)["units"][0] != FAILED
     assert [v.family.name for v in maintainer.active["units"]] == ["units"]
+
+
+def test_a_new_definition_that_is_incomplete_fails_alone_and_the_serving_one_goes_on(
+    replicas: ChdbBackend, tmp_path: Path
+) -> None:
+    path = tmp_path / "read_models.toml"
+    path.write_text(LINES.format(name="units_v", order_items="SELECT order_id FROM {changed}"))
+    maintainer = started(replicas, path)
+    while maintainer.building:
+        maintainer.backfill_step()
+    (serving,) = maintainer.active["units_v"]
+    path.write_text(  # edited: the new definition maps lines through a non-key column
+        LINES.format(
+            name="units_v",
+            order_items="SELECT order_id FROM {order_items} "
+            "WHERE product_id IN (SELECT product_id FROM {changed})",
+        )
+    )
+    maintainer = started(replicas, path)
+    versions = {v["version"]: v["state"] for v in maintainer.family_versions.versions()}
+    assert versions[serving.version] == "serving", versions
+    assert FAILED in versions.values(), versions
+    assert [v.version for v in maintainer.active["units_v"]] == [serving.version]
