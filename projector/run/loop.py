@@ -165,8 +165,9 @@ class Projector:
         duties.append(self.source_replicas)
         self.read_model_upkeep = None
         if parts.read_models is not None:
+            positioned = lambda: bool(self.next_offset)  # noqa: E731 (open intents known)
             self.read_model_upkeep = ReadModelUpkeep(
-                parts.read_models, parts.requests, self.main_retries
+                parts.read_models, parts.requests, self.main_retries, ready=positioned
             )
             duties.append(self.read_model_upkeep)
         rebuilds = parts.replica_rebuilds
@@ -322,8 +323,7 @@ class Projector:
         finish_line = None if finish is None else FinishLine(finish, self.progress)
         if finish is not None:
             log.info("running until %s is applied", finish.describe())
-        # Before any batch: a serving read model must see every batch, and a backfill chunk left
-        # open by a crash is finished before anything else changes what it read (replay first).
+        # Before any batch: families started, a backfill chunk a crash left open finished.
         self.source_replicas.run()  # a read model over a table still empty exists from the start
         if self.read_model_upkeep is not None:
             self.read_model_upkeep.start()

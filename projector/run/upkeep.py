@@ -55,10 +55,15 @@ class ReadModelUpkeep:
         retries: MainRetries,
         on_step: Callable[[str], None] = lambda version: None,
         clock: Callable[[], float] = time.monotonic,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
-        """`on_step`: called with the version that built after each backfill chunk."""
+        """`on_step`: called with the version that built after each backfill chunk. `ready`:
+        whether this member knows its open intents yet (its partitions positioned): a backfill
+        chunk must not run before a half-applied batch's replay (its deltas are exact only
+        against the state that batch saw), and the duties' rule can only see a replay pending
+        once the partitions are positioned."""
         self.maintainer, self.requests, self.retries = maintainer, requests, retries
-        self.on_step, self.clock = on_step, clock
+        self.on_step, self.clock, self.ready = on_step, clock, ready
         self._next_check = 0.0
 
     def start(self) -> None:
@@ -68,10 +73,10 @@ class ReadModelUpkeep:
             log.info("read models: %s", line)
         for line in self.retries(self.maintainer.finish_open_backfill, "finishing a backfill"):
             log.info("read models: %s", line)
-        self.run()
 
     def due(self, now: float) -> bool:
-        return now >= self._next_check  # stays due while a version builds: a chunk a round
+        # stays due while a version builds: a chunk a round
+        return self.ready() and now >= self._next_check
 
     def run(self) -> None:
         maintainer = self.maintainer
