@@ -159,13 +159,15 @@ class Topology:
         order_by: str,
         deduplicate: bool = True,
         settings: str = "",
+        partition_by: str = "",
     ) -> str:
         """CREATE TABLE IF NOT EXISTS with the engine of `family`; insert deduplication on, or
         explicitly off (a table whose re-inserted rows must always land); `settings`: more
         table settings."""
+        partition = f" PARTITION BY {partition_by}" if partition_by else ""
         return (
             f"CREATE TABLE IF NOT EXISTS {qualified}{self.on_cluster()} ({', '.join(columns)}) "
-            f"ENGINE = {self.engine(family, args)} ORDER BY {order_by} "
+            f"ENGINE = {self.engine(family, args)}{partition} ORDER BY {order_by} "
             f"SETTINGS {self.dedup_setting(deduplicate)}{', ' + settings if settings else ''}"
         )
 

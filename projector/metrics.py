@@ -5,7 +5,7 @@
 | `projector_events_applied_total` | table, path | change events applied (`path`: fast or per_message) |
 | `projector_events_reread_total` | table | events applied again after `projector reset` moved the table back (also in events_applied) |
 | `projector_batch_seconds` | path | time to apply one batch, intent to done record |
-| `projector_read_model_seconds` | table | time to keep the read models for one batch of a source table (part of the batch) |
+| `projector_read_model_seconds` | table | time to recompute the read models over one range of a source table (the stage, beside the batches) |
 | `projector_consumer_lag_offsets` | topic, partition | end offset - next offset to apply |
 | `projector_consumer_lag_seconds` | topic, partition | now - Kafka timestamp of the oldest event read but not applied; 0 when the partition is applied to its end |
 | `projector_dead_letters_total` | topic | messages sent to the dead-letter queue |
@@ -92,7 +92,7 @@ class ProjectorMetrics:
         )
         self.read_model_seconds = Histogram(
             "projector_read_model_seconds",
-            "Time to keep the read models for one batch of a source table.",
+            "Time to recompute the read models over one range of a source table's replica.",
             ["table"],
             buckets=BATCH_BUCKETS,
             registry=registry,

@@ -77,7 +77,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, TopicPartition
@@ -85,8 +85,7 @@ from confluent_kafka import Consumer, TopicPartition
 from projector.clickhouse import ClickHouse, Topology, ident, insert_statement, quote
 from projector.errors import CheckpointError, IntentGone, PartitionLost
 
-# The projection whose checkpoints these are: the replica tables (and, in their batches, the read
-# models). Part of every checkpoint key and deduplication token.
+# The projection of the replica tables' checkpoints: part of every checkpoint key and token.
 PROJECTION = "replica"
 M = TypeVar("M")
 
@@ -128,6 +127,7 @@ class PartitionCheckpoint:
     state: str
     first: int
     last: int
+    generation: int = field(default=0, compare=False)  # the claim it was recorded under
 
     @property
     def resume_offset(self) -> int:
@@ -279,12 +279,12 @@ class CheckpointStore:
             return {}
         self._sync(self.table)
         rows = self.ch.rows(
-            f"SELECT topic, partition, first_offset, last_offset, state FROM {self.table} FINAL "
-            f"WHERE {self._where(partitions)}"
+            f"SELECT topic, partition, first_offset, last_offset, state, generation "
+            f"FROM {self.table} FINAL WHERE {self._where(partitions)}"
         )
         return {
             (r["topic"], int(r["partition"])): PartitionCheckpoint(
-                r["state"], int(r["first_offset"]), int(r["last_offset"])
+                r["state"], int(r["first_offset"]), int(r["last_offset"]), int(r["generation"])
             )
             for r in rows
         }

@@ -8,6 +8,10 @@ A replayed letter also counts for its transaction in the ledger (projector/commi
 dead letter held every watermark over its table, and applied now, it releases them. A dead letter
 of the transaction topic (an END the projector could not decode) is recorded as the END it is,
 which releases the watermarks its unreadable row held.
+
+The read models are not written here: a replayed letter's offset is asked of the read models'
+stage (projector/read_models/stage.py, `request_recompute`), which whoever holds its lease
+recomputes — a `projector run` beside this command, or the next one.
 """
 
 from __future__ import annotations
@@ -17,9 +21,8 @@ from projector.commit.checkpoint import PROJECTION, BatchRange
 from projector.commit.dead_letters import DeadLetterStore
 from projector.commit.ledger import TransactionLedger
 from projector.config import ProjectorConfig
-from projector.kafka import source_table_of
 from projector.messages import RawMessage
-from projector.read_models.maintenance import maintainer_for
+from projector.read_models.stage import request_recompute
 from projector.replicas.apply import BatchApplier
 from projector.replicas.catalog import ReplicaCatalog
 from projector.replicas.signal_table import SignalTable
@@ -52,9 +55,6 @@ def replay_dead_letters(
         projection=REPLAY,
         upcasters=Upcasters.load(config.upcasters_file),
     )
-    read_models = maintainer_for(config, ch)
-    if read_models is not None:
-        read_models.family_versions.ensure()
     replayed = still_dead = 0
     for summary in store.list(limit=1_000_000):
         if topic is not None and summary["topic"] != topic:
@@ -79,8 +79,8 @@ def replay_dead_letters(
             if outcome.dead:
                 still_dead += 1
                 continue
-            if read_models is not None:
-                read_models.apply_batch(batch, *source_table_of(message.topic))
+            # The read models' stage may have passed this offset: it recomputes it again.
+            request_recompute(ch, config.control_database, batch)
             # Under the replay's own token: the original batch's progress insert was another.
             ledger.record_progress(batch, outcome.transactions, projection=REPLAY)
         store.mark_replayed(letter)

@@ -113,31 +113,43 @@ class ReadModelMaintainer:
         self.active = self.family_versions.active  # the same dict: the versions batches keep
         self.backfills = self.family_versions.backfills
         self._last_version = 0
+        # The lease generation new work is done under (projector/read_models/stage.py sets it
+        # when it takes the lease; a command in its own process, where no projector runs,
+        # keeps 0): it names the scratch partition and orders the backfill's records.
+        self.generation = 0
+        # Per source table, the replica rows beyond the stage's position (a condition): keys
+        # they touch are not verified yet (the stage recomputes them next). None: no stage.
+        self.moving: Callable[[], dict[str, str]] = dict
 
-    # ---- per batch ---------------------------------------------------------------------------
+    # ---- per range ---------------------------------------------------------------------------
 
-    def apply_batch(self, batch: BatchRange, schema: str, table: str) -> None:
-        """Steps 1-4 above for the rows of source `schema`.`table` the batch wrote."""
-        if schema != self.source_schema or not self.active:
-            return
+    def apply_range(self, batch: BatchRange, table: str, projection: str, generation: int) -> None:
+        """Steps 1-4 above for the rows of source table `table` whose replica offsets are in
+        `batch` (a range the stage recomputes: projector/read_models/stage.py), under tokens of
+        `projection`; its scratch rows go to the partition of lease `generation`."""
         changed = (
             f"SELECT * FROM {ident(self.replica_database)}.{ident(table)} "
             f"WHERE _partition = {batch.partition} AND _offset BETWEEN {batch.first} AND {batch.last}"
         )
-        for versions in self.active.values():
+        for versions in list(self.active.values()):
             for version in versions:
                 entity = version.family.entity
                 if version.state not in MAINTAINED or table not in entity.affects:
                     continue
                 keys = entity.affected_keys(table, self.replica_database, changed)  # 1.
-                self._guarded(version, partial(self._recompute, version, keys, batch, "read_model"))
+                recompute = partial(self._recompute, version, keys, batch, projection, generation)
+                self._guarded(version, recompute)
+
+    def sources(self) -> set[str]:
+        """The source tables the maintained versions read."""
+        return {t for vs in self.active.values() for v in vs for t in v.family.entity.affects}
 
     def _guarded(self, version: FamilyVersion, work: Callable[[], None]) -> None:
         """A statement ClickHouse rejects (a value a definition cannot take) fails that family
         version, never the pipeline: it stops being maintained, status shows the error, and a
         rebuild brings it back. Unavailability (`raise_unless_refused` judges, as for a replica's
         rows: the server backend's errors come as StatementRejected, chDB's as its own) is the
-        caller's to retry."""
+        caller's to retry, and a lost lease the stage's."""
         try:
             work()
         except Exception as exc:
@@ -151,36 +163,57 @@ class ReadModelMaintainer:
             self.family_versions.record(version, FAILED, str(exc))
 
     def _recompute(
-        self, version: FamilyVersion, keys: str, batch: BatchRange, projection: str
+        self,
+        version: FamilyVersion,
+        keys: str,
+        batch: BatchRange,
+        projection: str,
+        generation: int,
     ) -> None:
-        """Steps 2-4 for the keys `keys` selects, under the tokens of `batch`."""
+        """Steps 1-4 for the keys `keys` selects, under the tokens of `batch`. Steps 1 and 2 go
+        to scratch tables under their tokens (version_tables.py `SCRATCH`): a replay reads
+        what the first attempt staged, so its deltas and rows are the ones that may have
+        landed, whatever the replicas did since."""
         entity = version.family.entity
         columns = ", ".join(ident(c) for c in version.columns)
-        stage, by = version.stage, ident(entity.by)
-        self.ch.execute(f"TRUNCATE TABLE {version.key_stage}")
-        self.ch.execute(f"INSERT INTO {version.key_stage} SELECT DISTINCT * FROM ({keys})")
-        staged_keys = f"SELECT {by} FROM {version.key_stage}"
-        self.ch.execute(f"TRUNCATE TABLE {stage}")
+        by = ident(entity.by)
+        tag = batch.token(projection, "scratch")
+
+        def scratch(table: str, columns: str) -> str:  # this range's rows into a scratch table
+            return (
+                f"INSERT INTO {table} ({columns}, _range, _generation) SETTINGS "
+                f"insert_deduplication_token = {quote(batch.token(projection, table))}, {ONE_BLOCK} "
+            )
+
+        tagged = f"{quote(tag)} AS _range, {int(generation)} AS _generation"
+        self.ch.execute(
+            f"{scratch(version.key_stage, by)} SELECT DISTINCT {by}, {tagged} FROM ({keys})"
+        )
+        staged_keys = f"SELECT {by} FROM {version.of_range(version.key_stage, tag)}"
         # 2. the stored rows (-1) and their new state (+1)
         new_version = self._next_version()
         self.ch.execute(
-            f"INSERT INTO {stage} ({columns}, _version, _sign) SELECT {columns}, _version, -1 "
+            f"{scratch(version.stage, f'{columns}, _version, _sign')} SELECT {columns}, _version, -1, {tagged} "
             f"FROM {version.entity_table} FINAL WHERE {by} IN ({staged_keys}) UNION ALL "
-            f"SELECT {columns}, {new_version}, 1 "
+            f"SELECT {columns}, {new_version}, 1, {tagged} "
             f"FROM ({entity.select(self.replica_database, staged_keys)}) "
             "SETTINGS join_use_nulls = 1"
         )
+        stage = version.of_range(version.stage, tag)
         # 3. each aggregate's deltas, one block under its token; first its indexes (3a, 3b)
         for aggregate in version.family.aggregates:
             target = version.table(aggregate.name)
             indexes = version.family.indexes_of(aggregate.name)
             if indexes:
-                self._stage_aggregate(version, aggregate)
+                aggregate_stage = version.aggregate_stage(aggregate.name)
+                served = ", ".join(ident(c) for c in version.served_columns(aggregate.name))
+                insert = scratch(aggregate_stage, f"{served}, _sign")
+                self._stage_aggregate(version, aggregate, stage, insert, tagged)
                 for index in indexes:
                     self._write_index(
                         version,
                         index,
-                        version.aggregate_stage(aggregate.name),
+                        version.of_range(aggregate_stage, tag),
                         new_version,
                         batch,
                         projection,
@@ -203,21 +236,28 @@ class ReadModelMaintainer:
             f"AND ({key}) NOT IN (SELECT {key} FROM {stage} WHERE _sign = 1)"
         )
 
-    def _stage_aggregate(self, version: FamilyVersion, aggregate: AggregateModel) -> None:
-        """3a. The served rows of the groups this batch's deltas touch, before (-1) and after
-        (+1) the deltas; read before the deltas are inserted (so a replay reads the same)."""
-        table, target = version.table(aggregate.name), version.aggregate_stage(aggregate.name)
-        deltas = aggregate.deltas(version.stage)
+    def _stage_aggregate(
+        self,
+        version: FamilyVersion,
+        aggregate: AggregateModel,
+        stage: str,
+        insert: str,
+        tagged: str,
+    ) -> None:
+        """3a. The served rows of the groups this recompute's deltas touch, before (-1) and
+        after (+1) the deltas, into the aggregate's scratch (`insert`, under its token); read
+        before the deltas are inserted, and a replay reads the rows the first attempt staged."""
+        table = version.table(aggregate.name)
+        deltas = aggregate.deltas(stage)
         stored = ", ".join(ident(c.stored) for c in aggregate.columns if c.kind != "derived")
         keys = ", ".join(ident(c.stored) for c in aggregate.group_by)
         touched = f"SELECT {stored} FROM {table} WHERE ({keys}) IN (SELECT {keys} FROM ({deltas}))"
         before = aggregate.served(f"({touched})")
         after = aggregate.served(f"({touched} UNION ALL SELECT {stored} FROM ({deltas}))")
         columns = ", ".join(ident(c) for c in version.served_columns(aggregate.name))
-        self.ch.execute(f"TRUNCATE TABLE {target}")
         self.ch.execute(
-            f"INSERT INTO {target} ({columns}, _sign) SELECT {columns}, -1 FROM ({before}) "
-            f"UNION ALL SELECT {columns}, 1 FROM ({after})"
+            f"{insert} SELECT {columns}, -1, {tagged} FROM ({before}) "
+            f"UNION ALL SELECT {columns}, 1, {tagged} FROM ({after})"
         )
 
     def _write_index(
@@ -269,6 +309,24 @@ class ReadModelMaintainer:
                     lines.append(self._backfill_chunk(version))
         return lines
 
+    def drop_scratch(self, generations: Callable[[int], bool]) -> None:
+        """Empty the scratch partitions of the generations `generations` picks (version_tables.py
+        `SCRATCH`): call between ranges, never with a range open."""
+        for versions in self.active.values():
+            for version in versions:
+                tables = [version.key_stage, version.stage]
+                tables += [version.aggregate_stage(a.name) for a in version.family.aggregates]
+                for table in tables:
+                    database, name = (part.strip("`") for part in table.split(".", 1))
+                    for row in self.ch.rows(
+                        f"SELECT DISTINCT partition FROM system.parts WHERE active "
+                        f"AND database = {quote(database)} AND table = {quote(name)}"
+                    ):
+                        if generations(int(row["partition"])):
+                            self.ch.execute(
+                                f"ALTER TABLE {table} DROP PARTITION {int(row['partition'])}"
+                            )
+
     # ---- building a new version --------------------------------------------------------------
 
     @property
@@ -290,18 +348,24 @@ class ReadModelMaintainer:
 
     def _backfill_chunk(self, version: FamilyVersion) -> str:
         checkpoint = self.backfills.load([(version.topic, 0)]).get((version.topic, 0))
+        # Its records never rank below the last one (a command in its own process has no lease).
+        recorded = max(self.generation, 0 if checkpoint is None else checkpoint.generation)
+        generation = self.generation
         if checkpoint is None:
             chunk = 0
+        elif checkpoint.state == INTENT:  # replayed exactly: its scratch rows are that generation's
+            chunk, generation = checkpoint.last, checkpoint.generation
         else:
-            chunk = checkpoint.last if checkpoint.state == INTENT else checkpoint.last + 1
+            chunk = checkpoint.last + 1
         if chunk < version.chunks:
             batch = BatchRange(version.topic, 0, chunk, chunk)
-            self.backfills.record(batch, INTENT)
+            self.backfills.record(batch, INTENT, recorded)
             keys = version.chunk_keys(version.family.entity.all_keys(self.replica_database), chunk)
-            self._guarded(version, partial(self._recompute, version, keys, batch, BACKFILL))
+            recompute = partial(self._recompute, version, keys, batch, BACKFILL, generation)
+            self._guarded(version, recompute)
             if version.state == FAILED:
                 return f"{version.family.name}: backfill failed"
-            self.backfills.record(batch, DONE)
+            self.backfills.record(batch, DONE, recorded)
             chunk += 1
             if version.rebuild:  # one step's work per call: its verification comes next
                 return f"{version.family.name} version {version.version}: {chunk}/{version.chunks} chunks"
@@ -312,12 +376,12 @@ class ReadModelMaintainer:
             step = chunk - version.chunks
             if step <= version.chunks:
                 batch = BatchRange(version.topic, 0, chunk, chunk)
-                self.backfills.record(batch, INTENT)
-                drifted = self.family_versions.verify(version, step)
+                self.backfills.record(batch, INTENT, recorded)
+                drifted = self.family_versions.verify(version, step, self.moving())
                 if drifted:
                     self.family_versions.record(version, FAILED, f"verification: {drifted}")
                     return f"{version.family.name} version {version.version}: verification failed: {drifted}"
-                self.backfills.record(batch, DONE)
+                self.backfills.record(batch, DONE, recorded)
                 if step < version.chunks:
                     return (
                         f"{version.family.name} version {version.version}: verified "
@@ -333,10 +397,14 @@ class ReadModelMaintainer:
 
 
 def maintainer_for(config: ProjectorConfig, ch: ClickHouse) -> ReadModelMaintainer | None:
-    """The read-model maintainer a projector (or a DLQ replay) runs with, or None when this
-    process does not keep read models (`maintain_read_models = false`)."""
+    """The read-model maintainer a command works with, or None when this configuration keeps
+    no read models (`maintain_read_models = false`)."""
     if not config.maintain_read_models:
         return None
+    return maintainer_of(config, ch)
+
+
+def maintainer_of(config: ProjectorConfig, ch: ClickHouse) -> ReadModelMaintainer:
     return ReadModelMaintainer(
         ch,
         load_definitions(config.read_models_file),

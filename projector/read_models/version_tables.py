@@ -16,6 +16,16 @@ from projector.read_models.definitions import AggregateModel, Family, IndexModel
 
 REBUILD, NO_SWAP = "rebuild", "no-swap"  # a version's options
 
+# The scratch tables of a recompute (its keys, its entity stage, an aggregate's stage): every
+# row tagged with the recompute's range (`_range`, its deduplication token) and written in one
+# block under that token, so a recompute replayed after a crash (by this process or the next
+# holder of the lease: projector/read_models/stage.py) reads the very rows the first attempt
+# wrote, whatever the replicas did since. Partitioned by the lease generation the range was
+# started under: a holder drops only its own generation's rows (between ranges) and older
+# generations' (once it has replayed their open range), so a stale holder's last statement can
+# never empty a table under the new holder's feet.
+SCRATCH = ["_range String", "_generation UInt64"]
+
 
 @dataclass
 class FamilyVersion:
@@ -45,11 +55,18 @@ class FamilyVersion:
 
     @property
     def stage(self) -> str:
-        return self.table(f"{self.family.entity.name}__stage")
+        """The entity rows of each recompute: stored (-1) and recomputed (+1), tagged with the
+        recompute's range (`SCRATCH`)."""
+        return self.table(f"{self.family.entity.name}__staged")
 
     def aggregate_stage(self, aggregate: str) -> str:
-        """An aggregate's served rows before and after one batch's deltas (step 3a)."""
-        return self.table(f"{aggregate}__stage")
+        """An aggregate's served rows before and after one recompute's deltas (step 3a)."""
+        return self.table(f"{aggregate}__staged")
+
+    @staticmethod
+    def of_range(scratch: str, tag: str) -> str:
+        """One recompute's rows of a scratch table (`SCRATCH`), as a table expression."""
+        return f"(SELECT * FROM {scratch} WHERE _range = {quote(tag)})"
 
     def served_columns(self, model: str) -> list[str]:
         """The columns readers see of one of the family's models (an index's are its model's)."""
@@ -61,8 +78,8 @@ class FamilyVersion:
 
     @property
     def key_stage(self) -> str:
-        """The keys of one recompute, computed once (its definition reads them several times)."""
-        return self.table(f"{self.family.entity.name}__keys")
+        """The keys of each recompute, computed once (its definition reads them several times)."""
+        return self.table(f"{self.family.entity.name}__affected")
 
     @property
     def topic(self) -> str:
@@ -124,11 +141,7 @@ class VersionTables:
                 f"({key})",
             )
         )
-        # The stage is scratch for one recompute at a time: local to the server we talk to.
-        self.ch.execute(
-            f"CREATE TABLE IF NOT EXISTS {version.stage} "
-            f"({', '.join([*columns, '_version UInt64', '_sign Int8'])}) ENGINE = Memory"
-        )
+        self._create_scratch(version.stage, [*columns, "_version UInt64", "_sign Int8"])
         for aggregate in family.aggregates:
             self._create_aggregate_table(version, aggregate)
         for index in family.indexes:
@@ -177,11 +190,21 @@ class VersionTables:
     def _create_aggregate_stage(
         self, version: FamilyVersion, aggregate: str, columns: list[tuple[str, str]]
     ) -> None:
-        # scratch of one recompute, like the entity's stage: local to the server we talk to
-        spec = ", ".join([*(f"{ident(n)} {t}" for n, t in columns), "_sign Int8"])
+        spec = [*(f"{ident(n)} {t}" for n, t in columns), "_sign Int8"]
+        self._create_scratch(version.aggregate_stage(aggregate), spec)
+
+    def _create_scratch(self, qualified: str, columns: list[str]) -> None:
+        """A scratch table (`SCRATCH`): on a cluster replicated like every table, so whichever
+        replica the next statement lands on reads what the last one wrote."""
         self.ch.execute(
-            f"CREATE TABLE IF NOT EXISTS {version.aggregate_stage(aggregate)} ({spec}) "
-            "ENGINE = Memory"
+            self.ch.topology.create_table(
+                qualified,
+                [*columns, *SCRATCH],
+                "MergeTree",
+                "",
+                "_range",
+                partition_by="_generation",
+            )
         )
 
     def _describe(self, select: str) -> list[tuple[str, str]]:
@@ -197,11 +220,11 @@ class VersionTables:
         )
         types = {r["name"]: r["type"] for r in rows}
         by = version.family.entity.by
-        if by in types:  # scratch like the stage: local to the server we talk to
-            self.ch.execute(
-                f"CREATE TABLE IF NOT EXISTS {version.key_stage} ({ident(by)} {types[by]}) "
-                "ENGINE = Memory"
-            )
+        if by in types:
+            self._create_scratch(version.key_stage, [f"{ident(by)} {types[by]}"])
+        if types:
+            columns = [f"{ident(n)} {t}" for n, t in types.items() if n != "_is_deleted"]
+            self._create_scratch(version.stage, [*columns, "_sign Int8"])
         for aggregate in version.family.aggregates:  # and the aggregates' stages (step 3a)
             if version.family.indexes_of(aggregate.name):
                 self._create_aggregate_stage(
@@ -249,7 +272,7 @@ class VersionTables:
             f"SELECT name, engine FROM system.tables WHERE database = {quote(self.database)} "
             f"AND endsWith(name, {quote('__' + version.version)})"
         ):
-            local = "" if row["engine"] == "Memory" else on_cluster
+            local = "" if row["engine"] == "Memory" else on_cluster  # an older version's scratch
             self.ch.execute(
                 f"DROP TABLE IF EXISTS {ident(self.database)}.{ident(row['name'])}{local}"
             )

@@ -312,17 +312,35 @@ class FamilyVersions:
 
     # ---- building: swapped in when built (the backfill is maintenance.py's) ---------------------
 
-    def verify(self, version: FamilyVersion, step: int) -> str:
-        """One step of a built version's verification (called between batches: exact): step
-        i < chunks compares the entity rows of key chunk i with the definition evaluated over
-        the replicas for those keys; step `chunks` compares each aggregate with the aggregate
-        evaluated over the entity rows (checked against the definition by the steps before, and
-        kept by every batch since), and each index with its model's rows. The models that
-        differ, with a row each, or "" when equal."""
+    def verify(
+        self, version: FamilyVersion, step: int, moving: dict[str, str] | None = None
+    ) -> str:
+        """One step of a built version's verification (by the stage, between its ranges):
+        step i < chunks compares the entity rows of key chunk i with the definition evaluated
+        over the replicas for those keys, but for the keys the replicas changed beyond the
+        stage's position (`moving`: per source table, a condition on `_partition`/`_offset`;
+        the stage recomputes them next); step `chunks` compares each aggregate with the
+        aggregate evaluated over the entity rows (checked against the definition by the steps
+        before, and kept by the stage since), and each index with its model's rows. The models
+        that differ, with a row each, or "" when equal."""
         entity = version.family.entity
         columns = ", ".join(ident(c) for c in version.columns)
         if step < version.chunks:
             where = version.chunk_predicate(step)
+            changed = [
+                entity.affected_keys(
+                    table,
+                    self.replica_database,
+                    f"SELECT * FROM {ident(self.replica_database)}.{ident(table)} WHERE {beyond}",
+                )
+                for table, beyond in (moving or {}).items()
+                if table in entity.affects
+            ]
+            if changed:
+                unioned = " UNION ALL ".join(
+                    f"SELECT {ident(entity.by)} FROM ({c})" for c in changed
+                )
+                where = f"({where}) AND {ident(entity.by)} NOT IN ({unioned})"
             keys = f"SELECT {ident(entity.by)} FROM ({entity.all_keys(self.replica_database)}) AS k WHERE {where}"
             pairs = [
                 (

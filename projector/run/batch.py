@@ -1,6 +1,7 @@
-"""One batch, on the apply thread: its replica rows, the read models it feeds, its ledger
-progress, its dead letters, all inside the commit protocol's intent (projector/commit/
-checkpoint.py, steps 1-5), retried while ClickHouse or the registry is away.
+"""One batch, on the apply thread: its replica rows, its ledger progress, its dead letters,
+all inside the commit protocol's intent (projector/commit/checkpoint.py, steps 1-5), retried
+while ClickHouse or the registry is away. The read models follow the committed replicas on a
+stage of their own (projector/read_models/stage.py).
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from projector.commit.ledger import TransactionLedger
 from projector.commit.transactions import EventPlace
 from projector.config import ProjectorConfig
 from projector.errors import PoisonMessage
-from projector.kafka import source_table_of, table_of
+from projector.kafka import table_of
 from projector.messages import KafkaMessages, RawMessage
 from projector.metrics import ProjectorMetrics
-from projector.read_models.maintenance import ReadModelMaintainer
 from projector.replicas.apply import BatchApplier
 from projector.replicas.events import BatchOutcome, decode
 from projector.replicas.fast_path import Segment
@@ -43,7 +43,6 @@ class BatchWork:
         applier: BatchApplier,
         ledger: TransactionLedger,
         guard: TopicGuard,
-        read_models: ReadModelMaintainer | None,
         dlq: DeadLetterStore,
         producer: Producer,
         schemas: SchemaCache,
@@ -53,7 +52,7 @@ class BatchWork:
     ) -> None:
         """`after_commit`: a report on each committed batch (never its failure)."""
         self.config, self.committer, self.applier = config, committer, applier
-        self.ledger, self.guard, self.read_models = ledger, guard, read_models
+        self.ledger, self.guard = ledger, guard
         self.dlq, self.producer, self.schemas = dlq, producer, schemas
         self.metrics, self.stopping, self.after_commit = metrics, stopping, after_commit
         self.applied_events = 0
@@ -92,9 +91,8 @@ class BatchWork:
         segments: list[Segment] | None,
         counted: bool = False,
     ) -> None:
-        """Apply one batch: its replica rows, the read models it feeds, its ledger progress
-        (none when `counted`: re-read after a reset, its events were counted when first
-        applied)."""
+        """Apply one batch: its replica rows and its ledger progress (none when `counted`:
+        re-read after a reset, its events were counted when first applied)."""
         if batch.topic == self.config.transaction_topic:
             self.ledger.record_ends(batch, self._transaction_events(batch, messages))
             return
@@ -108,11 +106,6 @@ class BatchWork:
             log.error(
                 "%s stops: %s", table_of(batch.topic), self.guard.stop(batch.topic, outcome.stop)
             )
-        if self.read_models is not None:
-            kept = time.monotonic()
-            schema, table = source_table_of(batch.topic)
-            self.read_models.apply_batch(batch, schema, table)
-            self.metrics.read_model_seconds.labels(table).observe(time.monotonic() - kept)
         if counted:
             self.metrics.events_reread.labels(table_of(batch.topic)).inc(outcome.applied)
         else:

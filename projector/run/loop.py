@@ -56,7 +56,7 @@ from projector.run.pausing import TablePausing
 from projector.run.progress import RunProgress
 from projector.run.reports import chores
 from projector.run.retries import TRANSIENT, with_retries
-from projector.run.upkeep import ReadModelUpkeep, ReplicaRebuildJobs, holds_whole
+from projector.run.upkeep import ReplicaRebuildJobs, StageRunner, holds_whole
 from projector.run.visibility import VisibilityReport
 
 log = logging.getLogger("projector")
@@ -114,16 +114,19 @@ class Projector:
             parts.applier,
             parts.ledger,
             parts.guard,
-            parts.read_models,
             parts.dlq,
             self.producer,
             parts.schemas,
             self.metrics,
             lambda: self.stopping,
-            VisibilityReport(
-                parts.ch, parts.applier.catalog, self.metrics, config, parts.read_model_list
-            ).after_commit,
+            self._after_commit,
         )
+        self.visibility = VisibilityReport(
+            parts.ch, parts.applier.catalog, self.metrics, config, parts.read_model_list
+        )
+        # The read models follow the committed replicas on a thread of their own.
+        observe = lambda table, s: self.metrics.read_model_seconds.labels(table).observe(s)  # noqa: E731
+        self.read_models = StageRunner(parts.stage, parts.requests, observe)
         self.duties = self._duties()
 
     def _duties(self) -> Duties:
@@ -142,20 +145,15 @@ class Projector:
         )
         duties: list[Duty] = [self.pausing]
         duties += chores(
-            self.config,
-            self.metrics,
-            self.consumer,
-            self.next_offset,
-            self.partitions,
-            parts.ledger,
-            parts.read_model_list,
-        )
+            self.config, self.metrics, self.consumer, self.next_offset, self.partitions,
+            parts.ledger, parts.read_model_list,
+        )  # fmt: skip
 
         def create_source_replicas() -> None:
             for line in parts.source_replicas.create_missing():
                 log.info(line)
 
-        # Before the read models: a family starts once each of its sources has a replica.
+        # A read-model family starts once each of its sources has a replica.
         self.source_replicas = Chore(
             "creating replicas of captured tables",
             create_source_replicas,
@@ -163,13 +161,6 @@ class Projector:
             failed=lambda name: self.metrics.chore_failures.labels(name).inc(),
         )
         duties.append(self.source_replicas)
-        self.read_model_upkeep = None
-        if parts.read_models is not None:
-            positioned = lambda: bool(self.next_offset)  # noqa: E731 (open intents known)
-            self.read_model_upkeep = ReadModelUpkeep(
-                parts.read_models, parts.requests, self.main_retries, ready=positioned
-            )
-            duties.append(self.read_model_upkeep)
         rebuilds = parts.replica_rebuilds
         may_step = holds_whole(rebuilds, lambda: list(self.next_offset))
         duties.append(
@@ -302,6 +293,10 @@ class Projector:
             self.partitions.pop((tp.topic, tp.partition), None)
         self.committer.release([(tp.topic, tp.partition) for tp in partitions])
 
+    def _after_commit(self, batch: BatchRange) -> None:
+        self.visibility.after_commit(batch)
+        self.read_models.poke()  # its range is the stage's to recompute now
+
     # ---- the loop ----------------------------------------------------------------------------
 
     def request_stop(self, *_: Any) -> None:
@@ -323,10 +318,8 @@ class Projector:
         finish_line = None if finish is None else FinishLine(finish, self.progress)
         if finish is not None:
             log.info("running until %s is applied", finish.describe())
-        # Before any batch: families started, a backfill chunk a crash left open finished.
         self.source_replicas.run()  # a read model over a table still empty exists from the start
-        if self.read_model_upkeep is not None:
-            self.read_model_upkeep.start()
+        self.read_models.start()
         self.consumer.subscribe(
             self.config.subscription(),
             on_assign=self._on_assign,
@@ -347,6 +340,8 @@ class Projector:
                     self._settle_batch()  # an idle loop still records the last batch
                 self._position_waiting()
                 self.duties.run_due()
+                if self.read_models.failure is not None:
+                    raise self.read_models.failure
                 if tick is not None:
                     tick()
                 now = time.monotonic()
@@ -361,8 +356,7 @@ class Projector:
                 ):
                     self._wait_for_batch()
                     if self.main_retries(finish_line.reached, "checking the finish line"):
-                        if self.read_model_upkeep is not None:
-                            self.duties.run_now(self.read_model_upkeep.finish)
+                        self.read_models.finish(lambda: self.stopping)
                         break
                     next_finish_check = time.monotonic() + FINISH_CHECK_S
                     if next_finish_check >= next_waiting_report:
@@ -373,6 +367,7 @@ class Projector:
                 self._wait_for_batch()
             finally:
                 self._apply_thread.shutdown(wait=True)
+                self.read_models.stop()
                 self.producer.flush(10)
                 self.consumer.close()
                 self.parts.replica_rebuilds.close()

@@ -21,7 +21,7 @@ from projector.operations.pauses import TablePauses
 from projector.operations.replica_rebuild import ReplicaRebuilds
 from projector.operations.requests import OpsRequests
 from projector.read_models.definitions import ReadModel, load_read_models
-from projector.read_models.maintenance import ReadModelMaintainer, maintainer_for
+from projector.read_models.stage import ReadModelStage, stage_for
 from projector.replicas.analyst_views import AnalystViews
 from projector.replicas.apply import BatchApplier
 from projector.replicas.catalog import ReplicaCatalog
@@ -46,9 +46,9 @@ class RunParts:
     guard: TopicGuard
     applier: BatchApplier
     replica_rebuilds: ReplicaRebuilds
-    # Read models are kept inside the batch commit (projector/read_models/maintenance.py); None
-    # when this member does not keep them (config `maintain_read_models`).
-    read_models: ReadModelMaintainer | None
+    # The read models' stage (projector/read_models/stage.py): one process, the lease holder,
+    # maintains them; a member with `maintain_read_models = false` never takes the lease.
+    stage: ReadModelStage
     read_model_list: list[ReadModel]
     requests: OpsRequests  # rebuilds and rollbacks, asked through a control table
     pauses: TablePauses
@@ -61,6 +61,8 @@ def open_parts(config: ProjectorConfig, ch: ClickHouse, admin: AdminClient) -> R
     with_retries(checkpoints.create, "creating the checkpoint table")
     committer = BatchCommitter(checkpoints)
     has_fast_path = hasattr(ch, "over_avro")
+    stage = stage_for(config, ch, checkpoints, committer.member)  # fenced by its lease
+    with_retries(stage.create, "creating the read models' stage tables")
     ch = committer.fenced(ch)
     control = config.control_database
     dlq = DeadLetterStore(ch, control, PROJECTION)
@@ -108,7 +110,7 @@ def open_parts(config: ProjectorConfig, ch: ClickHouse, admin: AdminClient) -> R
         guard=guard,
         applier=applier,
         replica_rebuilds=replica_rebuilds,
-        read_models=maintainer_for(config, ch),
+        stage=stage,
         read_model_list=load_read_models(config.read_models_file),
         requests=requests,
         pauses=pauses,

@@ -15,26 +15,32 @@ command alike (`projector rebuild` again starts a new job); the pipeline goes on
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection
 from functools import partial
 from typing import Protocol, TypeVar
 
-from projector.errors import RebuildRefused
+from projector.errors import PartitionLost, RebuildRefused
 from projector.operations.read_model_rebuild import take_requests
 from projector.operations.replica_rebuild import ReplicaRebuilds, take_replica_requests
 from projector.operations.replica_rebuild_jobs import CATCHING_UP, SNAPSHOT, ReplicaRebuild
 from projector.operations.requests import OpsRequests
 from projector.read_models.maintenance import ReadModelMaintainer
+from projector.read_models.stage import LEASE_S, RELEASED, ReadModelStage
 from projector.run.duties import drive_here
-from projector.run.retries import TRANSIENT
+from projector.run.retries import TRANSIENT, with_retries
 
 log = logging.getLogger("projector")
 T = TypeVar("T")
 Key = tuple[str, int]
 AppliedTo = Callable[[list[Key]], dict[Key, int | None]]
 READ_MODEL_CHECK_S = 3.0  # how often it looks for families whose sources now exist
+IDLE_S = 0.2  # how long the holder waits for a batch to be committed when nothing is pending
+STANDBY_S = 1.0  # how often a standby looks at the lease
+FINISH_POLL_S = 0.2  # how often the finish line looks at the stage's position
+WAITING_REPORT_S = 30.0
 REPLICA_REQUEST_CHECK_S = 1.0  # how often it reads replica rebuild requests
 
 
@@ -44,7 +50,8 @@ class MainRetries(Protocol):
 
 class ReadModelUpkeep:
     """Starts read-model families whose sources now exist (every few seconds), takes rebuild
-    requests, and builds new versions a chunk a round."""
+    requests, and builds new versions a chunk a round: the lease holder's (`StageRunner`), or
+    a command's in its own process."""
 
     name = "keeping read models"
 
@@ -55,20 +62,14 @@ class ReadModelUpkeep:
         retries: MainRetries,
         on_step: Callable[[str], None] = lambda version: None,
         clock: Callable[[], float] = time.monotonic,
-        ready: Callable[[], bool] = lambda: True,
     ) -> None:
-        """`on_step`: called with the version that built after each backfill chunk. `ready`:
-        whether this member knows its open intents yet (its partitions positioned): a backfill
-        chunk must not run before a half-applied batch's replay (its deltas are exact only
-        against the state that batch saw), and the duties' rule can only see a replay pending
-        once the partitions are positioned."""
+        """`on_step`: called with the version that built after each backfill chunk."""
         self.maintainer, self.requests, self.retries = maintainer, requests, retries
-        self.on_step, self.clock, self.ready = on_step, clock, ready
+        self.on_step, self.clock = on_step, clock
         self._next_check = 0.0
 
     def start(self) -> None:
-        """Before any batch: a backfill chunk left open by a crash is finished before anything
-        else changes what it read (replay first); then the first round."""
+        """Before anything else: a backfill chunk left open by a crash is finished first."""
         for line in self.retries(self.maintainer.family_versions.ensure, "starting read models"):
             log.info("read models: %s", line)
         for line in self.retries(self.maintainer.finish_open_backfill, "finishing a backfill"):
@@ -76,7 +77,7 @@ class ReadModelUpkeep:
 
     def due(self, now: float) -> bool:
         # stays due while a version builds: a chunk a round
-        return self.ready() and now >= self._next_check
+        return now >= self._next_check
 
     def run(self) -> None:
         maintainer = self.maintainer
@@ -93,16 +94,117 @@ class ReadModelUpkeep:
             if progress is not None:
                 log.info("read models: %s", progress)
             self.on_step(building)
-            return  # the next chunk on the next round, between batches
+            return  # the next chunk on the next round, between ranges
         self._next_check = self.clock() + READ_MODEL_CHECK_S
 
     def finish(self) -> None:
-        """At the finish line: every read model whose sources exist is started and built."""
+        """Every read model whose sources exist is started and built."""
         while True:
             self._next_check = 0.0
             self.run()
             if not self.maintainer.building:
                 return
+
+
+class StageRunner:
+    """The read models' stage on a thread of its own (projector/read_models/stage.py): it keeps
+    or takes the lease, and while it holds it recomputes what the replicas committed (woken by
+    each committed batch, `poke`), then the upkeep's round (families started, rebuild requests,
+    a backfill chunk). A standby looks at the lease every `STANDBY_S`.
+
+    It runs beside the batches: the stage reads the replicas' committed ranges and writes only
+    the read models, which no batch writes; recomputing a key from the replicas is exact
+    whatever a batch in flight has written of a later range (that range is recomputed in turn).
+    Transient failures are retried; a lost lease makes it a standby; anything else is a bug
+    that stops the run (`failure`, raised by the run loop), never a silently stale read model."""
+
+    def __init__(
+        self,
+        stage: ReadModelStage,
+        requests: OpsRequests,
+        observe: Callable[[str, float], None] = lambda table, seconds: None,
+    ) -> None:
+        """`observe`: the seconds one range of a table took (the metrics)."""
+        self.stage = stage
+        self.upkeep = ReadModelUpkeep(stage.maintainer, requests, call_directly)
+        self.observe = observe
+        self.failure: BaseException | None = None
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="read-models", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def poke(self) -> None:
+        """A batch was committed: look for its range now."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """After the range in progress; the lease is released for a standby to take at once."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+        try:
+            self.stage.lease.release()
+        except TRANSIENT as exc:  # it lapses on its own
+            log.warning("read models: could not release the lease: %s", exc)
+
+    def finish(self, stopping: Callable[[], bool]) -> None:
+        """At the finish line: wait until the read models have recomputed everything the
+        replicas applied and no version builds (this process's stage or another holder's)."""
+        waited_since = time.monotonic()
+        while not stopping():
+            if self.failure is not None:
+                raise self.failure
+            self.poke()
+            if with_retries(self.stage.caught_up, "checking the read models' position"):
+                return
+            if not self.stage.lease.may_hold:
+                holder, age = self.stage.lease.newest()
+                if holder is None or holder.member == RELEASED or age >= LEASE_S:
+                    log.warning("read models: nobody maintains them; not waiting for them")
+                    return
+            if time.monotonic() - waited_since > WAITING_REPORT_S:
+                log.info("read models: waiting for the stage to catch up")
+                waited_since = time.monotonic()
+            time.sleep(FINISH_POLL_S)
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                busy = with_retries(self._round, "keeping read models", stop=self._stopped)
+            except PartitionLost:
+                self.stage.lost()
+                busy = False
+            except TRANSIENT:
+                busy = False  # stopping while ClickHouse is away
+            except Exception as exc:  # a bug: the run stops (the loop raises it)
+                log.exception("read models: the stage failed")
+                self.failure = exc
+                return
+            if not busy:
+                self._wake.wait(IDLE_S if self.stage.lease.held else STANDBY_S)
+                self._wake.clear()
+
+    def _stopped(self) -> bool:
+        return self._stopping
+
+    def _round(self) -> bool:
+        """Whether there is more to do right away."""
+        stage = self.stage
+        if not stage.hold():
+            return False
+        for work in stage.pending():
+            if self._stopping or not stage.hold():
+                return False
+            started = time.monotonic()
+            stage.step(work)
+            self.observe(work.table, time.monotonic() - started)
+        if self.upkeep.due(time.monotonic()):
+            self.upkeep.run()
+            return stage.maintainer.building
+        return False
 
 
 class ReplicaRebuildJobs:

@@ -126,12 +126,37 @@ def cluster() -> list[str]:
     return all_ddl(Topology("analytics"))
 
 
+def created_tables(statements: list[str]) -> list[str]:
+    """Each table's CREATE (the first: scratch tables are made sure of again), scratch apart."""
+    seen: dict[str, str] = {}
+    for statement in statements:
+        found = re.match(r"CREATE TABLE IF NOT EXISTS (\S+)", statement)
+        if found and "__staged__" not in statement and "__affected__" not in statement:
+            seen.setdefault(found.group(1), statement)
+    return list(seen.values())
+
+
+def scratch_tables(statements: list[str]) -> list[str]:
+    """The read models' scratch tables (version_tables.py `SCRATCH`), each once."""
+    seen: dict[str, str] = {}
+    for statement in statements:
+        found = re.match(r"CREATE TABLE IF NOT EXISTS (\S+__(staged|affected)__\S+)", statement)
+        if found:
+            seen.setdefault(found.group(1), statement)
+    return list(seen.values())
+
+
 def test_single_server_ddl_is_plain_and_deduplicates(single: list[str]) -> None:
-    tables = [s for s in single if s.startswith("CREATE TABLE") and "ENGINE = Memory" not in s]
-    # checkpoints, partition owners and resets (twice each: replicas and backfills), dlq, two ledgers, a
-    # keyed and a key-less replica, the read-model versions, three entity tables, six aggregate
-    # tables and four index tables
-    assert len(tables) == 25
+    tables = created_tables(single)
+    # checkpoints, partition owners and resets, dlq, two ledgers, a keyed and a key-less replica,
+    # the read-model versions, three entity tables, six aggregate tables and four index tables
+    assert len(tables) == 22
+    # scratch: each entity's keys and stage, and the stages of the two aggregates with indexes
+    scratch = scratch_tables(single)
+    assert len(scratch) == 8
+    for statement in scratch:  # token-ed rows, emptied a lease generation at a time
+        assert "ENGINE = MergeTree PARTITION BY _generation ORDER BY _range" in statement
+        assert "non_replicated_deduplication_window = 100000" in statement
     for statement in single:
         assert "ON CLUSTER" not in statement
         assert "Replicated" not in statement
@@ -155,13 +180,15 @@ def test_single_server_ddl_is_plain_and_deduplicates(single: list[str]) -> None:
 
 
 def test_cluster_ddl_runs_on_every_replica_with_replicated_engines(cluster: list[str]) -> None:
-    tables = [s for s in cluster if s.startswith("CREATE TABLE") and "ENGINE = Memory" not in s]
-    assert len(tables) == 25
+    tables = created_tables(cluster)
+    assert len(tables) == 22
     for statement in cluster:
-        # a read model's stage is scratch of one recompute, local to the server we talk to
-        if statement.startswith(("CREATE", "ALTER")) and "ENGINE = Memory" not in statement:
+        if statement.startswith(("CREATE", "ALTER")):
             assert " ON CLUSTER `analytics`" in statement, statement
     path = "'/clickhouse/tables/{shard}/{database}/{table}', '{replica}'"
+    # scratch is replicated too: whichever replica the next statement lands on reads it
+    for statement in scratch_tables(cluster):
+        assert f"ENGINE = ReplicatedMergeTree({path}) PARTITION BY _generation" in statement
     for statement in tables:
         assert "ENGINE = Replicated" in statement and path in statement, statement
         window = (

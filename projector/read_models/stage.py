@@ -1,0 +1,366 @@
+"""The read models' stage: one maintainer, under a fenced lease, following what the replicas
+committed, exactly once across crashes and hand-overs.
+
+The read models are not written by the batch that changes a replica. They follow the replicas'
+checkpoints: the stage keeps a position of its own per source topic-partition (the last replica
+offset whose rows it has recomputed) and recomputes each range between its position and the
+replica's last done batch (projector/read_models/maintenance.py, `apply_range`). Every path that
+changes a replica through a batch — a member's live batches, whichever member applied them, a
+reset that moves a partition — reaches the read models by this one road, because it starts at the
+replica; a path that writes replica rows at offsets the stage has passed (`projector dlq replay`)
+asks for those offsets again through the work table (`request_recompute`).
+
+**One maintainer.** Any number of projector processes may run with the same settings (a rolling
+deploy, scale-out, `dlq replay` beside `run`). One of them holds the lease and maintains; the
+others stand by. The lease is a claim on the pseudo-partition (`__read_models`, 0) in the owners
+table, exactly as a member claims a Kafka partition (projector/commit/checkpoint.py, step A), and
+the holder renews it every few seconds. A standby claims the next generation when the holder's
+last renewal is older than `LEASE_S` (or it released the lease on a clean stop). Every write of
+the stage checks first that the newest claim is still the holder's (`fenced`), so a holder that
+lost the lease — stalled past the lease, and another process took over — has its next write
+refused (`PartitionLost`) and becomes a standby. Why that is exact is the commit protocol's
+argument, unchanged: a write that lands was checked before the newer claim, so the range it
+belongs to had its intent recorded before that claim, and the new holder, which claims before it
+reads the stage's checkpoints, replays exactly that range under the same tokens.
+
+For each range, `step` will:
+
+  1. record the intent (the range, under the lease's generation) in the checkpoint table,
+     projection `read_model_stage`;
+  2. recompute the range's affected keys of every maintained family version, every insert under a
+     token of the range; the scratch rows (its keys, its entity stage, its aggregates' stages)
+     are tagged with the range and written under its tokens too, so a replay reads what the first
+     attempt staged even when the replicas moved on since (version_tables.py, `SCRATCH`);
+  3. record the range done.
+
+When it takes the lease, the holder replays the open range the last holder left (with that
+holder's scratch partition) and an open backfill chunk, before anything else; then it empties
+the older generations' scratch partitions.
+
+Recomputing from the replicas' current state is exact for any key, so the stage only needs every
+affected key to be recomputed at or after the change: a range's rows merged away by a later
+version of the same key are recomputed with that later version's range, which carries the same
+key columns (the `affects` rule, docs/read-models.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from projector.clickhouse import ClickHouse, ident, insert_statement, quote
+from projector.commit.checkpoint import (
+    DONE,
+    INTENT,
+    BatchRange,
+    CheckpointStore,
+    Claim,
+    FencedClickHouse,
+    PartitionCheckpoint,
+)
+from projector.config import ProjectorConfig
+from projector.errors import PartitionLost
+from projector.read_models.maintenance import ReadModelMaintainer, maintainer_of
+from projector.read_models.versions import BUILDING
+
+log = logging.getLogger("projector.read_models")
+
+STAGE = "read_model_stage"  # the projection of the stage's checkpoints, lease and tokens
+LEASE = ("__read_models", 0)  # the pseudo-partition whose claim is the lease
+RELEASED = "(released)"  # the member of a claim that frees the lease (a clean stop)
+LEASE_S = 15.0  # a holder whose last renewal is older than this has lapsed
+RENEW_S = 3.0  # how often the holder renews
+MAX_RANGE_OFFSETS = 20_000  # a range's offsets at most (a backlog is recomputed a range a step)
+CLEAN_EVERY = 50  # ranges between two emptyings of the holder's scratch partition
+WORK_PREFIX = "work|"  # a requested recompute's name in the checkpoint table
+
+
+class ReadModelLease:
+    """The lease: who maintains the read models (module docstring)."""
+
+    def __init__(self, ch: ClickHouse, control_database: str, member: str, may_hold: bool) -> None:
+        self.store = CheckpointStore(ch, control_database, STAGE)  # unfenced: claims must land
+        self.member, self.may_hold = member, may_hold
+        self.held: Claim | None = None
+        self._renewed = 0.0
+        self._owners = self.store.owners
+
+    def newest(self) -> tuple[Claim | None, float]:
+        """The newest claim and how many seconds ago it was last renewed."""
+        rows = self.store.ch.rows(
+            f"SELECT generation, member, dateDiff('millisecond', max(claimed_at), now64(3)) AS age "
+            f"FROM {self._owners} WHERE `projection` = {quote(STAGE)} AND topic = {quote(LEASE[0])} "
+            "GROUP BY generation, member ORDER BY generation DESC LIMIT 1"
+        )
+        if not rows:
+            return None, float("inf")
+        newest = self.store.claims([LEASE]).get(LEASE)  # of equal generations, the one that won
+        return newest, int(rows[0]["age"]) / 1000
+
+    def keep(self) -> bool:
+        """Renew the lease when due, or take it when it is free or lapsed (and this process may
+        hold it): whether this process holds it now."""
+        now = time.monotonic()
+        if self.held is not None:
+            if now - self._renewed < RENEW_S:
+                return True
+            newest, _ = self.newest()
+            if newest != self.held:
+                log.warning("read models: lease lost to %s", newest)
+                self.held = None
+                return False
+            self._claim_row(self.held)
+            self._renewed = now
+            return True
+        if not self.may_hold:
+            return False
+        newest, age = self.newest()
+        if newest is not None and newest.member != RELEASED and age < LEASE_S:
+            return False
+        (claimed,) = self.store.claim([LEASE], self.member).values()
+        if self.store.claims([LEASE]).get(LEASE) != claimed:
+            return False  # another standby claimed the same generation, and won
+        self.held, self._renewed = claimed, now
+        log.info("read models: lease taken (generation %d)", claimed.generation)
+        return True
+
+    def check(self) -> None:
+        """The fence: the newest claim must still be ours, else `PartitionLost`."""
+        newest = self.store.claims([LEASE]).get(LEASE)
+        if self.held is None or newest != self.held:
+            raise PartitionLost(*LEASE, self.held, newest)
+
+    def lost(self) -> None:
+        self.held = None
+
+    def release(self) -> None:
+        """A clean stop: a claim above ours that nobody holds, so a standby takes over at once."""
+        if self.held is not None and self.store.claims([LEASE]).get(LEASE) == self.held:
+            self._claim_row(Claim(self.held.generation + 1, RELEASED))
+        self.held = None
+
+    def _claim_row(self, claim: Claim) -> None:
+        row = {
+            "projection": STAGE,
+            "topic": LEASE[0],
+            "partition": LEASE[1],
+            "generation": claim.generation,
+            "member": claim.member,
+        }
+        token = f"lease|{claim.generation}|{claim.member}|{time.time_ns()}"  # (not deduplicated)
+        self.store.ch.execute(insert_statement(self._owners, list(row), [row], token))
+
+
+@dataclass(frozen=True)
+class StageRange:
+    """A range the stage recomputes: `batch` names it in the checkpoint table (a source
+    topic-partition, or a requested recompute) and carries its offsets; `table` is the source
+    table whose replica rows it covers; `tokens` the projection its tokens are made of."""
+
+    batch: BatchRange
+    table: str
+    tokens: str
+
+
+class ReadModelStage:
+    """The stage's position, its steps and its hand-overs (module docstring). Call from one
+    thread at a time."""
+
+    def __init__(
+        self,
+        ch: ClickHouse,
+        maintainer_for: Callable[[ClickHouse], ReadModelMaintainer],
+        replicas: CheckpointStore,
+        control_database: str,
+        member: str,
+        may_hold: bool,
+        table_of: Callable[[str], str | None],
+    ) -> None:
+        """`maintainer_for`: the maintainer, given the ClickHouse to write with (the stage's
+        fenced one); `replicas`: the replica tables' checkpoints; `table_of`: the source table
+        of a topic the read models read, or None."""
+        self.lease = ReadModelLease(ch, control_database, member, may_hold)
+        self.ch = FencedClickHouse(ch, self.lease.check)
+        self.maintainer = maintainer_for(self.ch)
+        self.maintainer.moving = self.moving
+        self.replicas, self.table_of = replicas, table_of
+        self.positions = CheckpointStore(self.ch, control_database, STAGE)
+        self.work_table = f"{ident(control_database)}.read_model_stage_work"
+        self._raw = ch
+        self._control = control_database
+        self._at: dict[tuple[str, int], PartitionCheckpoint] = {}
+        self._steps = 0
+
+    def create(self) -> None:
+        CheckpointStore(self._raw, self._control, STAGE).create()
+        create_work_table(self._raw, self._control)
+
+    # ---- holding ------------------------------------------------------------------------------
+
+    def hold(self) -> bool:
+        """Keep (or take) the lease; on taking it, replay what the last holder left open."""
+        before = self.lease.held
+        if not self.lease.keep():
+            return False
+        if self.lease.held != before:
+            self._take_over()
+        return True
+
+    def _take_over(self) -> None:
+        assert self.lease.held is not None
+        generation = self.lease.held.generation
+        self.maintainer.generation = generation
+        for line in self.maintainer.family_versions.ensure():
+            log.info("read models: %s", line)
+        self._at = self.positions.load()
+        for key, checkpoint in self._at.items():
+            if checkpoint.state == INTENT:
+                found = self._range_of(key, checkpoint)
+                if found is not None:
+                    log.info("read models: replaying the open range %s", found.batch)
+                    self.step(found, checkpoint.generation)
+        for line in self.maintainer.finish_open_backfill():
+            log.info("read models: %s", line)
+        self.maintainer.drop_scratch(lambda g: g < generation)
+
+    def lost(self) -> None:
+        """A write was refused: another process holds the lease now."""
+        log.warning("read models: the lease was taken over; standing by")
+        self.lease.lost()
+
+    # ---- the position -------------------------------------------------------------------------
+
+    def pending(self) -> list[StageRange]:
+        """The ranges to recompute, oldest requests first: the replicas' done offsets beyond the
+        stage's position (a range of `MAX_RANGE_OFFSETS` at most per partition), then the
+        requested recomputes not done."""
+        ranges = []
+        for (topic, partition), checkpoint in sorted(self.replicas.load().items()):
+            table = self.table_of(topic)
+            if table is None:
+                continue
+            applied = checkpoint.first - 1 if checkpoint.state == INTENT else checkpoint.last
+            at = self._at.get((topic, partition))
+            start = 0 if at is None else at.last + 1
+            if applied >= start:
+                last = min(applied, start + MAX_RANGE_OFFSETS - 1)
+                ranges.append(StageRange(BatchRange(topic, partition, start, last), table, STAGE))
+        for row in self._raw.rows(f"SELECT * FROM {self.work_table} FINAL ORDER BY requested_at"):
+            name = f"{WORK_PREFIX}{row['id']}"
+            done = self._at.get((name, int(row["partition"])))
+            table = self.table_of(row["topic"])
+            if table is None or (done is not None and done.state == DONE):
+                continue
+            batch = BatchRange(name, int(row["partition"]), int(row["first"]), int(row["last"]))
+            ranges.append(StageRange(batch, table, name))
+        return ranges
+
+    def _range_of(self, key: tuple[str, int], checkpoint: PartitionCheckpoint) -> StageRange | None:
+        topic, partition = key
+        batch = BatchRange(topic, partition, checkpoint.first, checkpoint.last)
+        if not topic.startswith(WORK_PREFIX):
+            table = self.table_of(topic)
+            return None if table is None else StageRange(batch, table, STAGE)
+        rows = self._raw.rows(
+            f"SELECT topic FROM {self.work_table} FINAL "
+            f"WHERE id = {quote(topic[len(WORK_PREFIX) :])}"
+        )
+        table = self.table_of(rows[0]["topic"]) if rows else None
+        return None if table is None else StageRange(batch, table, topic)
+
+    def step(self, work: StageRange, generation: int | None = None) -> None:
+        """Steps 1-3 of the module docstring for one range; `generation`: its scratch partition
+        (a replay's is the generation it was started under)."""
+        assert self.lease.held is not None
+        held = self.lease.held.generation
+        if self._steps and self._steps % CLEAN_EVERY == 0:  # between ranges, none open
+            self.maintainer.drop_scratch(lambda g: g == held)
+        self.positions.record(work.batch, INTENT, held)  # 1.
+        scratch = held if generation is None else generation
+        self.maintainer.apply_range(work.batch, work.table, work.tokens, scratch)  # 2.
+        self.positions.record(work.batch, DONE, held)  # 3.
+        key = (work.batch.topic, work.batch.partition)
+        self._at[key] = PartitionCheckpoint(DONE, work.batch.first, work.batch.last, held)
+        self._steps += 1
+
+    def moving(self) -> dict[str, str]:
+        """Per source table, a condition on its replica rows beyond the stage's position."""
+        ends: dict[str, list[str]] = {}
+        for (topic, partition), at in self._at.items():
+            table = None if topic.startswith(WORK_PREFIX) else self.table_of(topic)
+            if table is not None:
+                ends.setdefault(table, []).append(f"_partition = {partition}, {at.last}")
+        moving = {}
+        for table in self.maintainer.sources():
+            cases = ends.get(table, [])
+            position = f"multiIf({', '.join(cases)}, -1)" if cases else "-1"
+            moving[table] = f"_offset > {position}"
+        return moving
+
+    def caught_up(self) -> bool:
+        """Whether the read models have recomputed everything the replicas applied, and no
+        version is building (read from ClickHouse: true whoever holds the lease)."""
+        self._at = self.positions.load()
+        if self.pending():
+            return False
+        return not any(v["state"] == BUILDING for v in self.maintainer.family_versions.versions())
+
+
+def stage_for(
+    config: ProjectorConfig, ch: ClickHouse, replicas: CheckpointStore, member: str
+) -> ReadModelStage:
+    """The stage of a projector process: it may hold the lease when `maintain_read_models`."""
+    head = f"{config.topic_prefix}.{config.read_model_schema}."
+
+    def table_of(topic: str) -> str | None:
+        table = topic[len(head) :]
+        return table if topic.startswith(head) and table and "." not in table else None
+
+    return ReadModelStage(
+        ch,
+        partial(maintainer_of, config),
+        replicas,
+        config.control_database,
+        member,
+        config.maintain_read_models,
+        table_of,
+    )
+
+
+def create_work_table(ch: ClickHouse, control_database: str) -> None:
+    ch.execute(
+        ch.topology.create_table(
+            f"{ident(control_database)}.read_model_stage_work",
+            [
+                "id String",
+                "topic String",
+                "`partition` Int32",
+                "first Int64",
+                "last Int64",
+                "requested_at DateTime64(3) DEFAULT now64(3)",
+            ],
+            "ReplacingMergeTree",
+            "",
+            "id",
+            deduplicate=False,
+        )
+    )
+
+
+def request_recompute(ch: ClickHouse, control_database: str, batch: BatchRange) -> None:
+    """Ask the stage to recompute the read models over a replica range it may have passed (a
+    dead letter applied by `projector dlq replay`). Whoever holds the lease does it."""
+    create_work_table(ch, control_database)
+    row = {
+        "id": uuid.uuid4().hex,
+        "topic": batch.topic,
+        "partition": batch.partition,
+        "first": batch.first,
+        "last": batch.last,
+    }
+    table = f"{ident(control_database)}.read_model_stage_work"
+    ch.execute(insert_statement(table, list(row), [row], f"work|{row['id']}"))
