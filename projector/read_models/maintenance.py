@@ -187,7 +187,7 @@ class ReadModelMaintainer:
 
         tagged = f"{quote(tag)} AS _range, {int(generation)} AS _generation"
         self.ch.execute(
-            f"{scratch(version.key_stage, by)} SELECT DISTINCT {by}, {tagged} FROM ({keys})"
+            f"{scratch(version.key_stage, by)} SELECT DISTINCT *, {tagged} FROM ({keys})"
         )
         staged_keys = f"SELECT {by} FROM {version.of_range(version.key_stage, tag)}"
         # 2. the stored rows (-1) and their new state (+1)

@@ -46,6 +46,8 @@ key columns (the `affects` rule, docs/read-models.md).
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -77,6 +79,24 @@ RENEW_S = 3.0  # how often the holder renews
 MAX_RANGE_OFFSETS = 20_000  # a range's offsets at most (a backlog is recomputed a range a step)
 CLEAN_EVERY = 50  # ranges between two emptyings of the holder's scratch partition
 WORK_PREFIX = "work|"  # a requested recompute's name in the checkpoint table
+
+
+def lapsed(claim: Claim, age_s: float) -> bool:
+    """Whether a lease claim no longer holds: released, not renewed for `LEASE_S`, or made by a
+    process of this host that is gone (a SIGKILLed run's successor need not wait the lease out;
+    `member_id` names the host and the pid)."""
+    if claim.member == RELEASED or age_s >= LEASE_S:
+        return True
+    host, _, rest = claim.member.rpartition("-")[0].rpartition("-")
+    if host != socket.gethostname() or not rest.isdigit():
+        return False
+    try:
+        os.kill(int(rest), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 class ReadModelLease:
@@ -119,7 +139,7 @@ class ReadModelLease:
         if not self.may_hold:
             return False
         newest, age = self.newest()
-        if newest is not None and newest.member != RELEASED and age < LEASE_S:
+        if newest is not None and not lapsed(newest, age):
             return False
         (claimed,) = self.store.claim([LEASE], self.member).values()
         if self.store.claims([LEASE]).get(LEASE) != claimed:

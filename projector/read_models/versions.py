@@ -337,9 +337,7 @@ class FamilyVersions:
                 if table in entity.affects
             ]
             if changed:
-                unioned = " UNION ALL ".join(
-                    f"SELECT {ident(entity.by)} FROM ({c})" for c in changed
-                )
+                unioned = " UNION ALL ".join(f"SELECT * FROM ({c})" for c in changed)
                 where = f"({where}) AND {ident(entity.by)} NOT IN ({unioned})"
             keys = f"SELECT {ident(entity.by)} FROM ({entity.all_keys(self.replica_database)}) AS k WHERE {where}"
             pairs = [

@@ -28,7 +28,7 @@ from projector.operations.replica_rebuild import ReplicaRebuilds, take_replica_r
 from projector.operations.replica_rebuild_jobs import CATCHING_UP, SNAPSHOT, ReplicaRebuild
 from projector.operations.requests import OpsRequests
 from projector.read_models.maintenance import ReadModelMaintainer
-from projector.read_models.stage import LEASE_S, RELEASED, ReadModelStage
+from projector.read_models.stage import ReadModelStage, lapsed
 from projector.run.duties import drive_here
 from projector.run.retries import TRANSIENT, with_retries
 
@@ -131,6 +131,8 @@ class StageRunner:
         self.failure: BaseException | None = None
         self._wake = threading.Event()
         self._stopping = False
+        self._rounds = 0  # upkeep rounds run (each starts the families whose sources exist)
+        self._rounds_wanted = 0  # by the finish line
         self._thread = threading.Thread(target=self._loop, name="read-models", daemon=True)
 
     def start(self) -> None:
@@ -152,19 +154,26 @@ class StageRunner:
 
     def finish(self, stopping: Callable[[], bool]) -> None:
         """At the finish line: wait until the read models have recomputed everything the
-        replicas applied and no version builds (this process's stage or another holder's)."""
+        replicas applied, every family whose sources exist is started (a round of the upkeep
+        after now) and none builds — by this process's stage, or another live holder's."""
+        wanted = self._rounds + 1
         waited_since = time.monotonic()
         while not stopping():
             if self.failure is not None:
                 raise self.failure
+            self._rounds_wanted = wanted
             self.poke()
-            if with_retries(self.stage.caught_up, "checking the read models' position"):
-                return
-            if not self.stage.lease.may_hold:
-                holder, age = self.stage.lease.newest()
-                if holder is None or holder.member == RELEASED or age >= LEASE_S:
+            lease = self.stage.lease
+            if lease.held is not None:
+                ready = self._rounds >= wanted
+            else:
+                holder, age = with_retries(lease.newest, "reading the read models' lease")
+                ready = holder is not None and not lapsed(holder, age)
+                if not ready and not lease.may_hold:
                     log.warning("read models: nobody maintains them; not waiting for them")
                     return
+            if ready and with_retries(self.stage.caught_up, "reading the read models' position"):
+                return
             if time.monotonic() - waited_since > WAITING_REPORT_S:
                 log.info("read models: waiting for the stage to catch up")
                 waited_since = time.monotonic()
@@ -195,16 +204,18 @@ class StageRunner:
         stage = self.stage
         if not stage.hold():
             return False
-        for work in stage.pending():
+        pending = stage.pending()
+        for work in pending:
             if self._stopping or not stage.hold():
                 return False
             started = time.monotonic()
             stage.step(work)
             self.observe(work.table, time.monotonic() - started)
-        if self.upkeep.due(time.monotonic()):
+        if self._rounds < self._rounds_wanted or self.upkeep.due(time.monotonic()):
             self.upkeep.run()
-            return stage.maintainer.building
-        return False
+            self._rounds += 1
+            return bool(pending) or stage.maintainer.building
+        return bool(pending)
 
 
 class ReplicaRebuildJobs:
