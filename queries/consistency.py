@@ -2,7 +2,8 @@
 writer's LSN.
 
 The consistency LSN of a read model (the argument is in projector/commit/ledger.py) is computed by
-`ConsistencyTracker` over the model's source tables. `ReadPositions` shares one tracker between
+`ConsistencyTracker` over the model's source tables, and capped where the read models' stage has
+followed them (projector/read_models/stage.py: a materialized read model lags its replicas). `ReadPositions` shares one tracker between
 all requests of a process: it refreshes it at most every `max_age_s` (one refresh at a time; the
 others read the result), and `wait_for` polls it until a read model has reached a writer's LSN or
 the time is up. A query over several read models stands where the least advanced of them stands.
@@ -14,10 +15,16 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from projector.commit.consistency import NOTHING_KNOWN, Consistency, ConsistencyTracker
+from projector.commit.consistency import (
+    NOTHING_KNOWN,
+    Ceiling,
+    Consistency,
+    ConsistencyTracker,
+    capped,
+)
 from projector.commit.ledger import TransactionLedger
 from projector.read_models.versions import failed_read_models
 
@@ -54,11 +61,16 @@ class ReadPositions:
         self,
         ledger: TransactionLedger,
         sources: dict[str, list[str]],
+        ceiling: Callable[[], Ceiling | None] | None = None,
         max_age_s: float = 0.1,
         poll_s: float = 0.05,
     ) -> None:
-        """`sources`: per read model, its source tables as `schema.table`."""
+        """`sources`: per read model, its source tables as `schema.table`; `ceiling`: how far
+        the read models' stage has followed them (None: the read models are not materialized,
+        they stand where their sources stand)."""
+        self.ledger, self.sources, self.ceiling = ledger, sources, ceiling
         self.tracker = ConsistencyTracker(ledger, sources)
+        self.positions: dict[str, Consistency] = dict(self.tracker.current)
         self.max_age_s = max_age_s
         self.poll_s = poll_s
         self._refreshed = 0.0
@@ -71,11 +83,16 @@ class ReadPositions:
             with self._lock:  # one refresh at a time; who waited for it reads its result
                 if fresh or time.monotonic() - self._refreshed >= self.max_age_s:
                     self._refresh()
-        return self.tracker.current
+        return self.positions
 
     def _refresh(self) -> None:
         try:
-            self.tracker.refresh()
+            positions = dict(self.tracker.refresh())
+            if self.ceiling is not None:
+                ceiling = self.ceiling()
+                for name, tables in self.sources.items():
+                    positions[name] = capped(positions[name], ceiling, self.ledger, tables)
+            self.positions = positions
         except Exception as exc:  # no ledger yet, ClickHouse away: positions stay as they were
             if self._trouble is None:
                 log.warning("read positions not refreshed (they stay where they were): %s", exc)
@@ -97,7 +114,7 @@ class ReadPositions:
         that refreshes; an event loop must not wait for ClickHouse)."""
         if time.monotonic() - self._refreshed >= self.max_age_s:
             return None
-        positions = self.tracker.current
+        positions = self.positions
         found = [positions.get(name, NOTHING_KNOWN) for name in read_models]
         return min(found, key=lambda c: c.lsn) if found else NOTHING_KNOWN
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
@@ -20,6 +21,7 @@ from projector.config import ProjectorConfig, client_environment
 from projector.errors import ConfigError
 from projector.operations.status import read_model_sources
 from projector.read_models.definitions import load_read_models
+from projector.read_models.stage import read_ceiling
 from queries.adhoc import SqlLimits
 from queries.api import create_app
 from queries.cache import ResultCache
@@ -56,7 +58,14 @@ def build_service(config: ProjectorConfig, ch: ParameterisedClickHouse) -> Query
     return QueryService(
         ch,
         queries,
-        ReadPositions(ledger, sources),
+        ReadPositions(
+            ledger,
+            sources,
+            # a read model stands where its stage has followed its sources
+            partial(read_ceiling, ch, config.control_database)
+            if config.maintain_read_models
+            else None,
+        ),
         ResultCache[Rows](config.query_cache_entries, config.query_cache_ttl_s),
         Limits(
             config.query_wait_ms,

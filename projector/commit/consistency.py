@@ -5,7 +5,7 @@ docstring, "Read-your-writes").
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from projector.commit.ledger import TransactionLedger
@@ -71,3 +71,49 @@ class ConsistencyTracker:
                 settled = preceding
         self._settled = settled
         return self.current
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """How far something that follows the replicas has followed them (the read models' stage,
+    projector/read_models/stage.py): every transaction on its tables that committed at or before
+    `lsn` is reflected. `end_offset`: the transaction-topic offset of the newest END at or
+    before `lsn` (-1: none)."""
+
+    lsn: int
+    end_offset: int
+    commit_ms: int
+
+
+def capped(
+    consistency: Consistency,
+    ceiling: Ceiling | None,
+    ledger: TransactionLedger,
+    tables: Sequence[str],
+) -> Consistency:
+    """A read model's position: its source tables' (`consistency`), but no further than the
+    stage that keeps it has followed them (None: nothing reflected yet). The watermark is then
+    the newest END on the tables at or before the ceiling: every transaction up to the ceiling is
+    complete on every source table, or the ceiling would be lower."""
+    if ceiling is None:
+        return NOTHING_KNOWN
+    if consistency.lsn <= ceiling.lsn:
+        return consistency
+    watermark = consistency.watermark
+    if watermark is None or watermark.lsn > ceiling.lsn:
+        mark = ledger.newest_end(-1, ceiling.end_offset + 1, tables)
+        watermark = mark.watermark() if mark is not None else None
+    return Consistency(ceiling.lsn, ceiling.commit_ms, watermark, "the read models' stage")
+
+
+def ceiling_of(ledger: TransactionLedger, tables: Sequence[str]) -> Callable[[], Ceiling]:
+    """Where `tables` stand for readers, as a ceiling (what the read models' stage reaches once
+    it has recomputed every range the replicas applied by now)."""
+    tracker = ConsistencyTracker(ledger, {"tables": list(tables)})
+
+    def current() -> Ceiling:
+        position = tracker.refresh()["tables"]
+        end = ledger.end_at_or_before(position.lsn) if position.lsn else None
+        return Ceiling(position.lsn, -1 if end is None else end.offset, position.commit_ms)
+
+    return current

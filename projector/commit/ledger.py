@@ -520,6 +520,17 @@ class TransactionLedger:
         row = rows[0]
         return RecordedEnd(int(row["off"]), row["tx_id"], int(row["lsn"]), int(row["commit_ms"]))
 
+    def end_at_or_before(self, lsn: int) -> RecordedEnd | None:
+        """The newest recorded END whose LSN is at most `lsn` (ENDs grow in LSN along offsets)."""
+        rows = self.ch.rows(
+            f"SELECT `offset` AS off, tx_id, lsn, commit_ms FROM {self.ends} "
+            f"WHERE lsn <= {int(lsn)} ORDER BY `offset` DESC LIMIT 1"
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return RecordedEnd(int(row["off"]), row["tx_id"], int(row["lsn"]), int(row["commit_ms"]))
+
     def prune(self) -> int:
         """Delete the rows no question to the ledger needs any more; returns the ENDs deleted
         (module docstring, "Pruning")."""

@@ -29,7 +29,7 @@ from confluent_kafka import KafkaException, TopicPartition
 
 from projector import kafka
 from projector.commit.checkpoint import PROJECTION, CheckpointStore
-from projector.commit.consistency import ConsistencyTracker
+from projector.commit.consistency import ConsistencyTracker, capped
 from projector.commit.dead_letters import DeadLetterStore
 from projector.commit.ledger import TransactionLedger
 from projector.commit.transactions import lsn_text
@@ -37,6 +37,7 @@ from projector.config import ProjectorConfig, client_environment, open_backend
 from projector.errors import ProjectorError
 from projector.operations.pauses import TablePauses
 from projector.read_models.definitions import load_read_models
+from projector.read_models.stage import read_ceiling
 from projector.redaction import redact_values
 from projector.replicas.topic_guard import TopicGuard
 
@@ -81,6 +82,10 @@ def collect_status(
     tables = sorted({t for p in partitions if (t := _table_of(config, p["topic"]))})
     tracker = ConsistencyTracker(ledger, {**sources, **{t: [t] for t in tables}})
     marks = tracker.refresh()
+    if config.maintain_read_models:  # a read model stands where its stage has followed its sources
+        ceiling = read_ceiling(ch, config.control_database)
+        for name, collections in sources.items():
+            marks[name] = capped(marks[name], ceiling, ledger, collections)
     now_ms = time.time() * 1000
     watermarks = {
         name: None

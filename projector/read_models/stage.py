@@ -58,14 +58,18 @@ from projector.clickhouse import ClickHouse, ident, insert_statement, quote
 from projector.commit.checkpoint import (
     DONE,
     INTENT,
+    PROJECTION,
     BatchRange,
     CheckpointStore,
     Claim,
     FencedClickHouse,
     PartitionCheckpoint,
 )
+from projector.commit.consistency import Ceiling, ceiling_of
+from projector.commit.ledger import TransactionLedger
 from projector.config import ProjectorConfig
 from projector.errors import PartitionLost
+from projector.read_models.definitions import load_read_models
 from projector.read_models.maintenance import ReadModelMaintainer, maintainer_of
 from projector.read_models.versions import BUILDING
 
@@ -199,10 +203,12 @@ class ReadModelStage:
         member: str,
         may_hold: bool,
         table_of: Callable[[str], str | None],
+        followed: Callable[[], Ceiling] = lambda: Ceiling(0, -1, 0),
     ) -> None:
         """`maintainer_for`: the maintainer, given the ClickHouse to write with (the stage's
         fenced one); `replicas`: the replica tables' checkpoints; `table_of`: the source table
-        of a topic the read models read, or None."""
+        of a topic the read models read, or None; `followed`: where the replicas of the source
+        tables stand for readers (the transaction ledger's consistency LSN over all of them)."""
         self.lease = ReadModelLease(ch, control_database, member, may_hold)
         self.ch = FencedClickHouse(ch, self.lease.check)
         self.maintainer = maintainer_for(self.ch)
@@ -210,6 +216,9 @@ class ReadModelStage:
         self.replicas, self.table_of = replicas, table_of
         self.positions = CheckpointStore(self.ch, control_database, STAGE)
         self.work_table = f"{ident(control_database)}.read_model_stage_work"
+        self.bounds_table = f"{ident(control_database)}.read_model_stage_bounds"
+        self.followed = followed
+        self._bound = -1  # the LSN of the last ceiling recorded
         self._raw = ch
         self._control = control_database
         self._at: dict[tuple[str, int], PartitionCheckpoint] = {}
@@ -218,6 +227,16 @@ class ReadModelStage:
     def create(self) -> None:
         CheckpointStore(self._raw, self._control, STAGE).create()
         create_work_table(self._raw, self._control)
+        self._raw.execute(
+            self._raw.topology.create_table(
+                self.bounds_table,
+                ["lsn UInt64", "end_offset Int64", "commit_ms Int64", "generation UInt64"],
+                "ReplacingMergeTree",
+                "lsn",
+                "tuple()",
+                deduplicate=False,
+            )
+        )
 
     # ---- holding ------------------------------------------------------------------------------
 
@@ -246,6 +265,8 @@ class ReadModelStage:
         for line in self.maintainer.finish_open_backfill():
             log.info("read models: %s", line)
         self.maintainer.drop_scratch(lambda g: g < generation)
+        ceiling = read_ceiling(self._raw, self._control)
+        self._bound = -1 if ceiling is None else ceiling.lsn
 
     def lost(self) -> None:
         """A write was refused: another process holds the lease now."""
@@ -254,30 +275,61 @@ class ReadModelStage:
 
     # ---- the position -------------------------------------------------------------------------
 
+    def start_pass(self) -> tuple[list[StageRange], Ceiling | None]:
+        """The ranges to recompute now (`pending`) and the ceiling the read models reach once
+        they are done (`end_pass`): where the replicas stood for readers *before* the ranges
+        were read (every transaction up to it was applied, so its rows are in the ranges or
+        before them); None when a range was cut short (a backlog: the ceiling waits for the
+        pass that reaches the replicas)."""
+        ceiling = self.followed()
+        ranges, whole = self._pending(self._at)
+        return ranges, ceiling if whole else None
+
+    def end_pass(self, ceiling: Ceiling | None) -> None:
+        """Every range of the pass is done: record its ceiling (readers' position of the read
+        models, projector/commit/consistency.py `capped`)."""
+        if ceiling is None or ceiling.lsn <= self._bound or self.lease.held is None:
+            return
+        row = {
+            "lsn": ceiling.lsn,
+            "end_offset": ceiling.end_offset,
+            "commit_ms": ceiling.commit_ms,
+            "generation": self.lease.held.generation,
+        }
+        token = f"bound|{ceiling.lsn}|{self.lease.held.generation}"
+        self.ch.execute(insert_statement(self.bounds_table, list(row), [row], token))
+        self._bound = ceiling.lsn
+
     def pending(self) -> list[StageRange]:
+        return self._pending(self._at)[0]
+
+    def _pending(
+        self, positions: dict[tuple[str, int], PartitionCheckpoint]
+    ) -> tuple[list[StageRange], bool]:
         """The ranges to recompute, oldest requests first: the replicas' done offsets beyond the
-        stage's position (a range of `MAX_RANGE_OFFSETS` at most per partition), then the
-        requested recomputes not done."""
-        ranges = []
+        stage's `positions` (a range of `MAX_RANGE_OFFSETS` at most per partition), then the
+        requested recomputes not done; and whether no range was cut short."""
+        ranges, whole = [], True
         for (topic, partition), checkpoint in sorted(self.replicas.load().items()):
             table = self.table_of(topic)
             if table is None:
                 continue
             applied = checkpoint.first - 1 if checkpoint.state == INTENT else checkpoint.last
-            at = self._at.get((topic, partition))
+            at = positions.get((topic, partition))
             start = 0 if at is None else at.last + 1
             if applied >= start:
                 last = min(applied, start + MAX_RANGE_OFFSETS - 1)
+                whole = whole and last == applied
                 ranges.append(StageRange(BatchRange(topic, partition, start, last), table, STAGE))
         for row in self._raw.rows(f"SELECT * FROM {self.work_table} FINAL ORDER BY requested_at"):
             name = f"{WORK_PREFIX}{row['id']}"
-            done = self._at.get((name, int(row["partition"])))
+            done = positions.get((name, int(row["partition"])))
             table = self.table_of(row["topic"])
             if table is None or (done is not None and done.state == DONE):
                 continue
             batch = BatchRange(name, int(row["partition"]), int(row["first"]), int(row["last"]))
             ranges.append(StageRange(batch, table, name))
-        return ranges
+        return ranges, whole
 
     def _range_of(self, key: tuple[str, int], checkpoint: PartitionCheckpoint) -> StageRange | None:
         topic, partition = key
@@ -322,10 +374,15 @@ class ReadModelStage:
         return moving
 
     def caught_up(self) -> bool:
-        """Whether the read models have recomputed everything the replicas applied, and no
-        version is building (read from ClickHouse: true whoever holds the lease)."""
-        self._at = self.positions.load()
-        if self.pending():
+        """Whether the read models have recomputed everything the replicas applied, their
+        ceiling is where the replicas stand, and no version is building (read from ClickHouse:
+        true whoever holds the lease; call where the stage does not run)."""
+        followed = self.followed()
+        ranges, _ = self._pending(self.positions.load())
+        if ranges:
+            return False
+        ceiling = read_ceiling(self._raw, self._control)
+        if followed.lsn > (-1 if ceiling is None else ceiling.lsn):
             return False
         return not any(v["state"] == BUILDING for v in self.maintainer.family_versions.versions())
 
@@ -340,6 +397,9 @@ def stage_for(
         table = topic[len(head) :]
         return table if topic.startswith(head) and table and "." not in table else None
 
+    ledger = TransactionLedger(ch, config.control_database, PROJECTION)
+    sources = {s for model in load_read_models(config.read_models_file) for s in model.sources}
+    tables = [f"{config.read_model_schema}.{source}" for source in sorted(sources)]
     return ReadModelStage(
         ch,
         partial(maintainer_of, config),
@@ -348,7 +408,27 @@ def stage_for(
         member,
         config.maintain_read_models,
         table_of,
+        ceiling_of(ledger, tables),
     )
+
+
+def read_ceiling(ch: ClickHouse, control_database: str) -> Ceiling | None:
+    """The read models' ceiling (`ReadModelStage.end_pass`), None before the first (or when
+    there is no stage table yet)."""
+    exists = ch.rows(
+        f"SELECT count() AS n FROM system.tables WHERE database = {quote(control_database)} "
+        "AND name = 'read_model_stage_bounds'"
+    )
+    if not int(exists[0]["n"]):
+        return None
+    rows = ch.rows(
+        f"SELECT lsn, end_offset, commit_ms FROM {ident(control_database)}"
+        ".read_model_stage_bounds ORDER BY lsn DESC LIMIT 1"
+    )
+    if not rows:
+        return None
+    row = rows[0]
+    return Ceiling(int(row["lsn"]), int(row["end_offset"]), int(row["commit_ms"]))
 
 
 def create_work_table(ch: ClickHouse, control_database: str) -> None:

@@ -17,6 +17,7 @@ from projector.commit.transactions import Watermark
 from projector.config import ProjectorConfig
 from projector.metrics import ProjectorMetrics
 from projector.read_models.definitions import ReadModel
+from projector.read_models.stage import read_ceiling
 from projector.run.duties import Chore
 
 log = logging.getLogger("projector")
@@ -96,7 +97,8 @@ def lag_reporter(
 
 class WatermarkReport:
     """Each read model's watermark into the metrics; the next search starts where the last one
-    found it."""
+    found it. A materialized read model's is capped where its stage has followed its sources
+    (projector/read_models/stage.py)."""
 
     def __init__(
         self,
@@ -117,6 +119,11 @@ class WatermarkReport:
         """One that fails does not keep the others from being reported (the first failure is
         raised once they are done)."""
         failure: Exception | None = None
+        ceiling = None
+        if self.config.maintain_read_models:
+            ceiling = read_ceiling(self.ledger.ch, self.config.control_database)
+            if ceiling is None:
+                return  # nothing reflected yet
         for model in self.read_models:
             collections = [f"{self.config.read_model_schema}.{s}" for s in model.sources]
             try:
@@ -126,6 +133,10 @@ class WatermarkReport:
                 continue
             if mark is not None:
                 self.found[model.name] = mark
+                if ceiling is not None and mark.lsn > ceiling.lsn:
+                    end = self.ledger.newest_end(-1, ceiling.end_offset + 1, collections)
+                    mark = None if end is None else end.watermark()
+            if mark is not None:
                 self.metrics.watermark_lsn.labels(model.name).set(mark.lsn)
         if failure is not None:
             raise failure

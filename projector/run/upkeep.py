@@ -204,13 +204,14 @@ class StageRunner:
         stage = self.stage
         if not stage.hold():
             return False
-        pending = stage.pending()
+        pending, ceiling = stage.start_pass()
         for work in pending:
             if self._stopping or not stage.hold():
                 return False
             started = time.monotonic()
             stage.step(work)
             self.observe(work.table, time.monotonic() - started)
+        stage.end_pass(ceiling)
         if self._rounds < self._rounds_wanted or self.upkeep.due(time.monotonic()):
             self.upkeep.run()
             self._rounds += 1
