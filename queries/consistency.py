@@ -61,14 +61,14 @@ class ReadPositions:
         self,
         ledger: TransactionLedger,
         sources: dict[str, list[str]],
-        ceiling: Callable[[], Ceiling | None] | None = None,
+        ceilings: Callable[[], dict[str, Ceiling]] | None = None,
         max_age_s: float = 0.1,
         poll_s: float = 0.05,
     ) -> None:
-        """`sources`: per read model, its source tables as `schema.table`; `ceiling`: how far
-        the read models' stage has followed them (None: the read models are not materialized,
-        they stand where their sources stand)."""
-        self.ledger, self.sources, self.ceiling = ledger, sources, ceiling
+        """`sources`: per read model, its source tables as `schema.table`; `ceilings`: per read
+        model, how far the read models' stage has followed them (None: the read models are not
+        materialized, they stand where their sources stand)."""
+        self.ledger, self.sources, self.ceilings = ledger, sources, ceilings
         self.tracker = ConsistencyTracker(ledger, sources)
         self.positions: dict[str, Consistency] = dict(self.tracker.current)
         self.max_age_s = max_age_s
@@ -88,10 +88,12 @@ class ReadPositions:
     def _refresh(self) -> None:
         try:
             positions = dict(self.tracker.refresh())
-            if self.ceiling is not None:
-                ceiling = self.ceiling()
+            if self.ceilings is not None:
+                ceilings = self.ceilings()
                 for name, tables in self.sources.items():
-                    positions[name] = capped(positions[name], ceiling, self.ledger, tables)
+                    positions[name] = capped(
+                        positions[name], ceilings.get(name), self.ledger, tables
+                    )
             self.positions = positions
         except Exception as exc:  # no ledger yet, ClickHouse away: positions stay as they were
             if self._trouble is None:

@@ -21,7 +21,7 @@ from projector.config import ProjectorConfig, client_environment
 from projector.errors import ConfigError
 from projector.operations.status import read_model_sources
 from projector.read_models.definitions import load_read_models
-from projector.read_models.stage import read_ceiling
+from projector.read_models.stage import read_ceilings
 from queries.adhoc import SqlLimits
 from queries.api import create_app
 from queries.cache import ResultCache
@@ -62,7 +62,7 @@ def build_service(config: ProjectorConfig, ch: ParameterisedClickHouse) -> Query
             ledger,
             sources,
             # a read model stands where its stage has followed its sources
-            partial(read_ceiling, ch, config.control_database)
+            partial(read_ceilings, ch, config.control_database)
             if config.maintain_read_models
             else None,
         ),

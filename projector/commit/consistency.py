@@ -106,14 +106,20 @@ def capped(
     return Consistency(ceiling.lsn, ceiling.commit_ms, watermark, "the read models' stage")
 
 
-def ceiling_of(ledger: TransactionLedger, tables: Sequence[str]) -> Callable[[], Ceiling]:
-    """Where `tables` stand for readers, as a ceiling (what the read models' stage reaches once
-    it has recomputed every range the replicas applied by now)."""
-    tracker = ConsistencyTracker(ledger, {"tables": list(tables)})
+def ceiling_of(
+    ledger: TransactionLedger, groups: Mapping[str, Sequence[str]]
+) -> Callable[[], dict[str, Ceiling]]:
+    """Where each group of tables stands for readers, as a ceiling (what the read models'
+    stage reaches once it has recomputed every range the replicas applied by now)."""
+    tracker = ConsistencyTracker(ledger, groups)
 
-    def current() -> Ceiling:
-        position = tracker.refresh()["tables"]
-        end = ledger.end_at_or_before(position.lsn) if position.lsn else None
-        return Ceiling(position.lsn, -1 if end is None else end.offset, position.commit_ms)
+    def current() -> dict[str, Ceiling]:
+        ceilings, ends = {}, {0: -1}  # the END of an LSN, looked up once
+        for name, position in tracker.refresh().items():
+            if position.lsn not in ends:
+                end = ledger.end_at_or_before(position.lsn)
+                ends[position.lsn] = -1 if end is None else end.offset
+            ceilings[name] = Ceiling(position.lsn, ends[position.lsn], position.commit_ms)
+        return ceilings
 
     return current

@@ -37,7 +37,7 @@ from projector.config import ProjectorConfig, client_environment, open_backend
 from projector.errors import ProjectorError
 from projector.operations.pauses import TablePauses
 from projector.read_models.definitions import load_read_models
-from projector.read_models.stage import read_ceiling
+from projector.read_models.stage import read_ceilings
 from projector.redaction import redact_values
 from projector.replicas.topic_guard import TopicGuard
 
@@ -83,9 +83,9 @@ def collect_status(
     tracker = ConsistencyTracker(ledger, {**sources, **{t: [t] for t in tables}})
     marks = tracker.refresh()
     if config.maintain_read_models:  # a read model stands where its stage has followed its sources
-        ceiling = read_ceiling(ch, config.control_database)
+        ceilings = read_ceilings(ch, config.control_database)
         for name, collections in sources.items():
-            marks[name] = capped(marks[name], ceiling, ledger, collections)
+            marks[name] = capped(marks[name], ceilings.get(name), ledger, collections)
     now_ms = time.time() * 1000
     watermarks = {
         name: None

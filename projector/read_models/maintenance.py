@@ -120,13 +120,22 @@ class ReadModelMaintainer:
         # Per source table, the replica rows beyond the stage's position (a condition): keys
         # they touch are not verified yet (the stage recomputes them next). None: no stage.
         self.moving: Callable[[], dict[str, str]] = dict
+        self._memory: set[tuple[str, int]] = set()  # (version, generation): scratch created
 
     # ---- per range ---------------------------------------------------------------------------
 
-    def apply_range(self, batch: BatchRange, table: str, projection: str, generation: int) -> None:
+    def apply_range(
+        self,
+        batch: BatchRange,
+        table: str,
+        projection: str,
+        generation: int,
+        replay: bool = False,
+    ) -> None:
         """Steps 1-4 above for the rows of source table `table` whose replica offsets are in
         `batch` (a range the stage recomputes: projector/read_models/stage.py), under tokens of
-        `projection`; its scratch rows go to the partition of lease `generation`."""
+        `projection`, with the scratch of lease `generation`; `replay`: the range was started
+        before (a crash, a hand-over) and is done again exactly."""
         changed = (
             f"SELECT * FROM {ident(self.replica_database)}.{ident(table)} "
             f"WHERE _partition = {batch.partition} AND _offset BETWEEN {batch.first} AND {batch.last}"
@@ -137,7 +146,9 @@ class ReadModelMaintainer:
                 if version.state not in MAINTAINED or table not in entity.affects:
                     continue
                 keys = entity.affected_keys(table, self.replica_database, changed)  # 1.
-                recompute = partial(self._recompute, version, keys, batch, projection, generation)
+                recompute = partial(
+                    self._recompute, version, keys, batch, projection, generation, replay
+                )
                 self._guarded(version, recompute)
 
     def sources(self) -> set[str]:
@@ -169,54 +180,57 @@ class ReadModelMaintainer:
         batch: BatchRange,
         projection: str,
         generation: int,
+        replay: bool = False,
     ) -> None:
-        """Steps 1-4 for the keys `keys` selects, under the tokens of `batch`. Steps 1 and 2 go
-        to scratch tables under their tokens (version_tables.py `SCRATCH`): a replay reads
-        what the first attempt staged, so its deltas and rows are the ones that may have
-        landed, whatever the replicas did since."""
+        """Steps 1-4 for the keys `keys` selects, under the tokens of `batch`; its scratch is
+        lease generation `generation`'s (version_tables.py `SCRATCH`). Every token-ed insert
+        reads a one-block Memory table, so a replay's is dropped when the first landed; and
+        the entity stage is kept under the range's token, so a replay (`replay`) recomputes
+        nothing: it works from the rows the first attempt's deltas were made from."""
         entity = version.family.entity
         columns = ", ".join(ident(c) for c in version.columns)
         by = ident(entity.by)
-        tag = batch.token(projection, "scratch")
-
-        def scratch(table: str, columns: str) -> str:  # this range's rows into a scratch table
-            return (
-                f"INSERT INTO {table} ({columns}, _range, _generation) SETTINGS "
-                f"insert_deduplication_token = {quote(batch.token(projection, table))}, {ONE_BLOCK} "
-            )
-
-        tagged = f"{quote(tag)} AS _range, {int(generation)} AS _generation"
+        if (version.version, generation) not in self._memory:
+            self.family_versions.tables.create_memory(version, generation)
+            self._memory.add((version.version, generation))
+        keys_memory, stage = version.key_stage(generation), version.stage_memory(generation)
+        self.ch.execute(f"TRUNCATE TABLE {keys_memory}")
         self.ch.execute(
-            f"{scratch(version.key_stage, by)} SELECT DISTINCT *, {tagged} FROM ({keys})"
+            f"INSERT INTO {keys_memory} SETTINGS {ONE_BLOCK} SELECT DISTINCT * FROM ({keys})"
         )
-        staged_keys = f"SELECT {by} FROM {version.of_range(version.key_stage, tag)}"
-        # 2. the stored rows (-1) and their new state (+1)
+        staged_keys = f"SELECT {by} FROM {keys_memory}"
+        # 2. the stored rows (-1) and their new state (+1), kept under the range's token
         new_version = self._next_version()
+        staged = f"{columns}, _version, _sign"
+        self.ch.execute(f"TRUNCATE TABLE {stage}")
         self.ch.execute(
-            f"{scratch(version.stage, f'{columns}, _version, _sign')} SELECT {columns}, _version, -1, {tagged} "
-            f"FROM {version.entity_table} FINAL WHERE {by} IN ({staged_keys}) UNION ALL "
-            f"SELECT {columns}, {new_version}, 1, {tagged} "
-            f"FROM ({entity.select(self.replica_database, staged_keys)}) "
-            "SETTINGS join_use_nulls = 1"
+            f"INSERT INTO {stage} ({staged}) SETTINGS {ONE_BLOCK}, join_use_nulls = 1 "
+            f"SELECT {columns}, _version, -1 FROM {version.entity_table} FINAL "
+            f"WHERE {by} IN ({staged_keys}) UNION ALL SELECT {columns}, {new_version}, 1 "
+            f"FROM ({entity.select(self.replica_database, staged_keys)})"
         )
-        stage = version.of_range(version.stage, tag)
+        tag = batch.token(projection, "scratch")
+        self.ch.execute(
+            f"INSERT INTO {version.stage} ({staged}, _range, _generation) SETTINGS "
+            f"insert_deduplication_token = {quote(batch.token(projection, version.stage))}, "
+            f"{ONE_BLOCK} SELECT {staged}, {quote(tag)}, {int(generation)} FROM {stage}"
+        )
+        if replay:  # the stage that landed first is the one its deltas were made from
+            self.ch.execute(f"TRUNCATE TABLE {stage}")
+            self.ch.execute(
+                f"INSERT INTO {stage} ({staged}) SETTINGS {ONE_BLOCK} SELECT {staged} "
+                f"FROM {version.stage} WHERE _range = {quote(tag)} AND _generation = {int(generation)}"
+            )
         # 3. each aggregate's deltas, one block under its token; first its indexes (3a, 3b)
         for aggregate in version.family.aggregates:
             target = version.table(aggregate.name)
             indexes = version.family.indexes_of(aggregate.name)
             if indexes:
-                aggregate_stage = version.aggregate_stage(aggregate.name)
-                served = ", ".join(ident(c) for c in version.served_columns(aggregate.name))
-                insert = scratch(aggregate_stage, f"{served}, _sign")
-                self._stage_aggregate(version, aggregate, stage, insert, tagged)
+                aggregate_stage = version.aggregate_stage(aggregate.name, generation)
+                self._stage_aggregate(version, aggregate, stage, aggregate_stage)
                 for index in indexes:
                     self._write_index(
-                        version,
-                        index,
-                        version.of_range(aggregate_stage, tag),
-                        new_version,
-                        batch,
-                        projection,
+                        version, index, aggregate_stage, new_version, batch, projection
                     )
             self.ch.execute(
                 f"INSERT INTO {target} SETTINGS insert_deduplication_token = "
@@ -237,16 +251,11 @@ class ReadModelMaintainer:
         )
 
     def _stage_aggregate(
-        self,
-        version: FamilyVersion,
-        aggregate: AggregateModel,
-        stage: str,
-        insert: str,
-        tagged: str,
+        self, version: FamilyVersion, aggregate: AggregateModel, stage: str, target: str
     ) -> None:
         """3a. The served rows of the groups this recompute's deltas touch, before (-1) and
-        after (+1) the deltas, into the aggregate's scratch (`insert`, under its token); read
-        before the deltas are inserted, and a replay reads the rows the first attempt staged."""
+        after (+1) the deltas, in one block; read before the deltas are inserted (so a replay
+        whose index writes did not land reads the same)."""
         table = version.table(aggregate.name)
         deltas = aggregate.deltas(stage)
         stored = ", ".join(ident(c.stored) for c in aggregate.columns if c.kind != "derived")
@@ -255,9 +264,10 @@ class ReadModelMaintainer:
         before = aggregate.served(f"({touched})")
         after = aggregate.served(f"({touched} UNION ALL SELECT {stored} FROM ({deltas}))")
         columns = ", ".join(ident(c) for c in version.served_columns(aggregate.name))
+        self.ch.execute(f"TRUNCATE TABLE {target}")
         self.ch.execute(
-            f"{insert} SELECT {columns}, -1, {tagged} FROM ({before}) "
-            f"UNION ALL SELECT {columns}, 1, {tagged} FROM ({after})"
+            f"INSERT INTO {target} ({columns}, _sign) SETTINGS {ONE_BLOCK} "
+            f"SELECT {columns}, -1 FROM ({before}) UNION ALL SELECT {columns}, 1 FROM ({after})"
         )
 
     def _write_index(
@@ -310,22 +320,21 @@ class ReadModelMaintainer:
         return lines
 
     def drop_scratch(self, generations: Callable[[int], bool]) -> None:
-        """Empty the scratch partitions of the generations `generations` picks (version_tables.py
-        `SCRATCH`): call between ranges, never with a range open."""
+        """Empty the durable stage's partitions, and drop the Memory scratch, of the lease
+        generations `generations` picks (version_tables.py `SCRATCH`): call between ranges,
+        never with one open."""
         for versions in self.active.values():
             for version in versions:
-                tables = [version.key_stage, version.stage]
-                tables += [version.aggregate_stage(a.name) for a in version.family.aggregates]
-                for table in tables:
-                    database, name = (part.strip("`") for part in table.split(".", 1))
-                    for row in self.ch.rows(
-                        f"SELECT DISTINCT partition FROM system.parts WHERE active "
-                        f"AND database = {quote(database)} AND table = {quote(name)}"
-                    ):
-                        if generations(int(row["partition"])):
-                            self.ch.execute(
-                                f"ALTER TABLE {table} DROP PARTITION {int(row['partition'])}"
-                            )
+                database, name = (part.strip("`") for part in version.stage.split(".", 1))
+                for row in self.ch.rows(
+                    f"SELECT DISTINCT partition FROM system.parts WHERE active "
+                    f"AND database = {quote(database)} AND table = {quote(name)}"
+                ):
+                    if generations(int(row["partition"])):
+                        partition = int(row["partition"])
+                        self.ch.execute(f"ALTER TABLE {version.stage} DROP PARTITION {partition}")
+        self.family_versions.tables.drop_memory(generations)
+        self._memory = {(v, g) for v, g in self._memory if not generations(g)}
 
     # ---- building a new version --------------------------------------------------------------
 
@@ -350,7 +359,7 @@ class ReadModelMaintainer:
         checkpoint = self.backfills.load([(version.topic, 0)]).get((version.topic, 0))
         # Its records never rank below the last one (a command in its own process has no lease).
         recorded = max(self.generation, 0 if checkpoint is None else checkpoint.generation)
-        generation = self.generation
+        generation = recorded  # the scratch partition: a replay finds it by the intent's
         if checkpoint is None:
             chunk = 0
         elif checkpoint.state == INTENT:  # replayed exactly: its scratch rows are that generation's
@@ -359,9 +368,11 @@ class ReadModelMaintainer:
             chunk = checkpoint.last + 1
         if chunk < version.chunks:
             batch = BatchRange(version.topic, 0, chunk, chunk)
-            self.backfills.record(batch, INTENT, recorded)
+            if checkpoint is None or checkpoint.state != INTENT:  # a replay's stays as it is
+                self.backfills.record(batch, INTENT, recorded)
             keys = version.chunk_keys(version.family.entity.all_keys(self.replica_database), chunk)
-            recompute = partial(self._recompute, version, keys, batch, BACKFILL, generation)
+            replay = checkpoint is not None and checkpoint.state == INTENT
+            recompute = partial(self._recompute, version, keys, batch, BACKFILL, generation, replay)
             self._guarded(version, recompute)
             if version.state == FAILED:
                 return f"{version.family.name}: backfill failed"

@@ -203,12 +203,12 @@ class ReadModelStage:
         member: str,
         may_hold: bool,
         table_of: Callable[[str], str | None],
-        followed: Callable[[], Ceiling] = lambda: Ceiling(0, -1, 0),
+        followed: Callable[[], dict[str, Ceiling]] = dict,
     ) -> None:
         """`maintainer_for`: the maintainer, given the ClickHouse to write with (the stage's
         fenced one); `replicas`: the replica tables' checkpoints; `table_of`: the source table
-        of a topic the read models read, or None; `followed`: where the replicas of the source
-        tables stand for readers (the transaction ledger's consistency LSN over all of them)."""
+        of a topic the read models read, or None; `followed`: where each read model's source
+        tables stand for readers (the transaction ledger's consistency over them)."""
         self.lease = ReadModelLease(ch, control_database, member, may_hold)
         self.ch = FencedClickHouse(ch, self.lease.check)
         self.maintainer = maintainer_for(self.ch)
@@ -218,7 +218,7 @@ class ReadModelStage:
         self.work_table = f"{ident(control_database)}.read_model_stage_work"
         self.bounds_table = f"{ident(control_database)}.read_model_stage_bounds"
         self.followed = followed
-        self._bound = -1  # the LSN of the last ceiling recorded
+        self._bounds: dict[str, int] = {}  # per read model, the LSN of its last ceiling recorded
         self._raw = ch
         self._control = control_database
         self._at: dict[tuple[str, int], PartitionCheckpoint] = {}
@@ -230,10 +230,16 @@ class ReadModelStage:
         self._raw.execute(
             self._raw.topology.create_table(
                 self.bounds_table,
-                ["lsn UInt64", "end_offset Int64", "commit_ms Int64", "generation UInt64"],
+                [
+                    "model String",
+                    "lsn UInt64",
+                    "end_offset Int64",
+                    "commit_ms Int64",
+                    "generation UInt64",
+                ],
                 "ReplacingMergeTree",
                 "lsn",
-                "tuple()",
+                "model",
                 deduplicate=False,
             )
         )
@@ -265,8 +271,7 @@ class ReadModelStage:
         for line in self.maintainer.finish_open_backfill():
             log.info("read models: %s", line)
         self.maintainer.drop_scratch(lambda g: g < generation)
-        ceiling = read_ceiling(self._raw, self._control)
-        self._bound = -1 if ceiling is None else ceiling.lsn
+        self._bounds = {m: c.lsn for m, c in read_ceilings(self._raw, self._control).items()}
 
     def lost(self) -> None:
         """A write was refused: another process holds the lease now."""
@@ -275,30 +280,38 @@ class ReadModelStage:
 
     # ---- the position -------------------------------------------------------------------------
 
-    def start_pass(self) -> tuple[list[StageRange], Ceiling | None]:
-        """The ranges to recompute now (`pending`) and the ceiling the read models reach once
-        they are done (`end_pass`): where the replicas stood for readers *before* the ranges
-        were read (every transaction up to it was applied, so its rows are in the ranges or
-        before them); None when a range was cut short (a backlog: the ceiling waits for the
-        pass that reaches the replicas)."""
-        ceiling = self.followed()
+    def start_pass(self) -> tuple[list[StageRange], dict[str, Ceiling]]:
+        """The ranges to recompute now (`pending`) and, per read model, the ceiling it reaches
+        once they are done (`end_pass`): where its source tables stood for readers *before*
+        the ranges were read (every transaction up to it was applied, so its rows are in the
+        ranges or before them); none when a range was cut short (a backlog: the ceilings wait
+        for the pass that reaches the replicas)."""
+        ceilings = self.followed()
         ranges, whole = self._pending(self._at)
-        return ranges, ceiling if whole else None
+        return ranges, ceilings if whole else {}
 
-    def end_pass(self, ceiling: Ceiling | None) -> None:
-        """Every range of the pass is done: record its ceiling (readers' position of the read
-        models, projector/commit/consistency.py `capped`)."""
-        if ceiling is None or ceiling.lsn <= self._bound or self.lease.held is None:
+    def end_pass(self, ceilings: dict[str, Ceiling]) -> None:
+        """Every range of the pass is done: record the ceilings that moved (readers' positions
+        of the read models, projector/commit/consistency.py `capped`)."""
+        if self.lease.held is None:
             return
-        row = {
-            "lsn": ceiling.lsn,
-            "end_offset": ceiling.end_offset,
-            "commit_ms": ceiling.commit_ms,
-            "generation": self.lease.held.generation,
-        }
-        token = f"bound|{ceiling.lsn}|{self.lease.held.generation}"
-        self.ch.execute(insert_statement(self.bounds_table, list(row), [row], token))
-        self._bound = ceiling.lsn
+        generation = self.lease.held.generation
+        moved = {m: c for m, c in ceilings.items() if c.lsn > self._bounds.get(m, -1)}
+        rows: list[dict[str, object]] = [
+            {
+                "model": model,
+                "lsn": ceiling.lsn,
+                "end_offset": ceiling.end_offset,
+                "commit_ms": ceiling.commit_ms,
+                "generation": generation,
+            }
+            for model, ceiling in sorted(moved.items())
+        ]
+        if not rows:
+            return
+        token = f"bound|{generation}|{time.time_ns()}"  # (not deduplicated: every row lands)
+        self.ch.execute(insert_statement(self.bounds_table, list(rows[0]), rows, token))
+        self._bounds.update({m: c.lsn for m, c in moved.items()})
 
     def pending(self) -> list[StageRange]:
         return self._pending(self._at)[0]
@@ -351,9 +364,11 @@ class ReadModelStage:
         held = self.lease.held.generation
         if self._steps and self._steps % CLEAN_EVERY == 0:  # between ranges, none open
             self.maintainer.drop_scratch(lambda g: g == held)
-        self.positions.record(work.batch, INTENT, held)  # 1.
+        if generation is None:  # 1. (a replay's intent stays as recorded: its generation
+            self.positions.record(work.batch, INTENT, held)  # names the scratch it reads)
         scratch = held if generation is None else generation
-        self.maintainer.apply_range(work.batch, work.table, work.tokens, scratch)  # 2.
+        replay = generation is not None
+        self.maintainer.apply_range(work.batch, work.table, work.tokens, scratch, replay)  # 2.
         self.positions.record(work.batch, DONE, held)  # 3.
         key = (work.batch.topic, work.batch.partition)
         self._at[key] = PartitionCheckpoint(DONE, work.batch.first, work.batch.last, held)
@@ -378,11 +393,14 @@ class ReadModelStage:
         ceiling is where the replicas stand, and no version is building (read from ClickHouse:
         true whoever holds the lease; call where the stage does not run)."""
         followed = self.followed()
-        ranges, _ = self._pending(self.positions.load())
+        at = self.positions.load()
+        if any(p.state == INTENT for p in at.values()):
+            return False  # a range in progress
+        ranges, _ = self._pending(at)
         if ranges:
             return False
-        ceiling = read_ceiling(self._raw, self._control)
-        if followed.lsn > (-1 if ceiling is None else ceiling.lsn):
+        recorded = read_ceilings(self._raw, self._control)
+        if any(c.lsn > recorded[m].lsn if m in recorded else True for m, c in followed.items()):
             return False
         return not any(v["state"] == BUILDING for v in self.maintainer.family_versions.versions())
 
@@ -398,8 +416,10 @@ def stage_for(
         return table if topic.startswith(head) and table and "." not in table else None
 
     ledger = TransactionLedger(ch, config.control_database, PROJECTION)
-    sources = {s for model in load_read_models(config.read_models_file) for s in model.sources}
-    tables = [f"{config.read_model_schema}.{source}" for source in sorted(sources)]
+    sources = {
+        model.name: [f"{config.read_model_schema}.{source}" for source in model.sources]
+        for model in load_read_models(config.read_models_file)
+    }
     return ReadModelStage(
         ch,
         partial(maintainer_of, config),
@@ -408,27 +428,27 @@ def stage_for(
         member,
         config.maintain_read_models,
         table_of,
-        ceiling_of(ledger, tables),
+        ceiling_of(ledger, sources),
     )
 
 
-def read_ceiling(ch: ClickHouse, control_database: str) -> Ceiling | None:
-    """The read models' ceiling (`ReadModelStage.end_pass`), None before the first (or when
+def read_ceilings(ch: ClickHouse, control_database: str) -> dict[str, Ceiling]:
+    """Each read model's ceiling (`ReadModelStage.end_pass`); none before the first (or while
     there is no stage table yet)."""
     exists = ch.rows(
         f"SELECT count() AS n FROM system.tables WHERE database = {quote(control_database)} "
         "AND name = 'read_model_stage_bounds'"
     )
     if not int(exists[0]["n"]):
-        return None
+        return {}
     rows = ch.rows(
-        f"SELECT lsn, end_offset, commit_ms FROM {ident(control_database)}"
-        ".read_model_stage_bounds ORDER BY lsn DESC LIMIT 1"
+        f"SELECT model, max(b.lsn) AS top, argMax(b.end_offset, b.lsn) AS end_offset, "
+        f"argMax(b.commit_ms, b.lsn) AS commit_ms FROM {ident(control_database)}"
+        ".read_model_stage_bounds AS b GROUP BY model"
     )
-    if not rows:
-        return None
-    row = rows[0]
-    return Ceiling(int(row["lsn"]), int(row["end_offset"]), int(row["commit_ms"]))
+    return {
+        r["model"]: Ceiling(int(r["top"]), int(r["end_offset"]), int(r["commit_ms"])) for r in rows
+    }
 
 
 def create_work_table(ch: ClickHouse, control_database: str) -> None:

@@ -9,6 +9,8 @@ is created, serves or is dropped, projector/read_models/versions.py's.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from projector.clickhouse import ClickHouse, ident, quote
@@ -16,14 +18,17 @@ from projector.read_models.definitions import AggregateModel, Family, IndexModel
 
 REBUILD, NO_SWAP = "rebuild", "no-swap"  # a version's options
 
-# The scratch tables of a recompute (its keys, its entity stage, an aggregate's stage): every
-# row tagged with the recompute's range (`_range`, its deduplication token) and written in one
-# block under that token, so a recompute replayed after a crash (by this process or the next
-# holder of the lease: projector/read_models/stage.py) reads the very rows the first attempt
-# wrote, whatever the replicas did since. Partitioned by the lease generation the range was
-# started under: a holder drops only its own generation's rows (between ranges) and older
-# generations' (once it has replayed their open range), so a stale holder's last statement can
-# never empty a table under the new holder's feet.
+# A recompute's scratch (maintenance.py): Memory tables of the process that holds the lease
+# (named by its lease generation, so a stale holder's last statement never touches the new
+# holder's), each filled in one block: ClickHouse deduplicates a token-ed INSERT ... SELECT by
+# the blocks it reads, so a target insert replayed from a one-block Memory table is dropped
+# whatever else changed, while one that reads MergeTree parts may not be. And one durable
+# table, the entity stage (`stage`): each recompute's stored (-1) and recomputed (+1) entity
+# rows, tagged with its range and inserted under the range's token, so a replay — by this
+# process or the next holder — works from the rows the first attempt's deltas were made from,
+# whatever the replicas did since. Partitioned by the lease generation the range was started
+# under, so a holder empties its own generation's rows between ranges and older generations'
+# once it has replayed their open range.
 SCRATCH = ["_range String", "_generation UInt64"]
 
 
@@ -55,18 +60,16 @@ class FamilyVersion:
 
     @property
     def stage(self) -> str:
-        """The entity rows of each recompute: stored (-1) and recomputed (+1), tagged with the
-        recompute's range (`SCRATCH`)."""
+        """The durable entity stage: each recompute's entity rows, tagged (`SCRATCH`)."""
         return self.table(f"{self.family.entity.name}__staged")
 
-    def aggregate_stage(self, aggregate: str) -> str:
-        """An aggregate's served rows before and after one recompute's deltas (step 3a)."""
-        return self.table(f"{aggregate}__staged")
+    def stage_memory(self, generation: int) -> str:
+        """One recompute's entity stage, in one block (`SCRATCH`)."""
+        return self.table(f"{self.family.entity.name}__stage_g{generation}")
 
-    @staticmethod
-    def of_range(scratch: str, tag: str) -> str:
-        """One recompute's rows of a scratch table (`SCRATCH`), as a table expression."""
-        return f"(SELECT * FROM {scratch} WHERE _range = {quote(tag)})"
+    def aggregate_stage(self, aggregate: str, generation: int) -> str:
+        """An aggregate's served rows before and after one recompute's deltas (step 3a)."""
+        return self.table(f"{aggregate}__stage_g{generation}")
 
     def served_columns(self, model: str) -> list[str]:
         """The columns readers see of one of the family's models (an index's are its model's)."""
@@ -76,10 +79,9 @@ class FamilyVersion:
         aggregate = next(a for a in family.aggregates if a.name == model)
         return [c.name for c in aggregate.columns]
 
-    @property
-    def key_stage(self) -> str:
-        """The keys of each recompute, computed once (its definition reads them several times)."""
-        return self.table(f"{self.family.entity.name}__affected")
+    def key_stage(self, generation: int) -> str:
+        """The keys of one recompute, computed once (its definition reads them several times)."""
+        return self.table(f"{self.family.entity.name}__keys_g{generation}")
 
     @property
     def topic(self) -> str:
@@ -175,7 +177,6 @@ class VersionTables:
         else:
             aggregate = next(a for a in version.family.aggregates if a.name == index.of)
             columns = self._describe(aggregate.served(version.table(aggregate.name)))
-            self._create_aggregate_stage(version, index.of, columns)
         self.ch.execute(
             self.ch.topology.create_table(
                 version.table(index.name),
@@ -187,14 +188,8 @@ class VersionTables:
             )
         )
 
-    def _create_aggregate_stage(
-        self, version: FamilyVersion, aggregate: str, columns: list[tuple[str, str]]
-    ) -> None:
-        spec = [*(f"{ident(n)} {t}" for n, t in columns), "_sign Int8"]
-        self._create_scratch(version.aggregate_stage(aggregate), spec)
-
     def _create_scratch(self, qualified: str, columns: list[str]) -> None:
-        """A scratch table (`SCRATCH`): on a cluster replicated like every table, so whichever
+        """The durable stage (`SCRATCH`): on a cluster replicated like every table, so whichever
         replica the next statement lands on reads what the last one wrote."""
         self.ch.execute(
             self.ch.topology.create_table(
@@ -207,31 +202,58 @@ class VersionTables:
             )
         )
 
+    def create_memory(self, version: FamilyVersion, generation: int) -> None:
+        """The Memory scratch of the lease generation `generation` (`SCRATCH`): local to the
+        server this process talks to, like the process itself."""
+        family = version.family
+        by = family.entity.by
+        types = {r["name"]: r["type"] for r in self._columns(version.entity_table)}
+        memory = "ENGINE = Memory"
+        self.ch.execute(
+            f"CREATE TABLE IF NOT EXISTS {version.key_stage(generation)} "
+            f"({ident(by)} {types[by]}) {memory}"
+        )
+        stage = [f"{ident(n)} {t}" for n, t in types.items() if n != "_is_deleted"]
+        self.ch.execute(
+            f"CREATE TABLE IF NOT EXISTS {version.stage_memory(generation)} "
+            f"({', '.join([*stage, '_sign Int8'])}) {memory}"
+        )
+        for aggregate in family.aggregates:
+            if family.indexes_of(aggregate.name):
+                served = self._describe(aggregate.served(version.table(aggregate.name)))
+                spec = [*(f"{ident(n)} {t}" for n, t in served), "_sign Int8"]
+                self.ch.execute(
+                    f"CREATE TABLE IF NOT EXISTS {version.aggregate_stage(aggregate.name, generation)} "
+                    f"({', '.join(spec)}) {memory}"
+                )
+
+    def drop_memory(self, generations: Callable[[int], bool]) -> None:
+        """Drop the Memory scratch of the generations `generations` picks, of every version."""
+        for row in self.ch.rows(
+            f"SELECT name FROM system.tables WHERE database = {quote(self.database)} "
+            "AND engine = 'Memory' AND match(name, '__(keys|stage)_g[0-9]+__')"
+        ):
+            found = re.search(r"__(?:keys|stage)_g([0-9]+)__", row["name"])
+            if found and generations(int(found.group(1))):
+                self.ch.execute(f"DROP TABLE IF EXISTS {ident(self.database)}.{ident(row['name'])}")
+
+    def _columns(self, qualified: str) -> list[dict[str, str]]:
+        table = qualified.replace("`", "").split(".", 1)[1]
+        return self.ch.rows(
+            f"SELECT name, type FROM system.columns WHERE database = {quote(self.database)} "
+            f"AND table = {quote(table)} ORDER BY position"
+        )
+
     def _describe(self, select: str) -> list[tuple[str, str]]:
         rows = self.ch.rows(f"DESCRIBE ({select}) SETTINGS join_use_nulls = 1")
         return [(r["name"], r["type"]) for r in rows]
 
     def entity_columns(self, version: FamilyVersion) -> list[str]:
-        """The entity table's columns; also makes sure the version's key stage exists."""
-        table = version.entity_table.replace("`", "").split(".", 1)[1]
-        rows = self.ch.rows(
-            f"SELECT name, type FROM system.columns WHERE database = {quote(self.database)} "
-            f"AND table = {quote(table)} ORDER BY position"
-        )
-        types = {r["name"]: r["type"] for r in rows}
-        by = version.family.entity.by
-        if by in types:
-            self._create_scratch(version.key_stage, [f"{ident(by)} {types[by]}"])
-        if types:
-            columns = [f"{ident(n)} {t}" for n, t in types.items() if n != "_is_deleted"]
-            self._create_scratch(version.stage, [*columns, "_sign Int8"])
-        for aggregate in version.family.aggregates:  # and the aggregates' stages (step 3a)
-            if version.family.indexes_of(aggregate.name):
-                self._create_aggregate_stage(
-                    version,
-                    aggregate.name,
-                    self._describe(aggregate.served(version.table(aggregate.name))),
-                )
+        """The entity table's columns; also makes sure the version's durable stage exists."""
+        rows = self._columns(version.entity_table)
+        stage = [f"{ident(r['name'])} {r['type']}" for r in rows if r["name"] != "_is_deleted"]
+        if stage:
+            self._create_scratch(version.stage, [*stage, "_sign Int8"])
         return [r["name"] for r in rows if r["name"] not in ("_version", "_is_deleted")]
 
     def point_views(self, version: FamilyVersion) -> None:

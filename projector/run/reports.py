@@ -17,7 +17,7 @@ from projector.commit.transactions import Watermark
 from projector.config import ProjectorConfig
 from projector.metrics import ProjectorMetrics
 from projector.read_models.definitions import ReadModel
-from projector.read_models.stage import read_ceiling
+from projector.read_models.stage import read_ceilings
 from projector.run.duties import Chore
 
 log = logging.getLogger("projector")
@@ -119,11 +119,9 @@ class WatermarkReport:
         """One that fails does not keep the others from being reported (the first failure is
         raised once they are done)."""
         failure: Exception | None = None
-        ceiling = None
+        ceilings = None
         if self.config.maintain_read_models:
-            ceiling = read_ceiling(self.ledger.ch, self.config.control_database)
-            if ceiling is None:
-                return  # nothing reflected yet
+            ceilings = read_ceilings(self.ledger.ch, self.config.control_database)
         for model in self.read_models:
             collections = [f"{self.config.read_model_schema}.{s}" for s in model.sources]
             try:
@@ -133,7 +131,10 @@ class WatermarkReport:
                 continue
             if mark is not None:
                 self.found[model.name] = mark
-                if ceiling is not None and mark.lsn > ceiling.lsn:
+                ceiling = None if ceilings is None else ceilings.get(model.name)
+                if ceilings is not None and ceiling is None:
+                    mark = None  # nothing reflected yet
+                elif ceiling is not None and mark.lsn > ceiling.lsn:
                     end = self.ledger.newest_end(-1, ceiling.end_offset + 1, collections)
                     mark = None if end is None else end.watermark()
             if mark is not None:
