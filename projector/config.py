@@ -118,8 +118,8 @@ class ProjectorConfig(BaseModel):
     read_models_file: Path | None = None
     read_model_schema: str = "shop"
     read_model_database: str = "read_models"
-    # Keep the read models inside this process's batch commits. One process at a time may keep
-    # them (docs/read-models.md, "Scale-out"): the other members of a group set this false.
+    # May this process keep the read models? One process at a time does, the holder of the
+    # stage's lease (docs/read-models.md, "One maintainer"); false: it never takes the lease.
     maintain_read_models: bool = True
     # Keys recomputed per backfill chunk of a new read-model version (one chunk runs between two
     # batches: smaller chunks keep ingestion going, larger ones finish sooner).

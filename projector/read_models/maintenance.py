@@ -1,35 +1,37 @@
-"""Materialized read models: kept inside the replicas' batch commit, exact under every change.
+"""Materialized read models: recomputed from the replicas, exact under every change.
 
 Definitions are projector/read_models/definitions.py's (entities recomputed per key, aggregates fed signed
 deltas of an entity's rows, both versioned together as a `Family`). This module keeps them.
 
-For every batch of a source table, after its replica rows are written (same intent, same
-tokens: the commit protocol of projector/commit/checkpoint.py, step 3), `ReadModelMaintainer.apply_batch`
-will, for each family whose entity that table affects:
+For every range of a source table's replica the read models' stage recomputes (its own intent
+and tokens: projector/read_models/stage.py), `ReadModelMaintainer.apply_range` will, for each
+family whose entity that table affects:
 
-  1. find the affected keys: the entity's `affects` query over the replica rows the batch wrote
-     (`_partition` and `_offset` in the batch's range; on a replay they are the very same rows,
-     since the replica insert was deduplicated by its token);
+  1. find the affected keys: the entity's `affects` query over the replica rows in the range
+     (`_partition` and `_offset` in it);
   2. stage the entity rows of those keys: the stored ones with sign -1 (read with FINAL from the
-     entity's own table), then their new state recomputed from the replicas with sign +1;
+     entity's own table), then their new state recomputed from the replicas with sign +1; and
+     keep that stage under the range's token (a replay works from it, not from the replicas);
   3. insert each aggregate's signed deltas from the stage, one block per aggregate, under the
-     batch's token for that table; before an aggregate's deltas, if it has indexes:
+     range's token for that table; before an aggregate's deltas, if it has indexes:
      a. stage its served rows of the groups the deltas touch: as they are (-1, read from the
         aggregate's table) and as they will be (+1, the same read with the deltas added),
      b. write each of its indexes from that stage (below);
   3c. write each of the entity's indexes from the entity stage of step 2;
   4. insert the new entity rows (and deletion markers for stored keys that are gone), one block,
-     under the batch's token for the entity's table, with a version greater than any before.
+     under the range's token for the entity's table, with a version greater than any before.
 
 Why that is exact (the argument in full is docs/read-models.md):
   - An aggregate always equals the sum of the contributions of the entity rows stored right now:
     it starts empty with an empty entity table, and every change of a stored entity row is
     preceded by a delta of exactly (new contribution - stored contribution).
-  - Each insert is one block (`ONE_BLOCK`), so it lands whole or not at all, and a replay's insert
-    with the same token is dropped. A crash between steps 3 and 4 leaves deltas whose entity rows
-    are not written yet; the replay recomputes from the same stored rows and the same replicas
-    (nothing else is applied in between: the runner replays an open intent before any other
-    batch, `replay first`), so it drops the same deltas and writes the same rows.
+  - Each insert is one block (`ONE_BLOCK`), so it lands whole or not at all, and reads a
+    one-block Memory table (version_tables.py `SCRATCH`), so a replay's insert with the same
+    token is dropped (ClickHouse deduplicates an INSERT ... SELECT by the blocks it reads). A
+    crash between steps 3 and 4 leaves deltas whose entity rows are not written yet; the replay
+    reads the kept stage (step 2), so it drops the same deltas and writes the rows they were
+    made from, whatever the replicas did since; the stored rows are the same because the stage
+    replays an open range before any other.
   - Recomputing a key from the replicas is exact for any key, so a superset of affected keys is
     harmless, and `affects` only has to be complete.
   - An index (projector/read_models/definitions.py `IndexModel`) holds each row of its model at one position,
@@ -38,13 +40,13 @@ Why that is exact (the argument in full is docs/read-models.md):
     occupies, all with a version greater than any before; so read with FINAL the index holds
     exactly the +1 rows and the untouched ones: the model's rows. An index is written from rows
     read out of the table it follows (the entity's table, the aggregate's table) *before* that
-    table's own insert of the batch, so a replay after a crash in between reads the same stored
+    table's own insert of the range, so a replay after a crash in between reads the same stored
     rows and writes (or drops, by token) the same index rows.
 
 A version being built (projector/read_models/versions.py: its states, when it serves) is kept
-by every batch from the moment its tables exist, and `backfill_step` recomputes all its keys
+by every range from the moment its tables exist, and `backfill_step` recomputes all its keys
 chunk by chunk the same way (steps 2-4, each chunk an intent of its own, projection
-`read_model_backfill`), between batches on the same thread; then a rebuild's version is
+`read_model_backfill`), between ranges on the stage's thread; then a rebuild's version is
 verified, a chunk at a time, and the version swapped in (or left built: `--no-swap`).
 """
 
@@ -86,11 +88,11 @@ ONE_BLOCK = (
 
 
 class ReadModelMaintainer:
-    """Keeps every maintained version current: each batch's affected keys recomputed (steps 1-4
+    """Keeps every maintained version current: each range's affected keys recomputed (steps 1-4
     above), and a building version's keys recomputed chunk by chunk (its backfill). Which
     versions there are, and their states, is `family_versions`' (versions.py).
 
-    `active` is `family_versions`' dict of the versions batches keep."""
+    `active` is `family_versions`' dict of the versions the stage keeps."""
 
     def __init__(
         self,
@@ -110,7 +112,7 @@ class ReadModelMaintainer:
         self.family_versions = FamilyVersions(
             ch, definitions, replica_database, database, control_database, chunk_keys
         )
-        self.active = self.family_versions.active  # the same dict: the versions batches keep
+        self.active = self.family_versions.active  # the same dict: the versions the stage keeps
         self.backfills = self.family_versions.backfills
         self._last_version = 0
         # The lease generation new work is done under (projector/read_models/stage.py sets it

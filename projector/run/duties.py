@@ -1,23 +1,23 @@
 """Work between batches: the duties of a running projector, and the one rule they all keep.
 
 A duty is whatever the run loop does that is not applying a batch: honouring `projector pause`,
-keeping the read models (starting families, taking rebuild requests, a backfill chunk),
-rebuilding replica tables, reporting lag and watermarks, pruning the transaction ledger. Each says
+rebuilding replica tables, reporting lag and watermarks, pruning the transaction ledger. (The
+read models are kept beside the batches, on a thread of their own: projector/run/upkeep.py
+`StageRunner`.) Each says
 when it is due (`due`, which may look but changes nothing) and does its work (`run`). `Duties`
 runs the due ones in the order the loop gave them, and enforces the rule, here and nowhere else:
 
 **A duty runs only with no batch in flight and no replay pending.**
 
 - No batch in flight: a duty may change what a batch reads or writes (a pause moves partitions,
-  a backfill chunk reads the replicas a batch writes, a rebuild swaps a table), so the batches
+  a rebuild swaps a table), so the batches
   in flight are settled first. The one exception is a report (`Chore(..., settles=False)`: lag,
   the slot, watermarks), which only reads: it runs beside the batches in flight and sees the
   positions of those settled so far (a lag a batch higher, a watermark a batch lower: never
   more than is true). Draining the loop's read-ahead every second for a lag report would leave
   ClickHouse idle while the next batch is consumed and planned.
 - No replay pending: an open intent is replayed exactly before anything else changes the state it
-  saw (projector/commit/checkpoint.py, step 2; a half-applied batch's read-model deltas are exact
-  only against that state). While one waits, no duty runs.
+  saw (projector/commit/checkpoint.py, step 2). While one waits, no duty runs.
 
 How a duty fails is its own, and of two kinds:
 
@@ -26,7 +26,7 @@ How a duty fails is its own, and of two kinds:
   logged with its reason, counted, and tried again later; the run goes on. A late chore leaves
   every replica and read model exact: a watermark reported late is lower than it could be (a
   reader waits a little longer, never sees less), a ledger pruned late is larger.
-- A duty that changes state (pauses, read-model upkeep, replica rebuilds:
+- A duty that changes state (pauses, replica rebuilds:
   projector/run/pausing.py, projector/run/upkeep.py) retries transient failures while the member
   keeps polling, and a job that is refused fails alone (`RebuildRefused`), never the run.
 

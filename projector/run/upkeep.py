@@ -1,15 +1,18 @@
-"""The duties that keep what the operators asked for: read models and replica rebuilds.
+"""The work that keeps what the operators asked for: read models and replica rebuilds.
 
-Both run between batches under the rule of projector/run/duties.py (no batch in flight, no
-replay pending), which is what makes them exact: a backfill chunk of a read model, and a step of
-a replica rebuild, never interleave with a batch that writes what they read. What each step does
-and why it is exact is the owners' (projector/read_models/maintenance.py and
-projector/operations/replica_rebuild.py); here is only when it runs.
+The read models are kept beside the batches, on a thread of their own (`StageRunner`): their
+stage (projector/read_models/stage.py) follows what the replicas committed, so it never needs a
+batch to wait, and its backfill chunks and rebuild requests run between its own ranges. A step of
+a replica rebuild is a duty: it runs between batches under the rule of projector/run/duties.py
+(no batch in flight, no replay pending), so it never interleaves with a batch that writes what it
+reads. What each step does and why it is exact is the owners' (projector/read_models/
+maintenance.py, projector/operations/replica_rebuild.py); here is only when it runs.
 
-Transient failures are retried while the member keeps polling (`MainRetries`); a rebuild step
-that is refused (`RebuildRefused`: its verification failed, Debezium's snapshot failed, Kafka
-stopped answering a read for a minute) fails its job alone, in `projector run` and in a chDB
-command alike (`projector rebuild` again starts a new job); the pipeline goes on.
+Transient failures are retried (the main thread's while the member keeps polling:
+`MainRetries`); a rebuild step that is refused (`RebuildRefused`: its verification failed,
+Debezium's snapshot failed, Kafka stopped answering a read for a minute) fails its job alone, in
+`projector run` and in a chDB command alike (`projector rebuild` again starts a new job); the
+pipeline goes on.
 """
 
 from __future__ import annotations
