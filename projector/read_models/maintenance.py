@@ -53,6 +53,7 @@ verified, a chunk at a time, and the version swapped in (or left built: `--no-sw
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from functools import partial
@@ -152,6 +153,52 @@ class ReadModelMaintainer:
                     self._recompute, version, keys, batch, projection, generation, replay
                 )
                 self._guarded(version, recompute)
+
+    def key_chunks(self, table: str) -> int:
+        """How many chunks every key of the maintained versions over `table` takes (at most
+        `chunk_keys` keys each): what `apply_chunk` is planned with."""
+        largest = 0
+        for version in self._over(table):
+            keys = self._every_key(version)
+            (row,) = self.ch.rows(f"SELECT count() AS n FROM ({keys})")
+            largest = max(largest, int(row["n"]))
+        return max(1, math.ceil(largest / self.family_versions.chunk_keys))
+
+    def apply_chunk(
+        self,
+        batch: BatchRange,
+        table: str,
+        chunk: tuple[int, int],
+        generation: int,
+        replay: bool = False,
+    ) -> None:
+        """Steps 1-4 for chunk `chunk` = (index, of how many) of every key of the maintained
+        versions over `table` (its replica was replaced wholesale: projector/read_models/
+        stage.py `request_every_key`): the keys the replicas have and the keys the read model
+        holds, so a key gone from the replica is recomputed too (to nothing)."""
+        index, chunks = chunk
+        for version in self._over(table):
+            by = ident(version.family.entity.by)
+            keys = f"SELECT {by} FROM ({self._every_key(version)}) WHERE cityHash64({by}) % {chunks} = {index}"
+            recompute = partial(
+                self._recompute, version, keys, batch, batch.topic, generation, replay
+            )
+            self._guarded(version, recompute)
+
+    def _over(self, table: str) -> list[FamilyVersion]:
+        return [
+            v
+            for vs in list(self.active.values())
+            for v in vs
+            if v.state in MAINTAINED and table in v.family.entity.affects
+        ]
+
+    def _every_key(self, version: FamilyVersion) -> str:
+        by = ident(version.family.entity.by)
+        return (
+            f"SELECT {by} FROM ({version.family.entity.all_keys(self.replica_database)}) "
+            f"UNION DISTINCT SELECT {by} FROM {version.entity_table} FINAL"
+        )
 
     def sources(self) -> set[str]:
         """The source tables the maintained versions read."""

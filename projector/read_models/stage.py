@@ -8,7 +8,9 @@ replica's last done batch (projector/read_models/maintenance.py, `apply_range`).
 changes a replica through a batch — a member's live batches, whichever member applied them, a
 reset that moves a partition — reaches the read models by this one road, because it starts at the
 replica; a path that writes replica rows at offsets the stage has passed (`projector dlq replay`)
-asks for those offsets again through the work table (`request_recompute`).
+asks for those offsets again through the work table (`request_recompute`), and a path that
+replaces a replica's rows wholesale (`projector table reset`, a rebuild's swap or rollback) asks
+for every key of the read models over that table (`request_every_key`).
 
 **One maintainer.** Any number of projector processes may run with the same settings (a rolling
 deploy, scale-out, `dlq replay` beside `run`). One of them holds the lease and maintains; the
@@ -83,6 +85,7 @@ RENEW_S = 3.0  # how often the holder renews
 MAX_RANGE_OFFSETS = 20_000  # a range's offsets at most (a backlog is recomputed a range a step)
 CLEAN_EVERY = 50  # ranges between two emptyings of the holder's scratch partition
 WORK_PREFIX = "work|"  # a requested recompute's name in the checkpoint table
+EVERY_KEY = -1  # a requested recompute's `first`: every key of the read models over its table
 
 
 def lapsed(claim: Claim, age_s: float) -> bool:
@@ -188,6 +191,7 @@ class StageRange:
     batch: BatchRange
     table: str
     tokens: str
+    chunks: int = 0  # every key of the table's read models, in this many chunks (-1: unplanned)
 
 
 class ReadModelStage:
@@ -338,10 +342,18 @@ class ReadModelStage:
             name = f"{WORK_PREFIX}{row['id']}"
             done = positions.get((name, int(row["partition"])))
             table = self.table_of(row["topic"])
-            if table is None or (done is not None and done.state == DONE):
+            if table is None:
                 continue
-            batch = BatchRange(name, int(row["partition"]), int(row["first"]), int(row["last"]))
-            ranges.append(StageRange(batch, table, name))
+            first, last = int(row["first"]), int(row["last"])
+            if first == EVERY_KEY:  # chunk by chunk: the next one (-1 chunks: to plan)
+                chunk = 0 if done is None else done.last + 1
+                if last < 0 or chunk <= last:
+                    batch = BatchRange(name, 0, chunk, chunk)
+                    ranges.append(StageRange(batch, table, name, last + 1 if last >= 0 else -1))
+                continue
+            if done is None or done.state != DONE:
+                batch = BatchRange(name, int(row["partition"]), first, last)
+                ranges.append(StageRange(batch, table, name))
         return ranges, whole
 
     def _range_of(self, key: tuple[str, int], checkpoint: PartitionCheckpoint) -> StageRange | None:
@@ -351,11 +363,14 @@ class ReadModelStage:
             table = self.table_of(topic)
             return None if table is None else StageRange(batch, table, STAGE)
         rows = self._raw.rows(
-            f"SELECT topic FROM {self.work_table} FINAL "
+            f"SELECT topic, first, last FROM {self.work_table} FINAL "
             f"WHERE id = {quote(topic[len(WORK_PREFIX) :])}"
         )
         table = self.table_of(rows[0]["topic"]) if rows else None
-        return None if table is None else StageRange(batch, table, topic)
+        if table is None:
+            return None
+        every = int(rows[0]["first"]) == EVERY_KEY  # (planned before its first chunk's intent)
+        return StageRange(batch, table, topic, int(rows[0]["last"]) + 1 if every else 0)
 
     def step(self, work: StageRange, generation: int | None = None) -> None:
         """Steps 1-3 of the module docstring for one range; `generation`: its scratch partition
@@ -364,15 +379,32 @@ class ReadModelStage:
         held = self.lease.held.generation
         if self._steps and self._steps % CLEAN_EVERY == 0:  # between ranges, none open
             self.maintainer.drop_scratch(lambda g: g == held)
+        if work.chunks < 0:  # every key: how many chunks, fixed before the first chunk's intent
+            work = self._plan(work)
         if generation is None:  # 1. (a replay's intent stays as recorded: its generation
             self.positions.record(work.batch, INTENT, held)  # names the scratch it reads)
         scratch = held if generation is None else generation
         replay = generation is not None
-        self.maintainer.apply_range(work.batch, work.table, work.tokens, scratch, replay)  # 2.
+        if work.chunks:
+            chunk = (work.batch.first, work.chunks)
+            self.maintainer.apply_chunk(work.batch, work.table, chunk, scratch, replay)  # 2.
+        else:
+            self.maintainer.apply_range(work.batch, work.table, work.tokens, scratch, replay)
         self.positions.record(work.batch, DONE, held)  # 3.
         key = (work.batch.topic, work.batch.partition)
         self._at[key] = PartitionCheckpoint(DONE, work.batch.first, work.batch.last, held)
         self._steps += 1
+
+    def _plan(self, work: StageRange) -> StageRange:
+        """Fix how many chunks a recompute of every key takes (recorded in its work row)."""
+        chunks = self.maintainer.key_chunks(work.table)
+        name = work.batch.topic[len(WORK_PREFIX) :]
+        (row,) = self._raw.rows(f"SELECT * FROM {self.work_table} FINAL WHERE id = {quote(name)}")
+        row = {**row, "last": chunks - 1}
+        row.pop("requested_at", None)
+        token = f"work|{name}|planned"
+        self.ch.execute(insert_statement(self.work_table, list(row), [row], token))
+        return StageRange(work.batch, work.table, work.tokens, chunks)
 
     def moving(self) -> dict[str, str]:
         """Per source table, a condition on its replica rows beyond the stage's position."""
@@ -474,13 +506,27 @@ def create_work_table(ch: ClickHouse, control_database: str) -> None:
 def request_recompute(ch: ClickHouse, control_database: str, batch: BatchRange) -> None:
     """Ask the stage to recompute the read models over a replica range it may have passed (a
     dead letter applied by `projector dlq replay`). Whoever holds the lease does it."""
+    _request(ch, control_database, batch.topic, batch.partition, batch.first, batch.last)
+
+
+def request_every_key(ch: ClickHouse, control_database: str, topic: str) -> None:
+    """Ask the stage to recompute every key of the read models over `topic`'s table: its replica
+    was replaced wholesale (`projector table reset`, a rebuild's swap or rollback), so keys it
+    no longer has, and changes it skipped, reach no range. The keys are those of the replicas
+    and those the read models hold, chunk by chunk (planned when the stage starts on it)."""
+    _request(ch, control_database, topic, 0, EVERY_KEY, -1)
+
+
+def _request(
+    ch: ClickHouse, control_database: str, topic: str, partition: int, first: int, last: int
+) -> None:
     create_work_table(ch, control_database)
     row = {
         "id": uuid.uuid4().hex,
-        "topic": batch.topic,
-        "partition": batch.partition,
-        "first": batch.first,
-        "last": batch.last,
+        "topic": topic,
+        "partition": partition,
+        "first": first,
+        "last": last,
     }
     table = f"{ident(control_database)}.read_model_stage_work"
     ch.execute(insert_statement(table, list(row), [row], f"work|{row['id']}"))
