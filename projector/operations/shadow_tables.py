@@ -16,6 +16,7 @@ from projector.errors import RebuildRefused, VerifyError
 from projector.messages import KafkaMessages
 from projector.operations.rebuild_topics import RebuildTopics
 from projector.operations.replica_rebuild_jobs import ReplicaRebuild, ReplicaRebuildJobs
+from projector.read_models.stage import request_every_key
 from projector.replicas.apply import BatchApplier
 from projector.replicas.catalog import ReplicaCatalog
 
@@ -119,10 +120,13 @@ class ShadowTables:
         return ""
 
     def exchange(self, job: ReplicaRebuild) -> None:
-        """Swap the live table and the shadow database's table, in one atomic statement."""
+        """Swap the live table and the shadow database's table, in one atomic statement; then
+        the read models over it recompute every key (the swapped table may lack keys the other
+        had: projector/read_models/stage.py `request_every_key`)."""
         self.ch.execute(
             f"EXCHANGE TABLES {self.job_store.live(job)} AND {self.job_store.shadow(job)}"
         )
+        request_every_key(self.ch, self.control_database, job.topic)
 
     def compare_with_postgres(
         self, job: ReplicaRebuild, keys: list[str] | None = None

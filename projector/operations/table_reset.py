@@ -5,7 +5,9 @@ table stops, and why this is its remedy).
 With no projector running, in order:
   1. read the end offset of every partition of the table's topic (`end_offsets`);
   2. drop the replica, resume every partition at its end, forget the topic's identity and the
-     snapshot bounds recorded of it (`reset_stopped_table`, topic_guard.py's `reset_table`);
+     snapshot bounds recorded of it (`reset_stopped_table`, topic_guard.py's `reset_table`), and
+     ask the read models' stage to recompute every key of the read models over the table (a key
+     deleted in the skipped messages is in no later range: projector/read_models/stage.py);
   3. ask Debezium for an incremental snapshot of the table (`request_snapshot`), whose reads
      come after everything skipped in 2.
 """
@@ -20,6 +22,7 @@ from projector import kafka
 from projector.clickhouse import ident
 from projector.commit.checkpoint import PROJECTION, CheckpointStore
 from projector.config import ProjectorConfig, open_backend
+from projector.read_models.stage import request_every_key
 from projector.replicas.snapshot_sweep import SnapshotSweep
 from projector.replicas.topic_guard import TopicGuard, reset_table
 
@@ -61,6 +64,8 @@ def reset_stopped_table(
     sweep.create()
     replica = f"{ident(config.replica_prefix + schema)}.{ident(name)}"
     reset_table(ch, guard, checkpoints, replica, topic, ends, sweep)
+    if schema == config.read_model_schema:  # keys the new replica lacks leave the read models
+        request_every_key(ch, config.control_database, topic)
     return TableReset(replica, topic, ends)
 
 

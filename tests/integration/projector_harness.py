@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,28 @@ class ProjectorProcess:
                 f"fence {fence} not applied in {timeout_s}s; {self.stack.connector_health()}"
             )
             time.sleep(0.5)
+
+    def reset_table(
+        self,
+        table: str,
+        settled: Callable[[], None],
+        then: Callable[[], None] = lambda: None,
+        timeout_s: float = 180,
+    ) -> subprocess.CompletedProcess[str]:
+        """`projector table reset TABLE` (Debezium re-snapshots it), `then`, and catch up until
+        `settled` stops raising AssertionError: the snapshot arrives in chunks, after the reset."""
+        reset = self.cli("table", "reset", table, env={"ADMIN_DSN": self.stack.admin_dsn})
+        assert reset.returncode == 0, reset.stderr
+        then()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.catch_up()
+            try:
+                settled()
+                return reset
+            except AssertionError:
+                assert time.monotonic() < deadline, f"{table} never settled after its reset"
+                time.sleep(2)
 
     def wait_for_log(self, text: str, timeout_s: float = 120) -> None:
         """Wait until a running projector has logged `text`."""

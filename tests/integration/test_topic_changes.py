@@ -59,19 +59,12 @@ def test_a_topic_given_more_partitions_stops_its_table_until_it_is_reset(
     assert f"projector table reset public.{grown}" in reason, reason
     assert_replica_equals_source(stack, projector, other, ["id"])  # the others go on
 
-    reset = projector.cli("table", "reset", f"public.{grown}", env={"ADMIN_DSN": stack.admin_dsn})
-    assert reset.returncode == 0, reset.stderr
+    reset = projector.reset_table(
+        f"public.{grown}",
+        lambda: assert_replica_equals_source(stack, projector, grown, ["id"]),
+        then=lambda: write(stack, grown, range(1, 11), "third"),
+    )
     assert "incremental snapshot" in reset.stderr, reset.stderr
-    write(stack, grown, range(1, 11), "third")
-    deadline = time.monotonic() + 180
-    while True:  # Debezium's snapshot of the table arrives in chunks, after the reset
-        projector.catch_up()
-        try:
-            assert_replica_equals_source(stack, projector, grown, ["id"])
-            break
-        except AssertionError:
-            assert time.monotonic() < deadline, "the reset table never equalled Postgres"
-            time.sleep(2)
     assert topic_letters(projector, topic) == letters  # a rebuilt table applies again
 
 
@@ -175,14 +168,6 @@ def test_a_snapshot_bound_that_does_not_decode_stops_its_table_instead_of_sweepi
     assert int(rows[0]["n"]) == 20  # nothing swept, nothing after the stop applied
     assert_replica_equals_source(stack, projector, other, ["id"])  # the others go on
 
-    reset = projector.cli("table", "reset", f"public.{table}", env={"ADMIN_DSN": stack.admin_dsn})
-    assert reset.returncode == 0, reset.stderr
-    deadline = time.monotonic() + 180
-    while True:  # Debezium's snapshot of the table arrives in chunks, after the reset
-        projector.catch_up()
-        try:
-            assert_replica_equals_source(stack, projector, table, ["id"])
-            break
-        except AssertionError:
-            assert time.monotonic() < deadline, "the reset table never equalled Postgres"
-            time.sleep(2)
+    projector.reset_table(
+        f"public.{table}", lambda: assert_replica_equals_source(stack, projector, table, ["id"])
+    )

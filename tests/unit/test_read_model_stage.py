@@ -20,7 +20,7 @@ from projector.errors import ClickHouseUnavailable, PartitionLost
 from projector.read_models import stage as stage_module
 from projector.read_models.definitions import load_definitions
 from projector.read_models.maintenance import ReadModelMaintainer
-from projector.read_models.stage import ReadModelStage
+from projector.read_models.stage import ReadModelStage, request_every_key
 
 ORDERS = 300
 TOPIC = "cdc.shop.orders"
@@ -133,12 +133,14 @@ def test_a_range_replayed_after_the_replicas_moved_on_writes_what_its_deltas_sai
     assert drift(replayed) == {}
 
 
-def stage_over(ch: Any, member: str) -> ReadModelStage:
+def stage_over(ch: Any, member: str, chunk_keys: int = 250_000) -> ReadModelStage:
     replicas = CheckpointStore(ch, CONTROL, PROJECTION)
     replicas.create()
     stage = ReadModelStage(
         ch,
-        maintainer_of,
+        lambda fenced: ReadModelMaintainer(
+            fenced, load_definitions(), "shop", REPLICA, READ_MODELS, CONTROL, chunk_keys
+        ),
         replicas,
         CONTROL,
         member,
@@ -207,3 +209,26 @@ def test_a_standby_does_not_take_a_live_lease(ch: ChdbBackend) -> None:
     holder.lease.release()  # a clean stop: taken at once
     assert standby.hold()
     assert not holder.hold()
+
+
+def test_every_key_is_recomputed_after_a_replica_is_replaced(ch: ChdbBackend) -> None:
+    """A replica replaced wholesale (a table reset skipped the deletes of some orders; a rebuild
+    swapped in a table without them): no range holds those keys, so the stage recomputes every
+    key of the read models over the table, chunk by chunk, the read models' own keys too."""
+    built(ch)
+    replicas = CheckpointStore(ch, CONTROL, PROJECTION)
+    replicas.create()
+    stage = stage_over(ch, "elsewhere-1-a", chunk_keys=100)  # 300 orders: 3 chunks
+    assert stage.hold()
+    gone = "id IN (11, 12, 13, 150, 299)"
+    ch.execute(f"DELETE FROM {REPLICA}.orders WHERE {gone}")  # not a delete event: no range
+    ch.execute(f"DELETE FROM {REPLICA}.order_items WHERE order_id IN (11, 12, 13, 150, 299)")
+    assert drift(stage.maintainer) != {}  # the read models still hold them
+    request_every_key(ch, CONTROL, TOPIC)
+    steps = 0
+    while work := stage.pending():
+        for range_ in work:
+            stage.step(range_)
+            steps += 1
+    assert steps == 3
+    assert drift(stage.maintainer) == {}
