@@ -207,12 +207,13 @@ class ReadModelStage:
         member: str,
         may_hold: bool,
         table_of: Callable[[str], str | None],
-        followed: Callable[[], dict[str, Ceiling]] = dict,
+        followed: Callable[[], Callable[[], dict[str, Ceiling]]] = lambda: dict,
     ) -> None:
         """`maintainer_for`: the maintainer, given the ClickHouse to write with (the stage's
         fenced one); `replicas`: the replica tables' checkpoints; `table_of`: the source table
-        of a topic the read models read, or None; `followed`: where each read model's source
-        tables stand for readers (the transaction ledger's consistency over them)."""
+        of a topic the read models read, or None; `followed`: makes a reader of where each read
+        model's source tables stand for readers (the transaction ledger's consistency over
+        them; one for the stage's thread, one for `caught_up`'s: a reader keeps state)."""
         self.lease = ReadModelLease(ch, control_database, member, may_hold)
         self.ch = FencedClickHouse(ch, self.lease.check)
         self.maintainer = maintainer_for(self.ch)
@@ -221,7 +222,7 @@ class ReadModelStage:
         self.positions = CheckpointStore(self.ch, control_database, STAGE)
         self.work_table = f"{ident(control_database)}.read_model_stage_work"
         self.bounds_table = f"{ident(control_database)}.read_model_stage_bounds"
-        self.followed = followed
+        self.followed, self._followed_here = followed(), followed()
         self._bounds: dict[str, int] = {}  # per read model, the LSN of its last ceiling recorded
         self._raw = ch
         self._control = control_database
@@ -424,7 +425,7 @@ class ReadModelStage:
         """Whether the read models have recomputed everything the replicas applied, their
         ceiling is where the replicas stand, and no version is building (read from ClickHouse:
         true whoever holds the lease; call where the stage does not run)."""
-        followed = self.followed()
+        followed = self._followed_here()
         at = self.positions.load()
         if any(p.state == INTENT for p in at.values()):
             return False  # a range in progress
@@ -460,7 +461,7 @@ def stage_for(
         member,
         config.maintain_read_models,
         table_of,
-        ceiling_of(ledger, sources),
+        partial(ceiling_of, ledger, sources),
     )
 
 
