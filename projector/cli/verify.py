@@ -50,6 +50,7 @@ def verify(
         source_snapshot,
         verify_read_models,
     )
+    from projector.read_models.stage import moving_now
 
     if (name is None) == (not every):
         fail("give one NAME (SCHEMA.TABLE or a read model) or --all", code=2)
@@ -84,10 +85,11 @@ def verify(
             progress("comparing", total=len(plans) + bool(models))
             if plans:
                 verdicts += verifier.verify(plans, sample)
-            if models and (name is None or name in models):
+            if maintainer is not None and models and (name is None or name in models):
                 progress("read models: comparing with their definitions")
                 wanted = None if name is None else {name}
-                verdicts += verify_read_models(maintainer, wanted, projector_may_run)
+                moving = moving_now(config, ch, maintainer.sources())
+                verdicts += verify_read_models(maintainer, wanted, projector_may_run, moving=moving)
                 progress("done", completed=len(plans) + 1)
     except VerifyError as exc:
         fail(str(exc), code=2)

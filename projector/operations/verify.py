@@ -522,18 +522,25 @@ def serving_read_models(maintainer: ReadModelMaintainer | None) -> list[str]:
 
 
 def verify_read_models(
-    maintainer: Any, names: set[str] | None, projector_may_run: bool, limit: int = 20
+    maintainer: Any,
+    names: set[str] | None,
+    projector_may_run: bool,
+    limit: int = 20,
+    moving: Callable[[], dict[str, str]] | None = None,
 ) -> list[Verdict]:
     """Each serving read model (of `names`, None: all) against its definition over the replicas
-    (`FamilyVersions.reconcile`); a model that differs is checked again while a projector
-    may be applying a batch meanwhile, and reported only if it differs every time."""
-    found: dict[str, list[dict[str, Any]]] = maintainer.family_versions.reconcile(limit)
+    (`FamilyVersions.reconcile`). While a projector may run, `moving` says which replica rows
+    the read models' stage has not recomputed yet (its keys are compared next time), and a
+    model that differs is checked again (the stage may be half-way through a range), reported
+    only if it differs every time."""
+    follow = moving if projector_may_run and moving is not None else lambda: None
+    found: dict[str, list[dict[str, Any]]] = maintainer.family_versions.reconcile(limit, follow())
     for delay in RECHECK_DELAYS_S if projector_may_run else ():
         differing = {n for n, rows in found.items() if rows and (names is None or n in names)}
         if not differing:
             break
         time.sleep(delay)
-        again = maintainer.family_versions.reconcile(limit)
+        again = maintainer.family_versions.reconcile(limit, follow())
         found = {n: (again.get(n, []) if n in differing else rows) for n, rows in found.items()}
     return [
         Verdict(name, "read model", rows=rows)

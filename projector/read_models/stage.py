@@ -208,12 +208,14 @@ class ReadModelStage:
         may_hold: bool,
         table_of: Callable[[str], str | None],
         followed: Callable[[], Callable[[], dict[str, Ceiling]]] = lambda: dict,
+        sources_of: dict[str, set[str]] | None = None,
     ) -> None:
         """`maintainer_for`: the maintainer, given the ClickHouse to write with (the stage's
         fenced one); `replicas`: the replica tables' checkpoints; `table_of`: the source table
         of a topic the read models read, or None; `followed`: makes a reader of where each read
         model's source tables stand for readers (the transaction ledger's consistency over
-        them; one for the stage's thread, one for `caught_up`'s: a reader keeps state)."""
+        them; one for the stage's thread, one for `caught_up`'s: a reader keeps state);
+        `sources_of`: each read model's source tables."""
         self.lease = ReadModelLease(ch, control_database, member, may_hold)
         self.ch = FencedClickHouse(ch, self.lease.check)
         self.maintainer = maintainer_for(self.ch)
@@ -223,6 +225,7 @@ class ReadModelStage:
         self.work_table = f"{ident(control_database)}.read_model_stage_work"
         self.bounds_table = f"{ident(control_database)}.read_model_stage_bounds"
         self.followed, self._followed_here = followed(), followed()
+        self.sources_of = sources_of or {}
         self._bounds: dict[str, int] = {}  # per read model, the LSN of its last ceiling recorded
         self._raw = ch
         self._control = control_database
@@ -291,9 +294,15 @@ class ReadModelStage:
         the ranges were read (every transaction up to it was applied, so its rows are in the
         ranges or before them); none when a range was cut short (a backlog: the ceilings wait
         for the pass that reaches the replicas)."""
-        ceilings = self.followed()
+        ceilings = self._unheld(self.followed())
         ranges, whole = self._pending(self._at)
         return ranges, ceilings if whole else {}
+
+    def _unheld(self, ceilings: dict[str, Ceiling]) -> dict[str, Ceiling]:
+        """The ceilings of the read models none of whose sources the stage holds (a family kept
+        before waits for a replica: `FamilyVersions.waiting`); the others stay where they are."""
+        waiting = self.maintainer.family_versions.waiting
+        return {m: c for m, c in ceilings.items() if not self.sources_of.get(m, set()) & waiting}
 
     def end_pass(self, ceilings: dict[str, Ceiling]) -> None:
         """Every range of the pass is done: record the ceilings that moved (readers' positions
@@ -328,9 +337,10 @@ class ReadModelStage:
         stage's `positions` (a range of `MAX_RANGE_OFFSETS` at most per partition), then the
         requested recomputes not done; and whether no range was cut short."""
         ranges, whole = [], True
+        waiting = self.maintainer.family_versions.waiting  # held until their family is kept
         for (topic, partition), checkpoint in sorted(self.replicas.load().items()):
             table = self.table_of(topic)
-            if table is None:
+            if table is None or table in waiting:
                 continue
             applied = checkpoint.first - 1 if checkpoint.state == INTENT else checkpoint.last
             at = positions.get((topic, partition))
@@ -343,7 +353,7 @@ class ReadModelStage:
             name = f"{WORK_PREFIX}{row['id']}"
             done = positions.get((name, int(row["partition"])))
             table = self.table_of(row["topic"])
-            if table is None:
+            if table is None or table in waiting:
                 continue
             first, last = int(row["first"]), int(row["last"])
             if first == EVERY_KEY:  # chunk by chunk: the next one (-1 chunks: to plan)
@@ -409,23 +419,13 @@ class ReadModelStage:
 
     def moving(self) -> dict[str, str]:
         """Per source table, a condition on its replica rows beyond the stage's position."""
-        ends: dict[str, list[str]] = {}
-        for (topic, partition), at in self._at.items():
-            table = None if topic.startswith(WORK_PREFIX) else self.table_of(topic)
-            if table is not None:
-                ends.setdefault(table, []).append(f"_partition = {partition}, {at.last}")
-        moving = {}
-        for table in self.maintainer.sources():
-            cases = ends.get(table, [])
-            position = f"multiIf({', '.join(cases)}, -1)" if cases else "-1"
-            moving[table] = f"_offset > {position}"
-        return moving
+        return beyond(self._at, self.table_of, self.maintainer.sources())
 
     def caught_up(self) -> bool:
         """Whether the read models have recomputed everything the replicas applied, their
         ceiling is where the replicas stand, and no version is building (read from ClickHouse:
         true whoever holds the lease; call where the stage does not run)."""
-        followed = self._followed_here()
+        followed = self._unheld(self._followed_here())
         at = self.positions.load()
         if any(p.state == INTENT for p in at.values()):
             return False  # a range in progress
@@ -438,20 +438,59 @@ class ReadModelStage:
         return not any(v["state"] == BUILDING for v in self.maintainer.family_versions.versions())
 
 
-def stage_for(
-    config: ProjectorConfig, ch: ClickHouse, replicas: CheckpointStore, member: str
-) -> ReadModelStage:
-    """The stage of a projector process: it may hold the lease when `maintain_read_models`."""
+def beyond(
+    positions: dict[tuple[str, int], PartitionCheckpoint],
+    table_of: Callable[[str], str | None],
+    tables: set[str],
+) -> dict[str, str]:
+    """Per table of `tables`, a condition on its replica rows (`_partition`, `_offset`) that
+    holds for the rows beyond the stage's `positions`: the keys they touch have not been
+    recomputed since (a check of the read models skips them; the stage recomputes them next)."""
+    ends: dict[str, list[str]] = {}
+    for (topic, partition), at in positions.items():
+        table = None if topic.startswith(WORK_PREFIX) else table_of(topic)
+        if table is not None:
+            last = at.first - 1 if at.state == INTENT else at.last
+            ends.setdefault(table, []).append(f"_partition = {partition}, {last}")
+    moving = {}
+    for table in tables:
+        cases = ends.get(table, [])
+        position = f"multiIf({', '.join(cases)}, -1)" if cases else "-1"
+        moving[table] = f"_offset > {position}"
+    return moving
+
+
+def source_table_of(config: ProjectorConfig) -> Callable[[str], str | None]:
+    """The source table of a topic the read models read (`prefix.schema.table`), or None."""
     head = f"{config.topic_prefix}.{config.read_model_schema}."
 
     def table_of(topic: str) -> str | None:
         table = topic[len(head) :]
         return table if topic.startswith(head) and table and "." not in table else None
 
+    return table_of
+
+
+def moving_now(
+    config: ProjectorConfig, ch: ClickHouse, tables: set[str]
+) -> Callable[[], dict[str, str]]:
+    """`beyond` over the stage's positions read now (whoever holds the lease), for a check of
+    the read models while a projector runs."""
+    positions = CheckpointStore(ch, config.control_database, STAGE)
+    return lambda: beyond(positions.load(), source_table_of(config), tables)
+
+
+def stage_for(
+    config: ProjectorConfig, ch: ClickHouse, replicas: CheckpointStore, member: str
+) -> ReadModelStage:
+    """The stage of a projector process: it may hold the lease when `maintain_read_models`."""
+    table_of = source_table_of(config)
+
     ledger = TransactionLedger(ch, config.control_database, PROJECTION)
+    models = load_read_models(config.read_models_file)
     sources = {
         model.name: [f"{config.read_model_schema}.{source}" for source in model.sources]
-        for model in load_read_models(config.read_models_file)
+        for model in models
     }
     return ReadModelStage(
         ch,
@@ -462,6 +501,7 @@ def stage_for(
         config.maintain_read_models,
         table_of,
         partial(ceiling_of, ledger, sources),
+        {model.name: set(model.sources) for model in models},
     )
 
 

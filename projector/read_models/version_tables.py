@@ -244,6 +244,26 @@ class VersionTables:
             f"AND table = {quote(table)} ORDER BY position"
         )
 
+    def settled_keys(
+        self, version: FamilyVersion, where: str, moving: dict[str, str] | None
+    ) -> str:
+        """`where` (a condition on the entity's key), but for the keys the replica rows that
+        `moving` selects touch (beyond the stage's position: recomputed next, not yet)."""
+        entity = version.family.entity
+        changed = [
+            entity.affected_keys(
+                table,
+                self.replica_database,
+                f"SELECT * FROM {ident(self.replica_database)}.{ident(table)} WHERE {beyond}",
+            )
+            for table, beyond in (moving or {}).items()
+            if table in entity.affects
+        ]
+        if not changed:
+            return where
+        unioned = " UNION ALL ".join(f"SELECT * FROM ({c})" for c in changed)
+        return f"({where}) AND {ident(entity.by)} NOT IN ({unioned})"
+
     def _describe(self, select: str) -> list[tuple[str, str]]:
         rows = self.ch.rows(f"DESCRIBE ({select}) SETTINGS join_use_nulls = 1")
         return [(r["name"], r["type"]) for r in rows]

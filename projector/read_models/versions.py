@@ -102,6 +102,9 @@ class FamilyVersions:
         self.backfills = CheckpointStore(ch, control_database, BACKFILL)
         self.tables = VersionTables(ch, replica_database, database)
         self.active: dict[str, list[FamilyVersion]] = {}  # family -> serving and/or building
+        # Sources of families kept before whose replicas are missing now (a table reset dropped
+        # one): the stage holds their ranges until the family is kept again (`ensure`).
+        self.waiting: set[str] = set()
         self._created = False
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -146,6 +149,7 @@ class FamilyVersions:
         if not self._created:
             self.create()
         pending = [f for f in self.definitions.families if f.name not in self.active]
+        self.waiting = set()
         if not pending:
             return []
         existing = {
@@ -157,9 +161,11 @@ class FamilyVersions:
         recorded = self.recorded()
         done = []
         for family in pending:
-            if not set(family.entity.sources) <= existing:
-                continue
             mine = recorded.get(family.name, [])
+            if not set(family.entity.sources) <= existing:
+                if any(v.state in MAINTAINED for v in mine):  # kept before: it waits (held)
+                    self.waiting |= set(family.entity.sources)
+                continue
             # This definition has a version unless the only ones are rebuilds not serving yet
             # (a failed version stays failed: a rebuild brings it back).
             current = next(
@@ -326,19 +332,7 @@ class FamilyVersions:
         entity = version.family.entity
         columns = ", ".join(ident(c) for c in version.columns)
         if step < version.chunks:
-            where = version.chunk_predicate(step)
-            changed = [
-                entity.affected_keys(
-                    table,
-                    self.replica_database,
-                    f"SELECT * FROM {ident(self.replica_database)}.{ident(table)} WHERE {beyond}",
-                )
-                for table, beyond in (moving or {}).items()
-                if table in entity.affects
-            ]
-            if changed:
-                unioned = " UNION ALL ".join(f"SELECT * FROM ({c})" for c in changed)
-                where = f"({where}) AND {ident(entity.by)} NOT IN ({unioned})"
+            where = self.tables.settled_keys(version, version.chunk_predicate(step), moving)
             keys = f"SELECT {ident(entity.by)} FROM ({entity.all_keys(self.replica_database)}) AS k WHERE {where}"
             pairs = [
                 (
@@ -519,16 +513,21 @@ class FamilyVersions:
             )
         return found
 
-    def reconcile(self, limit: int = 10) -> dict[str, list[dict[str, Any]]]:
+    def reconcile(
+        self, limit: int = 10, moving: dict[str, str] | None = None
+    ) -> dict[str, list[dict[str, Any]]]:
         """Each serving read model against its definition evaluated over the replicas now:
         per model, up to `limit` rows found on one side only (`_side` says which). Exact only
-        while nothing is applied (the projector stopped, or called between batches)."""
+        while nothing is applied (the projector stopped), unless `moving` is given (per source
+        table, the replica rows beyond the read models' stage: projector/read_models/stage.py
+        `beyond`): then each entity is compared for the keys those rows do not touch, and each
+        aggregate and index with the stored entity rows — what holds while the stage follows."""
         found: dict[str, list[dict[str, Any]]] = {}
         for versions in self.active.values():
             for version in versions:
                 if version.state != SERVING:
                     continue
-                for name, stored, defined in self._reconcile_pairs(version):
+                for name, stored, defined in self._reconcile_pairs(version, moving):
                     diff = self.ch.rows(
                         f"SELECT 'read model only' AS _side, * FROM (({stored}) EXCEPT ({defined})) "
                         f"UNION ALL SELECT 'definition only' AS _side, * FROM "
@@ -538,17 +537,27 @@ class FamilyVersions:
                     found[name] = diff
         return found
 
-    def _reconcile_pairs(self, version: FamilyVersion) -> list[tuple[str, str, str]]:
+    def _reconcile_pairs(
+        self, version: FamilyVersion, moving: dict[str, str] | None = None
+    ) -> list[tuple[str, str, str]]:
         entity = version.family.entity
         columns = ", ".join(ident(c) for c in version.columns)
-        defined_rows = entity.select(self.replica_database, entity.all_keys(self.replica_database))
-        pairs = [
-            (
-                entity.name,
-                f"SELECT {columns} FROM {version.entity_table} FINAL",
-                f"SELECT {columns} FROM ({defined_rows})",
-            )
-        ]
+        all_keys = entity.all_keys(self.replica_database)
+        defined_rows = entity.select(self.replica_database, all_keys)
+        stored_rows = f"SELECT {columns} FROM {version.entity_table} FINAL"
+        if moving is None:
+            pairs = [(entity.name, stored_rows, f"SELECT {columns} FROM ({defined_rows})")]
+        else:
+            settled = self.tables.settled_keys(version, "1", moving)
+            keys = f"SELECT {ident(entity.by)} FROM ({all_keys}) AS k WHERE {settled}"
+            pairs = [
+                (
+                    entity.name,
+                    f"{stored_rows} WHERE {settled}",
+                    f"SELECT {columns} FROM ({entity.select(self.replica_database, keys)})",
+                )
+            ]
+            defined_rows = stored_rows  # aggregates and indexes: over the stored entity rows
         for aggregate in version.family.aggregates:
             pairs.append(
                 (
