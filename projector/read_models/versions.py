@@ -567,6 +567,8 @@ class FamilyVersions:
                 )
             )
         defined = dict((name, sql) for name, _, sql in pairs)
+        if moving is not None:  # an index against its model as stored (it follows the model)
+            defined = {name: stored for name, stored, _ in pairs} | {entity.name: stored_rows}
         for index in version.family.indexes:  # an index holds its model's rows, no more, no less
             served = ", ".join(ident(c) for c in version.served_columns(index.of))
             pairs.append(
