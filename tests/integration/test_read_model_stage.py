@@ -105,12 +105,12 @@ def test_the_read_models_follow_a_member_that_does_not_maintain_and_a_table_rese
     schema = shop_projection(stack, projector)
     projector.env["PROJECTOR_TRANSACTION_METADATA"] = "true"  # read-your-writes
     writer = ShopWriter(stack.admin_dsn, schema, seed=29)
-    writer.run(rate_per_s=0, transactions=200)
+    writer.run(rate_per_s=0, transactions=120)
     projector.catch_up()
     assert_equal_to_postgres(stack, projector, schema)
 
     # The maintainer is away; a member that does not maintain applies everything that follows.
-    writer.run(rate_per_s=0, transactions=400)
+    writer.run(rate_per_s=0, transactions=250)
     with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
         ((order_id,),) = conn.execute(
             f"UPDATE {schema}.orders SET status = 'CANCELLED', updated_at = now() WHERE id = "
