@@ -511,20 +511,16 @@ class TransactionLedger:
             where.append(f"`offset` < {int(before)}")
         if collections is not None:
             where.append(f"data_collection IN ({', '.join(quote(c) for c in collections)})")
-        rows = self.ch.rows(
-            f"SELECT `offset` AS off, tx_id, lsn, commit_ms FROM {self.ends} "
-            f"WHERE {' AND '.join(where)} ORDER BY `offset` DESC LIMIT 1"
-        )
-        if not rows:
-            return None
-        row = rows[0]
-        return RecordedEnd(int(row["off"]), row["tx_id"], int(row["lsn"]), int(row["commit_ms"]))
+        return self._newest(" AND ".join(where))
 
     def end_at_or_before(self, lsn: int) -> RecordedEnd | None:
         """The newest recorded END whose LSN is at most `lsn` (ENDs grow in LSN along offsets)."""
+        return self._newest(f"lsn <= {int(lsn)}")
+
+    def _newest(self, where: str) -> RecordedEnd | None:
         rows = self.ch.rows(
             f"SELECT `offset` AS off, tx_id, lsn, commit_ms FROM {self.ends} "
-            f"WHERE lsn <= {int(lsn)} ORDER BY `offset` DESC LIMIT 1"
+            f"WHERE {where} ORDER BY `offset` DESC LIMIT 1"
         )
         if not rows:
             return None
